@@ -1,0 +1,11 @@
+//! Types every tern crate speaks: identifiers as newtypes, the VM record and its
+//! lifecycle state machine, and (later) wire messages.
+//!
+//! Keeping them in one small crate with no I/O means the store, the orchestrator,
+//! the API and the migration engine cannot drift apart on what a "VM" is.
+
+pub mod ids;
+pub mod vm;
+
+pub use ids::{HostId, IdError, OwnerEpoch, TenantId, VmId, VsockCid};
+pub use vm::{IllegalTransition, VmConfig, VmRecord, VmSpec, VmStatus};
