@@ -1,0 +1,202 @@
+//! The endpoints.
+
+use crate::auth::{AuthKeys, Caller, Permission};
+use crate::error::ApiError;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRef, Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tern_orchestrator::{Manager, ProvisionSource};
+use tern_proto::{VmConfig, VmId, VmRecord, VmSpec, VmStatus};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The orchestrator.
+    pub manager: Arc<Manager>,
+    /// Token keys.
+    pub auth: Arc<AuthKeys>,
+}
+
+impl FromRef<ApiState> for Arc<AuthKeys> {
+    fn from_ref(s: &ApiState) -> Self {
+        s.auth.clone()
+    }
+}
+
+/// Body of `POST /api/v1/vms`. Both fields are optional: an empty body gets a
+/// warm VM of the pool's spec with no configuration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// A spec other than the pool's cold-starts a VM of that spec.
+    #[serde(default)]
+    pub spec: Option<VmSpec>,
+    /// Configuration to inject.
+    #[serde(default)]
+    pub config: VmConfig,
+}
+
+/// A VM as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmView {
+    /// The record.
+    #[serde(flatten)]
+    pub vm: VmRecord,
+    /// `warm` or `cold`, on creation only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioned_from: Option<String>,
+}
+
+/// The API's router.
+pub fn router(state: ApiState) -> Router {
+    // Install the recorder before anything is counted, or early counts are lost.
+    let _ = crate::prometheus();
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/vms", post(create_vm).get(list_vms))
+        .route("/api/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/api/v1/vms/{id}/configure", post(configure_vm))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn(crate::metrics_layer::track))
+        .with_state(state)
+}
+
+async fn healthz(State(s): State<ApiState>) -> impl IntoResponse {
+    // Healthy means the store answers; the driver's VMs have their own checks.
+    match s.manager.store().count_by_status().await {
+        Ok(_) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "unavailable", "error": e.to_string()})),
+        ),
+    }
+}
+
+async fn metrics(State(s): State<ApiState>) -> Result<String, ApiError> {
+    let counts = s
+        .manager
+        .store()
+        .count_by_status()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    for (status, n) in counts {
+        metrics::gauge!("tern_vms", "status" => status.as_str()).set(n as f64);
+        if status == VmStatus::Warm {
+            metrics::gauge!("tern_warm_pool_size").set(n as f64);
+        }
+    }
+    metrics::gauge!("tern_warm_pool_target").set(s.manager.config().warm_pool_size as f64);
+    Ok(crate::prometheus().render())
+}
+
+fn parse_id(id: &str) -> Result<VmId, ApiError> {
+    id.parse()
+        .map_err(|e: tern_proto::IdError| ApiError::NotFound(e.to_string()))
+}
+
+/// Loads a VM the caller may see; anything else is indistinguishable from absence.
+async fn visible_vm(s: &ApiState, caller: &Caller, id: &str) -> Result<VmRecord, ApiError> {
+    let id = parse_id(id)?;
+    let vm = s.manager.get(id).await?;
+    if caller.can_see(vm.tenant.as_ref()) {
+        Ok(vm)
+    } else {
+        Err(ApiError::NotFound(format!("VM {id} not found")))
+    }
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(v)| v)
+        .map_err(|e| ApiError::BadRequest(format!("bad request body: {}", e.body_text())))
+}
+
+async fn create_vm(
+    State(s): State<ApiState>,
+    caller: Caller,
+    req: Result<Json<CreateVmRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    caller.require(Permission::VmsWrite)?;
+    let req = match req {
+        // An empty body is a request with every default.
+        Err(JsonRejection::MissingJsonContentType(_)) => CreateVmRequest::default(),
+        other => body(other)?,
+    };
+    let (vm, source) = s
+        .manager
+        .provision(&caller.tenant, req.spec, req.config)
+        .await?;
+    let source = match source {
+        ProvisionSource::Warm => "warm",
+        ProvisionSource::Cold => "cold",
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(VmView {
+            vm,
+            provisioned_from: Some(source.into()),
+        }),
+    ))
+}
+
+async fn list_vms(
+    State(s): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<Vec<VmView>>, ApiError> {
+    caller.require(Permission::VmsRead)?;
+    let tenant = (!caller.is_admin()).then_some(&caller.tenant);
+    let vms = s.manager.list(tenant).await?;
+    Ok(Json(
+        vms.into_iter()
+            .map(|vm| VmView {
+                vm,
+                provisioned_from: None,
+            })
+            .collect(),
+    ))
+}
+
+async fn get_vm(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    caller.require(Permission::VmsRead)?;
+    let vm = visible_vm(&s, &caller, &id).await?;
+    Ok(Json(VmView {
+        vm,
+        provisioned_from: None,
+    }))
+}
+
+async fn delete_vm(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Permission::VmsWrite)?;
+    let vm = visible_vm(&s, &caller, &id).await?;
+    s.manager.destroy(vm.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn configure_vm(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    req: Result<Json<VmConfig>, JsonRejection>,
+) -> Result<Json<VmView>, ApiError> {
+    caller.require(Permission::VmsWrite)?;
+    let config = body(req)?;
+    let vm = visible_vm(&s, &caller, &id).await?;
+    let vm = s.manager.configure(vm.id, config).await?;
+    Ok(Json(VmView {
+        vm,
+        provisioned_from: None,
+    }))
+}
