@@ -10,7 +10,7 @@ use tern_drivers::VmDriver;
 use tern_orchestrator::{Manager, ManagerConfig, ManagerError, ProvisionSource};
 use tern_proto::{TenantId, VmConfig, VmSpec, VmStatus};
 use tern_store::testing::{self, TestStore};
-use tern_store::{Store, VmFilter};
+use tern_store::VmFilter;
 
 fn tenant(s: &str) -> TenantId {
     TenantId::new(s).unwrap()

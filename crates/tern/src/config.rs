@@ -1,0 +1,549 @@
+//! Configuration: defaults, then a TOML file, then `TERN_*` environment
+//! variables, then command-line flags. Every error names the key that is wrong
+//! (and the environment variable, when that is where the value came from).
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tern_drivers::mock::MockFaults;
+use tern_orchestrator::ManagerConfig;
+use tern_proto::{HostId, VmSpec};
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key has a bad value (or is unknown).
+    #[error("config key `{key}`{origin}: {message}")]
+    Key {
+        /// Dotted key path.
+        key: String,
+        /// ` (from TERN_X)` when set from the environment.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Which hypervisor driver runs VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// In-memory VMs with fault injection.
+    Mock,
+}
+
+/// A duration written as `500ms`, `30s`, `10m`, `1h` or a number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 30s, 10m, 1h)"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "" | "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            _ => {
+                return Err(format!(
+                    "`{s}` has unknown unit `{unit}` (use ms, s, m or h)"
+                ))
+            }
+        };
+        Ok(Dur(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Dur(Duration::from_secs(n))),
+            Raw::Text(s) => Dur::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ms = self.0.as_millis();
+        if ms.is_multiple_of(1000) {
+            s.serialize_str(&format!("{}s", ms / 1000))
+        } else {
+            s.serialize_str(&format!("{ms}ms"))
+        }
+    }
+}
+
+/// Warm pool settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Warm VMs to keep ready.
+    pub size: usize,
+    /// Warm VMs idle longer than this are recycled.
+    pub idle_ttl: Dur,
+    /// How often the pool is reconciled.
+    pub reconcile_interval: Dur,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            size: 2,
+            idle_ttl: Dur(Duration::from_secs(3600)),
+            reconcile_interval: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Health check settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// How often running VMs are probed.
+    pub interval: Dur,
+    /// Probes in flight at once.
+    pub concurrency: usize,
+    /// Failures in a row before a VM is replaced.
+    pub max_consecutive_failures: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: Dur(Duration::from_secs(10)),
+            concurrency: 10,
+            max_consecutive_failures: 3,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Hypervisor driver.
+    pub driver: DriverKind,
+    /// API listen address.
+    pub listen: String,
+    /// Where the store, secrets and driver state live.
+    pub data_dir: PathBuf,
+    /// Store URL; default `sqlite://<data_dir>/tern.db`.
+    pub store_url: Option<String>,
+    /// HS256 secret for API tokens; default: generated once into `<data_dir>/jwt-secret`.
+    pub jwt_secret: Option<String>,
+    /// This host's id in owner records.
+    pub host_id: String,
+    /// Warm pool.
+    pub pool: PoolConfig,
+    /// Health checks.
+    pub health: HealthConfig,
+    /// Spec of warm-pool VMs (and the default for new VMs).
+    pub spec: VmSpec,
+    /// Faults the mock driver injects.
+    pub mock: MockFaults,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            driver: DriverKind::Mock,
+            listen: "127.0.0.1:7070".into(),
+            data_dir: PathBuf::from("/var/lib/tern"),
+            store_url: None,
+            jwt_secret: None,
+            host_id: "local".into(),
+            pool: PoolConfig::default(),
+            health: HealthConfig::default(),
+            spec: VmSpec::default(),
+            mock: MockFaults::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Text,
+    Int,
+}
+
+/// Environment variables that override keys.
+const ENV: &[(&str, &str, Kind)] = &[
+    ("TERN_DRIVER", "driver", Kind::Text),
+    ("TERN_LISTEN", "listen", Kind::Text),
+    ("TERN_DATA", "data_dir", Kind::Text),
+    ("TERN_STORE_URL", "store_url", Kind::Text),
+    ("TERN_JWT_SECRET", "jwt_secret", Kind::Text),
+    ("TERN_HOST_ID", "host_id", Kind::Text),
+    ("TERN_POOL_SIZE", "pool.size", Kind::Int),
+    ("TERN_POOL_IDLE_TTL", "pool.idle_ttl", Kind::Text),
+    (
+        "TERN_POOL_RECONCILE_INTERVAL",
+        "pool.reconcile_interval",
+        Kind::Text,
+    ),
+    ("TERN_HEALTH_INTERVAL", "health.interval", Kind::Text),
+    ("TERN_HEALTH_CONCURRENCY", "health.concurrency", Kind::Int),
+    (
+        "TERN_HEALTH_MAX_FAILURES",
+        "health.max_consecutive_failures",
+        Kind::Int,
+    ),
+];
+
+/// Values given on the command line; they win over everything else.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--config`.
+    pub config_file: Option<PathBuf>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--driver`.
+    pub driver: Option<String>,
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--store-url`.
+    pub store_url: Option<String>,
+}
+
+fn set(table: &mut toml::Table, dotted: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().expect("key has a part");
+    let mut t = table;
+    for p in parts {
+        let entry = t
+            .entry(p.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        t = entry.as_table_mut().expect("just made a table");
+    }
+    t.insert(last.to_owned(), value);
+}
+
+impl Config {
+    /// Loads the configuration from file, environment and flags, and validates it.
+    pub fn load(
+        over: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let data_dir_hint = over
+            .data_dir
+            .clone()
+            .or_else(|| env("TERN_DATA").map(PathBuf::from));
+        let file = over
+            .config_file
+            .clone()
+            .or_else(|| env("TERN_CONFIG").map(PathBuf::from))
+            .or_else(|| {
+                let p = data_dir_hint.as_ref()?.join("tern.toml");
+                p.exists().then_some(p)
+            });
+        let mut table = match &file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: path.clone(),
+                        message: e.message().to_owned(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut from_env: Vec<(&str, &str)> = vec![];
+        for (var, key, kind) in ENV {
+            let Some(raw) = env(var) else { continue };
+            let value = match kind {
+                Kind::Text => toml::Value::String(raw),
+                Kind::Int => {
+                    toml::Value::Integer(raw.trim().parse().map_err(|_| ConfigError::Key {
+                        key: key.to_string(),
+                        origin: format!(" (from {var})"),
+                        message: format!("`{raw}` is not an integer"),
+                    })?)
+                }
+            };
+            set(&mut table, key, value);
+            from_env.push((key, var));
+        }
+        let cli = [
+            (
+                "data_dir",
+                over.data_dir.as_ref().map(|p| p.display().to_string()),
+            ),
+            ("driver", over.driver.clone()),
+            ("listen", over.listen.clone()),
+            ("store_url", over.store_url.clone()),
+        ];
+        for (key, v) in cli {
+            if let Some(v) = v {
+                set(&mut table, key, toml::Value::String(v));
+                from_env.retain(|(k, _)| *k != key);
+            }
+        }
+        let origin = |key: &str| {
+            from_env
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, var)| format!(" (from {var})"))
+                .unwrap_or_default()
+        };
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.inner().to_string();
+                ConfigError::Key {
+                    origin: origin(&key),
+                    key,
+                    message,
+                }
+            })?;
+        cfg.validate().map_err(|(key, message)| ConfigError::Key {
+            origin: origin(key),
+            key: key.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.listen.parse::<SocketAddr>().map_err(|_| {
+            (
+                "listen",
+                format!("`{}` is not an address like 127.0.0.1:7070", self.listen),
+            )
+        })?;
+        HostId::new(self.host_id.clone()).map_err(|e| ("host_id", e.to_string()))?;
+        if let Some(url) = &self.store_url {
+            if !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+            {
+                return Err((
+                    "store_url",
+                    format!("`{url}` is neither sqlite://PATH nor postgres://..."),
+                ));
+            }
+        }
+        if let Some(s) = &self.jwt_secret {
+            if s.len() < 16 {
+                return Err(("jwt_secret", "must be at least 16 characters".into()));
+            }
+        }
+        if self.pool.size > 10_000 {
+            return Err((
+                "pool.size",
+                format!("{} is more than 10000", self.pool.size),
+            ));
+        }
+        if self.pool.reconcile_interval.0 < Duration::from_millis(10) {
+            return Err(("pool.reconcile_interval", "must be at least 10ms".into()));
+        }
+        if self.pool.idle_ttl.0.is_zero() {
+            return Err(("pool.idle_ttl", "must be more than 0".into()));
+        }
+        if self.health.interval.0 < Duration::from_millis(10) {
+            return Err(("health.interval", "must be at least 10ms".into()));
+        }
+        if !(1..=1000).contains(&self.health.concurrency) {
+            return Err(("health.concurrency", "must be between 1 and 1000".into()));
+        }
+        if self.health.max_consecutive_failures == 0 {
+            return Err((
+                "health.max_consecutive_failures",
+                "must be at least 1".into(),
+            ));
+        }
+        self.spec.validate().map_err(|e| ("spec", e))?;
+        Ok(())
+    }
+
+    /// The store URL, defaulting to a SQLite file in the data dir.
+    pub fn store_url(&self) -> String {
+        self.store_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("tern.db").display()))
+    }
+
+    /// The manager's settings.
+    pub fn manager(&self) -> ManagerConfig {
+        ManagerConfig {
+            host: HostId::new(self.host_id.clone()).expect("validated"),
+            warm_pool_size: self.pool.size,
+            warm_idle_ttl: self.pool.idle_ttl.0,
+            reconcile_interval: self.pool.reconcile_interval.0,
+            health_interval: self.health.interval.0,
+            health_concurrency: self.health.concurrency,
+            max_consecutive_failures: self.health.max_consecutive_failures,
+            default_spec: self.spec.clone(),
+            ..ManagerConfig::default()
+        }
+    }
+
+    /// The API token secret: configured, or read from (created once in) the data dir.
+    pub fn jwt_secret(&self) -> std::io::Result<Vec<u8>> {
+        if let Some(s) = &self.jwt_secret {
+            return Ok(s.as_bytes().to_vec());
+        }
+        let path = self.data_dir.join("jwt-secret");
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Ok(s.trim().as_bytes().to_vec()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret: [u8; 32] = rand::random();
+                let text = hex::encode(secret);
+                write_private(&path, text.as_bytes())?;
+                Ok(text.into_bytes())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Writes a file only its owner can read, atomically.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut over = Overrides::default();
+        if let Some(text) = file {
+            let p = dir.path().join("tern.toml");
+            std::fs::write(&p, text).unwrap();
+            over.config_file = Some(p);
+        }
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(&over, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load(None, &[]).unwrap();
+        assert_eq!(c.pool.size, 2);
+        assert_eq!(c.pool.reconcile_interval.0, Duration::from_secs(30));
+        assert_eq!(c.health.interval.0, Duration::from_secs(10));
+        assert_eq!(c.health.concurrency, 10);
+        assert_eq!(c.health.max_consecutive_failures, 3);
+        assert_eq!(c.driver, DriverKind::Mock);
+    }
+
+    #[test]
+    fn file_then_env() {
+        let c = load(
+            Some("listen = \"0.0.0.0:9000\"\n[pool]\nsize = 5\nidle_ttl = \"10m\"\n[health]\ninterval = \"500ms\"\n"),
+            &[("TERN_POOL_SIZE", "7")],
+        )
+        .unwrap();
+        assert_eq!(c.pool.size, 7, "env wins over file");
+        assert_eq!(c.pool.idle_ttl.0, Duration::from_secs(600));
+        assert_eq!(c.health.interval.0, Duration::from_millis(500));
+        assert_eq!(c.listen, "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load(Some("[pool]\nsise = 3\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pool") && e.contains("sise"), "{e}");
+        let e = load(Some("[pool]\nsize = \"many\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`pool.size`"), "{e}");
+        let e = load(Some("[health]\ninterval = \"10 parsecs\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`health.interval`"), "{e}");
+        let e = load(None, &[("TERN_HEALTH_CONCURRENCY", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`health.concurrency` (from TERN_HEALTH_CONCURRENCY)"),
+            "{e}"
+        );
+        let e = load(None, &[("TERN_POOL_SIZE", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`pool.size` (from TERN_POOL_SIZE)"), "{e}");
+        let e = load(None, &[("TERN_DRIVER", "xen")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`driver`") && e.contains("xen"), "{e}");
+        let e = load(Some("listen = \"nowhere\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`listen`"), "{e}");
+        let e = load(Some("not toml ["), &[]).unwrap_err().to_string();
+        assert!(e.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn secret_is_generated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let a = c.jwt_secret().unwrap();
+        let b = c.jwt_secret().unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 64);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("jwt-secret"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "secret is private");
+    }
+}

@@ -1,0 +1,87 @@
+//! `tern up`: the single-node control plane.
+
+use crate::config::{Config, DriverKind};
+use anyhow::Context;
+use std::sync::Arc;
+use tern_api::{ApiState, AuthKeys};
+use tern_drivers::mock::MockDriver;
+use tern_drivers::VmDriver;
+use tern_orchestrator::Manager;
+
+/// Runs until SIGINT or SIGTERM. VMs keep running after it exits.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let _ = tern_api::prometheus();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let store_url = cfg.store_url();
+    let store = tern_store::open(&store_url)
+        .await
+        .with_context(|| format!("cannot open store {store_url}"))?;
+    let driver: Arc<dyn VmDriver> = match cfg.driver {
+        DriverKind::Mock => Arc::new(MockDriver::with_state_file(
+            cfg.mock.clone(),
+            &cfg.data_dir.join("mock-driver.json"),
+        )?),
+    };
+    let secret = cfg
+        .jwt_secret()
+        .context("cannot read or create the JWT secret")?;
+    let manager = Arc::new(Manager::new(store.clone(), driver.clone(), cfg.manager()));
+
+    let report = manager
+        .reconcile_startup()
+        .await
+        .context("start-up reconciliation failed")?;
+    tracing::info!(?report, "reconciled store with driver");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let loops = manager.spawn_loops(stop_rx);
+
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let app = tern_api::router(ApiState {
+        manager: manager.clone(),
+        auth: Arc::new(AuthKeys::from_secret(&secret)),
+    });
+    tracing::info!(
+        %addr, driver = driver.name(), store = store.backend(), data_dir = %cfg.data_dir.display(),
+        "tern is up"
+    );
+    // One machine-readable line on stdout so scripts can find a port-0 listener.
+    println!("tern: API listening on http://{addr}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("shutting down; VMs are left running");
+    let _ = stop_tx.send(true);
+    for l in loops {
+        let _ = l.await;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
