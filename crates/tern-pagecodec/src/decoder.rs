@@ -1,0 +1,296 @@
+//! The receiving side.
+
+use crate::{zrle, Tag, FRAME_MAGIC, MAX_PAGES_PER_FRAME, PAGE_SIZE};
+use std::collections::HashMap;
+
+/// Why a frame was refused. Guest memory is untouched when any of these is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The frame does not start with the magic and version this build speaks.
+    #[error("not a page frame (bad magic or version)")]
+    BadMagic,
+    /// The frame claims more pages than any encoder writes.
+    #[error("frame claims {0} pages, more than the limit of {MAX_PAGES_PER_FRAME}")]
+    TooManyPages(u32),
+    /// The frame ends inside an entry.
+    #[error("frame truncated in entry {entry}")]
+    Truncated {
+        /// Entry number.
+        entry: usize,
+    },
+    /// Bytes follow the last entry.
+    #[error("{0} bytes after the last entry")]
+    TrailingBytes(usize),
+    /// A page index outside guest memory.
+    #[error("entry {entry}: page {page} is outside guest memory ({pages} pages)")]
+    PageOutOfRange {
+        /// Entry number.
+        entry: usize,
+        /// Claimed page.
+        page: u64,
+        /// Pages in guest memory.
+        pages: u64,
+    },
+    /// The same page twice in one frame.
+    #[error("entry {entry}: page {page} appears twice in one frame")]
+    RepeatedPage {
+        /// Entry number.
+        entry: usize,
+        /// The page.
+        page: u64,
+    },
+    /// An unknown encoding tag.
+    #[error("entry {entry}: unknown encoding tag {tag}")]
+    BadTag {
+        /// Entry number.
+        entry: usize,
+        /// The tag byte.
+        tag: u8,
+    },
+    /// A delta or duplicate whose base page was never received.
+    #[error("entry {entry}: page {page} refers to page {base}, which was never received")]
+    NoBase {
+        /// Entry number.
+        entry: usize,
+        /// The page.
+        page: u64,
+        /// The missing base.
+        base: u64,
+    },
+    /// A payload that does not decode to exactly one page.
+    #[error("entry {entry}: page {page}: {reason}")]
+    BadPayload {
+        /// Entry number.
+        entry: usize,
+        /// The page.
+        page: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The memory given to the decoder is not the size it was made for.
+    #[error("guest memory is {got} bytes, decoder was made for {want}")]
+    MemorySize {
+        /// Bytes given.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+}
+
+/// What a frame held.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecodeStats {
+    /// Pages written.
+    pub pages: u64,
+    /// Pages per tag, indexed by `Tag as usize`.
+    pub pages_by_tag: [u64; 6],
+}
+
+/// Decodes frames into guest memory. One per migration, fed frames in order.
+pub struct Decoder {
+    pages: u64,
+    received: Vec<u64>,
+    staging: Vec<u8>,
+    staged: Vec<u64>,
+    slot_of: HashMap<u64, usize>,
+    zstd: zstd::bulk::Decompressor<'static>,
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.data.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+}
+
+impl Decoder {
+    /// A decoder for guest memory of `pages` pages, nothing received yet.
+    pub fn new(pages: u64) -> Self {
+        Self {
+            pages,
+            received: vec![0; pages.div_ceil(64) as usize],
+            staging: Vec::new(),
+            staged: Vec::new(),
+            slot_of: HashMap::new(),
+            zstd: zstd::bulk::Decompressor::new().expect("zstd decompressor"),
+        }
+    }
+
+    /// Whether a page has been received (by any frame so far).
+    pub fn has(&self, page: u64) -> bool {
+        page < self.pages && self.received[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Marks a page as present without a frame (e.g. it arrived by another path).
+    pub fn mark_received(&mut self, page: u64) {
+        if page < self.pages {
+            self.received[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    /// Pages received so far.
+    pub fn received_count(&self) -> u64 {
+        self.received
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// Validates and decodes one frame, then writes its pages into `mem`.
+    /// On error nothing is written.
+    pub fn decode_frame(
+        &mut self,
+        frame: &[u8],
+        mem: &mut [u8],
+    ) -> Result<DecodeStats, DecodeError> {
+        let want = self.pages as usize * PAGE_SIZE;
+        if mem.len() != want {
+            return Err(DecodeError::MemorySize {
+                got: mem.len(),
+                want,
+            });
+        }
+        let mut r = Reader {
+            data: frame,
+            pos: 0,
+        };
+        if r.take(4) != Some(&FRAME_MAGIC[..]) {
+            return Err(DecodeError::BadMagic);
+        }
+        let count = r.u32().ok_or(DecodeError::Truncated { entry: 0 })?;
+        if count as usize > MAX_PAGES_PER_FRAME {
+            return Err(DecodeError::TooManyPages(count));
+        }
+        let count = count as usize;
+        if self.staging.len() < count * PAGE_SIZE {
+            self.staging.resize(count * PAGE_SIZE, 0);
+        }
+        self.staged.clear();
+        self.slot_of.clear();
+        let mut stats = DecodeStats::default();
+
+        for entry in 0..count {
+            let trunc = DecodeError::Truncated { entry };
+            let page = r.u64().ok_or(trunc.clone())?;
+            if page >= self.pages {
+                return Err(DecodeError::PageOutOfRange {
+                    entry,
+                    page,
+                    pages: self.pages,
+                });
+            }
+            if self.slot_of.insert(page, entry).is_some() {
+                return Err(DecodeError::RepeatedPage { entry, page });
+            }
+            self.staged.push(page);
+            let tag_byte = r.u8().ok_or(trunc.clone())?;
+            let tag = Tag::from_byte(tag_byte).ok_or(DecodeError::BadTag {
+                entry,
+                tag: tag_byte,
+            })?;
+            let (before, rest) = self.staging.split_at_mut(entry * PAGE_SIZE);
+            let slot = &mut rest[..PAGE_SIZE];
+            let bad = |reason: String| DecodeError::BadPayload {
+                entry,
+                page,
+                reason,
+            };
+            match tag {
+                Tag::Zero => slot.fill(0),
+                Tag::Raw => slot.copy_from_slice(r.take(PAGE_SIZE).ok_or(trunc)?),
+                Tag::Duplicate => {
+                    let base = r.u64().ok_or(trunc)?;
+                    if base >= self.pages {
+                        return Err(DecodeError::PageOutOfRange {
+                            entry,
+                            page: base,
+                            pages: self.pages,
+                        });
+                    }
+                    // The base may have been staged earlier in this frame.
+                    match self.slot_of.get(&base) {
+                        Some(&s) if s < entry => {
+                            slot.copy_from_slice(&before[s * PAGE_SIZE..(s + 1) * PAGE_SIZE])
+                        }
+                        Some(_) => {
+                            slot.copy_from_slice(&mem[base as usize * PAGE_SIZE..][..PAGE_SIZE])
+                        }
+                        None if has(&self.received, base) => {
+                            slot.copy_from_slice(&mem[base as usize * PAGE_SIZE..][..PAGE_SIZE])
+                        }
+                        None => return Err(DecodeError::NoBase { entry, page, base }),
+                    }
+                }
+                Tag::XorDelta | Tag::Lz4 | Tag::Zstd => {
+                    let len = r.u16().ok_or(trunc.clone())? as usize;
+                    let payload = r.take(len).ok_or(trunc)?;
+                    match tag {
+                        Tag::XorDelta => {
+                            if !has(&self.received, page) {
+                                return Err(DecodeError::NoBase {
+                                    entry,
+                                    page,
+                                    base: page,
+                                });
+                            }
+                            slot.copy_from_slice(&mem[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
+                            zrle::apply(payload, slot).map_err(|e| bad(e.to_string()))?;
+                        }
+                        Tag::Lz4 => {
+                            let n = lz4_flex::block::decompress_into(payload, slot)
+                                .map_err(|e| bad(format!("lz4: {e}")))?;
+                            if n != PAGE_SIZE {
+                                return Err(bad(format!("lz4 gave {n} bytes, not a page")));
+                            }
+                        }
+                        _ => {
+                            let n = self
+                                .zstd
+                                .decompress_to_buffer(payload, slot)
+                                .map_err(|e| bad(format!("zstd: {e}")))?;
+                            if n != PAGE_SIZE {
+                                return Err(bad(format!("zstd gave {n} bytes, not a page")));
+                            }
+                        }
+                    }
+                }
+            }
+            stats.pages_by_tag[tag as usize] += 1;
+        }
+        if r.pos != frame.len() {
+            return Err(DecodeError::TrailingBytes(frame.len() - r.pos));
+        }
+        // The frame is good: commit.
+        for (i, &page) in self.staged.iter().enumerate() {
+            mem[page as usize * PAGE_SIZE..][..PAGE_SIZE]
+                .copy_from_slice(&self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+            self.received[(page / 64) as usize] |= 1 << (page % 64);
+        }
+        stats.pages = count as u64;
+        Ok(stats)
+    }
+}
+
+fn has(bits: &[u64], page: u64) -> bool {
+    bits[(page / 64) as usize] & (1 << (page % 64)) != 0
+}
