@@ -30,48 +30,81 @@ fn get_varint(data: &[u8], pos: &mut usize) -> Option<usize> {
     None // runs are at most 4096: two varint bytes always suffice
 }
 
+/// Bit k of the result is set when byte k of `w` is non-zero.
 #[inline]
-fn word(p: &[u8], i: usize) -> u64 {
-    u64::from_ne_bytes(p[i..i + 8].try_into().expect("8 bytes"))
+fn nonzero_bytes(w: u64) -> u64 {
+    const LO7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    // High bit of each byte: set iff the byte is non-zero (no carries cross bytes).
+    let t = (((w & LO7) + LO7) | w) & HI;
+    // Gather the eight high bits into the low byte.
+    ((t >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
+}
+
+const BLOCKS: usize = PAGE_SIZE / 64;
+
+/// First byte at or after `i` whose bit in `mask` equals `want_set`
+/// (PAGE_SIZE if none): whole 64-byte blocks at a time with tzcnt.
+#[inline]
+fn next_bit(mask: &[u64; BLOCKS], i: usize, want_set: bool) -> usize {
+    let mut b = i / 64;
+    if b >= BLOCKS {
+        return PAGE_SIZE;
+    }
+    let flip = if want_set { 0 } else { !0 };
+    let mut m = (mask[b] ^ flip) & (!0u64 << (i % 64));
+    loop {
+        if m != 0 {
+            return b * 64 + m.trailing_zeros() as usize;
+        }
+        b += 1;
+        if b == BLOCKS {
+            return PAGE_SIZE;
+        }
+        m = mask[b] ^ flip;
+    }
 }
 
 /// Encodes `new` as a delta against `old` into `out`. Returns the length, or
 /// `None` when the delta would not fit in `out` (then it is not worth sending).
+///
+/// One pass XORs the pages and builds a bitmap of changed bytes; runs are then
+/// found with trailing-zero counts on the bitmap, a few instructions per run.
 pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Option<usize> {
     debug_assert!(old.len() == PAGE_SIZE && new.len() == PAGE_SIZE);
+    let mut xor = [0u8; PAGE_SIZE];
+    let mut mask = [0u64; BLOCKS];
+    for (((o, n), x), m) in old
+        .chunks_exact(64)
+        .zip(new.chunks_exact(64))
+        .zip(xor.chunks_exact_mut(64))
+        .zip(mask.iter_mut())
+    {
+        let mut bits = 0u64;
+        for k in 0..8 {
+            let a = u64::from_le_bytes(o[k * 8..k * 8 + 8].try_into().expect("8 bytes"));
+            let b = u64::from_le_bytes(n[k * 8..k * 8 + 8].try_into().expect("8 bytes"));
+            let w = a ^ b;
+            x[k * 8..k * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            bits |= nonzero_bytes(w) << (k * 8);
+        }
+        *m = bits;
+    }
     let mut pos = 0;
     let mut i = 0;
-    while i < PAGE_SIZE {
-        // Equal run: skip whole equal words first, then bytes.
-        let start = i;
-        while i + 8 <= PAGE_SIZE && word(old, i) == word(new, i) {
-            i += 8;
+    loop {
+        let start = next_bit(&mask, i, true);
+        if start == PAGE_SIZE {
+            return Some(pos);
         }
-        while i < PAGE_SIZE && old[i] == new[i] {
-            i += 1;
-        }
-        if i == PAGE_SIZE {
-            break;
-        }
-        let zrun = i - start;
-        // Changed run: until the next equal byte.
-        let nz_start = i;
-        while i < PAGE_SIZE && old[i] != new[i] {
-            i += 1;
-        }
-        let nzrun = i - nz_start;
-        put_varint(out, &mut pos, zrun)?;
-        put_varint(out, &mut pos, nzrun)?;
-        let dst = out.get_mut(pos..pos + nzrun)?;
-        for (d, (a, b)) in dst
-            .iter_mut()
-            .zip(old[nz_start..i].iter().zip(&new[nz_start..i]))
-        {
-            *d = a ^ b;
-        }
-        pos += nzrun;
+        let end = next_bit(&mask, start, false);
+        put_varint(out, &mut pos, start - i)?;
+        put_varint(out, &mut pos, end - start)?;
+        out.get_mut(pos..pos + (end - start))?
+            .copy_from_slice(&xor[start..end]);
+        pos += end - start;
+        i = end;
     }
-    Some(pos)
 }
 
 /// Applies a delta to `page` (which holds the base) in place. Fails, leaving
@@ -104,6 +137,23 @@ pub fn apply(delta: &[u8], page: &mut [u8]) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonzero_byte_mask_matches_naive() {
+        for w in [
+            0u64,
+            1,
+            0x80,
+            0xff00,
+            0x0100_0000_0000_0000,
+            u64::MAX,
+            0x8000_0000_0000_0001,
+            0x0001_0200_0080_7f00,
+        ] {
+            let naive = (0..8).fold(0u64, |m, k| m | u64::from((w >> (8 * k)) & 0xff != 0) << k);
+            assert_eq!(nonzero_bytes(w), naive, "{w:#x}");
+        }
+    }
 
     #[test]
     fn round_trip_sparse_change() {
