@@ -1,0 +1,515 @@
+//! Sessions on loopback: mTLS with pinning (and its refusals), byte-identical
+//! bulk transfer, resume after cuts, damaged frames, rate caps and fairness,
+//! and adaptation on an emulated WAN link. Slow tests are `#[ignore]`d;
+//! `scripts/test.sh` runs them.
+
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_testkit::{LinkConfig, LinkEmulator};
+use tern_transport::certs;
+use tern_transport::{
+    HostLimiter, Listener, Receiver, Security, Sender, SessionConfig, TlsIdentity,
+};
+
+const MB: u64 = 1_000_000;
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    src: TlsIdentity,
+    dst: TlsIdentity,
+    dir: std::path::PathBuf,
+}
+
+fn pin(p: &str) -> [u8; 32] {
+    tern_transport::tls::parse_pin(p).unwrap()
+}
+
+fn pki() -> Pki {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_owned();
+    certs::init_ca(&dir.join("ca")).unwrap();
+    let year = Duration::from_secs(365 * 86400);
+    let a = certs::issue(&dir.join("ca"), "host-a", &dir, year, false).unwrap();
+    let b = certs::issue(&dir.join("ca"), "host-b", &dir, year, false).unwrap();
+    let ca = dir.join("ca/ca.pem");
+    let src = TlsIdentity::load(&a.cert, &a.key, &ca, &[pin(&b.spki_sha256)]).unwrap();
+    let dst = TlsIdentity::load(&b.cert, &b.key, &ca, &[pin(&a.spki_sha256)]).unwrap();
+    Pki {
+        _dir: d,
+        src,
+        dst,
+        dir,
+    }
+}
+
+fn tls(id: &TlsIdentity) -> Security {
+    Security::Tls {
+        config: id.client_config().unwrap(),
+        server_name: "host-b".into(),
+    }
+}
+
+async fn listen(id: Option<&TlsIdentity>) -> Listener {
+    Listener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        id.map(|i| i.server_config().unwrap()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap()
+}
+
+/// Deterministic frame content.
+fn frame(seq: u64, len: usize) -> Bytes {
+    let mut v = Vec::with_capacity(len);
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    Bytes::from(v)
+}
+
+/// Receives everything, acking each frame after hashing it. Returns (hash, bytes).
+async fn drain(mut rx: Receiver) -> (blake3::Hash, u64, Receiver) {
+    let mut h = blake3::Hasher::new();
+    let mut n = 0u64;
+    while let Some(item) = rx.recv().await {
+        let (seq, data) = item.expect("receive");
+        h.update(&data);
+        n += data.len() as u64;
+        rx.ack(seq);
+    }
+    (h.finalize(), n, rx)
+}
+
+/// Sends `count` frames of `len` bytes; returns the hash of what was sent.
+async fn pump(tx: &Sender, count: u64, len: usize) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for seq in 0..count {
+        let f = frame(seq, len);
+        h.update(&f);
+        tx.send(f).await.expect("send");
+    }
+    h.finalize()
+}
+
+#[tokio::test]
+async fn mtls_with_pinned_certs_delivers_in_order() {
+    let p = pki();
+    let mut l = listen(Some(&p.dst)).await;
+    let tx = Sender::connect(l.local_addr(), tls(&p.src), SessionConfig::default(), None)
+        .await
+        .unwrap();
+    let rx = l.accept().await.unwrap();
+    let recv = tokio::spawn(drain(rx));
+    let sent = pump(&tx, 200, 10_000).await;
+    let m = tx.finish().await.unwrap();
+    let (got, n, _) = recv.await.unwrap();
+    assert_eq!((got, n), (sent, 2_000_000));
+    assert_eq!(m.bytes_acked, 2_000_000);
+    assert_eq!(m.retransmits, 0);
+}
+
+async fn refused(sec: Security, l: &Listener) -> String {
+    match Sender::connect(
+        l.local_addr(),
+        sec,
+        SessionConfig {
+            streams: 1,
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    {
+        Ok(_) => panic!("connection should have been refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn unknown_expired_unpinned_and_plaintext_peers_are_refused() {
+    let p = pki();
+    let l = listen(Some(&p.dst)).await;
+    let year = Duration::from_secs(365 * 86400);
+
+    // A certificate from another CA.
+    certs::init_ca(&p.dir.join("other-ca")).unwrap();
+    let o = certs::issue(&p.dir.join("other-ca"), "host-o", &p.dir, year, false).unwrap();
+    let other = TlsIdentity::load(
+        &o.cert,
+        &o.key,
+        &p.dir.join("ca/ca.pem"),
+        &[p.dst.own_pin().unwrap()],
+    )
+    .unwrap();
+    let e = refused(tls(&other), &l).await;
+    assert!(e.contains("TLS") || e.contains("reply"), "{e}");
+
+    // Same CA, expired.
+    let x = certs::issue(&p.dir.join("ca"), "host-x", &p.dir, year, true).unwrap();
+    let expired = TlsIdentity::load(
+        &x.cert,
+        &x.key,
+        &p.dir.join("ca/ca.pem"),
+        &[p.dst.own_pin().unwrap()],
+    )
+    .unwrap();
+    let e = refused(tls(&expired), &l).await;
+    assert!(e.contains("TLS") || e.contains("reply"), "{e}");
+
+    // Same CA, valid, but the receiver was not told to trust it.
+    let u = certs::issue(&p.dir.join("ca"), "host-u", &p.dir, year, false).unwrap();
+    let unpinned = TlsIdentity::load(
+        &u.cert,
+        &u.key,
+        &p.dir.join("ca/ca.pem"),
+        &[p.dst.own_pin().unwrap()],
+    )
+    .unwrap();
+    let e = refused(tls(&unpinned), &l).await;
+    assert!(e.contains("TLS") || e.contains("reply"), "{e}");
+
+    // The sender refuses a receiver it did not pin, with a clear reason.
+    let wrong_pin = TlsIdentity::load(
+        &p.dir.join("host-a.pem"),
+        &p.dir.join("host-a.key"),
+        &p.dir.join("ca/ca.pem"),
+        &[[0u8; 32]],
+    )
+    .unwrap();
+    let e = refused(tls(&wrong_pin), &l).await;
+    assert!(e.contains("not pinned"), "{e}");
+
+    // A plaintext peer against a TLS listener, and TLS against a plaintext listener.
+    let e = refused(Security::InsecurePlaintext, &l).await;
+    assert!(
+        e.contains("reply") || e.contains("magic") || e.contains("timed out"),
+        "{e}"
+    );
+    let plain = listen(None).await;
+    let e = refused(tls(&p.src), &plain).await;
+    assert!(e.contains("TLS"), "{e}");
+
+    // And the good pair still works.
+    let mut l2 = listen(Some(&p.dst)).await;
+    let tx = Sender::connect(
+        l2.local_addr(),
+        tls(&p.src),
+        SessionConfig {
+            streams: 1,
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let rx = l2.accept().await.unwrap();
+    let recv = tokio::spawn(drain(rx));
+    pump(&tx, 1, 10).await;
+    tx.finish().await.unwrap();
+    recv.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: 1 GiB over TLS"]
+async fn one_gib_over_four_tls_streams_arrives_identical() {
+    let p = pki();
+    let mut l = listen(Some(&p.dst)).await;
+    let tx = Sender::connect(l.local_addr(), tls(&p.src), SessionConfig::default(), None)
+        .await
+        .unwrap();
+    let rx = l.accept().await.unwrap();
+    let recv = tokio::spawn(drain(rx));
+    let t = Instant::now();
+    let sent = pump(&tx, 1024, 1 << 20).await;
+    let m = tx.finish().await.unwrap();
+    let (got, n, _) = recv.await.unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "1 GiB over 4 TLS streams: {:.2} s, {:.0} MB/s (debug build)",
+        secs,
+        n as f64 / secs / 1e6
+    );
+    assert_eq!(n, 1 << 30);
+    assert_eq!(got, sent, "byte-identical");
+    assert_eq!(m.retransmits, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_links_resume_and_replay_at_most_the_window() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TERN_TEST_LOG").unwrap_or_default())
+        .with_test_writer()
+        .try_init();
+    let p = pki();
+    let mut l = listen(Some(&p.dst)).await;
+    let link = LinkEmulator::start(l.local_addr(), LinkConfig::default())
+        .await
+        .unwrap();
+    let window = 8 << 20;
+    let cfg = SessionConfig {
+        window_bytes: window,
+        ..Default::default()
+    };
+    let tx = Arc::new(
+        Sender::connect(link.addr(), tls(&p.src), cfg, None)
+            .await
+            .unwrap(),
+    );
+    let rx = l.accept().await.unwrap();
+    let recv = tokio::spawn(drain(rx));
+    let cutter = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            // Cut twice mid-transfer; the second time for 2 s.
+            while tx.metrics().bytes_acked < 40 * MB {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let before = tx.unacked_bytes();
+            link.cut(Duration::from_millis(300));
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            while tx.metrics().bytes_acked < 120 * MB {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            link.cut(Duration::from_secs(2));
+            (before, link)
+        })
+    };
+    let sent = pump(&tx, 256, 1 << 20).await;
+    let (_, link) = cutter.await.unwrap();
+    let tx = Arc::try_unwrap(tx).ok().expect("only owner");
+    let m = tx.finish().await.unwrap();
+    let (got, n, rx) = recv.await.unwrap();
+    assert_eq!(n, 256 << 20);
+    assert_eq!(got, sent, "byte-identical after two cuts");
+    assert!(m.reconnects >= 2, "{m:?}");
+    assert!(
+        link.connections() >= 8,
+        "streams reconnected through the link"
+    );
+    assert!(
+        m.retransmitted_bytes <= 2 * window as u64,
+        "replayed {} bytes, more than the unacked window ({window}) per cut",
+        m.retransmitted_bytes
+    );
+    eprintln!(
+        "two cuts: reconnects {}, replayed {} bytes (window {window}), duplicates dropped {}",
+        m.reconnects,
+        m.retransmitted_bytes,
+        rx.metrics().duplicates
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_frame_is_rerequested_not_delivered() {
+    // Plaintext, so the damage reaches our checksum instead of TLS's.
+    let mut l = listen(None).await;
+    let link = LinkEmulator::start(l.local_addr(), LinkConfig::default())
+        .await
+        .unwrap();
+    // Hello is 58 bytes, a frame header 17: byte 2000 is inside the first payload.
+    link.corrupt_next_connection_at(58 + 17 + 2000);
+    let cfg = SessionConfig {
+        streams: 1,
+        ..Default::default()
+    };
+    let tx = Sender::connect(link.addr(), Security::InsecurePlaintext, cfg, None)
+        .await
+        .unwrap();
+    let rx = l.accept().await.unwrap();
+    let recv = tokio::spawn(drain(rx));
+    let sent = pump(&tx, 20, 64 * 1024).await;
+    let m = tx.finish().await.unwrap();
+    let (got, _, rx) = recv.await.unwrap();
+    assert_eq!(got, sent, "the damaged frame was never delivered");
+    assert_eq!(rx.metrics().corrupt, 1);
+    assert_eq!((m.nacks, m.retransmits), (1, 1));
+}
+
+async fn run_for(tx: &Sender, secs: f64, len: usize) -> u64 {
+    let t = Instant::now();
+    let mut seq = 0;
+    let payload = frame(1, len);
+    while t.elapsed().as_secs_f64() < secs {
+        tx.send(payload.clone()).await.unwrap();
+        seq += 1;
+    }
+    seq
+}
+
+async fn counting_receiver(mut rx: Receiver) -> (u64, Vec<(Instant, u64)>) {
+    let mut n = 0;
+    let mut marks = vec![];
+    while let Some(Ok((seq, d))) = rx.recv().await {
+        n += d.len() as u64;
+        rx.ack(seq);
+        marks.push((Instant::now(), n));
+    }
+    (n, marks)
+}
+
+/// Bytes per second between `from` and `to` seconds after the first frame.
+fn rate_between(marks: &[(Instant, u64)], from: f64, to: f64) -> f64 {
+    let t0 = marks[0].0;
+    let at = |s: f64| {
+        marks
+            .iter()
+            .find(|(t, _)| t.duration_since(t0).as_secs_f64() >= s)
+            .map(|m| *m)
+    };
+    let (a, b) = (at(from).unwrap(), at(to).unwrap_or(*marks.last().unwrap()));
+    (b.1 - a.1) as f64 / b.0.duration_since(a.0).as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: 6 s of rate-limited transfer"]
+async fn a_50_mb_per_s_cap_holds_within_ten_percent() {
+    let p = pki();
+    let mut l = listen(Some(&p.dst)).await;
+    let cfg = SessionConfig {
+        rate_bytes_per_sec: 50 * MB,
+        ..Default::default()
+    };
+    let tx = Sender::connect(l.local_addr(), tls(&p.src), cfg, None)
+        .await
+        .unwrap();
+    let rx = l.accept().await.unwrap();
+    let recv = tokio::spawn(counting_receiver(rx));
+    run_for(&tx, 6.0, 256 * 1024).await;
+    tx.finish().await.unwrap();
+    let (_, marks) = recv.await.unwrap();
+    let rate = rate_between(&marks, 0.5, 5.5);
+    eprintln!(
+        "capped at 50 MB/s: measured {:.1} MB/s over 5 s",
+        rate / 1e6
+    );
+    assert!((45e6..=55e6).contains(&rate), "{:.1} MB/s", rate / 1e6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: 5 s of two sessions under one host cap"]
+async fn two_sessions_share_a_host_cap_evenly() {
+    let p = pki();
+    let host = HostLimiter::new(100 * MB);
+    let mut l = listen(Some(&p.dst)).await;
+    let a = Sender::connect(
+        l.local_addr(),
+        tls(&p.src),
+        SessionConfig::default(),
+        Some(host.clone()),
+    )
+    .await
+    .unwrap();
+    let ra = tokio::spawn(counting_receiver(l.accept().await.unwrap()));
+    let b = Sender::connect(
+        l.local_addr(),
+        tls(&p.src),
+        SessionConfig {
+            streams: 1,
+            ..Default::default()
+        },
+        Some(host.clone()),
+    )
+    .await
+    .unwrap();
+    let rb = tokio::spawn(counting_receiver(l.accept().await.unwrap()));
+    let (_, _) = tokio::join!(run_for(&a, 5.0, 256 * 1024), run_for(&b, 5.0, 256 * 1024));
+    tokio::join!(async { a.finish().await.unwrap() }, async {
+        b.finish().await.unwrap()
+    });
+    let (_, ma) = ra.await.unwrap();
+    let (_, mb) = rb.await.unwrap();
+    let (x, y) = (rate_between(&ma, 1.0, 4.5), rate_between(&mb, 1.0, 4.5));
+    eprintln!(
+        "host cap 100 MB/s: session A (4 streams) {:.1} MB/s, B (1 stream) {:.1} MB/s",
+        x / 1e6,
+        y / 1e6
+    );
+    assert!(x + y <= 110e6, "sum {:.1} MB/s over the cap", (x + y) / 1e6);
+    for r in [x, y] {
+        assert!(
+            (40e6..=60e6).contains(&r),
+            "each about half: {:.1} MB/s",
+            r / 1e6
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: 15 s on an emulated WAN link"]
+async fn adaptive_rate_settles_near_a_wan_link_rate() {
+    let p = pki();
+    let mut l = listen(Some(&p.dst)).await;
+    let link_rate = 12_500_000; // 100 Mbit/s
+    let link = LinkEmulator::start(
+        l.local_addr(),
+        LinkConfig {
+            one_way_delay: Duration::from_millis(25),
+            rate_bytes_per_sec: link_rate,
+            queue_bytes: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let cfg = SessionConfig {
+        adaptive: true,
+        initial_rate_bytes_per_sec: 2 * MB,
+        window_bytes: 16 << 20,
+        ..Default::default()
+    };
+    let tx = Sender::connect(link.addr(), tls(&p.src), cfg, None)
+        .await
+        .unwrap();
+    let rx = l.accept().await.unwrap();
+    let recv = tokio::spawn(counting_receiver(rx));
+    let sampler = async {
+        let mut rates = vec![];
+        for _ in 0..150 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            rates.push(tx.metrics().rate_bytes_per_sec);
+        }
+        rates
+    };
+    let (_, rates) = tokio::join!(run_for(&tx, 15.0, 64 * 1024), sampler);
+    let m = tx.metrics();
+    tx.finish().await.unwrap();
+    let (_, marks) = recv.await.unwrap();
+    let goodput = rate_between(&marks, 7.0, 14.0);
+    let late: Vec<u64> = rates[70..].to_vec();
+    let avg_rate = late.iter().sum::<u64>() as f64 / late.len() as f64;
+    eprintln!(
+        "WAN 50 ms RTT, 100 Mbit/s: goodput {:.2} MB/s ({:.0}% of link), mean limiter rate {:.2} MB/s, srtt {:?}, min rtt {:?}",
+        goodput / 1e6,
+        goodput / link_rate as f64 * 100.0,
+        avg_rate / 1e6,
+        m.srtt,
+        m.min_rtt
+    );
+    assert!(
+        goodput >= 0.7 * link_rate as f64,
+        "settled far below the link: {:.2} MB/s",
+        goodput / 1e6
+    );
+    assert!(
+        avg_rate <= 1.5 * link_rate as f64,
+        "limiter runs far above the link: {:.2} MB/s",
+        avg_rate / 1e6
+    );
+    assert!(
+        m.min_rtt >= Duration::from_millis(50),
+        "the emulated RTT is visible: {:?}",
+        m.min_rtt
+    );
+}
+
+#[allow(dead_code)]
+fn _unused(_: &Path, _: SocketAddr) {}
