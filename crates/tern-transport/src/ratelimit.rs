@@ -137,6 +137,11 @@ impl HostLimiter {
     pub async fn acquire(&self, n: usize) {
         self.bucket.acquire(n).await
     }
+
+    /// Takes host tokens now and says how long to wait before using them.
+    pub fn reserve(&self, n: usize) -> Duration {
+        self.bucket.reserve(n)
+    }
 }
 
 /// The smaller of two rates where 0 means unlimited.

@@ -622,9 +622,21 @@ async fn write_loop(
             p.payload.clone()
         };
         let wire_len = payload.len() + FRAME_OVERHEAD;
-        sh.bucket.acquire(wire_len).await;
+        let mut wait = sh.bucket.reserve(wire_len);
         if let Some(h) = &sh.host {
-            h.acquire(wire_len).await;
+            wait = wait.max(h.reserve(wire_len));
+        }
+        if !wait.is_zero() {
+            // Rate-limited: push out what is buffered before sleeping, or it
+            // would sit in the buffer and look like network delay.
+            let flushed = tokio::select! {
+                r = w.flush() => r.is_ok(),
+                _ = dead.recv() => false,
+            };
+            if !flushed {
+                return WriteEnd::ConnectionLost;
+            }
+            tokio::time::sleep(wait).await;
         }
         let hash = wire::payload_hash(&payload);
         let ok = async {
@@ -698,6 +710,10 @@ async fn rate_task(sh: std::sync::Weak<SenderShared>) {
     const TICK: Duration = Duration::from_millis(100);
     let mut last_acked = 0u64;
     let mut last = Instant::now();
+    let mut hold_until = Instant::now();
+    // (seconds, bytes delivered, limiter rate) per tick, last 5 ticks: one tick
+    // holds too few frames at low rates to judge by.
+    let mut history: std::collections::VecDeque<(f64, f64, f64)> = Default::default();
     loop {
         tokio::time::sleep(TICK).await;
         let Some(sh) = sh.upgrade() else { return };
@@ -711,9 +727,15 @@ async fn rate_task(sh: std::sync::Weak<SenderShared>) {
         };
         let acked = sh.counters.bytes_acked.load(Relaxed);
         let dt = last.elapsed().as_secs_f64();
-        let delivered = (acked - last_acked) as f64 / dt;
+        history.push_back((dt, (acked - last_acked) as f64, sh.bucket.rate() as f64));
+        if history.len() > 5 {
+            history.pop_front();
+        }
         last_acked = acked;
         last = Instant::now();
+        let span: f64 = history.iter().map(|h| h.0).sum();
+        let delivered = history.iter().map(|h| h.1).sum::<f64>() / span;
+        let mean_rate = history.iter().map(|h| h.2 * h.0).sum::<f64>() / span;
         if !sh.cfg.adaptive {
             if sh.bucket.rate() != ceiling {
                 sh.bucket.set_rate(ceiling);
@@ -727,11 +749,20 @@ async fn rate_task(sh: std::sync::Weak<SenderShared>) {
         let srtt = sh.counters.srtt_us.load(Relaxed) as f64;
         let min_rtt = sh.counters.min_rtt_us.load(Relaxed) as f64;
         let rate = sh.bucket.rate() as f64;
-        let queueing = min_rtt > 0.0 && srtt > min_rtt * 1.25 + 2000.0;
-        let next = if queueing && delivered > 0.0 {
-            (delivered * 0.9).min(rate)
-        } else if backlog && delivered > rate * 0.7 {
-            rate * 1.15
+        if Instant::now() < hold_until {
+            continue; // let the last decrease take effect before judging again
+        }
+        // Congestion: what gets through falls well short of what we send
+        // (throughput stalls), or a heavy queue doubles the round trip.
+        let stalled = backlog && history.len() == 5 && delivered < mean_rate * 0.8;
+        let heavy_queue = min_rtt > 0.0 && srtt > 2.0 * min_rtt + 10_000.0;
+        let next = if (stalled || heavy_queue) && delivered > 0.0 {
+            hold_until = Instant::now()
+                + Duration::from_micros((srtt * 2.0) as u64).max(Duration::from_millis(200));
+            history.clear();
+            (delivered * 0.95).min(rate)
+        } else if backlog {
+            rate * 1.1
         } else {
             rate
         };
