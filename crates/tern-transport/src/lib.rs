@@ -5,7 +5,7 @@
 //! authentication and SPKI pinning ([`tls`]), or plain TCP behind an explicit
 //! insecure flag for tests. Frames are striped across streams and put back in
 //! order on arrival; each carries a sequence number, a header check and a
-//! BLAKE3 payload hash ([`wire`]). The receiver acknowledges what the
+//! payload checksum ([`wire`]). The receiver acknowledges what the
 //! application has applied; when a connection drops the sender reconnects (with
 //! backoff, up to a deadline) with the session id and resume token and replays
 //! only unacknowledged frames. A damaged frame is re-requested, never delivered.

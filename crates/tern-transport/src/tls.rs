@@ -106,8 +106,18 @@ fn certs_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> 
     Ok(certs)
 }
 
+/// ring's provider with AES-128-GCM first: a standard TLS 1.3 suite that costs
+/// about a third less CPU per byte than AES-256-GCM, which matters when the
+/// cipher is the bottleneck of a multi-GB migration.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 impl TlsIdentity {
