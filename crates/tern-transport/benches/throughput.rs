@@ -19,11 +19,20 @@ async fn run(streams: u16, tls: Option<(&TlsIdentity, &TlsIdentity)>) -> f64 {
     .await
     .unwrap();
     let sec = match tls {
-        Some((s, _)) => Security::Tls { config: s.client_config().unwrap(), server_name: "host-b".into() },
+        Some((s, _)) => Security::Tls {
+            config: s.client_config().unwrap(),
+            server_name: "host-b".into(),
+        },
         None => Security::InsecurePlaintext,
     };
-    let cfg = SessionConfig { streams, window_bytes: 128 << 20, ..Default::default() };
-    let tx = Sender::connect(l.local_addr(), sec, cfg, None).await.unwrap();
+    let cfg = SessionConfig {
+        streams,
+        window_bytes: 128 << 20,
+        ..Default::default()
+    };
+    let tx = Sender::connect(l.local_addr(), sec, cfg, None)
+        .await
+        .unwrap();
     let mut rx = l.accept().await.unwrap();
     let recv = tokio::spawn(async move {
         let mut n = 0u64;
@@ -55,9 +64,25 @@ fn main() {
     let a = certs::issue(&d.join("ca"), "host-a", d, year, false).unwrap();
     let b = certs::issue(&d.join("ca"), "host-b", d, year, false).unwrap();
     let pin = |s: &str| tern_transport::tls::parse_pin(s).unwrap();
-    let src = TlsIdentity::load(&a.cert, &a.key, &d.join("ca/ca.pem"), &[pin(&b.spki_sha256)]).unwrap();
-    let dst = TlsIdentity::load(&b.cert, &b.key, &d.join("ca/ca.pem"), &[pin(&a.spki_sha256)]).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let src = TlsIdentity::load(
+        &a.cert,
+        &a.key,
+        &d.join("ca/ca.pem"),
+        &[pin(&b.spki_sha256)],
+    )
+    .unwrap();
+    let dst = TlsIdentity::load(
+        &b.cert,
+        &b.key,
+        &d.join("ca/ca.pem"),
+        &[pin(&a.spki_sha256)],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         println!("session throughput on loopback, 2 GiB of 1 MiB frames per run, 2 worker threads, sender + receiver in one process");
         println!("{:<10} {:>7} {:>10}", "security", "streams", "GB/s");

@@ -4,8 +4,6 @@
 //! `scripts/test.sh` runs them.
 
 use bytes::Bytes;
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_testkit::{LinkConfig, LinkEmulator};
@@ -363,7 +361,7 @@ fn rate_between(marks: &[(Instant, u64)], from: f64, to: f64) -> f64 {
         marks
             .iter()
             .find(|(t, _)| t.duration_since(t0).as_secs_f64() >= s)
-            .map(|m| *m)
+            .copied()
     };
     let (a, b) = (at(from).unwrap(), at(to).unwrap_or(*marks.last().unwrap()));
     (b.1 - a.1) as f64 / b.0.duration_since(a.0).as_secs_f64()
@@ -510,6 +508,3 @@ async fn adaptive_rate_settles_near_a_wan_link_rate() {
         m.min_rtt
     );
 }
-
-#[allow(dead_code)]
-fn _unused(_: &Path, _: SocketAddr) {}

@@ -55,6 +55,33 @@ enum Cmd {
     },
     /// Print the effective configuration (secrets redacted) after validating it.
     Config,
+    /// Make the host CA and host certificates for migration channels (mTLS).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a CA (ca.pem, ca.key) in DIR (default <data-dir>/tls).
+    Init {
+        /// Where the CA goes.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Issue a certificate for a host, signed by the CA; prints its SPKI pin.
+    Issue {
+        /// Host name (also a subject alternative name).
+        #[arg(long)]
+        name: String,
+        /// Directory of the CA and of the new files (default <data-dir>/tls).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,6 +133,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::create_dir_all(&cfg.data_dir)?;
             let keys = AuthKeys::from_secret(&cfg.jwt_secret()?);
             println!("{}", keys.issue(&tenant, &perms, ttl.0)?);
+            Ok(())
+        }
+        Cmd::Certs { cmd } => {
+            let cfg = Config::load(&over, env)?;
+            let default_dir = cfg.data_dir.join("tls");
+            match cmd {
+                CertsCmd::Init { dir } => {
+                    let dir = dir.unwrap_or(default_dir);
+                    let ca = tern_transport::certs::init_ca(&dir)?;
+                    println!("CA certificate: {}", ca.display());
+                    println!(
+                        "CA key:         {} (keep it private)",
+                        dir.join("ca.key").display()
+                    );
+                }
+                CertsCmd::Issue { name, dir, days } => {
+                    tern_proto::HostId::new(name.clone())?;
+                    let dir = dir.unwrap_or(default_dir);
+                    let valid = std::time::Duration::from_secs(days * 86400);
+                    let out = tern_transport::certs::issue(&dir, &name, &dir, valid, false)?;
+                    println!("certificate: {}", out.cert.display());
+                    println!("key:         {}", out.key.display());
+                    println!("spki pin:    {}", out.spki_sha256);
+                }
+            }
             Ok(())
         }
         Cmd::Config => {
