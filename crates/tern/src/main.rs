@@ -55,10 +55,34 @@ enum Cmd {
     },
     /// Print the effective configuration (secrets redacted) after validating it.
     Config,
+    /// Run a microVM in the foreground with tern's own monitor.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
     /// Make the host CA and host certificates for migration channels (mTLS).
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Boot a guest, stream its console, report the time to its ready line.
+    Boot {
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u64,
+        /// vCPUs (this build runs one).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Guest: `test` (tern's freestanding test guest). `linux` is not built yet.
+        #[arg(long, default_value = "test")]
+        guest: String,
+        /// Keep running this long after ready, printing the agent's reports.
+        #[arg(long, default_value = "2s")]
+        run_for: String,
     },
 }
 
@@ -135,6 +159,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", keys.issue(&tenant, &perms, ttl.0)?);
             Ok(())
         }
+        Cmd::Vm {
+            cmd:
+                VmCmd::Boot {
+                    memory,
+                    vcpus,
+                    guest,
+                    run_for,
+                },
+        } => {
+            if vcpus != 1 {
+                anyhow::bail!("--vcpus {vcpus}: this build of tern-vmm runs one vCPU");
+            }
+            if guest != "test" {
+                anyhow::bail!("--guest {guest}: only the test guest boots in this build (Linux boot is not implemented yet)");
+            }
+            let run_for: Dur =
+                serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<
+                    serde::de::value::Error,
+                >::new(&run_for))
+                .map_err(|e| anyhow::anyhow!("--run-for: {e}"))?;
+            vm_boot(memory, run_for.0)
+        }
         Cmd::Certs { cmd } => {
             let cfg = Config::load(&over, env)?;
             let default_dir = cfg.data_dir.join("tls");
@@ -169,4 +215,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `tern vm boot`: launch to ready line, then a few seconds of agent reports.
+fn vm_boot(memory: u64, run_for: std::time::Duration) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let t0 = Instant::now();
+    let cfg = tern_vmm::TestGuestConfig {
+        memory_mib: memory,
+        ..Default::default()
+    };
+    let mut vm =
+        tern_vmm::Vm::boot_test_guest(&cfg, std::path::Path::new(tern_vmm::TEST_GUEST_ELF))?;
+    let created = t0.elapsed();
+    let mut printed = 0;
+    let outcome = vm.run_until(Duration::from_secs(30), |vm| {
+        let console = &vm.serial;
+        if console.len() > printed {
+            let _ = std::io::stdout().write_all(&console[printed..]);
+            printed = console.len();
+        }
+        console.windows(17).any(|w| w == b"tern-guest: ready")
+    })?;
+    let ready = t0.elapsed();
+    if !vm.serial.ends_with(b"\n") {
+        println!();
+    }
+    if outcome != tern_vmm::RunOutcome::Stopped {
+        anyhow::bail!("guest did not become ready: {outcome:?}");
+    }
+    println!(
+        "boot: {:.2} ms to ready line (monitor set-up {:.2} ms, guest {:.2} ms)",
+        ready.as_secs_f64() * 1e3,
+        created.as_secs_f64() * 1e3,
+        (ready - created).as_secs_f64() * 1e3
+    );
+    let start = Instant::now();
+    let mut last_print = Instant::now();
+    vm.run_until(run_for, |vm| {
+        if last_print.elapsed() >= Duration::from_millis(500) {
+            last_print = Instant::now();
+            match vm.agent.checksum {
+                Some((at, sum)) => println!(
+                    "agent: counter {} (checksum {sum:#018x} at {at})",
+                    vm.agent.counter
+                ),
+                None => println!("agent: counter {}", vm.agent.counter),
+            }
+        }
+        false
+    })?;
+    println!(
+        "ran {:.1} s after ready: counter {} ({:.0} reports/s)",
+        start.elapsed().as_secs_f64(),
+        vm.agent.counter,
+        vm.agent.counter as f64 / start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
