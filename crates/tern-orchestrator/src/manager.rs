@@ -576,51 +576,61 @@ impl Manager {
     /// Runs the pool reconciler and the health loop until `shutdown` turns true.
     /// Shutting down stops the loops only; running VMs are left alone.
     pub fn spawn_loops(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-        let pool = {
+        let pool = every(self.cfg.reconcile_interval, false, shutdown.clone(), {
             let m = self.clone();
-            let mut stop = shutdown.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(m.cfg.reconcile_interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {
-                            match m.reconcile_pool().await {
-                                Ok(r) => tracing::debug!(?r, "pool reconciled"),
-                                Err(e) => tracing::warn!(error = %e, "pool reconcile failed"),
-                            }
-                        }
-                        _ = stop.changed() => break,
-                    }
-                    if *stop.borrow() {
-                        break;
+            move || {
+                let m = m.clone();
+                async move {
+                    match m.reconcile_pool().await {
+                        Ok(r) => tracing::debug!(?r, "pool reconciled"),
+                        Err(e) => tracing::warn!(error = %e, "pool reconcile failed"),
                     }
                 }
-            })
-        };
-        let health = {
+            }
+        });
+        // The first health pass waits one interval: the VMs have just booted.
+        let health = every(self.cfg.health_interval, true, shutdown, {
             let m = self.clone();
-            let mut stop = shutdown;
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(m.cfg.health_interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await; // the first probe waits one interval: VMs just booted
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {
-                            match m.health_pass().await {
-                                Ok(r) => tracing::debug!(?r, "health pass"),
-                                Err(e) => tracing::warn!(error = %e, "health pass failed"),
-                            }
-                        }
-                        _ = stop.changed() => break,
-                    }
-                    if *stop.borrow() {
-                        break;
+            move || {
+                let m = m.clone();
+                async move {
+                    match m.health_pass().await {
+                        Ok(r) => tracing::debug!(?r, "health pass"),
+                        Err(e) => tracing::warn!(error = %e, "health pass failed"),
                     }
                 }
-            })
-        };
+            }
+        });
         vec![pool, health]
     }
+}
+
+/// Runs `pass` every `period` (a slow pass delays the next tick rather than
+/// bunching them up) until `stop` turns true or its sender goes away.
+fn every<F, Fut>(
+    period: Duration,
+    skip_first: bool,
+    mut stop: watch::Receiver<bool>,
+    pass: F,
+) -> JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if skip_first {
+            tick.tick().await;
+        }
+        loop {
+            tokio::select! {
+                _ = tick.tick() => pass().await,
+                _ = stop.changed() => break,
+            }
+            if *stop.borrow() {
+                break;
+            }
+        }
+    })
 }

@@ -25,48 +25,33 @@ pub const CREATE_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS tern_schema (
     applied_at BIGINT NOT NULL
 )";
 
+/// The first schema: plain SQL that both back ends accept.
+const V1: &[&str] = &[
+    "CREATE TABLE vm_instances (
+        id TEXT PRIMARY KEY,
+        tenant TEXT,
+        status TEXT NOT NULL,
+        host TEXT NOT NULL,
+        owner_epoch BIGINT NOT NULL,
+        spec TEXT NOT NULL,
+        config TEXT NOT NULL,
+        vsock_cid BIGINT UNIQUE,
+        consecutive_failures BIGINT NOT NULL DEFAULT 0,
+        last_health_check BIGINT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        status_changed_at BIGINT NOT NULL
+    )",
+    "CREATE INDEX vm_instances_status_created ON vm_instances (status, created_at)",
+    "CREATE INDEX vm_instances_tenant ON vm_instances (tenant)",
+];
+
 /// Every migration this build knows, oldest first.
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "vm_instances",
-    sqlite: &[
-        "CREATE TABLE vm_instances (
-                id TEXT PRIMARY KEY,
-                tenant TEXT,
-                status TEXT NOT NULL,
-                host TEXT NOT NULL,
-                owner_epoch BIGINT NOT NULL,
-                spec TEXT NOT NULL,
-                config TEXT NOT NULL,
-                vsock_cid BIGINT UNIQUE,
-                consecutive_failures BIGINT NOT NULL DEFAULT 0,
-                last_health_check BIGINT,
-                created_at BIGINT NOT NULL,
-                updated_at BIGINT NOT NULL,
-                status_changed_at BIGINT NOT NULL
-            )",
-        "CREATE INDEX vm_instances_status_created ON vm_instances (status, created_at)",
-        "CREATE INDEX vm_instances_tenant ON vm_instances (tenant)",
-    ],
-    postgres: &[
-        "CREATE TABLE vm_instances (
-                id TEXT PRIMARY KEY,
-                tenant TEXT,
-                status TEXT NOT NULL,
-                host TEXT NOT NULL,
-                owner_epoch BIGINT NOT NULL,
-                spec TEXT NOT NULL,
-                config TEXT NOT NULL,
-                vsock_cid BIGINT UNIQUE,
-                consecutive_failures BIGINT NOT NULL DEFAULT 0,
-                last_health_check BIGINT,
-                created_at BIGINT NOT NULL,
-                updated_at BIGINT NOT NULL,
-                status_changed_at BIGINT NOT NULL
-            )",
-        "CREATE INDEX vm_instances_status_created ON vm_instances (status, created_at)",
-        "CREATE INDEX vm_instances_tenant ON vm_instances (tenant)",
-    ],
+    sqlite: V1,
+    postgres: V1,
 }];
 
 /// Newest schema version this build knows.
