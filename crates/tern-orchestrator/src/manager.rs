@@ -213,23 +213,11 @@ impl Manager {
                 tenant: Some(tenant.clone()),
                 status: VmStatus::Provisioning,
                 host: self.cfg.host.clone(),
-                spec: spec.clone(),
+                spec,
                 config: config.clone(),
             })
             .await?;
-        let started = self
-            .driver
-            .start(&StartRequest {
-                id: rec.id,
-                spec,
-                vsock_cid: rec.vsock_cid,
-            })
-            .await;
-        if let Err(e) = started {
-            metrics::counter!("tern_vm_start_failures_total").increment(1);
-            self.destroy_quietly(rec.id).await;
-            return Err(e.into());
-        }
+        self.boot(&rec).await?;
         match self.finish_provision(&rec, &config).await {
             Ok(rec) => {
                 metrics::counter!("tern_provisions_total", "source" => "cold").increment(1);
@@ -240,6 +228,25 @@ impl Manager {
                 Err(e)
             }
         }
+    }
+
+    /// Starts a freshly recorded VM in the driver; if the driver fails, the
+    /// record is destroyed so nothing half-made is left behind.
+    async fn boot(&self, rec: &VmRecord) -> Result<()> {
+        let started = self
+            .driver
+            .start(&StartRequest {
+                id: rec.id,
+                spec: rec.spec.clone(),
+                vsock_cid: rec.vsock_cid,
+            })
+            .await;
+        if let Err(e) = started {
+            metrics::counter!("tern_vm_start_failures_total").increment(1);
+            self.destroy_quietly(rec.id).await;
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     async fn finish_provision(&self, rec: &VmRecord, config: &VmConfig) -> Result<VmRecord> {
@@ -403,19 +410,7 @@ impl Manager {
                 config: VmConfig::default(),
             })
             .await?;
-        let started = self
-            .driver
-            .start(&StartRequest {
-                id: rec.id,
-                spec: rec.spec.clone(),
-                vsock_cid: rec.vsock_cid,
-            })
-            .await;
-        if let Err(e) = started {
-            metrics::counter!("tern_vm_start_failures_total").increment(1);
-            self.destroy_quietly(rec.id).await;
-            return Err(e.into());
-        }
+        self.boot(&rec).await?;
         match self
             .store
             .transition(rec.id, VmStatus::Creating, VmStatus::Warm)

@@ -250,6 +250,15 @@ fn is_fatal(e: &TransportError) -> bool {
 }
 
 impl SenderShared {
+    /// The most this session may send: its cap, under its fair share of the host.
+    fn ceiling(&self) -> u64 {
+        let cap = self.cap.load(Relaxed);
+        match &self.host {
+            Some(h) => min_rate(cap, h.fair_share()),
+            None => cap,
+        }
+    }
+
     fn fail(&self, e: TransportError) {
         self.failed.send_if_modified(|f| {
             if f.is_none() {
@@ -451,11 +460,7 @@ impl Sender {
     /// Sets the session's rate cap (bytes/s, 0: none) while running.
     pub fn set_rate(&self, rate: u64) {
         self.shared.cap.store(rate, Relaxed);
-        let eff = match &self.shared.host {
-            Some(h) => min_rate(rate, h.fair_share()),
-            None => rate,
-        };
-        self.shared.bucket.set_rate(eff);
+        self.shared.bucket.set_rate(self.shared.ceiling());
     }
 
     /// Payload bytes sent but not yet acknowledged: what a drop could make us replay.
@@ -611,7 +616,6 @@ async fn write_loop(
                 continue; // the receiver has it; only its ack is outstanding
             }
             p.sent_on = Some((index, generation));
-            p.sent_at = Some(Instant::now());
             p.times_sent += 1;
             if p.times_sent > 1 {
                 sh.counters.retransmits.fetch_add(1, Relaxed);
@@ -720,11 +724,7 @@ async fn rate_task(sh: std::sync::Weak<SenderShared>) {
         if sh.failure().is_some() {
             return;
         }
-        let cap = sh.cap.load(Relaxed);
-        let ceiling = match &sh.host {
-            Some(h) => min_rate(cap, h.fair_share()),
-            None => cap,
-        };
+        let ceiling = sh.ceiling();
         let acked = sh.counters.bytes_acked.load(Relaxed);
         let dt = last.elapsed().as_secs_f64();
         history.push_back((dt, (acked - last_acked) as f64, sh.bucket.rate() as f64));
