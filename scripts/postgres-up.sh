@@ -3,6 +3,9 @@
 # `tern` superuser role with password `tern` for the test suite and benchmarks.
 # Idempotent. Prints the admin URL tests use (TERN_TEST_POSTGRES_URL).
 set -euo pipefail
+# Everything but the final URL goes to stderr, so `URL=$(bash postgres-up.sh)` is clean
+# (pg_ctlcluster prints notes such as "Removed stale pid file." on stdout).
+exec 3>&1 1>&2
 if ! command -v pg_ctlcluster >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
@@ -24,4 +27,4 @@ su postgres -c "psql -p $port -tAc \"select 1 from pg_roles where rolname='tern'
     su postgres -c "psql -p $port -qc \"create role tern login superuser password 'tern'\""
 su postgres -c "psql -p $port -tAc \"select 1 from pg_database where datname='tern'\"" | grep -q 1 ||
     su postgres -c "psql -p $port -qc 'create database tern owner tern'"
-echo "postgres://tern:tern@127.0.0.1:$port/tern"
+echo "postgres://tern:tern@127.0.0.1:$port/tern" >&3
