@@ -8,6 +8,7 @@
  *   serial 0x3f8   text lines ("tern-guest: ready", ...)
  *   agent  0x510-0x513   32-bit writes: counter lo/hi (hi commits),
  *                        checksum lo/hi (hi commits a report)
+ *   i8042  0x64          0xfe: pulse the reset line (ends the VM)
  * Parameters sit at PARAMS (written by the monitor before entry).
  */
 typedef unsigned long u64;
@@ -26,6 +27,7 @@ struct params {
     u64 ws_pages;           /* working set size in 4 KiB pages */
     u64 pages_per_tick;     /* pages dirtied between counter reports */
     u64 ticks_per_sum;      /* counter reports between checksums */
+    u64 exit_after;         /* reset through the i8042 after this many reports (0: never) */
 };
 
 static inline void outb(unsigned short port, unsigned char v) {
@@ -64,6 +66,7 @@ void _start(void) {
     }
     volatile u64 *ws = (volatile u64 *)prm->ws_base;
     u64 pages = prm->ws_pages, per_tick = prm->pages_per_tick, per_sum = prm->ticks_per_sum;
+    u64 exit_after = prm->exit_after;
     puts("tern-guest: ready\n");
     u64 counter = 0, next = 0;
     for (;;) {
@@ -77,5 +80,9 @@ void _start(void) {
         report(AGENT_COUNTER_LO, AGENT_COUNTER_HI, counter);
         if (per_sum && counter % per_sum == 0)
             report(AGENT_SUM_LO, AGENT_SUM_HI, checksum(ws, pages));
+        if (exit_after && counter == exit_after) {
+            puts("tern-guest: done, resetting\n");
+            outb(0x64, 0xfe);
+        }
     }
 }

@@ -74,12 +74,26 @@ enum VmCmd {
         /// Guest RAM in MiB.
         #[arg(long, default_value_t = 256)]
         memory: u64,
-        /// vCPUs (this build runs one).
+        /// vCPUs.
         #[arg(long, default_value_t = 1)]
         vcpus: u8,
-        /// Guest: `test` (tern's freestanding test guest). `linux` is not built yet.
-        #[arg(long, default_value = "test")]
-        guest: String,
+        /// Guest: `test` (tern's freestanding test guest) or `linux` (a
+        /// bzImage; needs hardware virtualization to boot in useful time).
+        #[arg(long, value_enum, default_value_t = tern_vmm::monitor::GuestKind::Test)]
+        guest: tern_vmm::monitor::GuestKind,
+        /// Linux: the bzImage (default: the newest /boot/vmlinuz-*).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Linux: the initramfs.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Linux: the kernel command line.
+        #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
+        cmdline: String,
+        /// The console line that means ready (default: the test guest's, or
+        /// "tern-ready" for Linux).
+        #[arg(long)]
+        ready_line: Option<String>,
         /// Keep running this long after ready, printing the agent's reports.
         #[arg(long, default_value = "2s")]
         run_for: String,
@@ -165,21 +179,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     memory,
                     vcpus,
                     guest,
+                    kernel,
+                    initrd,
+                    cmdline,
+                    ready_line,
                     run_for,
                 },
         } => {
-            if vcpus != 1 {
-                anyhow::bail!("--vcpus {vcpus}: this build of tern-vmm runs one vCPU");
-            }
-            if guest != "test" {
-                anyhow::bail!("--guest {guest}: only the test guest boots in this build (Linux boot is not implemented yet)");
-            }
             let run_for: Dur =
                 serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<
                     serde::de::value::Error,
                 >::new(&run_for))
                 .map_err(|e| anyhow::anyhow!("--run-for: {e}"))?;
-            vm_boot(memory, run_for.0)
+            vm_boot(VmBoot {
+                memory,
+                vcpus,
+                guest,
+                kernel,
+                initrd,
+                cmdline,
+                ready_line,
+                run_for: run_for.0,
+            })
         }
         Cmd::Certs { cmd } => {
             let cfg = Config::load(&over, env)?;
@@ -217,33 +238,87 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// What `tern vm boot` was asked to do.
+struct VmBoot {
+    memory: u64,
+    vcpus: u8,
+    guest: tern_vmm::monitor::GuestKind,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+    ready_line: Option<String>,
+    run_for: std::time::Duration,
+}
+
+/// The newest Debian kernel in /boot, for `--guest linux` without `--kernel`.
+fn default_kernel() -> Option<PathBuf> {
+    let mut k: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .collect();
+    k.sort();
+    k.pop()
+}
+
 /// `tern vm boot`: launch to ready line, then a few seconds of agent reports.
-fn vm_boot(memory: u64, run_for: std::time::Duration) -> anyhow::Result<()> {
-    use std::io::Write;
+fn vm_boot(b: VmBoot) -> anyhow::Result<()> {
     use std::time::{Duration, Instant};
+    use tern_vmm::monitor::GuestKind;
+    use tern_vmm::WaitOutcome;
     let t0 = Instant::now();
-    let cfg = tern_vmm::TestGuestConfig {
-        memory_mib: memory,
+    let cfg = tern_vmm::MachineConfig {
+        memory_mib: b.memory,
+        vcpus: b.vcpus,
+        console_tee: Some(Box::new(std::io::stdout())),
         ..Default::default()
     };
-    let mut vm =
-        tern_vmm::Vm::boot_test_guest(&cfg, std::path::Path::new(tern_vmm::TEST_GUEST_ELF))?;
-    let created = t0.elapsed();
-    let mut printed = 0;
-    let outcome = vm.run_until(Duration::from_secs(30), |vm| {
-        let console = &vm.serial;
-        if console.len() > printed {
-            let _ = std::io::stdout().write_all(&console[printed..]);
-            printed = console.len();
+    let (machine, ready_line) = match b.guest {
+        GuestKind::Test => (
+            tern_vmm::boot_test_guest(
+                cfg,
+                &tern_vmm::TestGuestConfig::default(),
+                std::path::Path::new(tern_vmm::TEST_GUEST_ELF),
+            )?,
+            b.ready_line
+                .unwrap_or_else(|| tern_vmm::TEST_GUEST_READY.to_string()),
+        ),
+        GuestKind::Linux => {
+            let kernel = b.kernel.or_else(default_kernel).ok_or_else(|| {
+                anyhow::anyhow!("--guest linux: no --kernel given and no /boot/vmlinuz-* found")
+            })?;
+            if !tern_vmm::has_hardware_virtualization() {
+                eprintln!(
+                    "warning: this host's KVM has no hardware virtualization (no vmx/svm flag); \
+                     a Linux kernel will not boot in useful time here"
+                );
+            }
+            (
+                tern_vmm::boot_linux(
+                    cfg,
+                    &tern_vmm::x86::LinuxBoot {
+                        kernel: &kernel,
+                        initrd: b.initrd.as_deref(),
+                        cmdline: &b.cmdline,
+                    },
+                )?,
+                b.ready_line.unwrap_or_else(|| "tern-ready".to_string()),
+            )
         }
-        console.windows(17).any(|w| w == b"tern-guest: ready")
-    })?;
+    };
+    let created = t0.elapsed();
+    machine.resume()?;
+    let outcome = machine.wait_until(Duration::from_secs(60), |d| {
+        d.console().recent_contains(&ready_line)
+    });
     let ready = t0.elapsed();
-    if !vm.serial.ends_with(b"\n") {
-        println!();
-    }
-    if outcome != tern_vmm::RunOutcome::Stopped {
-        anyhow::bail!("guest did not become ready: {outcome:?}");
+    println!();
+    if outcome != WaitOutcome::Satisfied {
+        anyhow::bail!("guest did not print {ready_line:?}: {outcome:?}");
     }
     println!(
         "boot: {:.2} ms to ready line (monitor set-up {:.2} ms, guest {:.2} ms)",
@@ -252,25 +327,26 @@ fn vm_boot(memory: u64, run_for: std::time::Duration) -> anyhow::Result<()> {
         (ready - created).as_secs_f64() * 1e3
     );
     let start = Instant::now();
-    let mut last_print = Instant::now();
-    vm.run_until(run_for, |vm| {
-        if last_print.elapsed() >= Duration::from_millis(500) {
-            last_print = Instant::now();
-            match vm.agent.checksum {
-                Some((at, sum)) => println!(
-                    "agent: counter {} (checksum {sum:#018x} at {at})",
-                    vm.agent.counter
-                ),
-                None => println!("agent: counter {}", vm.agent.counter),
-            }
+    while start.elapsed() < b.run_for {
+        let step = Duration::from_millis(500).min(b.run_for.saturating_sub(start.elapsed()));
+        if let WaitOutcome::Exited(r) = machine.wait_until(step, |_| false) {
+            println!("guest exited: {r}");
+            return Ok(());
         }
-        false
-    })?;
+        let a = machine.with_devices(|d| d.agent.clone());
+        match a.checksum {
+            Some((at, sum)) => println!(
+                "agent: counter {} (checksum {sum:#018x} at {at})",
+                a.counter
+            ),
+            None => println!("agent: counter {}", a.counter),
+        }
+    }
+    let counter = machine.with_devices(|d| d.agent.counter);
     println!(
-        "ran {:.1} s after ready: counter {} ({:.0} reports/s)",
+        "ran {:.1} s after ready: counter {counter} ({:.0} reports/s)",
         start.elapsed().as_secs_f64(),
-        vm.agent.counter,
-        vm.agent.counter as f64 / start.elapsed().as_secs_f64()
+        counter as f64 / start.elapsed().as_secs_f64()
     );
     Ok(())
 }

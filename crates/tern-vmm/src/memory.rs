@@ -1,0 +1,182 @@
+//! Guest RAM: one vm-memory region per KVM slot, with a write bitmap so the
+//! pages the monitor itself writes are tracked next to KVM's dirty log.
+
+use crate::VmmError;
+use std::fs::File;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryRegion, GuestRegionMmap};
+
+/// Guest RAM with a dirty bitmap (one bit per 4 KiB page) on every region.
+pub type GuestMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// Guest page size.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Where guest RAM comes from.
+#[derive(Debug)]
+pub enum Backing<'a> {
+    /// Fresh anonymous memory.
+    Anonymous {
+        /// Back it with 2 MiB huge pages (needs pages reserved in
+        /// /proc/sys/vm/nr_hugepages).
+        hugepages: bool,
+    },
+    /// A private (copy-on-write) mapping of a full snapshot's memory file:
+    /// restore touches no page until the guest does.
+    SnapshotFile(&'a File),
+}
+
+fn mem_err(e: impl std::fmt::Display) -> VmmError {
+    VmmError::Memory(e.to_string())
+}
+
+/// Maps `bytes` of guest RAM at guest physical 0.
+pub fn create(bytes: u64, backing: Backing<'_>) -> Result<GuestMem, VmmError> {
+    if bytes == 0 || !bytes.is_multiple_of(2 << 20) {
+        return Err(VmmError::Config(format!(
+            "guest memory must be a non-zero multiple of 2 MiB, not {bytes} bytes"
+        )));
+    }
+    let size = usize::try_from(bytes).map_err(mem_err)?;
+    let bitmap = <AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(size);
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let builder = MmapRegionBuilder::new_with_bitmap(size, bitmap).with_mmap_prot(prot);
+    let builder = match backing {
+        Backing::Anonymous { hugepages: false } => {
+            builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        }
+        Backing::Anonymous { hugepages: true } => builder
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB)
+            .with_hugetlbfs(true),
+        Backing::SnapshotFile(f) => {
+            let len = f.metadata().map_err(mem_err)?.len();
+            if len != bytes {
+                return Err(VmmError::Snapshot(format!(
+                    "memory file holds {len} bytes, the snapshot says {bytes}"
+                )));
+            }
+            let f = f.try_clone().map_err(mem_err)?;
+            builder
+                .with_file_offset(FileOffset::new(f, 0))
+                .with_mmap_flags(libc::MAP_PRIVATE)
+        }
+    };
+    let region = builder.build().map_err(|e| match backing {
+        Backing::Anonymous { hugepages: true } => VmmError::Memory(format!(
+            "cannot map {bytes} bytes of huge pages ({e}); reserve them in /proc/sys/vm/nr_hugepages"
+        )),
+        _ => mem_err(e),
+    })?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| VmmError::Memory("guest region overflows".into()))?;
+    GuestMem::from_regions(vec![region]).map_err(mem_err)
+}
+
+/// Total bytes of guest RAM.
+pub fn total_bytes(mem: &GuestMem) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// The host address and length of every region, in slot order.
+pub fn host_regions(mem: &GuestMem) -> Vec<(u64, *mut u8, usize)> {
+    mem.iter()
+        .map(|r| (r.start_addr().0, r.as_ptr(), r.len() as usize))
+        .collect()
+}
+
+/// A set of guest pages (one bit per 4 KiB page from guest physical 0).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    /// 64 pages per word, lowest bit first.
+    pub words: Vec<u64>,
+}
+
+impl DirtyBitmap {
+    /// An empty set sized for `pages`.
+    pub fn with_pages(pages: u64) -> Self {
+        Self {
+            words: vec![0; pages.div_ceil(64) as usize],
+        }
+    }
+
+    /// How many pages are in the set.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Whether `page` is in the set.
+    pub fn contains(&self, page: u64) -> bool {
+        self.words
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// Adds every page of `other`.
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        if self.words.len() < other.words.len() {
+            self.words.resize(other.words.len(), 0);
+        }
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
+    /// The pages in the set, ascending.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(i as u64 * 64 + bit)
+            })
+        })
+    }
+}
+
+/// Takes (and clears) the pages the monitor wrote through vm-memory.
+pub fn take_monitor_writes(mem: &GuestMem) -> DirtyBitmap {
+    let mut out = DirtyBitmap::with_pages(total_bytes(mem) / PAGE_SIZE);
+    for r in mem.iter() {
+        let first = r.start_addr().0 / PAGE_SIZE;
+        let words = vm_memory::MmapRegion::bitmap(r).get_and_reset();
+        for (i, w) in words.iter().enumerate() {
+            let mut w = *w;
+            while w != 0 {
+                let bit = w.trailing_zeros() as u64;
+                w &= w - 1;
+                let page = first + i as u64 * 64 + bit;
+                out.words[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn monitor_writes_are_tracked() {
+        let mem = create(4 << 20, Backing::Anonymous { hugepages: false }).unwrap();
+        let _ = take_monitor_writes(&mem);
+        mem.write_obj(7u64, GuestAddress(5 * PAGE_SIZE + 8))
+            .unwrap();
+        mem.write_slice(&[1u8; 5000], GuestAddress(100 * PAGE_SIZE))
+            .unwrap();
+        let d = take_monitor_writes(&mem);
+        assert_eq!(d.pages().collect::<Vec<_>>(), vec![5, 100, 101]);
+        assert_eq!(take_monitor_writes(&mem).count(), 0);
+    }
+
+    #[test]
+    fn refuses_odd_sizes() {
+        assert!(create(3 << 19, Backing::Anonymous { hugepages: false }).is_err());
+    }
+}
