@@ -3,8 +3,10 @@
 //! A driver knows how to start, stop, health-check and clean up a VM on this host.
 //! It knows nothing of tenants, pools or the store: the orchestrator owns those.
 //! Implementations: [`mock::MockDriver`] (in-memory, with fault injection for
-//! rehearsing failure handling); `kvm` and `qemu` drivers follow.
+//! rehearsing failure handling) and [`kvm::KvmDriver`] (one `tern-vmm` monitor
+//! process per VM); a `qemu` driver follows.
 
+pub mod kvm;
 pub mod mock;
 
 use async_trait::async_trait;

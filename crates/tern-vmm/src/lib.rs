@@ -99,6 +99,40 @@ impl Default for TestGuestConfig {
     }
 }
 
+impl TestGuestConfig {
+    /// The checksum the test guest reports at `counter`, computed from its
+    /// deterministic writes (page `p` last written at tick `c` holds
+    /// `c ^ p << 32` in its first word and `!c` in its last). A guest whose
+    /// report matches proves every working-set page holds what it last wrote,
+    /// across snapshots, restores and migrations.
+    pub fn expected_checksum(&self, counter: u64) -> u64 {
+        let n = self.ws_pages.max(1);
+        let mut last = vec![0u64; n as usize];
+        let mut next = 0u64;
+        // Only the last `n` page writes matter.
+        let writes = counter.saturating_mul(self.pages_per_tick);
+        let skip = writes.saturating_sub(n);
+        next = (next + skip) % n;
+        for w in skip..writes {
+            last[next as usize] = w / self.pages_per_tick + 1;
+            next = (next + 1) % n;
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (p, &c) in last.iter().enumerate() {
+            let (first, last_word) = if c == 0 {
+                (0, 0)
+            } else {
+                (c ^ ((p as u64) << 32), !c)
+            };
+            h ^= first;
+            h = h.wrapping_mul(0x100_0000_01b3);
+            h ^= last_word;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        h
+    }
+}
+
 /// Whether this host's KVM runs guest kernel code in hardware (VMX/SVM).
 /// On PVM hosts it does not, and a Linux guest cannot boot in useful time.
 pub fn has_hardware_virtualization() -> bool {
@@ -122,7 +156,7 @@ pub fn boot_test_guest(
     let ws_end = WORKING_SET_ADDR + guest.ws_pages * 4096;
     if ws_end > mem_bytes || cfg.memory_mib < 32 {
         return Err(VmmError::Config(format!(
-            "the test guest needs at least 32 MiB and room for its working set (ends at {ws_end:#x})"
+            "the test guest needs at least 32 MiB of memory and room for its working set (ends at {ws_end:#x})"
         )));
     }
     if guest.ws_pages == 0 || guest.pages_per_tick == 0 {

@@ -56,34 +56,6 @@ fn wait_counter(m: &Machine, at_least: u64) {
     );
 }
 
-/// What the test guest's checksum must be at `counter`, computed from its
-/// deterministic writes: proves every working-set page holds what the guest
-/// last wrote there, including pages written before a snapshot.
-fn model_checksum(g: &TestGuestConfig, counter: u64) -> u64 {
-    let n = g.ws_pages;
-    let mut last = vec![0u64; n as usize];
-    let mut next = 0u64;
-    for c in 1..=counter {
-        for _ in 0..g.pages_per_tick {
-            last[next as usize] = c;
-            next = (next + 1) % n;
-        }
-    }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (p, &c) in last.iter().enumerate() {
-        let (w0, w511) = if c == 0 {
-            (0, 0)
-        } else {
-            (c ^ ((p as u64) << 32), !c)
-        };
-        h ^= w0;
-        h = h.wrapping_mul(0x100_0000_01b3);
-        h ^= w511;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
 fn ws_hash(m: &Machine, g: &TestGuestConfig) -> blake3::Hash {
     let mut buf = vec![0u8; (g.ws_pages * 4096) as usize];
     m.read_memory(WORKING_SET_ADDR, &mut buf).unwrap();
@@ -95,7 +67,11 @@ fn check_next_checksum(m: &Machine, g: &TestGuestConfig, after: u64) -> u64 {
     let out = m.wait_until(WAIT, |d| d.agent.checksum.is_some_and(|(at, _)| at > after));
     assert_eq!(out, WaitOutcome::Satisfied);
     let (at, sum) = m.with_devices(|d| d.agent.checksum).unwrap();
-    assert_eq!(sum, model_checksum(g, at), "guest checksum at counter {at}");
+    assert_eq!(
+        sum,
+        g.expected_checksum(at),
+        "guest checksum at counter {at}"
+    );
     at
 }
 
