@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs and starts what the tests need
-# (PostgreSQL), checks formatting and lints, then runs every test including the
+# (PostgreSQL, a guest kernel), checks formatting and lints, then runs every test including the
 # slow ones (marked #[ignore] so a plain `cargo test` stays quick).
 # Exits non-zero when anything fails.
 set -euo pipefail
@@ -10,6 +10,11 @@ echo "== setup: PostgreSQL"
 TERN_TEST_POSTGRES_URL=$(bash scripts/postgres-up.sh)
 export TERN_TEST_POSTGRES_URL
 export TERN_REQUIRE_POSTGRES=1   # store tests must not skip here
+
+echo "== setup: guest kernel and initramfs (Debian's linux-image-amd64, busybox-static)"
+read -r TERN_GUEST_KERNEL TERN_GUEST_INITRD < <(bash scripts/guest-kernel.sh)
+export TERN_GUEST_KERNEL TERN_GUEST_INITRD
+export TERN_REQUIRE_GUEST_KERNEL=1   # the loader tests must not skip here
 
 echo "== fmt"
 cargo fmt --all -- --check
