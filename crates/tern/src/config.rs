@@ -47,6 +47,16 @@ pub enum ConfigError {
 pub enum DriverKind {
     /// In-memory VMs with fault injection.
     Mock,
+    /// tern's own KVM monitor, one `tern-vmm` process per VM.
+    Kvm,
+}
+
+/// Settings of the kvm driver.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvmConfig {
+    /// The `tern-vmm` monitor binary; default: beside `tern`, else on PATH.
+    pub monitor: Option<PathBuf>,
 }
 
 /// A duration written as `500ms`, `30s`, `10m`, `1h` or a number of seconds.
@@ -170,6 +180,8 @@ pub struct Config {
     pub spec: VmSpec,
     /// Faults the mock driver injects.
     pub mock: MockFaults,
+    /// The kvm driver.
+    pub kvm: KvmConfig,
 }
 
 impl Default for Config {
@@ -185,6 +197,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             spec: VmSpec::default(),
             mock: MockFaults::default(),
+            kvm: KvmConfig::default(),
         }
     }
 }
@@ -198,6 +211,7 @@ enum Kind {
 /// Environment variables that override keys.
 const ENV: &[(&str, &str, Kind)] = &[
     ("TERN_DRIVER", "driver", Kind::Text),
+    ("TERN_KVM_MONITOR", "kvm.monitor", Kind::Text),
     ("TERN_LISTEN", "listen", Kind::Text),
     ("TERN_DATA", "data_dir", Kind::Text),
     ("TERN_STORE_URL", "store_url", Kind::Text),

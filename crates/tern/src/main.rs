@@ -31,7 +31,7 @@ struct Cli {
 enum Cmd {
     /// Run the control plane: API, orchestrator and host agent in one process.
     Up {
-        /// VM driver (mock).
+        /// VM driver: mock or kvm.
         #[arg(long)]
         driver: Option<String>,
         /// API listen address, e.g. 127.0.0.1:7070 (port 0 picks a free port).

@@ -34,6 +34,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             cfg.mock.clone(),
             &cfg.data_dir.join("mock-driver.json"),
         )?),
+        DriverKind::Kvm => {
+            let mut k = tern_drivers::kvm::KvmDriverConfig::new(cfg.data_dir.join("vms"));
+            if let Some(m) = &cfg.kvm.monitor {
+                k.monitor = m.clone();
+            }
+            tern_drivers::kvm::check_monitor(&k.monitor)?;
+            Arc::new(tern_drivers::kvm::KvmDriver::new(k)?)
+        }
     };
     let secret = cfg
         .jwt_secret()
