@@ -116,54 +116,61 @@ fn snap_err(path: &Path, why: impl std::fmt::Display) -> VmmError {
 /// Reads and checks a state file (header, length, hash, JSON).
 pub fn read_state_file(dir: &Path) -> Result<LoadedSnapshot, VmmError> {
     let path = dir.join(STATE_FILE);
-    let mut f = File::open(&path).map_err(|e| snap_err(&path, e))?;
-    let mut hdr = [0u8; HEADER_LEN];
-    f.read_exact(&mut hdr)
-        .map_err(|_| snap_err(&path, "truncated: shorter than the state header"))?;
-    if &hdr[..8] != STATE_MAGIC {
-        return Err(snap_err(&path, "not a tern state file (bad magic)"));
-    }
-    let version = u32::from_le_bytes(hdr[8..12].try_into().expect("4 bytes"));
-    if version != SNAPSHOT_VERSION {
-        return Err(snap_err(
-            &path,
-            format!("format version {version}; this monitor reads version {SNAPSHOT_VERSION}"),
-        ));
-    }
-    let len = u64::from_le_bytes(hdr[16..24].try_into().expect("8 bytes"));
-    if len > MAX_BODY {
-        return Err(snap_err(&path, format!("claims a {len}-byte body")));
-    }
-    let mut body = Vec::with_capacity(len as usize);
-    f.take(len + 1)
-        .read_to_end(&mut body)
+    let f = File::open(&path).map_err(|e| snap_err(&path, e))?;
+    let mut bytes = Vec::new();
+    f.take(HEADER_LEN as u64 + MAX_BODY + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| snap_err(&path, e))?;
-    if body.len() as u64 != len {
-        return Err(snap_err(
-            &path,
-            format!(
-                "body is {} bytes, the header says {len} (truncated or padded)",
-                body.len()
-            ),
-        ));
-    }
-    let hash = blake3::hash(&body);
-    if hash.as_bytes() != &hdr[24..56] {
-        return Err(snap_err(&path, "body checksum mismatch (corrupted)"));
-    }
-    let body: SnapshotBody =
-        serde_json::from_slice(&body).map_err(|e| snap_err(&path, format!("body: {e}")))?;
-    if body.state.version != crate::state::STATE_FORMAT_VERSION {
-        return Err(snap_err(
-            &path,
-            format!("state tree version {} is not supported", body.state.version),
-        ));
-    }
+    let (id, body) = decode_state(&bytes).map_err(|why| snap_err(&path, why))?;
     Ok(LoadedSnapshot {
         dir: dir.to_path_buf(),
-        id: hash.to_hex().to_string(),
+        id,
         body,
     })
+}
+
+/// Checks and decodes the bytes of a state file: returns the snapshot id
+/// and body, or why the bytes are refused. Never panics on any input (it is
+/// fuzzed: `fuzz/fuzz_targets/snapshot_state.rs`).
+pub fn decode_state(bytes: &[u8]) -> Result<(String, SnapshotBody), String> {
+    let hdr: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or("truncated: shorter than the state header")?;
+    if &hdr[..8] != STATE_MAGIC {
+        return Err("not a tern state file (bad magic)".into());
+    }
+    let version = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    if version != SNAPSHOT_VERSION {
+        return Err(format!(
+            "format version {version}; this monitor reads version {SNAPSHOT_VERSION}"
+        ));
+    }
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&hdr[16..24]);
+    let len = u64::from_le_bytes(len_bytes);
+    if len > MAX_BODY {
+        return Err(format!("claims a {len}-byte body"));
+    }
+    let body = &bytes[HEADER_LEN..];
+    if body.len() as u64 != len {
+        return Err(format!(
+            "body is {} bytes, the header says {len} (truncated or padded)",
+            body.len()
+        ));
+    }
+    let hash = blake3::hash(body);
+    if hash.as_bytes() != &hdr[24..56] {
+        return Err("body checksum mismatch (corrupted)".into());
+    }
+    let body: SnapshotBody = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
+    if body.state.version != crate::state::STATE_FORMAT_VERSION {
+        return Err(format!(
+            "state tree version {} is not supported",
+            body.state.version
+        ));
+    }
+    Ok((hash.to_hex().to_string(), body))
 }
 
 fn write_state_file(dir: &Path, body: &SnapshotBody) -> Result<String, VmmError> {

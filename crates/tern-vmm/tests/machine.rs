@@ -423,3 +423,45 @@ fn state_survives_a_round_trip_through_a_new_machine() {
         again.sections["device.agent"]
     );
 }
+
+/// Reserves `pages` 2 MiB huge pages if fewer are free; false if the host cannot.
+fn reserve_hugepages(pages: u64) -> bool {
+    let free = |f: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    if free("free_hugepages").unwrap_or(0) >= pages {
+        return true;
+    }
+    let total = free("nr_hugepages").unwrap_or(0);
+    let _ = std::fs::write(
+        "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
+        (total + pages).to_string(),
+    );
+    free("free_hugepages").unwrap_or(0) >= pages
+}
+
+#[test]
+fn huge_page_backed_guest_runs() {
+    if !kvm_available() {
+        return;
+    }
+    if !reserve_hugepages(32) {
+        eprintln!("SKIPPED: cannot reserve 32 huge pages of 2 MiB on this host (not root?)");
+        return;
+    }
+    let m = tern_vmm::boot_test_guest(
+        MachineConfig {
+            memory_mib: 64,
+            hugepages: true,
+            ..Default::default()
+        },
+        &TestGuestConfig::default(),
+        Path::new(TEST_GUEST_ELF),
+    )
+    .unwrap();
+    m.resume().unwrap();
+    wait_counter(&m, 20);
+    check_next_checksum(&m, &TestGuestConfig::default(), 0);
+}
