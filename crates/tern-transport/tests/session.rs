@@ -512,3 +512,41 @@ async fn adaptive_rate_settles_near_a_wan_link_rate() {
         m.min_rtt
     );
 }
+
+/// The default `#[tokio::test]` runtime is single-threaded: a session must
+/// work there too (no task may block the only worker), plain and TLS.
+#[tokio::test]
+async fn works_on_a_current_thread_runtime() {
+    let p = pki();
+    for secure in [false, true] {
+        let mut l = listen(secure.then_some(&p.dst)).await;
+        let sec = if secure {
+            tls(&p.src)
+        } else {
+            Security::InsecurePlaintext
+        };
+        let cfg = SessionConfig {
+            streams: 2,
+            window_bytes: 8 << 20,
+            ..Default::default()
+        };
+        let tx = Sender::connect(l.local_addr(), sec, cfg, None)
+            .await
+            .unwrap();
+        let mut rx = l.accept().await.unwrap();
+        let recv = tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Some(Ok((seq, d))) = rx.recv().await {
+                n += d.len() as u64;
+                rx.ack(seq);
+            }
+            n
+        });
+        let payload = Bytes::from(vec![7u8; 1 << 20]);
+        for _ in 0..64 {
+            tx.send(payload.clone()).await.unwrap();
+        }
+        tx.finish().await.unwrap();
+        assert_eq!(recv.await.unwrap(), 64 << 20, "secure: {secure}");
+    }
+}
