@@ -185,6 +185,23 @@ pub fn boot_test_guest(
     Ok(m)
 }
 
+/// Builds an empty machine of the given shape for an incoming migration:
+/// RAM is zero, no vCPU thread exists. Fill RAM with [`Machine::ram_mut`],
+/// load the state with [`Machine::load_state`], then [`Machine::start_vcpus`]
+/// and [`Machine::resume`].
+pub fn incoming(mut cfg: MachineConfig, shape: &MachineShape) -> Result<Machine, VmmError> {
+    if !shape.memory_bytes.is_multiple_of(2 << 20) {
+        return Err(VmmError::Config(format!(
+            "incoming guest RAM of {} bytes is not a multiple of 2 MiB",
+            shape.memory_bytes
+        )));
+    }
+    cfg.memory_mib = shape.memory_bytes >> 20;
+    cfg.vcpus = shape.vcpus;
+    let mem = Machine::fresh_memory(&cfg)?;
+    Machine::create(cfg, mem)
+}
+
 /// Builds a machine and loads a Linux bzImage (and initramfs) for a 64-bit
 /// direct boot. The machine is paused; resume it to run. Booting needs
 /// hardware virtualization to be useful (see [`has_hardware_virtualization`]).

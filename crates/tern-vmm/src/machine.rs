@@ -498,8 +498,37 @@ impl Machine {
         Ok(st)
     }
 
+    /// Guest RAM as one mutable slice, for a machine whose vCPU threads do
+    /// not exist yet (an incoming migration fills RAM before it starts).
+    pub fn ram_mut(&mut self) -> Result<&mut [u8], VmmError> {
+        if !self.threads.is_empty() {
+            return Err(VmmError::Config(
+                "guest RAM is writable in bulk only before the vCPUs start".into(),
+            ));
+        }
+        match memory::host_regions(&self.mem).as_slice() {
+            [(0, ptr, len)] => {
+                // SAFETY: the mapping of `len` bytes at `ptr` is owned by
+                // `self.mem` and lives as long as `self`; no vCPU thread exists
+                // (checked above) and `&mut self` excludes every other access
+                // for the lifetime of the returned slice.
+                Ok(unsafe { std::slice::from_raw_parts_mut(*ptr, *len) })
+            }
+            _ => Err(VmmError::Memory("expected one RAM region at 0".into())),
+        }
+    }
+
+    /// Creates the vCPU threads (paused) of a machine built by
+    /// [`crate::incoming`] once its RAM and state are in place.
+    pub fn start_vcpus(&mut self) -> Result<(), VmmError> {
+        if !self.threads.is_empty() {
+            return Err(VmmError::Config("the vCPUs already run".into()));
+        }
+        self.spawn_vcpus()
+    }
+
     /// Loads a saved state into this (fresh, paused) machine.
-    pub(crate) fn load_state(&self, st: &MachineState) -> Result<(), VmmError> {
+    pub fn load_state(&self, st: &MachineState) -> Result<(), VmmError> {
         let shape: MachineShape = st.get("machine")?;
         if shape != self.shape() {
             return Err(VmmError::State(format!(

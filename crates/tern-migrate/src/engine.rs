@@ -1,0 +1,632 @@
+//! The pre-copy engine: one state machine per side.
+//!
+//! Source: `Idle → Requesting → Precopy(round) → Switchover → Committed`, or
+//! `RolledBack` from any phase before commit (the guest is resumed where it
+//! was; it never stops being the one running copy). Destination: `Idle →
+//! Receiving → Ready → Running`, or `Discarded`.
+//!
+//! Round 1 sends every page; each later round sends the pages written
+//! meanwhile. After each round the engine predicts the downtime of stopping
+//! now (dirty pages × bytes per page on the wire ÷ measured throughput) and
+//! switches over when it fits the budget, or after the last allowed round.
+//! At switchover the source pauses, sends the last dirty pages, the device
+//! state, the BLAKE3 of every page (kept up to date as pages are sent, so
+//! switchover hashes only the last pages) and a signed manifest. The
+//! destination verifies all of it against what it holds, loads the state and
+//! answers `Ready`; only then does the source send `Commit`, and only after
+//! `Running` does it discard its copy.
+
+use crate::guest::{DestinationGuest, GuestShape, SourceGuest};
+use crate::protocol::*;
+use bytes::Bytes;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+use tern_pagecodec::{Decoder, Encoder, EncoderConfig};
+use tern_transport::{Receiver, Sender};
+
+const PAGE: usize = 4096;
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The destination refused the request.
+    #[error("the destination rejected the migration: {0}")]
+    Rejected(String),
+    /// The destination could not verify or load what it received.
+    #[error("the destination failed: {0}")]
+    DestinationFailed(String),
+    /// The source aborted.
+    #[error("the source aborted: {0}")]
+    Aborted(String),
+    /// A guest operation failed.
+    #[error(transparent)]
+    Guest(#[from] crate::guest::GuestError),
+    /// The link failed.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Data did not verify.
+    #[error("verification failed: {0}")]
+    Verification(String),
+}
+
+fn tx_err(e: impl std::fmt::Display) -> MigrateError {
+    MigrateError::Transport(e.to_string())
+}
+
+/// Where the source is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum SourcePhase {
+    /// Not started.
+    Idle,
+    /// Waiting for Accept.
+    Requesting,
+    /// Sending round `round`.
+    Precopy {
+        /// 1 = all pages.
+        round: u32,
+    },
+    /// Paused, sending the rest.
+    Switchover,
+    /// The destination runs the guest; the source copy is gone.
+    Committed,
+    /// The source runs the guest again; the destination discarded its copy.
+    RolledBack {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How the source runs a migration.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// The longest the guest may be stopped.
+    pub max_downtime: Duration,
+    /// Rounds before switching over regardless.
+    pub max_rounds: u32,
+    /// Pages per codec frame.
+    pub frame_pages: usize,
+    /// How long to wait for each reply.
+    pub reply_timeout: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_downtime: Duration::from_millis(50),
+            max_rounds: 30,
+            frame_pages: 1024,
+            reply_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One round's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundStats {
+    /// Round number.
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes on the wire (encoded).
+    pub wire_bytes: u64,
+    /// How long it took.
+    pub seconds: f64,
+    /// Pages written during it (sent next round).
+    pub dirtied: u64,
+    /// Predicted downtime of switching over after it.
+    pub predicted_downtime_ms: f64,
+}
+
+/// What a finished (or rolled back) migration did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Final phase.
+    pub phase: SourcePhase,
+    /// Rounds.
+    pub rounds: Vec<RoundStats>,
+    /// Pages sent in all (including switchover).
+    pub pages_sent: u64,
+    /// Encoded page bytes on the wire.
+    pub wire_bytes: u64,
+    /// Guest RAM.
+    pub memory_bytes: u64,
+    /// Pause on the source → running on the destination (measured).
+    pub downtime_ms: f64,
+    /// Whole migration.
+    pub total_ms: f64,
+}
+
+/// The source's ends of the two sessions.
+pub struct SourceLink {
+    /// Data to the destination.
+    pub data: Sender,
+    /// Replies from it.
+    pub replies: Receiver,
+}
+
+/// The destination's ends.
+pub struct DestLink {
+    /// Data from the source.
+    pub data: Receiver,
+    /// Replies to it.
+    pub replies: Sender,
+}
+
+struct PageSender {
+    encoder: Encoder,
+    hashes: Vec<[u8; 32]>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    frames: u64,
+    pages: u64,
+    wire: u64,
+}
+
+impl PageSender {
+    async fn send_pages<G: SourceGuest>(
+        &mut self,
+        guest: &G,
+        tx: &Sender,
+        pages: &[u64],
+        per_frame: usize,
+    ) -> Result<u64, MigrateError> {
+        let mut wire = 0;
+        for chunk in pages.chunks(per_frame.max(1)) {
+            self.buf.resize(chunk.len() * PAGE, 0);
+            for (i, &p) in chunk.iter().enumerate() {
+                let slot = &mut self.buf[i * PAGE..(i + 1) * PAGE];
+                guest.read(p * PAGE as u64, slot)?;
+                self.hashes[p as usize] = *blake3::hash(slot).as_bytes();
+            }
+            self.out.clear();
+            let stats = self.encoder.encode_frame(
+                chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &p)| (p, &self.buf[i * PAGE..(i + 1) * PAGE])),
+                &mut self.out,
+            );
+            wire += stats.bytes_out;
+            self.send(tx, frame(KIND_PAGES, &self.out)).await?;
+        }
+        self.pages += pages.len() as u64;
+        self.wire += wire;
+        Ok(wire)
+    }
+
+    async fn send(&mut self, tx: &Sender, f: Bytes) -> Result<(), MigrateError> {
+        tx.send(f).await.map_err(tx_err)?;
+        self.frames += 1;
+        Ok(())
+    }
+}
+
+async fn reply(rx: &mut Receiver, timeout: Duration) -> Result<DestMsg, MigrateError> {
+    let got = tokio::time::timeout(timeout, rx.recv())
+        .await
+        .map_err(|_| MigrateError::Transport(format!("no reply within {timeout:?}")))?;
+    let (seq, f) = got
+        .ok_or_else(|| MigrateError::Transport("the reply channel closed".into()))?
+        .map_err(tx_err)?;
+    rx.ack(seq);
+    match split(&f).map_err(MigrateError::Protocol)? {
+        (KIND_MSG, p) => serde_json::from_slice(&p)
+            .map_err(|e| MigrateError::Protocol(format!("bad reply: {e}"))),
+        (k, _) => Err(MigrateError::Protocol(format!(
+            "unexpected reply frame kind {k}"
+        ))),
+    }
+}
+
+/// Migrates `guest` away. On success the guest runs on the destination and
+/// the local copy is discarded; on any failure before commit the local guest
+/// runs again, unchanged, and the error says why.
+pub async fn migrate<G: SourceGuest>(
+    guest: &mut G,
+    link: SourceLink,
+    key: &SigningKey,
+    policy: &Policy,
+    migration: &str,
+) -> Result<Report, MigrateError> {
+    let SourceLink { data, mut replies } = link;
+    let t0 = Instant::now();
+    let mut paused = false;
+    let mut tracking = false;
+    let mut report = Report {
+        phase: SourcePhase::Idle,
+        rounds: Vec::new(),
+        pages_sent: 0,
+        wire_bytes: 0,
+        memory_bytes: guest.shape().memory_bytes,
+        downtime_ms: 0.0,
+        total_ms: 0.0,
+    };
+    let res = run_source(
+        guest,
+        &data,
+        &mut replies,
+        key,
+        policy,
+        migration,
+        &mut report,
+        &mut paused,
+        &mut tracking,
+    )
+    .await;
+    report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    match res {
+        Ok(()) => {
+            let _ = data.finish().await;
+            Ok(report)
+        }
+        Err(e) => {
+            tracing::warn!(migration, error = %e, "migration failed; the source keeps the guest");
+            let _ = data
+                .send(msg_frame(&SourceMsg::Abort {
+                    reason: e.to_string(),
+                }))
+                .await;
+            if tracking {
+                let _ = guest.stop_dirty_tracking();
+            }
+            if paused {
+                guest.resume()?;
+            }
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_source<G: SourceGuest>(
+    guest: &mut G,
+    data: &Sender,
+    replies: &mut Receiver,
+    key: &SigningKey,
+    policy: &Policy,
+    migration: &str,
+    report: &mut Report,
+    paused: &mut bool,
+    tracking: &mut bool,
+) -> Result<(), MigrateError> {
+    let shape: GuestShape = guest.shape();
+    let n_pages = shape.memory_bytes / PAGE as u64;
+    report.phase = SourcePhase::Requesting;
+    let mut ps = PageSender {
+        encoder: Encoder::new(EncoderConfig::default()),
+        hashes: vec![[0u8; 32]; n_pages as usize],
+        buf: Vec::new(),
+        out: Vec::new(),
+        frames: 0,
+        pages: 0,
+        wire: 0,
+    };
+    ps.send(
+        data,
+        msg_frame(&SourceMsg::Request(MigrationRequest {
+            migration: migration.to_string(),
+            shape: shape.clone(),
+            reason: "operator".into(),
+        })),
+    )
+    .await?;
+    match reply(replies, policy.reply_timeout).await? {
+        DestMsg::Accept => {}
+        DestMsg::Reject { reason } => return Err(MigrateError::Rejected(reason)),
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "expected accept, got {other:?}"
+            )))
+        }
+    }
+
+    guest.start_dirty_tracking()?;
+    *tracking = true;
+    let mut todo: Vec<u64> = (0..n_pages).collect();
+    let mut round = 0u32;
+    loop {
+        round += 1;
+        report.phase = SourcePhase::Precopy { round };
+        let t = Instant::now();
+        let wire = ps
+            .send_pages(guest, data, &todo, policy.frame_pages)
+            .await?;
+        ps.send(
+            data,
+            msg_frame(&SourceMsg::RoundEnd {
+                round,
+                pages: todo.len() as u64,
+            }),
+        )
+        .await?;
+        let secs = t.elapsed().as_secs_f64().max(1e-6);
+        let dirty = guest.take_dirty()?;
+        let dirtied = dirty.count();
+        let bytes_per_page = if todo.is_empty() {
+            PAGE as f64
+        } else {
+            (wire as f64 / todo.len() as f64).max(64.0)
+        };
+        let throughput = wire.max(1) as f64 / secs;
+        let predicted = dirtied as f64 * bytes_per_page / throughput;
+        report.rounds.push(RoundStats {
+            round,
+            pages: todo.len() as u64,
+            wire_bytes: wire,
+            seconds: secs,
+            dirtied,
+            predicted_downtime_ms: predicted * 1e3,
+        });
+        todo = dirty.pages().filter(|&p| p < n_pages).collect();
+        if predicted <= policy.max_downtime.as_secs_f64() || round >= policy.max_rounds {
+            break;
+        }
+    }
+
+    // Switchover: stop the guest and send the rest.
+    report.phase = SourcePhase::Switchover;
+    let pause_at = Instant::now();
+    guest.pause()?;
+    *paused = true;
+    let mut last = guest.take_dirty()?;
+    for p in todo {
+        last.words[(p / 64) as usize] |= 1 << (p % 64);
+    }
+    let last: Vec<u64> = last.pages().filter(|&p| p < n_pages).collect();
+    ps.send_pages(guest, data, &last, policy.frame_pages)
+        .await?;
+    let state = guest.device_state()?;
+    ps.send(data, frame(KIND_DEVICE_STATE, &state)).await?;
+    let mut all = Vec::with_capacity(ps.hashes.len() * 32);
+    for h in &ps.hashes {
+        all.extend_from_slice(h);
+    }
+    for chunk in all.chunks(8 << 20) {
+        ps.send(data, frame(KIND_PAGE_HASHES, chunk)).await?;
+    }
+    let manifest = Manifest {
+        migration: migration.to_string(),
+        frames: ps.frames,
+        memory_bytes: shape.memory_bytes,
+        pages_root: blake3::hash(&all).to_hex().to_string(),
+        device_state: blake3::hash(&state).to_hex().to_string(),
+    };
+    ps.send(
+        data,
+        msg_frame(&SourceMsg::Manifest(SignedManifest::sign(manifest, key))),
+    )
+    .await?;
+    report.pages_sent = ps.pages;
+    report.wire_bytes = ps.wire;
+    match reply(replies, policy.reply_timeout).await? {
+        DestMsg::Ready => {}
+        DestMsg::Failed { reason } => return Err(MigrateError::DestinationFailed(reason)),
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "expected ready, got {other:?}"
+            )))
+        }
+    }
+
+    // Commit: the one point where ownership moves.
+    data.send(msg_frame(&SourceMsg::Commit))
+        .await
+        .map_err(tx_err)?;
+    match reply(replies, policy.reply_timeout).await? {
+        DestMsg::Running => {}
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "expected running, got {other:?}"
+            )))
+        }
+    }
+    report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
+    *tracking = false;
+    *paused = false;
+    guest.discard();
+    report.phase = SourcePhase::Committed;
+    Ok(())
+}
+
+/// Limits the destination enforces on requests.
+#[derive(Clone, Debug)]
+pub struct Capacity {
+    /// Largest guest RAM accepted.
+    pub max_memory_bytes: u64,
+    /// Most vCPUs.
+    pub max_vcpus: u8,
+}
+
+/// Receives one migration. Returns the running guest and the final phase;
+/// on failure nothing is kept and the source is told why.
+pub async fn receive<G, F>(
+    link: DestLink,
+    make_guest: F,
+    source_key: &VerifyingKey,
+    capacity: &Capacity,
+) -> Result<G, MigrateError>
+where
+    G: DestinationGuest,
+    F: FnOnce(&MigrationRequest) -> Result<G, String>,
+{
+    let DestLink { mut data, replies } = link;
+    let res = run_dest(&mut data, &replies, make_guest, source_key, capacity).await;
+    if let Err(e) = &res {
+        tracing::warn!(error = %e, "incoming migration discarded");
+        let msg = match e {
+            MigrateError::Rejected(r) => DestMsg::Reject { reason: r.clone() },
+            other => DestMsg::Failed {
+                reason: other.to_string(),
+            },
+        };
+        let _ = replies.send(msg_frame(&msg)).await;
+    }
+    let _ = replies.finish().await;
+    res
+}
+
+async fn next(data: &mut Receiver) -> Result<(u8, Bytes), MigrateError> {
+    let (seq, f) = data
+        .recv()
+        .await
+        .ok_or_else(|| MigrateError::Transport("the data channel closed".into()))?
+        .map_err(tx_err)?;
+    data.ack(seq);
+    split(&f).map_err(MigrateError::Protocol)
+}
+
+fn parse_msg(p: &[u8]) -> Result<SourceMsg, MigrateError> {
+    serde_json::from_slice(p).map_err(|e| MigrateError::Protocol(format!("bad message: {e}")))
+}
+
+async fn run_dest<G, F>(
+    data: &mut Receiver,
+    replies: &Sender,
+    make_guest: F,
+    source_key: &VerifyingKey,
+    capacity: &Capacity,
+) -> Result<G, MigrateError>
+where
+    G: DestinationGuest,
+    F: FnOnce(&MigrationRequest) -> Result<G, String>,
+{
+    let req = match next(data).await? {
+        (KIND_MSG, p) => match parse_msg(&p)? {
+            SourceMsg::Request(r) => r,
+            other => {
+                return Err(MigrateError::Protocol(format!(
+                    "expected a request, got {other:?}"
+                )))
+            }
+        },
+        (k, _) => {
+            return Err(MigrateError::Protocol(format!(
+                "expected a request, got kind {k}"
+            )))
+        }
+    };
+    let s = &req.shape;
+    if s.memory_bytes > capacity.max_memory_bytes || s.vcpus > capacity.max_vcpus {
+        return Err(MigrateError::Rejected(format!(
+            "no capacity for {} bytes and {} vCPUs (limit {} bytes, {} vCPUs)",
+            s.memory_bytes, s.vcpus, capacity.max_memory_bytes, capacity.max_vcpus
+        )));
+    }
+    if s.memory_bytes == 0 || s.memory_bytes % PAGE as u64 != 0 {
+        return Err(MigrateError::Rejected(format!(
+            "bad memory size {}",
+            s.memory_bytes
+        )));
+    }
+    let mut guest = make_guest(&req).map_err(MigrateError::Rejected)?;
+    replies
+        .send(msg_frame(&DestMsg::Accept))
+        .await
+        .map_err(tx_err)?;
+
+    let n_pages = s.memory_bytes / PAGE as u64;
+    let mut decoder = Decoder::new(n_pages);
+    let mut state: Option<Bytes> = None;
+    let mut hashes: Vec<u8> = Vec::new();
+    let mut frames = 1u64; // the request
+    let signed = loop {
+        let (kind, p) = next(data).await?;
+        match kind {
+            KIND_PAGES => {
+                decoder
+                    .decode_frame(&p, guest.ram_mut()?)
+                    .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
+            }
+            KIND_DEVICE_STATE => state = Some(p),
+            KIND_PAGE_HASHES => {
+                if hashes.len() + p.len() > n_pages as usize * 32 {
+                    return Err(MigrateError::Protocol("too many page hashes".into()));
+                }
+                hashes.extend_from_slice(&p);
+            }
+            KIND_MSG => match parse_msg(&p)? {
+                SourceMsg::RoundEnd { .. } => {}
+                SourceMsg::Manifest(m) => break m,
+                SourceMsg::Abort { reason } => return Err(MigrateError::Aborted(reason)),
+                other => return Err(MigrateError::Protocol(format!("unexpected {other:?}"))),
+            },
+            k => return Err(MigrateError::Protocol(format!("unknown frame kind {k}"))),
+        }
+        frames += 1;
+    };
+
+    // Verify everything before the guest may run.
+    signed
+        .verify(source_key)
+        .map_err(MigrateError::Verification)?;
+    let m = &signed.manifest;
+    if m.migration != req.migration || m.memory_bytes != s.memory_bytes {
+        return Err(MigrateError::Verification(
+            "manifest is for another migration".into(),
+        ));
+    }
+    if m.frames != frames {
+        return Err(MigrateError::Verification(format!(
+            "manifest counts {} frames, {} arrived",
+            m.frames, frames
+        )));
+    }
+    let state = state.ok_or_else(|| MigrateError::Verification("no device state".into()))?;
+    if blake3::hash(&state).to_hex().as_str() != m.device_state {
+        return Err(MigrateError::Verification(
+            "device state hash mismatch".into(),
+        ));
+    }
+    if hashes.len() != n_pages as usize * 32
+        || blake3::hash(&hashes).to_hex().as_str() != m.pages_root
+    {
+        return Err(MigrateError::Verification(
+            "page hash list does not match the manifest".into(),
+        ));
+    }
+    let ram = guest.ram_mut()?;
+    for (i, (page, want)) in ram
+        .chunks_exact(PAGE)
+        .zip(hashes.chunks_exact(32))
+        .enumerate()
+    {
+        if blake3::hash(page).as_bytes() != want {
+            return Err(MigrateError::Verification(format!(
+                "page {i} differs from the source's copy"
+            )));
+        }
+    }
+    guest.load_device_state(&state)?;
+    replies
+        .send(msg_frame(&DestMsg::Ready))
+        .await
+        .map_err(tx_err)?;
+
+    match next(data).await? {
+        (KIND_MSG, p) => match parse_msg(&p)? {
+            SourceMsg::Commit => {}
+            SourceMsg::Abort { reason } => return Err(MigrateError::Aborted(reason)),
+            other => {
+                return Err(MigrateError::Protocol(format!(
+                    "expected commit, got {other:?}"
+                )))
+            }
+        },
+        (k, _) => {
+            return Err(MigrateError::Protocol(format!(
+                "expected commit, got kind {k}"
+            )))
+        }
+    }
+    guest.start()?;
+    replies
+        .send(msg_frame(&DestMsg::Running))
+        .await
+        .map_err(tx_err)?;
+    Ok(guest)
+}

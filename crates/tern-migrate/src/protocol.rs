@@ -1,0 +1,196 @@
+//! Messages of a migration. Data flows source → destination on one
+//! transport session; replies flow back on a second one. Every transport
+//! frame starts with a kind byte.
+
+use crate::guest::GuestShape;
+use bytes::{BufMut, Bytes, BytesMut};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// A JSON control message ([`SourceMsg`] or [`DestMsg`]).
+pub const KIND_MSG: u8 = 1;
+/// A page-codec frame.
+pub const KIND_PAGES: u8 = 2;
+/// The device state (opaque to the engine).
+pub const KIND_DEVICE_STATE: u8 = 3;
+/// BLAKE3 of every page, 32 bytes each, in page order.
+pub const KIND_PAGE_HASHES: u8 = 4;
+
+/// Why a migration is asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRequest {
+    /// The migration's id (also the VM's name on the destination).
+    pub migration: String,
+    /// What the destination must host.
+    pub shape: GuestShape,
+    /// Why (maintenance, rebalancing, operator).
+    pub reason: String,
+}
+
+/// What the source signs at switchover: proof of every page and the state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The migration.
+    pub migration: String,
+    /// Transport frames the source sent before this manifest.
+    pub frames: u64,
+    /// Guest RAM size.
+    pub memory_bytes: u64,
+    /// BLAKE3 over the concatenated per-page BLAKE3 hashes, hex.
+    pub pages_root: String,
+    /// BLAKE3 of the device state, hex.
+    pub device_state: String,
+}
+
+impl Manifest {
+    fn signed_bytes(&self) -> Vec<u8> {
+        // Field order is fixed by the struct: this is the canonical form.
+        serde_json::to_vec(self).expect("a manifest always serializes")
+    }
+}
+
+/// A manifest and the source host's Ed25519 signature over it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedManifest {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Signature, hex.
+    pub signature: String,
+}
+
+impl SignedManifest {
+    /// Signs a manifest.
+    pub fn sign(manifest: Manifest, key: &SigningKey) -> Self {
+        let sig = key.sign(&manifest.signed_bytes());
+        Self {
+            manifest,
+            signature: hex::encode(sig.to_bytes()),
+        }
+    }
+
+    /// Checks the signature against the source host's key.
+    pub fn verify(&self, key: &VerifyingKey) -> Result<(), String> {
+        let raw = hex::decode(&self.signature).map_err(|_| "signature is not hex".to_string())?;
+        let raw: [u8; 64] = raw
+            .try_into()
+            .map_err(|_| "signature is not 64 bytes".to_string())?;
+        key.verify(&self.manifest.signed_bytes(), &Signature::from_bytes(&raw))
+            .map_err(|_| "manifest signature does not verify against the source host's key".into())
+    }
+}
+
+/// Source → destination control messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub enum SourceMsg {
+    /// Opens the migration.
+    Request(MigrationRequest),
+    /// A pre-copy round ended.
+    RoundEnd {
+        /// Round number (1 = all pages).
+        round: u32,
+        /// Pages sent in it.
+        pages: u64,
+    },
+    /// Switchover data is complete: verify and get ready.
+    Manifest(SignedManifest),
+    /// Ownership moves: start the guest.
+    Commit,
+    /// The source gave up: discard everything.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Destination → source replies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub enum DestMsg {
+    /// The request can be served.
+    Accept,
+    /// It cannot.
+    Reject {
+        /// Why.
+        reason: String,
+    },
+    /// Everything verified; the guest is loaded and waits for commit.
+    Ready,
+    /// Verification or loading failed; the destination discarded the guest.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The guest runs on the destination.
+    Running,
+}
+
+/// Wraps a payload with its kind byte.
+pub fn frame(kind: u8, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(1 + payload.len());
+    b.put_u8(kind);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// Wraps a control message.
+pub fn msg_frame<T: Serialize>(m: &T) -> Bytes {
+    frame(
+        KIND_MSG,
+        &serde_json::to_vec(m).expect("messages always serialize"),
+    )
+}
+
+/// Splits a frame into kind and payload.
+pub fn split(f: &Bytes) -> Result<(u8, Bytes), String> {
+    match f.first() {
+        Some(&k) => Ok((k, f.slice(1..))),
+        None => Err("empty frame".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            migration: "m".into(),
+            frames: 3,
+            memory_bytes: 4096,
+            pages_root: "00".into(),
+            device_state: "11".into(),
+        }
+    }
+
+    #[test]
+    fn signatures_verify_and_forgeries_do_not() {
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let other = SigningKey::from_bytes(&[8u8; 32]);
+        let s = SignedManifest::sign(manifest(), &key);
+        assert!(s.verify(&key.verifying_key()).is_ok());
+        assert!(s.verify(&other.verifying_key()).is_err());
+        let mut forged = s.clone();
+        forged.manifest.frames = 4;
+        assert!(forged.verify(&key.verifying_key()).is_err());
+        let mut junk = s;
+        junk.signature = "zz".into();
+        assert!(junk.verify(&key.verifying_key()).is_err());
+    }
+
+    #[test]
+    fn messages_are_tagged() {
+        let f = msg_frame(&DestMsg::Reject {
+            reason: "full".into(),
+        });
+        let (k, p) = split(&f).unwrap();
+        assert_eq!(k, KIND_MSG);
+        assert_eq!(
+            serde_json::from_slice::<DestMsg>(&p).unwrap(),
+            DestMsg::Reject {
+                reason: "full".into()
+            }
+        );
+        assert!(split(&Bytes::new()).is_err());
+    }
+}

@@ -1,0 +1,219 @@
+//! Pre-copy of a running tern-vmm test guest between two machines over real
+//! transport sessions on loopback (both ends in this process; the agent
+//! processes and the CLI come later).
+
+use ed25519_dalek::SigningKey;
+use std::path::Path;
+use std::time::Duration;
+use tern_migrate::guest::incoming_machine;
+use tern_migrate::{
+    migrate, receive, Capacity, DestLink, MigrateError, Policy, SourceLink, SourcePhase,
+};
+use tern_transport::{Listener, Security, Sender, SessionConfig};
+use tern_vmm::{Machine, MachineConfig, RunState, TestGuestConfig, WaitOutcome, TEST_GUEST_ELF};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: /dev/kvm is not available on this host");
+    }
+    ok
+}
+
+fn guest() -> TestGuestConfig {
+    TestGuestConfig {
+        ws_pages: 256,
+        pages_per_tick: 4,
+        ticks_per_sum: 16,
+        exit_after: 0,
+    }
+}
+
+fn boot() -> Machine {
+    let m = tern_vmm::boot_test_guest(
+        MachineConfig {
+            memory_mib: 64,
+            ..Default::default()
+        },
+        &guest(),
+        Path::new(TEST_GUEST_ELF),
+    )
+    .unwrap();
+    m.resume().unwrap();
+    assert_eq!(
+        m.wait_until(WAIT, |d| d.agent.counter >= 50),
+        WaitOutcome::Satisfied
+    );
+    m
+}
+
+async fn links() -> (SourceLink, DestLink) {
+    let cfg = SessionConfig {
+        streams: 2,
+        ..Default::default()
+    };
+    let mut data_l = Listener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let mut reply_l = Listener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let data_tx = Sender::connect(
+        data_l.local_addr(),
+        Security::InsecurePlaintext,
+        cfg.clone(),
+        None,
+    )
+    .await
+    .unwrap();
+    let data_rx = data_l.accept().await.unwrap();
+    let reply_tx = Sender::connect(reply_l.local_addr(), Security::InsecurePlaintext, cfg, None)
+        .await
+        .unwrap();
+    let reply_rx = reply_l.accept().await.unwrap();
+    (
+        SourceLink {
+            data: data_tx,
+            replies: reply_rx,
+        },
+        DestLink {
+            data: data_rx,
+            replies: reply_tx,
+        },
+    )
+}
+
+fn capacity() -> Capacity {
+    Capacity {
+        max_memory_bytes: 1 << 30,
+        max_vcpus: 8,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precopy_moves_a_running_guest_and_it_carries_on() {
+    if !kvm_available() {
+        return;
+    }
+    let mut src = boot();
+    let (sl, dl) = links().await;
+    let key = SigningKey::from_bytes(&rand::random());
+    let vk = key.verifying_key();
+    let dest = tokio::spawn(async move {
+        receive(
+            dl,
+            |req| incoming_machine(&req.shape).map_err(|e| e.to_string()),
+            &vk,
+            &capacity(),
+        )
+        .await
+    });
+    let report = migrate(&mut src, sl, &key, &Policy::default(), "m-1")
+        .await
+        .unwrap();
+    let dst: Machine = dest.await.unwrap().unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    assert_eq!(report.phase, SourcePhase::Committed);
+    assert!(
+        matches!(src.run_state(), RunState::Exited(_)),
+        "the source copy is gone after commit"
+    );
+    // The destination verified every page against the source's signed
+    // hashes; now the guest must carry on from where it stopped.
+    let at_switch = dst.with_devices(|d| d.agent.counter);
+    assert!(at_switch >= 50);
+    let g = guest();
+    let out = dst.wait_until(WAIT, |d| {
+        d.agent.checksum.is_some_and(|(at, _)| at > at_switch + 16)
+    });
+    assert_eq!(out, WaitOutcome::Satisfied);
+    let (at, sum) = dst.with_devices(|d| d.agent.checksum).unwrap();
+    assert_eq!(
+        sum,
+        g.expected_checksum(at),
+        "working set intact at counter {at}"
+    );
+    assert!(!report.rounds.is_empty() && report.downtime_ms > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_manifest_is_refused_and_the_source_keeps_running() {
+    if !kvm_available() {
+        return;
+    }
+    let mut src = boot();
+    let (sl, dl) = links().await;
+    let key = SigningKey::from_bytes(&rand::random());
+    // The destination trusts another host's key: the signature is forged from its view.
+    let trusted = SigningKey::from_bytes(&rand::random()).verifying_key();
+    let dest = tokio::spawn(async move {
+        receive(
+            dl,
+            |req| incoming_machine(&req.shape).map_err(|e| e.to_string()),
+            &trusted,
+            &capacity(),
+        )
+        .await
+    });
+    let err = migrate(&mut src, sl, &key, &Policy::default(), "m-2")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::DestinationFailed(r) if r.contains("signature")),
+        "{err}"
+    );
+    let dest_err = dest.await.unwrap().err().unwrap();
+    assert!(dest_err.to_string().contains("signature"), "{dest_err}");
+    assert_eq!(src.run_state(), RunState::Running, "the source runs again");
+    let c = src.with_devices(|d| d.agent.counter);
+    assert_eq!(
+        src.wait_until(WAIT, |d| d.agent.counter > c + 10),
+        WaitOutcome::Satisfied
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_without_capacity_rejects() {
+    if !kvm_available() {
+        return;
+    }
+    let mut src = boot();
+    let (sl, dl) = links().await;
+    let key = SigningKey::from_bytes(&rand::random());
+    let vk = key.verifying_key();
+    let dest = tokio::spawn(async move {
+        receive(
+            dl,
+            |req| incoming_machine(&req.shape).map_err(|e| e.to_string()),
+            &vk,
+            &Capacity {
+                max_memory_bytes: 32 << 20,
+                max_vcpus: 8,
+            },
+        )
+        .await
+    });
+    let err = migrate(&mut src, sl, &key, &Policy::default(), "m-3")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::Rejected(r) if r.contains("capacity")),
+        "{err}"
+    );
+    assert!(dest.await.unwrap().is_err());
+    assert_eq!(src.run_state(), RunState::Running);
+}
