@@ -10,9 +10,10 @@
 //! now (dirty pages × bytes per page on the wire ÷ measured throughput) and
 //! switches over when it fits the budget, or after the last allowed round.
 //! At switchover the source pauses, sends the last dirty pages, the device
-//! state, the BLAKE3 of every page (kept up to date as pages are sent, so
-//! switchover hashes only the last pages) and a signed manifest. The
-//! destination verifies all of it against what it holds, loads the state and
+//! state and a signed manifest holding the BLAKE3 root over every page's
+//! hash (kept up to date as pages are sent, so switchover hashes only the
+//! last pages). The
+//! destination hashes the RAM it holds and verifies all of it, loads the state and
 //! answers `Ready`; only then does the source send `Commit`, and only after
 //! `Running` does it discard its copy.
 
@@ -206,6 +207,21 @@ impl PageSender {
     }
 }
 
+/// Waits until the destination has acknowledged everything sent, so a
+/// round's time is the time its bytes took to arrive, not to be queued.
+async fn drain(tx: &Sender, timeout: Duration) -> Result<(), MigrateError> {
+    let deadline = Instant::now() + timeout;
+    while tx.unacked_bytes() > 0 {
+        if Instant::now() > deadline {
+            return Err(MigrateError::Transport(format!(
+                "the destination acknowledged nothing for {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
 async fn reply(rx: &mut Receiver, timeout: Duration) -> Result<DestMsg, MigrateError> {
     let got = tokio::time::timeout(timeout, rx.recv())
         .await
@@ -329,6 +345,7 @@ async fn run_source<G: SourceGuest>(
     *tracking = true;
     let mut todo: Vec<u64> = (0..n_pages).collect();
     let mut round = 0u32;
+    let mut best_throughput = 0f64;
     loop {
         round += 1;
         report.phase = SourcePhase::Precopy { round };
@@ -344,6 +361,7 @@ async fn run_source<G: SourceGuest>(
             }),
         )
         .await?;
+        drain(data, policy.reply_timeout).await?;
         let secs = t.elapsed().as_secs_f64().max(1e-6);
         let dirty = guest.take_dirty()?;
         let dirtied = dirty.count();
@@ -352,7 +370,10 @@ async fn run_source<G: SourceGuest>(
         } else {
             (wire as f64 / todo.len() as f64).max(64.0)
         };
-        let throughput = wire.max(1) as f64 / secs;
+        // Small rounds are bound by latency, not bandwidth: estimate the link
+        // from the best round seen (round 1 moves the most).
+        best_throughput = best_throughput.max(wire.max(1) as f64 / secs);
+        let throughput = best_throughput;
         let predicted = dirtied as f64 * bytes_per_page / throughput;
         report.rounds.push(RoundStats {
             round,
@@ -382,12 +403,11 @@ async fn run_source<G: SourceGuest>(
         .await?;
     let state = guest.device_state()?;
     ps.send(data, frame(KIND_DEVICE_STATE, &state)).await?;
+    // The hash of every page as last sent, kept up to date while sending:
+    // the root is all the destination needs (it hashes what it holds).
     let mut all = Vec::with_capacity(ps.hashes.len() * 32);
     for h in &ps.hashes {
         all.extend_from_slice(h);
-    }
-    for chunk in all.chunks(8 << 20) {
-        ps.send(data, frame(KIND_PAGE_HASHES, chunk)).await?;
     }
     let manifest = Manifest {
         migration: migration.to_string(),
@@ -532,7 +552,6 @@ where
     let n_pages = s.memory_bytes / PAGE as u64;
     let mut decoder = Decoder::new(n_pages);
     let mut state: Option<Bytes> = None;
-    let mut hashes: Vec<u8> = Vec::new();
     let mut frames = 1u64; // the request
     let signed = loop {
         let (kind, p) = next(data).await?;
@@ -543,12 +562,6 @@ where
                     .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
             }
             KIND_DEVICE_STATE => state = Some(p),
-            KIND_PAGE_HASHES => {
-                if hashes.len() + p.len() > n_pages as usize * 32 {
-                    return Err(MigrateError::Protocol("too many page hashes".into()));
-                }
-                hashes.extend_from_slice(&p);
-            }
             KIND_MSG => match parse_msg(&p)? {
                 SourceMsg::RoundEnd { .. } => {}
                 SourceMsg::Manifest(m) => break m,
@@ -582,24 +595,15 @@ where
             "device state hash mismatch".into(),
         ));
     }
-    if hashes.len() != n_pages as usize * 32
-        || blake3::hash(&hashes).to_hex().as_str() != m.pages_root
-    {
-        return Err(MigrateError::Verification(
-            "page hash list does not match the manifest".into(),
-        ));
-    }
     let ram = guest.ram_mut()?;
-    for (i, (page, want)) in ram
-        .chunks_exact(PAGE)
-        .zip(hashes.chunks_exact(32))
-        .enumerate()
-    {
-        if blake3::hash(page).as_bytes() != want {
-            return Err(MigrateError::Verification(format!(
-                "page {i} differs from the source's copy"
-            )));
-        }
+    let mut hashes = Vec::with_capacity(n_pages as usize * 32);
+    for page in ram.chunks_exact(PAGE) {
+        hashes.extend_from_slice(blake3::hash(page).as_bytes());
+    }
+    if blake3::hash(&hashes).to_hex().as_str() != m.pages_root {
+        return Err(MigrateError::Verification(
+            "guest RAM here differs from the source's (page hash root mismatch)".into(),
+        ));
     }
     guest.load_device_state(&state)?;
     replies

@@ -13,8 +13,6 @@ pub const KIND_MSG: u8 = 1;
 pub const KIND_PAGES: u8 = 2;
 /// The device state (opaque to the engine).
 pub const KIND_DEVICE_STATE: u8 = 3;
-/// BLAKE3 of every page, 32 bytes each, in page order.
-pub const KIND_PAGE_HASHES: u8 = 4;
 
 /// Why a migration is asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
