@@ -12,10 +12,9 @@
 //! At switchover the source pauses, sends the last dirty pages, the device
 //! state and a signed manifest holding the BLAKE3 root over every page's
 //! hash (kept up to date as pages are sent, so switchover hashes only the
-//! last pages). The
-//! destination hashes the RAM it holds and verifies all of it, loads the state and
-//! answers `Ready`; only then does the source send `Commit`, and only after
-//! `Running` does it discard its copy.
+//! last pages). The destination hashes the RAM it holds, verifies all of
+//! it, loads the state and answers `Ready`; only then does the source send
+//! `Commit`, and only after `Running` does it discard its copy.
 
 use crate::guest::{DestinationGuest, GuestShape, SourceGuest};
 use crate::protocol::*;
