@@ -9,7 +9,7 @@ use tern_migrate::guest::incoming_machine;
 use tern_migrate::{
     migrate, receive, Capacity, DestLink, MigrateError, Policy, SourceLink, SourcePhase,
 };
-use tern_transport::{Listener, Security, Sender, SessionConfig};
+use tern_transport::{certs, Listener, Security, Sender, SessionConfig, TlsIdentity};
 use tern_vmm::{Machine, MachineConfig, RunState, TestGuestConfig, WaitOutcome, TEST_GUEST_ELF};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -53,35 +53,69 @@ fn boot() -> Machine {
     m
 }
 
+/// Host identities for mutual TLS: host-a (source) and host-b
+/// (destination), each pinned to the other.
+struct Hosts {
+    _dir: tempfile::TempDir,
+    a: TlsIdentity,
+    b: TlsIdentity,
+}
+
+fn hosts() -> Hosts {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs::init_ca(&d.join("ca")).unwrap();
+    let year = Duration::from_secs(365 * 86400);
+    let a = certs::issue(&d.join("ca"), "host-a", d, year, false).unwrap();
+    let b = certs::issue(&d.join("ca"), "host-b", d, year, false).unwrap();
+    let pin = |s: &str| tern_transport::tls::parse_pin(s).unwrap();
+    let ca = d.join("ca/ca.pem");
+    Hosts {
+        a: TlsIdentity::load(&a.cert, &a.key, &ca, &[pin(&b.spki_sha256)]).unwrap(),
+        b: TlsIdentity::load(&b.cert, &b.key, &ca, &[pin(&a.spki_sha256)]).unwrap(),
+        _dir: dir,
+    }
+}
+
 async fn links() -> (SourceLink, DestLink) {
+    links_with(None).await
+}
+
+/// Data source -> destination, replies back; over mutual TLS when `tls`.
+async fn links_with(tls: Option<&Hosts>) -> (SourceLink, DestLink) {
     let cfg = SessionConfig {
         streams: 2,
         ..Default::default()
     };
+    let server = |id: &TlsIdentity| Some(id.server_config().unwrap());
+    let client = |id: &TlsIdentity, peer: &str| Security::Tls {
+        config: id.client_config().unwrap(),
+        server_name: peer.into(),
+    };
+    let addr = "127.0.0.1:0".parse().unwrap();
     let mut data_l = Listener::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        None,
+        addr,
+        tls.and_then(|h| server(&h.b)),
         Duration::from_secs(10),
     )
     .await
     .unwrap();
     let mut reply_l = Listener::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        None,
+        addr,
+        tls.and_then(|h| server(&h.a)),
         Duration::from_secs(10),
     )
     .await
     .unwrap();
-    let data_tx = Sender::connect(
-        data_l.local_addr(),
-        Security::InsecurePlaintext,
-        cfg.clone(),
-        None,
-    )
-    .await
-    .unwrap();
+    let (data_sec, reply_sec) = match tls {
+        Some(h) => (client(&h.a, "host-b"), client(&h.b, "host-a")),
+        None => (Security::InsecurePlaintext, Security::InsecurePlaintext),
+    };
+    let data_tx = Sender::connect(data_l.local_addr(), data_sec, cfg.clone(), None)
+        .await
+        .unwrap();
     let data_rx = data_l.accept().await.unwrap();
-    let reply_tx = Sender::connect(reply_l.local_addr(), Security::InsecurePlaintext, cfg, None)
+    let reply_tx = Sender::connect(reply_l.local_addr(), reply_sec, cfg, None)
         .await
         .unwrap();
     let reply_rx = reply_l.accept().await.unwrap();
@@ -106,11 +140,21 @@ fn capacity() -> Capacity {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn precopy_moves_a_running_guest_and_it_carries_on() {
+    precopy_round_trip(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precopy_over_mutual_tls_with_pinned_hosts() {
+    let h = hosts();
+    precopy_round_trip(Some(&h)).await;
+}
+
+async fn precopy_round_trip(tls: Option<&Hosts>) {
     if !kvm_available() {
         return;
     }
     let mut src = boot();
-    let (sl, dl) = links().await;
+    let (sl, dl) = links_with(tls).await;
     let key = SigningKey::from_bytes(&rand::random());
     let vk = key.verifying_key();
     let dest = tokio::spawn(async move {
