@@ -8,17 +8,7 @@ use tern_drivers::{StartRequest, VmDriver};
 use tern_proto::{VmConfig, VmId, VmSpec};
 use tern_vmm::{RunState, SnapshotKind, TestGuestConfig};
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is not available on this host");
-    }
-    ok
-}
+use tern_vmm::testing::kvm_or_skip as kvm_available;
 
 fn driver(dir: &std::path::Path) -> KvmDriver {
     let mut cfg = KvmDriverConfig::new(dir.join("vms"));

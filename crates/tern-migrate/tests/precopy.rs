@@ -14,17 +14,7 @@ use tern_vmm::{Machine, MachineConfig, RunState, TestGuestConfig, WaitOutcome, T
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is not available on this host");
-    }
-    ok
-}
+use tern_vmm::testing::kvm_or_skip as kvm_available;
 
 fn guest() -> TestGuestConfig {
     TestGuestConfig {
@@ -131,6 +121,23 @@ async fn links_with(tls: Option<&Hosts>) -> (SourceLink, DestLink) {
     )
 }
 
+/// Runs the destination half with a fresh tern-vmm machine.
+fn spawn_dest(
+    dl: DestLink,
+    trusted: ed25519_dalek::VerifyingKey,
+    cap: Capacity,
+) -> tokio::task::JoinHandle<Result<Machine, MigrateError>> {
+    tokio::spawn(async move {
+        receive(
+            dl,
+            |req| incoming_machine(&req.shape).map_err(|e| e.to_string()),
+            &trusted,
+            &cap,
+        )
+        .await
+    })
+}
+
 fn capacity() -> Capacity {
     Capacity {
         max_memory_bytes: 1 << 30,
@@ -157,15 +164,7 @@ async fn precopy_round_trip(tls: Option<&Hosts>) {
     let (sl, dl) = links_with(tls).await;
     let key = SigningKey::from_bytes(&rand::random());
     let vk = key.verifying_key();
-    let dest = tokio::spawn(async move {
-        receive(
-            dl,
-            |req| incoming_machine(&req.shape).map_err(|e| e.to_string()),
-            &vk,
-            &capacity(),
-        )
-        .await
-    });
+    let dest = spawn_dest(dl, vk, capacity());
     let report = migrate(&mut src, sl, &key, &Policy::default(), "m-1")
         .await
         .unwrap();
@@ -204,15 +203,7 @@ async fn a_forged_manifest_is_refused_and_the_source_keeps_running() {
     let key = SigningKey::from_bytes(&rand::random());
     // The destination trusts another host's key: the signature is forged from its view.
     let trusted = SigningKey::from_bytes(&rand::random()).verifying_key();
-    let dest = tokio::spawn(async move {
-        receive(
-            dl,
-            |req| incoming_machine(&req.shape).map_err(|e| e.to_string()),
-            &trusted,
-            &capacity(),
-        )
-        .await
-    });
+    let dest = spawn_dest(dl, trusted, capacity());
     let err = migrate(&mut src, sl, &key, &Policy::default(), "m-2")
         .await
         .unwrap_err();
@@ -239,18 +230,14 @@ async fn a_destination_without_capacity_rejects() {
     let (sl, dl) = links().await;
     let key = SigningKey::from_bytes(&rand::random());
     let vk = key.verifying_key();
-    let dest = tokio::spawn(async move {
-        receive(
-            dl,
-            |req| incoming_machine(&req.shape).map_err(|e| e.to_string()),
-            &vk,
-            &Capacity {
-                max_memory_bytes: 32 << 20,
-                max_vcpus: 8,
-            },
-        )
-        .await
-    });
+    let dest = spawn_dest(
+        dl,
+        vk,
+        Capacity {
+            max_memory_bytes: 32 << 20,
+            max_vcpus: 8,
+        },
+    );
     let err = migrate(&mut src, sl, &key, &Policy::default(), "m-3")
         .await
         .unwrap_err();
@@ -320,18 +307,14 @@ async fn a_two_second_link_cut_mid_transfer_is_survived() {
 
     let key = SigningKey::from_bytes(&rand::random());
     let vk = key.verifying_key();
-    let dest = tokio::spawn(async move {
-        receive(
-            DestLink {
-                data: data_rx,
-                replies: reply_tx,
-            },
-            |req| incoming_machine(&req.shape).map_err(|e| e.to_string()),
-            &vk,
-            &capacity(),
-        )
-        .await
-    });
+    let dest = spawn_dest(
+        DestLink {
+            data: data_rx,
+            replies: reply_tx,
+        },
+        vk,
+        capacity(),
+    );
     let cutter = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(700)).await;
         link.cut(Duration::from_secs(2));

@@ -216,3 +216,20 @@ pub fn boot_linux(cfg: MachineConfig, boot: &x86::LinuxBoot<'_>) -> Result<Machi
     m.spawn_vcpus()?;
     Ok(m)
 }
+
+/// Helpers for tests and benchmarks that need a real KVM.
+pub mod testing {
+    /// Whether `/dev/kvm` can be opened; when it cannot, says `SKIPPED` and
+    /// why on stderr, so a skipped test is never mistaken for a pass.
+    pub fn kvm_or_skip() -> bool {
+        let ok = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if !ok {
+            eprintln!("SKIPPED: /dev/kvm is not available on this host");
+        }
+        ok
+    }
+}

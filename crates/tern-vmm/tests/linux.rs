@@ -27,17 +27,7 @@ fn guest_files() -> Option<(PathBuf, PathBuf)> {
     found
 }
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is not available on this host");
-    }
-    ok
-}
+use tern_vmm::testing::kvm_or_skip as kvm_available;
 
 #[test]
 fn bzimage_initramfs_and_boot_params_are_laid_out() {

@@ -16,17 +16,7 @@ use tern_vmm::{
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is not available on this host");
-    }
-    ok
-}
+use tern_vmm::testing::kvm_or_skip as kvm_available;
 
 fn boot(vcpus: u8, guest: &TestGuestConfig) -> Machine {
     let m = tern_vmm::boot_test_guest(
