@@ -119,7 +119,12 @@ impl KvmDriver {
 
     /// Starts a VM's monitor with extra arguments (boot or restore) and waits
     /// for it to be ready.
-    async fn launch(&self, id: VmId, args: Vec<String>) -> Result<VmHandle, DriverError> {
+    async fn launch(
+        &self,
+        id: VmId,
+        args: Vec<String>,
+        restored: bool,
+    ) -> Result<VmHandle, DriverError> {
         let dir = self.vm_dir(id);
         let fail = |reason: String| DriverError::StartFailed { id, reason };
         std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
@@ -155,7 +160,12 @@ impl KvmDriver {
                 return Err(fail(format!("the monitor exited: {}", why.trim())));
             }
             if let Ok(s) = self.status(id).await {
-                if s.ready || matches!(s.run_state, RunState::Paused) {
+                // A booted guest is ready at its ready line; a restored one
+                // was ready when it was snapshotted (its console starts empty).
+                let up = s.ready
+                    || matches!(s.run_state, RunState::Paused)
+                    || (restored && s.run_state == RunState::Running);
+                if up {
                     return Ok(VmHandle {
                         id,
                         driver: self.name().into(),
@@ -192,7 +202,7 @@ impl KvmDriver {
         };
         args.push("--restore".to_string());
         args.extend(chain.iter().map(|p| p.display().to_string()));
-        self.launch(id, args).await
+        self.launch(id, args, true).await
     }
 
     fn pid(&self, id: VmId) -> Option<i32> {
@@ -268,7 +278,7 @@ impl VmDriver for KvmDriver {
         })?;
         let spec = serde_json::to_vec_pretty(s).unwrap_or_default();
         let _ = std::fs::write(dir.join("spec.json"), spec);
-        self.launch(req.id, args).await
+        self.launch(req.id, args, false).await
     }
 
     async fn configure(&self, id: VmId, config: &VmConfig) -> Result<(), DriverError> {
@@ -304,7 +314,7 @@ impl VmDriver for KvmDriver {
             return Err(DriverError::NotFound(id));
         }
         Ok(match self.status(id).await {
-            Ok(s) => s.run_state == RunState::Running && s.ready,
+            Ok(s) => s.run_state == RunState::Running,
             Err(_) => false,
         })
     }

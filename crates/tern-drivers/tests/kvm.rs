@@ -215,6 +215,17 @@ async fn snapshots_restore_in_a_new_process_and_the_guest_carries_on() {
         d.cleanup(rid).await.unwrap();
     }
 
+    // Restored running (not paused), the VM is up and healthy at once.
+    let rid = VmId::new();
+    d.restore(rid, &[a.clone(), b.clone()], false)
+        .await
+        .unwrap();
+    assert!(d.is_healthy(rid).await.unwrap());
+    let s = d.status(rid).await.unwrap();
+    wait_counter(&d, rid, s.agent.counter + 10).await;
+    d.stop(rid).await.unwrap();
+    d.cleanup(rid).await.unwrap();
+
     // A corrupted chain is refused by the new monitor, which exits.
     let mut bad = std::fs::read(b.join("state.tern")).unwrap();
     let n = bad.len();
