@@ -70,34 +70,7 @@ enum Cmd {
 #[derive(Subcommand)]
 enum VmCmd {
     /// Boot a guest, stream its console, report the time to its ready line.
-    Boot {
-        /// Guest RAM in MiB.
-        #[arg(long, default_value_t = 256)]
-        memory: u64,
-        /// vCPUs.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u8,
-        /// Guest: `test` (tern's freestanding test guest) or `linux` (a
-        /// bzImage; needs hardware virtualization to boot in useful time).
-        #[arg(long, value_enum, default_value_t = tern_vmm::monitor::GuestKind::Test)]
-        guest: tern_vmm::monitor::GuestKind,
-        /// Linux: the bzImage (default: the newest /boot/vmlinuz-*).
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Linux: the initramfs.
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        /// Linux: the kernel command line.
-        #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
-        cmdline: String,
-        /// The console line that means ready (default: the test guest's, or
-        /// "tern-ready" for Linux).
-        #[arg(long)]
-        ready_line: Option<String>,
-        /// Keep running this long after ready, printing the agent's reports.
-        #[arg(long, default_value = "2s")]
-        run_for: String,
-    },
+    Boot(VmBoot),
 }
 
 #[derive(Subcommand)]
@@ -174,34 +147,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Vm {
-            cmd:
-                VmCmd::Boot {
-                    memory,
-                    vcpus,
-                    guest,
-                    kernel,
-                    initrd,
-                    cmdline,
-                    ready_line,
-                    run_for,
-                },
-        } => {
-            let run_for: Dur =
-                serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<
-                    serde::de::value::Error,
-                >::new(&run_for))
-                .map_err(|e| anyhow::anyhow!("--run-for: {e}"))?;
-            vm_boot(VmBoot {
-                memory,
-                vcpus,
-                guest,
-                kernel,
-                initrd,
-                cmdline,
-                ready_line,
-                run_for: run_for.0,
-            })
-        }
+            cmd: VmCmd::Boot(b),
+        } => vm_boot(b),
         Cmd::Certs { cmd } => {
             let cfg = Config::load(&over, env)?;
             let default_dir = cfg.data_dir.join("tls");
@@ -239,15 +186,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// What `tern vm boot` was asked to do.
+#[derive(clap::Args)]
 struct VmBoot {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
     memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// Guest: `test` (tern's freestanding test guest) or `linux` (a
+    /// bzImage; needs hardware virtualization to boot in useful time).
+    #[arg(long, value_enum, default_value_t = tern_vmm::monitor::GuestKind::Test)]
     guest: tern_vmm::monitor::GuestKind,
+    /// Linux: the bzImage (default: the newest /boot/vmlinuz-*).
+    #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Linux: the initramfs.
+    #[arg(long)]
     initrd: Option<PathBuf>,
+    /// Linux: the kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
     cmdline: String,
+    /// The console line that means ready (default: the test guest's, or
+    /// "tern-ready" for Linux).
+    #[arg(long)]
     ready_line: Option<String>,
-    run_for: std::time::Duration,
+    /// Keep running this long after ready, printing the agent's reports.
+    #[arg(long, default_value = "2s")]
+    run_for: String,
 }
 
 /// The newest Debian kernel in /boot, for `--guest linux` without `--kernel`.
@@ -267,6 +233,11 @@ fn default_kernel() -> Option<PathBuf> {
 
 /// `tern vm boot`: launch to ready line, then a few seconds of agent reports.
 fn vm_boot(b: VmBoot) -> anyhow::Result<()> {
+    let run_for: Dur = serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<
+        serde::de::value::Error,
+    >::new(&b.run_for))
+    .map_err(|e| anyhow::anyhow!("--run-for: {e}"))?;
+    let run_for = run_for.0;
     use std::time::{Duration, Instant};
     use tern_vmm::monitor::GuestKind;
     use tern_vmm::WaitOutcome;
@@ -327,8 +298,8 @@ fn vm_boot(b: VmBoot) -> anyhow::Result<()> {
         (ready - created).as_secs_f64() * 1e3
     );
     let start = Instant::now();
-    while start.elapsed() < b.run_for {
-        let step = Duration::from_millis(500).min(b.run_for.saturating_sub(start.elapsed()));
+    while start.elapsed() < run_for {
+        let step = Duration::from_millis(500).min(run_for.saturating_sub(start.elapsed()));
         if let WaitOutcome::Exited(r) = machine.wait_until(step, |_| false) {
             println!("guest exited: {r}");
             return Ok(());
