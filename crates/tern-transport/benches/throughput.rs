@@ -13,16 +13,10 @@ use tern_transport::{certs, Listener, Security, Sender, SessionConfig, TlsIdenti
 const FRAME: usize = 1 << 20;
 const FRAMES: u64 = 2048;
 
-async fn run(streams: u16, tls: Option<(&TlsIdentity, &TlsIdentity)>) -> f64 {
-    let mut l = Listener::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        tls.map(|(_, d)| d.server_config().unwrap()),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    let sec = match tls {
-        Some((s, _)) => Security::Tls {
+/// Connects a sender as host-a (TLS when `src` is given).
+async fn connect(addr: std::net::SocketAddr, src: Option<&TlsIdentity>, streams: u16) -> Sender {
+    let sec = match src {
+        Some(s) => Security::Tls {
             config: s.client_config().unwrap(),
             server_name: "host-b".into(),
         },
@@ -33,24 +27,42 @@ async fn run(streams: u16, tls: Option<(&TlsIdentity, &TlsIdentity)>) -> f64 {
         window_bytes: 128 << 20,
         ..Default::default()
     };
-    let tx = Sender::connect(l.local_addr(), sec, cfg, None)
-        .await
-        .unwrap();
-    let mut rx = l.accept().await.unwrap();
-    let recv = tokio::spawn(async move {
-        let mut n = 0u64;
-        while let Some(Ok((seq, d))) = rx.recv().await {
-            n += d.len() as u64;
-            rx.ack(seq);
-        }
-        n
-    });
+    Sender::connect(addr, sec, cfg, None).await.unwrap()
+}
+
+/// Sends FRAMES frames of FRAME bytes and finishes; returns when it started.
+async fn send_all(tx: Sender) -> Instant {
     let payload = Bytes::from(vec![0x5au8; FRAME]);
     let t = Instant::now();
     for _ in 0..FRAMES {
         tx.send(payload.clone()).await.unwrap();
     }
     tx.finish().await.unwrap();
+    t
+}
+
+/// Receives and acknowledges everything; returns the payload bytes.
+async fn receive_all(mut rx: tern_transport::Receiver) -> u64 {
+    let mut n = 0u64;
+    while let Some(Ok((seq, d))) = rx.recv().await {
+        n += d.len() as u64;
+        rx.ack(seq);
+    }
+    n
+}
+
+async fn run(streams: u16, tls: Option<(&TlsIdentity, &TlsIdentity)>) -> f64 {
+    let mut l = Listener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        tls.map(|(_, d)| d.server_config().unwrap()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let tx = connect(l.local_addr(), tls.map(|(s, _)| s), streams).await;
+    let rx = l.accept().await.unwrap();
+    let recv = tokio::spawn(receive_all(rx));
+    let t = send_all(tx).await;
     let n = recv.await.unwrap();
     assert_eq!(n, FRAMES * FRAME as u64);
     n as f64 / t.elapsed().as_secs_f64()
@@ -92,13 +104,8 @@ fn receiver_process(d: &std::path::Path, tls: bool) {
         .await
         .unwrap();
         println!("port {}", l.local_addr().port());
-        let mut rx = l.accept().await.unwrap();
-        let mut n = 0u64;
-        while let Some(Ok((seq, d))) = rx.recv().await {
-            n += d.len() as u64;
-            rx.ack(seq);
-        }
-        println!("bytes {n}");
+        let rx = l.accept().await.unwrap();
+        println!("bytes {}", receive_all(rx).await);
     });
 }
 
@@ -130,27 +137,8 @@ fn two_process_run(d: &std::path::Path, streams: u16, src: Option<&TlsIdentity>)
         .build()
         .unwrap();
     let rate = rt.block_on(async {
-        let sec = match src {
-            Some(s) => Security::Tls {
-                config: s.client_config().unwrap(),
-                server_name: "host-b".into(),
-            },
-            None => Security::InsecurePlaintext,
-        };
-        let cfg = SessionConfig {
-            streams,
-            window_bytes: 128 << 20,
-            ..Default::default()
-        };
-        let tx = Sender::connect(format!("127.0.0.1:{port}").parse().unwrap(), sec, cfg, None)
-            .await
-            .unwrap();
-        let payload = Bytes::from(vec![0x5au8; FRAME]);
-        let t = Instant::now();
-        for _ in 0..FRAMES {
-            tx.send(payload.clone()).await.unwrap();
-        }
-        tx.finish().await.unwrap();
+        let tx = connect(format!("127.0.0.1:{port}").parse().unwrap(), src, streams).await;
+        let t = send_all(tx).await;
         (FRAMES * FRAME as u64) as f64 / t.elapsed().as_secs_f64()
     });
     line.clear();
