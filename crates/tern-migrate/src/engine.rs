@@ -395,7 +395,7 @@ async fn run_source<G: SourceGuest>(
     *paused = true;
     let mut last = guest.take_dirty()?;
     for p in todo {
-        last.words[(p / 64) as usize] |= 1 << (p % 64);
+        last.insert(p);
     }
     let last: Vec<u64> = last.pages().filter(|&p| p < n_pages).collect();
     ps.send_pages(guest, data, &last, policy.frame_pages)

@@ -312,7 +312,7 @@ mod tests {
     fn ranges_merge_adjacent_pages() {
         let mut b = crate::DirtyBitmap::with_pages(256);
         for p in [1, 2, 3, 7, 64, 65] {
-            b.words[p / 64] |= 1 << (p % 64);
+            b.insert(p);
         }
         assert_eq!(ranges(&b), vec![(1, 4), (7, 8), (64, 66)]);
     }

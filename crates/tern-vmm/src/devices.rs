@@ -75,10 +75,16 @@ impl ConsoleSink {
     /// Whether `pattern` occurs in the last 4 KiB of output (cheap enough to
     /// ask after every byte the guest writes).
     pub fn recent_contains(&self, pattern: &str) -> bool {
-        let n = self.ring.len();
-        let tail: Vec<u8> = self.ring.range(n.saturating_sub(4096)..).copied().collect();
         let p = pattern.as_bytes();
-        !p.is_empty() && tail.windows(p.len()).any(|w| w == p)
+        let n = self.ring.len();
+        if p.is_empty() || p.len() > n {
+            return false;
+        }
+        (n.saturating_sub(4096)..=n - p.len()).any(|start| {
+            p.iter()
+                .enumerate()
+                .all(|(i, b)| self.ring[start + i] == *b)
+        })
     }
 
     /// Bytes written since the VM started (this process).

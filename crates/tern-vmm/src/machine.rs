@@ -598,15 +598,7 @@ impl Machine {
             let first = region.start_addr().0 / PAGE_SIZE;
             let words = self.vm.get_dirty_log(slot as u32, region.len() as usize)?;
             for (i, &w) in words.iter().enumerate().filter(|(_, w)| **w != 0) {
-                if first.is_multiple_of(64) {
-                    out.words[(first / 64) as usize + i] |= w;
-                } else {
-                    let word = DirtyBitmap { words: vec![w] };
-                    for p in word.pages() {
-                        let q = first + i as u64 * 64 + p;
-                        out.words[(q / 64) as usize] |= 1 << (q % 64);
-                    }
-                }
+                out.insert_word(first + i as u64 * 64, w);
             }
         }
         Ok(out)

@@ -112,6 +112,33 @@ impl DirtyBitmap {
             .is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
 
+    /// Adds `page`, growing the set if needed.
+    pub fn insert(&mut self, page: u64) {
+        let w = (page / 64) as usize;
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
+        }
+        self.words[w] |= 1 << (page % 64);
+    }
+
+    /// Adds every page of the 64-page word `word` taken from `first` on
+    /// (a KVM or vm-memory bitmap of a region that starts at page `first`).
+    pub fn insert_word(&mut self, first: u64, word: u64) {
+        if first.is_multiple_of(64) {
+            let w = (first / 64) as usize;
+            if self.words.len() <= w {
+                self.words.resize(w + 1, 0);
+            }
+            self.words[w] |= word;
+        } else {
+            let mut bits = word;
+            while bits != 0 {
+                self.insert(first + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+    }
+
     /// Adds every page of `other`.
     pub fn merge(&mut self, other: &DirtyBitmap) {
         if self.words.len() < other.words.len() {
@@ -144,14 +171,8 @@ pub fn take_monitor_writes(mem: &GuestMem) -> DirtyBitmap {
     for r in mem.iter() {
         let first = r.start_addr().0 / PAGE_SIZE;
         let words = vm_memory::MmapRegion::bitmap(r).get_and_reset();
-        for (i, w) in words.iter().enumerate() {
-            let mut w = *w;
-            while w != 0 {
-                let bit = w.trailing_zeros() as u64;
-                w &= w - 1;
-                let page = first + i as u64 * 64 + bit;
-                out.words[(page / 64) as usize] |= 1 << (page % 64);
-            }
+        for (i, &w) in words.iter().enumerate().filter(|(_, w)| **w != 0) {
+            out.insert_word(first + i as u64 * 64, w);
         }
     }
     out

@@ -191,14 +191,6 @@ fn write_state_file(dir: &Path, body: &SnapshotBody) -> Result<String, VmmError>
     Ok(hash.to_hex().to_string())
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    let (pre, words, post) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets.
-        unsafe { page.align_to::<u64>() }
-    };
-    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
-}
-
 /// Guest RAM as one byte slice (the machine has a single region at 0).
 fn guest_bytes(m: &Machine) -> Result<&[u8], VmmError> {
     let regions = memory::host_regions(m.memory());
@@ -223,7 +215,7 @@ fn write_full_memory(m: &Machine, path: &Path) -> Result<(u64, MemoryManifest), 
     let mut run_start: Option<usize> = None;
     let pages = ram.len() / page;
     for i in 0..=pages {
-        let nonzero = i < pages && !is_zero(&ram[i * page..(i + 1) * page]);
+        let nonzero = i < pages && !tern_pagecodec::is_zero_page(&ram[i * page..(i + 1) * page]);
         match (nonzero, run_start) {
             (true, None) => run_start = Some(i),
             (false, Some(s)) => {
