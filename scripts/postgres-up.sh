@@ -16,7 +16,10 @@ if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -q "^$ver main$"; then
     pg_createcluster "$ver" main >/dev/null
 fi
 if ! pg_lsclusters -h | awk '$1=="'"$ver"'" && $2=="main" {print $4}' | grep -q online; then
-    pg_ctlcluster "$ver" main start
+    # The server outlives this script: it must not inherit the caller's pipes (fd 3 is the
+    # `$(...)` capture, which would otherwise never close and hang the caller forever).
+    log=/var/log/postgresql/tern-start.log
+    pg_ctlcluster "$ver" main start </dev/null >"$log" 2>&1 3>&- || { cat "$log"; exit 1; }
 fi
 port=$(pg_lsclusters -h | awk '$1=="'"$ver"'" && $2=="main" {print $3}')
 for _ in $(seq 1 50); do
