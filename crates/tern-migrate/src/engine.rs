@@ -24,6 +24,7 @@ use serde::Serialize;
 use std::time::{Duration, Instant};
 use tern_pagecodec::{Decoder, Encoder, EncoderConfig};
 use tern_transport::{Receiver, Sender};
+use tokio::sync::watch;
 
 const PAGE: usize = 4096;
 
@@ -51,6 +52,11 @@ pub enum MigrateError {
     /// Data did not verify.
     #[error("verification failed: {0}")]
     Verification(String),
+    /// `Commit` was sent but the destination never confirmed it runs the
+    /// guest. Ownership has moved: the source discarded its copy and must
+    /// not resume it (the destination journals the commit before starting).
+    #[error("commit sent, but the destination did not confirm it runs the guest: {0}")]
+    CommitUnconfirmed(String),
 }
 
 fn tx_err(e: impl std::fmt::Display) -> MigrateError {
@@ -58,7 +64,7 @@ fn tx_err(e: impl std::fmt::Display) -> MigrateError {
 }
 
 /// Where the source is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum SourcePhase {
     /// Not started.
@@ -92,6 +98,10 @@ pub struct Policy {
     pub frame_pages: usize,
     /// How long to wait for each reply.
     pub reply_timeout: Duration,
+    /// Cap on the data session's rate in bytes/s (0: none).
+    pub bandwidth_bytes_per_sec: u64,
+    /// Why the migration is asked for (sent to the destination, logged there).
+    pub reason: String,
 }
 
 impl Default for Policy {
@@ -101,12 +111,52 @@ impl Default for Policy {
             max_rounds: 30,
             frame_pages: 1024,
             reply_timeout: Duration::from_secs(30),
+            bandwidth_bytes_per_sec: 0,
+            reason: "operator".into(),
+        }
+    }
+}
+
+/// A live view of a migration, published after every frame and round.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// `requesting`, `precopy`, `switchover`, `committed`, `rolled_back`.
+    pub phase: String,
+    /// Pre-copy round (0 before the first).
+    pub round: u32,
+    /// Pages sent so far (all rounds).
+    pub pages_sent: u64,
+    /// Pages still to send in this round plus those dirtied since it began.
+    pub pages_remaining: u64,
+    /// Encoded page bytes on the wire so far.
+    pub wire_bytes: u64,
+    /// Pages the guest dirtied per second in the last round.
+    pub dirty_pages_per_sec: f64,
+    /// Best measured link throughput, bytes/s.
+    pub throughput_bytes_per_sec: f64,
+    /// Downtime of switching over now, from the dirty set and throughput.
+    pub predicted_downtime_ms: f64,
+    /// Time left, from what remains, the dirty rate and the throughput.
+    pub eta_seconds: f64,
+    /// Guest RAM.
+    pub memory_bytes: u64,
+}
+
+impl Progress {
+    fn phase_name(p: &SourcePhase) -> &'static str {
+        match p {
+            SourcePhase::Idle => "idle",
+            SourcePhase::Requesting => "requesting",
+            SourcePhase::Precopy { .. } => "precopy",
+            SourcePhase::Switchover => "switchover",
+            SourcePhase::Committed => "committed",
+            SourcePhase::RolledBack { .. } => "rolled_back",
         }
     }
 }
 
 /// One round's figures.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct RoundStats {
     /// Round number.
     pub round: u32,
@@ -123,7 +173,7 @@ pub struct RoundStats {
 }
 
 /// What a finished (or rolled back) migration did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Report {
     /// Final phase.
     pub phase: SourcePhase,
@@ -165,9 +215,18 @@ struct PageSender {
     frames: u64,
     pages: u64,
     wire: u64,
+    progress: watch::Sender<Progress>,
 }
 
 impl PageSender {
+    fn publish(&self, f: impl FnOnce(&mut Progress)) {
+        self.progress.send_modify(|p| {
+            p.pages_sent = self.pages;
+            p.wire_bytes = self.wire;
+            f(p);
+        });
+    }
+
     async fn send_pages<G: SourceGuest>(
         &mut self,
         guest: &G,
@@ -193,9 +252,19 @@ impl PageSender {
             );
             wire += stats.bytes_out;
             self.send(tx, frame(KIND_PAGES, &self.out)).await?;
+            self.pages += chunk.len() as u64;
+            self.wire += stats.bytes_out;
+            let n = chunk.len() as u64;
+            self.publish(|p| {
+                p.pages_remaining = p.pages_remaining.saturating_sub(n);
+                if p.throughput_bytes_per_sec > 0.0 && self.pages > 0 {
+                    let per_page = self.wire as f64 / self.pages as f64;
+                    p.eta_seconds = p.pages_remaining as f64 * per_page
+                        / p.throughput_bytes_per_sec
+                        + p.predicted_downtime_ms / 1e3;
+                }
+            });
         }
-        self.pages += pages.len() as u64;
-        self.wire += wire;
         Ok(wire)
     }
 
@@ -248,7 +317,45 @@ pub async fn migrate<G: SourceGuest>(
     policy: &Policy,
     migration: &str,
 ) -> Result<Report, MigrateError> {
+    let progress = watch::channel(Progress::default()).0;
+    migrate_observed(
+        guest,
+        link,
+        key,
+        policy,
+        migration,
+        progress,
+        &mut || Ok(()),
+    )
+    .await
+}
+
+/// Runs just before a side commits: the source calls it before sending
+/// `Commit`, the destination before starting the guest. The agent writes its
+/// durable commit record here; an error stops the commit (before it is sent,
+/// the migration rolls back).
+pub type CommitHook<'a> = &'a mut (dyn FnMut() -> Result<(), String> + Send);
+
+/// [`migrate`], publishing a [`Progress`] on `progress` as it goes (the
+/// agent's progress bar and server-sent events read it) and calling
+/// `before_commit` at the commit point.
+pub async fn migrate_observed<G: SourceGuest>(
+    guest: &mut G,
+    link: SourceLink,
+    key: &SigningKey,
+    policy: &Policy,
+    migration: &str,
+    progress: watch::Sender<Progress>,
+    before_commit: CommitHook<'_>,
+) -> Result<Report, MigrateError> {
     let SourceLink { data, mut replies } = link;
+    if policy.bandwidth_bytes_per_sec > 0 {
+        data.set_rate(policy.bandwidth_bytes_per_sec);
+    }
+    progress.send_modify(|p| {
+        p.memory_bytes = guest.shape().memory_bytes;
+        p.phase = "requesting".into();
+    });
     let t0 = Instant::now();
     let mut paused = false;
     let mut tracking = false;
@@ -271,13 +378,34 @@ pub async fn migrate<G: SourceGuest>(
         &mut report,
         &mut paused,
         &mut tracking,
+        progress.clone(),
+        before_commit,
     )
     .await;
     report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    match &res {
+        Err(MigrateError::CommitUnconfirmed(_)) => report.phase = SourcePhase::Committed,
+        Err(e) => {
+            report.phase = SourcePhase::RolledBack {
+                reason: e.to_string(),
+            }
+        }
+        Ok(()) => {}
+    }
+    progress.send_modify(|p| {
+        p.phase = Progress::phase_name(&report.phase).into();
+        p.pages_remaining = 0;
+        p.eta_seconds = 0.0;
+    });
     match res {
         Ok(()) => {
             let _ = data.finish().await;
             Ok(report)
+        }
+        Err(e @ MigrateError::CommitUnconfirmed(_)) => {
+            tracing::error!(migration, error = %e, "ownership moved at commit; the source copy is discarded");
+            guest.discard();
+            Err(e)
         }
         Err(e) => {
             tracing::warn!(migration, error = %e, "migration failed; the source keeps the guest");
@@ -308,6 +436,8 @@ async fn run_source<G: SourceGuest>(
     report: &mut Report,
     paused: &mut bool,
     tracking: &mut bool,
+    progress: watch::Sender<Progress>,
+    before_commit: CommitHook<'_>,
 ) -> Result<(), MigrateError> {
     let shape: GuestShape = guest.shape();
     let n_pages = shape.memory_bytes / PAGE as u64;
@@ -320,13 +450,15 @@ async fn run_source<G: SourceGuest>(
         frames: 0,
         pages: 0,
         wire: 0,
+        progress,
     };
     ps.send(
         data,
         msg_frame(&SourceMsg::Request(MigrationRequest {
             migration: migration.to_string(),
             shape: shape.clone(),
-            reason: "operator".into(),
+            reason: policy.reason.clone(),
+            cpu_features: host_cpu_features(),
         })),
     )
     .await?;
@@ -348,6 +480,12 @@ async fn run_source<G: SourceGuest>(
     loop {
         round += 1;
         report.phase = SourcePhase::Precopy { round };
+        let pending = todo.len() as u64;
+        ps.publish(|p| {
+            p.phase = "precopy".into();
+            p.round = round;
+            p.pages_remaining = pending;
+        });
         let t = Instant::now();
         let wire = ps
             .send_pages(guest, data, &todo, policy.frame_pages)
@@ -383,6 +521,14 @@ async fn run_source<G: SourceGuest>(
             predicted_downtime_ms: predicted * 1e3,
         });
         todo = dirty.pages().filter(|&p| p < n_pages).collect();
+        let left = todo.len() as u64;
+        ps.publish(|p| {
+            p.pages_remaining = left;
+            p.dirty_pages_per_sec = dirtied as f64 / secs;
+            p.throughput_bytes_per_sec = throughput;
+            p.predicted_downtime_ms = predicted * 1e3;
+            p.eta_seconds = predicted;
+        });
         if predicted <= policy.max_downtime.as_secs_f64() || round >= policy.max_rounds {
             break;
         }
@@ -390,6 +536,7 @@ async fn run_source<G: SourceGuest>(
 
     // Switchover: stop the guest and send the rest.
     report.phase = SourcePhase::Switchover;
+    ps.publish(|p| p.phase = "switchover".into());
     let pause_at = Instant::now();
     guest.pause()?;
     *paused = true;
@@ -433,16 +580,18 @@ async fn run_source<G: SourceGuest>(
     }
 
     // Commit: the one point where ownership moves.
+    before_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
     data.send(msg_frame(&SourceMsg::Commit))
         .await
         .map_err(tx_err)?;
-    match reply(replies, policy.reply_timeout).await? {
-        DestMsg::Running => {}
-        other => {
-            return Err(MigrateError::Protocol(format!(
+    match reply(replies, policy.reply_timeout).await {
+        Ok(DestMsg::Running) => {}
+        Ok(other) => {
+            return Err(MigrateError::CommitUnconfirmed(format!(
                 "expected running, got {other:?}"
             )))
         }
+        Err(e) => return Err(MigrateError::CommitUnconfirmed(e.to_string())),
     }
     report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
     *tracking = false;
@@ -473,8 +622,26 @@ where
     G: DestinationGuest,
     F: FnOnce(&MigrationRequest) -> Result<G, String>,
 {
+    receive_observed(link, make_guest, source_key, capacity, &mut || Ok(())).await
+}
+
+/// [`receive`], calling `on_commit` when `Commit` arrives, before the guest starts.
+pub async fn receive_observed<G, F>(
+    link: DestLink,
+    make_guest: F,
+    source_key: &VerifyingKey,
+    capacity: &Capacity,
+    on_commit: CommitHook<'_>,
+) -> Result<G, MigrateError>
+where
+    G: DestinationGuest,
+    F: FnOnce(&MigrationRequest) -> Result<G, String>,
+{
     let DestLink { mut data, replies } = link;
-    let res = run_dest(&mut data, &replies, make_guest, source_key, capacity).await;
+    let res = run_dest(
+        &mut data, &replies, make_guest, source_key, capacity, on_commit,
+    )
+    .await;
     if let Err(e) = &res {
         tracing::warn!(error = %e, "incoming migration discarded");
         let msg = match e {
@@ -509,6 +676,7 @@ async fn run_dest<G, F>(
     make_guest: F,
     source_key: &VerifyingKey,
     capacity: &Capacity,
+    on_commit: CommitHook<'_>,
 ) -> Result<G, MigrateError>
 where
     G: DestinationGuest,
@@ -530,6 +698,13 @@ where
         }
     };
     let s = &req.shape;
+    let missing = missing_cpu_features(&req.cpu_features, &host_cpu_features());
+    if !missing.is_empty() {
+        return Err(MigrateError::Rejected(format!(
+            "CPU incompatible: the guest would lose {}",
+            missing.join(", ")
+        )));
+    }
     if s.memory_bytes > capacity.max_memory_bytes || s.vcpus > capacity.max_vcpus {
         return Err(MigrateError::Rejected(format!(
             "no capacity for {} bytes and {} vCPUs (limit {} bytes, {} vCPUs)",
@@ -626,6 +801,7 @@ where
             )))
         }
     }
+    on_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
     guest.start()?;
     replies
         .send(msg_frame(&DestMsg::Running))

@@ -16,6 +16,7 @@ pub mod guest;
 pub mod protocol;
 
 pub use engine::{
-    migrate, receive, Capacity, DestLink, MigrateError, Policy, Report, SourceLink, SourcePhase,
+    migrate, migrate_observed, receive, receive_observed, Capacity, CommitHook, DestLink,
+    MigrateError, Policy, Progress, Report, SourceLink, SourcePhase,
 };
 pub use guest::{DestinationGuest, GuestError, GuestShape, SourceGuest};

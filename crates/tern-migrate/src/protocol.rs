@@ -13,6 +13,37 @@ pub const KIND_MSG: u8 = 1;
 pub const KIND_PAGES: u8 = 2;
 /// The device state (opaque to the engine).
 pub const KIND_DEVICE_STATE: u8 = 3;
+/// A [`SessionHello`]: the first frame of every session between agents.
+pub const KIND_HELLO: u8 = 4;
+
+/// Opens a session between two host agents and says what it carries. A
+/// migration is two sessions (data source → destination, replies back), each
+/// dialled by the side that sends on it, so each agent needs one listener and
+/// the hello tells it which migration a new session belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "carries", rename_all = "snake_case")]
+pub enum SessionHello {
+    /// Migration data from the source host.
+    Data {
+        /// The migration.
+        migration: String,
+        /// The source host's name (selects the key its manifest must verify against).
+        source_host: String,
+        /// Where the destination dials the reply session.
+        reply_to: String,
+        /// The VM's id (kept across hosts).
+        vm: String,
+        /// Its owner epoch on the source; the destination owns it at epoch + 1 after commit.
+        epoch: u64,
+        /// What the VM is (the agent's spec, opaque to the engine).
+        spec: serde_json::Value,
+    },
+    /// Replies from the destination host.
+    Replies {
+        /// The migration.
+        migration: String,
+    },
+}
 
 /// Why a migration is asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +54,33 @@ pub struct MigrationRequest {
     pub shape: GuestShape,
     /// Why (maintenance, rebalancing, operator).
     pub reason: String,
+    /// CPU features the guest may be using (the source host's flags): the
+    /// destination refuses a guest that would lose any of them.
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
+}
+
+/// This host's CPU feature flags (from `/proc/cpuinfo`), sorted.
+pub fn host_cpu_features() -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let mut flags: Vec<String> = info
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    flags.sort();
+    flags.dedup();
+    flags
+}
+
+/// The features in `guest` that `host` lacks (empty: compatible).
+pub fn missing_cpu_features(guest: &[String], host: &[String]) -> Vec<String> {
+    guest
+        .iter()
+        .filter(|f| host.binary_search(f).is_err())
+        .cloned()
+        .collect()
 }
 
 /// What the source signs at switchover: proof of every page and the state.
@@ -174,6 +232,16 @@ mod tests {
         let mut junk = s;
         junk.signature = "zz".into();
         assert!(junk.verify(&key.verifying_key()).is_err());
+    }
+
+    #[test]
+    fn cpu_features_that_would_be_lost_are_named() {
+        let host = host_cpu_features();
+        assert!(!host.is_empty(), "no flags in /proc/cpuinfo");
+        assert!(missing_cpu_features(&host, &host).is_empty());
+        let mut guest = host.clone();
+        guest.push("avx1024".into());
+        assert_eq!(missing_cpu_features(&guest, &host), vec!["avx1024"]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `tern`: run the control plane, mint API tokens, inspect configuration.
 
+mod agentcmd;
 mod config;
 mod up;
 
@@ -60,6 +61,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VmCmd,
     },
+    /// Run this host's agent: hosts VMs, sends and accepts live migrations.
+    Agent {
+        /// The agent's configuration (TOML; see the README).
+        file: PathBuf,
+    },
+    /// Live-migrate a VM from the agent it runs on to another host.
+    Migrate(agentcmd::MigrateArgs),
+    /// Two local agents; a guest dirtying memory moves between them live.
+    Demo,
     /// Make the host CA and host certificates for migration channels (mTLS).
     Certs {
         #[command(subcommand)]
@@ -71,6 +81,8 @@ enum Cmd {
 enum VmCmd {
     /// Boot a guest, stream its console, report the time to its ready line.
     Boot(VmBoot),
+    #[command(flatten)]
+    Remote(agentcmd::RemoteVm),
 }
 
 #[derive(Subcommand)]
@@ -149,6 +161,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Vm {
             cmd: VmCmd::Boot(b),
         } => vm_boot(b),
+        Cmd::Vm {
+            cmd: VmCmd::Remote(r),
+        } => agentcmd::vm_remote(r),
+        Cmd::Agent { file } => agentcmd::agent(&file),
+        Cmd::Migrate(a) => agentcmd::migrate(a),
+        Cmd::Demo => agentcmd::demo(),
         Cmd::Certs { cmd } => {
             let cfg = Config::load(&over, env)?;
             let default_dir = cfg.data_dir.join("tls");

@@ -1,0 +1,155 @@
+//! The host API (axum): VMs, migrations and a server-sent-events progress
+//! stream, behind a bearer token kept in the data directory.
+
+use crate::agent::{Agent, AgentError, MigrateRequest};
+use crate::views::VmSpec;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Conflict(_) => StatusCode::CONFLICT,
+            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (code, Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    agent: Agent,
+    token: Arc<str>,
+}
+
+async fn auth(State(c): State<Ctx>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == &*c.token);
+    if ok {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "error": "missing or wrong bearer token (see the agent's data_dir/api-token)" })),
+        )
+            .into_response()
+    }
+}
+
+/// The router, with `token` required on every request.
+pub fn router(agent: Agent, token: &str) -> Router {
+    let ctx = Ctx {
+        agent,
+        token: token.into(),
+    };
+    Router::new()
+        .route("/api/v1/host", get(host))
+        .route("/api/v1/vms", get(list_vms).post(create_vm))
+        .route("/api/v1/vms/{id}", get(get_vm).delete(stop_vm))
+        .route("/api/v1/vms/{id}/migrate", post(migrate))
+        .route("/api/v1/migrations", get(list_migrations))
+        .route("/api/v1/migrations/{id}", get(get_migration))
+        .route("/api/v1/migrations/{id}/events", get(events))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), auth))
+        .with_state(ctx)
+}
+
+async fn host(State(c): State<Ctx>) -> Json<serde_json::Value> {
+    Json(json!({
+        "name": c.agent.name(),
+        "migrate_addr": c.agent.migrate_addr().to_string(),
+        "public_key": c.agent.public_key(),
+    }))
+}
+
+async fn list_vms(State(c): State<Ctx>) -> impl IntoResponse {
+    Json(c.agent.vms())
+}
+
+async fn create_vm(
+    State(c): State<Ctx>,
+    body: Result<Json<VmSpec>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, AgentError> {
+    let Json(spec) = body.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    Ok((StatusCode::CREATED, Json(c.agent.create_vm(spec).await?)))
+}
+
+async fn get_vm(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(c.agent.vm(&id)?))
+}
+
+async fn stop_vm(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    c.agent.stop_vm(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn migrate(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+    body: Result<Json<MigrateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, AgentError> {
+    let Json(req) = body.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    let mid = c.agent.migrate(&id, req)?;
+    Ok((StatusCode::ACCEPTED, Json(c.agent.migration(&mid)?)))
+}
+
+async fn list_migrations(State(c): State<Ctx>) -> impl IntoResponse {
+    Json(c.agent.migrations())
+}
+
+async fn get_migration(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(c.agent.migration(&id)?))
+}
+
+/// Progress as server-sent events: one `progress` event per change, then a
+/// final `end` event carrying the whole migration view.
+async fn events(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, AgentError> {
+    let rx = c.agent.progress(&id)?;
+    let agent = c.agent.clone();
+    let stream = futures::stream::unfold(
+        (rx, agent, id, false),
+        |(mut rx, agent, id, done)| async move {
+            if done {
+                return None;
+            }
+            let view = agent.migration(&id).ok()?;
+            if view.state.is_final() {
+                let ev = Event::default().event("end").json_data(&view).ok()?;
+                return Some((Ok(ev), (rx, agent, id, true)));
+            }
+            // Wake on a change, or every 500 ms to notice the end.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(500), rx.changed()).await;
+            let p = rx.borrow_and_update().clone();
+            let ev = Event::default().event("progress").json_data(&p).ok()?;
+            Some((Ok(ev), (rx, agent, id, false)))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,156 @@
+//! A client of the host API, for the CLI and the tests.
+
+use crate::agent::MigrateRequest;
+use crate::views::{MigrationView, VmSpec, VmView};
+use serde::de::DeserializeOwned;
+
+/// A request to an agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent could not be reached.
+    #[error("cannot reach the agent at {url}: {source}")]
+    Unreachable {
+        /// Its URL.
+        url: String,
+        /// Why.
+        source: reqwest::Error,
+    },
+    /// It answered with an error.
+    #[error("the agent answered {status}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Its error message.
+        message: String,
+    },
+}
+
+/// One agent's API.
+#[derive(Clone)]
+pub struct AgentClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl AgentClient {
+    /// A client of `base` (e.g. `http://127.0.0.1:7070`).
+    pub fn new(base: &str, token: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').into(),
+            token: token.into(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let url = self.base.clone();
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|source| ClientError::Unreachable { url, source })?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let text = if text.is_empty() { "null".into() } else { text };
+        serde_json::from_str(&text).map_err(|e| ClientError::Api {
+            status: status.as_u16(),
+            message: format!("unexpected answer: {e}"),
+        })
+    }
+
+    /// Host name, migration address and public key.
+    pub async fn host(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(self.http.get(format!("{}/api/v1/host", self.base)))
+            .await
+    }
+
+    /// Boots a VM.
+    pub async fn create_vm(&self, spec: &VmSpec) -> Result<VmView, ClientError> {
+        self.call(
+            self.http
+                .post(format!("{}/api/v1/vms", self.base))
+                .json(spec),
+        )
+        .await
+    }
+
+    /// One VM.
+    pub async fn vm(&self, id: &str) -> Result<VmView, ClientError> {
+        self.call(self.http.get(format!("{}/api/v1/vms/{id}", self.base)))
+            .await
+    }
+
+    /// Every VM.
+    pub async fn vms(&self) -> Result<Vec<VmView>, ClientError> {
+        self.call(self.http.get(format!("{}/api/v1/vms", self.base)))
+            .await
+    }
+
+    /// Stops a VM.
+    pub async fn stop_vm(&self, id: &str) -> Result<(), ClientError> {
+        self.call::<serde_json::Value>(self.http.delete(format!("{}/api/v1/vms/{id}", self.base)))
+            .await
+            .map(|_| ())
+    }
+
+    /// Starts a migration.
+    pub async fn migrate(
+        &self,
+        vm: &str,
+        req: &MigrateRequest,
+    ) -> Result<MigrationView, ClientError> {
+        self.call(
+            self.http
+                .post(format!("{}/api/v1/vms/{vm}/migrate", self.base))
+                .json(req),
+        )
+        .await
+    }
+
+    /// One migration.
+    pub async fn migration(&self, id: &str) -> Result<MigrationView, ClientError> {
+        self.call(
+            self.http
+                .get(format!("{}/api/v1/migrations/{id}", self.base)),
+        )
+        .await
+    }
+
+    /// Raw server-sent events of a migration, as the server wrote them.
+    pub async fn events_text(&self, id: &str) -> Result<String, ClientError> {
+        let url = format!("{}/api/v1/migrations/{id}/events", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        resp.text()
+            .await
+            .map_err(|source| ClientError::Unreachable { url, source })
+    }
+}

@@ -1,0 +1,258 @@
+//! The agent's configuration: who this host is, where it listens, which
+//! hosts it trusts. Read from a TOML file; every field has a sane default
+//! except the host name.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A bad configuration, named by key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Mutual TLS material (from `tern certs`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// This host's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The fleet CA (PEM) that signs every host's certificate.
+    pub ca: PathBuf,
+}
+
+/// Another host this agent migrates to or accepts migrations from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its host name (also the name in its TLS certificate).
+    pub name: String,
+    /// Its migration listener.
+    pub migrate_addr: SocketAddr,
+    /// Its Ed25519 host key (hex), which signs its migration manifests.
+    pub key: String,
+    /// The SHA-256 pin (hex) of its TLS certificate's public key, as
+    /// `tern certs issue` prints it: TLS accepts only pinned peers.
+    #[serde(default)]
+    pub tls_pin: Option<String>,
+}
+
+/// The whole agent configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This host's name (unique in the fleet; in its TLS certificate).
+    pub name: String,
+    /// The host API (the CLI talks to it). Default 127.0.0.1:7070.
+    #[serde(default = "default_api")]
+    pub api_addr: SocketAddr,
+    /// Where migrations arrive. Default 127.0.0.1:7071.
+    #[serde(default = "default_migrate")]
+    pub migrate_addr: SocketAddr,
+    /// Address peers dial to reach `migrate_addr` (default: `migrate_addr`).
+    #[serde(default)]
+    pub advertise_addr: Option<SocketAddr>,
+    /// Host key, API token and the migration journal live here.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Mutual TLS for migrations; required unless `insecure_plaintext`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    /// Carry migrations over plain TCP. Only for tests on one machine.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Hosts this one trusts.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    /// Largest guest RAM accepted from a peer, MiB. Default 4096.
+    #[serde(default = "default_max_memory")]
+    pub max_memory_mib: u64,
+    /// Most vCPUs accepted from a peer. Default 8.
+    #[serde(default = "default_max_vcpus")]
+    pub max_vcpus: u8,
+    /// How long a migration session waits for a dropped link, seconds. Default 30.
+    #[serde(default = "default_resume")]
+    pub resume_deadline_secs: u64,
+}
+
+fn default_api() -> SocketAddr {
+    "127.0.0.1:7070".parse().expect("literal")
+}
+fn default_migrate() -> SocketAddr {
+    "127.0.0.1:7071".parse().expect("literal")
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/tern/agent")
+}
+fn default_max_memory() -> u64 {
+    4096
+}
+fn default_max_vcpus() -> u8 {
+    8
+}
+fn default_resume() -> u64 {
+    30
+}
+
+impl AgentConfig {
+    /// A configuration with defaults for everything but the name.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            api_addr: default_api(),
+            migrate_addr: default_migrate(),
+            advertise_addr: None,
+            data_dir: default_data_dir(),
+            tls: None,
+            insecure_plaintext: false,
+            peers: Vec::new(),
+            max_memory_mib: default_max_memory(),
+            max_vcpus: default_max_vcpus(),
+            resume_deadline_secs: default_resume(),
+        }
+    }
+
+    /// Reads and checks a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let cfg: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message,
+            })
+        };
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return bad("name", format!("`{}` is not a host name", self.name));
+        }
+        if self.tls.is_none() && !self.insecure_plaintext {
+            return bad(
+                "tls",
+                "migrations need mutual TLS (cert, key, ca); set insecure_plaintext = true only for tests".into(),
+            );
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if crate::keys::parse_public(&p.key).is_err() {
+                return bad(
+                    &format!("peers[{i}].key"),
+                    format!("`{}` is not a hex Ed25519 public key", p.key),
+                );
+            }
+            if self.tls.is_some() {
+                match &p.tls_pin {
+                    None => {
+                        return bad(
+                            &format!("peers[{i}].tls_pin"),
+                            "required with tls (see `tern certs issue`)".into(),
+                        )
+                    }
+                    Some(pin) if tern_transport::tls::parse_pin(pin).is_err() => {
+                        return bad(
+                            &format!("peers[{i}].tls_pin"),
+                            format!("`{pin}` is not 64 hex digits"),
+                        )
+                    }
+                    Some(_) => {}
+                }
+            }
+            if p.name == self.name {
+                return bad(
+                    &format!("peers[{i}].name"),
+                    "a host cannot be its own peer".into(),
+                );
+            }
+        }
+        if self.max_vcpus == 0 || self.max_memory_mib == 0 {
+            return bad("max_vcpus/max_memory_mib", "must be above zero".into());
+        }
+        Ok(())
+    }
+
+    /// The peer called `name`.
+    pub fn peer(&self, name: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+
+    /// What peers dial.
+    pub fn advertised(&self) -> SocketAddr {
+        self.advertise_addr.unwrap_or(self.migrate_addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_tls_is_refused_by_key() {
+        let cfg = AgentConfig::new("host-a");
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("`tls`"), "{e}");
+    }
+
+    #[test]
+    fn bad_peer_key_is_named() {
+        let mut cfg = AgentConfig::new("host-a");
+        cfg.insecure_plaintext = true;
+        cfg.peers.push(Peer {
+            name: "host-b".into(),
+            migrate_addr: "127.0.0.1:1".parse().unwrap(),
+            key: "xyz".into(),
+            tls_pin: None,
+        });
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("peers[0].key"), "{e}");
+    }
+
+    #[test]
+    fn toml_round_trips_with_defaults() {
+        let cfg: AgentConfig =
+            toml::from_str("name = \"h1\"\ninsecure_plaintext = true\n").unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.api_addr, default_api());
+        assert!(toml::from_str::<AgentConfig>("name = \"h1\"\nbogus = 1\n").is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! What the host API takes and returns (shared by the server and the client).
+
+use serde::{Deserialize, Serialize};
+use tern_migrate::{Progress, Report};
+
+/// A VM to boot: tern-vmm's test guest, which counts and keeps a checksum of
+/// a working set it rewrites (so a migration's correctness is visible).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmSpec {
+    /// Guest RAM, MiB (a multiple of 2).
+    pub memory_mib: u64,
+    /// vCPUs (the test guest uses the first).
+    pub vcpus: u8,
+    /// Pages the guest keeps rewriting.
+    pub ws_pages: u64,
+    /// Pages written per tick.
+    pub pages_per_tick: u64,
+    /// Ticks between checksums.
+    pub ticks_per_sum: u64,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        Self {
+            memory_mib: 64,
+            vcpus: 1,
+            ws_pages: 256,
+            pages_per_tick: 4,
+            ticks_per_sum: 16,
+        }
+    }
+}
+
+impl VmSpec {
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.memory_mib < 4 || !self.memory_mib.is_multiple_of(2) || self.memory_mib > 3072 {
+            return Err(format!(
+                "memory_mib {} must be even and in 4..=3072",
+                self.memory_mib
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > 8 {
+            return Err(format!("vcpus {} must be in 1..=8", self.vcpus));
+        }
+        if self.ws_pages == 0 || self.ws_pages * 4096 > (self.memory_mib << 20) / 2 {
+            return Err(format!(
+                "ws_pages {} must be above 0 and fit in half the guest RAM",
+                self.ws_pages
+            ));
+        }
+        if self.pages_per_tick == 0 || self.ticks_per_sum == 0 {
+            return Err("pages_per_tick and ticks_per_sum must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a VM is, as this host sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStatus {
+    /// Runs here.
+    Running,
+    /// Being migrated away (it runs until switchover).
+    Migrating,
+    /// Runs on another host now (see `moved_to`).
+    MovedAway,
+    /// Ran in an earlier agent process that ended; not restarted.
+    Lost,
+    /// Stopped on request.
+    Stopped,
+}
+
+/// One VM.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmView {
+    /// Its id (the same on every host it moves to).
+    pub id: String,
+    /// Its status here.
+    pub status: VmStatus,
+    /// Owner epoch: +1 at every committed migration.
+    pub epoch: u64,
+    /// What it is.
+    pub spec: VmSpec,
+    /// The guest's progress counter (when running here).
+    pub counter: Option<u64>,
+    /// Whether its last working-set checksum is right (when it made one).
+    pub checksum_ok: Option<bool>,
+    /// The host it moved to.
+    pub moved_to: Option<String>,
+    /// More about the status.
+    pub detail: Option<String>,
+}
+
+/// Which end of a migration this host is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Sends the VM.
+    Source,
+    /// Receives it.
+    Destination,
+}
+
+/// How a migration stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// In progress.
+    Running,
+    /// The VM moved.
+    Committed,
+    /// It failed before commit; the source runs the VM.
+    RolledBack,
+    /// The destination dropped what it received.
+    Discarded,
+}
+
+impl MigrationState {
+    /// Whether the migration has ended.
+    pub fn is_final(self) -> bool {
+        !matches!(self, MigrationState::Running)
+    }
+}
+
+/// One migration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationView {
+    /// Its id.
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// This host's end.
+    pub role: Role,
+    /// The other host.
+    pub peer: String,
+    /// How it stands.
+    pub state: MigrationState,
+    /// The latest progress.
+    pub progress: Progress,
+    /// The final report (source, once ended).
+    pub report: Option<Report>,
+    /// Why it failed.
+    pub error: Option<String>,
+}

@@ -1,0 +1,425 @@
+//! `tern agent`, `tern migrate`, the host-API `tern vm` commands and
+//! `tern demo`: the command-line face of the host agent.
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tern_agent::{AgentClient, AgentConfig, MigrateRequest, MigrationState, MigrationView, VmSpec};
+
+/// How to reach an agent's API.
+#[derive(clap::Args, Clone)]
+pub struct AgentConn {
+    /// The agent's API URL.
+    #[arg(long, env = "TERN_AGENT", default_value = "http://127.0.0.1:7070")]
+    pub agent: String,
+    /// Its API token (default: read from --token-file).
+    #[arg(long, env = "TERN_AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the token (the agent writes <data_dir>/api-token).
+    #[arg(long, default_value = "/var/lib/tern/agent/api-token")]
+    pub token_file: PathBuf,
+}
+
+impl AgentConn {
+    fn client(&self) -> anyhow::Result<AgentClient> {
+        let token = match &self.token {
+            Some(t) => t.clone(),
+            None => std::fs::read_to_string(&self.token_file)
+                .with_context(|| {
+                    format!(
+                        "no --token given and cannot read {}",
+                        self.token_file.display()
+                    )
+                })?
+                .trim()
+                .to_string(),
+        };
+        Ok(AgentClient::new(&self.agent, &token))
+    }
+}
+
+/// `tern migrate`.
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    /// The VM to move.
+    pub vm: String,
+    /// Destination host (a peer in the agent's configuration).
+    #[arg(long)]
+    pub to: String,
+    /// precopy (postcopy and hybrid are not built yet).
+    #[arg(long, default_value = "precopy")]
+    pub mode: String,
+    /// Downtime budget in ms.
+    #[arg(long, default_value_t = 50)]
+    pub max_downtime: u64,
+    /// Bandwidth cap in MB/s (default: none).
+    #[arg(long)]
+    pub bandwidth: Option<u64>,
+    /// Print the final report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: AgentConn,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Runs an agent until it is killed.
+pub fn agent(file: &Path) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(file)?;
+    runtime()?.block_on(tern_agent::serve(cfg))?;
+    Ok(())
+}
+
+/// Starts a migration and follows it to the end with a progress bar.
+pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
+    let client = a.conn.client()?;
+    runtime()?.block_on(async {
+        let req = MigrateRequest {
+            to: a.to.clone(),
+            mode: a.mode.clone(),
+            max_downtime_ms: Some(a.max_downtime),
+            bandwidth_mbps: a.bandwidth,
+        };
+        let started = client.migrate(&a.vm, &req).await?;
+        let done = follow(&client, &started.id, !a.json).await?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&done)?);
+        } else {
+            print_report(&done);
+        }
+        if done.state != MigrationState::Committed {
+            bail!(
+                "migration {} {:?}: {}",
+                done.id,
+                done.state,
+                done.error.unwrap_or_default()
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Polls a migration until it ends, drawing a bar of pages sent.
+async fn follow(client: &AgentClient, id: &str, show: bool) -> anyhow::Result<MigrationView> {
+    let bar = if show {
+        ProgressBar::new(1)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:32}] {pos}/{len} pages {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(id.to_string());
+    loop {
+        let v = client.migration(id).await?;
+        let p = &v.progress;
+        let pages = (p.memory_bytes / 4096).max(1);
+        bar.set_length(pages.max(p.pages_sent));
+        bar.set_position(p.pages_sent.min(bar.length().unwrap_or(pages)));
+        bar.set_message(format!(
+            "{} round {} | {:.1} MB on wire | {:.0} MB/s | dirty {:.0} pages/s | predicted downtime {:.1} ms | eta {:.1} s",
+            p.phase,
+            p.round,
+            p.wire_bytes as f64 / 1e6,
+            p.throughput_bytes_per_sec / 1e6,
+            p.dirty_pages_per_sec,
+            p.predicted_downtime_ms,
+            p.eta_seconds
+        ));
+        if v.state.is_final() {
+            bar.finish_and_clear();
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_report(v: &MigrationView) {
+    println!(
+        "migration {} of {} to {}: {:?}",
+        v.id, v.vm, v.peer, v.state
+    );
+    if let Some(e) = &v.error {
+        println!("  error: {e}");
+    }
+    if let Some(r) = &v.report {
+        println!("  round  pages     wire MB   seconds  dirtied  predicted downtime ms");
+        for s in &r.rounds {
+            println!(
+                "  {:>5}  {:>8}  {:>8.2}  {:>8.3}  {:>7}  {:>8.2}",
+                s.round,
+                s.pages,
+                s.wire_bytes as f64 / 1e6,
+                s.seconds,
+                s.dirtied,
+                s.predicted_downtime_ms
+            );
+        }
+        let ram = r.memory_bytes.max(1) as f64;
+        println!(
+            "  total {:.1} ms | downtime {:.1} ms (pause → running on the target) | {} pages | {:.2} MB on the wire ({:.3}× guest RAM of {} MiB)",
+            r.total_ms,
+            r.downtime_ms,
+            r.pages_sent,
+            r.wire_bytes as f64 / 1e6,
+            r.wire_bytes as f64 / ram,
+            r.memory_bytes >> 20
+        );
+    }
+}
+
+/// `tern vm create|list|show|stop` against an agent.
+pub fn vm_remote(cmd: RemoteVm) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        match cmd {
+            RemoteVm::Create { spec, conn } => {
+                let v = conn.client()?.create_vm(&spec.into()).await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            RemoteVm::List { conn } => {
+                for v in conn.client()?.vms().await? {
+                    println!(
+                        "{}  {:?}  epoch {}  counter {}  {}",
+                        v.id,
+                        v.status,
+                        v.epoch,
+                        v.counter.map(|c| c.to_string()).unwrap_or("-".into()),
+                        v.moved_to
+                            .map(|h| format!("moved to {h}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            RemoteVm::Show { id, conn } => {
+                let v = conn.client()?.vm(&id).await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            RemoteVm::Stop { id, conn } => conn.client()?.stop_vm(&id).await?,
+        }
+        Ok(())
+    })
+}
+
+/// The guest to boot on an agent.
+#[derive(clap::Args)]
+pub struct SpecArgs {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 64)]
+    memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Pages the test guest keeps rewriting.
+    #[arg(long, default_value_t = 256)]
+    ws_pages: u64,
+    /// Pages it writes per tick.
+    #[arg(long, default_value_t = 4)]
+    pages_per_tick: u64,
+}
+
+impl From<SpecArgs> for VmSpec {
+    fn from(a: SpecArgs) -> Self {
+        VmSpec {
+            memory_mib: a.memory,
+            vcpus: a.vcpus,
+            ws_pages: a.ws_pages,
+            pages_per_tick: a.pages_per_tick,
+            ..Default::default()
+        }
+    }
+}
+
+/// VM commands served by an agent.
+#[derive(clap::Subcommand)]
+pub enum RemoteVm {
+    /// Boot a test-guest VM on an agent.
+    Create {
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// List an agent's VMs.
+    List {
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Show one VM.
+    Show {
+        /// The VM.
+        id: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Stop a VM.
+    Stop {
+        /// The VM.
+        id: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+}
+
+/// A child agent process, killed when dropped.
+struct ChildAgent(Child);
+
+impl Drop for ChildAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Two local agents with mutual TLS, peers of each other. Returns their
+/// config files and API URLs.
+pub fn write_pair(dir: &Path) -> anyhow::Result<[(PathBuf, String, PathBuf); 2]> {
+    let tls = dir.join("tls");
+    tern_transport::certs::init_ca(&tls)?;
+    let year = Duration::from_secs(365 * 86400);
+    let names = ["host-a", "host-b"];
+    let mut keys = Vec::new();
+    let mut pins = Vec::new();
+    let mut ports = Vec::new();
+    for n in names {
+        pins.push(tern_transport::certs::issue(&tls, n, &tls, year, false)?.spki_sha256);
+        keys.push(tern_agent::keys::host_public_key(&dir.join(n))?);
+        ports.push((free_port()?, free_port()?));
+    }
+    let mut out = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let j = 1 - i;
+        let text = format!(
+            "name = \"{n}\"\napi_addr = \"127.0.0.1:{api}\"\nmigrate_addr = \"127.0.0.1:{mig}\"\ndata_dir = \"{data}\"\n\n[tls]\ncert = \"{tls}/{n}.pem\"\nkey = \"{tls}/{n}.key\"\nca = \"{tls}/ca.pem\"\n\n[[peers]]\nname = \"{peer}\"\nmigrate_addr = \"127.0.0.1:{pmig}\"\nkey = \"{pkey}\"\ntls_pin = \"{ppin}\"\n",
+            api = ports[i].0,
+            mig = ports[i].1,
+            data = dir.join(n).display(),
+            tls = tls.display(),
+            peer = names[j],
+            pmig = ports[j].1,
+            pkey = keys[j],
+            ppin = pins[j],
+        );
+        let file = dir.join(format!("{n}.toml"));
+        std::fs::write(&file, text)?;
+        out.push((
+            file,
+            format!("http://127.0.0.1:{}", ports[i].0),
+            dir.join(n).join("api-token"),
+        ));
+    }
+    Ok([out[0].clone(), out[1].clone()])
+}
+
+fn spawn_agent(file: &Path) -> anyhow::Result<ChildAgent> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("agent")
+        .arg(file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let out = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(out).lines();
+    let guard = ChildAgent(child);
+    for l in lines.by_ref() {
+        let l = l?;
+        if l.contains(" ready ") {
+            println!("  {l}");
+            // Keep draining so the agent never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return Ok(guard);
+        }
+    }
+    bail!(
+        "the agent for {} exited before it was ready",
+        file.display()
+    )
+}
+
+/// `tern demo`: two local agents; a guest that dirties memory moves from
+/// the first to the second while it runs.
+pub fn demo() -> anyhow::Result<()> {
+    if !Path::new("/dev/kvm").exists() {
+        bail!("the demo needs /dev/kvm");
+    }
+    let dir = tempfile::tempdir()?;
+    println!(
+        "== two host agents (mutual TLS, Ed25519 host keys) in {}",
+        dir.path().display()
+    );
+    let [(fa, url_a, tok_a), (fb, url_b, tok_b)] = write_pair(dir.path())?;
+    let _a = spawn_agent(&fa)?;
+    let _b = spawn_agent(&fb)?;
+    let token =
+        |p: &Path| -> anyhow::Result<String> { Ok(std::fs::read_to_string(p)?.trim().into()) };
+    let a = AgentClient::new(&url_a, &token(&tok_a)?);
+    let b = AgentClient::new(&url_b, &token(&tok_b)?);
+    runtime()?.block_on(async {
+        let spec = VmSpec {
+            memory_mib: 128,
+            ws_pages: 4096,
+            pages_per_tick: 64,
+            ..Default::default()
+        };
+        println!("== boot a test guest on host-a: 128 MiB, rewriting a 16 MiB working set");
+        let vm = a.create_vm(&spec).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = a.vm(&vm.id).await?;
+        println!(
+            "   {} running on host-a: counter {}, checksum ok: {:?}",
+            vm.id,
+            before.counter.unwrap_or(0),
+            before.checksum_ok
+        );
+        println!("== live-migrate it to host-b (pre-copy, 50 ms downtime budget)");
+        let m = a
+            .migrate(
+                &vm.id,
+                &MigrateRequest {
+                    to: "host-b".into(),
+                    mode: "precopy".into(),
+                    max_downtime_ms: Some(50),
+                    bandwidth_mbps: None,
+                },
+            )
+            .await?;
+        let done = follow(&a, &m.id, true).await?;
+        print_report(&done);
+        if done.state != MigrationState::Committed {
+            bail!("the migration did not commit");
+        }
+        let c1 = b.vm(&vm.id).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let c2 = b.vm(&vm.id).await?;
+        println!(
+            "== on host-b: {:?}, epoch {}, counter {} → {} (still counting), checksum ok: {:?}",
+            c2.status,
+            c2.epoch,
+            c1.counter.unwrap_or(0),
+            c2.counter.unwrap_or(0),
+            c2.checksum_ok
+        );
+        let gone = a.vm(&vm.id).await?;
+        println!(
+            "== on host-a: {:?} (moved to {})",
+            gone.status,
+            gone.moved_to.unwrap_or_default()
+        );
+        Ok(())
+    })
+}
