@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod journal;
 pub mod keys;
+pub mod testbed;
 pub mod views;
 
 pub use agent::{Agent, AgentError, MigrateRequest};

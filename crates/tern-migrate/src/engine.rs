@@ -280,6 +280,9 @@ impl PageSender {
 async fn drain(tx: &Sender, timeout: Duration) -> Result<(), MigrateError> {
     let deadline = Instant::now() + timeout;
     while tx.unacked_bytes() > 0 {
+        if let Some(e) = tx.error() {
+            return Err(tx_err(e));
+        }
         if Instant::now() > deadline {
             return Err(MigrateError::Transport(format!(
                 "the destination acknowledged nothing for {timeout:?}"
@@ -444,7 +447,7 @@ async fn run_source<G: SourceGuest>(
     report.phase = SourcePhase::Requesting;
     let mut ps = PageSender {
         encoder: Encoder::new(EncoderConfig::default()),
-        hashes: vec![[0u8; 32]; n_pages as usize],
+        hashes: vec![*blake3::hash(&[0u8; PAGE]).as_bytes(); n_pages as usize],
         buf: Vec::new(),
         out: Vec::new(),
         frames: 0,
@@ -551,15 +554,11 @@ async fn run_source<G: SourceGuest>(
     ps.send(data, frame(KIND_DEVICE_STATE, &state)).await?;
     // The hash of every page as last sent, kept up to date while sending:
     // the root is all the destination needs (it hashes what it holds).
-    let mut all = Vec::with_capacity(ps.hashes.len() * 32);
-    for h in &ps.hashes {
-        all.extend_from_slice(h);
-    }
     let manifest = Manifest {
         migration: migration.to_string(),
         frames: ps.frames,
         memory_bytes: shape.memory_bytes,
-        pages_root: blake3::hash(&all).to_hex().to_string(),
+        pages_root: pages_root(&ps.hashes),
         device_state: blake3::hash(&state).to_hex().to_string(),
     };
     ps.send(
@@ -599,6 +598,15 @@ async fn run_source<G: SourceGuest>(
     guest.discard();
     report.phase = SourcePhase::Committed;
     Ok(())
+}
+
+/// BLAKE3 over the concatenated per-page hashes, hex: what the manifest signs.
+fn pages_root(hashes: &[[u8; 32]]) -> String {
+    let mut h = blake3::Hasher::new();
+    for p in hashes {
+        h.update(p);
+    }
+    h.finalize().to_hex().to_string()
 }
 
 /// Limits the destination enforces on requests.
@@ -725,6 +733,10 @@ where
 
     let n_pages = s.memory_bytes / PAGE as u64;
     let mut decoder = Decoder::new(n_pages);
+    // Each page's hash as it now stands here, updated as frames land so
+    // switchover verifies a root, not all of RAM (fresh RAM is zero).
+    let zero_hash = *blake3::hash(&[0u8; PAGE]).as_bytes();
+    let mut page_hashes = vec![zero_hash; n_pages as usize];
     let mut state: Option<Bytes> = None;
     let mut frames = 1u64; // the request
     let signed = loop {
@@ -734,6 +746,9 @@ where
                 decoder
                     .decode_frame(&p, guest.ram_mut()?)
                     .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
+                for (page, bytes) in decoder.last_frame_pages() {
+                    page_hashes[page as usize] = *blake3::hash(bytes).as_bytes();
+                }
             }
             KIND_DEVICE_STATE => state = Some(p),
             KIND_MSG => match parse_msg(&p)? {
@@ -769,12 +784,7 @@ where
             "device state hash mismatch".into(),
         ));
     }
-    let ram = guest.ram_mut()?;
-    let mut hashes = Vec::with_capacity(n_pages as usize * 32);
-    for page in ram.chunks_exact(PAGE) {
-        hashes.extend_from_slice(blake3::hash(page).as_bytes());
-    }
-    if blake3::hash(&hashes).to_hex().as_str() != m.pages_root {
+    if pages_root(&page_hashes) != m.pages_root {
         return Err(MigrateError::Verification(
             "guest RAM here differs from the source's (page hash root mismatch)".into(),
         ));

@@ -289,6 +289,16 @@ impl Decoder {
         stats.pages = count as u64;
         Ok(stats)
     }
+
+    /// The pages the last successful [`Decoder::decode_frame`] wrote, with
+    /// their new contents: lets a receiver hash pages as they arrive instead
+    /// of hashing all of RAM at switchover.
+    pub fn last_frame_pages(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.staged
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (p, &self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
+    }
 }
 
 fn has(bits: &[u64], page: u64) -> bool {

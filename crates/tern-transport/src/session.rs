@@ -463,6 +463,12 @@ impl Sender {
         self.shared.bucket.set_rate(self.shared.ceiling());
     }
 
+    /// Why the session failed, if it has (e.g. the link stayed down past the
+    /// resume deadline). Lets a caller waiting on acknowledgements stop at once.
+    pub fn error(&self) -> Option<TransportError> {
+        self.shared.failure()
+    }
+
     /// Payload bytes sent but not yet acknowledged: what a drop could make us replay.
     pub fn unacked_bytes(&self) -> usize {
         self.shared.state.lock().expect("send state").unacked_bytes

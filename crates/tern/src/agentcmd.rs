@@ -280,52 +280,6 @@ impl Drop for ChildAgent {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Two local agents with mutual TLS, peers of each other. Returns their
-/// config files and API URLs.
-pub fn write_pair(dir: &Path) -> anyhow::Result<[(PathBuf, String, PathBuf); 2]> {
-    let tls = dir.join("tls");
-    tern_transport::certs::init_ca(&tls)?;
-    let year = Duration::from_secs(365 * 86400);
-    let names = ["host-a", "host-b"];
-    let mut keys = Vec::new();
-    let mut pins = Vec::new();
-    let mut ports = Vec::new();
-    for n in names {
-        pins.push(tern_transport::certs::issue(&tls, n, &tls, year, false)?.spki_sha256);
-        keys.push(tern_agent::keys::host_public_key(&dir.join(n))?);
-        ports.push((free_port()?, free_port()?));
-    }
-    let mut out = Vec::new();
-    for (i, n) in names.iter().enumerate() {
-        let j = 1 - i;
-        let text = format!(
-            "name = \"{n}\"\napi_addr = \"127.0.0.1:{api}\"\nmigrate_addr = \"127.0.0.1:{mig}\"\ndata_dir = \"{data}\"\n\n[tls]\ncert = \"{tls}/{n}.pem\"\nkey = \"{tls}/{n}.key\"\nca = \"{tls}/ca.pem\"\n\n[[peers]]\nname = \"{peer}\"\nmigrate_addr = \"127.0.0.1:{pmig}\"\nkey = \"{pkey}\"\ntls_pin = \"{ppin}\"\n",
-            api = ports[i].0,
-            mig = ports[i].1,
-            data = dir.join(n).display(),
-            tls = tls.display(),
-            peer = names[j],
-            pmig = ports[j].1,
-            pkey = keys[j],
-            ppin = pins[j],
-        );
-        let file = dir.join(format!("{n}.toml"));
-        std::fs::write(&file, text)?;
-        out.push((
-            file,
-            format!("http://127.0.0.1:{}", ports[i].0),
-            dir.join(n).join("api-token"),
-        ));
-    }
-    Ok([out[0].clone(), out[1].clone()])
-}
-
 fn spawn_agent(file: &Path) -> anyhow::Result<ChildAgent> {
     let mut child = Command::new(std::env::current_exe()?)
         .arg("agent")
@@ -362,13 +316,16 @@ pub fn demo() -> anyhow::Result<()> {
         "== two host agents (mutual TLS, Ed25519 host keys) in {}",
         dir.path().display()
     );
-    let [(fa, url_a, tok_a), (fb, url_b, tok_b)] = write_pair(dir.path())?;
-    let _a = spawn_agent(&fa)?;
-    let _b = spawn_agent(&fb)?;
-    let token =
-        |p: &Path| -> anyhow::Result<String> { Ok(std::fs::read_to_string(p)?.trim().into()) };
-    let a = AgentClient::new(&url_a, &token(&tok_a)?);
-    let b = AgentClient::new(&url_b, &token(&tok_b)?);
+    let lo: std::net::IpAddr = [127, 0, 0, 1].into();
+    let plans = [
+        tern_agent::testbed::HostPlan::new("host-a", lo)?,
+        tern_agent::testbed::HostPlan::new("host-b", lo)?,
+    ];
+    let bed = tern_agent::testbed::write(dir.path(), &plans).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _a = spawn_agent(&bed[0].config)?;
+    let _b = spawn_agent(&bed[1].config)?;
+    let a = AgentClient::new(&bed[0].api_url, &bed[0].token()?);
+    let b = AgentClient::new(&bed[1].api_url, &bed[1].token()?);
     runtime()?.block_on(async {
         let spec = VmSpec {
             memory_mib: 128,

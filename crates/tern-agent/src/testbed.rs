@@ -1,0 +1,117 @@
+//! Lays out agents that are peers of each other on one machine: a CA and
+//! host certificates, host keys, and one configuration file per host. The
+//! demo and the end-to-end tests use it; so can an operator trying tern.
+
+use crate::config::{AgentConfig, Peer, TlsFiles};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where one host of the bed listens and how its peer is reached.
+#[derive(Clone, Debug)]
+pub struct HostPlan {
+    /// Host name.
+    pub name: String,
+    /// Address the agent binds (API and migrations).
+    pub ip: IpAddr,
+    /// API port.
+    pub api_port: u16,
+    /// Migration port.
+    pub migrate_port: u16,
+    /// How the other host dials this one's migration listener (default:
+    /// `ip:migrate_port`; a link emulator's address to put one in between).
+    pub reached_at: Option<SocketAddr>,
+    /// How long its migration sessions wait for a dropped link, seconds.
+    pub resume_deadline_secs: u64,
+}
+
+impl HostPlan {
+    /// A host on `ip` with free ports (probed on loopback when `ip` is not local yet).
+    pub fn new(name: &str, ip: IpAddr) -> std::io::Result<Self> {
+        Ok(Self {
+            name: name.into(),
+            ip,
+            api_port: free_port()?,
+            migrate_port: free_port()?,
+            reached_at: None,
+            resume_deadline_secs: 30,
+        })
+    }
+
+    /// Its migration listener.
+    pub fn migrate_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.migrate_port)
+    }
+
+    /// Its API URL.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", SocketAddr::new(self.ip, self.api_port))
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One written host.
+#[derive(Clone, Debug)]
+pub struct BedHost {
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Its API URL.
+    pub api_url: String,
+    /// Its data directory (holds `api-token` once the agent started).
+    pub data_dir: PathBuf,
+}
+
+impl BedHost {
+    /// The API token (the agent writes it at start-up).
+    pub fn token(&self) -> std::io::Result<String> {
+        crate::keys::api_token(&self.data_dir)
+    }
+}
+
+/// Writes TLS material, host keys and configurations for `hosts` (each a
+/// peer of every other) under `dir`.
+pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<BedHost>, Box<dyn std::error::Error>> {
+    let tls = dir.join("tls");
+    tern_transport::certs::init_ca(&tls)?;
+    let year = Duration::from_secs(365 * 86400);
+    let mut peers = Vec::new();
+    for h in hosts {
+        let issued = tern_transport::certs::issue(&tls, &h.name, &tls, year, false)?;
+        peers.push(Peer {
+            name: h.name.clone(),
+            migrate_addr: h.reached_at.unwrap_or(h.migrate_addr()),
+            key: crate::keys::host_public_key(&dir.join(&h.name))?,
+            tls_pin: Some(issued.spki_sha256),
+        });
+    }
+    let mut out = Vec::new();
+    for h in hosts {
+        let mut cfg = AgentConfig::new(&h.name);
+        cfg.api_addr = SocketAddr::new(h.ip, h.api_port);
+        cfg.migrate_addr = h.migrate_addr();
+        cfg.advertise_addr = h.reached_at;
+        cfg.data_dir = dir.join(&h.name);
+        cfg.resume_deadline_secs = h.resume_deadline_secs;
+        cfg.tls = Some(TlsFiles {
+            cert: tls.join(format!("{}.pem", h.name)),
+            key: tls.join(format!("{}.key", h.name)),
+            ca: tls.join("ca.pem"),
+        });
+        cfg.peers = peers.iter().filter(|p| p.name != h.name).cloned().collect();
+        cfg.validate()?;
+        let file = dir.join(format!("{}.toml", h.name));
+        std::fs::write(&file, toml::to_string_pretty(&cfg)?)?;
+        out.push(BedHost {
+            config: file,
+            api_url: h.api_url(),
+            data_dir: cfg.data_dir.clone(),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,444 @@
+//! End to end: real tern-vmm test guests live-migrated between two `tern
+//! agent` processes over mutual TLS, through the test link emulator (20 ms
+//! RTT) or across two network namespaces, and the faults a migration must
+//! survive. Slow (each starts two agents and boots guests): `#[ignore]`d so
+//! `cargo test` stays quick; `scripts/test.sh` runs them.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tern_agent::testbed::{self, BedHost, HostPlan};
+use tern_agent::{AgentClient, MigrateRequest, MigrationState, MigrationView, VmSpec, VmStatus};
+use tern_testkit::{LinkConfig, LinkEmulator};
+
+const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// An agent process, killed when dropped.
+struct AgentProc {
+    child: Child,
+    host: BedHost,
+}
+
+impl AgentProc {
+    fn start(host: &BedHost, netns: Option<&str>) -> AgentProc {
+        let bin = env!("CARGO_BIN_EXE_tern");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
+            .arg("agent")
+            .arg(&host.config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tern agent");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if l.contains(" ready ") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the agent did not print its ready line within 30 s");
+        eprintln!("{line}");
+        AgentProc {
+            child,
+            host: host.clone(),
+        }
+    }
+
+    fn client(&self) -> AgentClient {
+        AgentClient::new(&self.host.api_url, &self.host.token().unwrap())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spec() -> VmSpec {
+    VmSpec {
+        memory_mib: 64,
+        ws_pages: 2048,
+        pages_per_tick: 16,
+        ..Default::default()
+    }
+}
+
+fn precopy_to(to: &str) -> MigrateRequest {
+    MigrateRequest {
+        to: to.into(),
+        mode: "precopy".into(),
+        max_downtime_ms: Some(50),
+        bandwidth_mbps: None,
+    }
+}
+
+async fn wait_end(c: &AgentClient, id: &str, limit: Duration) -> MigrationView {
+    let t = Instant::now();
+    loop {
+        let v = c.migration(id).await.unwrap();
+        if v.state.is_final() {
+            return v;
+        }
+        assert!(t.elapsed() < limit, "migration {id} still running: {v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The guest runs on `c`: its counter advances and its working-set checksum is right.
+async fn assert_runs(c: &AgentClient, vm: &str, epoch: u64) {
+    let a = c.vm(vm).await.unwrap();
+    assert_eq!(a.status, VmStatus::Running, "{a:?}");
+    assert_eq!(a.epoch, epoch);
+    let t = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let b = c.vm(vm).await.unwrap();
+        if b.counter > a.counter && b.checksum_ok.is_some() {
+            assert_eq!(
+                b.checksum_ok,
+                Some(true),
+                "working-set checksum wrong: {b:?}"
+            );
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the guest stopped counting: {b:?}"
+        );
+    }
+}
+
+fn kvm() -> bool {
+    tern_vmm::testing::kvm_or_skip()
+}
+
+/// Migrates a fresh VM a → b and checks both ends.
+async fn migrate_and_check(a: &AgentClient, b: &AgentClient) -> MigrationView {
+    let vm = a.create_vm(&spec()).await.unwrap();
+    assert_runs(a, &vm.id, 1).await;
+    let m = a.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
+    let done = wait_end(a, &m.id, Duration::from_secs(120)).await;
+    assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+    let r = done.report.as_ref().unwrap();
+    eprintln!(
+        "migrated {} in {:.1} ms, downtime {:.1} ms, {} rounds, {:.2} MB on the wire",
+        vm.id,
+        r.total_ms,
+        r.downtime_ms,
+        r.rounds.len(),
+        r.wire_bytes as f64 / 1e6
+    );
+    assert_runs(b, &vm.id, 2).await;
+    let gone = a.vm(&vm.id).await.unwrap();
+    assert_eq!(gone.status, VmStatus::MovedAway);
+    assert_eq!(gone.moved_to.as_deref(), Some("host-b"));
+    let dest_side = b.migration(&m.id).await.unwrap();
+    assert_eq!(dest_side.state, MigrationState::Committed);
+    done
+}
+
+fn link(rate: u64) -> LinkConfig {
+    LinkConfig {
+        one_way_delay: Duration::from_millis(10),
+        jitter: Duration::from_millis(1),
+        rate_bytes_per_sec: rate,
+        queue_bytes: 4 << 20,
+    }
+}
+
+/// Two loopback agents whose migration traffic (both sessions) crosses
+/// link emulators with 10 ms each way.
+async fn pair_via_emulator(
+    dir: &Path,
+    rate: u64,
+    resume: u64,
+) -> (Vec<BedHost>, LinkEmulator, LinkEmulator) {
+    let mut a = HostPlan::new("host-a", LO).unwrap();
+    let mut b = HostPlan::new("host-b", LO).unwrap();
+    let to_b = LinkEmulator::start(b.migrate_addr(), link(rate))
+        .await
+        .unwrap();
+    let to_a = LinkEmulator::start(a.migrate_addr(), link(rate))
+        .await
+        .unwrap();
+    a.reached_at = Some(to_a.addr());
+    b.reached_at = Some(to_b.addr());
+    a.resume_deadline_secs = resume;
+    b.resume_deadline_secs = resume;
+    (testbed::write(dir, &[a, b]).unwrap(), to_b, to_a)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn precopy_between_agent_processes_through_a_20ms_rtt_link() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (bed, to_b, _to_a) = pair_via_emulator(dir.path(), 0, 30).await;
+    let a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    migrate_and_check(&a.client(), &b.client()).await;
+    assert!(
+        to_b.bytes_up() > 0,
+        "the data did not cross the emulated link"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn a_corrupted_page_frame_is_detected_resent_and_the_migration_completes() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (bed, to_b, _to_a) = pair_via_emulator(dir.path(), 0, 30).await;
+    // Flip a byte 64 KiB into the first data connection: inside a page frame.
+    to_b.corrupt_next_connection_at(64 << 10);
+    let a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    migrate_and_check(&a.client(), &b.client()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn a_link_cut_for_2s_mid_transfer_resumes_and_completes() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MB/s so round 1 takes long enough to cut it in the middle.
+    let (bed, to_b, to_a) = pair_via_emulator(dir.path(), 1 << 20, 30).await;
+    let a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    let (ca, cb) = (a.client(), b.client());
+    let vm = ca.create_vm(&spec()).await.unwrap();
+    assert_runs(&ca, &vm.id, 1).await;
+    let m = ca.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
+    let t = Instant::now();
+    while ca.migration(&m.id).await.unwrap().progress.pages_sent == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    to_b.cut(Duration::from_secs(2));
+    to_a.cut(Duration::from_secs(2));
+    let done = wait_end(&ca, &m.id, Duration::from_secs(120)).await;
+    assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+    assert!(to_b.connections() > 2, "no reconnection happened");
+    assert_runs(&cb, &vm.id, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn killing_the_target_during_precopy_leaves_the_source_running_unchanged() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Slow link so pre-copy is still going when the target dies; a short
+    // resume deadline so the source gives up quickly.
+    let (bed, _to_b, _to_a) = pair_via_emulator(dir.path(), 256 << 10, 3).await;
+    let a = AgentProc::start(&bed[0], None);
+    let mut b = AgentProc::start(&bed[1], None);
+    let ca = a.client();
+    let vm = ca.create_vm(&spec()).await.unwrap();
+    assert_runs(&ca, &vm.id, 1).await;
+    let m = ca.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
+    let t = Instant::now();
+    while ca.migration(&m.id).await.unwrap().progress.pages_sent == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ca.migration(&m.id).await.unwrap().progress.phase, "precopy");
+    b.kill();
+    let done = wait_end(&ca, &m.id, Duration::from_secs(90)).await;
+    assert_eq!(done.state, MigrationState::RolledBack, "{done:?}");
+    eprintln!("rolled back: {}", done.error.unwrap_or_default());
+    assert_runs(&ca, &vm.id, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn a_forged_manifest_signature_is_refused_and_the_source_keeps_running() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bed = testbed::write(
+        dir.path(),
+        &[
+            HostPlan::new("host-a", LO).unwrap(),
+            HostPlan::new("host-b", LO).unwrap(),
+        ],
+    )
+    .unwrap();
+    // host-b is told a different key for host-a: host-a's real signature
+    // looks forged to it.
+    let other = tempfile::tempdir().unwrap();
+    let wrong = tern_agent::keys::host_public_key(other.path()).unwrap();
+    let text = std::fs::read_to_string(&bed[1].config).unwrap();
+    let right = tern_agent::keys::host_public_key(&bed[0].data_dir).unwrap();
+    std::fs::write(&bed[1].config, text.replace(&right, &wrong)).unwrap();
+    let a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    let (ca, cb) = (a.client(), b.client());
+    let vm = ca.create_vm(&spec()).await.unwrap();
+    assert_runs(&ca, &vm.id, 1).await;
+    let m = ca.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
+    let done = wait_end(&ca, &m.id, Duration::from_secs(60)).await;
+    assert_eq!(done.state, MigrationState::RolledBack, "{done:?}");
+    let err = done.error.unwrap_or_default();
+    assert!(err.contains("signature"), "{err}");
+    assert_eq!(
+        cb.migration(&m.id).await.unwrap().state,
+        MigrationState::Discarded
+    );
+    assert!(cb.vm(&vm.id).await.is_err(), "host-b kept a copy");
+    assert_runs(&ca, &vm.id, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn killing_the_source_after_commit_leaves_one_copy_and_a_restart_does_not_start_another() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bed = testbed::write(
+        dir.path(),
+        &[
+            HostPlan::new("host-a", LO).unwrap(),
+            HostPlan::new("host-b", LO).unwrap(),
+        ],
+    )
+    .unwrap();
+    let mut a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    let (ca, cb) = (a.client(), b.client());
+    let done = migrate_and_check(&ca, &cb).await;
+    a.kill();
+    assert_runs(&cb, &done.vm, 2).await;
+    let a2 = AgentProc::start(&bed[0], None);
+    let after = a2.client().vm(&done.vm).await.unwrap();
+    assert_eq!(after.status, VmStatus::MovedAway, "{after:?}");
+    assert_eq!(after.moved_to.as_deref(), Some("host-b"));
+    let running_on_a = a2
+        .client()
+        .vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.status == VmStatus::Running)
+        .count();
+    assert_eq!(running_on_a, 0);
+    assert_runs(&cb, &done.vm, 2).await;
+}
+
+/// Two namespaces on a bridge; removed on drop.
+struct Netns {
+    names: [String; 2],
+    bridge: String,
+}
+
+impl Netns {
+    fn sh(args: &[&str]) -> bool {
+        Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn create(tag: &str) -> Option<(Netns, [IpAddr; 2])> {
+        let names = [format!("tern-{tag}-a"), format!("tern-{tag}-b")];
+        let bridge = format!("tbr{}", std::process::id() % 100000);
+        let n = Netns {
+            names: names.clone(),
+            bridge: bridge.clone(),
+        };
+        let ok = Self::sh(&["ip", "link", "add", &bridge, "type", "bridge"])
+            && Self::sh(&["ip", "addr", "add", "10.231.0.1/24", "dev", &bridge])
+            && Self::sh(&["ip", "link", "set", &bridge, "up"]);
+        if !ok {
+            return None;
+        }
+        for (i, ns) in names.iter().enumerate() {
+            let host_end = format!("tv{}{}", std::process::id() % 100000, i);
+            let ip = format!("10.231.0.{}/24", i + 2);
+            let ok = Self::sh(&["ip", "netns", "add", ns])
+                && Self::sh(&[
+                    "ip", "link", "add", &host_end, "type", "veth", "peer", "name", "eth0",
+                    "netns", ns,
+                ])
+                && Self::sh(&["ip", "link", "set", &host_end, "master", &bridge])
+                && Self::sh(&["ip", "link", "set", &host_end, "up"])
+                && Self::sh(&[
+                    "ip", "netns", "exec", ns, "ip", "addr", "add", &ip, "dev", "eth0",
+                ])
+                && Self::sh(&["ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up"])
+                && Self::sh(&["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]);
+            if !ok {
+                return None;
+            }
+        }
+        Some((n, [[10, 231, 0, 2].into(), [10, 231, 0, 3].into()]))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            Self::sh(&["ip", "netns", "del", ns]);
+        }
+        Self::sh(&["ip", "link", "del", &self.bridge]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn precopy_between_agents_in_two_network_namespaces() {
+    if !kvm() {
+        return;
+    }
+    let Some((ns, [ip_a, ip_b])) = Netns::create(&format!("{}", std::process::id() % 10000)) else {
+        eprintln!(
+            "SKIPPED: cannot create network namespaces and a bridge here (need root and iproute2)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bed = testbed::write(
+        dir.path(),
+        &[
+            HostPlan::new("host-a", ip_a).unwrap(),
+            HostPlan::new("host-b", ip_b).unwrap(),
+        ],
+    )
+    .unwrap();
+    let a = AgentProc::start(&bed[0], Some(&ns.names[0]));
+    let b = AgentProc::start(&bed[1], Some(&ns.names[1]));
+    let done = migrate_and_check(&a.client(), &b.client()).await;
+    let _: SocketAddr = SocketAddr::new(ip_b, 0);
+    assert!(done.report.unwrap().downtime_ms > 0.0);
+    drop((a, b));
+}
