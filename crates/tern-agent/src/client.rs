@@ -136,6 +136,12 @@ impl AgentClient {
         .await
     }
 
+    /// Every migration the agent ran since it started.
+    pub async fn migrations_list(&self) -> Result<Vec<MigrationView>, ClientError> {
+        self.call(self.http.get(format!("{}/api/v1/migrations", self.base)))
+            .await
+    }
+
     /// Raw server-sent events of a migration, as the server wrote them.
     pub async fn events_text(&self, id: &str) -> Result<String, ClientError> {
         let url = format!("{}/api/v1/migrations/{id}/events", self.base);

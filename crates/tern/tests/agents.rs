@@ -442,3 +442,76 @@ async fn precopy_between_agents_in_two_network_namespaces() {
     assert!(done.report.unwrap().downtime_ms > 0.0);
     drop((a, b));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn the_cli_migrates_with_a_report_and_the_api_streams_progress_events() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bed = testbed::write(
+        dir.path(),
+        &[
+            HostPlan::new("host-a", LO).unwrap(),
+            HostPlan::new("host-b", LO).unwrap(),
+        ],
+    )
+    .unwrap();
+    let a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    let bin = env!("CARGO_BIN_EXE_tern");
+    let token_file = bed[0].data_dir.join("api-token");
+    let conn = [
+        "--agent",
+        &bed[0].api_url,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    let out = Command::new(bin)
+        .args(["vm", "create", "--memory", "64"])
+        .args(conn)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vm: tern_agent::VmView = serde_json::from_slice(&out.stdout).unwrap();
+    assert_runs(&a.client(), &vm.id, 1).await;
+    let out = Command::new(bin)
+        .args(["migrate", &vm.id, "--to", "host-b", "--max-downtime", "40"])
+        .args(conn)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Committed") && text.contains("downtime"),
+        "{text}"
+    );
+    eprintln!("{text}");
+    assert_runs(&b.client(), &vm.id, 2).await;
+    // A bad destination is a clear error, and nothing moves.
+    let out = Command::new(bin)
+        .args(["migrate", &vm.id, "--to", "nowhere"])
+        .args(["--agent", &bed[1].api_url, "--token-file"])
+        .arg(bed[1].data_dir.join("api-token"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a configured peer"), "{err}");
+    // The migration's event stream ends with its final view.
+    let mid = a.client().migrations_list().await.unwrap()[0].id.clone();
+    let events = a.client().events_text(&mid).await.unwrap();
+    assert!(
+        events.contains("event: end") && events.contains("committed"),
+        "{events}"
+    );
+}
