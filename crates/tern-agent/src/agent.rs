@@ -89,7 +89,7 @@ pub struct Agent {
 pub struct MigrateRequest {
     /// Destination host (a configured peer).
     pub to: String,
-    /// `precopy` (the one mode built so far).
+    /// `precopy`, `postcopy` or `hybrid`.
     #[serde(default = "default_mode")]
     pub mode: String,
     /// Downtime budget, ms (default 50).
@@ -376,16 +376,13 @@ impl Agent {
     /// Starts migrating a VM to a peer; returns the migration's id at once
     /// (follow it with [`Agent::migration`] or [`Agent::progress`]).
     pub fn migrate(&self, vm: &str, req: MigrateRequest) -> Result<String, AgentError> {
-        if req.mode != "precopy" {
-            return Err(AgentError::BadRequest(format!(
-                "mode `{}` is not built yet (only `precopy`)",
-                req.mode
-            )));
-        }
         let peer = self.inner.cfg.peer(&req.to).cloned().ok_or_else(|| {
             AgentError::BadRequest(format!("`{}` is not a configured peer", req.to))
         })?;
-        let mut policy = Policy::default();
+        let mut policy = Policy {
+            mode: req.mode.parse().map_err(AgentError::BadRequest)?,
+            ..Policy::default()
+        };
         if let Some(ms) = req.max_downtime_ms {
             if ms == 0 {
                 return Err(AgentError::BadRequest(

@@ -57,6 +57,10 @@ pub enum MigrateError {
     /// not resume it (the destination journals the commit before starting).
     #[error("commit sent, but the destination did not confirm it runs the guest: {0}")]
     CommitUnconfirmed(String),
+    /// Post-copy failed after commit: the guest runs on the destination but
+    /// did not receive all its pages (the source copy is discarded).
+    #[error("post-copy failed after commit: {0}")]
+    PostcopyFailed(String),
 }
 
 fn tx_err(e: impl std::fmt::Display) -> MigrateError {
@@ -87,9 +91,40 @@ pub enum SourcePhase {
     },
 }
 
+/// How pages move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Copy while the guest runs, stop it for the last dirty pages.
+    Precopy,
+    /// Start the guest on the destination at once; pages follow on demand
+    /// and in the background.
+    Postcopy,
+    /// Pre-copy rounds while they converge (up to `hybrid_rounds`), then post-copy.
+    Hybrid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(Mode::Precopy),
+            "postcopy" => Ok(Mode::Postcopy),
+            "hybrid" => Ok(Mode::Hybrid),
+            other => Err(format!(
+                "unknown mode `{other}` (precopy, postcopy, hybrid)"
+            )),
+        }
+    }
+}
+
 /// How the source runs a migration.
 #[derive(Clone, Debug)]
 pub struct Policy {
+    /// Pre-copy, post-copy or hybrid.
+    pub mode: Mode,
+    /// Hybrid: pre-copy rounds before switching to post-copy.
+    pub hybrid_rounds: u32,
     /// The longest the guest may be stopped.
     pub max_downtime: Duration,
     /// Rounds before switching over regardless.
@@ -107,6 +142,8 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Self {
+            mode: Mode::Precopy,
+            hybrid_rounds: 2,
             max_downtime: Duration::from_millis(50),
             max_rounds: 30,
             frame_pages: 1024,
@@ -189,6 +226,15 @@ pub struct Report {
     pub downtime_ms: f64,
     /// Whole migration.
     pub total_ms: f64,
+    /// Whether the guest ran on the destination before all pages arrived.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Post-copy: pages the destination asked for because the guest touched them.
+    #[serde(default)]
+    pub faults_served: u64,
+    /// Post-copy: guest started on the destination → last page acknowledged.
+    #[serde(default)]
+    pub postcopy_ms: f64,
 }
 
 /// The source's ends of the two sessions.
@@ -370,6 +416,9 @@ pub async fn migrate_observed<G: SourceGuest>(
         memory_bytes: guest.shape().memory_bytes,
         downtime_ms: 0.0,
         total_ms: 0.0,
+        postcopy: false,
+        faults_served: 0,
+        postcopy_ms: 0.0,
     };
     let res = run_source(
         guest,
@@ -387,7 +436,9 @@ pub async fn migrate_observed<G: SourceGuest>(
     .await;
     report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     match &res {
-        Err(MigrateError::CommitUnconfirmed(_)) => report.phase = SourcePhase::Committed,
+        Err(MigrateError::CommitUnconfirmed(_) | MigrateError::PostcopyFailed(_)) => {
+            report.phase = SourcePhase::Committed
+        }
         Err(e) => {
             report.phase = SourcePhase::RolledBack {
                 reason: e.to_string(),
@@ -405,7 +456,7 @@ pub async fn migrate_observed<G: SourceGuest>(
             let _ = data.finish().await;
             Ok(report)
         }
-        Err(e @ MigrateError::CommitUnconfirmed(_)) => {
+        Err(e @ (MigrateError::CommitUnconfirmed(_) | MigrateError::PostcopyFailed(_))) => {
             tracing::error!(migration, error = %e, "ownership moved at commit; the source copy is discarded");
             guest.discard();
             Err(e)
@@ -480,7 +531,13 @@ async fn run_source<G: SourceGuest>(
     let mut todo: Vec<u64> = (0..n_pages).collect();
     let mut round = 0u32;
     let mut best_throughput = 0f64;
-    loop {
+    let rounds_allowed = match policy.mode {
+        Mode::Precopy => policy.max_rounds.max(1),
+        Mode::Postcopy => 0,
+        Mode::Hybrid => policy.hybrid_rounds.max(1),
+    };
+    let mut postcopy = rounds_allowed == 0;
+    while round < rounds_allowed {
         round += 1;
         report.phase = SourcePhase::Precopy { round };
         let pending = todo.len() as u64;
@@ -532,9 +589,30 @@ async fn run_source<G: SourceGuest>(
             p.predicted_downtime_ms = predicted * 1e3;
             p.eta_seconds = predicted;
         });
-        if predicted <= policy.max_downtime.as_secs_f64() || round >= policy.max_rounds {
+        if predicted <= policy.max_downtime.as_secs_f64() {
             break;
         }
+        if round >= rounds_allowed {
+            // Not converged: hybrid moves on to post-copy; pre-copy stops
+            // the guest anyway (its downtime exceeds the budget).
+            postcopy = policy.mode == Mode::Hybrid;
+        }
+    }
+    if postcopy {
+        return postcopy_switchover(
+            guest,
+            data,
+            replies,
+            key,
+            policy,
+            migration,
+            report,
+            paused,
+            &mut ps,
+            todo,
+            before_commit,
+        )
+        .await;
     }
 
     // Switchover: stop the guest and send the rest.
@@ -560,6 +638,7 @@ async fn run_source<G: SourceGuest>(
         memory_bytes: shape.memory_bytes,
         pages_root: pages_root(&ps.hashes),
         device_state: blake3::hash(&state).to_hex().to_string(),
+        postcopy_pages: 0,
     };
     ps.send(
         data,
@@ -594,6 +673,209 @@ async fn run_source<G: SourceGuest>(
     }
     report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
     *tracking = false;
+    *paused = false;
+    guest.discard();
+    report.phase = SourcePhase::Committed;
+    Ok(())
+}
+
+/// Pages prefetched after each faulting page (the guest tends to read on).
+const PREFETCH_PAGES: u64 = 15;
+/// Background pages kept in flight during post-copy: more only delays the
+/// pages the guest is waiting for behind them.
+const POSTCOPY_INFLIGHT_BYTES: usize = 2 << 20;
+
+fn parse_reply(f: &Bytes) -> Result<DestMsg, MigrateError> {
+    match split(f).map_err(MigrateError::Protocol)? {
+        (KIND_MSG, p) => serde_json::from_slice(&p)
+            .map_err(|e| MigrateError::Protocol(format!("bad reply: {e}"))),
+        (k, _) => Err(MigrateError::Protocol(format!(
+            "unexpected reply frame kind {k}"
+        ))),
+    }
+}
+
+/// A reply if one is waiting (or arrives within `wait`).
+async fn poll_reply(rx: &mut Receiver, wait: Duration) -> Result<Option<DestMsg>, MigrateError> {
+    // `Receiver::recv` is cancel-safe: a timed-out wait loses nothing.
+    match tokio::time::timeout(wait, rx.recv()).await {
+        Err(_) => Ok(None),
+        Ok(None) => Err(MigrateError::Transport("the reply channel closed".into())),
+        Ok(Some(Err(e))) => Err(tx_err(e)),
+        Ok(Some(Ok((seq, f)))) => {
+            rx.ack(seq);
+            parse_reply(&f).map(Some)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn postcopy_switchover<G: SourceGuest>(
+    guest: &mut G,
+    data: &Sender,
+    replies: &mut Receiver,
+    key: &SigningKey,
+    policy: &Policy,
+    migration: &str,
+    report: &mut Report,
+    paused: &mut bool,
+    ps: &mut PageSender,
+    todo: Vec<u64>,
+    before_commit: CommitHook<'_>,
+) -> Result<(), MigrateError> {
+    let n_pages = report.memory_bytes / PAGE as u64;
+    report.phase = SourcePhase::Switchover;
+    report.postcopy = true;
+    ps.publish(|p| p.phase = "switchover".into());
+    let pause_at = Instant::now();
+    guest.pause()?;
+    *paused = true;
+    let mut stale = guest.take_dirty()?;
+    for p in todo {
+        stale.insert(p);
+    }
+    let stale: Vec<u64> = stale.pages().filter(|&p| p < n_pages).collect();
+    let state = guest.device_state()?;
+    ps.send(data, frame(KIND_DEVICE_STATE, &state)).await?;
+    ps.send(
+        data,
+        msg_frame(&SourceMsg::Postcopy {
+            stale: to_runs(&stale),
+        }),
+    )
+    .await?;
+    let manifest = Manifest {
+        migration: migration.to_string(),
+        frames: ps.frames,
+        memory_bytes: report.memory_bytes,
+        pages_root: String::new(),
+        device_state: blake3::hash(&state).to_hex().to_string(),
+        postcopy_pages: stale.len() as u64,
+    };
+    ps.send(
+        data,
+        msg_frame(&SourceMsg::Manifest(SignedManifest::sign(manifest, key))),
+    )
+    .await?;
+    match reply(replies, policy.reply_timeout).await? {
+        DestMsg::Ready => {}
+        DestMsg::Failed { reason } => return Err(MigrateError::DestinationFailed(reason)),
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "expected ready, got {other:?}"
+            )))
+        }
+    }
+    before_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
+    data.send(msg_frame(&SourceMsg::Commit))
+        .await
+        .map_err(tx_err)?;
+    match reply(replies, policy.reply_timeout).await {
+        Ok(DestMsg::Running) => {}
+        Ok(other) => {
+            return Err(MigrateError::CommitUnconfirmed(format!(
+                "expected running, got {other:?}"
+            )))
+        }
+        Err(e) => return Err(MigrateError::CommitUnconfirmed(e.to_string())),
+    }
+    report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    ps.publish(|p| {
+        p.phase = "postcopy".into();
+        p.pages_remaining = stale.len() as u64;
+    });
+    // From here the destination owns the guest: failures are reported, the
+    // source never resumes.
+    let failed = |e: MigrateError| MigrateError::PostcopyFailed(e.to_string());
+    // Self-contained pages only: the destination places them with
+    // userfaultfd and has no old copy to apply deltas to.
+    ps.encoder = Encoder::new(EncoderConfig {
+        xor_cache_pages: 0,
+        dedup_entries: 0,
+        ..EncoderConfig::default()
+    });
+    let mut need = vec![false; n_pages as usize];
+    for &p in &stale {
+        need[p as usize] = true;
+    }
+    let mut cursor = 0usize;
+    let mut final_sent = false;
+    let mut batch = Vec::with_capacity(policy.frame_pages);
+    loop {
+        // Requests first: the guest is waiting on them.
+        let mut wait = Duration::ZERO;
+        if cursor >= stale.len() && final_sent {
+            wait = policy.reply_timeout;
+        } else if cursor < stale.len() && data.unacked_bytes() > POSTCOPY_INFLIGHT_BYTES {
+            wait = Duration::from_millis(1);
+        }
+        if let Some(msg) = poll_reply(replies, wait).await.map_err(failed)? {
+            match msg {
+                DestMsg::PageRequest { page } if page < n_pages => {
+                    batch.clear();
+                    for p in page..(page + 1 + PREFETCH_PAGES).min(n_pages) {
+                        if std::mem::take(&mut need[p as usize]) {
+                            batch.push(p);
+                        }
+                    }
+                    if !batch.is_empty() {
+                        report.faults_served += 1;
+                        ps.send_pages(guest, data, &batch, policy.frame_pages)
+                            .await
+                            .map_err(failed)?;
+                    }
+                }
+                DestMsg::Done => break,
+                DestMsg::Failed { reason } => return Err(MigrateError::PostcopyFailed(reason)),
+                other => {
+                    return Err(MigrateError::PostcopyFailed(format!(
+                        "unexpected {other:?}"
+                    )))
+                }
+            }
+            continue;
+        }
+        if cursor < stale.len() {
+            if data.unacked_bytes() > POSTCOPY_INFLIGHT_BYTES {
+                continue;
+            }
+            batch.clear();
+            while cursor < stale.len() && batch.len() < policy.frame_pages {
+                let p = stale[cursor];
+                cursor += 1;
+                if std::mem::take(&mut need[p as usize]) {
+                    batch.push(p);
+                }
+            }
+            if !batch.is_empty() {
+                ps.send_pages(guest, data, &batch, policy.frame_pages)
+                    .await
+                    .map_err(failed)?;
+            }
+        } else if !final_sent {
+            let manifest = Manifest {
+                migration: migration.to_string(),
+                frames: ps.frames,
+                memory_bytes: report.memory_bytes,
+                pages_root: pages_root(&ps.hashes),
+                device_state: String::new(),
+                postcopy_pages: 0,
+            };
+            ps.send(
+                data,
+                msg_frame(&SourceMsg::PostcopyDone(SignedManifest::sign(
+                    manifest, key,
+                ))),
+            )
+            .await
+            .map_err(failed)?;
+            final_sent = true;
+        }
+    }
+    report.postcopy_ms = started.elapsed().as_secs_f64() * 1e3;
+    report.pages_sent = ps.pages;
+    report.wire_bytes = ps.wire;
     *paused = false;
     guest.discard();
     report.phase = SourcePhase::Committed;
@@ -738,6 +1020,7 @@ where
     let zero_hash = *blake3::hash(&[0u8; PAGE]).as_bytes();
     let mut page_hashes = vec![zero_hash; n_pages as usize];
     let mut state: Option<Bytes> = None;
+    let mut stale: Option<Vec<u64>> = None;
     let mut frames = 1u64; // the request
     let signed = loop {
         let (kind, p) = next(data).await?;
@@ -753,6 +1036,9 @@ where
             KIND_DEVICE_STATE => state = Some(p),
             KIND_MSG => match parse_msg(&p)? {
                 SourceMsg::RoundEnd { .. } => {}
+                SourceMsg::Postcopy { stale: runs } => {
+                    stale = Some(from_runs(&runs, n_pages).map_err(MigrateError::Protocol)?)
+                }
                 SourceMsg::Manifest(m) => break m,
                 SourceMsg::Abort { reason } => return Err(MigrateError::Aborted(reason)),
                 other => return Err(MigrateError::Protocol(format!("unexpected {other:?}"))),
@@ -784,11 +1070,22 @@ where
             "device state hash mismatch".into(),
         ));
     }
-    if pages_root(&page_hashes) != m.pages_root {
-        return Err(MigrateError::Verification(
-            "guest RAM here differs from the source's (page hash root mismatch)".into(),
-        ));
-    }
+    let postcopy = match (&stale, m.postcopy_pages) {
+        (None, 0) => {
+            if pages_root(&page_hashes) != m.pages_root {
+                return Err(MigrateError::Verification(
+                    "guest RAM here differs from the source's (page hash root mismatch)".into(),
+                ));
+            }
+            None
+        }
+        (Some(st), n) if st.len() as u64 == n => Some(guest.enter_postcopy(st)?),
+        _ => {
+            return Err(MigrateError::Verification(
+                "the manifest and the post-copy page list disagree".into(),
+            ))
+        }
+    };
     guest.load_device_state(&state)?;
     replies
         .send(msg_frame(&DestMsg::Ready))
@@ -817,5 +1114,138 @@ where
         .send(msg_frame(&DestMsg::Running))
         .await
         .map_err(tx_err)?;
+    if let (Some(mem), Some(stale)) = (postcopy, stale) {
+        let served = serve_postcopy(
+            data,
+            replies,
+            mem.into(),
+            &mut decoder,
+            &mut page_hashes,
+            &stale,
+            source_key,
+            &req.migration,
+            frames + 1,
+        )
+        .await;
+        if let Err(e) = served {
+            return Err(MigrateError::PostcopyFailed(e.to_string()));
+        }
+    }
     Ok(guest)
+}
+
+/// Post-copy on the destination, with the guest running: a thread turns
+/// the guest's faults on missing pages into requests to the source; pages
+/// (asked for or pushed) are placed as they arrive; the final manifest's
+/// root must match every page's hash.
+#[allow(clippy::too_many_arguments)]
+async fn serve_postcopy(
+    data: &mut Receiver,
+    replies: &Sender,
+    mem: std::sync::Arc<dyn crate::guest::PostcopyMemory>,
+    decoder: &mut Decoder,
+    page_hashes: &mut [[u8; 32]],
+    stale: &[u64],
+    source_key: &VerifyingKey,
+    migration: &str,
+    mut frames: u64,
+) -> Result<(), MigrateError> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (fault_tx, mut faults) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let faulter = {
+        let (mem, stop) = (mem.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match mem.next_fault(Duration::from_millis(50)) {
+                        Ok(Some(p)) => {
+                            if fault_tx.send(p).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "post-copy fault reader");
+                            break;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| MigrateError::PostcopyFailed(format!("fault thread: {e}")))?
+    };
+    let mut need = vec![false; page_hashes.len()];
+    for &p in stale {
+        need[p as usize] = true;
+    }
+    let mut requested = vec![false; page_hashes.len()];
+    let res = async {
+        loop {
+            tokio::select! {
+                Some(page) = faults.recv() => {
+                    let i = page as usize;
+                    if need[i] && !std::mem::replace(&mut requested[i], true) {
+                        replies
+                            .send(msg_frame(&DestMsg::PageRequest { page }))
+                            .await
+                            .map_err(tx_err)?;
+                    }
+                }
+                got = next(data) => {
+                    let (kind, p) = got?;
+                    frames += 1;
+                    match kind {
+                        KIND_PAGES => {
+                            decoder
+                                .decode_frame_detached(&p)
+                                .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
+                            for (page, bytes) in decoder.last_frame_pages() {
+                                let i = page as usize;
+                                if !std::mem::take(&mut need[i]) {
+                                    return Err(MigrateError::Protocol(format!(
+                                        "page {page} was not stale or came twice"
+                                    )));
+                                }
+                                mem.fill(page, bytes)?;
+                                page_hashes[i] = *blake3::hash(bytes).as_bytes();
+                            }
+                        }
+                        KIND_MSG => match parse_msg(&p)? {
+                            SourceMsg::PostcopyDone(signed) => {
+                                signed.verify(source_key).map_err(MigrateError::Verification)?;
+                                let m = &signed.manifest;
+                                if m.migration != migration || m.frames + 1 != frames {
+                                    return Err(MigrateError::Verification(
+                                        "final manifest does not match this migration".into(),
+                                    ));
+                                }
+                                if need.iter().any(|&n| n) {
+                                    return Err(MigrateError::Verification(
+                                        "post-copy ended with pages missing".into(),
+                                    ));
+                                }
+                                if pages_root(page_hashes) != m.pages_root {
+                                    return Err(MigrateError::Verification(
+                                        "guest RAM here differs from the source's (page hash root mismatch)".into(),
+                                    ));
+                                }
+                                return Ok(());
+                            }
+                            other => return Err(MigrateError::Protocol(format!("unexpected {other:?} in post-copy"))),
+                        },
+                        k => return Err(MigrateError::Protocol(format!("unexpected frame kind {k} in post-copy"))),
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = faulter.join();
+    res?;
+    replies
+        .send(msg_frame(&DestMsg::Done))
+        .await
+        .map_err(tx_err)?;
+    Ok(())
 }

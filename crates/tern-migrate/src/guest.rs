@@ -50,6 +50,23 @@ pub trait SourceGuest: Send {
     fn discard(&mut self);
 }
 
+/// Guest RAM filled on demand after the guest started (post-copy).
+pub trait PostcopyMemory: Send + Sync {
+    /// The next page the guest touched and lacks, waiting up to `timeout`.
+    fn next_fault(&self, timeout: std::time::Duration) -> Result<Option<u64>, GuestError>;
+    /// Places a page (waking the guest if it waits on it); false if it was there.
+    fn fill(&self, page: u64, data: &[u8]) -> Result<bool, GuestError>;
+}
+
+impl PostcopyMemory for tern_vmm::uffd::MissingPages {
+    fn next_fault(&self, timeout: std::time::Duration) -> Result<Option<u64>, GuestError> {
+        Ok(tern_vmm::uffd::MissingPages::next_fault(self, timeout)?)
+    }
+    fn fill(&self, page: u64, data: &[u8]) -> Result<bool, GuestError> {
+        Ok(tern_vmm::uffd::MissingPages::fill(self, page, data)?)
+    }
+}
+
 /// The destination half: receive RAM and state, then run.
 pub trait DestinationGuest: Send {
     /// Guest RAM to fill, before it runs.
@@ -58,6 +75,10 @@ pub trait DestinationGuest: Send {
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), GuestError>;
     /// Starts the guest.
     fn start(&mut self) -> Result<(), GuestError>;
+    /// Post-copy: before [`DestinationGuest::start`], forget the `stale`
+    /// pages (and any never filled) and serve the guest's accesses to them
+    /// through the returned memory. Bulk writes through `ram_mut` end here.
+    fn enter_postcopy(&mut self, stale: &[u64]) -> Result<Box<dyn PostcopyMemory>, GuestError>;
 }
 
 impl SourceGuest for Machine {
@@ -107,6 +128,9 @@ impl DestinationGuest for Machine {
     fn start(&mut self) -> Result<(), GuestError> {
         self.start_vcpus()?;
         Ok(Machine::resume(self)?)
+    }
+    fn enter_postcopy(&mut self, stale: &[u64]) -> Result<Box<dyn PostcopyMemory>, GuestError> {
+        Ok(Box::new(self.postcopy_ram(stale.iter().copied())?))
     }
 }
 

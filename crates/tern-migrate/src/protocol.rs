@@ -96,6 +96,11 @@ pub struct Manifest {
     pub pages_root: String,
     /// BLAKE3 of the device state, hex.
     pub device_state: String,
+    /// Post-copy: pages still to come after the guest starts on the
+    /// destination (0: pre-copy, and `pages_root` covers all of RAM now; else
+    /// `pages_root` is empty here and the final manifest carries it).
+    #[serde(default)]
+    pub postcopy_pages: u64,
 }
 
 impl Manifest {
@@ -148,8 +153,16 @@ pub enum SourceMsg {
         /// Pages sent in it.
         pages: u64,
     },
+    /// Post-copy switchover: these pages (runs of `(first, count)`) are stale
+    /// at the destination and will follow after the guest starts there.
+    Postcopy {
+        /// Runs of stale pages.
+        stale: Vec<(u64, u64)>,
+    },
     /// Switchover data is complete: verify and get ready.
     Manifest(SignedManifest),
+    /// Post-copy: every page is sent; the manifest's root covers all of RAM.
+    PostcopyDone(SignedManifest),
     /// Ownership moves: start the guest.
     Commit,
     /// The source gave up: discard everything.
@@ -179,6 +192,46 @@ pub enum DestMsg {
     },
     /// The guest runs on the destination.
     Running,
+    /// Post-copy: the guest touched a page it lacks; send it first.
+    PageRequest {
+        /// The page.
+        page: u64,
+    },
+    /// Post-copy: every page arrived and the final manifest verified.
+    Done,
+}
+
+/// Sorted pages as runs of `(first, count)`.
+pub fn to_runs(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
+}
+
+/// Runs back to pages, refusing runs past `limit` pages or out of order.
+pub fn from_runs(runs: &[(u64, u64)], limit: u64) -> Result<Vec<u64>, String> {
+    let mut out = Vec::new();
+    let mut next = 0u64;
+    for &(first, n) in runs {
+        let end = first.checked_add(n).filter(|&e| e <= limit && n > 0);
+        match end {
+            Some(end) if first >= next => {
+                out.extend(first..end);
+                next = end;
+            }
+            _ => {
+                return Err(format!(
+                    "bad stale-page run ({first}, {n}) for {limit} pages"
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Wraps a payload with its kind byte.
@@ -216,6 +269,7 @@ mod tests {
             memory_bytes: 4096,
             pages_root: "00".into(),
             device_state: "11".into(),
+            postcopy_pages: 0,
         }
     }
 
@@ -242,6 +296,18 @@ mod tests {
         let mut guest = host.clone();
         guest.push("avx1024".into());
         assert_eq!(missing_cpu_features(&guest, &host), vec!["avx1024"]);
+    }
+
+    #[test]
+    fn runs_round_trip_and_bad_runs_are_refused() {
+        let pages = vec![0, 1, 2, 7, 9, 10];
+        let runs = to_runs(&pages);
+        assert_eq!(runs, vec![(0, 3), (7, 1), (9, 2)]);
+        assert_eq!(from_runs(&runs, 11).unwrap(), pages);
+        assert!(from_runs(&runs, 10).is_err());
+        assert!(from_runs(&[(5, 1), (2, 1)], 10).is_err());
+        assert!(from_runs(&[(u64::MAX, 2)], 10).is_err());
+        assert!(from_runs(&[(1, 0)], 10).is_err());
     }
 
     #[test]

@@ -170,6 +170,25 @@ impl Decoder {
                 want,
             });
         }
+        let stats = self.stage(frame, Some(mem))?;
+        // The frame is good: commit.
+        for (i, &page) in self.staged.iter().enumerate() {
+            mem[page as usize * PAGE_SIZE..][..PAGE_SIZE]
+                .copy_from_slice(&self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        }
+        Ok(stats)
+    }
+
+    /// Validates and decodes a frame of self-contained pages (no duplicate
+    /// or delta references to memory) without touching guest memory: the
+    /// caller places the pages itself with [`Decoder::last_frame_pages`]
+    /// (post-copy, where RAM is guarded by userfaultfd). A frame that refers
+    /// to memory is refused.
+    pub fn decode_frame_detached(&mut self, frame: &[u8]) -> Result<DecodeStats, DecodeError> {
+        self.stage(frame, None)
+    }
+
+    fn stage(&mut self, frame: &[u8], mem: Option<&[u8]>) -> Result<DecodeStats, DecodeError> {
         let mut r = Reader {
             data: frame,
             pos: 0,
@@ -232,13 +251,11 @@ impl Decoder {
                         Some(&s) if s < entry => {
                             slot.copy_from_slice(&before[s * PAGE_SIZE..(s + 1) * PAGE_SIZE])
                         }
-                        Some(_) => {
+                        Some(_) | None if has(&self.received, base) && mem.is_some() => {
+                            let mem = mem.expect("checked");
                             slot.copy_from_slice(&mem[base as usize * PAGE_SIZE..][..PAGE_SIZE])
                         }
-                        None if has(&self.received, base) => {
-                            slot.copy_from_slice(&mem[base as usize * PAGE_SIZE..][..PAGE_SIZE])
-                        }
-                        None => return Err(DecodeError::NoBase { entry, page, base }),
+                        _ => return Err(DecodeError::NoBase { entry, page, base }),
                     }
                 }
                 Tag::XorDelta | Tag::Lz4 | Tag::Zstd => {
@@ -246,13 +263,13 @@ impl Decoder {
                     let payload = r.take(len).ok_or(trunc)?;
                     match tag {
                         Tag::XorDelta => {
-                            if !has(&self.received, page) {
+                            let Some(mem) = mem.filter(|_| has(&self.received, page)) else {
                                 return Err(DecodeError::NoBase {
                                     entry,
                                     page,
                                     base: page,
                                 });
-                            }
+                            };
                             slot.copy_from_slice(&mem[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
                             zrle::apply(payload, slot).map_err(|e| bad(e.to_string()))?;
                         }
@@ -280,10 +297,7 @@ impl Decoder {
         if r.pos != frame.len() {
             return Err(DecodeError::TrailingBytes(frame.len() - r.pos));
         }
-        // The frame is good: commit.
-        for (i, &page) in self.staged.iter().enumerate() {
-            mem[page as usize * PAGE_SIZE..][..PAGE_SIZE]
-                .copy_from_slice(&self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        for &page in &self.staged {
             self.received[(page / 64) as usize] |= 1 << (page % 64);
         }
         stats.pages = count as u64;

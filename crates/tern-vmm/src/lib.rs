@@ -21,6 +21,7 @@ pub mod memory;
 pub mod monitor;
 pub mod snapshot;
 pub mod state;
+pub mod uffd;
 pub mod x86;
 
 pub use devices::{AgentReport, Devices};

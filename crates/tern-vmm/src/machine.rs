@@ -518,6 +518,18 @@ impl Machine {
         }
     }
 
+    /// Post-copy: drops the `stale` pages of guest RAM and routes the guest's
+    /// accesses to missing pages through userfaultfd, before the vCPUs start.
+    /// Pages never filled in this machine are missing too (fresh RAM).
+    pub fn postcopy_ram(
+        &mut self,
+        stale: impl IntoIterator<Item = u64>,
+    ) -> Result<crate::uffd::MissingPages, VmmError> {
+        let ram = self.ram_mut()?;
+        let (base, len) = (ram.as_mut_ptr() as usize, ram.len());
+        crate::uffd::MissingPages::register(base, len, stale)
+    }
+
     /// Creates the vCPU threads (paused) of a machine built by
     /// [`crate::incoming`] once its RAM and state are in place.
     pub fn start_vcpus(&mut self) -> Result<(), VmmError> {

@@ -49,7 +49,7 @@ pub struct MigrateArgs {
     /// Destination host (a peer in the agent's configuration).
     #[arg(long)]
     pub to: String,
-    /// precopy (postcopy and hybrid are not built yet).
+    /// precopy, postcopy or hybrid (pre-copy rounds, then post-copy).
     #[arg(long, default_value = "precopy")]
     pub mode: String,
     /// Downtime budget in ms.
@@ -166,6 +166,12 @@ fn print_report(v: &MigrationView) {
             );
         }
         let ram = r.memory_bytes.max(1) as f64;
+        if r.postcopy {
+            println!(
+                "  post-copy: {:.1} ms after the guest started on the target, {} page faults served first",
+                r.postcopy_ms, r.faults_served
+            );
+        }
         println!(
             "  total {:.1} ms | downtime {:.1} ms (pause → running on the target) | {} pages | {:.2} MB on the wire ({:.3}× guest RAM of {} MiB)",
             r.total_ms,

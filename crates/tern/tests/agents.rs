@@ -85,9 +85,13 @@ fn spec() -> VmSpec {
 }
 
 fn precopy_to(to: &str) -> MigrateRequest {
+    mode_to(to, "precopy")
+}
+
+fn mode_to(to: &str, mode: &str) -> MigrateRequest {
     MigrateRequest {
         to: to.into(),
-        mode: "precopy".into(),
+        mode: mode.into(),
         max_downtime_ms: Some(50),
         bandwidth_mbps: None,
     }
@@ -135,20 +139,33 @@ fn kvm() -> bool {
 
 /// Migrates a fresh VM a → b and checks both ends.
 async fn migrate_and_check(a: &AgentClient, b: &AgentClient) -> MigrationView {
+    migrate_mode_and_check(a, b, "precopy").await
+}
+
+async fn migrate_mode_and_check(a: &AgentClient, b: &AgentClient, mode: &str) -> MigrationView {
     let vm = a.create_vm(&spec()).await.unwrap();
     assert_runs(a, &vm.id, 1).await;
-    let m = a.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
+    let mut req = mode_to("host-b", mode);
+    if mode == "hybrid" {
+        // A budget no pre-copy round can meet: hybrid must move on to post-copy.
+        req.max_downtime_ms = Some(1);
+    }
+    let m = a.migrate(&vm.id, &req).await.unwrap();
     let done = wait_end(a, &m.id, Duration::from_secs(120)).await;
     assert_eq!(done.state, MigrationState::Committed, "{done:?}");
     let r = done.report.as_ref().unwrap();
     eprintln!(
-        "migrated {} in {:.1} ms, downtime {:.1} ms, {} rounds, {:.2} MB on the wire",
+        "{mode}: migrated {} in {:.1} ms, downtime {:.1} ms, {} rounds, {:.2} MB on the wire, post-copy {} ({:.1} ms, {} faults served)",
         vm.id,
         r.total_ms,
         r.downtime_ms,
         r.rounds.len(),
-        r.wire_bytes as f64 / 1e6
+        r.wire_bytes as f64 / 1e6,
+        r.postcopy,
+        r.postcopy_ms,
+        r.faults_served
     );
+    assert_eq!(r.postcopy, mode != "precopy", "{r:?}");
     assert_runs(b, &vm.id, 2).await;
     let gone = a.vm(&vm.id).await.unwrap();
     assert_eq!(gone.status, VmStatus::MovedAway);
@@ -203,6 +220,29 @@ async fn precopy_between_agent_processes_through_a_20ms_rtt_link() {
     assert!(
         to_b.bytes_up() > 0,
         "the data did not cross the emulated link"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn postcopy_and_hybrid_between_agent_processes_through_a_20ms_rtt_link() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (bed, _to_b, _to_a) = pair_via_emulator(dir.path(), 0, 30).await;
+    let a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    let done = migrate_mode_and_check(&a.client(), &b.client(), "postcopy").await;
+    assert!(
+        done.report.unwrap().faults_served > 0,
+        "the guest never faulted"
+    );
+    let hybrid = migrate_mode_and_check(&a.client(), &b.client(), "hybrid").await;
+    assert_eq!(
+        hybrid.report.unwrap().rounds.len(),
+        2,
+        "hybrid runs 2 pre-copy rounds first"
     );
 }
 
