@@ -7,19 +7,18 @@
 //! and replies (back). One listener per agent takes both kinds.
 
 use crate::config::{AgentConfig, Peer};
+use crate::hosted::Hosted;
 use crate::journal::{Journal, Record, VmFate};
 use crate::keys;
 use crate::views::{MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
 use ed25519_dalek::SigningKey;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tern_migrate::protocol::{frame, split, SessionHello, KIND_HELLO};
 use tern_migrate::{Capacity, DestLink, MigrateError, Policy, Progress, SourceLink};
 use tern_transport::{Listener, Receiver, Security, Sender, SessionConfig, TlsIdentity};
-use tern_vmm::{Machine, MachineConfig, TestGuestConfig, WaitOutcome};
 use tokio::sync::{oneshot, watch};
 
 /// Why an agent request failed.
@@ -44,7 +43,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 enum Slot {
-    Running(Box<Machine>),
+    Running(Box<Hosted>),
     Migrating { migration: String },
     MovedAway { to: String },
     Lost { reason: String },
@@ -229,24 +228,11 @@ impl Agent {
     pub async fn create_vm(&self, spec: VmSpec) -> Result<VmView, AgentError> {
         spec.validate().map_err(AgentError::BadRequest)?;
         let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let guest = spec.test_guest();
-        let cfg = MachineConfig {
-            memory_mib: spec.memory_mib,
-            vcpus: spec.vcpus,
-            ..Default::default()
-        };
-        let machine = tokio::task::spawn_blocking(move || -> Result<Machine, String> {
-            let m = tern_vmm::boot_test_guest(cfg, &guest, Path::new(tern_vmm::TEST_GUEST_ELF))
-                .map_err(|e| e.to_string())?;
-            m.resume().map_err(|e| e.to_string())?;
-            match m.wait_until(Duration::from_secs(60), |d| d.agent.counter >= 1) {
-                WaitOutcome::Satisfied => Ok(m),
-                other => Err(format!("the guest did not start counting: {other:?}")),
-            }
-        })
-        .await
-        .map_err(|e| AgentError::Internal(e.to_string()))?
-        .map_err(AgentError::Internal)?;
+        let boot_spec = spec.clone();
+        let machine = tokio::task::spawn_blocking(move || Hosted::boot(&boot_spec))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(AgentError::Internal)?;
         let spec_json = serde_json::to_value(&spec).expect("specs serialize");
         self.inner
             .journal
@@ -282,7 +268,7 @@ impl Agent {
                     .journal
                     .append(&Record::VmStopped { vm: id.into() })
                     .map_err(|e| AgentError::Internal(e.to_string()))?;
-                m.stop("stopped on request");
+                m.stop();
                 e.slot = Slot::Stopped;
                 Ok(())
             }
@@ -293,9 +279,7 @@ impl Agent {
     fn view(id: &str, e: &VmEntry) -> VmView {
         let (status, counter, checksum_ok, moved_to, detail) = match &e.slot {
             Slot::Running(m) => {
-                let (counter, sum) = m.with_devices(|d| (d.agent.counter, d.agent.checksum));
-                let guest = e.spec.test_guest();
-                let ok = sum.map(|(c, s)| s == guest.expected_checksum(c));
+                let (counter, ok) = m.progress(&e.spec);
                 (VmStatus::Running, Some(counter), ok, None, None)
             }
             Slot::Migrating { migration } => (
@@ -448,7 +432,7 @@ impl Agent {
         vm: String,
         peer: Peer,
         policy: Policy,
-        mut machine: Box<Machine>,
+        mut machine: Box<Hosted>,
         epoch: u64,
         spec: VmSpec,
         progress: watch::Sender<Progress>,
@@ -684,7 +668,7 @@ impl Agent {
                 if owned_here {
                     return Err(format!("{vm} already runs on this host"));
                 }
-                tern_migrate::guest::incoming_machine(&req.shape).map_err(|e| e.to_string())
+                Hosted::incoming(&spec, &req.shape)
             },
             &source_key,
             &capacity,
@@ -696,7 +680,7 @@ impl Agent {
                 lock(&self.inner.vms).insert(
                     vm.into(),
                     VmEntry {
-                        spec,
+                        spec: spec.clone(),
                         epoch: epoch + 1,
                         slot: Slot::Running(Box::new(machine)),
                     },
@@ -734,16 +718,4 @@ fn hello_frame(h: &SessionHello) -> bytes::Bytes {
         KIND_HELLO,
         &serde_json::to_vec(h).expect("hellos serialize"),
     )
-}
-
-/// The guest parameters of a spec.
-impl VmSpec {
-    fn test_guest(&self) -> TestGuestConfig {
-        TestGuestConfig {
-            ws_pages: self.ws_pages,
-            pages_per_tick: self.pages_per_tick,
-            ticks_per_sum: self.ticks_per_sum,
-            exit_after: 0,
-        }
-    }
 }

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod hosted;
 pub mod journal;
 pub mod keys;
 pub mod testbed;
@@ -18,7 +19,7 @@ pub mod views;
 pub use agent::{Agent, AgentError, MigrateRequest};
 pub use client::{AgentClient, ClientError};
 pub use config::{AgentConfig, ConfigError, Peer, TlsFiles};
-pub use views::{MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
+pub use views::{GuestKind, MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
 
 /// Starts an agent and serves its API until the process ends.
 pub async fn serve(cfg: AgentConfig) -> Result<(), AgentError> {

@@ -115,3 +115,75 @@ pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<BedHost>, Box<dyn std
     }
     Ok(out)
 }
+
+/// A `tern agent` process of the bed, killed when dropped.
+pub struct AgentProcess {
+    child: std::process::Child,
+    host: BedHost,
+    /// Its ready line (name, addresses, public key).
+    pub ready_line: String,
+}
+
+impl AgentProcess {
+    /// Runs `bin agent CONFIG` (inside network namespace `netns` if given)
+    /// and waits up to 30 s for its ready line.
+    pub fn start(bin: &Path, host: &BedHost, netns: Option<&str>) -> std::io::Result<Self> {
+        use std::io::BufRead;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => std::process::Command::new(bin),
+        };
+        let mut child = cmd
+            .arg("agent")
+            .arg(&host.config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()?;
+        let out = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keeps draining stdout so the agent never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if l.contains(" ready ") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let mut proc = AgentProcess {
+            child,
+            host: host.clone(),
+            ready_line: String::new(),
+        };
+        proc.ready_line = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+            std::io::Error::other(format!(
+                "the agent for {} printed no ready line within 30 s",
+                host.config.display()
+            ))
+        })?;
+        Ok(proc)
+    }
+
+    /// A client of its API.
+    pub fn client(&self) -> std::io::Result<crate::AgentClient> {
+        Ok(crate::AgentClient::new(
+            &self.host.api_url,
+            &self.host.token()?,
+        ))
+    }
+
+    /// Kills it (SIGKILL: a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -3,11 +3,28 @@
 use serde::{Deserialize, Serialize};
 use tern_migrate::{Progress, Report};
 
-/// A VM to boot: tern-vmm's test guest, which counts and keeps a checksum of
-/// a working set it rewrites (so a migration's correctness is visible).
+/// What runs in a VM slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestKind {
+    /// tern-vmm's test guest on KVM: counts and keeps a checksum of a
+    /// working set it rewrites, so a migration's correctness is visible.
+    #[default]
+    TestGuest,
+    /// A process-memory workload (a region a thread dirties at
+    /// `dirty_mib_per_sec`, tracked by userfaultfd): GiB-scale migrations
+    /// at full speed, whatever the host's virtualization.
+    Process,
+}
+
+/// A VM to boot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VmSpec {
+    /// What runs.
+    pub kind: GuestKind,
+    /// Process workloads: MiB per second written across the working set.
+    pub dirty_mib_per_sec: u64,
     /// Guest RAM, MiB (a multiple of 2).
     pub memory_mib: u64,
     /// vCPUs (the test guest uses the first).
@@ -23,6 +40,8 @@ pub struct VmSpec {
 impl Default for VmSpec {
     fn default() -> Self {
         Self {
+            kind: GuestKind::TestGuest,
+            dirty_mib_per_sec: 100,
             memory_mib: 64,
             vcpus: 1,
             ws_pages: 256,
@@ -35,9 +54,13 @@ impl Default for VmSpec {
 impl VmSpec {
     /// Checks the values.
     pub fn validate(&self) -> Result<(), String> {
-        if self.memory_mib < 4 || !self.memory_mib.is_multiple_of(2) || self.memory_mib > 3072 {
+        let max = match self.kind {
+            GuestKind::TestGuest => 3072,
+            GuestKind::Process => 65536,
+        };
+        if self.memory_mib < 4 || !self.memory_mib.is_multiple_of(2) || self.memory_mib > max {
             return Err(format!(
-                "memory_mib {} must be even and in 4..=3072",
+                "memory_mib {} must be even and in 4..={max}",
                 self.memory_mib
             ));
         }

@@ -13,6 +13,7 @@
 
 pub mod engine;
 pub mod guest;
+pub mod process;
 pub mod protocol;
 
 pub use engine::{

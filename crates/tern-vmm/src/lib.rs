@@ -19,6 +19,7 @@ pub mod devices;
 pub mod machine;
 pub mod memory;
 pub mod monitor;
+pub mod procmem;
 pub mod snapshot;
 pub mod state;
 pub mod uffd;

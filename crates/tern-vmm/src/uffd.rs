@@ -183,23 +183,42 @@ impl MissingPages {
                 "post-copy range is not page aligned".into(),
             ));
         }
+        // One madvise per run of consecutive pages, not per page.
+        let mut run: Option<(usize, usize)> = None;
+        let drop_run = |r: Option<(usize, usize)>| -> Result<(), VmmError> {
+            if let Some((first, n)) = r {
+                // SAFETY: the run lies inside the caller's private anonymous
+                // mapping (checked when built); MADV_DONTNEED only discards
+                // contents the caller wants refetched; no reference to them is held.
+                let rc = unsafe {
+                    libc::madvise(
+                        (base + first * PAGE) as *mut libc::c_void,
+                        n * PAGE,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if rc != 0 {
+                    return Err(os_err("madvise(MADV_DONTNEED)"));
+                }
+            }
+            Ok(())
+        };
         for p in stale {
-            let off = p as usize * PAGE;
-            if off >= len {
+            let p = p as usize;
+            if p >= len / PAGE {
                 return Err(VmmError::Memory(format!(
                     "stale page {p} is outside guest RAM"
                 )));
             }
-            // SAFETY: the page lies inside the caller's private anonymous mapping
-            // (checked above); MADV_DONTNEED only discards its contents, which the
-            // caller wants refetched; no Rust reference to it is held across this.
-            if unsafe {
-                libc::madvise((base + off) as *mut libc::c_void, PAGE, libc::MADV_DONTNEED)
-            } != 0
-            {
-                return Err(os_err("madvise(MADV_DONTNEED)"));
-            }
+            run = match run {
+                Some((first, n)) if first + n == p => Some((first, n + 1)),
+                other => {
+                    drop_run(other)?;
+                    Some((p, 1))
+                }
+            };
         }
+        drop_run(run)?;
         let uffd = Uffd::open(0)?;
         uffd.register(base, len, UFFDIO_REGISTER_MODE_MISSING)?;
         Ok(Self { uffd, base, len })

@@ -3,10 +3,9 @@
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use tern_agent::testbed::AgentProcess;
 use tern_agent::{AgentClient, AgentConfig, MigrateRequest, MigrationState, MigrationView, VmSpec};
 
 /// How to reach an agent's API.
@@ -189,7 +188,7 @@ pub fn vm_remote(cmd: RemoteVm) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         match cmd {
             RemoteVm::Create { spec, conn } => {
-                let v = conn.client()?.create_vm(&spec.into()).await?;
+                let v = conn.client()?.create_vm(&spec.try_into()?).await?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
             RemoteVm::List { conn } => {
@@ -219,6 +218,12 @@ pub fn vm_remote(cmd: RemoteVm) -> anyhow::Result<()> {
 /// The guest to boot on an agent.
 #[derive(clap::Args)]
 pub struct SpecArgs {
+    /// test-guest (KVM) or process (a memory workload dirtied by a thread).
+    #[arg(long, default_value = "test-guest")]
+    kind: String,
+    /// Process workloads: MiB/s written across the working set.
+    #[arg(long, default_value_t = 100)]
+    dirty_mib_per_sec: u64,
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 64)]
     memory: u64,
@@ -233,15 +238,23 @@ pub struct SpecArgs {
     pages_per_tick: u64,
 }
 
-impl From<SpecArgs> for VmSpec {
-    fn from(a: SpecArgs) -> Self {
-        VmSpec {
+impl TryFrom<SpecArgs> for VmSpec {
+    type Error = anyhow::Error;
+    fn try_from(a: SpecArgs) -> anyhow::Result<Self> {
+        let kind = match a.kind.as_str() {
+            "test-guest" => tern_agent::GuestKind::TestGuest,
+            "process" => tern_agent::GuestKind::Process,
+            other => bail!("--kind {other}: expected test-guest or process"),
+        };
+        Ok(VmSpec {
+            kind,
+            dirty_mib_per_sec: a.dirty_mib_per_sec,
             memory_mib: a.memory,
             vcpus: a.vcpus,
             ws_pages: a.ws_pages,
             pages_per_tick: a.pages_per_tick,
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -276,39 +289,10 @@ pub enum RemoteVm {
     },
 }
 
-/// A child agent process, killed when dropped.
-struct ChildAgent(Child);
-
-impl Drop for ChildAgent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_agent(file: &Path) -> anyhow::Result<ChildAgent> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg("agent")
-        .arg(file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let out = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(out).lines();
-    let guard = ChildAgent(child);
-    for l in lines.by_ref() {
-        let l = l?;
-        if l.contains(" ready ") {
-            println!("  {l}");
-            // Keep draining so the agent never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return Ok(guard);
-        }
-    }
-    bail!(
-        "the agent for {} exited before it was ready",
-        file.display()
-    )
+fn spawn_agent(host: &tern_agent::testbed::BedHost) -> anyhow::Result<AgentProcess> {
+    let p = AgentProcess::start(&std::env::current_exe()?, host, None)?;
+    println!("  {}", p.ready_line);
+    Ok(p)
 }
 
 /// `tern demo`: two local agents; a guest that dirties memory moves from
@@ -328,8 +312,8 @@ pub fn demo() -> anyhow::Result<()> {
         tern_agent::testbed::HostPlan::new("host-b", lo)?,
     ];
     let bed = tern_agent::testbed::write(dir.path(), &plans).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let _a = spawn_agent(&bed[0].config)?;
-    let _b = spawn_agent(&bed[1].config)?;
+    let _a = spawn_agent(&bed[0])?;
+    let _b = spawn_agent(&bed[1])?;
     let a = AgentClient::new(&bed[0].api_url, &bed[0].token()?);
     let b = AgentClient::new(&bed[1].api_url, &bed[1].token()?);
     runtime()?.block_on(async {

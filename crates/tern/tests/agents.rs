@@ -4,74 +4,32 @@
 //! survive. Slow (each starts two agents and boots guests): `#[ignore]`d so
 //! `cargo test` stays quick; `scripts/test.sh` runs them.
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use tern_agent::testbed::{self, BedHost, HostPlan};
+use tern_agent::testbed::{self, AgentProcess, BedHost, HostPlan};
 use tern_agent::{AgentClient, MigrateRequest, MigrationState, MigrationView, VmSpec, VmStatus};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
 const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// An agent process, killed when dropped.
-struct AgentProc {
-    child: Child,
-    host: BedHost,
-}
+struct AgentProc(AgentProcess);
 
 impl AgentProc {
     fn start(host: &BedHost, netns: Option<&str>) -> AgentProc {
-        let bin = env!("CARGO_BIN_EXE_tern");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, bin]);
-                c
-            }
-            None => Command::new(bin),
-        };
-        let mut child = cmd
-            .arg("agent")
-            .arg(&host.config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tern agent");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains(" ready ") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the agent did not print its ready line within 30 s");
-        eprintln!("{line}");
-        AgentProc {
-            child,
-            host: host.clone(),
-        }
+        let p = AgentProcess::start(Path::new(env!("CARGO_BIN_EXE_tern")), host, netns).unwrap();
+        eprintln!("{}", p.ready_line);
+        AgentProc(p)
     }
 
     fn client(&self) -> AgentClient {
-        AgentClient::new(&self.host.api_url, &self.host.token().unwrap())
+        self.0.client().unwrap()
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.kill();
+        self.0.kill()
     }
 }
 

@@ -1,0 +1,149 @@
+//! What an agent hosts in a VM slot: a tern-vmm machine or a process
+//! workload, behind the engine's two guest halves.
+
+use crate::views::{GuestKind, VmSpec};
+use std::path::Path;
+use std::time::Duration;
+use tern_migrate::guest::{incoming_machine, PostcopyMemory};
+use tern_migrate::process::ProcessGuest;
+use tern_migrate::{DestinationGuest, GuestError, GuestShape, SourceGuest};
+use tern_vmm::{DirtyBitmap, Machine, MachineConfig, TestGuestConfig, WaitOutcome};
+
+/// A hosted guest.
+pub enum Hosted {
+    /// A KVM microVM.
+    Kvm(Machine),
+    /// A process-memory workload.
+    Process(ProcessGuest),
+}
+
+impl VmSpec {
+    pub(crate) fn test_guest(&self) -> TestGuestConfig {
+        TestGuestConfig {
+            ws_pages: self.ws_pages,
+            pages_per_tick: self.pages_per_tick,
+            ticks_per_sum: self.ticks_per_sum,
+            exit_after: 0,
+        }
+    }
+}
+
+impl Hosted {
+    /// Boots what `spec` asks for (blocking: call it off the async runtime).
+    pub fn boot(spec: &VmSpec) -> Result<Hosted, String> {
+        match spec.kind {
+            GuestKind::TestGuest => {
+                let cfg = MachineConfig {
+                    memory_mib: spec.memory_mib,
+                    vcpus: spec.vcpus,
+                    ..Default::default()
+                };
+                let m = tern_vmm::boot_test_guest(
+                    cfg,
+                    &spec.test_guest(),
+                    Path::new(tern_vmm::TEST_GUEST_ELF),
+                )
+                .map_err(|e| e.to_string())?;
+                m.resume().map_err(|e| e.to_string())?;
+                match m.wait_until(Duration::from_secs(60), |d| d.agent.counter >= 1) {
+                    WaitOutcome::Satisfied => Ok(Hosted::Kvm(m)),
+                    other => Err(format!("the guest did not start counting: {other:?}")),
+                }
+            }
+            GuestKind::Process => ProcessGuest::start(
+                spec.memory_mib << 20,
+                spec.ws_pages,
+                spec.dirty_mib_per_sec << 20,
+            )
+            .map(Hosted::Process)
+            .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// An empty guest of `spec`'s kind to receive a migration into.
+    pub fn incoming(spec: &VmSpec, shape: &GuestShape) -> Result<Hosted, String> {
+        match spec.kind {
+            GuestKind::TestGuest => incoming_machine(shape)
+                .map(Hosted::Kvm)
+                .map_err(|e| e.to_string()),
+            GuestKind::Process => ProcessGuest::incoming(shape)
+                .map(Hosted::Process)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Its progress counter and, for the test guest, whether its last
+    /// working-set checksum is right.
+    pub fn progress(&self, spec: &VmSpec) -> (u64, Option<bool>) {
+        match self {
+            Hosted::Kvm(m) => {
+                let (counter, sum) = m.with_devices(|d| (d.agent.counter, d.agent.checksum));
+                let guest = spec.test_guest();
+                (counter, sum.map(|(c, s)| s == guest.expected_checksum(c)))
+            }
+            Hosted::Process(p) => (p.writes(), None),
+        }
+    }
+
+    /// Ends it.
+    pub fn stop(&mut self) {
+        match self {
+            Hosted::Kvm(m) => m.stop("stopped on request"),
+            Hosted::Process(p) => p.discard(),
+        }
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $g:ident => $e:expr) => {
+        match $self {
+            Hosted::Kvm($g) => $e,
+            Hosted::Process($g) => $e,
+        }
+    };
+}
+
+impl SourceGuest for Hosted {
+    fn shape(&self) -> GuestShape {
+        both!(self, g => SourceGuest::shape(g))
+    }
+    fn start_dirty_tracking(&mut self) -> Result<(), GuestError> {
+        both!(self, g => g.start_dirty_tracking())
+    }
+    fn take_dirty(&mut self) -> Result<DirtyBitmap, GuestError> {
+        both!(self, g => g.take_dirty())
+    }
+    fn stop_dirty_tracking(&mut self) -> Result<(), GuestError> {
+        both!(self, g => g.stop_dirty_tracking())
+    }
+    fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), GuestError> {
+        both!(self, g => SourceGuest::read(g, addr, out))
+    }
+    fn pause(&mut self) -> Result<(), GuestError> {
+        both!(self, g => SourceGuest::pause(g))
+    }
+    fn resume(&mut self) -> Result<(), GuestError> {
+        both!(self, g => SourceGuest::resume(g))
+    }
+    fn device_state(&mut self) -> Result<Vec<u8>, GuestError> {
+        both!(self, g => g.device_state())
+    }
+    fn discard(&mut self) {
+        both!(self, g => g.discard())
+    }
+}
+
+impl DestinationGuest for Hosted {
+    fn ram_mut(&mut self) -> Result<&mut [u8], GuestError> {
+        both!(self, g => DestinationGuest::ram_mut(g))
+    }
+    fn load_device_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
+        both!(self, g => g.load_device_state(state))
+    }
+    fn start(&mut self) -> Result<(), GuestError> {
+        both!(self, g => DestinationGuest::start(g))
+    }
+    fn enter_postcopy(&mut self, stale: &[u64]) -> Result<Box<dyn PostcopyMemory>, GuestError> {
+        both!(self, g => g.enter_postcopy(stale))
+    }
+}
