@@ -97,6 +97,12 @@ pub struct MigrateRequest {
     /// Bandwidth cap, MB/s (default: none).
     #[serde(default)]
     pub bandwidth_mbps: Option<u64>,
+    /// Give up (roll back) if switchover has not begun after this many seconds.
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
+    /// Throttle a guest whose pre-copy does not converge (default true).
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
 }
 
 fn default_mode() -> String {
@@ -376,6 +382,8 @@ impl Agent {
             policy.max_downtime = Duration::from_millis(ms);
         }
         policy.bandwidth_bytes_per_sec = req.bandwidth_mbps.unwrap_or(0) * 1_000_000;
+        policy.deadline = req.deadline_secs.map(Duration::from_secs);
+        policy.auto_converge = req.auto_converge.unwrap_or(true);
         let migration = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let (machine, epoch, spec) = {
             let mut vms = lock(&self.inner.vms);

@@ -131,6 +131,9 @@ impl SourceGuest for Hosted {
     fn discard(&mut self) {
         both!(self, g => g.discard())
     }
+    fn throttle(&mut self, percent: u8) -> Result<(), GuestError> {
+        both!(self, g => g.throttle(percent))
+    }
 }
 
 impl DestinationGuest for Hosted {

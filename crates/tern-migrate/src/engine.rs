@@ -57,6 +57,9 @@ pub enum MigrateError {
     /// not resume it (the destination journals the commit before starting).
     #[error("commit sent, but the destination did not confirm it runs the guest: {0}")]
     CommitUnconfirmed(String),
+    /// Pre-copy did not reach switchover before the policy's deadline.
+    #[error("did not converge within the deadline of {0:?}")]
+    NotConverged(Duration),
     /// Post-copy failed after commit: the guest runs on the destination but
     /// did not receive all its pages (the source copy is discarded).
     #[error("post-copy failed after commit: {0}")]
@@ -125,6 +128,10 @@ pub struct Policy {
     pub mode: Mode,
     /// Hybrid: pre-copy rounds before switching to post-copy.
     pub hybrid_rounds: u32,
+    /// Throttle the guest when pre-copy rounds stop shrinking (auto-converge).
+    pub auto_converge: bool,
+    /// Give up and roll back if switchover has not begun by then.
+    pub deadline: Option<Duration>,
     /// The longest the guest may be stopped.
     pub max_downtime: Duration,
     /// Rounds before switching over regardless.
@@ -144,6 +151,8 @@ impl Default for Policy {
         Self {
             mode: Mode::Precopy,
             hybrid_rounds: 2,
+            auto_converge: true,
+            deadline: None,
             max_downtime: Duration::from_millis(50),
             max_rounds: 30,
             frame_pages: 1024,
@@ -235,6 +244,9 @@ pub struct Report {
     /// Post-copy: guest started on the destination → last page acknowledged.
     #[serde(default)]
     pub postcopy_ms: f64,
+    /// Auto-converge: the most the guest was throttled, percent.
+    #[serde(default)]
+    pub throttle_percent: u8,
 }
 
 /// The source's ends of the two sessions.
@@ -419,6 +431,7 @@ pub async fn migrate_observed<G: SourceGuest>(
         postcopy: false,
         faults_served: 0,
         postcopy_ms: 0.0,
+        throttle_percent: 0,
     };
     let res = run_source(
         guest,
@@ -468,6 +481,16 @@ pub async fn migrate_observed<G: SourceGuest>(
                     reason: e.to_string(),
                 }))
                 .await;
+            // Flush what is queued (the abort last) so the destination
+            // learns now, not when its link's resume deadline passes.
+            let _ = tokio::time::timeout(
+                policy.reply_timeout.min(Duration::from_secs(5)),
+                data.finish(),
+            )
+            .await;
+            if report.throttle_percent > 0 {
+                let _ = guest.throttle(0);
+            }
             if tracking {
                 let _ = guest.stop_dirty_tracking();
             }
@@ -537,7 +560,13 @@ async fn run_source<G: SourceGuest>(
         Mode::Hybrid => policy.hybrid_rounds.max(1),
     };
     let mut postcopy = rounds_allowed == 0;
+    let started = Instant::now();
     while round < rounds_allowed {
+        if let Some(d) = policy.deadline {
+            if started.elapsed() > d {
+                return Err(MigrateError::NotConverged(d));
+            }
+        }
         round += 1;
         report.phase = SourcePhase::Precopy { round };
         let pending = todo.len() as u64;
@@ -598,6 +627,25 @@ async fn run_source<G: SourceGuest>(
         });
         if predicted <= policy.max_downtime.as_secs_f64() {
             break;
+        }
+        // Not converging: the guest dirtied most of what this round sent.
+        let sent = report.rounds.last().map_or(0, |r| r.pages);
+        if policy.auto_converge && round > 1 && dirtied as f64 >= 0.8 * sent as f64 {
+            let t = if report.throttle_percent == 0 {
+                30
+            } else {
+                (report.throttle_percent + 20).min(90)
+            };
+            if t != report.throttle_percent {
+                tracing::info!(
+                    migration,
+                    round,
+                    throttle = t,
+                    "pre-copy is not converging; throttling the guest"
+                );
+                guest.throttle(t)?;
+                report.throttle_percent = t;
+            }
         }
         if round >= rounds_allowed {
             // Not converged: hybrid moves on to post-copy; pre-copy stops
@@ -949,7 +997,8 @@ where
         };
         let _ = replies.send(msg_frame(&msg)).await;
     }
-    let _ = replies.finish().await;
+    // Bounded: after a failure the source may no longer read replies.
+    let _ = tokio::time::timeout(Duration::from_secs(5), replies.finish()).await;
     res
 }
 

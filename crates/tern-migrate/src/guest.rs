@@ -48,6 +48,9 @@ pub trait SourceGuest: Send {
     fn device_state(&mut self) -> Result<Vec<u8>, GuestError>;
     /// Ends it for good (after commit).
     fn discard(&mut self);
+    /// Auto-converge: slows the guest to (100 - `percent`) % of its speed
+    /// (0: full speed again), so it dirties memory slower than the link sends it.
+    fn throttle(&mut self, percent: u8) -> Result<(), GuestError>;
 }
 
 /// Guest RAM filled on demand after the guest started (post-copy).
@@ -113,6 +116,10 @@ impl SourceGuest for Machine {
     }
     fn discard(&mut self) {
         self.stop("migrated away");
+    }
+    fn throttle(&mut self, percent: u8) -> Result<(), GuestError> {
+        self.set_throttle(percent);
+        Ok(())
     }
 }
 

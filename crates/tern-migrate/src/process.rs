@@ -134,6 +134,12 @@ impl SourceGuest for ProcessGuest {
         self.dirtier = None;
         self.tracker = None;
     }
+    fn throttle(&mut self, percent: u8) -> Result<(), GuestError> {
+        if let Some(d) = &self.dirtier {
+            d.set_throttle(percent);
+        }
+        Ok(())
+    }
 }
 
 impl DestinationGuest for ProcessGuest {

@@ -360,3 +360,99 @@ async fn a_two_second_link_cut_mid_transfer_is_survived() {
         WaitOutcome::Satisfied
     );
 }
+
+/// A process workload that dirties its whole working set faster than a
+/// capped link can send it.
+fn outrunning_workload() -> tern_migrate::process::ProcessGuest {
+    // 64 MiB, 8 MiB of incompressible working set rewritten at 2 GiB/s.
+    tern_migrate::process::ProcessGuest::start(64 << 20, 2048, 2000 << 20).unwrap()
+}
+
+fn capped_policy() -> Policy {
+    Policy {
+        bandwidth_bytes_per_sec: 24 << 20,
+        max_downtime: Duration::from_millis(20),
+        max_rounds: 6,
+        ..Policy::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_converge_throttles_a_guest_that_outruns_the_link() {
+    let mut src = outrunning_workload();
+    let (sl, dl) = links().await;
+    let key = SigningKey::from_bytes(&rand::random());
+    let vk = key.verifying_key();
+    let dest = tokio::spawn(async move {
+        receive(
+            dl,
+            |req| {
+                tern_migrate::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string())
+            },
+            &vk,
+            &capacity(),
+        )
+        .await
+    });
+    let report = migrate(&mut src, sl, &key, &capped_policy(), "m-converge")
+        .await
+        .unwrap();
+    let dst = dest.await.unwrap().unwrap();
+    eprintln!(
+        "rounds {:?}, throttle {} %, downtime {:.1} ms",
+        report
+            .rounds
+            .iter()
+            .map(|r| (r.pages, r.dirtied))
+            .collect::<Vec<_>>(),
+        report.throttle_percent,
+        report.downtime_ms
+    );
+    assert_eq!(report.phase, SourcePhase::Committed);
+    assert!(report.throttle_percent >= 30, "auto-converge never engaged");
+    // The destination verified every page; the workload carries on there.
+    let w = dst.writes();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(dst.is_running() && dst.writes() > w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_that_misses_its_deadline_rolls_back_and_the_source_runs_at_full_speed() {
+    let mut src = outrunning_workload();
+    let (sl, dl) = links().await;
+    let key = SigningKey::from_bytes(&rand::random());
+    let vk = key.verifying_key();
+    let dest = tokio::spawn(async move {
+        receive(
+            dl,
+            |req| {
+                tern_migrate::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string())
+            },
+            &vk,
+            &capacity(),
+        )
+        .await
+    });
+    let policy = Policy {
+        deadline: Some(Duration::from_millis(300)),
+        max_rounds: 1000,
+        auto_converge: false,
+        ..capped_policy()
+    };
+    let err = migrate(&mut src, sl, &key, &policy, "m-deadline")
+        .await
+        .unwrap_err();
+    eprintln!("source: {err}");
+    assert!(matches!(err, MigrateError::NotConverged(_)), "{err}");
+    let d = tokio::time::timeout(Duration::from_secs(30), dest)
+        .await
+        .expect("the destination hung");
+    assert!(d.unwrap().is_err(), "the destination kept a copy");
+    let w = src.writes();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // 200 MiB/s is 5120 pages per 100 ms: unthrottled, it writes thousands.
+    assert!(
+        src.writes() > w + 1000,
+        "the source is not running at full speed"
+    );
+}

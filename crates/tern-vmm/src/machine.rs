@@ -111,6 +111,12 @@ struct VcpuSlot {
 
 struct RunControl {
     want: Want,
+    /// The controller paused the machine (pause/resume); the throttle never
+    /// overrides that.
+    held: bool,
+    /// Auto-converge: percent of each throttle period the vCPUs are parked.
+    throttle: u8,
+    throttler_running: bool,
     exit_reason: Option<String>,
     slots: Vec<VcpuSlot>,
 }
@@ -302,6 +308,9 @@ impl Machine {
         let shared = Arc::new(Shared {
             run: Mutex::new(RunControl {
                 want: Want::Pause,
+                held: true,
+                throttle: 0,
+                throttler_running: false,
                 exit_reason: None,
                 slots: vec![VcpuSlot::default(); cfg.vcpus as usize],
             }),
@@ -420,6 +429,7 @@ impl Machine {
             return Err(VmmError::NotRunning(r.clone()));
         }
         rc.want = Want::Pause;
+        rc.held = true;
         while rc.slots.iter().any(|s| !s.parked) {
             kick_unparked(&rc);
             rc = self
@@ -442,9 +452,58 @@ impl Machine {
             return Err(VmmError::NotRunning(r.clone()));
         }
         rc.want = Want::Run;
+        rc.held = false;
         drop(rc);
         self.shared.run_cv.notify_all();
         Ok(())
+    }
+
+    /// Auto-converge: parks the vCPUs for `percent` % of every 20 ms (0
+    /// ends throttling), so a guest that dirties memory faster than a
+    /// migration can send it slows down. A `pause` still wins: while the
+    /// machine is paused the throttle leaves it alone.
+    pub fn set_throttle(&self, percent: u8) {
+        let mut rc = lock(&self.shared.run);
+        rc.throttle = percent.min(95);
+        if rc.throttle == 0 || rc.throttler_running {
+            return;
+        }
+        rc.throttler_running = true;
+        drop(rc);
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                const PERIOD: Duration = Duration::from_millis(20);
+                loop {
+                    let parked_for = {
+                        let mut rc = lock(&shared.run);
+                        if rc.throttle == 0 || rc.exit_reason.is_some() {
+                            rc.throttler_running = false;
+                            return;
+                        }
+                        if !rc.held {
+                            rc.want = Want::Pause;
+                            kick_unparked(&rc);
+                        }
+                        PERIOD * u32::from(rc.throttle) / 100
+                    };
+                    std::thread::sleep(parked_for);
+                    let run_for = {
+                        let mut rc = lock(&shared.run);
+                        if !rc.held && rc.exit_reason.is_none() {
+                            rc.want = Want::Run;
+                        }
+                        PERIOD - PERIOD * u32::from(rc.throttle) / 100
+                    };
+                    shared.run_cv.notify_all();
+                    std::thread::sleep(run_for);
+                }
+            });
+        if spawned.is_err() {
+            lock(&self.shared.run).throttler_running = false;
+            tracing::warn!("could not start the vCPU throttle thread");
+        }
     }
 
     fn require_paused(&self) -> Result<(), VmmError> {

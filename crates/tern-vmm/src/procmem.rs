@@ -6,7 +6,7 @@
 
 use crate::uffd::{MissingPages, WriteTracker};
 use crate::VmmError;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -149,6 +149,7 @@ pub struct Dirtier {
     gate: Arc<(Mutex<Gate>, Condvar)>,
     stop: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
+    throttle: Arc<AtomicU8>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -160,15 +161,18 @@ impl Dirtier {
         let gate = Arc::new((Mutex::new(Gate::default()), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(AtomicU64::new(start_value));
+        let throttle = Arc::new(AtomicU8::new(0));
         let ws = ws_pages.clamp(1, (region.len() / PAGE) as u64);
         let pages_per_sec = (bytes_per_sec / PAGE as u64).max(1);
         let thread = {
-            let (gate, stop, writes) = (gate.clone(), stop.clone(), writes.clone());
+            let (gate, stop, writes, throttle) =
+                (gate.clone(), stop.clone(), writes.clone(), throttle.clone());
             std::thread::Builder::new()
                 .name("dirtier".into())
                 .spawn(move || {
-                    let t0 = Instant::now();
-                    let mut done = 0u64;
+                    // Pages owed at the current (possibly throttled) rate.
+                    let mut credit = 0f64;
+                    let mut last = Instant::now();
                     while !stop.load(Ordering::Relaxed) {
                         {
                             let (m, cv) = &*gate;
@@ -180,17 +184,24 @@ impl Dirtier {
                             }
                             g.parked = false;
                         }
-                        let due = (t0.elapsed().as_secs_f64() * pages_per_sec as f64) as u64;
-                        if done >= due {
+                        let now = Instant::now();
+                        let speed =
+                            f64::from(100 - throttle.load(Ordering::Relaxed).min(100)) / 100.0;
+                        // A pause earns nothing: at most 50 ms of catching up.
+                        let dt = (now - last).as_secs_f64().min(0.05);
+                        credit += dt * pages_per_sec as f64 * speed;
+                        last = now;
+                        if credit < 1.0 {
                             std::thread::sleep(Duration::from_micros(200));
                             continue;
                         }
-                        for _ in 0..(due - done).min(256) {
+                        let batch = (credit as u64).min(256);
+                        for _ in 0..batch {
                             let n = writes.fetch_add(1, Ordering::Relaxed);
                             let page = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % ws;
                             region.write_u64(page as usize * PAGE + (n % 512) as usize * 8, n);
-                            done += 1;
                         }
+                        credit -= batch as f64;
                     }
                 })
                 .expect("spawn dirtier thread")
@@ -199,8 +210,14 @@ impl Dirtier {
             gate,
             stop,
             writes,
+            throttle,
             thread: Some(thread),
         }
+    }
+
+    /// Auto-converge: writes at (100 - `percent`) % of the set rate.
+    pub fn set_throttle(&self, percent: u8) {
+        self.throttle.store(percent.min(95), Ordering::Relaxed);
     }
 
     /// Stops writing; returns once the thread wrote its last byte.

@@ -225,8 +225,10 @@ fn incremental_snapshot_restores_from_the_pair() {
     let full = m.snapshot(&a, SnapshotKind::Full).unwrap();
     let c = counter(&m);
     wait_counter(&m, c + 30);
-    let inc = m.snapshot(&b, SnapshotKind::Incremental).unwrap();
+    // Paused first, so nothing runs between the snapshot and the readings
+    // below (a snapshot of a running machine resumes it at once).
     m.pause().unwrap();
+    let inc = m.snapshot(&b, SnapshotKind::Incremental).unwrap();
     let hash_at_b = ws_hash(&m, &g);
     let counter_at_b = counter(&m);
     m.stop("replaced by its snapshot");

@@ -90,6 +90,8 @@ fn main() {
                             mode: mode.into(),
                             max_downtime_ms: Some(30),
                             bandwidth_mbps: None,
+                            deadline_secs: None,
+                            auto_converge: None,
                         },
                     )
                     .await

@@ -57,6 +57,12 @@ pub struct MigrateArgs {
     /// Bandwidth cap in MB/s (default: none).
     #[arg(long)]
     pub bandwidth: Option<u64>,
+    /// Give up (roll back) if switchover has not begun after this many seconds.
+    #[arg(long)]
+    pub deadline: Option<u64>,
+    /// Do not throttle a guest whose pre-copy does not converge.
+    #[arg(long)]
+    pub no_auto_converge: bool,
     /// Print the final report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -86,6 +92,8 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             mode: a.mode.clone(),
             max_downtime_ms: Some(a.max_downtime),
             bandwidth_mbps: a.bandwidth,
+            deadline_secs: a.deadline,
+            auto_converge: Some(!a.no_auto_converge),
         };
         let started = client.migrate(&a.vm, &req).await?;
         let done = follow(&client, &started.id, !a.json).await?;
@@ -165,6 +173,12 @@ fn print_report(v: &MigrationView) {
             );
         }
         let ram = r.memory_bytes.max(1) as f64;
+        if r.throttle_percent > 0 {
+            println!(
+                "  auto-converge: the guest was throttled up to {} %",
+                r.throttle_percent
+            );
+        }
         if r.postcopy {
             println!(
                 "  post-copy: {:.1} ms after the guest started on the target, {} page faults served first",
@@ -342,6 +356,8 @@ pub fn demo() -> anyhow::Result<()> {
                     mode: "precopy".into(),
                     max_downtime_ms: Some(50),
                     bandwidth_mbps: None,
+                    deadline_secs: None,
+                    auto_converge: None,
                 },
             )
             .await?;

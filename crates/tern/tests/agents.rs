@@ -52,6 +52,8 @@ fn mode_to(to: &str, mode: &str) -> MigrateRequest {
         mode: mode.into(),
         max_downtime_ms: Some(50),
         bandwidth_mbps: None,
+        deadline_secs: None,
+        auto_converge: None,
     }
 }
 
