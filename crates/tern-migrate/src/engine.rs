@@ -854,6 +854,11 @@ async fn postcopy_switchover<G: SourceGuest>(
     for &p in &stale {
         need[p as usize] = true;
     }
+    // A capped link drains slowly: keep ~20 ms of it in flight at most.
+    let inflight = match policy.bandwidth_bytes_per_sec {
+        0 => POSTCOPY_INFLIGHT_BYTES,
+        rate => ((rate / 50) as usize).clamp(64 << 10, POSTCOPY_INFLIGHT_BYTES),
+    };
     let mut cursor = 0usize;
     let mut final_sent = false;
     let mut batch = Vec::with_capacity(policy.frame_pages);
@@ -862,7 +867,7 @@ async fn postcopy_switchover<G: SourceGuest>(
         let mut wait = Duration::ZERO;
         if cursor >= stale.len() && final_sent {
             wait = policy.reply_timeout;
-        } else if cursor < stale.len() && data.unacked_bytes() > POSTCOPY_INFLIGHT_BYTES {
+        } else if cursor < stale.len() && data.unacked_bytes() > inflight {
             wait = Duration::from_millis(1);
         }
         if let Some(msg) = poll_reply(replies, wait).await.map_err(failed)? {
@@ -892,7 +897,7 @@ async fn postcopy_switchover<G: SourceGuest>(
             continue;
         }
         if cursor < stale.len() {
-            if data.unacked_bytes() > POSTCOPY_INFLIGHT_BYTES {
+            if data.unacked_bytes() > inflight {
                 continue;
             }
             batch.clear();
