@@ -100,6 +100,9 @@ pub struct MigrateRequest {
     /// Give up (roll back) if switchover has not begun after this many seconds.
     #[serde(default)]
     pub deadline_secs: Option<u64>,
+    /// Ceiling the bandwidth cap may be raised to when pre-copy stalls, MB/s.
+    #[serde(default)]
+    pub max_bandwidth_mbps: Option<u64>,
     /// Throttle a guest whose pre-copy does not converge (default true).
     #[serde(default)]
     pub auto_converge: Option<bool>,
@@ -383,6 +386,7 @@ impl Agent {
         }
         policy.bandwidth_bytes_per_sec = req.bandwidth_mbps.unwrap_or(0) * 1_000_000;
         policy.deadline = req.deadline_secs.map(Duration::from_secs);
+        policy.max_bandwidth_bytes_per_sec = req.max_bandwidth_mbps.unwrap_or(0) * 1_000_000;
         policy.auto_converge = req.auto_converge.unwrap_or(true);
         let migration = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let (machine, epoch, spec) = {

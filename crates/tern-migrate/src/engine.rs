@@ -142,6 +142,9 @@ pub struct Policy {
     pub reply_timeout: Duration,
     /// Cap on the data session's rate in bytes/s (0: none).
     pub bandwidth_bytes_per_sec: u64,
+    /// When pre-copy stops converging under a cap, raise the cap (×1.5 per
+    /// round) up to this before throttling the guest (0: never raise).
+    pub max_bandwidth_bytes_per_sec: u64,
     /// Why the migration is asked for (sent to the destination, logged there).
     pub reason: String,
 }
@@ -158,6 +161,7 @@ impl Default for Policy {
             frame_pages: 1024,
             reply_timeout: Duration::from_secs(30),
             bandwidth_bytes_per_sec: 0,
+            max_bandwidth_bytes_per_sec: 0,
             reason: "operator".into(),
         }
     }
@@ -247,6 +251,9 @@ pub struct Report {
     /// Auto-converge: the most the guest was throttled, percent.
     #[serde(default)]
     pub throttle_percent: u8,
+    /// The bandwidth cap was raised to this (bytes/s; 0: never raised).
+    #[serde(default)]
+    pub bandwidth_raised_to: u64,
 }
 
 /// The source's ends of the two sessions.
@@ -432,6 +439,7 @@ pub async fn migrate_observed<G: SourceGuest>(
         faults_served: 0,
         postcopy_ms: 0.0,
         throttle_percent: 0,
+        bandwidth_raised_to: 0,
     };
     let res = run_source(
         guest,
@@ -561,6 +569,7 @@ async fn run_source<G: SourceGuest>(
     };
     let mut postcopy = rounds_allowed == 0;
     let started = Instant::now();
+    let mut rate = policy.bandwidth_bytes_per_sec;
     while round < rounds_allowed {
         if let Some(d) = policy.deadline {
             if started.elapsed() > d {
@@ -630,7 +639,19 @@ async fn run_source<G: SourceGuest>(
         }
         // Not converging: the guest dirtied most of what this round sent.
         let sent = report.rounds.last().map_or(0, |r| r.pages);
-        if policy.auto_converge && round > 1 && dirtied as f64 >= 0.8 * sent as f64 {
+        let stalled = round > 1 && dirtied as f64 >= 0.8 * sent as f64;
+        if stalled && rate > 0 && rate < policy.max_bandwidth_bytes_per_sec {
+            // First remedy: a capped link may go faster, up to its ceiling.
+            rate = (rate.saturating_mul(3) / 2).min(policy.max_bandwidth_bytes_per_sec);
+            tracing::info!(
+                migration,
+                round,
+                rate,
+                "pre-copy is not converging; raising bandwidth"
+            );
+            data.set_rate(rate);
+            report.bandwidth_raised_to = rate;
+        } else if policy.auto_converge && stalled {
             let t = if report.throttle_percent == 0 {
                 30
             } else {

@@ -410,6 +410,7 @@ async fn auto_converge_throttles_a_guest_that_outruns_the_link() {
     );
     assert_eq!(report.phase, SourcePhase::Committed);
     assert!(report.throttle_percent >= 30, "auto-converge never engaged");
+    assert_eq!(report.bandwidth_raised_to, 0, "no ceiling was given");
     // The destination verified every page; the workload carries on there.
     let w = dst.writes();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -498,4 +499,40 @@ async fn postcopy_serves_the_pages_a_running_workload_touches_first() {
     let w = dst.writes();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(dst.writes() > w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_link_is_raised_toward_its_ceiling_before_the_guest_is_throttled() {
+    let mut src = outrunning_workload();
+    let (sl, dl) = links().await;
+    let key = SigningKey::from_bytes(&rand::random());
+    let vk = key.verifying_key();
+    let dest = tokio::spawn(async move {
+        receive(
+            dl,
+            |req| {
+                tern_migrate::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string())
+            },
+            &vk,
+            &capacity(),
+        )
+        .await
+    });
+    let policy = Policy {
+        max_bandwidth_bytes_per_sec: 36 << 20,
+        ..capped_policy()
+    };
+    let report = migrate(&mut src, sl, &key, &policy, "m-raise")
+        .await
+        .unwrap();
+    dest.await.unwrap().unwrap();
+    eprintln!(
+        "raised to {} B/s, throttle {} %",
+        report.bandwidth_raised_to, report.throttle_percent
+    );
+    assert_eq!(
+        report.bandwidth_raised_to,
+        36 << 20,
+        "24 MiB/s x 1.5 = the 36 MiB/s ceiling"
+    );
 }

@@ -91,6 +91,7 @@ fn main() {
                             max_downtime_ms: Some(30),
                             bandwidth_mbps: None,
                             deadline_secs: None,
+                            max_bandwidth_mbps: None,
                             auto_converge: None,
                         },
                     )

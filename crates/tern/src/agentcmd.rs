@@ -60,6 +60,10 @@ pub struct MigrateArgs {
     /// Give up (roll back) if switchover has not begun after this many seconds.
     #[arg(long)]
     pub deadline: Option<u64>,
+    /// When pre-copy stalls under --bandwidth, raise it up to this (MB/s)
+    /// before throttling the guest.
+    #[arg(long)]
+    pub max_bandwidth: Option<u64>,
     /// Do not throttle a guest whose pre-copy does not converge.
     #[arg(long)]
     pub no_auto_converge: bool,
@@ -93,6 +97,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             max_downtime_ms: Some(a.max_downtime),
             bandwidth_mbps: a.bandwidth,
             deadline_secs: a.deadline,
+            max_bandwidth_mbps: a.max_bandwidth,
             auto_converge: Some(!a.no_auto_converge),
         };
         let started = client.migrate(&a.vm, &req).await?;
@@ -173,6 +178,12 @@ fn print_report(v: &MigrationView) {
             );
         }
         let ram = r.memory_bytes.max(1) as f64;
+        if r.bandwidth_raised_to > 0 {
+            println!(
+                "  pre-copy stalled: bandwidth raised to {:.0} MB/s",
+                r.bandwidth_raised_to as f64 / 1e6
+            );
+        }
         if r.throttle_percent > 0 {
             println!(
                 "  auto-converge: the guest was throttled up to {} %",
@@ -357,6 +368,7 @@ pub fn demo() -> anyhow::Result<()> {
                     max_downtime_ms: Some(50),
                     bandwidth_mbps: None,
                     deadline_secs: None,
+                    max_bandwidth_mbps: None,
                     auto_converge: None,
                 },
             )

@@ -53,6 +53,7 @@ fn mode_to(to: &str, mode: &str) -> MigrateRequest {
         max_downtime_ms: Some(50),
         bandwidth_mbps: None,
         deadline_secs: None,
+        max_bandwidth_mbps: None,
         auto_converge: None,
     }
 }
