@@ -723,6 +723,24 @@ async fn run_source<G: SourceGuest>(
     .await?;
     report.pages_sent = ps.pages;
     report.wire_bytes = ps.wire;
+    commit_exchange(data, replies, policy, before_commit).await?;
+    report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
+    *tracking = false;
+    *paused = false;
+    guest.discard();
+    report.phase = SourcePhase::Committed;
+    Ok(())
+}
+
+/// Waits for `Ready`, journals and sends `Commit` (the one point where
+/// ownership moves), then waits for `Running`. Failing before `Commit` left
+/// rolls back; after it, the source must not resume (`CommitUnconfirmed`).
+async fn commit_exchange(
+    data: &Sender,
+    replies: &mut Receiver,
+    policy: &Policy,
+    before_commit: CommitHook<'_>,
+) -> Result<(), MigrateError> {
     match reply(replies, policy.reply_timeout).await? {
         DestMsg::Ready => {}
         DestMsg::Failed { reason } => return Err(MigrateError::DestinationFailed(reason)),
@@ -732,27 +750,17 @@ async fn run_source<G: SourceGuest>(
             )))
         }
     }
-
-    // Commit: the one point where ownership moves.
     before_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
     data.send(msg_frame(&SourceMsg::Commit))
         .await
         .map_err(tx_err)?;
     match reply(replies, policy.reply_timeout).await {
-        Ok(DestMsg::Running) => {}
-        Ok(other) => {
-            return Err(MigrateError::CommitUnconfirmed(format!(
-                "expected running, got {other:?}"
-            )))
-        }
-        Err(e) => return Err(MigrateError::CommitUnconfirmed(e.to_string())),
+        Ok(DestMsg::Running) => Ok(()),
+        Ok(other) => Err(MigrateError::CommitUnconfirmed(format!(
+            "expected running, got {other:?}"
+        ))),
+        Err(e) => Err(MigrateError::CommitUnconfirmed(e.to_string())),
     }
-    report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
-    *tracking = false;
-    *paused = false;
-    guest.discard();
-    report.phase = SourcePhase::Committed;
-    Ok(())
 }
 
 /// Pages prefetched after each faulting page (the guest tends to read on).
@@ -833,28 +841,7 @@ async fn postcopy_switchover<G: SourceGuest>(
         msg_frame(&SourceMsg::Manifest(SignedManifest::sign(manifest, key))),
     )
     .await?;
-    match reply(replies, policy.reply_timeout).await? {
-        DestMsg::Ready => {}
-        DestMsg::Failed { reason } => return Err(MigrateError::DestinationFailed(reason)),
-        other => {
-            return Err(MigrateError::Protocol(format!(
-                "expected ready, got {other:?}"
-            )))
-        }
-    }
-    before_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
-    data.send(msg_frame(&SourceMsg::Commit))
-        .await
-        .map_err(tx_err)?;
-    match reply(replies, policy.reply_timeout).await {
-        Ok(DestMsg::Running) => {}
-        Ok(other) => {
-            return Err(MigrateError::CommitUnconfirmed(format!(
-                "expected running, got {other:?}"
-            )))
-        }
-        Err(e) => return Err(MigrateError::CommitUnconfirmed(e.to_string())),
-    }
+    commit_exchange(data, replies, policy, before_commit).await?;
     report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
     ps.publish(|p| {

@@ -368,6 +368,24 @@ fn outrunning_workload() -> tern_migrate::process::ProcessGuest {
     tern_migrate::process::ProcessGuest::start(64 << 20, 2048, 2000 << 20).unwrap()
 }
 
+/// Runs the destination half with an empty process workload.
+fn spawn_process_dest(
+    dl: DestLink,
+    vk: ed25519_dalek::VerifyingKey,
+) -> tokio::task::JoinHandle<Result<tern_migrate::process::ProcessGuest, MigrateError>> {
+    tokio::spawn(async move {
+        receive(
+            dl,
+            |req| {
+                tern_migrate::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string())
+            },
+            &vk,
+            &capacity(),
+        )
+        .await
+    })
+}
+
 fn capped_policy() -> Policy {
     Policy {
         bandwidth_bytes_per_sec: 24 << 20,
@@ -383,17 +401,7 @@ async fn auto_converge_throttles_a_guest_that_outruns_the_link() {
     let (sl, dl) = links().await;
     let key = SigningKey::from_bytes(&rand::random());
     let vk = key.verifying_key();
-    let dest = tokio::spawn(async move {
-        receive(
-            dl,
-            |req| {
-                tern_migrate::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string())
-            },
-            &vk,
-            &capacity(),
-        )
-        .await
-    });
+    let dest = spawn_process_dest(dl, vk);
     let report = migrate(&mut src, sl, &key, &capped_policy(), "m-converge")
         .await
         .unwrap();
@@ -423,17 +431,7 @@ async fn a_migration_that_misses_its_deadline_rolls_back_and_the_source_runs_at_
     let (sl, dl) = links().await;
     let key = SigningKey::from_bytes(&rand::random());
     let vk = key.verifying_key();
-    let dest = tokio::spawn(async move {
-        receive(
-            dl,
-            |req| {
-                tern_migrate::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string())
-            },
-            &vk,
-            &capacity(),
-        )
-        .await
-    });
+    let dest = spawn_process_dest(dl, vk);
     let policy = Policy {
         deadline: Some(Duration::from_millis(300)),
         max_rounds: 1000,
@@ -464,17 +462,7 @@ async fn postcopy_serves_the_pages_a_running_workload_touches_first() {
     let (sl, dl) = links().await;
     let key = SigningKey::from_bytes(&rand::random());
     let vk = key.verifying_key();
-    let dest = tokio::spawn(async move {
-        receive(
-            dl,
-            |req| {
-                tern_migrate::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string())
-            },
-            &vk,
-            &capacity(),
-        )
-        .await
-    });
+    let dest = spawn_process_dest(dl, vk);
     // 8 MiB of working set behind a 4 MB/s push: the workload, running on the
     // destination at once, writes to pages long before the push gets there.
     let policy = Policy {
@@ -507,17 +495,7 @@ async fn a_capped_link_is_raised_toward_its_ceiling_before_the_guest_is_throttle
     let (sl, dl) = links().await;
     let key = SigningKey::from_bytes(&rand::random());
     let vk = key.verifying_key();
-    let dest = tokio::spawn(async move {
-        receive(
-            dl,
-            |req| {
-                tern_migrate::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string())
-            },
-            &vk,
-            &capacity(),
-        )
-        .await
-    });
+    let dest = spawn_process_dest(dl, vk);
     let policy = Policy {
         max_bandwidth_bytes_per_sec: 36 << 20,
         ..capped_policy()
