@@ -359,20 +359,32 @@ async fn drain(tx: &Sender, timeout: Duration) -> Result<(), MigrateError> {
 }
 
 async fn reply(rx: &mut Receiver, timeout: Duration) -> Result<DestMsg, MigrateError> {
-    let got = tokio::time::timeout(timeout, rx.recv())
-        .await
-        .map_err(|_| MigrateError::Transport(format!("no reply within {timeout:?}")))?;
-    let (seq, f) = got
-        .ok_or_else(|| MigrateError::Transport("the reply channel closed".into()))?
-        .map_err(tx_err)?;
-    rx.ack(seq);
-    match split(&f).map_err(MigrateError::Protocol)? {
-        (KIND_MSG, p) => serde_json::from_slice(&p)
-            .map_err(|e| MigrateError::Protocol(format!("bad reply: {e}"))),
-        (k, _) => Err(MigrateError::Protocol(format!(
-            "unexpected reply frame kind {k}"
-        ))),
+    poll_reply(rx, timeout)
+        .await?
+        .ok_or_else(|| MigrateError::Transport(format!("no reply within {timeout:?}")))
+}
+
+/// Switchover's first step, for both modes: stops the guest and returns
+/// when it stopped and every page the destination does not hold as it is
+/// now (`todo` left over from the last round plus what was dirtied since).
+fn pause_for_switchover<G: SourceGuest>(
+    guest: &mut G,
+    report: &mut Report,
+    ps: &PageSender,
+    paused: &mut bool,
+    todo: Vec<u64>,
+) -> Result<(Instant, Vec<u64>), MigrateError> {
+    let n_pages = report.memory_bytes / PAGE as u64;
+    report.phase = SourcePhase::Switchover;
+    ps.publish(|p| p.phase = "switchover".into());
+    let pause_at = Instant::now();
+    guest.pause()?;
+    *paused = true;
+    let mut left = guest.take_dirty()?;
+    for p in todo {
+        left.insert(p);
     }
+    Ok((pause_at, left.pages().filter(|&p| p < n_pages).collect()))
 }
 
 /// Migrates `guest` away. On success the guest runs on the destination and
@@ -692,16 +704,7 @@ async fn run_source<G: SourceGuest>(
     }
 
     // Switchover: stop the guest and send the rest.
-    report.phase = SourcePhase::Switchover;
-    ps.publish(|p| p.phase = "switchover".into());
-    let pause_at = Instant::now();
-    guest.pause()?;
-    *paused = true;
-    let mut last = guest.take_dirty()?;
-    for p in todo {
-        last.insert(p);
-    }
-    let last: Vec<u64> = last.pages().filter(|&p| p < n_pages).collect();
+    let (pause_at, last) = pause_for_switchover(guest, report, &ps, paused, todo)?;
     ps.send_pages(guest, data, &last, policy.frame_pages)
         .await?;
     let state = guest.device_state()?;
@@ -808,17 +811,8 @@ async fn postcopy_switchover<G: SourceGuest>(
     before_commit: CommitHook<'_>,
 ) -> Result<(), MigrateError> {
     let n_pages = report.memory_bytes / PAGE as u64;
-    report.phase = SourcePhase::Switchover;
     report.postcopy = true;
-    ps.publish(|p| p.phase = "switchover".into());
-    let pause_at = Instant::now();
-    guest.pause()?;
-    *paused = true;
-    let mut stale = guest.take_dirty()?;
-    for p in todo {
-        stale.insert(p);
-    }
-    let stale: Vec<u64> = stale.pages().filter(|&p| p < n_pages).collect();
+    let (pause_at, stale) = pause_for_switchover(guest, report, ps, paused, todo)?;
     let state = guest.device_state()?;
     ps.send(data, frame(KIND_DEVICE_STATE, &state)).await?;
     ps.send(
