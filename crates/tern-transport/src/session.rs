@@ -3,7 +3,7 @@
 use crate::ratelimit::{min_rate, HostLimiter, TokenBucket, UNLIMITED};
 use crate::wire::{
     self, Control, DataHeader, Hello, HelloAck, HelloStatus, ResumeToken, SessionId, CONTROL_LEN,
-    DATA_HEADER_LEN, FRAME_OVERHEAD, HELLO_ACK_LEN, HELLO_LEN, PAYLOAD_HASH_LEN,
+    DATA_HEADER_LEN, HELLO_ACK_LEN, HELLO_LEN, PAYLOAD_HASH_LEN,
 };
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
@@ -631,7 +631,9 @@ async fn write_loop(
             }
             p.payload.clone()
         };
-        let wire_len = payload.len() + FRAME_OVERHEAD;
+        // TLS authenticates every byte; plaintext streams carry a checksum.
+        let checksummed = matches!(sh.security, Security::InsecurePlaintext);
+        let wire_len = payload.len() + wire::frame_overhead(checksummed);
         let mut wait = sh.bucket.reserve(wire_len);
         if let Some(h) = &sh.host {
             wait = wait.max(h.reserve(wire_len));
@@ -648,12 +650,14 @@ async fn write_loop(
             }
             tokio::time::sleep(wait).await;
         }
-        let hash = wire::payload_hash(&payload);
         let ok = async {
             w.write_all(&wire::data_header(seq, payload.len() as u32))
                 .await?;
             w.write_all(&payload).await?;
-            w.write_all(&hash).await
+            if checksummed {
+                w.write_all(&wire::payload_hash(&payload)).await?;
+            }
+            Ok::<(), std::io::Error>(())
         };
         // A write can block on a connection whose peer is gone; the control
         // reader notices first, so race the two.
@@ -908,6 +912,7 @@ impl Listener {
                 };
                 sock.set_nodelay(true).ok();
                 let acceptor = acceptor.clone();
+                let acceptor_was_plain = acceptor.is_none();
                 let sessions = sessions.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -929,7 +934,10 @@ impl Listener {
                         }
                         None => split(sock),
                     };
-                    if let Err(e) = serve_stream(r, w, sessions, tx, resume_deadline).await {
+                    let checksummed = acceptor_was_plain;
+                    if let Err(e) =
+                        serve_stream(r, w, sessions, tx, resume_deadline, checksummed).await
+                    {
                         tracing::warn!(%peer, error = %e, "migration stream refused");
                     }
                 });
@@ -965,6 +973,7 @@ async fn serve_stream(
     sessions: Arc<Mutex<HashMap<SessionId, Arc<RecvShared>>>>,
     new_tx: mpsc::Sender<Receiver>,
     resume_deadline: Duration,
+    checksummed: bool,
 ) -> Result<(), String> {
     let mut hb = [0u8; HELLO_LEN];
     tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut hb))
@@ -1031,7 +1040,7 @@ async fn serve_stream(
     }
     let (nack_tx, nack_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(control_writer(w, shared.acks.subscribe(), nack_rx));
-    let res = read_frames(&shared, &mut r, nack_tx).await;
+    let res = read_frames(&shared, &mut r, nack_tx, checksummed).await;
     writer.abort();
     {
         let mut st = shared.state.lock().expect("recv state");
@@ -1048,6 +1057,7 @@ async fn read_frames(
     sh: &RecvShared,
     r: &mut BoxRead,
     nack: mpsc::UnboundedSender<Control>,
+    checksummed: bool,
 ) -> Result<(), String> {
     let mut hb = [0u8; DATA_HEADER_LEN];
     // Payloads are read into one reused buffer: once the application drops a
@@ -1080,8 +1090,10 @@ async fn read_frames(
                 }
                 let payload = pool.split_to(len).freeze();
                 let mut hash = [0u8; PAYLOAD_HASH_LEN];
-                r.read_exact(&mut hash).await.map_err(|e| e.to_string())?;
-                if wire::payload_hash(&payload) != hash {
+                if checksummed {
+                    r.read_exact(&mut hash).await.map_err(|e| e.to_string())?;
+                }
+                if checksummed && wire::payload_hash(&payload) != hash {
                     sh.state.lock().expect("recv state").corrupt += 1;
                     tracing::warn!(
                         seq,
