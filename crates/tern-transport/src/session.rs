@@ -156,6 +156,11 @@ struct Counters {
     min_rtt_us: AtomicU64,
 }
 
+/// Bytes read from a TLS socket per syscall (see the listener).
+const TLS_READ_BUFFER: usize = 1 << 20;
+/// Bytes of TLS records a sender gathers before writing them out.
+const TLS_SEND_BUFFER: usize = 1 << 20;
+
 struct SenderShared {
     addr: SocketAddr,
     security: Security,
@@ -211,6 +216,10 @@ async fn open_stream(
                             fail(format!("connection lost during TLS handshake: {e}"))
                         }
                     })?;
+                let mut tls = tls;
+                // rustls flushes its send buffer at this limit (64 KiB by
+                // default): 1 MiB means one writev per MiB of frames.
+                tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
                 split(tls)
             }
         };
@@ -918,6 +927,10 @@ impl Listener {
                 tokio::spawn(async move {
                     let (r, w) = match acceptor {
                         Some(a) => {
+                            // rustls reads the socket 4 KiB at a time (its buffer
+                            // shrinks whenever it empties): a buffer underneath turns
+                            // that into one syscall per MiB.
+                            let sock = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, sock);
                             match tokio::time::timeout(Duration::from_secs(10), a.accept(sock))
                                 .await
                             {
