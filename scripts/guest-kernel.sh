@@ -3,8 +3,10 @@
 # Linux guests, without installing them on the host: the packages are
 # downloaded and unpacked into a cache directory. Idempotent.
 # Also builds a busybox initramfs whose /init prints "tern-ready" on the
-# console and powers the guest off. Prints "KERNEL INITRD" (paths) on stdout;
-# everything else goes to stderr.
+# console and then either runs tern's guest workload (`tern_load=1` on the
+# kernel command line: guest/tern-load.c, built static with the host's gcc),
+# holds a shell (TERN_HOLD) or powers the guest off. Prints "KERNEL INITRD"
+# (paths) on stdout; everything else goes to stderr.
 set -euo pipefail
 exec 3>&1 1>&2
 cache=${TERN_GUEST_CACHE:-/var/cache/tern/guest}
@@ -23,16 +25,21 @@ if ! ls "$cache"/root/boot/vmlinuz-* >/dev/null 2>&1 || [ ! -x "$cache/root/bin/
 fi
 kernel=$(ls "$cache"/root/boot/vmlinuz-* | sort -V | tail -1)
 initrd="$cache/initramfs.cpio"
-if [ ! -s "$initrd" ] || [ "$0" -nt "$initrd" ]; then
+load_src="$(dirname "$0")/../guest/tern-load.c"
+if [ ! -s "$initrd" ] || [ "$0" -nt "$initrd" ] || [ "$load_src" -nt "$initrd" ]; then
+    command -v gcc >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc libc6-dev; }
     tree=$(mktemp -d)
     mkdir -p "$tree"/{bin,proc,sys,dev}
     cp "$cache/root/bin/busybox" "$tree/bin/busybox"
+    gcc -static -O2 -Wall -Wextra -Werror -o "$tree/bin/tern-load" "$load_src"
     for app in sh mount echo cat poweroff sleep; do ln -sf busybox "$tree/bin/$app"; done
     cat > "$tree/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev 2>/dev/null
 echo "tern-ready: $(cat /proc/uptime)"
+[ -n "$tern_load" ] && exec /bin/tern-load
 [ -n "$TERN_HOLD" ] && exec /bin/busybox sh
 /bin/busybox poweroff -f
 INIT

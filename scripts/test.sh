@@ -16,6 +16,10 @@ read -r TERN_GUEST_KERNEL TERN_GUEST_INITRD < <(bash scripts/guest-kernel.sh)
 export TERN_GUEST_KERNEL TERN_GUEST_INITRD
 export TERN_REQUIRE_GUEST_KERNEL=1   # the loader tests must not skip here
 
+echo "== setup: QEMU (qemu-system-x86) for the qemu driver's Linux guests"
+bash scripts/qemu-setup.sh
+export TERN_REQUIRE_QEMU=1   # the qemu driver tests must not skip here
+
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"

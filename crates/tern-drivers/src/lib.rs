@@ -3,11 +3,13 @@
 //! A driver knows how to start, stop, health-check and clean up a VM on this host.
 //! It knows nothing of tenants, pools or the store: the orchestrator owns those.
 //! Implementations: [`mock::MockDriver`] (in-memory, with fault injection for
-//! rehearsing failure handling) and [`kvm::KvmDriver`] (one `tern-vmm` monitor
-//! process per VM); a `qemu` driver follows.
+//! rehearsing failure handling), [`kvm::KvmDriver`] (one `tern-vmm` monitor
+//! process per VM) and [`qemu::QemuDriver`] (one QEMU process per Linux VM,
+//! driven over QMP).
 
 pub mod kvm;
 pub mod mock;
+pub mod qemu;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,243 @@
+//! tern's Linux guest workload (`guest/tern-load.c`) as the host sees it:
+//! its parameters (kernel command-line words) and its console report.
+//!
+//! The guest rewrites a working set round-robin and, every few ticks, checks
+//! every page and prints a checksum of the whole set. Page contents are a pure
+//! function of (page, tick that last wrote it), so the checksum is a pure
+//! function of the tick: [`LoadParams::expected_sum`] computes it here, the
+//! same way, and a migration is correct when the guest's counter continues on
+//! the target and its reported sums match.
+
+/// The workload's parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadParams {
+    /// Working set, MiB.
+    pub ws_mib: u64,
+    /// MiB written per second.
+    pub dirty_mib: u64,
+    /// Milliseconds per tick.
+    pub tick_ms: u64,
+    /// Ticks between full checks (0: never).
+    pub verify_every: u64,
+}
+
+impl Default for LoadParams {
+    fn default() -> Self {
+        Self {
+            ws_mib: 16,
+            dirty_mib: 8,
+            tick_ms: 100,
+            verify_every: 10,
+        }
+    }
+}
+
+const PAGE: u64 = 4096;
+const WORDS: u64 = PAGE / 8;
+
+/// Word `w` of page `p` as written at tick `t` (splitmix64).
+fn pattern(p: u64, t: u64, w: u64) -> u64 {
+    let mut z = (p << 40) ^ (t << 12) ^ w;
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl LoadParams {
+    /// The kernel command-line words that set these parameters.
+    pub fn cmdline(&self) -> String {
+        format!(
+            "tern_load=1 tern_ws_mib={} tern_dirty_mib={} tern_tick_ms={} tern_verify_every={}",
+            self.ws_mib, self.dirty_mib, self.tick_ms, self.verify_every
+        )
+    }
+
+    fn pages(&self) -> u64 {
+        (self.ws_mib.max(1) << 20) / PAGE
+    }
+
+    /// Pages the guest writes per tick (as the guest computes it).
+    pub fn pages_per_tick(&self) -> u64 {
+        let tick_ms = if self.tick_ms == 0 { 100 } else { self.tick_ms };
+        ((self.dirty_mib << 20) / PAGE * tick_ms / 1000).clamp(1, self.pages())
+    }
+
+    fn last_tick(&self, p: u64, tick: u64) -> u64 {
+        let (per, n) = (self.pages_per_tick(), self.pages());
+        let writes = tick * per;
+        if writes <= p {
+            return 0;
+        }
+        let g = p + ((writes - 1 - p) / n) * n;
+        g / per + 1
+    }
+
+    /// The checksum an intact guest reports at `tick`.
+    pub fn expected_sum(&self, tick: u64) -> u64 {
+        let mut sum = 0u64;
+        for p in 0..self.pages() {
+            let t = self.last_tick(p, tick);
+            for w in 0..WORDS {
+                sum = (sum ^ pattern(p, t, w)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        sum
+    }
+}
+
+/// One line of the workload's console report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadLine {
+    /// The workload started.
+    Ready,
+    /// A tick without a check.
+    Tick(u64),
+    /// A tick with a full check: the guest's checksum and whether every page
+    /// held what it must.
+    Checked {
+        /// The tick.
+        tick: u64,
+        /// The guest's checksum of its working set.
+        sum: u64,
+        /// Every page matched.
+        ok: bool,
+    },
+    /// The workload could not start.
+    Failed,
+}
+
+/// Parses one console line (`None` for anything else the guest prints).
+pub fn parse_line(line: &str) -> Option<LoadLine> {
+    let rest = line.trim().strip_prefix("tern-load ")?;
+    if rest.starts_with("ready") {
+        return Some(LoadLine::Ready);
+    }
+    if rest.starts_with("failed") {
+        return Some(LoadLine::Failed);
+    }
+    let mut tick = None;
+    let mut sum = None;
+    let mut ok = None;
+    for kv in rest.split_whitespace() {
+        match kv.split_once('=')? {
+            ("tick", v) => tick = v.parse().ok(),
+            ("sum", v) => sum = u64::from_str_radix(v, 16).ok(),
+            ("ok", v) => ok = Some(v == "1"),
+            _ => {}
+        }
+    }
+    match (tick?, sum, ok) {
+        (tick, Some(sum), Some(ok)) => Some(LoadLine::Checked { tick, sum, ok }),
+        (tick, None, None) => Some(LoadLine::Tick(tick)),
+        _ => None,
+    }
+}
+
+/// What a console log says about the workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// The workload printed its ready line.
+    pub ready: bool,
+    /// The first tick printed.
+    pub first_tick: Option<u64>,
+    /// The last tick printed.
+    pub last_tick: Option<u64>,
+    /// Checks whose page check failed or whose sum differs from the expected.
+    pub bad_checks: Vec<u64>,
+    /// Checks that passed.
+    pub good_checks: u64,
+    /// Ticks that went backwards or skipped (a restarted or corrupted guest).
+    pub gaps: Vec<(u64, u64)>,
+}
+
+impl LoadReport {
+    /// Reads a whole console log, verifying every check against `params`.
+    pub fn from_console(text: &str, params: &LoadParams) -> LoadReport {
+        let mut r = LoadReport::default();
+        for line in text.lines() {
+            let Some(l) = parse_line(line) else { continue };
+            let tick = match l {
+                LoadLine::Ready => {
+                    r.ready = true;
+                    continue;
+                }
+                LoadLine::Failed => continue,
+                LoadLine::Tick(t) => t,
+                LoadLine::Checked { tick, sum, ok } => {
+                    if ok && sum == params.expected_sum(tick) {
+                        r.good_checks += 1;
+                    } else {
+                        r.bad_checks.push(tick);
+                    }
+                    tick
+                }
+            };
+            if let Some(last) = r.last_tick {
+                if tick != last + 1 {
+                    r.gaps.push((last, tick));
+                }
+            }
+            r.first_tick.get_or_insert(tick);
+            r.last_tick = Some(tick);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_parse_and_anything_else_is_ignored() {
+        assert_eq!(
+            parse_line("tern-load ready ws_mib=16"),
+            Some(LoadLine::Ready)
+        );
+        assert_eq!(parse_line("tern-load tick=7\r"), Some(LoadLine::Tick(7)));
+        assert_eq!(
+            parse_line("tern-load tick=10 sum=00000000000000ff ok=1"),
+            Some(LoadLine::Checked {
+                tick: 10,
+                sum: 255,
+                ok: true
+            })
+        );
+        assert_eq!(parse_line("[    1.0] random kernel line"), None);
+        assert_eq!(parse_line("tern-load tick=x"), None);
+        assert_eq!(parse_line("tern-load tick=3 sum=zz ok=1"), None);
+    }
+
+    #[test]
+    fn expected_sum_matches_the_guest_binary() {
+        // Figure printed by guest/tern-load.c (16 MiB, 16 MiB/s, 100 ms
+        // ticks) at tick 170 under QEMU.
+        let p = LoadParams {
+            ws_mib: 16,
+            dirty_mib: 16,
+            tick_ms: 100,
+            verify_every: 10,
+        };
+        assert_eq!(p.expected_sum(170), 0xd41d38f5ade790e5);
+    }
+
+    #[test]
+    fn a_report_finds_gaps_and_bad_checks() {
+        let p = LoadParams {
+            ws_mib: 1,
+            ..Default::default()
+        };
+        let good = p.expected_sum(2);
+        let text = format!(
+            "noise\ntern-load ready\ntern-load tick=1\ntern-load tick=2 sum={good:016x} ok=1\n\
+             tern-load tick=4 sum={good:016x} ok=1\n"
+        );
+        let r = LoadReport::from_console(&text, &p);
+        assert!(r.ready);
+        assert_eq!((r.first_tick, r.last_tick), (Some(1), Some(4)));
+        assert_eq!(r.good_checks, 1);
+        assert_eq!(r.bad_checks, vec![4]);
+        assert_eq!(r.gaps, vec![(2, 4)]);
+    }
+}
