@@ -218,8 +218,13 @@ async fn open_stream(
                     })?;
                 let mut tls = tls;
                 // rustls flushes its send buffer at this limit (64 KiB by
-                // default): 1 MiB means one writev per MiB of frames.
-                tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+                // default): 1 MiB means one writev per MiB of frames. Only
+                // for unpaced sessions: bytes parked in rustls count as sent,
+                // so a paced or adaptive session would see them as queueing
+                // delay (measured: the adaptive rate stopped climbing).
+                if !sh.cfg.adaptive && sh.cfg.rate_bytes_per_sec == UNLIMITED && sh.host.is_none() {
+                    tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+                }
                 split(tls)
             }
         };
@@ -773,7 +778,12 @@ async fn rate_task(sh: std::sync::Weak<SenderShared>) {
         }
         // Congestion: what gets through falls well short of what we send
         // (throughput stalls), or a heavy queue doubles the round trip.
-        let stalled = backlog && history.len() == 5 && delivered < mean_rate * 0.8;
+        // Judged against the lowest rate of the window: while probing up
+        // 10% a tick, what is delivered trails the newest rate by a round
+        // trip, and comparing with the mean made a clear path look stalled
+        // (the rate then stuck near its start; seen in CI).
+        let lowest_rate = history.iter().map(|h| h.2).fold(f64::MAX, f64::min);
+        let stalled = backlog && history.len() == 5 && delivered < lowest_rate.min(mean_rate) * 0.8;
         let heavy_queue = min_rtt > 0.0 && srtt > 2.0 * min_rtt + 10_000.0;
         let next = if (stalled || heavy_queue) && delivered > 0.0 {
             hold_until = Instant::now()
