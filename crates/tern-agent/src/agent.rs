@@ -10,12 +10,14 @@ use crate::config::{AgentConfig, Peer};
 use crate::hosted::Hosted;
 use crate::journal::{Journal, Record, VmFate};
 use crate::keys;
-use crate::views::{MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
+use crate::qemu_relay::{self, Compress};
+use crate::views::{GuestKind, MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
 use ed25519_dalek::SigningKey;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
 use tern_migrate::protocol::{frame, split, SessionHello, KIND_HELLO};
 use tern_migrate::{Capacity, DestLink, MigrateError, Policy, Progress, SourceLink};
 use tern_transport::{Listener, Receiver, Security, Sender, SessionConfig, TlsIdentity};
@@ -106,6 +108,10 @@ pub struct MigrateRequest {
     /// Throttle a guest whose pre-copy does not converge (default true).
     #[serde(default)]
     pub auto_converge: Option<bool>,
+    /// Linux (QEMU) guests: compress the stream on the wire: `none`, `lz4`
+    /// or `zstd` (default: zstd under a bandwidth cap, else none).
+    #[serde(default)]
+    pub compress: Option<String>,
 }
 
 fn default_mode() -> String {
@@ -237,11 +243,15 @@ impl Agent {
     pub async fn create_vm(&self, spec: VmSpec) -> Result<VmView, AgentError> {
         spec.validate().map_err(AgentError::BadRequest)?;
         let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let boot_spec = spec.clone();
-        let machine = tokio::task::spawn_blocking(move || Hosted::boot(&boot_spec))
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))?
-            .map_err(AgentError::Internal)?;
+        let machine = if spec.kind == GuestKind::Linux {
+            self.boot_linux(&id, &spec).await?
+        } else {
+            let boot_spec = spec.clone();
+            tokio::task::spawn_blocking(move || Hosted::boot(&boot_spec))
+                .await
+                .map_err(|e| AgentError::Internal(e.to_string()))?
+                .map_err(AgentError::Internal)?
+        };
         let spec_json = serde_json::to_value(&spec).expect("specs serialize");
         self.inner
             .journal
@@ -260,6 +270,47 @@ impl Agent {
             },
         );
         self.vm(&id)
+    }
+
+    /// How this agent runs QEMU: its guests die with it, like its other VMs
+    /// (which live in its process), so a crashed agent leaves no orphan copy.
+    fn qemu_config(&self) -> QemuConfig {
+        QemuConfig {
+            die_with_parent: true,
+            ..QemuConfig::default()
+        }
+    }
+
+    fn qemu_spec(&self, spec: &VmSpec) -> Result<QemuSpec, String> {
+        qemu_relay::qemu_spec(
+            spec,
+            self.inner.cfg.guest_kernel.as_deref(),
+            self.inner.cfg.guest_initrd.as_deref(),
+        )
+    }
+
+    fn qemu_dir(&self, vm: &str, epoch: u64) -> std::path::PathBuf {
+        self.inner
+            .cfg
+            .data_dir
+            .join("vms")
+            .join(format!("{vm}-e{epoch}"))
+    }
+
+    async fn boot_linux(&self, id: &str, spec: &VmSpec) -> Result<Hosted, AgentError> {
+        let qspec = self.qemu_spec(spec).map_err(AgentError::BadRequest)?;
+        let vm = QemuVm::launch(
+            &self.qemu_config(),
+            &self.qemu_dir(id, 1),
+            &qspec,
+            Launch::Boot,
+        )
+        .await
+        .map_err(AgentError::Internal)?;
+        vm.wait_console(Duration::from_secs(120), |c| c.contains("tern-load ready"))
+            .await
+            .map_err(|e| AgentError::Internal(format!("the Linux guest did not come up: {e}")))?;
+        Ok(Hosted::Qemu(vm))
     }
 
     /// Stops a VM running here.
@@ -388,6 +439,11 @@ impl Agent {
         policy.deadline = req.deadline_secs.map(Duration::from_secs);
         policy.max_bandwidth_bytes_per_sec = req.max_bandwidth_mbps.unwrap_or(0) * 1_000_000;
         policy.auto_converge = req.auto_converge.unwrap_or(true);
+        let compress: Compress = match &req.compress {
+            Some(c) => c.parse().map_err(AgentError::BadRequest)?,
+            None if policy.bandwidth_bytes_per_sec > 0 => Compress::Zstd,
+            None => Compress::None,
+        };
         let migration = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let (machine, epoch, spec) = {
             let mut vms = lock(&self.inner.vms);
@@ -431,7 +487,7 @@ impl Agent {
         let a = self.clone();
         let (id, vm) = (migration.clone(), vm.to_string());
         tokio::spawn(async move {
-            a.run_outgoing(id, vm, peer, policy, machine, epoch, spec, tx)
+            a.run_outgoing(id, vm, peer, policy, compress, machine, epoch, spec, tx)
                 .await;
         });
         Ok(migration)
@@ -444,6 +500,7 @@ impl Agent {
         vm: String,
         peer: Peer,
         policy: Policy,
+        compress: Compress,
         mut machine: Box<Hosted>,
         epoch: u64,
         spec: VmSpec,
@@ -496,20 +553,41 @@ impl Agent {
                     })
                     .map_err(|e| e.to_string())
             };
-            tern_migrate::migrate_observed(
-                &mut *machine,
-                SourceLink { data, replies },
-                &self.inner.key,
-                &policy,
-                &migration,
-                progress,
-                &mut before_commit,
-            )
-            .await
+            match &mut *machine {
+                Hosted::Qemu(q) => {
+                    qemu_relay::source(
+                        qemu_relay::SourceArgs {
+                            vm: q,
+                            policy: &policy,
+                            compress,
+                            progress,
+                        },
+                        data,
+                        replies,
+                        &mut before_commit,
+                    )
+                    .await
+                }
+                _ => {
+                    tern_migrate::migrate_observed(
+                        &mut *machine,
+                        SourceLink { data, replies },
+                        &self.inner.key,
+                        &policy,
+                        &migration,
+                        progress,
+                        &mut before_commit,
+                    )
+                    .await
+                }
+            }
         }
         .await;
         lock(&self.inner.reply_waiters).remove(&migration);
-        let moved = matches!(&res, Ok(_) | Err(MigrateError::CommitUnconfirmed(_)));
+        // A QEMU guest that failed its own check after commit still moved.
+        let corrupted =
+            spec.kind == GuestKind::Linux && matches!(&res, Err(MigrateError::Verification(_)));
+        let moved = corrupted || matches!(&res, Ok(_) | Err(MigrateError::CommitUnconfirmed(_)));
         if !moved {
             let reason = res
                 .as_ref()
@@ -541,7 +619,9 @@ impl Agent {
                     m.report = Some(report);
                 }
                 Err(e) => {
-                    m.state = if moved {
+                    m.state = if corrupted {
+                        MigrationState::Corrupted
+                    } else if moved {
                         MigrationState::Committed
                     } else {
                         MigrationState::RolledBack
@@ -664,6 +744,13 @@ impl Agent {
             lock(&self.inner.vms).get(vm).map(|e| &e.slot),
             Some(Slot::Running(_) | Slot::Migrating { .. })
         );
+        if spec.kind == GuestKind::Linux {
+            return self
+                .incoming_qemu(
+                    data, replies, migration, vm, epoch, &spec, &spec_json, owned_here, ptx,
+                )
+                .await;
+        }
         let mut on_commit = || {
             journal
                 .append(&Record::CommitReceived {
@@ -712,6 +799,122 @@ impl Agent {
             p.phase = match state {
                 MigrationState::Committed => "committed".into(),
                 _ => "discarded".into(),
+            }
+        });
+        if let Some(m) = lock(&self.inner.migrations).get_mut(migration) {
+            m.state = state;
+            m.error = error.clone();
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Agent {
+    /// The destination of a QEMU guest's migration (see [`qemu_relay`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn incoming_qemu(
+        &self,
+        data: Receiver,
+        replies: Sender,
+        migration: &str,
+        vm: &str,
+        epoch: u64,
+        spec: &VmSpec,
+        spec_json: &serde_json::Value,
+        owned_here: bool,
+        progress: watch::Sender<Progress>,
+    ) -> Result<(), String> {
+        let refuse = if owned_here {
+            Some(format!("{vm} already runs on this host"))
+        } else if spec.memory_mib > self.inner.cfg.max_memory_mib
+            || spec.vcpus > self.inner.cfg.max_vcpus
+        {
+            Some(format!(
+                "no capacity for {} MiB and {} vCPUs (limit {} MiB, {} vCPUs)",
+                spec.memory_mib,
+                spec.vcpus,
+                self.inner.cfg.max_memory_mib,
+                self.inner.cfg.max_vcpus
+            ))
+        } else {
+            None
+        };
+        let (qspec, refuse) = match self.qemu_spec(spec) {
+            Ok(q) => (Some(q), refuse),
+            Err(e) => (None, Some(e)),
+        };
+        let qconf = self.qemu_config();
+        let journal = &self.inner.journal;
+        let mut on_commit = || {
+            journal
+                .append(&Record::CommitReceived {
+                    migration: migration.into(),
+                    vm: vm.into(),
+                    epoch: epoch + 1,
+                    spec: spec_json.clone(),
+                })
+                .map_err(|e| e.to_string())
+        };
+        let qspec = qspec.unwrap_or_else(|| QemuSpec {
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            kernel: Default::default(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: Vec::new(),
+        });
+        let res = qemu_relay::destination(
+            qemu_relay::DestArgs {
+                qemu: &qconf,
+                dir: self.qemu_dir(vm, epoch + 1),
+                spec: qspec,
+                load: spec.load_params(),
+                progress: progress.clone(),
+                refuse,
+            },
+            data,
+            replies,
+            &mut on_commit,
+        )
+        .await;
+        let (state, error, guest) = match res {
+            Ok(q) => (MigrationState::Committed, None, Some(q)),
+            Err((e, Some(q))) => (MigrationState::Corrupted, Some(e.to_string()), Some(q)),
+            Err((e, None)) => {
+                let _ = journal.append(&Record::Discarded {
+                    migration: migration.into(),
+                    vm: vm.into(),
+                    reason: e.to_string(),
+                });
+                (MigrationState::Discarded, Some(e.to_string()), None)
+            }
+        };
+        if let Some(q) = guest {
+            // Committed here: the VM is ours now, well or not. A QEMU that
+            // died (its kernel panicked) is lost, not running.
+            let slot = if q.is_alive() {
+                Slot::Running(Box::new(Hosted::Qemu(q)))
+            } else {
+                Slot::Lost {
+                    reason: error.clone().unwrap_or_default(),
+                }
+            };
+            lock(&self.inner.vms).insert(
+                vm.into(),
+                VmEntry {
+                    spec: spec.clone(),
+                    epoch: epoch + 1,
+                    slot,
+                },
+            );
+        }
+        progress.send_modify(|p| {
+            p.phase = match state {
+                MigrationState::Discarded => "discarded".into(),
+                _ => "committed".into(),
             }
         });
         if let Some(m) = lock(&self.inner.migrations).get_mut(migration) {

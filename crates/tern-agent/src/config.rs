@@ -99,6 +99,13 @@ pub struct AgentConfig {
     /// How long a migration session waits for a dropped link, seconds. Default 30.
     #[serde(default = "default_resume")]
     pub resume_deadline_secs: u64,
+    /// Kernel that Linux guests boot (`scripts/guest-kernel.sh` fetches
+    /// Debian's). Without it the agent hosts no Linux guests.
+    #[serde(default)]
+    pub guest_kernel: Option<PathBuf>,
+    /// Initramfs of Linux guests (with tern's workload).
+    #[serde(default)]
+    pub guest_initrd: Option<PathBuf>,
 }
 
 fn default_api() -> SocketAddr {
@@ -135,6 +142,8 @@ impl AgentConfig {
             max_memory_mib: default_max_memory(),
             max_vcpus: default_max_vcpus(),
             resume_deadline_secs: default_resume(),
+            guest_kernel: None,
+            guest_initrd: None,
         }
     }
 

@@ -4,6 +4,8 @@
 use crate::views::{GuestKind, VmSpec};
 use std::path::Path;
 use std::time::Duration;
+use tern_drivers::qemu::load::LoadReport;
+use tern_drivers::qemu::QemuVm;
 use tern_migrate::guest::{incoming_machine, PostcopyMemory};
 use tern_migrate::process::ProcessGuest;
 use tern_migrate::{DestinationGuest, GuestError, GuestShape, SourceGuest};
@@ -15,7 +17,13 @@ pub enum Hosted {
     Kvm(Machine),
     /// A process-memory workload.
     Process(ProcessGuest),
+    /// A Linux guest in its own QEMU process. It migrates by QEMU's stream
+    /// (`crate::qemu_relay`), not through the page engine, so the engine's
+    /// guest halves refuse it.
+    Qemu(QemuVm),
 }
+
+const QEMU_NOT_PAGED: &str = "a QEMU guest migrates by QEMU's own stream, not tern's page engine";
 
 impl VmSpec {
     pub(crate) fn test_guest(&self) -> TestGuestConfig {
@@ -57,6 +65,7 @@ impl Hosted {
             )
             .map(Hosted::Process)
             .map_err(|e| e.to_string()),
+            GuestKind::Linux => Err("linux guests boot through the qemu driver (async)".into()),
         }
     }
 
@@ -69,6 +78,7 @@ impl Hosted {
             GuestKind::Process => ProcessGuest::incoming(shape)
                 .map(Hosted::Process)
                 .map_err(|e| e.to_string()),
+            GuestKind::Linux => Err(QEMU_NOT_PAGED.into()),
         }
     }
 
@@ -82,6 +92,14 @@ impl Hosted {
                 (counter, sum.map(|(c, s)| s == guest.expected_checksum(c)))
             }
             Hosted::Process(p) => (p.writes(), None),
+            Hosted::Qemu(q) => {
+                // The guest's own report on its console: last tick, and
+                // whether every check it made held.
+                let r = LoadReport::from_console(&q.console(), &spec.load_params());
+                let ok = (r.good_checks + r.bad_checks.len() as u64 > 0)
+                    .then_some(r.bad_checks.is_empty() && r.gaps.is_empty());
+                (r.last_tick.unwrap_or(0), ok)
+            }
         }
     }
 
@@ -90,6 +108,7 @@ impl Hosted {
         match self {
             Hosted::Kvm(m) => m.stop("stopped on request"),
             Hosted::Process(p) => p.discard(),
+            Hosted::Qemu(q) => q.kill(),
         }
     }
 }
@@ -99,13 +118,21 @@ macro_rules! both {
         match $self {
             Hosted::Kvm($g) => $e,
             Hosted::Process($g) => $e,
+            Hosted::Qemu(_) => Err(GuestError(QEMU_NOT_PAGED.into())),
         }
     };
 }
 
 impl SourceGuest for Hosted {
     fn shape(&self) -> GuestShape {
-        both!(self, g => SourceGuest::shape(g))
+        match self {
+            Hosted::Kvm(g) => SourceGuest::shape(g),
+            Hosted::Process(g) => SourceGuest::shape(g),
+            Hosted::Qemu(q) => GuestShape {
+                memory_bytes: q.spec().memory_mib << 20,
+                vcpus: q.spec().vcpus,
+            },
+        }
     }
     fn start_dirty_tracking(&mut self) -> Result<(), GuestError> {
         both!(self, g => g.start_dirty_tracking())
@@ -129,7 +156,11 @@ impl SourceGuest for Hosted {
         both!(self, g => g.device_state())
     }
     fn discard(&mut self) {
-        both!(self, g => g.discard())
+        match self {
+            Hosted::Kvm(g) => g.discard(),
+            Hosted::Process(g) => g.discard(),
+            Hosted::Qemu(q) => q.kill(),
+        }
     }
     fn throttle(&mut self, percent: u8) -> Result<(), GuestError> {
         both!(self, g => g.throttle(percent))

@@ -13,6 +13,7 @@ pub mod config;
 pub mod hosted;
 pub mod journal;
 pub mod keys;
+pub mod qemu_relay;
 pub mod testbed;
 pub mod views;
 

@@ -23,6 +23,9 @@ pub struct HostPlan {
     pub reached_at: Option<SocketAddr>,
     /// How long its migration sessions wait for a dropped link, seconds.
     pub resume_deadline_secs: u64,
+    /// Kernel and initramfs for Linux guests (default: `TERN_GUEST_KERNEL`
+    /// and `TERN_GUEST_INITRD` from the environment).
+    pub guest: Option<(PathBuf, PathBuf)>,
 }
 
 impl HostPlan {
@@ -35,6 +38,9 @@ impl HostPlan {
             migrate_port: free_port()?,
             reached_at: None,
             resume_deadline_secs: 30,
+            guest: std::env::var_os("TERN_GUEST_KERNEL")
+                .map(PathBuf::from)
+                .zip(std::env::var_os("TERN_GUEST_INITRD").map(PathBuf::from)),
         })
     }
 
@@ -98,6 +104,10 @@ pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<BedHost>, Box<dyn std
         cfg.advertise_addr = h.reached_at;
         cfg.data_dir = dir.join(&h.name);
         cfg.resume_deadline_secs = h.resume_deadline_secs;
+        if let Some((k, i)) = &h.guest {
+            cfg.guest_kernel = Some(k.clone());
+            cfg.guest_initrd = Some(i.clone());
+        }
         cfg.tls = Some(TlsFiles {
             cert: tls.join(format!("{}.pem", h.name)),
             key: tls.join(format!("{}.key", h.name)),
@@ -144,12 +154,19 @@ impl AgentProcess {
             .stderr(std::process::Stdio::inherit())
             .spawn()?;
         let out = child.stdout.take().expect("piped");
+        let name = host
+            .config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let (tx, rx) = std::sync::mpsc::channel();
         // Keeps draining stdout so the agent never blocks on a full pipe.
         std::thread::spawn(move || {
             for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
                 if l.contains(" ready ") {
                     let _ = tx.send(l);
+                } else if std::env::var_os("TERN_BED_LOGS").is_some() {
+                    eprintln!("[{name}] {l}");
                 }
             }
         });

@@ -15,6 +15,10 @@ pub enum GuestKind {
     /// `dirty_mib_per_sec`, tracked by userfaultfd): GiB-scale migrations
     /// at full speed, whatever the host's virtualization.
     Process,
+    /// A Linux guest in QEMU (the qemu driver) running tern's workload
+    /// (`guest/tern-load.c`): boots the agent's `guest_kernel`; migrates as
+    /// QEMU's own stream carried over tern's channels.
+    Linux,
 }
 
 /// A VM to boot.
@@ -35,6 +39,8 @@ pub struct VmSpec {
     pub pages_per_tick: u64,
     /// Ticks between checksums.
     pub ticks_per_sum: u64,
+    /// Linux guests: the workload's working set, MiB.
+    pub ws_mib: u64,
 }
 
 impl Default for VmSpec {
@@ -47,17 +53,37 @@ impl Default for VmSpec {
             ws_pages: 256,
             pages_per_tick: 4,
             ticks_per_sum: 16,
+            ws_mib: 16,
         }
     }
 }
 
 impl VmSpec {
+    /// The workload parameters of a Linux guest.
+    pub fn load_params(&self) -> tern_drivers::qemu::load::LoadParams {
+        tern_drivers::qemu::load::LoadParams {
+            ws_mib: self.ws_mib,
+            dirty_mib: self.dirty_mib_per_sec,
+            tick_ms: 100,
+            verify_every: 10,
+        }
+    }
+
     /// Checks the values.
     pub fn validate(&self) -> Result<(), String> {
         let max = match self.kind {
             GuestKind::TestGuest => 3072,
             GuestKind::Process => 65536,
+            GuestKind::Linux => 65536,
         };
+        if self.kind == GuestKind::Linux
+            && (self.memory_mib < 128 || self.ws_mib == 0 || self.ws_mib * 2 > self.memory_mib)
+        {
+            return Err(format!(
+                "a linux guest needs memory_mib >= 128 and ws_mib in 1..={}",
+                self.memory_mib / 2
+            ));
+        }
         if self.memory_mib < 4 || !self.memory_mib.is_multiple_of(2) || self.memory_mib > max {
             return Err(format!(
                 "memory_mib {} must be even and in 4..={max}",
@@ -139,6 +165,9 @@ pub enum MigrationState {
     RolledBack,
     /// The destination dropped what it received.
     Discarded,
+    /// Ownership moved, but the guest's own report afterwards says its
+    /// memory or counter is wrong (QEMU itself reported success).
+    Corrupted,
 }
 
 impl MigrationState {

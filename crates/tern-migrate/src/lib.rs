@@ -18,6 +18,6 @@ pub mod protocol;
 
 pub use engine::{
     migrate, migrate_observed, receive, receive_observed, Capacity, CommitHook, DestLink,
-    MigrateError, Policy, Progress, Report, SourceLink, SourcePhase,
+    MigrateError, Mode, Policy, Progress, Report, RoundStats, SourceLink, SourcePhase,
 };
 pub use guest::{DestinationGuest, GuestError, GuestShape, SourceGuest};

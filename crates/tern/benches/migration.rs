@@ -93,6 +93,7 @@ fn main() {
                             deadline_secs: None,
                             max_bandwidth_mbps: None,
                             auto_converge: None,
+                            compress: None,
                         },
                     )
                     .await

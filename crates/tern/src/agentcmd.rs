@@ -67,6 +67,10 @@ pub struct MigrateArgs {
     /// Do not throttle a guest whose pre-copy does not converge.
     #[arg(long)]
     pub no_auto_converge: bool,
+    /// Linux (QEMU) guests: compress QEMU's stream on the wire (none, lz4,
+    /// zstd; default zstd under --bandwidth, else none).
+    #[arg(long)]
+    pub compress: Option<String>,
     /// Print the final report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -99,6 +103,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             deadline_secs: a.deadline,
             max_bandwidth_mbps: a.max_bandwidth,
             auto_converge: Some(!a.no_auto_converge),
+            compress: a.compress.clone(),
         };
         let started = client.migrate(&a.vm, &req).await?;
         let done = follow(&client, &started.id, !a.json).await?;
@@ -243,10 +248,15 @@ pub fn vm_remote(cmd: RemoteVm) -> anyhow::Result<()> {
 /// The guest to boot on an agent.
 #[derive(clap::Args)]
 pub struct SpecArgs {
-    /// test-guest (KVM) or process (a memory workload dirtied by a thread).
+    /// test-guest (KVM), process (a memory workload dirtied by a thread) or
+    /// linux (a Linux guest in QEMU running tern's workload; the agent needs
+    /// guest_kernel in its config).
     #[arg(long, default_value = "test-guest")]
     kind: String,
-    /// Process workloads: MiB/s written across the working set.
+    /// Linux guests: the workload's working set, MiB.
+    #[arg(long, default_value_t = 16)]
+    ws_mib: u64,
+    /// Process and Linux workloads: MiB/s written across the working set.
     #[arg(long, default_value_t = 100)]
     dirty_mib_per_sec: u64,
     /// Guest RAM in MiB.
@@ -269,7 +279,8 @@ impl TryFrom<SpecArgs> for VmSpec {
         let kind = match a.kind.as_str() {
             "test-guest" => tern_agent::GuestKind::TestGuest,
             "process" => tern_agent::GuestKind::Process,
-            other => bail!("--kind {other}: expected test-guest or process"),
+            "linux" => tern_agent::GuestKind::Linux,
+            other => bail!("--kind {other}: expected test-guest, process or linux"),
         };
         Ok(VmSpec {
             kind,
@@ -278,6 +289,7 @@ impl TryFrom<SpecArgs> for VmSpec {
             vcpus: a.vcpus,
             ws_pages: a.ws_pages,
             pages_per_tick: a.pages_per_tick,
+            ws_mib: a.ws_mib,
             ..Default::default()
         })
     }
@@ -370,6 +382,7 @@ pub fn demo() -> anyhow::Result<()> {
                     deadline_secs: None,
                     max_bandwidth_mbps: None,
                     auto_converge: None,
+                    compress: None,
                 },
             )
             .await?;

@@ -55,6 +55,7 @@ fn mode_to(to: &str, mode: &str) -> MigrateRequest {
         deadline_secs: None,
         max_bandwidth_mbps: None,
         auto_converge: None,
+        compress: None,
     }
 }
 

@@ -152,6 +152,10 @@ pub struct QemuConfig {
     pub start_timeout: Duration,
     /// One QMP exchange.
     pub qmp_timeout: Duration,
+    /// Kill QEMU when the process that started it dies (Linux's parent-death
+    /// signal, set by `setpriv`). A host agent that keeps its VMs in its own
+    /// lifetime sets this, so a crashed agent leaves no orphan copy running.
+    pub die_with_parent: bool,
 }
 
 impl Default for QemuConfig {
@@ -162,6 +166,7 @@ impl Default for QemuConfig {
             accel: Accel::detect(),
             start_timeout: Duration::from_secs(120),
             qmp_timeout: Duration::from_secs(10),
+            die_with_parent: false,
         }
     }
 }
@@ -206,7 +211,13 @@ impl QemuVm {
         for name in ["qmp.sock", "console.log", "qemu.pid"] {
             let _ = std::fs::remove_file(dir.join(name));
         }
-        let mut cmd = Command::new(&cfg.qemu);
+        let mut cmd = if cfg.die_with_parent {
+            let mut c = Command::new("setpriv");
+            c.args(["--pdeathsig", "KILL", "--"]).arg(&cfg.qemu);
+            c
+        } else {
+            Command::new(&cfg.qemu)
+        };
         let cpu = match cfg.accel {
             Accel::Kvm => "host",
             Accel::Tcg => "qemu64",
@@ -276,16 +287,27 @@ impl QemuVm {
         let log =
             std::fs::File::create(dir.join("qemu.log")).map_err(|e| format!("qemu.log: {e}"))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let mut child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .process_group(0)
-            .spawn()
+            .process_group(0);
+        // One thread spawns QEMU and reaps it when it ends (no zombie). The
+        // parent-death signal fires when the spawning *thread* exits, so that
+        // thread must live exactly as long as QEMU: this one does.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || match cmd.spawn() {
+            Ok(mut child) => {
+                let _ = tx.send(Ok(child.id() as i32));
+                let _ = child.wait();
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        });
+        let pid = rx
+            .recv()
+            .map_err(|_| "the QEMU launcher thread died".to_string())?
             .map_err(|e| format!("cannot run {}: {e}", cfg.qemu.display()))?;
-        let pid = child.id() as i32;
-        // Reap QEMU when it ends, so it never lingers as a zombie.
-        std::thread::spawn(move || child.wait());
         let vm = QemuVm {
             dir: dir.to_path_buf(),
             pid,

@@ -64,6 +64,25 @@ pub struct Event {
     /// Its data, if any.
     #[serde(default)]
     pub data: Value,
+    /// When QEMU raised it (wall clock).
+    #[serde(default)]
+    pub timestamp: Option<Timestamp>,
+}
+
+/// A QMP event's wall-clock time.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub struct Timestamp {
+    /// Seconds since the Unix epoch.
+    pub seconds: u64,
+    /// And microseconds.
+    pub microseconds: u64,
+}
+
+impl Timestamp {
+    /// Microseconds since the Unix epoch.
+    pub fn unix_micros(&self) -> u64 {
+        self.seconds * 1_000_000 + self.microseconds
+    }
 }
 
 /// `query-status`.
@@ -297,7 +316,7 @@ mod tests {
             l,
             vec![
                 "{\"return\": {}}\n",
-                "{\"event\": \"STOP\", \"timestamp\": {}}\n{\"return\": {\"running\": false, \"status\": \"paused\", \"singlestep\": false}}\n",
+                "{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 7, \"microseconds\": 5}}\n{\"return\": {\"running\": false, \"status\": \"paused\", \"singlestep\": false}}\n",
                 "{\"error\": {\"class\": \"GenericError\", \"desc\": \"no\"}}\n",
                 "{\"return\": {\"status\": \"completed\", \"downtime\": 12, \"ram\": {\"transferred\": 5, \"total\": 9}}}\n",
             ],
@@ -307,6 +326,7 @@ mod tests {
         assert_eq!((s.running, s.status.as_str()), (false, "paused"));
         assert_eq!(q.events.len(), 1);
         assert_eq!(q.events[0].event, "STOP");
+        assert_eq!(q.events[0].timestamp.unwrap().unix_micros(), 7_000_005);
         let e = q.run("cont", json!({})).await.unwrap_err();
         assert!(e.to_string().contains("GenericError: no"), "{e}");
         let m = q.query_migrate().await.unwrap();

@@ -1,0 +1,1007 @@
+//! Live migration of QEMU guests through tern's channels.
+//!
+//! QEMU writes its migration stream to a unix socket owned by the source
+//! agent; the agent carries the bytes over the migration's data session
+//! (mutual TLS, token bucket, resume across link drops, optional LZ4/zstd)
+//! to the destination agent, which feeds the destination QEMU's incoming
+//! socket. QEMU's return path (post-copy page requests, acks) travels back on
+//! the reply session. QEMU only ever talks to a local socket, so a link that
+//! drops for seconds looks to it like a slow peer, never a failure.
+//!
+//! tern drives the rest over QMP on both sides and keeps its own ownership
+//! rules:
+//!
+//! ```text
+//! source                                   destination
+//!   Start{mode, compress}            ->    launch QEMU -incoming (paused, -S), capabilities
+//!                                    <-    Accept | Reject{reason}
+//!   QEMU stream bytes ...            ->    ... into the destination QEMU
+//!   (pre-copy rounds, switchover)    <-    return-path bytes
+//!   StreamEnd (pre-copy: before Loaded)
+//!                                    <-    Loaded (QEMU holds the whole guest, paused)
+//!   journal CommitDecided, Commit{last_tick} ->  journal CommitReceived, `cont`
+//!                                    <-    Running (downtime ends)
+//!                                    <-    Verified{ok, detail} (the guest's own report)
+//!   quit the source QEMU
+//! ```
+//!
+//! Before `Commit` any failure cancels QEMU's migration and resumes the
+//! source; the destination QEMU is killed. QEMU saying "completed" is not
+//! trusted alone: the destination checks the guest's own console report
+//! (counter continues from the source's last tick, checksums match the
+//! expected ones) and a failed check marks the migration `corrupted`.
+
+use crate::views::VmSpec;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tern_drivers::qemu::load::{parse_line, LoadLine, LoadParams};
+use tern_drivers::qemu::qmp::{Qmp, QmpError};
+use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
+use tern_migrate::protocol::{frame, msg_frame, split, KIND_MSG};
+use tern_migrate::{CommitHook, MigrateError, Mode, Policy, Progress, Report, SourcePhase};
+use tern_transport::{Receiver, Sender};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+/// QEMU stream bytes, source → destination.
+pub const KIND_QEMU_STREAM: u8 = 20;
+/// QEMU return-path bytes, destination → source.
+pub const KIND_QEMU_RETURN: u8 = 21;
+/// Largest chunk of stream carried in one frame (and the most a compressed
+/// frame may claim to expand to).
+const CHUNK: usize = 1 << 20;
+
+/// How stream chunks are compressed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    /// As QEMU wrote them.
+    None,
+    /// LZ4: cheap, for fast links.
+    Lz4,
+    /// zstd level 3: for slow links, where bytes cost more than CPU.
+    Zstd,
+}
+
+impl std::str::FromStr for Compress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Compress::None),
+            "lz4" => Ok(Compress::Lz4),
+            "zstd" => Ok(Compress::Zstd),
+            other => Err(format!("compress `{other}`: use none, lz4 or zstd")),
+        }
+    }
+}
+
+impl Compress {
+    fn pack(self, chunk: &[u8]) -> Vec<u8> {
+        match self {
+            Compress::None => chunk.to_vec(),
+            Compress::Lz4 => lz4_flex::compress_prepend_size(chunk),
+            Compress::Zstd => zstd::bulk::compress(chunk, 3).unwrap_or_else(|_| chunk.to_vec()),
+        }
+    }
+
+    /// Bounded: a frame from the network never expands past [`CHUNK`].
+    fn unpack(self, p: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Compress::None => Ok(p.to_vec()),
+            Compress::Lz4 => {
+                let claimed = p
+                    .get(..4)
+                    .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+                    .ok_or("short lz4 frame")?;
+                if claimed > CHUNK {
+                    return Err(format!("lz4 frame claims {claimed} bytes"));
+                }
+                lz4_flex::decompress_size_prepended(p).map_err(|e| format!("lz4: {e}"))
+            }
+            Compress::Zstd => zstd::bulk::decompress(p, CHUNK).map_err(|e| format!("zstd: {e}")),
+        }
+    }
+}
+
+/// Source → destination messages.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum QemuSourceMsg {
+    /// Opens the migration.
+    Start {
+        /// `precopy`, `postcopy` or `hybrid` (sets QEMU's capabilities).
+        mode: String,
+        /// Chunk compression.
+        compress: Compress,
+    },
+    /// The source QEMU closed its stream.
+    StreamEnd,
+    /// Ownership moves: run the guest.
+    Commit {
+        /// The last tick the guest printed on the source.
+        last_tick: u64,
+    },
+    /// Stop; the source keeps the guest.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Destination → source messages.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum QemuDestMsg {
+    /// Ready to receive.
+    Accept,
+    /// Will not receive.
+    Reject {
+        /// Why.
+        reason: String,
+    },
+    /// The destination QEMU holds the guest (paused): commit may follow.
+    Loaded,
+    /// The guest runs here.
+    Running,
+    /// The guest's own report after switchover.
+    Verified {
+        /// Counter continued and every check held.
+        ok: bool,
+        /// What was seen.
+        detail: String,
+    },
+    /// The destination failed.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+fn qmp_err(e: QmpError) -> MigrateError {
+    MigrateError::Guest(tern_migrate::GuestError(format!("QMP: {e}")))
+}
+
+fn tx_err(e: impl std::fmt::Display) -> MigrateError {
+    MigrateError::Transport(e.to_string())
+}
+
+/// Parses a frame of the other side: (kind, payload) with messages decoded.
+enum Incoming<M> {
+    Msg(M),
+    Bytes(u8, Bytes),
+}
+
+fn decode<M: serde::de::DeserializeOwned>(f: &Bytes) -> Result<Incoming<M>, MigrateError> {
+    let (k, p) = split(f).map_err(MigrateError::Protocol)?;
+    match k {
+        KIND_MSG => serde_json::from_slice(&p)
+            .map(Incoming::Msg)
+            .map_err(|e| MigrateError::Protocol(format!("bad message: {e}"))),
+        KIND_QEMU_STREAM | KIND_QEMU_RETURN => Ok(Incoming::Bytes(k, p)),
+        k => Err(MigrateError::Protocol(format!("unexpected frame kind {k}"))),
+    }
+}
+
+fn capabilities(mode: Mode, auto_converge: bool) -> Vec<(&'static str, bool)> {
+    vec![
+        ("postcopy-ram", mode != Mode::Precopy),
+        ("auto-converge", auto_converge),
+        ("events", true),
+    ]
+}
+
+fn last_tick(console: &str) -> u64 {
+    console
+        .lines()
+        .rev()
+        .filter_map(parse_line)
+        .filter_map(|l| match l {
+            LoadLine::Tick(t) | LoadLine::Checked { tick: t, .. } => Some(t),
+            _ => None,
+        })
+        .next()
+        .unwrap_or(0)
+}
+
+fn wall_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What the source side needs besides the links.
+pub struct SourceArgs<'a> {
+    /// The running guest.
+    pub vm: &'a mut QemuVm,
+    /// Mode, downtime budget, bandwidth, deadline, auto-converge.
+    pub policy: &'a Policy,
+    /// Chunk compression.
+    pub compress: Compress,
+    /// Published as it goes.
+    pub progress: watch::Sender<Progress>,
+}
+
+/// Migrates a QEMU guest away. On success the destination runs it and the
+/// local QEMU is gone; before commit every failure resumes the local guest.
+pub async fn source(
+    args: SourceArgs<'_>,
+    data: Sender,
+    mut replies: Receiver,
+    before_commit: CommitHook<'_>,
+) -> Result<Report, MigrateError> {
+    let SourceArgs {
+        vm,
+        policy,
+        compress,
+        progress,
+    } = args;
+    let t0 = Instant::now();
+    let mut report = Report {
+        phase: SourcePhase::Requesting,
+        rounds: Vec::new(),
+        pages_sent: 0,
+        wire_bytes: 0,
+        memory_bytes: vm.spec().memory_mib << 20,
+        downtime_ms: 0.0,
+        total_ms: 0.0,
+        postcopy: false,
+        faults_served: 0,
+        postcopy_ms: 0.0,
+        throttle_percent: 0,
+        bandwidth_raised_to: 0,
+    };
+    if policy.bandwidth_bytes_per_sec > 0 {
+        data.set_rate(policy.bandwidth_bytes_per_sec);
+    }
+    progress.send_modify(|p| {
+        p.memory_bytes = report.memory_bytes;
+        p.phase = "requesting".into();
+    });
+    let mut committed = false;
+    let data = Arc::new(data);
+    let mut tasks = Vec::new();
+    let res = run_source(
+        vm,
+        policy,
+        compress,
+        &progress,
+        &data,
+        &mut replies,
+        before_commit,
+        &mut report,
+        &mut committed,
+        &mut tasks,
+    )
+    .await;
+    report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // The stream pump and return-path writer end with the migration; once
+    // they are gone this is the only holder of the data session.
+    for t in tasks {
+        t.abort();
+        let _ = t.await;
+    }
+    let finish = |data: Arc<Sender>| async move {
+        if let Ok(d) = Arc::try_unwrap(data) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), d.finish()).await;
+        }
+    };
+    match res {
+        Ok(()) => {
+            finish(data).await;
+            report.phase = SourcePhase::Committed;
+            progress.send_modify(|p| p.phase = "committed".into());
+            vm.shutdown().await;
+            Ok(report)
+        }
+        Err(e) if committed => {
+            // Ownership moved at Commit: whatever fails now, the source
+            // copy must not run again.
+            tracing::error!(error = %e, "after commit; the source QEMU is discarded");
+            vm.shutdown().await;
+            Err(match e {
+                e @ MigrateError::Verification(_) => e,
+                e => MigrateError::CommitUnconfirmed(e.to_string()),
+            })
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "QEMU migration failed; resuming the source");
+            let _ = data
+                .send(msg_frame(&QemuSourceMsg::Abort {
+                    reason: e.to_string(),
+                }))
+                .await;
+            finish(data).await;
+            resume_source(vm).await?;
+            progress.send_modify(|p| p.phase = "rolled_back".into());
+            Err(e)
+        }
+    }
+}
+
+/// Cancels QEMU's migration if it still runs and resumes the guest.
+async fn resume_source(vm: &QemuVm) -> Result<(), MigrateError> {
+    let mut q = vm.qmp().await.map_err(qmp_err)?;
+    let _ = q.run("migrate_cancel", json!({})).await;
+    let t = Instant::now();
+    loop {
+        let m = q.query_migrate().await.map_err(qmp_err)?;
+        if !matches!(
+            m.status.as_str(),
+            "active" | "setup" | "cancelling" | "device"
+        ) {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = q.status().await.map_err(qmp_err)?;
+    if !s.running {
+        q.run("cont", json!({})).await.map_err(qmp_err)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_source(
+    vm: &mut QemuVm,
+    policy: &Policy,
+    compress: Compress,
+    progress: &watch::Sender<Progress>,
+    data: &Arc<Sender>,
+    replies: &mut Receiver,
+    before_commit: CommitHook<'_>,
+    report: &mut Report,
+    committed: &mut bool,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), MigrateError> {
+    let mode_name = match policy.mode {
+        Mode::Precopy => "precopy",
+        Mode::Postcopy => "postcopy",
+        Mode::Hybrid => "hybrid",
+    };
+    data.send(msg_frame(&QemuSourceMsg::Start {
+        mode: mode_name.into(),
+        compress,
+    }))
+    .await
+    .map_err(tx_err)?;
+    // The destination boots QEMU before it answers: allow for that.
+    let answer = tokio::time::timeout(
+        policy.reply_timeout + Duration::from_secs(30),
+        replies.recv(),
+    )
+    .await
+    .map_err(|_| MigrateError::Transport("no answer to the migration request".into()))?;
+    match answer {
+        Some(Ok((seq, f))) => {
+            replies.ack(seq);
+            match decode::<QemuDestMsg>(&f)? {
+                Incoming::Msg(QemuDestMsg::Accept) => {}
+                Incoming::Msg(QemuDestMsg::Reject { reason }) => {
+                    return Err(MigrateError::Rejected(reason))
+                }
+                Incoming::Msg(other) => {
+                    return Err(MigrateError::Protocol(format!(
+                        "expected accept, got {other:?}"
+                    )))
+                }
+                Incoming::Bytes(k, _) => {
+                    return Err(MigrateError::Protocol(format!(
+                        "expected accept, got frame kind {k}"
+                    )))
+                }
+            }
+        }
+        Some(Err(e)) => return Err(tx_err(e)),
+        None => return Err(tx_err("the reply session closed")),
+    }
+
+    let mut q = vm.qmp().await.map_err(qmp_err)?;
+    q.set_capabilities(&capabilities(policy.mode, policy.auto_converge))
+        .await
+        .map_err(qmp_err)?;
+    q.set_parameters(json!({
+        "downtime-limit": policy.max_downtime.as_millis() as u64,
+        // tern's link paces the stream; QEMU's own limiter (32 MiB/s by
+        // default) would only get in the way.
+        "max-bandwidth": 1u64 << 40,
+    }))
+    .await
+    .map_err(qmp_err)?;
+    let sock = vm.dir().join("migrate-out.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock)
+        .map_err(|e| MigrateError::Guest(tern_migrate::GuestError(format!("{e}"))))?;
+    q.run(
+        "migrate",
+        json!({ "uri": format!("unix:{}", sock.display()) }),
+    )
+    .await
+    .map_err(qmp_err)?;
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .map_err(|_| MigrateError::Protocol("QEMU did not connect its migration stream".into()))?
+        .map_err(|e| MigrateError::Transport(e.to_string()))?;
+    let _ = std::fs::remove_file(&sock);
+    let (mut from_qemu, mut to_qemu) = stream.into_split();
+    // The stream is pumped by its own task, never by the loop that talks
+    // QMP: at switchover QEMU holds its big lock while it writes the last
+    // of the stream, so QMP answers only once the stream is drained.
+    let (pumped_tx, mut pumped) = tokio::sync::mpsc::channel::<Result<u64, String>>(1);
+    let pump_data = data.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        let end = loop {
+            match from_qemu.read(&mut buf).await {
+                Ok(0) => {
+                    break match pump_data.send(msg_frame(&QemuSourceMsg::StreamEnd)).await {
+                        Ok(_) => Ok(total),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Ok(n) => {
+                    total += n as u64;
+                    let f = frame(KIND_QEMU_STREAM, &compress.pack(&buf[..n]));
+                    if let Err(e) = pump_data.send(f).await {
+                        break Err(e.to_string());
+                    }
+                }
+                Err(e) => break Err(format!("QEMU stream: {e}")),
+            }
+        };
+        let _ = pumped_tx.send(end).await;
+    }));
+    let (ret_tx, mut ret_rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    tasks.push(tokio::spawn(async move {
+        while let Some(b) = ret_rx.recv().await {
+            if to_qemu.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+    }));
+
+    let started = Instant::now();
+    let mut stream_bytes = 0u64;
+    let mut eof = false;
+    let mut running = false;
+    let mut verified: Option<(bool, String)> = None;
+    let mut postcopy_started = false;
+    let mut stopped_at_us: Option<u64> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let postcopy_after_round = match policy.mode {
+        Mode::Precopy => None,
+        Mode::Postcopy => Some(1),
+        Mode::Hybrid => Some(policy.hybrid_rounds.max(1) as u64),
+    };
+    report.phase = SourcePhase::Precopy { round: 1 };
+    loop {
+        if eof && running && verified.is_some() {
+            break;
+        }
+        tokio::select! {
+            end = pumped.recv(), if !eof => {
+                match end {
+                    Some(Ok(n)) => {
+                        eof = true;
+                        stream_bytes = n;
+                    }
+                    Some(Err(e)) => return Err(MigrateError::Transport(e)),
+                    None => return Err(MigrateError::Transport("the stream pump ended".into())),
+                }
+            }
+            r = replies.recv() => {
+                let (seq, f) = match r {
+                    Some(Ok(x)) => x,
+                    Some(Err(e)) => return Err(tx_err(e)),
+                    None => return Err(tx_err("the reply session closed")),
+                };
+                replies.ack(seq);
+                match decode::<QemuDestMsg>(&f)? {
+                    Incoming::Bytes(KIND_QEMU_RETURN, p) => {
+                        let _ = ret_tx.send(p);
+                    }
+                    Incoming::Bytes(k, _) => {
+                        return Err(MigrateError::Protocol(format!("unexpected frame kind {k}")))
+                    }
+                    Incoming::Msg(QemuDestMsg::Loaded) if !*committed => {
+                        report.phase = SourcePhase::Switchover;
+                        let last = last_tick(&vm.console());
+                        before_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
+                        data.send(msg_frame(&QemuSourceMsg::Commit { last_tick: last }))
+                            .await
+                            .map_err(tx_err)?;
+                        *committed = true;
+                    }
+                    Incoming::Msg(QemuDestMsg::Running) if *committed => {
+                        running = true;
+                        let now = wall_us(SystemTime::now());
+                        let stop = stopped_at_us.or_else(|| stop_time(&q)).unwrap_or(now);
+                        report.downtime_ms = now.saturating_sub(stop) as f64 / 1e3;
+                        progress.send_modify(|p| p.phase = "running on destination".into());
+                    }
+                    Incoming::Msg(QemuDestMsg::Verified { ok, detail }) => {
+                        verified = Some((ok, detail));
+                    }
+                    Incoming::Msg(QemuDestMsg::Failed { reason }) => {
+                        return Err(MigrateError::DestinationFailed(reason))
+                    }
+                    Incoming::Msg(other) => {
+                        return Err(MigrateError::Protocol(format!("unexpected {other:?}")))
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let m = q.query_migrate().await.map_err(qmp_err)?;
+                if stopped_at_us.is_none() {
+                    stopped_at_us = stop_time(&q);
+                }
+                if matches!(m.status.as_str(), "failed" | "cancelled") {
+                    return Err(MigrateError::Guest(tern_migrate::GuestError(format!(
+                        "QEMU's migration {}: {}",
+                        m.status,
+                        m.error_desc.unwrap_or_default()
+                    ))));
+                }
+                let ram = m.ram.clone().unwrap_or_default();
+                let round = ram.dirty_sync_count.max(1);
+                if !*committed && !postcopy_started && m.status == "active" {
+                    if let Some(after) = postcopy_after_round {
+                        if round > after {
+                            q.run("migrate-start-postcopy", json!({})).await.map_err(qmp_err)?;
+                            postcopy_started = true;
+                            report.postcopy = true;
+                        }
+                    }
+                    if let Some(d) = policy.deadline {
+                        if started.elapsed() > d {
+                            return Err(MigrateError::NotConverged(d));
+                        }
+                    }
+                }
+                let wire = data.metrics().bytes_sent;
+                let rate = ram.mbps * 1e6 / 8.0;
+                progress.send_modify(|p| {
+                    if !*committed {
+                        p.phase = match m.status.as_str() {
+                            "postcopy-active" => "postcopy".into(),
+                            "device" | "completed" => "switchover".into(),
+                            _ => "precopy".into(),
+                        };
+                    }
+                    p.round = round as u32;
+                    p.pages_sent = ram.transferred / 4096;
+                    p.pages_remaining = ram.remaining / 4096;
+                    p.wire_bytes = wire;
+                    p.dirty_pages_per_sec = ram.dirty_pages_rate as f64;
+                    p.throughput_bytes_per_sec = rate;
+                    p.predicted_downtime_ms = m.expected_downtime.unwrap_or(0) as f64;
+                    p.eta_seconds = if rate > 0.0 { ram.remaining as f64 / rate } else { 0.0 };
+                });
+                if let Some(r) = report.rounds.last_mut().filter(|r| r.round == round as u32) {
+                    r.wire_bytes = wire;
+                } else if !*committed {
+                    report.rounds.push(tern_migrate::RoundStats {
+                        round: round as u32,
+                        pages: ram.remaining / 4096,
+                        wire_bytes: wire,
+                        seconds: started.elapsed().as_secs_f64(),
+                        dirtied: 0,
+                        predicted_downtime_ms: m.expected_downtime.unwrap_or(0) as f64,
+                    });
+                }
+            }
+        }
+    }
+    report.pages_sent = stream_bytes / 4096;
+    report.wire_bytes = data.metrics().bytes_sent;
+    report.postcopy_ms = 0.0;
+    tracing::info!(
+        stream_bytes,
+        wire_bytes = report.wire_bytes,
+        "QEMU stream carried"
+    );
+    match verified {
+        Some((true, _)) => Ok(()),
+        Some((false, detail)) => Err(MigrateError::Verification(format!(
+            "QEMU reported success but the guest's own report after switchover failed: {detail}"
+        ))),
+        None => unreachable!("the loop ends only once verified"),
+    }
+}
+
+/// When QEMU stopped the guest (its STOP event, wall-clock µs).
+fn stop_time(q: &Qmp) -> Option<u64> {
+    q.events
+        .iter()
+        .rev()
+        .find(|e| e.event == "STOP")
+        .and_then(|e| e.timestamp)
+        .map(|t| t.unix_micros())
+}
+
+/// What the destination side needs besides the links.
+pub struct DestArgs<'a> {
+    /// How this host runs QEMU.
+    pub qemu: &'a QemuConfig,
+    /// Where the incoming VM's directory goes.
+    pub dir: PathBuf,
+    /// The guest (its kernel and initrd are this host's).
+    pub spec: QemuSpec,
+    /// The workload it runs.
+    pub load: LoadParams,
+    /// Published as it goes.
+    pub progress: watch::Sender<Progress>,
+    /// Refuse with this reason instead of receiving.
+    pub refuse: Option<String>,
+}
+
+/// Receives a QEMU guest. Returns it running once committed and verified
+/// (a failed verification is an error, with the guest left running).
+pub async fn destination(
+    args: DestArgs<'_>,
+    mut data: Receiver,
+    replies: Sender,
+    on_commit: CommitHook<'_>,
+) -> Result<QemuVm, (MigrateError, Option<QemuVm>)> {
+    let DestArgs {
+        qemu,
+        dir,
+        spec,
+        load,
+        progress,
+        refuse,
+    } = args;
+    let fail = |e: MigrateError| (e, None);
+    let (mode, compress) = match data.recv().await {
+        Some(Ok((seq, f))) => {
+            data.ack(seq);
+            match decode::<QemuSourceMsg>(&f).map_err(fail)? {
+                Incoming::Msg(QemuSourceMsg::Start { mode, compress }) => (mode, compress),
+                _ => return Err(fail(MigrateError::Protocol("expected start".into()))),
+            }
+        }
+        Some(Err(e)) => return Err(fail(tx_err(e))),
+        None => return Err(fail(tx_err("the data session closed"))),
+    };
+    async fn reject(replies: Sender, reason: String) -> (MigrateError, Option<QemuVm>) {
+        let _ = replies
+            .send(msg_frame(&QemuDestMsg::Reject {
+                reason: reason.clone(),
+            }))
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), replies.finish()).await;
+        (MigrateError::Rejected(reason), None)
+    }
+    if let Some(r) = refuse {
+        return Err(reject(replies, r).await);
+    }
+    let mode: Mode = match mode.parse() {
+        Ok(m) => m,
+        Err(e) => return Err(reject(replies, e).await),
+    };
+    let vm = match QemuVm::launch(qemu, &dir, &spec, Launch::Incoming).await {
+        Ok(vm) => vm,
+        Err(e) => return Err(reject(replies, format!("cannot start QEMU here: {e}")).await),
+    };
+    let res = run_destination(
+        &vm, mode, compress, &load, &progress, &mut data, &replies, on_commit,
+    )
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), replies.finish()).await;
+    match res {
+        Ok(()) => Ok(vm),
+        Err((e, true)) => Err((e, Some(vm))),
+        Err((e, false)) => {
+            vm.remove();
+            Err((e, None))
+        }
+    }
+}
+
+/// Errors carry whether the guest was committed here (then it is kept).
+#[allow(clippy::too_many_arguments)]
+async fn run_destination(
+    vm: &QemuVm,
+    mode: Mode,
+    compress: Compress,
+    load: &LoadParams,
+    progress: &watch::Sender<Progress>,
+    data: &mut Receiver,
+    replies: &Sender,
+    on_commit: CommitHook<'_>,
+) -> Result<(), (MigrateError, bool)> {
+    let mut committed = false;
+    let res = async {
+        let mut q = vm.qmp().await.map_err(qmp_err)?;
+        q.set_capabilities(&capabilities(mode, false))
+            .await
+            .map_err(qmp_err)?;
+        let sock = vm.dir().join("migrate-in.sock");
+        q.run(
+            "migrate-incoming",
+            json!({ "uri": format!("unix:{}", sock.display()) }),
+        )
+        .await
+        .map_err(qmp_err)?;
+        let stream = connect_when_there(&sock).await?;
+        let (mut from_qemu, mut to_qemu) = stream.into_split();
+        replies
+            .send(msg_frame(&QemuDestMsg::Accept))
+            .await
+            .map_err(tx_err)?;
+        progress.send_modify(|p| p.phase = "receiving".into());
+        let mut buf = vec![0u8; 256 << 10];
+        let mut return_open = true;
+        let mut loaded = false;
+        let mut stream_end = false;
+        let mut source_last_tick = 0u64;
+        let mut console_from = 0usize;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut verify_deadline: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                r = data.recv() => {
+                    let (seq, f) = match r {
+                        Some(Ok(x)) => x,
+                        Some(Err(e)) => return Err(tx_err(e)),
+                        None => return Err(tx_err("the data session closed")),
+                    };
+                    match decode::<QemuSourceMsg>(&f)? {
+                        Incoming::Bytes(KIND_QEMU_STREAM, p) => {
+                            let chunk = compress.unpack(&p).map_err(MigrateError::Protocol)?;
+                            to_qemu.write_all(&chunk).await.map_err(|e| {
+                                MigrateError::DestinationFailed(format!("the destination QEMU's stream: {e}"))
+                            })?;
+                        }
+                        Incoming::Bytes(k, _) => {
+                            return Err(MigrateError::Protocol(format!("unexpected frame kind {k}")))
+                        }
+                        Incoming::Msg(QemuSourceMsg::StreamEnd) => stream_end = true,
+                        Incoming::Msg(QemuSourceMsg::Commit { last_tick }) if loaded && !committed => {
+                            on_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
+                            committed = true;
+                            source_last_tick = last_tick;
+                            console_from = vm.console().len();
+                            q.run("cont", json!({})).await.map_err(qmp_err)?;
+                            replies.send(msg_frame(&QemuDestMsg::Running)).await.map_err(tx_err)?;
+                            progress.send_modify(|p| p.phase = "running".into());
+                            verify_deadline = Some(Instant::now() + Duration::from_millis(load.tick_ms * load.verify_every.max(1) * 3) + Duration::from_secs(10));
+                        }
+                        Incoming::Msg(QemuSourceMsg::Abort { reason }) => {
+                            return Err(MigrateError::Aborted(reason))
+                        }
+                        Incoming::Msg(other) => {
+                            return Err(MigrateError::Protocol(format!("unexpected {other:?}")))
+                        }
+                    }
+                    data.ack(seq);
+                }
+                n = from_qemu.read(&mut buf), if return_open => {
+                    match n {
+                        Ok(0) | Err(_) => return_open = false,
+                        Ok(n) => {
+                            replies.send(frame(KIND_QEMU_RETURN, &buf[..n])).await.map_err(tx_err)?;
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if !vm.is_alive() {
+                        return Err(MigrateError::DestinationFailed("the destination QEMU exited".into()));
+                    }
+                    if !loaded {
+                        let m = q.query_migrate().await.map_err(qmp_err)?;
+                        let s = q.status().await.map_err(qmp_err)?;
+                        if m.status == "failed" {
+                            return Err(MigrateError::DestinationFailed(format!(
+                                "the destination QEMU failed to load: {}",
+                                m.error_desc.unwrap_or_default()
+                            )));
+                        }
+                        // Pre-copy: all loaded, paused (-S). Post-copy: the
+                        // device state is in and the guest waits to run.
+                        let ready = (m.status == "completed" && stream_end && !s.running)
+                            || (m.status == "postcopy-active" && !s.running);
+                        if ready {
+                            loaded = true;
+                            replies.send(msg_frame(&QemuDestMsg::Loaded)).await.map_err(tx_err)?;
+                        }
+                    }
+                    if let Some(deadline) = verify_deadline {
+                        let console = vm.console();
+                        let fresh = console.get(console_from..).unwrap_or("");
+                        if let Some(v) = verdict(fresh, source_last_tick, load) {
+                            replies.send(msg_frame(&QemuDestMsg::Verified { ok: v.0, detail: v.1.clone() }))
+                                .await
+                                .map_err(tx_err)?;
+                            if !v.0 {
+                                return Err(MigrateError::Verification(v.1));
+                            }
+                            if stream_end {
+                                return Ok(());
+                            }
+                            verify_deadline = None;
+                            console_from = usize::MAX;
+                        } else if Instant::now() > deadline {
+                            let detail = format!("the guest printed no check in time after resuming; console: {}", console_tail(vm));
+                            let _ = replies.send(msg_frame(&QemuDestMsg::Verified { ok: false, detail: detail.clone() })).await;
+                            return Err(MigrateError::Verification(detail));
+                        }
+                    } else if committed && stream_end {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // Before commit the source resumes; after it, the source must
+            // learn that the guest here is not well (e.g. its kernel
+            // panicked and QEMU exited), so the migration is marked corrupted.
+            let msg = if committed {
+                QemuDestMsg::Verified {
+                    ok: false,
+                    detail: format!("{e}; console: {}", console_tail(vm)),
+                }
+            } else {
+                QemuDestMsg::Failed {
+                    reason: e.to_string(),
+                }
+            };
+            let _ = replies.send(msg_frame(&msg)).await;
+            Err((e, committed))
+        }
+    }
+}
+
+/// The last lines the guest printed, for error messages.
+fn console_tail(vm: &QemuVm) -> String {
+    let c = vm.console();
+    let lines: Vec<&str> = c.lines().rev().take(3).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// The guest's own verdict on the console printed since `cont`: `None`
+/// until it has printed a check.
+fn verdict(fresh: &str, source_last: u64, load: &LoadParams) -> Option<(bool, String)> {
+    let mut first = None;
+    let mut prev: Option<u64> = None;
+    for line in fresh.lines() {
+        let Some(l) = parse_line(line) else { continue };
+        let (tick, check) = match l {
+            LoadLine::Tick(t) => (t, None),
+            LoadLine::Checked { tick, sum, ok } => (tick, Some((sum, ok))),
+            LoadLine::Ready => {
+                return Some((
+                    false,
+                    "the guest rebooted (ready line after switchover)".into(),
+                ))
+            }
+            LoadLine::Failed => return Some((false, "the workload failed".into())),
+        };
+        if first.is_none() {
+            first = Some(tick);
+            // A line cut by switchover may be lost: allow one missing tick.
+            if tick <= source_last || tick > source_last + 2 {
+                return Some((
+                    false,
+                    format!("the counter did not continue: source ended at {source_last}, target began at {tick}"),
+                ));
+            }
+        }
+        if let Some(p) = prev {
+            if tick != p + 1 {
+                return Some((false, format!("the counter jumped from {p} to {tick}")));
+            }
+        }
+        prev = Some(tick);
+        if let Some((sum, ok)) = check {
+            let want = load.expected_sum(tick);
+            return Some(if ok && sum == want {
+                (
+                    true,
+                    format!(
+                        "counter continued ({source_last} -> {}), checksum at tick {tick} matches",
+                        first.unwrap_or(tick)
+                    ),
+                )
+            } else {
+                (
+                    false,
+                    format!("working set corrupted: at tick {tick} the guest's check said ok={ok}, sum {sum:016x}, expected {want:016x}"),
+                )
+            });
+        }
+    }
+    None
+}
+
+async fn connect_when_there(sock: &Path) -> Result<UnixStream, MigrateError> {
+    let t = Instant::now();
+    loop {
+        match UnixStream::connect(sock).await {
+            Ok(s) => return Ok(s),
+            Err(e) if t.elapsed() > Duration::from_secs(10) => {
+                return Err(MigrateError::DestinationFailed(format!(
+                    "the destination QEMU's incoming socket: {e}"
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// The QEMU spec of a Linux VM on this host (its own kernel and initrd).
+pub fn qemu_spec(
+    spec: &VmSpec,
+    kernel: Option<&Path>,
+    initrd: Option<&Path>,
+) -> Result<QemuSpec, String> {
+    let kernel = kernel.ok_or(
+        "this agent has no guest kernel (set guest_kernel in its config; scripts/guest-kernel.sh fetches one)",
+    )?;
+    Ok(QemuSpec {
+        memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
+        kernel: kernel.to_path_buf(),
+        initrd: initrd.map(Path::to_path_buf),
+        cmdline: spec.load_params().cmdline(),
+        disks: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_round_trips_and_refuses_bombs() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
+        for c in [Compress::None, Compress::Lz4, Compress::Zstd] {
+            assert_eq!(c.unpack(&c.pack(&data)).unwrap(), data, "{c:?}");
+        }
+        let mut bomb = ((CHUNK + 1) as u32).to_le_bytes().to_vec();
+        bomb.extend_from_slice(&[0u8; 16]);
+        assert!(Compress::Lz4.unpack(&bomb).is_err());
+        let big = Compress::Zstd.pack(&vec![0u8; CHUNK * 2]);
+        assert!(Compress::Zstd.unpack(&big).is_err());
+        assert!(Compress::Zstd.unpack(b"garbage").is_err());
+        assert!("brotli".parse::<Compress>().is_err());
+    }
+
+    #[test]
+    fn the_verdict_needs_continuity_and_the_right_sum() {
+        let load = LoadParams {
+            ws_mib: 1,
+            dirty_mib: 1,
+            tick_ms: 100,
+            verify_every: 2,
+        };
+        let good = load.expected_sum(12);
+        let ok = format!("tern-load tick=11\ntern-load tick=12 sum={good:016x} ok=1\n");
+        assert!(verdict(&ok, 10, &load).unwrap().0);
+        assert_eq!(verdict("tern-load tick=11\n", 10, &load), None);
+        assert!(
+            !verdict(&ok, 5, &load).unwrap().0,
+            "a gap after the source's last tick"
+        );
+        let bad = format!(
+            "tern-load tick=11\ntern-load tick=12 sum={:016x} ok=1\n",
+            good ^ 1
+        );
+        assert!(!verdict(&bad, 10, &load).unwrap().0);
+        let flagged = format!("tern-load tick=11\ntern-load tick=12 sum={good:016x} ok=0\n");
+        assert!(!verdict(&flagged, 10, &load).unwrap().0);
+        assert!(!verdict("tern-load ready\n", 10, &load).unwrap().0);
+    }
+}
