@@ -40,6 +40,9 @@ pub enum AgentError {
     Internal(String),
 }
 
+/// In-flight bytes of a QEMU guest's data session (see `run_outgoing`).
+const QEMU_WINDOW_BYTES: usize = 4 << 20;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -507,14 +510,16 @@ impl Agent {
         progress: watch::Sender<Progress>,
     ) {
         let res = async {
-            let data = Sender::connect(
-                peer.migrate_addr,
-                self.security(&peer.name),
-                self.session_config(),
-                None,
-            )
-            .await
-            .map_err(|e| MigrateError::Transport(format!("cannot reach {}: {e}", peer.name)))?;
+            let mut cfg = self.session_config();
+            if spec.kind == GuestKind::Linux {
+                // QEMU paces itself by how fast its socket drains and picks
+                // switchover from that: a deep window would hide the link
+                // from it, and the last round would queue behind the window.
+                cfg.window_bytes = QEMU_WINDOW_BYTES;
+            }
+            let data = Sender::connect(peer.migrate_addr, self.security(&peer.name), cfg, None)
+                .await
+                .map_err(|e| MigrateError::Transport(format!("cannot reach {}: {e}", peer.name)))?;
             let (tx, rx) = oneshot::channel();
             lock(&self.inner.reply_waiters).insert(migration.clone(), tx);
             let hello = SessionHello::Data {

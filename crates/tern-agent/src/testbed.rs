@@ -185,6 +185,11 @@ impl AgentProcess {
     }
 
     /// A client of its API.
+    /// Its process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     pub fn client(&self) -> std::io::Result<crate::AgentClient> {
         Ok(crate::AgentClient::new(
             &self.host.api_url,

@@ -185,6 +185,67 @@ impl LoadReport {
     }
 }
 
+/// The guest's own verdict on what it printed since it resumed after a
+/// migration (`fresh`), given the last tick it printed before: `None` until
+/// it has printed a check; then whether its counter continued and its
+/// checksum is the expected one, and what was seen.
+pub fn verify_after_switchover(
+    fresh: &str,
+    source_last: u64,
+    load: &LoadParams,
+) -> Option<(bool, String)> {
+    let mut first = None;
+    let mut prev: Option<u64> = None;
+    for line in fresh.lines() {
+        let Some(l) = parse_line(line) else { continue };
+        let (tick, check) = match l {
+            LoadLine::Tick(t) => (t, None),
+            LoadLine::Checked { tick, sum, ok } => (tick, Some((sum, ok))),
+            LoadLine::Ready => {
+                return Some((
+                    false,
+                    "the guest rebooted (ready line after switchover)".into(),
+                ))
+            }
+            LoadLine::Failed => return Some((false, "the workload failed".into())),
+        };
+        if first.is_none() {
+            first = Some(tick);
+            // A line cut by switchover may be lost: allow one missing tick.
+            if tick <= source_last || tick > source_last + 2 {
+                return Some((
+                    false,
+                    format!("the counter did not continue: source ended at {source_last}, target began at {tick}"),
+                ));
+            }
+        }
+        if let Some(p) = prev {
+            if tick != p + 1 {
+                return Some((false, format!("the counter jumped from {p} to {tick}")));
+            }
+        }
+        prev = Some(tick);
+        if let Some((sum, ok)) = check {
+            let want = load.expected_sum(tick);
+            return Some(if ok && sum == want {
+                (
+                    true,
+                    format!(
+                        "counter continued ({source_last} -> {}), checksum at tick {tick} matches",
+                        first.unwrap_or(tick)
+                    ),
+                )
+            } else {
+                (
+                    false,
+                    format!("working set corrupted: at tick {tick} the guest's check said ok={ok}, sum {sum:016x}, expected {want:016x}"),
+                )
+            });
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +300,37 @@ mod tests {
         assert_eq!(r.good_checks, 1);
         assert_eq!(r.bad_checks, vec![4]);
         assert_eq!(r.gaps, vec![(2, 4)]);
+    }
+    #[test]
+    fn the_verdict_needs_continuity_and_the_right_sum() {
+        let load = LoadParams {
+            ws_mib: 1,
+            dirty_mib: 1,
+            tick_ms: 100,
+            verify_every: 2,
+        };
+        let good = load.expected_sum(12);
+        let ok = format!("tern-load tick=11\ntern-load tick=12 sum={good:016x} ok=1\n");
+        assert!(verify_after_switchover(&ok, 10, &load).unwrap().0);
+        assert_eq!(
+            verify_after_switchover("tern-load tick=11\n", 10, &load),
+            None
+        );
+        assert!(
+            !verify_after_switchover(&ok, 5, &load).unwrap().0,
+            "a gap after the source's last tick"
+        );
+        let bad = format!(
+            "tern-load tick=11\ntern-load tick=12 sum={:016x} ok=1\n",
+            good ^ 1
+        );
+        assert!(!verify_after_switchover(&bad, 10, &load).unwrap().0);
+        let flagged = format!("tern-load tick=11\ntern-load tick=12 sum={good:016x} ok=0\n");
+        assert!(!verify_after_switchover(&flagged, 10, &load).unwrap().0);
+        assert!(
+            !verify_after_switchover("tern-load ready\n", 10, &load)
+                .unwrap()
+                .0
+        );
     }
 }

@@ -135,8 +135,12 @@ pub enum Launch {
     /// Boot the kernel.
     Boot,
     /// Wait paused for an incoming migration, started later with
-    /// `migrate-incoming` (so capabilities can be set first).
+    /// `migrate-incoming` (so capabilities can be set first), and stay
+    /// paused after it until told to run (`cont`): tern commits first.
     Incoming,
+    /// As `Incoming`, but run as soon as the migration completes (QEMU's own
+    /// behaviour; the benchmark's baseline).
+    IncomingAutostart,
 }
 
 /// Where QEMU lives and how long things may take.
@@ -281,8 +285,14 @@ impl QemuVm {
                 path.display()
             ));
         }
-        if how == Launch::Incoming {
-            cmd.args(["-S", "-incoming", "defer"]);
+        match how {
+            Launch::Boot => {}
+            Launch::Incoming => {
+                cmd.args(["-S", "-incoming", "defer"]);
+            }
+            Launch::IncomingAutostart => {
+                cmd.args(["-incoming", "defer"]);
+            }
         }
         let log =
             std::fs::File::create(dir.join("qemu.log")).map_err(|e| format!("qemu.log: {e}"))?;

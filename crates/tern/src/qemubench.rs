@@ -1,0 +1,507 @@
+//! `tern bench migrate-qemu`: tern against QEMU itself, on one Linux guest
+//! and workload, alternating, on loopback and across an emulated WAN link.
+//!
+//! - **qemu**: QEMU's native migration over plain TCP, source QEMU straight
+//!   to destination QEMU (through the link emulator, which only forwards on
+//!   loopback and adds delay and a rate cap on the WAN).
+//! - **tern**: two `tern agent` processes; QEMU's stream carried over mutual
+//!   TLS, compressed with zstd on the WAN, with tern's commit and the guest's
+//!   own check after switchover.
+//!
+//! Downtime is the source's STOP event to the destination running (QEMU:
+//! its RESUME event; tern: `Running` back at the source), wall clock.
+//! Bytes are what crossed the link emulator towards the destination. CPU is
+//! user+system time of the processes involved (QEMUs; for tern also both
+//! agents) over the migration, sampled from /proc. A run whose guest fails
+//! its own check after switchover counts as corrupted: a result, not a crash.
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tern_agent::testbed::{self, AgentProcess, HostPlan};
+use tern_agent::{GuestKind, MigrateRequest, MigrationState, VmSpec};
+use tern_drivers::qemu::load::{parse_line, verify_after_switchover, LoadLine, LoadParams};
+use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
+use tern_testkit::{LinkConfig, LinkEmulator};
+
+/// `tern bench migrate-qemu` options.
+#[derive(clap::Args, Clone)]
+pub struct QemuBenchArgs {
+    /// Runs of each path per link (they alternate).
+    #[arg(long, default_value_t = 2)]
+    pub runs: u32,
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// Working set the guest rewrites, MiB.
+    #[arg(long, default_value_t = 16)]
+    pub ws_mib: u64,
+    /// MiB/s the guest writes.
+    #[arg(long, default_value_t = 2)]
+    pub dirty_mib: u64,
+    /// Downtime budget given to both, ms.
+    #[arg(long, default_value_t = 300)]
+    pub max_downtime: u64,
+    /// WAN round trip, ms.
+    #[arg(long, default_value_t = 20)]
+    pub wan_rtt_ms: u64,
+    /// WAN rate, Mbit/s.
+    #[arg(long, default_value_t = 200)]
+    pub wan_mbit: u64,
+    /// Guest kernel (default: TERN_GUEST_KERNEL, else the one
+    /// scripts/guest-kernel.sh fetched).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs with tern's workload (default: TERN_GUEST_INITRD, or
+    /// the script's).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Link {
+    Loopback,
+    Wan,
+}
+
+struct Row {
+    link: Link,
+    path: &'static str,
+    total_ms: f64,
+    downtime_ms: f64,
+    wire_mb: f64,
+    cpu_s: f64,
+    verdict: String,
+    ok: bool,
+}
+
+fn guest_files(a: &QemuBenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cache = Path::new("/var/cache/tern/guest");
+    let kernel = a
+        .kernel
+        .clone()
+        .or_else(|| std::env::var_os("TERN_GUEST_KERNEL").map(PathBuf::from))
+        .or_else(|| {
+            let mut k: Vec<PathBuf> = std::fs::read_dir(cache.join("root/boot"))
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains("vmlinuz-"))
+                .collect();
+            k.sort();
+            k.pop()
+        })
+        .context("no guest kernel: run scripts/guest-kernel.sh or pass --kernel")?;
+    let initrd = a
+        .initrd
+        .clone()
+        .or_else(|| std::env::var_os("TERN_GUEST_INITRD").map(PathBuf::from))
+        .unwrap_or_else(|| cache.join("initramfs.cpio"));
+    if !initrd.is_file() {
+        bail!(
+            "no initramfs at {}: run scripts/guest-kernel.sh",
+            initrd.display()
+        );
+    }
+    Ok((kernel, initrd))
+}
+
+/// user+system seconds of a process so far (None once it is gone).
+fn cpu_secs(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// Per-process CPU over a window: first and latest sample of each pid.
+#[derive(Default)]
+struct CpuMeter(std::collections::HashMap<i32, (f64, f64)>);
+
+impl CpuMeter {
+    fn sample(&mut self, pids: &[i32]) {
+        for &p in pids {
+            if let Some(c) = cpu_secs(p) {
+                self.0.entry(p).or_insert((c, c)).1 = c;
+            }
+        }
+    }
+    fn total(&self) -> f64 {
+        self.0.values().map(|(a, b)| b - a).sum()
+    }
+}
+
+fn qemus_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn link_config(link: Link, a: &QemuBenchArgs) -> LinkConfig {
+    match link {
+        Link::Loopback => LinkConfig {
+            one_way_delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            rate_bytes_per_sec: 0,
+            queue_bytes: 4 << 20,
+        },
+        Link::Wan => LinkConfig {
+            one_way_delay: Duration::from_millis(a.wan_rtt_ms / 2),
+            jitter: Duration::ZERO,
+            rate_bytes_per_sec: a.wan_mbit * 1_000_000 / 8,
+            queue_bytes: 1 << 20,
+        },
+    }
+}
+
+fn last_tick(console: &str) -> u64 {
+    console
+        .lines()
+        .rev()
+        .filter_map(parse_line)
+        .find_map(|l| match l {
+            LoadLine::Tick(t) | LoadLine::Checked { tick: t, .. } => Some(t),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+async fn native_run(
+    a: &QemuBenchArgs,
+    link: Link,
+    spec: &QemuSpec,
+    load: &LoadParams,
+) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir()?;
+    let cfg = QemuConfig {
+        die_with_parent: true,
+        ..QemuConfig::default()
+    };
+    let src = QemuVm::launch(&cfg, &dir.path().join("src"), spec, Launch::Boot)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    src.wait_console(Duration::from_secs(120), |c| {
+        c.contains("tern-load tick=10 ")
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let dst = QemuVm::launch(
+        &cfg,
+        &dir.path().join("dst"),
+        spec,
+        Launch::IncomingAutostart,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let port = testbed::free_port()?;
+    let mut qd = dst.qmp().await?;
+    qd.set_capabilities(&[("events", true)]).await?;
+    qd.run(
+        "migrate-incoming",
+        json!({ "uri": format!("tcp:127.0.0.1:{port}") }),
+    )
+    .await?;
+    let emu =
+        LinkEmulator::start(format!("127.0.0.1:{port}").parse()?, link_config(link, a)).await?;
+    let mut qs = src.qmp().await?;
+    qs.set_capabilities(&[("events", true)]).await?;
+    qs.set_parameters(json!({
+        "downtime-limit": a.max_downtime,
+        "max-bandwidth": 1u64 << 40,
+    }))
+    .await?;
+    let pids = [src.pid(), dst.pid()];
+    let mut cpu = CpuMeter::default();
+    cpu.sample(&pids);
+    let t0 = Instant::now();
+    qs.run("migrate", json!({ "uri": format!("tcp:{}", emu.addr()) }))
+        .await?;
+    let info = loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cpu.sample(&pids);
+        let m = qs.query_migrate().await?;
+        match m.status.as_str() {
+            "completed" => break m,
+            "failed" | "cancelled" => bail!(
+                "QEMU's migration {}: {}",
+                m.status,
+                m.error_desc.unwrap_or_default()
+            ),
+            _ => {}
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("QEMU's migration did not complete in 300 s");
+        }
+    };
+    let total_ms = info
+        .total_time
+        .filter(|&t| t > 0)
+        .map(|t| t as f64)
+        .unwrap_or_else(|| t0.elapsed().as_secs_f64() * 1e3);
+    let source_last = last_tick(&src.console());
+    // Downtime: the source's STOP to the destination's RESUME.
+    let stop = qs
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.event == "STOP")
+        .and_then(|e| e.timestamp);
+    let mut resume = None;
+    let t = Instant::now();
+    while resume.is_none() && t.elapsed() < Duration::from_secs(30) {
+        let _ = qd.status().await?;
+        resume = qd
+            .events
+            .iter()
+            .find(|e| e.event == "RESUME")
+            .and_then(|e| e.timestamp);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cpu.sample(&pids);
+    let downtime_ms = match (stop, resume) {
+        (Some(s), Some(r)) => r.unix_micros().saturating_sub(s.unix_micros()) as f64 / 1e3,
+        _ => info.downtime.unwrap_or(0) as f64,
+    };
+    let wire = emu.bytes_up();
+    let (ok, verdict) = verify(&dst, source_last, load).await;
+    Ok(Row {
+        link,
+        path: "qemu",
+        total_ms,
+        downtime_ms,
+        wire_mb: wire as f64 / 1e6,
+        cpu_s: cpu.total(),
+        verdict,
+        ok,
+    })
+}
+
+/// Waits for the destination guest's first check after switchover.
+async fn verify(dst: &QemuVm, source_last: u64, load: &LoadParams) -> (bool, String) {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = verify_after_switchover(&dst.console(), source_last, load) {
+            return v;
+        }
+        if !dst.is_alive() || t.elapsed() > Duration::from_secs(20) {
+            let c = dst.console();
+            let tail: Vec<&str> = c.lines().rev().take(2).collect();
+            return (
+                false,
+                format!("no check after switchover; console: {}", tail.join(" | ")),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn tern_run(
+    a: &QemuBenchArgs,
+    link: Link,
+    kernel: &Path,
+    initrd: &Path,
+) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir()?;
+    let lo: std::net::IpAddr = [127, 0, 0, 1].into();
+    let mut ha = HostPlan::new("host-a", lo)?;
+    let mut hb = HostPlan::new("host-b", lo)?;
+    let to_b = LinkEmulator::start(hb.migrate_addr(), link_config(link, a)).await?;
+    let to_a = LinkEmulator::start(ha.migrate_addr(), link_config(link, a)).await?;
+    ha.reached_at = Some(to_a.addr());
+    hb.reached_at = Some(to_b.addr());
+    for h in [&mut ha, &mut hb] {
+        h.guest = Some((kernel.to_path_buf(), initrd.to_path_buf()));
+    }
+    let bed = testbed::write(dir.path(), &[ha, hb]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let exe = std::env::current_exe()?;
+    let pa = AgentProcess::start(&exe, &bed[0], None)?;
+    let pb = AgentProcess::start(&exe, &bed[1], None)?;
+    let ca = pa.client()?;
+    let spec = VmSpec {
+        kind: GuestKind::Linux,
+        memory_mib: a.memory,
+        ws_mib: a.ws_mib,
+        dirty_mib_per_sec: a.dirty_mib,
+        ..Default::default()
+    };
+    let vm = ca.create_vm(&spec).await?;
+    let t = Instant::now();
+    while ca.vm(&vm.id).await?.counter.unwrap_or(0) < 10 {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the guest on host-a does not count");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let agents = [pa.pid(), pb.pid()];
+    let pids = |d: &[PathBuf]| -> Vec<i32> {
+        let mut p: Vec<i32> = agents.to_vec();
+        for x in d {
+            p.extend(qemus_under(x));
+        }
+        p
+    };
+    let dirs = [bed[0].data_dir.clone(), bed[1].data_dir.clone()];
+    let mut cpu = CpuMeter::default();
+    cpu.sample(&pids(&dirs));
+    let before = to_b.bytes_up();
+    let m = ca
+        .migrate(
+            &vm.id,
+            &MigrateRequest {
+                to: "host-b".into(),
+                mode: "precopy".into(),
+                max_downtime_ms: Some(a.max_downtime),
+                bandwidth_mbps: None,
+                deadline_secs: None,
+                max_bandwidth_mbps: None,
+                auto_converge: Some(false),
+                compress: Some(if link == Link::Wan { "zstd" } else { "none" }.into()),
+            },
+        )
+        .await?;
+    let done = loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cpu.sample(&pids(&dirs));
+        let v = ca.migration(&m.id).await?;
+        if v.state.is_final() {
+            break v;
+        }
+        if t.elapsed() > Duration::from_secs(400) {
+            bail!("tern's migration did not end");
+        }
+    };
+    let wire = to_b.bytes_up() - before;
+    let r = done.report.clone();
+    let (ok, verdict) = match done.state {
+        MigrationState::Committed => (true, "counter continued, checksum matches".to_string()),
+        s => (false, format!("{s:?}: {}", done.error.unwrap_or_default())),
+    };
+    Ok(Row {
+        link,
+        path: "tern",
+        total_ms: r.as_ref().map_or(0.0, |r| r.total_ms),
+        downtime_ms: r.as_ref().map_or(0.0, |r| r.downtime_ms),
+        wire_mb: wire as f64 / 1e6,
+        cpu_s: cpu.total(),
+        verdict,
+        ok,
+    })
+}
+
+/// Runs the benchmark and prints the tables.
+pub fn run(a: QemuBenchArgs) -> anyhow::Result<()> {
+    let (kernel, initrd) = guest_files(&a)?;
+    let load = LoadParams {
+        ws_mib: a.ws_mib,
+        dirty_mib: a.dirty_mib,
+        tick_ms: 100,
+        verify_every: 10,
+    };
+    let spec = QemuSpec {
+        memory_mib: a.memory,
+        vcpus: 1,
+        kernel: kernel.clone(),
+        initrd: Some(initrd.clone()),
+        cmdline: load.cmdline(),
+        disks: Vec::new(),
+    };
+    let accel = QemuConfig::default().accel;
+    println!(
+        "migrate-qemu: {} MiB Linux guest (Debian kernel + tern-load, {} MiB working set, {} MiB/s), accel {:?}, {} runs per path per link, downtime budget {} ms",
+        a.memory, a.ws_mib, a.dirty_mib, accel, a.runs, a.max_downtime
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut rows = Vec::new();
+    for link in [Link::Loopback, Link::Wan] {
+        for i in 0..a.runs {
+            for path in ["qemu", "tern"] {
+                let r = rt.block_on(async {
+                    match path {
+                        "qemu" => native_run(&a, link, &spec, &load).await,
+                        _ => tern_run(&a, link, &kernel, &initrd).await,
+                    }
+                });
+                match r {
+                    Ok(row) => {
+                        println!(
+                            "  {:?} run {} {:<4}: total {:>7.0} ms, downtime {:>6.1} ms, wire {:>7.1} MB, cpu {:>5.2} s, {}",
+                            link, i + 1, path, row.total_ms, row.downtime_ms, row.wire_mb, row.cpu_s,
+                            if row.ok { "ok".to_string() } else { format!("CORRUPTED/FAILED: {}", row.verdict) }
+                        );
+                        rows.push(row);
+                    }
+                    Err(e) => println!("  {link:?} run {} {path}: error: {e:#}", i + 1),
+                }
+            }
+        }
+    }
+    let wan = format!("wan ({} ms RTT, {} Mbit/s)", a.wan_rtt_ms, a.wan_mbit);
+    println!();
+    println!(
+        "{:<28} {:<5} {:>5} {:>10} {:>12} {:>9} {:>7} {:>10}",
+        "link", "path", "runs", "total ms", "downtime ms", "wire MB", "cpu s", "corrupted"
+    );
+    for link in [Link::Loopback, Link::Wan] {
+        let mut means = Vec::new();
+        for path in ["qemu", "tern"] {
+            let rs: Vec<&Row> = rows
+                .iter()
+                .filter(|r| r.link == link && r.path == path)
+                .collect();
+            let good: Vec<&&Row> = rs.iter().filter(|r| r.ok).collect();
+            let n = good.len().max(1) as f64;
+            let mean = |f: fn(&Row) -> f64| good.iter().map(|r| f(r)).sum::<f64>() / n;
+            let m = (
+                mean(|r| r.total_ms),
+                mean(|r| r.downtime_ms),
+                mean(|r| r.wire_mb),
+                mean(|r| r.cpu_s),
+            );
+            println!(
+                "{:<28} {:<5} {:>5} {:>10.0} {:>12.1} {:>9.1} {:>7.2} {:>10}",
+                if link == Link::Wan {
+                    wan.as_str()
+                } else {
+                    "loopback"
+                },
+                path,
+                rs.len(),
+                m.0,
+                m.1,
+                m.2,
+                m.3,
+                rs.len() - good.len()
+            );
+            means.push(m);
+        }
+        if means.len() == 2 && means[0].0 > 0.0 {
+            let (q, t) = (means[0], means[1]);
+            println!(
+                "{:<28} {:<5} {:>5} {:>10.2} {:>12.2} {:>9.2} {:>7.2}",
+                "",
+                "t/q",
+                "",
+                t.0 / q.0,
+                t.1 / q.1.max(1e-9),
+                t.2 / q.2.max(1e-9),
+                t.3 / q.3.max(1e-9)
+            );
+        }
+    }
+    println!(
+        "(means over runs whose guest passed its own check after switchover; t/q = tern / qemu)"
+    );
+    Ok(())
+}
