@@ -458,6 +458,25 @@ async fn a_migration_that_misses_its_deadline_rolls_back_and_the_source_runs_at_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_serves_the_pages_a_running_workload_touches_first() {
+    // Whether the workload on the destination reaches a page before the
+    // background push does is up to the scheduler (a loaded CI machine once
+    // starved it for the whole push), so this takes up to three migrations
+    // to see a page served on demand; each must complete correctly.
+    let mut served = 0;
+    for _ in 0..3 {
+        served = postcopy_once().await;
+        if served > 0 {
+            break;
+        }
+    }
+    assert!(
+        served > 0,
+        "no page was served on demand in three migrations"
+    );
+}
+
+/// One post-copy migration; returns the faults served on demand.
+async fn postcopy_once() -> u64 {
     let mut src = outrunning_workload();
     let (sl, dl) = links().await;
     let key = SigningKey::from_bytes(&rand::random());
@@ -482,11 +501,11 @@ async fn postcopy_serves_the_pages_a_running_workload_touches_first() {
         report.wire_bytes as f64 / 1e6
     );
     assert!(report.postcopy && report.rounds.is_empty());
-    assert!(report.faults_served > 0, "no page was served on demand");
     // Every page arrived and matched the source's signed root; it runs on.
     let w = dst.writes();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(dst.writes() > w);
+    report.faults_served
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
