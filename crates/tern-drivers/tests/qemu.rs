@@ -134,3 +134,64 @@ async fn a_missing_kernel_is_a_clear_error_and_starts_nothing() {
     .await;
     assert!(bad.is_err());
 }
+
+#[tokio::test]
+#[ignore = "slow: boots Linux under QEMU"]
+async fn disks_are_made_with_qemu_img_and_attached() {
+    let Some((kernel, initrd)) = guest_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = tern_drivers::qemu::QemuSpec {
+        memory_mib: 128,
+        vcpus: 1,
+        kernel,
+        initrd: Some(initrd),
+        cmdline: "TERN_HOLD=1".into(),
+        disks: vec![
+            tern_drivers::qemu::DiskSpec {
+                size_mib: 64,
+                format: tern_drivers::qemu::DiskFormat::Qcow2,
+            },
+            tern_drivers::qemu::DiskSpec {
+                size_mib: 8,
+                format: tern_drivers::qemu::DiskFormat::Raw,
+            },
+        ],
+    };
+    let vm = QemuVm::launch(
+        &QemuConfig::default(),
+        &dir.path().join("vm"),
+        &spec,
+        tern_drivers::qemu::Launch::Boot,
+    )
+    .await
+    .unwrap();
+    vm.wait_console(Duration::from_secs(60), |c| c.contains("tern-ready"))
+        .await
+        .unwrap();
+    let raw = dir.path().join("vm/disk1.raw");
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 8 << 20);
+    assert!(dir.path().join("vm/disk0.qcow2").exists());
+    let mut q = vm.qmp().await.unwrap();
+    let blocks = q
+        .execute_value("query-block", serde_json::json!({}))
+        .await
+        .unwrap();
+    let files: Vec<String> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["inserted"]["file"].as_str().map(String::from))
+        .collect();
+    assert_eq!(files.len(), 2, "{blocks}");
+    assert!(
+        files[0].ends_with("disk0.qcow2") && files[1].ends_with("disk1.raw"),
+        "{files:?}"
+    );
+    drop(q);
+    let pid = vm.pid();
+    vm.remove();
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!dir.path().join("vm").exists());
+}

@@ -591,7 +591,9 @@ impl VmDriver for QemuDriver {
             .await
             .map_err(|e| op_err(id, "health", e))?;
         let s = q.status().await.map_err(|e| op_err(id, "health", e))?;
-        Ok(s.running)
+        // Running per QEMU, and the guest itself said it came up.
+        let console = self.with_vm(id, |vm| vm.console())?;
+        Ok(s.running && (console.contains("tern-ready") || console.contains("tern-load ready")))
     }
 
     async fn cleanup(&self, id: VmId) -> Result<(), DriverError> {
