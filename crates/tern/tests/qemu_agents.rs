@@ -240,3 +240,28 @@ async fn killing_the_target_qemu_mid_migration_leaves_the_source_running() {
     );
     assert!(qemus_under(&bed.hosts[1].data_dir).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: Linux guests under QEMU, two agent processes"]
+async fn a_linux_guest_moves_by_postcopy_through_tern() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(bed) = bed(0).await else { return };
+    let (ca, cb) = (bed.a.client().unwrap(), bed.b.client().unwrap());
+    let vm = ca.create_vm(&linux()).await.unwrap();
+    let before = assert_runs(&ca, &vm.id, 0).await;
+    let req = MigrateRequest {
+        mode: "postcopy".into(),
+        ..precopy(None)
+    };
+    let m = ca.migrate(&vm.id, &req).await.unwrap();
+    let done = wait_end(&ca, &m.id).await;
+    assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+    let r = done.report.unwrap();
+    assert!(r.postcopy, "QEMU was switched to post-copy");
+    eprintln!(
+        "linux guest, post-copy: downtime {:.1} ms, total {:.0} ms",
+        r.downtime_ms, r.total_ms
+    );
+    assert_runs(&cb, &vm.id, before).await;
+    assert!(qemus_under(&bed.hosts[0].data_dir).is_empty());
+}
