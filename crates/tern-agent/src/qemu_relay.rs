@@ -38,7 +38,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tern_drivers::qemu::load::{parse_line, verify_after_switchover, LoadLine, LoadParams};
+use tern_drivers::qemu::load::{last_complete_tick, verify_after_switchover, LoadParams};
 use tern_drivers::qemu::qmp::{Qmp, QmpError};
 use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
 use tern_migrate::protocol::{frame, msg_frame, split, KIND_MSG};
@@ -193,19 +193,6 @@ fn capabilities(mode: Mode, auto_converge: bool) -> Vec<(&'static str, bool)> {
         ("auto-converge", auto_converge),
         ("events", true),
     ]
-}
-
-fn last_tick(console: &str) -> u64 {
-    console
-        .lines()
-        .rev()
-        .filter_map(parse_line)
-        .filter_map(|l| match l {
-            LoadLine::Tick(t) | LoadLine::Checked { tick: t, .. } => Some(t),
-            _ => None,
-        })
-        .next()
-        .unwrap_or(0)
 }
 
 fn wall_us(t: SystemTime) -> u64 {
@@ -436,6 +423,16 @@ async fn run_source(
         .map_err(|_| MigrateError::Protocol("QEMU did not connect its migration stream".into()))?
         .map_err(|e| MigrateError::Transport(e.to_string()))?;
     let _ = std::fs::remove_file(&sock);
+    let mut postcopy_started = false;
+    if policy.mode == Mode::Postcopy {
+        // Switch as early as QEMU allows (after its first pass), or a
+        // quick stream completes as pre-copy before a poll would see it.
+        q.run("migrate-start-postcopy", json!({}))
+            .await
+            .map_err(qmp_err)?;
+        postcopy_started = true;
+        report.postcopy = true;
+    }
     let (mut from_qemu, mut to_qemu) = stream.into_split();
     // The stream is pumped by its own task, never by the loop that talks
     // QMP: at switchover QEMU holds its big lock while it writes the last
@@ -479,7 +476,6 @@ async fn run_source(
     let mut eof = false;
     let mut running = false;
     let mut verified: Option<(bool, String)> = None;
-    let mut postcopy_started = false;
     let mut stopped_at_us: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let postcopy_after_round = match policy.mode {
@@ -519,7 +515,7 @@ async fn run_source(
                     }
                     Incoming::Msg(QemuDestMsg::Loaded) if !*committed => {
                         report.phase = SourcePhase::Switchover;
-                        let last = last_tick(&vm.console());
+                        let last = last_complete_tick(&vm.console());
                         before_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
                         data.send(msg_frame(&QemuSourceMsg::Commit { last_tick: last }))
                             .await

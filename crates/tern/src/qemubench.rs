@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_agent::testbed::{self, AgentProcess, HostPlan};
 use tern_agent::{GuestKind, MigrateRequest, MigrationState, VmSpec};
-use tern_drivers::qemu::load::{parse_line, verify_after_switchover, LoadLine, LoadParams};
+use tern_drivers::qemu::load::{last_complete_tick, verify_after_switchover, LoadParams};
 use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
@@ -166,18 +166,6 @@ fn link_config(link: Link, a: &QemuBenchArgs) -> LinkConfig {
     }
 }
 
-fn last_tick(console: &str) -> u64 {
-    console
-        .lines()
-        .rev()
-        .filter_map(parse_line)
-        .find_map(|l| match l {
-            LoadLine::Tick(t) | LoadLine::Checked { tick: t, .. } => Some(t),
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
 async fn native_run(
     a: &QemuBenchArgs,
     link: Link,
@@ -250,7 +238,7 @@ async fn native_run(
         .filter(|&t| t > 0)
         .map(|t| t as f64)
         .unwrap_or_else(|| t0.elapsed().as_secs_f64() * 1e3);
-    let source_last = last_tick(&src.console());
+    let source_last = last_complete_tick(&src.console());
     // Downtime: the source's STOP to the destination's RESUME.
     let stop = qs
         .events
