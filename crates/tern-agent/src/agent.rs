@@ -800,10 +800,23 @@ impl Agent {
                 (MigrationState::Discarded, Some(e.to_string()))
             }
         };
-        ptx.send_modify(|p| {
+        self.end_incoming(migration, &ptx, state, error)
+    }
+}
+
+impl Agent {
+    /// Publishes how an incoming migration ended (phase, state, error).
+    fn end_incoming(
+        &self,
+        migration: &str,
+        progress: &watch::Sender<Progress>,
+        state: MigrationState,
+        error: Option<String>,
+    ) -> Result<(), String> {
+        progress.send_modify(|p| {
             p.phase = match state {
-                MigrationState::Committed => "committed".into(),
-                _ => "discarded".into(),
+                MigrationState::Discarded => "discarded".into(),
+                _ => "committed".into(),
             }
         });
         if let Some(m) = lock(&self.inner.migrations).get_mut(migration) {
@@ -815,9 +828,7 @@ impl Agent {
             None => Ok(()),
         }
     }
-}
 
-impl Agent {
     /// The destination of a QEMU guest's migration (see [`qemu_relay`]).
     #[allow(clippy::too_many_arguments)]
     async fn incoming_qemu(
@@ -916,20 +927,7 @@ impl Agent {
                 },
             );
         }
-        progress.send_modify(|p| {
-            p.phase = match state {
-                MigrationState::Discarded => "discarded".into(),
-                _ => "committed".into(),
-            }
-        });
-        if let Some(m) = lock(&self.inner.migrations).get_mut(migration) {
-            m.state = state;
-            m.error = error.clone();
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.end_incoming(migration, &progress, state, error)
     }
 }
 

@@ -133,22 +133,6 @@ impl CpuMeter {
     }
 }
 
-fn qemus_under(dir: &Path) -> Vec<i32> {
-    let needle = dir.display().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu-system") && cmd.contains(&needle) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 fn link_config(link: Link, a: &QemuBenchArgs) -> LinkConfig {
     match link {
         Link::Loopback => LinkConfig {
@@ -336,7 +320,7 @@ async fn tern_run(
     let pids = |d: &[PathBuf]| -> Vec<i32> {
         let mut p: Vec<i32> = agents.to_vec();
         for x in d {
-            p.extend(qemus_under(x));
+            p.extend(tern_drivers::qemu::pids_under(x));
         }
         p
     };

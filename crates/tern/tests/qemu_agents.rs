@@ -10,6 +10,7 @@ use tern_agent::testbed::{self, AgentProcess, BedHost, HostPlan};
 use tern_agent::{
     AgentClient, GuestKind, MigrateRequest, MigrationState, MigrationView, VmSpec, VmStatus,
 };
+use tern_drivers::qemu::pids_under;
 use tern_drivers::qemu::testing::guest_or_skip;
 use tern_testkit::{LinkConfig, LinkEmulator};
 
@@ -119,23 +120,6 @@ async fn assert_runs(c: &AgentClient, vm: &str, beyond: u64) -> u64 {
     }
 }
 
-/// QEMU processes whose command line mentions `dir`.
-fn qemus_under(dir: &Path) -> Vec<i32> {
-    let needle = dir.display().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu-system") && cmd.contains(&needle) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "slow: Linux guests under QEMU, two agent processes"]
 async fn a_linux_guest_migrates_between_agents_and_keeps_counting() {
@@ -157,10 +141,10 @@ async fn a_linux_guest_migrates_between_agents_and_keeps_counting() {
     let gone = ca.vm(&vm.id).await.unwrap();
     assert_eq!(gone.status, VmStatus::MovedAway);
     assert!(
-        qemus_under(&bed.hosts[0].data_dir).is_empty(),
+        pids_under(&bed.hosts[0].data_dir).is_empty(),
         "the source QEMU still runs"
     );
-    assert_eq!(qemus_under(&bed.hosts[1].data_dir).len(), 1);
+    assert_eq!(pids_under(&bed.hosts[1].data_dir).len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,7 +200,7 @@ async fn killing_the_target_qemu_mid_migration_leaves_the_source_running() {
     let m = ca.migrate(&vm.id, &precopy(None)).await.unwrap();
     let t = Instant::now();
     let target = loop {
-        let q = qemus_under(&bed.hosts[1].data_dir);
+        let q = pids_under(&bed.hosts[1].data_dir);
         let sent = ca.migration(&m.id).await.unwrap().progress.wire_bytes;
         if q.len() == 1 && sent > (1 << 20) {
             break q[0];
@@ -238,7 +222,7 @@ async fn killing_the_target_qemu_mid_migration_leaves_the_source_running() {
         on_b.map(|v| v.status != VmStatus::Running).unwrap_or(true),
         "the target must not run the VM"
     );
-    assert!(qemus_under(&bed.hosts[1].data_dir).is_empty());
+    assert!(pids_under(&bed.hosts[1].data_dir).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -263,5 +247,5 @@ async fn a_linux_guest_moves_by_postcopy_through_tern() {
         r.downtime_ms, r.total_ms
     );
     assert_runs(&cb, &vm.id, before).await;
-    assert!(qemus_under(&bed.hosts[0].data_dir).is_empty());
+    assert!(pids_under(&bed.hosts[0].data_dir).is_empty());
 }

@@ -185,6 +185,25 @@ fn pid_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// QEMU processes whose command line mentions `dir` (a VM directory, or a
+/// directory holding VM directories): how tests and benchmarks find the
+/// QEMUs an agent runs, and check that none is left behind.
+pub fn pids_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// One QEMU process.
 pub struct QemuVm {
     dir: PathBuf,
