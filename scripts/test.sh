@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Disk is the scarce thing on CI machines: no incremental caches, and a line per stage
+# saying how much is left so a full disk is diagnosed from the log.
+export CARGO_INCREMENTAL=0
+disk() { echo "   (disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target $(du -sh target 2>/dev/null | cut -f1))"; }
+
 echo "== setup: PostgreSQL"
 TERN_TEST_POSTGRES_URL=$(bash scripts/postgres-up.sh)
 export TERN_TEST_POSTGRES_URL
@@ -22,10 +27,13 @@ export TERN_REQUIRE_QEMU=1   # the qemu driver tests must not skip here
 
 echo "== fmt"
 cargo fmt --all -- --check
+disk
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+disk
 echo "== tests (including slow ones)"
 cargo test --workspace --locked -- --include-ignored
+disk
 echo "== fuzz: every decoder of network input, ${TERN_FUZZ_SECONDS:-45} s each"
 # Stable toolchain only here: RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z flags.
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
@@ -39,4 +47,5 @@ for target in page_frame transport_wire snapshot_state; do
     fi
     rm -rf "$corpus"
 done
+disk
 echo "== all tests passed"
