@@ -33,7 +33,6 @@
 
 use crate::views::VmSpec;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,126 +40,16 @@ use std::time::{Duration, Instant, SystemTime};
 use tern_drivers::qemu::load::{last_complete_tick, verify_after_switchover, LoadParams};
 use tern_drivers::qemu::qmp::{Qmp, QmpError};
 use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
-use tern_migrate::protocol::{frame, msg_frame, split, KIND_MSG};
+use tern_migrate::protocol::{frame, msg_frame};
+pub use tern_migrate::relay::Compress;
+use tern_migrate::relay::{
+    decode, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_RETURN, KIND_STREAM,
+};
 use tern_migrate::{CommitHook, MigrateError, Mode, Policy, Progress, Report, SourcePhase};
 use tern_transport::{Receiver, Sender};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
-
-/// QEMU stream bytes, source → destination.
-pub const KIND_QEMU_STREAM: u8 = 20;
-/// QEMU return-path bytes, destination → source.
-pub const KIND_QEMU_RETURN: u8 = 21;
-/// Largest chunk of stream carried in one frame (and the most a compressed
-/// frame may claim to expand to).
-const CHUNK: usize = 1 << 20;
-
-/// How stream chunks are compressed on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compress {
-    /// As QEMU wrote them.
-    None,
-    /// LZ4: cheap, for fast links.
-    Lz4,
-    /// zstd level 3: for slow links, where bytes cost more than CPU.
-    Zstd,
-}
-
-impl std::str::FromStr for Compress {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(Compress::None),
-            "lz4" => Ok(Compress::Lz4),
-            "zstd" => Ok(Compress::Zstd),
-            other => Err(format!("compress `{other}`: use none, lz4 or zstd")),
-        }
-    }
-}
-
-impl Compress {
-    fn pack(self, chunk: &[u8]) -> Vec<u8> {
-        match self {
-            Compress::None => chunk.to_vec(),
-            Compress::Lz4 => lz4_flex::compress_prepend_size(chunk),
-            Compress::Zstd => zstd::bulk::compress(chunk, 3).unwrap_or_else(|_| chunk.to_vec()),
-        }
-    }
-
-    /// Bounded: a frame from the network never expands past [`CHUNK`].
-    fn unpack(self, p: &[u8]) -> Result<Vec<u8>, String> {
-        match self {
-            Compress::None => Ok(p.to_vec()),
-            Compress::Lz4 => {
-                let claimed = p
-                    .get(..4)
-                    .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-                    .ok_or("short lz4 frame")?;
-                if claimed > CHUNK {
-                    return Err(format!("lz4 frame claims {claimed} bytes"));
-                }
-                lz4_flex::decompress_size_prepended(p).map_err(|e| format!("lz4: {e}"))
-            }
-            Compress::Zstd => zstd::bulk::decompress(p, CHUNK).map_err(|e| format!("zstd: {e}")),
-        }
-    }
-}
-
-/// Source → destination messages.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum QemuSourceMsg {
-    /// Opens the migration.
-    Start {
-        /// `precopy`, `postcopy` or `hybrid` (sets QEMU's capabilities).
-        mode: String,
-        /// Chunk compression.
-        compress: Compress,
-    },
-    /// The source QEMU closed its stream.
-    StreamEnd,
-    /// Ownership moves: run the guest.
-    Commit {
-        /// The last tick the guest printed on the source.
-        last_tick: u64,
-    },
-    /// Stop; the source keeps the guest.
-    Abort {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Destination → source messages.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum QemuDestMsg {
-    /// Ready to receive.
-    Accept,
-    /// Will not receive.
-    Reject {
-        /// Why.
-        reason: String,
-    },
-    /// The destination QEMU holds the guest (paused): commit may follow.
-    Loaded,
-    /// The guest runs here.
-    Running,
-    /// The guest's own report after switchover.
-    Verified {
-        /// Counter continued and every check held.
-        ok: bool,
-        /// What was seen.
-        detail: String,
-    },
-    /// The destination failed.
-    Failed {
-        /// Why.
-        reason: String,
-    },
-}
 
 fn qmp_err(e: QmpError) -> MigrateError {
     MigrateError::Guest(tern_migrate::GuestError(format!("QMP: {e}")))
@@ -168,23 +57,6 @@ fn qmp_err(e: QmpError) -> MigrateError {
 
 fn tx_err(e: impl std::fmt::Display) -> MigrateError {
     MigrateError::Transport(e.to_string())
-}
-
-/// Parses a frame of the other side: (kind, payload) with messages decoded.
-enum Incoming<M> {
-    Msg(M),
-    Bytes(u8, Bytes),
-}
-
-fn decode<M: serde::de::DeserializeOwned>(f: &Bytes) -> Result<Incoming<M>, MigrateError> {
-    let (k, p) = split(f).map_err(MigrateError::Protocol)?;
-    match k {
-        KIND_MSG => serde_json::from_slice(&p)
-            .map(Incoming::Msg)
-            .map_err(|e| MigrateError::Protocol(format!("bad message: {e}"))),
-        KIND_QEMU_STREAM | KIND_QEMU_RETURN => Ok(Incoming::Bytes(k, p)),
-        k => Err(MigrateError::Protocol(format!("unexpected frame kind {k}"))),
-    }
 }
 
 fn capabilities(mode: Mode, auto_converge: bool) -> Vec<(&'static str, bool)> {
@@ -303,7 +175,7 @@ pub async fn source(
         Err(e) => {
             tracing::warn!(error = %e, "QEMU migration failed; resuming the source");
             let _ = data
-                .send(msg_frame(&QemuSourceMsg::Abort {
+                .send(msg_frame(&RelaySourceMsg::Abort {
                     reason: e.to_string(),
                 }))
                 .await;
@@ -359,7 +231,7 @@ async fn run_source(
         Mode::Postcopy => "postcopy",
         Mode::Hybrid => "hybrid",
     };
-    data.send(msg_frame(&QemuSourceMsg::Start {
+    data.send(msg_frame(&RelaySourceMsg::Start {
         mode: mode_name.into(),
         compress,
     }))
@@ -375,9 +247,9 @@ async fn run_source(
     match answer {
         Some(Ok((seq, f))) => {
             replies.ack(seq);
-            match decode::<QemuDestMsg>(&f)? {
-                Incoming::Msg(QemuDestMsg::Accept) => {}
-                Incoming::Msg(QemuDestMsg::Reject { reason }) => {
+            match decode::<RelayDestMsg>(&f)? {
+                Incoming::Msg(RelayDestMsg::Accept) => {}
+                Incoming::Msg(RelayDestMsg::Reject { reason }) => {
                     return Err(MigrateError::Rejected(reason))
                 }
                 Incoming::Msg(other) => {
@@ -445,15 +317,18 @@ async fn run_source(
         let end = loop {
             match from_qemu.read(&mut buf).await {
                 Ok(0) => {
-                    break match pump_data.send(msg_frame(&QemuSourceMsg::StreamEnd)).await {
+                    break match pump_data.send(msg_frame(&RelaySourceMsg::StreamEnd)).await {
                         Ok(_) => Ok(total),
                         Err(e) => Err(e.to_string()),
                     }
                 }
                 Ok(n) => {
                     total += n as u64;
-                    let f = frame(KIND_QEMU_STREAM, &compress.pack(&buf[..n]));
-                    if let Err(e) = pump_data.send(f).await {
+                    let packed = match compress.pack(&buf[..n]) {
+                        Ok(p) => p,
+                        Err(e) => break Err(e),
+                    };
+                    if let Err(e) = pump_data.send(frame(KIND_STREAM, &packed)).await {
                         break Err(e.to_string());
                     }
                 }
@@ -506,23 +381,23 @@ async fn run_source(
                     None => return Err(tx_err("the reply session closed")),
                 };
                 replies.ack(seq);
-                match decode::<QemuDestMsg>(&f)? {
-                    Incoming::Bytes(KIND_QEMU_RETURN, p) => {
+                match decode::<RelayDestMsg>(&f)? {
+                    Incoming::Bytes(KIND_RETURN, p) => {
                         let _ = ret_tx.send(p);
                     }
                     Incoming::Bytes(k, _) => {
                         return Err(MigrateError::Protocol(format!("unexpected frame kind {k}")))
                     }
-                    Incoming::Msg(QemuDestMsg::Loaded) if !*committed => {
+                    Incoming::Msg(RelayDestMsg::Loaded) if !*committed => {
                         report.phase = SourcePhase::Switchover;
                         let last = last_complete_tick(&vm.console());
                         before_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
-                        data.send(msg_frame(&QemuSourceMsg::Commit { last_tick: last }))
+                        data.send(msg_frame(&RelaySourceMsg::Commit { last_tick: last }))
                             .await
                             .map_err(tx_err)?;
                         *committed = true;
                     }
-                    Incoming::Msg(QemuDestMsg::Running) if *committed => {
+                    Incoming::Msg(RelayDestMsg::Running) if *committed => {
                         running = true;
                         let now = wall_us(SystemTime::now());
                         let stop = stopped_at_us.or_else(|| stop_time(&q)).unwrap_or(now);
@@ -530,10 +405,10 @@ async fn run_source(
                         report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                         progress.send_modify(|p| p.phase = "running on destination".into());
                     }
-                    Incoming::Msg(QemuDestMsg::Verified { ok, detail }) => {
+                    Incoming::Msg(RelayDestMsg::Verified { ok, detail }) => {
                         verified = Some((ok, detail));
                     }
-                    Incoming::Msg(QemuDestMsg::Failed { reason }) => {
+                    Incoming::Msg(RelayDestMsg::Failed { reason }) => {
                         return Err(MigrateError::DestinationFailed(reason))
                     }
                     Incoming::Msg(other) => {
@@ -666,8 +541,8 @@ pub async fn destination(
     let (mode, compress) = match data.recv().await {
         Some(Ok((seq, f))) => {
             data.ack(seq);
-            match decode::<QemuSourceMsg>(&f).map_err(fail)? {
-                Incoming::Msg(QemuSourceMsg::Start { mode, compress }) => (mode, compress),
+            match decode::<RelaySourceMsg>(&f).map_err(fail)? {
+                Incoming::Msg(RelaySourceMsg::Start { mode, compress }) => (mode, compress),
                 _ => return Err(fail(MigrateError::Protocol("expected start".into()))),
             }
         }
@@ -676,7 +551,7 @@ pub async fn destination(
     };
     async fn reject(replies: Sender, reason: String) -> (MigrateError, Option<QemuVm>) {
         let _ = replies
-            .send(msg_frame(&QemuDestMsg::Reject {
+            .send(msg_frame(&RelayDestMsg::Reject {
                 reason: reason.clone(),
             }))
             .await;
@@ -737,7 +612,7 @@ async fn run_destination(
         let stream = connect_when_there(&sock).await?;
         let (mut from_qemu, mut to_qemu) = stream.into_split();
         replies
-            .send(msg_frame(&QemuDestMsg::Accept))
+            .send(msg_frame(&RelayDestMsg::Accept))
             .await
             .map_err(tx_err)?;
         progress.send_modify(|p| p.phase = "receiving".into());
@@ -757,8 +632,8 @@ async fn run_destination(
                         Some(Err(e)) => return Err(tx_err(e)),
                         None => return Err(tx_err("the data session closed")),
                     };
-                    match decode::<QemuSourceMsg>(&f)? {
-                        Incoming::Bytes(KIND_QEMU_STREAM, p) => {
+                    match decode::<RelaySourceMsg>(&f)? {
+                        Incoming::Bytes(KIND_STREAM, p) => {
                             let chunk = compress.unpack(&p).map_err(MigrateError::Protocol)?;
                             to_qemu.write_all(&chunk).await.map_err(|e| {
                                 MigrateError::DestinationFailed(format!("the destination QEMU's stream: {e}"))
@@ -767,18 +642,18 @@ async fn run_destination(
                         Incoming::Bytes(k, _) => {
                             return Err(MigrateError::Protocol(format!("unexpected frame kind {k}")))
                         }
-                        Incoming::Msg(QemuSourceMsg::StreamEnd) => stream_end = true,
-                        Incoming::Msg(QemuSourceMsg::Commit { last_tick }) if loaded && !committed => {
+                        Incoming::Msg(RelaySourceMsg::StreamEnd) => stream_end = true,
+                        Incoming::Msg(RelaySourceMsg::Commit { last_tick }) if loaded && !committed => {
                             on_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
                             committed = true;
                             source_last_tick = last_tick;
                             console_from = vm.console().len();
                             q.run("cont", json!({})).await.map_err(qmp_err)?;
-                            replies.send(msg_frame(&QemuDestMsg::Running)).await.map_err(tx_err)?;
+                            replies.send(msg_frame(&RelayDestMsg::Running)).await.map_err(tx_err)?;
                             progress.send_modify(|p| p.phase = "running".into());
                             verify_deadline = Some(Instant::now() + Duration::from_millis(load.tick_ms * load.verify_every.max(1) * 3) + Duration::from_secs(10));
                         }
-                        Incoming::Msg(QemuSourceMsg::Abort { reason }) => {
+                        Incoming::Msg(RelaySourceMsg::Abort { reason }) => {
                             return Err(MigrateError::Aborted(reason))
                         }
                         Incoming::Msg(other) => {
@@ -791,7 +666,7 @@ async fn run_destination(
                     match n {
                         Ok(0) | Err(_) => return_open = false,
                         Ok(n) => {
-                            replies.send(frame(KIND_QEMU_RETURN, &buf[..n])).await.map_err(tx_err)?;
+                            replies.send(frame(KIND_RETURN, &buf[..n])).await.map_err(tx_err)?;
                         }
                     }
                 }
@@ -814,14 +689,14 @@ async fn run_destination(
                             || (m.status == "postcopy-active" && !s.running);
                         if ready {
                             loaded = true;
-                            replies.send(msg_frame(&QemuDestMsg::Loaded)).await.map_err(tx_err)?;
+                            replies.send(msg_frame(&RelayDestMsg::Loaded)).await.map_err(tx_err)?;
                         }
                     }
                     if let Some(deadline) = verify_deadline {
                         let console = vm.console();
                         let fresh = console.get(console_from..).unwrap_or("");
                         if let Some(v) = verify_after_switchover(fresh, source_last_tick, load) {
-                            replies.send(msg_frame(&QemuDestMsg::Verified { ok: v.0, detail: v.1.clone() }))
+                            replies.send(msg_frame(&RelayDestMsg::Verified { ok: v.0, detail: v.1.clone() }))
                                 .await
                                 .map_err(tx_err)?;
                             if !v.0 {
@@ -834,7 +709,7 @@ async fn run_destination(
                             console_from = usize::MAX;
                         } else if Instant::now() > deadline {
                             let detail = format!("the guest printed no check in time after resuming; console: {}", console_tail(vm));
-                            let _ = replies.send(msg_frame(&QemuDestMsg::Verified { ok: false, detail: detail.clone() })).await;
+                            let _ = replies.send(msg_frame(&RelayDestMsg::Verified { ok: false, detail: detail.clone() })).await;
                             return Err(MigrateError::Verification(detail));
                         }
                     } else if committed && stream_end {
@@ -852,12 +727,12 @@ async fn run_destination(
             // learn that the guest here is not well (e.g. its kernel
             // panicked and QEMU exited), so the migration is marked corrupted.
             let msg = if committed {
-                QemuDestMsg::Verified {
+                RelayDestMsg::Verified {
                     ok: false,
                     detail: format!("{e}; console: {}", console_tail(vm)),
                 }
             } else {
-                QemuDestMsg::Failed {
+                RelayDestMsg::Failed {
                     reason: e.to_string(),
                 }
             };
@@ -906,24 +781,4 @@ pub fn qemu_spec(
         cmdline: spec.load_params().cmdline(),
         disks: Vec::new(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compression_round_trips_and_refuses_bombs() {
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
-        for c in [Compress::None, Compress::Lz4, Compress::Zstd] {
-            assert_eq!(c.unpack(&c.pack(&data)).unwrap(), data, "{c:?}");
-        }
-        let mut bomb = ((CHUNK + 1) as u32).to_le_bytes().to_vec();
-        bomb.extend_from_slice(&[0u8; 16]);
-        assert!(Compress::Lz4.unpack(&bomb).is_err());
-        let big = Compress::Zstd.pack(&vec![0u8; CHUNK * 2]);
-        assert!(Compress::Zstd.unpack(&big).is_err());
-        assert!(Compress::Zstd.unpack(b"garbage").is_err());
-        assert!("brotli".parse::<Compress>().is_err());
-    }
 }

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod guest;
 pub mod process;
 pub mod protocol;
+pub mod relay;
 
 pub use engine::{
     migrate, migrate_observed, receive, receive_observed, Capacity, CommitHook, DestLink,

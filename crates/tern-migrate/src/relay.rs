@@ -1,0 +1,189 @@
+//! The wire of a *relayed* migration: a hypervisor that migrates itself (QEMU
+//! today; CRIU images later) writes an opaque stream, and tern carries it
+//! between agents on the same two sessions a native migration uses. This
+//! module holds only what crosses the network (frame kinds, control messages,
+//! chunk compression) so that its decoders can be fuzzed without the agent
+//! that drives them.
+
+use crate::protocol::{split, KIND_MSG};
+use crate::MigrateError;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Hypervisor stream bytes, source → destination.
+pub const KIND_STREAM: u8 = 20;
+/// Hypervisor return-path bytes (post-copy page requests, acks), destination → source.
+pub const KIND_RETURN: u8 = 21;
+/// Largest chunk of stream carried in one frame, and the most a compressed
+/// frame may claim to expand to: a hostile peer cannot make us allocate more.
+pub const CHUNK: usize = 1 << 20;
+
+/// How stream chunks are compressed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    /// As the hypervisor wrote them.
+    None,
+    /// LZ4: cheap, for fast links.
+    Lz4,
+    /// zstd level 3: for slow links, where bytes cost more than CPU.
+    Zstd,
+}
+
+impl std::str::FromStr for Compress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Compress::None),
+            "lz4" => Ok(Compress::Lz4),
+            "zstd" => Ok(Compress::Zstd),
+            other => Err(format!("compress `{other}`: use none, lz4 or zstd")),
+        }
+    }
+}
+
+impl Compress {
+    /// Packs one chunk (at most [`CHUNK`] bytes) for the wire.
+    pub fn pack(self, chunk: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Compress::None => Ok(chunk.to_vec()),
+            Compress::Lz4 => Ok(lz4_flex::compress_prepend_size(chunk)),
+            Compress::Zstd => zstd::bulk::compress(chunk, 3).map_err(|e| format!("zstd: {e}")),
+        }
+    }
+
+    /// Unpacks a chunk from the network. Bounded: it never expands past
+    /// [`CHUNK`], and malformed input is an error, never a panic.
+    pub fn unpack(self, p: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Compress::None => Ok(p.to_vec()),
+            Compress::Lz4 => {
+                let claimed = p
+                    .get(..4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(|b| u32::from_le_bytes(b) as usize)
+                    .ok_or("short lz4 frame")?;
+                if claimed > CHUNK {
+                    return Err(format!("lz4 frame claims {claimed} bytes"));
+                }
+                lz4_flex::decompress_size_prepended(p).map_err(|e| format!("lz4: {e}"))
+            }
+            Compress::Zstd => zstd::bulk::decompress(p, CHUNK).map_err(|e| format!("zstd: {e}")),
+        }
+    }
+}
+
+/// Source → destination messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RelaySourceMsg {
+    /// Opens the migration.
+    Start {
+        /// `precopy`, `postcopy` or `hybrid` (sets the hypervisor's capabilities).
+        mode: String,
+        /// Chunk compression.
+        compress: Compress,
+    },
+    /// The source hypervisor closed its stream.
+    StreamEnd,
+    /// Ownership moves: run the guest.
+    Commit {
+        /// The last tick the guest printed on the source.
+        last_tick: u64,
+    },
+    /// Stop; the source keeps the guest.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Destination → source messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RelayDestMsg {
+    /// Ready to receive.
+    Accept,
+    /// Will not receive.
+    Reject {
+        /// Why.
+        reason: String,
+    },
+    /// The destination hypervisor holds the guest (paused): commit may follow.
+    Loaded,
+    /// The guest runs here.
+    Running,
+    /// The guest's own report after switchover.
+    Verified {
+        /// Counter continued and every check held.
+        ok: bool,
+        /// What was seen.
+        detail: String,
+    },
+    /// The destination failed.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A frame of the other side, decoded as far as the wire allows.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming<M> {
+    /// A control message.
+    Msg(M),
+    /// Stream bytes ([`KIND_STREAM`] or [`KIND_RETURN`]), still packed.
+    Bytes(u8, Bytes),
+}
+
+/// Decodes a frame from the peer; anything else than a message of type `M`
+/// or stream bytes is a protocol error.
+pub fn decode<M: serde::de::DeserializeOwned>(f: &Bytes) -> Result<Incoming<M>, MigrateError> {
+    let (k, p) = split(f).map_err(MigrateError::Protocol)?;
+    match k {
+        KIND_MSG => serde_json::from_slice(&p)
+            .map(Incoming::Msg)
+            .map_err(|e| MigrateError::Protocol(format!("bad message: {e}"))),
+        KIND_STREAM | KIND_RETURN => Ok(Incoming::Bytes(k, p)),
+        k => Err(MigrateError::Protocol(format!("unexpected frame kind {k}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{frame, msg_frame};
+
+    #[test]
+    fn compression_round_trips_and_refuses_bombs() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
+        for c in [Compress::None, Compress::Lz4, Compress::Zstd] {
+            assert_eq!(c.unpack(&c.pack(&data).unwrap()).unwrap(), data, "{c:?}");
+        }
+        let mut bomb = ((CHUNK + 1) as u32).to_le_bytes().to_vec();
+        bomb.extend_from_slice(&[0u8; 16]);
+        assert!(Compress::Lz4.unpack(&bomb).is_err());
+        let big = Compress::Zstd.pack(&vec![0u8; CHUNK * 2]).unwrap();
+        assert!(Compress::Zstd.unpack(&big).is_err());
+        assert!(Compress::Zstd.unpack(b"garbage").is_err());
+        assert!(Compress::Lz4.unpack(b"ab").is_err());
+        assert!("brotli".parse::<Compress>().is_err());
+    }
+
+    #[test]
+    fn frames_decode_to_what_was_sent_and_refuse_the_rest() {
+        let m = RelaySourceMsg::Commit { last_tick: 7 };
+        assert_eq!(
+            decode::<RelaySourceMsg>(&msg_frame(&m)).unwrap(),
+            Incoming::Msg(m)
+        );
+        let b = frame(KIND_STREAM, b"qemu");
+        assert_eq!(
+            decode::<RelaySourceMsg>(&b).unwrap(),
+            Incoming::Bytes(KIND_STREAM, Bytes::from_static(b"qemu"))
+        );
+        assert!(decode::<RelaySourceMsg>(&Bytes::new()).is_err());
+        assert!(decode::<RelaySourceMsg>(&frame(99, b"")).is_err());
+        assert!(decode::<RelayDestMsg>(&frame(KIND_MSG, b"{\"type\":\"nope\"}")).is_err());
+    }
+}

@@ -1,0 +1,44 @@
+//! Every decoder of the migration protocol on arbitrary bytes, as a peer agent
+//! could send them: the kind-byte framing, the JSON control messages of a
+//! native migration (both directions, the session hello, signed manifests and
+//! stale-page runs) and of a relayed one (QEMU's stream), and the bounded
+//! unpacking of relayed chunks. Refusing is fine; panicking, accepting a
+//! forged manifest, or expanding a chunk past its bound is not.
+#![no_main]
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use libfuzzer_sys::fuzz_target;
+use tern_migrate::protocol::{from_runs, DestMsg, SessionHello, SourceMsg};
+use tern_migrate::relay::{decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK};
+
+fuzz_target!(|data: &[u8]| {
+    let frame = Bytes::copy_from_slice(data);
+    let key = SigningKey::from_bytes(&[7u8; 32]).verifying_key();
+    if let Ok(Incoming::Bytes(_, p)) = decode::<RelaySourceMsg>(&frame) {
+        for c in [Compress::None, Compress::Lz4, Compress::Zstd] {
+            if let Ok(out) = c.unpack(&p) {
+                assert!(c == Compress::None || out.len() <= CHUNK, "{c:?} expanded past CHUNK");
+            }
+        }
+    }
+    let _ = decode::<RelayDestMsg>(&frame);
+    let body = data.get(1..).unwrap_or_default();
+    if let Ok(m) = serde_json::from_slice::<SourceMsg>(body) {
+        match m {
+            SourceMsg::Manifest(sm) | SourceMsg::PostcopyDone(sm) => {
+                // Nobody without the key signs: a forged manifest never verifies.
+                assert!(sm.verify(&key).is_err(), "forged manifest verified");
+            }
+            SourceMsg::Postcopy { stale } => {
+                if let Ok(pages) = from_runs(&stale, 1 << 20) {
+                    assert!(pages.len() <= 1 << 20);
+                    assert!(pages.windows(2).all(|w| w[0] < w[1]));
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = serde_json::from_slice::<DestMsg>(body);
+    let _ = serde_json::from_slice::<SessionHello>(body);
+});
