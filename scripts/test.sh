@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 export CARGO_INCREMENTAL=0
 disk() { echo "   (disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target $(du -sh target 2>/dev/null | cut -f1))"; }
 
+disk
 echo "== setup: PostgreSQL"
 TERN_TEST_POSTGRES_URL=$(bash scripts/postgres-up.sh)
 export TERN_TEST_POSTGRES_URL
@@ -34,6 +35,12 @@ disk
 echo "== tests (including slow ones)"
 cargo test --workspace --locked -- --include-ignored
 disk
+# The fuzz build is a second tree (~1 GB); on a nearly full disk the test build
+# makes room for it.
+if [ "$(df --output=avail -k . | tail -1)" -lt 4000000 ]; then
+    echo "   (under 4 GB free: removing target/debug before the fuzz build)"
+    rm -rf target/debug
+fi
 echo "== fuzz: every decoder of network input, ${TERN_FUZZ_SECONDS:-45} s each"
 # Stable toolchain only here: RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z flags.
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
