@@ -33,7 +33,7 @@ echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 disk
 echo "== tests (including slow ones)"
-cargo test --workspace --locked -- --include-ignored
+cargo test --workspace --locked --no-fail-fast -- --include-ignored
 disk
 # The fuzz build is a second tree (~1 GB); on a nearly full disk the test build
 # makes room for it.

@@ -237,7 +237,15 @@ fn incremental_snapshot_restores_from_the_pair() {
         inc.file_bytes * 20 < full.file_bytes,
         "an incremental snapshot holds only what changed"
     );
-    assert!(inc.pages >= 30 * g.pages_per_tick.min(g.ws_pages));
+    // `c` was read after the full snapshot resumed the guest, so tick c + 1
+    // may have written some of its pages before it: ticks c + 2 ..= c + 30
+    // are wholly after, 29 ticks of distinct pages (116 < 256, no wrap).
+    assert!(
+        inc.pages >= 29 * g.pages_per_tick,
+        "{} pages in the incremental snapshot, expected at least {}",
+        inc.pages,
+        29 * g.pages_per_tick
+    );
 
     let r = snapshot::restore(&[a.clone(), b.clone()], RestoreOptions::default()).unwrap();
     assert_eq!(counter(&r), counter_at_b);
