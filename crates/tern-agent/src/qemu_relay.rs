@@ -352,6 +352,7 @@ async fn run_source(
     let mut running = false;
     let mut verified: Option<(bool, String)> = None;
     let mut stopped_at_us: Option<u64> = None;
+    let mut commit_sent_us = wall_us(SystemTime::now());
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let postcopy_after_round = match policy.mode {
         Mode::Precopy => None,
@@ -395,12 +396,24 @@ async fn run_source(
                         data.send(msg_frame(&RelaySourceMsg::Commit { last_tick: last }))
                             .await
                             .map_err(tx_err)?;
+                        commit_sent_us = wall_us(SystemTime::now());
                         *committed = true;
                     }
                     Incoming::Msg(RelayDestMsg::Running) if *committed => {
                         running = true;
                         let now = wall_us(SystemTime::now());
-                        let stop = stopped_at_us.or_else(|| stop_time(&q)).unwrap_or(now);
+                        if stopped_at_us.is_none() {
+                            // QMP is read on ticks, so the STOP event may still
+                            // sit unread on its socket: any command reads it in.
+                            let _ = tokio::time::timeout(Duration::from_secs(1), q.status()).await;
+                            stopped_at_us = stop_time(&q);
+                        }
+                        let stop = stopped_at_us.unwrap_or_else(|| {
+                            // The guest was stopped before the destination
+                            // loaded it, so this undercounts, never inflates.
+                            tracing::warn!("no STOP event from the source QEMU: downtime counted from the commit");
+                            commit_sent_us
+                        });
                         report.downtime_ms = now.saturating_sub(stop) as f64 / 1e3;
                         report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                         progress.send_modify(|p| p.phase = "running on destination".into());
