@@ -20,6 +20,8 @@ pub mod views;
 pub use agent::{Agent, AgentError, MigrateRequest};
 pub use client::{AgentClient, ClientError};
 pub use config::{AgentConfig, ConfigError, Peer, TlsFiles};
+/// A migration's final report, as clients of the agent API read it.
+pub use tern_migrate::{Report, SwitchoverTimes};
 pub use views::{GuestKind, MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
 
 /// Starts an agent and serves its API until the process ends.

@@ -113,6 +113,7 @@ pub async fn source(
         postcopy_ms: 0.0,
         throttle_percent: 0,
         bandwidth_raised_to: 0,
+        switchover: Default::default(),
     };
     if policy.bandwidth_bytes_per_sec > 0 {
         data.set_rate(policy.bandwidth_bytes_per_sec);

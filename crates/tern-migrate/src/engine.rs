@@ -7,8 +7,12 @@
 //!
 //! Round 1 sends every page; each later round sends the pages written
 //! meanwhile. After each round the engine predicts the downtime of stopping
-//! now (dirty pages × bytes per page on the wire ÷ measured throughput) and
-//! switches over when it fits the budget, or after the last allowed round.
+//! now (dirty pages × bytes per page on the wire ÷ measured throughput,
+//! scaled by how far earlier rounds overran their own predictions, plus the
+//! fixed cost of a switchover: final scan, page roots, two round trips) and
+//! switches over when it fits four fifths of the budget, or the whole budget
+//! once rounds stop shrinking, or after the last allowed round. The report's
+//! `switchover` says where the downtime went, step by step.
 //! At switchover the source pauses, sends the last dirty pages, the device
 //! state and a signed manifest holding the BLAKE3 root over every page's
 //! hash (kept up to date as pages are sent, so switchover hashes only the
@@ -254,6 +258,26 @@ pub struct Report {
     /// The bandwidth cap was raised to this (bytes/s; 0: never raised).
     #[serde(default)]
     pub bandwidth_raised_to: u64,
+    /// Where the downtime went, step by step.
+    #[serde(default)]
+    pub switchover: SwitchoverTimes,
+}
+
+/// The steps of a switchover, in ms, in the order they happen: they add up
+/// to the downtime, so a budget overrun says which step to blame.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct SwitchoverTimes {
+    /// Stopping the guest and its final dirty scan.
+    pub pause_ms: f64,
+    /// Sending the last pages, the device state and the signed manifest.
+    pub send_ms: f64,
+    /// Until the destination said `Ready` (it drained the link, checked the
+    /// manifest and loaded the guest).
+    pub ready_ms: f64,
+    /// The source's durable commit record.
+    pub commit_record_ms: f64,
+    /// `Commit` → `Running` (the destination's record and its guest start).
+    pub running_ms: f64,
 }
 
 /// The source's ends of the two sessions.
@@ -384,6 +408,7 @@ fn pause_for_switchover<G: SourceGuest>(
     for p in todo {
         left.insert(p);
     }
+    report.switchover.pause_ms = ms_since(pause_at);
     Ok((pause_at, left.pages().filter(|&p| p < n_pages).collect()))
 }
 
@@ -452,6 +477,7 @@ pub async fn migrate_observed<G: SourceGuest>(
         postcopy_ms: 0.0,
         throttle_percent: 0,
         bandwidth_raised_to: 0,
+        switchover: Default::default(),
     };
     let res = run_source(
         guest,
@@ -587,6 +613,10 @@ async fn run_source<G: SourceGuest>(
     let mut postcopy = rounds_allowed == 0;
     let started = Instant::now();
     let mut rate = policy.bandwidth_bytes_per_sec;
+    // How long the last round's leftovers were predicted to take to send, and
+    // how far the rounds since ran over their predictions (>= 1).
+    let mut leftover_secs: Option<f64> = None;
+    let mut overrun = 1f64;
     while round < rounds_allowed {
         if let Some(d) = policy.deadline {
             if started.elapsed() > d {
@@ -639,8 +669,18 @@ async fn run_source<G: SourceGuest>(
         // the final dirty scan, the root on both sides, and two round trips
         // (Ready, then Commit/Running) on a link drained by then: the base
         // RTT, as the smoothed one carries this round's queueing.
-        let fixed = scan_secs + 2.0 * root_secs + 2.0 * data.metrics().min_rtt.as_secs_f64();
-        let predicted = dirtied as f64 * bytes_per_page / throughput + fixed;
+        let min_rtt = data.metrics().min_rtt.as_secs_f64();
+        let fixed = scan_secs + 2.0 * root_secs + 2.0 * min_rtt;
+        // This round sent what the last one left over: the time it took
+        // against the time predicted for it says how optimistic the model is
+        // on this link and these CPUs (the final send is the same work, so it
+        // is scaled alike; never scaled down, and at most fourfold).
+        if let Some(pred) = leftover_secs.filter(|&p| p > 0.0) {
+            overrun = overrun.max(((secs - min_rtt) / pred).clamp(1.0, 4.0));
+        }
+        let transfer = dirtied as f64 * bytes_per_page / throughput;
+        leftover_secs = Some(transfer);
+        let predicted = transfer * overrun + fixed;
         report.rounds.push(RoundStats {
             round,
             pages: todo.len() as u64,
@@ -658,11 +698,16 @@ async fn run_source<G: SourceGuest>(
             p.predicted_downtime_ms = predicted * 1e3;
             p.eta_seconds = predicted;
         });
-        if predicted <= policy.max_downtime.as_secs_f64() {
+        // Switch over once the prediction fits with room for its own error
+        // (a fifth of the budget), or fits at all and another round would
+        // not shrink what is left by much.
+        let sent = report.rounds.last().map_or(0, |r| r.pages);
+        let budget = policy.max_downtime.as_secs_f64();
+        let shrinking = (dirtied as f64) < 0.8 * sent as f64;
+        if predicted <= 0.8 * budget || (predicted <= budget && !shrinking) {
             break;
         }
         // Not converging: the guest dirtied most of what this round sent.
-        let sent = report.rounds.last().map_or(0, |r| r.pages);
         let stalled = round > 1 && dirtied as f64 >= 0.8 * sent as f64;
         if stalled && rate > 0 && rate < policy.max_bandwidth_bytes_per_sec {
             // First remedy: a capped link may go faster, up to its ceiling.
@@ -738,7 +783,8 @@ async fn run_source<G: SourceGuest>(
     .await?;
     report.pages_sent = ps.pages;
     report.wire_bytes = ps.wire;
-    commit_exchange(data, replies, policy, before_commit).await?;
+    report.switchover.send_ms = ms_since(pause_at) - report.switchover.pause_ms;
+    commit_exchange(data, replies, policy, before_commit, &mut report.switchover).await?;
     report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
     *tracking = false;
     *paused = false;
@@ -755,7 +801,9 @@ async fn commit_exchange(
     replies: &mut Receiver,
     policy: &Policy,
     before_commit: CommitHook<'_>,
+    times: &mut SwitchoverTimes,
 ) -> Result<(), MigrateError> {
+    let t = Instant::now();
     match reply(replies, policy.reply_timeout).await? {
         DestMsg::Ready => {}
         DestMsg::Failed { reason } => return Err(MigrateError::DestinationFailed(reason)),
@@ -765,17 +813,28 @@ async fn commit_exchange(
             )))
         }
     }
+    times.ready_ms = ms_since(t);
+    let t = Instant::now();
     before_commit().map_err(|e| MigrateError::Aborted(format!("commit record: {e}")))?;
+    times.commit_record_ms = ms_since(t);
+    let t = Instant::now();
     data.send(msg_frame(&SourceMsg::Commit))
         .await
         .map_err(tx_err)?;
     match reply(replies, policy.reply_timeout).await {
-        Ok(DestMsg::Running) => Ok(()),
+        Ok(DestMsg::Running) => {
+            times.running_ms = ms_since(t);
+            Ok(())
+        }
         Ok(other) => Err(MigrateError::CommitUnconfirmed(format!(
             "expected running, got {other:?}"
         ))),
         Err(e) => Err(MigrateError::CommitUnconfirmed(e.to_string())),
     }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// Pages prefetched after each faulting page (the guest tends to read on).
@@ -847,7 +906,8 @@ async fn postcopy_switchover<G: SourceGuest>(
         msg_frame(&SourceMsg::Manifest(SignedManifest::sign(manifest, key))),
     )
     .await?;
-    commit_exchange(data, replies, policy, before_commit).await?;
+    report.switchover.send_ms = ms_since(pause_at) - report.switchover.pause_ms;
+    commit_exchange(data, replies, policy, before_commit, &mut report.switchover).await?;
     report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
     ps.publish(|p| {

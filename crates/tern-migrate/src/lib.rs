@@ -20,5 +20,6 @@ pub mod relay;
 pub use engine::{
     migrate, migrate_observed, receive, receive_observed, Capacity, CommitHook, DestLink,
     MigrateError, Mode, Policy, Progress, Report, RoundStats, SourceLink, SourcePhase,
+    SwitchoverTimes,
 };
 pub use guest::{DestinationGuest, GuestError, GuestShape, SourceGuest};

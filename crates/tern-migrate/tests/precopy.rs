@@ -191,6 +191,21 @@ async fn precopy_round_trip(tls: Option<&Hosts>) {
         "working set intact at counter {at}"
     );
     assert!(!report.rounds.is_empty() && report.downtime_ms > 0.0);
+    // The switchover steps are measured one after another inside the pause,
+    // so they account for the downtime without exceeding it.
+    let s = &report.switchover;
+    let steps = [
+        s.pause_ms,
+        s.send_ms,
+        s.ready_ms,
+        s.commit_record_ms,
+        s.running_ms,
+    ];
+    assert!(steps.iter().all(|&t| t >= 0.0) && s.ready_ms > 0.0, "{s:?}");
+    assert!(
+        steps.iter().sum::<f64>() <= report.downtime_ms + 1e-6,
+        "{s:?} vs {report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,11 +17,14 @@ struct Row {
     workload: String,
     mode: &'static str,
     downtime_ms: f64,
+    /// What the engine predicted when it chose to switch over (pre-copy).
+    predicted_ms: Option<f64>,
     total_ms: f64,
     wire_mb: f64,
     ram_mb: f64,
     rounds: usize,
     faults: u64,
+    steps: tern_agent::SwitchoverTimes,
 }
 
 fn main() {
@@ -113,11 +116,13 @@ fn main() {
                     workload: name.clone(),
                     mode,
                     downtime_ms: r.downtime_ms,
+                    predicted_ms: r.rounds.last().map(|x| x.predicted_downtime_ms),
                     total_ms: r.total_ms,
                     wire_mb: r.wire_bytes as f64 / 1e6,
                     ram_mb: r.memory_bytes as f64 / 1e6,
                     rounds: r.rounds.len(),
                     faults: r.faults_served,
+                    steps: r.switchover.clone(),
                 });
                 cb.stop_vm(&vm.id).await.unwrap();
             }
@@ -125,20 +130,37 @@ fn main() {
     });
     println!("\nlive migration between two agent processes, loopback, mutual TLS (memory warm: pre-faulted)");
     println!(
-        "{:<48} {:<9} {:>12} {:>10} {:>10} {:>9} {:>6} {:>7}",
-        "workload", "mode", "downtime ms", "total ms", "wire MB", "wire/RAM", "rounds", "faults"
+        "{:<48} {:<9} {:>12} {:>10} {:>10} {:>10} {:>9} {:>6} {:>7}",
+        "workload",
+        "mode",
+        "downtime ms",
+        "predicted",
+        "total ms",
+        "wire MB",
+        "wire/RAM",
+        "rounds",
+        "faults"
     );
     for r in &rows {
         println!(
-            "{:<48} {:<9} {:>12.1} {:>10.1} {:>10.1} {:>9.3} {:>6} {:>7}",
+            "{:<48} {:<9} {:>12.1} {:>10} {:>10.1} {:>10.1} {:>9.3} {:>6} {:>7}",
             r.workload,
             r.mode,
             r.downtime_ms,
+            r.predicted_ms.map_or("-".into(), |p| format!("{p:.1}")),
             r.total_ms,
             r.wire_mb,
             r.wire_mb / r.ram_mb,
             r.rounds,
             r.faults
+        );
+    }
+    println!("\nwhere the downtime went, ms: pause + final scan | last pages, state, manifest | until Ready | source commit record | Commit -> Running");
+    for r in &rows {
+        let s = &r.steps;
+        println!(
+            "{:<48} {:<9} {:>6.1} | {:>6.1} | {:>6.1} | {:>6.1} | {:>6.1}",
+            r.workload, r.mode, s.pause_ms, s.send_ms, s.ready_ms, s.commit_record_ms, s.running_ms
         );
     }
 }

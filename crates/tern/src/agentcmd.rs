@@ -210,6 +210,13 @@ fn print_report(v: &MigrationView) {
             r.wire_bytes as f64 / ram,
             r.memory_bytes >> 20
         );
+        let s = &r.switchover;
+        if s.ready_ms > 0.0 {
+            println!(
+                "  downtime steps: pause {:.1} | last pages + state {:.1} | target verifies → ready {:.1} | commit record {:.1} | commit → running {:.1} ms",
+                s.pause_ms, s.send_ms, s.ready_ms, s.commit_record_ms, s.running_ms
+            );
+        }
     }
 }
 
