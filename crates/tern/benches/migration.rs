@@ -5,7 +5,8 @@
 //! and prints downtime, total time and bytes on the wire as a table.
 //!
 //! `cargo bench -p tern --bench migration` (needs /dev/kvm for the test guest;
-//! `TERN_BENCH_MIB` changes the 1 GiB).
+//! `TERN_BENCH_MIB` changes the 1 GiB; `TERN_BENCH_ROUNDS=1` prints every
+//! pre-copy round).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -112,6 +113,11 @@ fn main() {
                 };
                 assert_eq!(done.state, MigrationState::Committed, "{done:?}");
                 let r = done.report.unwrap();
+                if std::env::var_os("TERN_BENCH_ROUNDS").is_some() {
+                    for x in &r.rounds {
+                        eprintln!("{name} {mode}: {x:?}");
+                    }
+                }
                 rows.push(Row {
                     workload: name.clone(),
                     mode,
