@@ -493,7 +493,7 @@ pub async fn migrate_observed<G: SourceGuest>(
         before_commit,
     )
     .await;
-    report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    report.total_ms = ms_since(t0);
     match &res {
         Err(MigrateError::CommitUnconfirmed(_) | MigrateError::PostcopyFailed(_)) => {
             report.phase = SourcePhase::Committed
@@ -710,7 +710,7 @@ async fn run_source<G: SourceGuest>(
             break;
         }
         // Not converging: the guest dirtied most of what this round sent.
-        let stalled = round > 1 && dirtied as f64 >= 0.8 * sent as f64;
+        let stalled = round > 1 && !shrinking;
         if stalled && rate > 0 && rate < policy.max_bandwidth_bytes_per_sec {
             // First remedy: a capped link may go faster, up to its ceiling.
             rate = (rate.saturating_mul(3) / 2).min(policy.max_bandwidth_bytes_per_sec);
@@ -787,7 +787,7 @@ async fn run_source<G: SourceGuest>(
     report.wire_bytes = ps.wire;
     report.switchover.send_ms = ms_since(pause_at) - report.switchover.pause_ms;
     commit_exchange(data, replies, policy, before_commit, &mut report.switchover).await?;
-    report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
+    report.downtime_ms = ms_since(pause_at);
     *tracking = false;
     *paused = false;
     guest.discard();
@@ -910,7 +910,7 @@ async fn postcopy_switchover<G: SourceGuest>(
     .await?;
     report.switchover.send_ms = ms_since(pause_at) - report.switchover.pause_ms;
     commit_exchange(data, replies, policy, before_commit, &mut report.switchover).await?;
-    report.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
+    report.downtime_ms = ms_since(pause_at);
     let started = Instant::now();
     ps.publish(|p| {
         p.phase = "postcopy".into();
@@ -1009,7 +1009,7 @@ async fn postcopy_switchover<G: SourceGuest>(
             final_sent = true;
         }
     }
-    report.postcopy_ms = started.elapsed().as_secs_f64() * 1e3;
+    report.postcopy_ms = ms_since(started);
     report.pages_sent = ps.pages;
     report.wire_bytes = ps.wire;
     *paused = false;
