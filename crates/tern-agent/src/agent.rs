@@ -1,27 +1,28 @@
-//! The agent: the VMs this host runs, the migrations it sends and receives.
+//! The agent: the guests this host runs and the migrations it sends and
+//! receives, each guest in a process of its own ([`crate::guestproc`]).
 //!
-//! VMs run inside the agent process as tern-vmm [`Machine`]s, so the
-//! migration engine reads and writes their RAM directly. Each migration is
-//! two transport sessions between agents, each dialled by the side that
-//! sends on it and opened by a [`SessionHello`]: data (source → destination)
-//! and replies (back). One listener per agent takes both kinds.
+//! The agent starts guest processes, asks them over their control sockets
+//! ([`crate::control`]) and re-adopts them when it starts again: a guest's
+//! directory ([`crate::vmdir`]) holds its launch file, pid and journal, so
+//! what happened while the agent was away is read from there. The agent's
+//! own listener takes every migration session of the host: a session routed
+//! to a migration is handed, as a TCP socket, to the guest process running
+//! it ([`crate::peering`]); the others ask the agent to take a migration in
+//! or to settle one.
 
-use crate::config::{AgentConfig, Peer};
-use crate::hosted::Hosted;
-use crate::journal::{Journal, Record, VmFate};
+use crate::config::AgentConfig;
+use crate::control::{self, GuestState, GuestStatus, OutJob, Request};
 use crate::keys;
-use crate::qemu_relay::{self, Compress};
-use crate::views::{GuestKind, MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
-use ed25519_dalek::SigningKey;
+use crate::views::{MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
+use crate::vmdir::{fold, DirFate, EndedMigration, Launch, LaunchRole, VmDir};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
-use tern_migrate::protocol::{frame, split, SessionHello, KIND_HELLO};
-use tern_migrate::{Capacity, DestLink, MigrateError, Policy, Progress, SourceLink};
-use tern_transport::{Listener, Receiver, Security, Sender, SessionConfig, TlsIdentity};
-use tokio::sync::{oneshot, watch};
+use std::time::{Duration, Instant};
+use tern_migrate::{Policy, Progress};
+use tern_transport::TlsIdentity;
+use tokio::sync::watch;
 
 /// Why an agent request failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,54 +39,54 @@ pub enum AgentError {
     /// The host could not do it.
     #[error("{0}")]
     Internal(String),
+    /// A guest process did not answer as it should.
+    #[error(transparent)]
+    Guest(#[from] control::ControlError),
 }
 
-/// In-flight bytes of a QEMU guest's data session (see `run_outgoing`).
-const QEMU_WINDOW_BYTES: usize = 4 << 20;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-enum Slot {
-    Running(Box<Hosted>),
-    Migrating { migration: String },
-    MovedAway { to: String },
-    Lost { reason: String },
-    Stopped,
+/// How long a status question to a guest process may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a boot may take before the agent gives up on it.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
+
+#[derive(Clone)]
+pub(crate) struct VmEntry {
+    pub(crate) spec: VmSpec,
+    pub(crate) dir: VmDir,
 }
 
-struct VmEntry {
-    spec: VmSpec,
-    epoch: u64,
-    slot: Slot,
+pub(crate) struct MigrationEntry {
+    pub(crate) vm: String,
+    pub(crate) role: Role,
+    pub(crate) peer: String,
+    pub(crate) state: MigrationState,
+    pub(crate) progress: watch::Receiver<Progress>,
+    pub(crate) report: Option<tern_migrate::Report>,
+    pub(crate) error: Option<String>,
 }
 
-struct MigrationEntry {
-    vm: String,
-    role: Role,
-    peer: String,
-    state: MigrationState,
-    progress: watch::Receiver<Progress>,
-    report: Option<tern_migrate::Report>,
-    error: Option<String>,
-}
+/// Migration id → the directory of the guest process that runs it.
+pub(crate) type Routes = Arc<Mutex<HashMap<String, VmDir>>>;
 
-struct Inner {
-    cfg: AgentConfig,
-    key: SigningKey,
-    journal: Journal,
-    tls: Option<TlsIdentity>,
-    vms: Mutex<BTreeMap<String, VmEntry>>,
-    migrations: Mutex<BTreeMap<String, MigrationEntry>>,
-    reply_waiters: Mutex<HashMap<String, oneshot::Sender<Receiver>>>,
+pub(crate) struct Inner {
+    pub(crate) cfg: AgentConfig,
+    pub(crate) public_key: String,
+    pub(crate) tls: Option<TlsIdentity>,
+    pub(crate) exe: PathBuf,
+    pub(crate) vms: Mutex<BTreeMap<String, VmEntry>>,
+    pub(crate) migrations: Mutex<BTreeMap<String, MigrationEntry>>,
+    pub(crate) routes: Routes,
 }
 
 /// A running agent. Cloning shares it.
 #[derive(Clone)]
 pub struct Agent {
-    inner: Arc<Inner>,
-    migrate_addr: SocketAddr,
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) migrate_addr: SocketAddr,
 }
 
 /// Options of one outgoing migration.
@@ -121,15 +122,48 @@ fn default_mode() -> String {
     "precopy".into()
 }
 
+impl MigrateRequest {
+    /// The engine policy and stream compression it asks for.
+    fn policy(&self) -> Result<(Policy, String), AgentError> {
+        let mut policy = Policy {
+            mode: self.mode.parse().map_err(AgentError::BadRequest)?,
+            ..Policy::default()
+        };
+        if let Some(ms) = self.max_downtime_ms {
+            if ms == 0 {
+                return Err(AgentError::BadRequest(
+                    "max_downtime_ms must be above 0".into(),
+                ));
+            }
+            policy.max_downtime = Duration::from_millis(ms);
+        }
+        let mbps = |v: Option<u64>| v.unwrap_or(0).saturating_mul(1_000_000);
+        policy.bandwidth_bytes_per_sec = mbps(self.bandwidth_mbps);
+        policy.deadline = self.deadline_secs.map(Duration::from_secs);
+        policy.max_bandwidth_bytes_per_sec = mbps(self.max_bandwidth_mbps);
+        policy.auto_converge = self.auto_converge.unwrap_or(true);
+        let compress = match &self.compress {
+            Some(c) => {
+                c.parse::<crate::qemu_relay::Compress>()
+                    .map_err(AgentError::BadRequest)?;
+                c.clone()
+            }
+            None if policy.bandwidth_bytes_per_sec > 0 => "zstd".into(),
+            None => "none".into(),
+        };
+        Ok((policy, compress))
+    }
+}
+
 impl Agent {
-    /// Opens the data directory (key, journal), replays the journal and
-    /// starts the migration listener.
+    /// Opens the data directory, re-adopts the guests found there and
+    /// starts the migration listener. A TLS identity that does not load
+    /// stops the agent (it never falls back to plaintext).
     pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         cfg.validate()
             .map_err(|e| AgentError::BadRequest(e.to_string()))?;
         let internal = |e: &dyn std::fmt::Display| AgentError::Internal(e.to_string());
         let key = keys::host_key(&cfg.data_dir).map_err(|e| internal(&e))?;
-        let journal = Journal::open(&cfg.data_dir).map_err(|e| internal(&e))?;
         let tls = match &cfg.tls {
             Some(t) => {
                 let pins = cfg
@@ -139,61 +173,30 @@ impl Agent {
                     .map(tern_transport::tls::parse_pin)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| internal(&e))?;
-                Some(TlsIdentity::load(&t.cert, &t.key, &t.ca, &pins).map_err(|e| internal(&e))?)
+                let id = TlsIdentity::load(&t.cert, &t.key, &t.ca, &pins)
+                    .map_err(|e| AgentError::BadRequest(format!("TLS identity: {e}")))?;
+                id.client_config()
+                    .map_err(|e| AgentError::BadRequest(format!("TLS client: {e}")))?;
+                Some(id)
             }
             None => None,
         };
-        // Recovery: nothing the journal says moved away is ever started
-        // again; VMs that ran in a previous agent process died with it.
-        let mut vms = BTreeMap::new();
-        for (vm, fate) in journal.replay().map_err(|e| internal(&e))? {
-            let (epoch, spec, slot) = match fate {
-                VmFate::Owned { epoch, spec } => (
-                    epoch,
-                    spec,
-                    Slot::Lost {
-                        reason: "it ran in an earlier agent process, which ended".into(),
-                    },
-                ),
-                VmFate::MovedAway { to, epoch } => {
-                    (epoch, serde_json::Value::Null, Slot::MovedAway { to })
-                }
-                VmFate::Stopped => (0, serde_json::Value::Null, Slot::Stopped),
-            };
-            let spec = serde_json::from_value(spec).unwrap_or_default();
-            vms.insert(vm, VmEntry { spec, epoch, slot });
-        }
-        let server = match &tls {
-            Some(t) => Some(t.server_config().map_err(|e| internal(&e))?),
-            None => None,
-        };
-        let mut listener = Listener::bind(
-            cfg.migrate_addr,
-            server,
-            Duration::from_secs(cfg.resume_deadline_secs),
-        )
-        .await
-        .map_err(|e| AgentError::Internal(format!("cannot listen on {}: {e}", cfg.migrate_addr)))?;
-        let migrate_addr = listener.local_addr();
+        let exe = std::env::current_exe().map_err(|e| internal(&e))?;
+        let inner = Arc::new(Inner {
+            public_key: hex::encode(key.verifying_key().to_bytes()),
+            cfg,
+            tls,
+            exe,
+            vms: Mutex::default(),
+            migrations: Mutex::default(),
+            routes: Routes::default(),
+        });
+        let migrate_addr = crate::peering::listen(&inner).await?;
         let agent = Agent {
-            inner: Arc::new(Inner {
-                cfg,
-                key,
-                journal,
-                tls,
-                vms: Mutex::new(vms),
-                migrations: Mutex::default(),
-                reply_waiters: Mutex::default(),
-            }),
+            inner,
             migrate_addr,
         };
-        let a = agent.clone();
-        tokio::spawn(async move {
-            while let Some(rx) = listener.accept().await {
-                let a = a.clone();
-                tokio::spawn(async move { a.session(rx).await });
-            }
-        });
+        agent.adopt();
         Ok(agent)
     }
 
@@ -209,7 +212,7 @@ impl Agent {
 
     /// This host's public key (hex), for peers' configuration.
     pub fn public_key(&self) -> String {
-        hex::encode(self.inner.key.verifying_key().to_bytes())
+        self.inner.public_key.clone()
     }
 
     /// The configuration.
@@ -217,172 +220,106 @@ impl Agent {
         &self.inner.cfg
     }
 
-    fn security(&self, peer: &str) -> Security {
-        match &self.inner.tls {
-            Some(t) => match t.client_config() {
-                Ok(config) => Security::Tls {
-                    config,
-                    server_name: peer.into(),
-                },
-                Err(e) => {
-                    // The identity loaded at start-up; this cannot fail later.
-                    tracing::error!(error = %e, "TLS client configuration");
-                    Security::InsecurePlaintext
-                }
-            },
-            None => Security::InsecurePlaintext,
-        }
+    /// Where peers dial this host's migration listener.
+    pub(crate) fn reply_addr(&self) -> SocketAddr {
+        self.inner.cfg.advertise_addr.unwrap_or(self.migrate_addr)
     }
 
-    fn session_config(&self) -> SessionConfig {
-        SessionConfig {
-            streams: 2,
-            resume_deadline: Duration::from_secs(self.inner.cfg.resume_deadline_secs),
-            ..Default::default()
-        }
+    /// Starts the process of the guest in `dir` (it outlives the agent: its
+    /// own process group, no parent-death signal).
+    pub(crate) fn spawn_guest(&self, dir: &VmDir) -> Result<(), AgentError> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(dir.log())
+            .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.log().display())))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let mut child = std::process::Command::new(&self.inner.exe)
+            .arg("guest")
+            .arg(&dir.0)
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| {
+                AgentError::Internal(format!("cannot start {}: {e}", self.inner.exe.display()))
+            })?;
+        // Reaped here while this agent lives; after it, by init.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        Ok(())
     }
 
-    /// Boots a test-guest VM here.
+    /// Boots a VM here, in a process of its own.
     pub async fn create_vm(&self, spec: VmSpec) -> Result<VmView, AgentError> {
         spec.validate().map_err(AgentError::BadRequest)?;
         let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let machine = if spec.kind == GuestKind::Linux {
-            self.boot_linux(&id, &spec).await?
-        } else {
-            let boot_spec = spec.clone();
-            tokio::task::spawn_blocking(move || Hosted::boot(&boot_spec))
-                .await
-                .map_err(|e| AgentError::Internal(e.to_string()))?
-                .map_err(AgentError::Internal)?
-        };
-        let spec_json = serde_json::to_value(&spec).expect("specs serialize");
-        self.inner
-            .journal
-            .append(&Record::VmStarted {
-                vm: id.clone(),
-                epoch: 1,
-                spec: spec_json,
-            })
-            .map_err(|e| AgentError::Internal(e.to_string()))?;
-        lock(&self.inner.vms).insert(
-            id.clone(),
-            VmEntry {
-                spec,
-                epoch: 1,
-                slot: Slot::Running(Box::new(machine)),
-            },
-        );
-        self.vm(&id)
-    }
-
-    /// How this agent runs QEMU: its guests die with it, like its other VMs
-    /// (which live in its process), so a crashed agent leaves no orphan copy.
-    fn qemu_config(&self) -> QemuConfig {
-        QemuConfig {
-            die_with_parent: true,
-            ..QemuConfig::default()
+        let dir = VmDir::new(&self.inner.cfg.data_dir, &id);
+        dir.write_launch(&Launch {
+            vm: id.clone(),
+            epoch: 1,
+            spec: spec.clone(),
+            role: LaunchRole::Boot,
+            agent: self.inner.cfg.clone(),
+        })
+        .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.0.display())))?;
+        self.spawn_guest(&dir)?;
+        if let Err(e) = wait_running(&dir).await {
+            // Leave nothing behind: a half-booted guest is no VM.
+            let _ = control::call::<()>(&dir.control(), &Request::Stop, STATUS_TIMEOUT).await;
+            if let Some(pid) = dir.live_pid() {
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(pid).expect("live pids are positive"),
+                    rustix::process::Signal::KILL,
+                );
+            }
+            return Err(e);
         }
+        lock(&self.inner.vms).insert(id.clone(), VmEntry { spec, dir });
+        self.vm(&id).await
     }
 
-    fn qemu_spec(&self, spec: &VmSpec) -> Result<QemuSpec, String> {
-        qemu_relay::qemu_spec(
-            spec,
-            self.inner.cfg.guest_kernel.as_deref(),
-            self.inner.cfg.guest_initrd.as_deref(),
-        )
-    }
-
-    fn qemu_dir(&self, vm: &str, epoch: u64) -> std::path::PathBuf {
-        self.inner
-            .cfg
-            .data_dir
-            .join("vms")
-            .join(format!("{vm}-e{epoch}"))
-    }
-
-    async fn boot_linux(&self, id: &str, spec: &VmSpec) -> Result<Hosted, AgentError> {
-        let qspec = self.qemu_spec(spec).map_err(AgentError::BadRequest)?;
-        let vm = QemuVm::launch(
-            &self.qemu_config(),
-            &self.qemu_dir(id, 1),
-            &qspec,
-            Launch::Boot,
-        )
-        .await
-        .map_err(AgentError::Internal)?;
-        vm.wait_console(Duration::from_secs(120), |c| c.contains("tern-load ready"))
-            .await
-            .map_err(|e| AgentError::Internal(format!("the Linux guest did not come up: {e}")))?;
-        Ok(Hosted::Qemu(vm))
+    fn entry(&self, id: &str) -> Result<VmEntry, AgentError> {
+        lock(&self.inner.vms)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("vm {id}")))
     }
 
     /// Stops a VM running here.
-    pub fn stop_vm(&self, id: &str) -> Result<(), AgentError> {
-        let mut vms = lock(&self.inner.vms);
-        let e = vms
-            .get_mut(id)
-            .ok_or_else(|| AgentError::NotFound(format!("vm {id}")))?;
-        match &mut e.slot {
-            Slot::Migrating { migration } => Err(AgentError::Conflict(format!(
-                "vm {id} is migrating ({migration}); wait for it to end"
-            ))),
-            Slot::Running(m) => {
-                self.inner
-                    .journal
-                    .append(&Record::VmStopped { vm: id.into() })
-                    .map_err(|e| AgentError::Internal(e.to_string()))?;
-                m.stop();
-                e.slot = Slot::Stopped;
-                Ok(())
+    pub async fn stop_vm(&self, id: &str) -> Result<(), AgentError> {
+        let e = self.entry(id)?;
+        if e.dir.live_pid().is_none() {
+            return Err(AgentError::Conflict(format!("vm {id} does not run here")));
+        }
+        match control::call::<()>(&e.dir.control(), &Request::Stop, STATUS_TIMEOUT).await {
+            Ok(()) => Ok(()),
+            Err(control::ControlError::Refused(why)) => {
+                Err(AgentError::Conflict(format!("vm {id}: {why}")))
             }
-            _ => Err(AgentError::Conflict(format!("vm {id} does not run here"))),
+            Err(other) => Err(other.into()),
         }
     }
 
-    fn view(id: &str, e: &VmEntry) -> VmView {
-        let (status, counter, checksum_ok, moved_to, detail) = match &e.slot {
-            Slot::Running(m) => {
-                let (counter, ok) = m.progress(&e.spec);
-                (VmStatus::Running, Some(counter), ok, None, None)
-            }
-            Slot::Migrating { migration } => (
-                VmStatus::Migrating,
-                None,
-                None,
-                None,
-                Some(migration.clone()),
-            ),
-            Slot::MovedAway { to } => (VmStatus::MovedAway, None, None, Some(to.clone()), None),
-            Slot::Lost { reason } => (VmStatus::Lost, None, None, None, Some(reason.clone())),
-            Slot::Stopped => (VmStatus::Stopped, None, None, None, None),
-        };
-        VmView {
-            id: id.into(),
-            status,
-            epoch: e.epoch,
-            spec: e.spec.clone(),
-            counter,
-            checksum_ok,
-            moved_to,
-            detail,
-        }
-    }
-
-    /// One VM.
-    pub fn vm(&self, id: &str) -> Result<VmView, AgentError> {
-        let vms = lock(&self.inner.vms);
-        let e = vms
-            .get(id)
-            .ok_or_else(|| AgentError::NotFound(format!("vm {id}")))?;
-        Ok(Self::view(id, e))
+    /// One VM, as its process (or, when that is gone, its journal) says.
+    pub async fn vm(&self, id: &str) -> Result<VmView, AgentError> {
+        let e = self.entry(id)?;
+        Ok(view(id, &e).await)
     }
 
     /// Every VM this host knows of (running, moved away, lost, stopped).
-    pub fn vms(&self) -> Vec<VmView> {
-        lock(&self.inner.vms)
+    pub async fn vms(&self) -> Vec<VmView> {
+        let all: Vec<(String, VmEntry)> = lock(&self.inner.vms)
             .iter()
-            .map(|(id, e)| Self::view(id, e))
-            .collect()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out = Vec::with_capacity(all.len());
+        for (id, e) in &all {
+            out.push(view(id, e).await);
+        }
+        out
     }
 
     /// One migration.
@@ -404,7 +341,7 @@ impl Agent {
         })
     }
 
-    /// Every migration since this agent started.
+    /// Every migration this host ran (its guests' journals keep them).
     pub fn migrations(&self) -> Vec<MigrationView> {
         let ids: Vec<String> = lock(&self.inner.migrations).keys().cloned().collect();
         ids.iter()
@@ -421,66 +358,63 @@ impl Agent {
     }
 
     /// Starts migrating a VM to a peer; returns the migration's id at once
-    /// (follow it with [`Agent::migration`] or [`Agent::progress`]).
-    pub fn migrate(&self, vm: &str, req: MigrateRequest) -> Result<String, AgentError> {
-        let peer = self.inner.cfg.peer(&req.to).cloned().ok_or_else(|| {
-            AgentError::BadRequest(format!("`{}` is not a configured peer", req.to))
-        })?;
-        let mut policy = Policy {
-            mode: req.mode.parse().map_err(AgentError::BadRequest)?,
-            ..Policy::default()
-        };
-        if let Some(ms) = req.max_downtime_ms {
-            if ms == 0 {
-                return Err(AgentError::BadRequest(
-                    "max_downtime_ms must be above 0".into(),
-                ));
-            }
-            policy.max_downtime = Duration::from_millis(ms);
+    /// (follow it with [`Agent::migration`] or [`Agent::progress`]). The
+    /// guest's own process runs it.
+    pub async fn migrate(&self, vm: &str, req: MigrateRequest) -> Result<String, AgentError> {
+        if self.inner.cfg.peer(&req.to).is_none() {
+            return Err(AgentError::BadRequest(format!(
+                "`{}` is not a configured peer",
+                req.to
+            )));
         }
-        policy.bandwidth_bytes_per_sec = req.bandwidth_mbps.unwrap_or(0) * 1_000_000;
-        policy.deadline = req.deadline_secs.map(Duration::from_secs);
-        policy.max_bandwidth_bytes_per_sec = req.max_bandwidth_mbps.unwrap_or(0) * 1_000_000;
-        policy.auto_converge = req.auto_converge.unwrap_or(true);
-        let compress: Compress = match &req.compress {
-            Some(c) => c.parse().map_err(AgentError::BadRequest)?,
-            None if policy.bandwidth_bytes_per_sec > 0 => Compress::Zstd,
-            None => Compress::None,
-        };
+        let (policy, compress) = req.policy()?;
+        let e = self.entry(vm)?;
         let migration = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let (machine, epoch, spec) = {
-            let mut vms = lock(&self.inner.vms);
-            let e = vms
-                .get_mut(vm)
-                .ok_or_else(|| AgentError::NotFound(format!("vm {vm}")))?;
-            if !matches!(e.slot, Slot::Running(_)) {
-                return Err(AgentError::Conflict(format!("vm {vm} is not running here")));
-            }
-            self.inner
-                .journal
-                .append(&Record::MigrationOut {
-                    migration: migration.clone(),
-                    vm: vm.into(),
-                    to: peer.name.clone(),
-                })
-                .map_err(|e| AgentError::Internal(e.to_string()))?;
-            let Slot::Running(m) = std::mem::replace(
-                &mut e.slot,
-                Slot::Migrating {
-                    migration: migration.clone(),
-                },
-            ) else {
-                unreachable!("checked above")
-            };
-            (m, e.epoch, e.spec.clone())
+        lock(&self.inner.routes).insert(migration.clone(), e.dir.clone());
+        let job = OutJob {
+            migration: migration.clone(),
+            to: req.to.clone(),
+            policy,
+            compress,
+            reply_to: self.reply_addr().to_string(),
         };
-        let (tx, rx) = watch::channel(Progress::default());
+        let started = control::call::<()>(
+            &e.dir.control(),
+            &Request::MigrateOut(Box::new(job)),
+            STATUS_TIMEOUT,
+        )
+        .await;
+        if let Err(err) = started {
+            lock(&self.inner.routes).remove(&migration);
+            return Err(match err {
+                control::ControlError::Refused(why) => {
+                    AgentError::Conflict(format!("vm {vm}: {why}"))
+                }
+                control::ControlError::Io { .. } => {
+                    AgentError::Conflict(format!("vm {vm} is not running here"))
+                }
+                other => other.into(),
+            });
+        }
+        self.track(&migration, vm, Role::Source, &req.to, e.dir);
+        Ok(migration)
+    }
+
+    /// Lists a migration under way and follows it to its end.
+    pub(crate) fn track(&self, migration: &str, vm: &str, role: Role, peer: &str, dir: VmDir) {
+        let (tx, rx) = watch::channel(Progress {
+            phase: match role {
+                Role::Source => "requesting".into(),
+                Role::Destination => "receiving".into(),
+            },
+            ..Default::default()
+        });
         lock(&self.inner.migrations).insert(
-            migration.clone(),
+            migration.into(),
             MigrationEntry {
                 vm: vm.into(),
-                role: Role::Source,
-                peer: peer.name.clone(),
+                role,
+                peer: peer.into(),
                 state: MigrationState::Running,
                 progress: rx,
                 report: None,
@@ -488,452 +422,271 @@ impl Agent {
             },
         );
         let a = self.clone();
-        let (id, vm) = (migration.clone(), vm.to_string());
-        tokio::spawn(async move {
-            a.run_outgoing(id, vm, peer, policy, compress, machine, epoch, spec, tx)
-                .await;
-        });
-        Ok(migration)
+        let migration = migration.to_string();
+        tokio::spawn(async move { a.follow(migration, dir, tx).await });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn run_outgoing(
-        self,
-        migration: String,
-        vm: String,
-        peer: Peer,
-        policy: Policy,
-        compress: Compress,
-        mut machine: Box<Hosted>,
-        epoch: u64,
-        spec: VmSpec,
-        progress: watch::Sender<Progress>,
-    ) {
-        let res = async {
-            let mut cfg = self.session_config();
-            if spec.kind == GuestKind::Linux {
-                // QEMU paces itself by how fast its socket drains and picks
-                // switchover from that: a deep window would hide the link
-                // from it, and the last round would queue behind the window.
-                cfg.window_bytes = QEMU_WINDOW_BYTES;
-            }
-            let data = Sender::connect(peer.migrate_addr, self.security(&peer.name), cfg, None)
-                .await
-                .map_err(|e| MigrateError::Transport(format!("cannot reach {}: {e}", peer.name)))?;
-            let (tx, rx) = oneshot::channel();
-            lock(&self.inner.reply_waiters).insert(migration.clone(), tx);
-            let hello = SessionHello::Data {
-                migration: migration.clone(),
-                source_host: self.inner.cfg.name.clone(),
-                reply_to: self
-                    .inner
-                    .cfg
-                    .advertise_addr
-                    .unwrap_or(self.migrate_addr)
-                    .to_string(),
-                vm: vm.clone(),
-                epoch,
-                spec: serde_json::to_value(&spec).expect("specs serialize"),
-            };
-            data.send(hello_frame(&hello))
-                .await
-                .map_err(|e| MigrateError::Transport(e.to_string()))?;
-            let replies = tokio::time::timeout(policy.reply_timeout, rx)
-                .await
-                .map_err(|_| {
-                    MigrateError::Transport(format!(
-                        "{} did not open the reply session within {:?} (is this host its peer?)",
-                        peer.name, policy.reply_timeout
-                    ))
-                })?
-                .map_err(|_| MigrateError::Transport("reply session lost".into()))?;
-            let journal = &self.inner.journal;
-            let mut before_commit = || {
-                journal
-                    .append(&Record::CommitDecided {
-                        migration: migration.clone(),
-                        vm: vm.clone(),
-                        to: peer.name.clone(),
-                        epoch: epoch + 1,
-                    })
-                    .map_err(|e| e.to_string())
-            };
-            match &mut *machine {
-                Hosted::Qemu(q) => {
-                    qemu_relay::source(
-                        qemu_relay::SourceArgs {
-                            vm: q,
-                            policy: &policy,
-                            compress,
-                            progress,
-                        },
-                        data,
-                        replies,
-                        &mut before_commit,
-                    )
-                    .await
-                }
-                _ => {
-                    tern_migrate::migrate_observed(
-                        &mut *machine,
-                        SourceLink { data, replies },
-                        &self.inner.key,
-                        &policy,
-                        &migration,
-                        progress,
-                        &mut before_commit,
-                    )
-                    .await
-                }
-            }
-        }
-        .await;
-        lock(&self.inner.reply_waiters).remove(&migration);
-        // A QEMU guest that failed its own check after commit still moved.
-        let corrupted =
-            spec.kind == GuestKind::Linux && matches!(&res, Err(MigrateError::Verification(_)));
-        let moved = corrupted || matches!(&res, Ok(_) | Err(MigrateError::CommitUnconfirmed(_)));
-        if !moved {
-            let reason = res
-                .as_ref()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            if let Err(e) = self.inner.journal.append(&Record::RolledBack {
-                migration: migration.clone(),
-                vm: vm.clone(),
-                reason,
-            }) {
-                tracing::error!(error = %e, "journal");
-            }
-        }
-        if let Some(e) = lock(&self.inner.vms).get_mut(&vm) {
-            if moved {
-                e.slot = Slot::MovedAway {
-                    to: peer.name.clone(),
-                };
-                e.epoch += 1;
-            } else {
-                e.slot = Slot::Running(machine);
-            }
-        }
-        if let Some(m) = lock(&self.inner.migrations).get_mut(&migration) {
-            match res {
-                Ok(report) => {
-                    m.state = MigrationState::Committed;
-                    m.report = Some(report);
-                }
-                Err(e) => {
-                    m.state = if corrupted {
-                        MigrationState::Corrupted
-                    } else if moved {
-                        MigrationState::Committed
-                    } else {
-                        MigrationState::RolledBack
-                    };
-                    m.error = Some(e.to_string());
-                }
-            }
-        }
-    }
-
-    async fn session(self, mut rx: Receiver) {
-        let hello = match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
-            Ok(Some(Ok((seq, f)))) => {
-                rx.ack(seq);
-                match split(&f) {
-                    Ok((KIND_HELLO, p)) => serde_json::from_slice::<SessionHello>(&p)
-                        .map_err(|e| format!("bad hello: {e}")),
-                    Ok((k, _)) => Err(format!("expected a hello, got frame kind {k}")),
-                    Err(e) => Err(e),
-                }
-            }
-            Ok(Some(Err(e))) => Err(e.to_string()),
-            Ok(None) => Err("session closed before its hello".into()),
-            Err(_) => Err("no hello within 10 s".into()),
-        };
-        match hello {
-            Err(e) => tracing::warn!(error = %e, "refused a migration session"),
-            Ok(SessionHello::Replies { migration }) => {
-                match lock(&self.inner.reply_waiters).remove(&migration) {
-                    Some(w) => {
-                        let _ = w.send(rx);
-                    }
-                    None => tracing::warn!(migration, "reply session for no migration of ours"),
-                }
-            }
-            Ok(SessionHello::Data {
-                migration,
-                source_host,
-                reply_to,
-                vm,
-                epoch,
-                spec,
-            }) => {
-                if let Err(e) = self
-                    .incoming(rx, &migration, &source_host, &reply_to, &vm, epoch, spec)
-                    .await
-                {
-                    tracing::warn!(migration, from = source_host, error = %e, "incoming migration refused");
-                }
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn incoming(
-        &self,
-        data: Receiver,
-        migration: &str,
-        source_host: &str,
-        reply_to: &str,
-        vm: &str,
-        epoch: u64,
-        spec_json: serde_json::Value,
-    ) -> Result<(), String> {
-        let peer = self
-            .inner
-            .cfg
-            .peer(source_host)
-            .cloned()
-            .ok_or_else(|| format!("`{source_host}` is not a configured peer"))?;
-        let source_key = keys::parse_public(&peer.key)?;
-        let spec: VmSpec =
-            serde_json::from_value(spec_json.clone()).map_err(|e| format!("bad VM spec: {e}"))?;
-        let reply_addr: SocketAddr = reply_to
-            .parse()
-            .map_err(|_| format!("bad reply address {reply_to}"))?;
-        let replies = Sender::connect(
-            reply_addr,
-            self.security(source_host),
-            self.session_config(),
-            None,
-        )
-        .await
-        .map_err(|e| format!("cannot dial the reply session to {reply_addr}: {e}"))?;
-        replies
-            .send(hello_frame(&SessionHello::Replies {
-                migration: migration.into(),
-            }))
-            .await
-            .map_err(|e| e.to_string())?;
-        let journal = &self.inner.journal;
-        journal
-            .append(&Record::MigrationIn {
-                migration: migration.into(),
-                vm: vm.into(),
-                from: source_host.into(),
+    /// Follows a migration on its process's control socket; when the
+    /// process is gone, its journal says how the migration ended.
+    async fn follow(self, migration: String, dir: VmDir, tx: watch::Sender<Progress>) {
+        let started = Instant::now();
+        let end = loop {
+            let res = control::watch(&dir.control(), &migration, |p| {
+                let _ = tx.send(p);
             })
-            .map_err(|e| e.to_string())?;
-        let (ptx, prx) = watch::channel(Progress {
-            phase: "receiving".into(),
-            ..Default::default()
-        });
-        lock(&self.inner.migrations).insert(
-            migration.into(),
-            MigrationEntry {
-                vm: vm.into(),
-                role: Role::Destination,
-                peer: source_host.into(),
-                state: MigrationState::Running,
-                progress: prx,
-                report: None,
-                error: None,
-            },
-        );
-        let capacity = Capacity {
-            max_memory_bytes: self.inner.cfg.max_memory_mib << 20,
-            max_vcpus: self.inner.cfg.max_vcpus,
+            .await;
+            if let Ok(Some(end)) = res {
+                break end;
+            }
+            if let Some(end) = ended_in_journal(&dir, &migration) {
+                break end;
+            }
+            let gone = dir.live_pid().is_none() && started.elapsed() > Duration::from_secs(10);
+            if gone {
+                break lost_end(&self, &migration, "its guest process ended without recording an end");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        let owned_here = matches!(
-            lock(&self.inner.vms).get(vm).map(|e| &e.slot),
-            Some(Slot::Running(_) | Slot::Migrating { .. })
-        );
-        if spec.kind == GuestKind::Linux {
-            return self
-                .incoming_qemu(
-                    data, replies, migration, vm, epoch, &spec, &spec_json, owned_here, ptx,
-                )
-                .await;
-        }
-        let mut on_commit = || {
-            journal
-                .append(&Record::CommitReceived {
-                    migration: migration.into(),
-                    vm: vm.into(),
-                    epoch: epoch + 1,
-                    spec: spec_json.clone(),
-                })
-                .map_err(|e| e.to_string())
-        };
-        let res = tern_migrate::receive_observed(
-            DestLink { data, replies },
-            |req| {
-                if owned_here {
-                    return Err(format!("{vm} already runs on this host"));
-                }
-                Hosted::incoming(&spec, &req.shape)
-            },
-            &source_key,
-            &capacity,
-            &mut on_commit,
-        )
-        .await;
-        let (state, error) = match res {
-            Ok(machine) => {
+        self.apply_end(end, &dir);
+    }
+
+    /// Publishes a migration's end; a guest that arrived becomes a VM here.
+    fn apply_end(&self, end: EndedMigration, dir: &VmDir) {
+        lock(&self.inner.routes).remove(&end.migration);
+        if end.role == Role::Destination
+            && matches!(end.state, MigrationState::Committed | MigrationState::Corrupted)
+        {
+            if let Ok(l) = dir.launch() {
                 lock(&self.inner.vms).insert(
-                    vm.into(),
+                    end.vm.clone(),
                     VmEntry {
-                        spec: spec.clone(),
-                        epoch: epoch + 1,
-                        slot: Slot::Running(Box::new(machine)),
+                        spec: l.spec,
+                        dir: dir.clone(),
                     },
                 );
-                (MigrationState::Committed, None)
             }
-            Err(e) => {
-                let _ = journal.append(&Record::Discarded {
-                    migration: migration.into(),
-                    vm: vm.into(),
-                    reason: e.to_string(),
-                });
-                (MigrationState::Discarded, Some(e.to_string()))
-            }
-        };
-        self.end_incoming(migration, &ptx, state, error)
-    }
-}
-
-impl Agent {
-    /// Publishes how an incoming migration ended (phase, state, error).
-    fn end_incoming(
-        &self,
-        migration: &str,
-        progress: &watch::Sender<Progress>,
-        state: MigrationState,
-        error: Option<String>,
-    ) -> Result<(), String> {
-        progress.send_modify(|p| {
-            p.phase = match state {
-                MigrationState::Discarded => "discarded".into(),
-                _ => "committed".into(),
-            }
-        });
-        if let Some(m) = lock(&self.inner.migrations).get_mut(migration) {
-            m.state = state;
-            m.error = error.clone();
         }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(m) = lock(&self.inner.migrations).get_mut(&end.migration) {
+            m.state = end.state;
+            m.report = end.report;
+            m.error = end.error;
         }
     }
 
-    /// The destination of a QEMU guest's migration (see [`qemu_relay`]).
-    #[allow(clippy::too_many_arguments)]
-    async fn incoming_qemu(
-        &self,
-        data: Receiver,
-        replies: Sender,
-        migration: &str,
-        vm: &str,
-        epoch: u64,
-        spec: &VmSpec,
-        spec_json: &serde_json::Value,
-        owned_here: bool,
-        progress: watch::Sender<Progress>,
-    ) -> Result<(), String> {
-        let refuse = if owned_here {
-            Some(format!("{vm} already runs on this host"))
-        } else if spec.memory_mib > self.inner.cfg.max_memory_mib
-            || spec.vcpus > self.inner.cfg.max_vcpus
-        {
-            Some(format!(
-                "no capacity for {} MiB and {} vCPUs (limit {} MiB, {} vCPUs)",
-                spec.memory_mib,
-                spec.vcpus,
-                self.inner.cfg.max_memory_mib,
-                self.inner.cfg.max_vcpus
-            ))
-        } else {
-            None
+    /// Re-adopts every guest directory: running processes are served as
+    /// before, ended ones are reported as their journals say.
+    fn adopt(&self) {
+        let root = self.inner.cfg.data_dir.join("vms");
+        let Ok(list) = std::fs::read_dir(&root) else {
+            return;
         };
-        let (qspec, refuse) = match self.qemu_spec(spec) {
-            Ok(q) => (Some(q), refuse),
-            Err(e) => (None, Some(e)),
-        };
-        let qconf = self.qemu_config();
-        let journal = &self.inner.journal;
-        let mut on_commit = || {
-            journal
-                .append(&Record::CommitReceived {
-                    migration: migration.into(),
-                    vm: vm.into(),
-                    epoch: epoch + 1,
-                    spec: spec_json.clone(),
-                })
-                .map_err(|e| e.to_string())
-        };
-        let qspec = qspec.unwrap_or_else(|| QemuSpec {
-            memory_mib: spec.memory_mib,
-            vcpus: spec.vcpus,
-            kernel: Default::default(),
-            initrd: None,
-            cmdline: String::new(),
-            disks: Vec::new(),
-        });
-        let res = qemu_relay::destination(
-            qemu_relay::DestArgs {
-                qemu: &qconf,
-                dir: self.qemu_dir(vm, epoch + 1),
-                spec: qspec,
-                load: spec.load_params(),
-                progress: progress.clone(),
-                refuse,
-            },
-            data,
-            replies,
-            &mut on_commit,
-        )
-        .await;
-        let (state, error, guest) = match res {
-            Ok(q) => (MigrationState::Committed, None, Some(q)),
-            Err((e, Some(q))) => (MigrationState::Corrupted, Some(e.to_string()), Some(q)),
-            Err((e, None)) => {
-                let _ = journal.append(&Record::Discarded {
-                    migration: migration.into(),
-                    vm: vm.into(),
-                    reason: e.to_string(),
-                });
-                (MigrationState::Discarded, Some(e.to_string()), None)
+        let mut best: BTreeMap<String, (u64, bool, VmEntry)> = BTreeMap::new();
+        for d in list.flatten() {
+            let dir = VmDir(d.path());
+            let Ok(launch) = dir.launch() else { continue };
+            let fate = dir
+                .journal()
+                .and_then(|j| j.records())
+                .map(|r| fold(&r))
+                .unwrap_or_default();
+            let live = dir.live_pid().is_some();
+            self.adopt_migrations(&dir, &launch, &fate, live);
+            let incoming = !matches!(launch.role, LaunchRole::Boot);
+            let was_vm_here = !incoming
+                || fate.owned.is_some()
+                || fate.moved_to.is_some()
+                || fate.stopped;
+            if !was_vm_here {
+                continue;
             }
-        };
-        if let Some(q) = guest {
-            // Committed here: the VM is ours now, well or not. A QEMU that
-            // died (its kernel panicked) is lost, not running.
-            let slot = if q.is_alive() {
-                Slot::Running(Box::new(Hosted::Qemu(q)))
-            } else {
-                Slot::Lost {
-                    reason: error.clone().unwrap_or_default(),
-                }
-            };
-            lock(&self.inner.vms).insert(
-                vm.into(),
-                VmEntry {
-                    spec: spec.clone(),
-                    epoch: epoch + 1,
-                    slot,
+            let rank = (launch.epoch, live);
+            let cur = best.get(&launch.vm).map(|(e, l, _)| (*e, *l));
+            if cur.is_none_or(|c| rank > c) {
+                let entry = VmEntry {
+                    spec: launch.spec.clone(),
+                    dir,
+                };
+                best.insert(launch.vm.clone(), (launch.epoch, live, entry));
+            }
+        }
+        let mut vms = lock(&self.inner.vms);
+        for (vm, (_, _, e)) in best {
+            vms.insert(vm, e);
+        }
+    }
+
+    fn adopt_migrations(&self, dir: &VmDir, launch: &Launch, fate: &DirFate, live: bool) {
+        for e in &fate.ended {
+            let (_, rx) = watch::channel(Progress {
+                phase: format!("{:?}", e.state).to_lowercase(),
+                ..Default::default()
+            });
+            lock(&self.inner.migrations).insert(
+                e.migration.clone(),
+                MigrationEntry {
+                    vm: e.vm.clone(),
+                    role: e.role,
+                    peer: e.peer.clone(),
+                    state: e.state,
+                    progress: rx,
+                    report: e.report.clone(),
+                    error: e.error.clone(),
                 },
             );
         }
-        self.end_incoming(migration, &progress, state, error)
+        // One still under way in a live process: follow it again.
+        let open = match &launch.role {
+            LaunchRole::Receive {
+                migration,
+                source_host,
+                ..
+            } if !fate.ended.iter().any(|e| &e.migration == migration) => {
+                Some((migration.clone(), Role::Destination, source_host.clone()))
+            }
+            _ => self.open_outgoing(dir).map(|(m, to)| (m, Role::Source, to)),
+        };
+        if let (Some((m, role, peer)), true) = (open, live) {
+            lock(&self.inner.routes).insert(m.clone(), dir.clone());
+            self.track(&m, &launch.vm, role, &peer, dir.clone());
+        }
+    }
+
+    /// The outgoing migration a guest's journal shows begun and not ended.
+    fn open_outgoing(&self, dir: &VmDir) -> Option<(String, String)> {
+        let records = dir.journal().ok()?.records().ok()?;
+        let mut open = None;
+        for r in &records {
+            match r {
+                crate::journal::Record::MigrationOut { migration, to, .. } => {
+                    open = Some((migration.clone(), to.clone()))
+                }
+                crate::journal::Record::MigrationEnded(e) => {
+                    if open.as_ref().is_some_and(|(m, _)| m == &e.migration) {
+                        open = None;
+                    }
+                }
+                _ => {}
+            }
+        }
+        open
     }
 }
 
-fn hello_frame(h: &SessionHello) -> bytes::Bytes {
-    frame(
-        KIND_HELLO,
-        &serde_json::to_vec(h).expect("hellos serialize"),
-    )
+fn ended_in_journal(dir: &VmDir, migration: &str) -> Option<EndedMigration> {
+    let records = dir.journal().ok()?.records().ok()?;
+    fold(&records)
+        .ended
+        .into_iter()
+        .find(|e| e.migration == migration)
+}
+
+fn lost_end(a: &Agent, migration: &str, why: &str) -> EndedMigration {
+    let ms = lock(&a.inner.migrations);
+    let m = ms.get(migration);
+    EndedMigration {
+        migration: migration.into(),
+        vm: m.map(|m| m.vm.clone()).unwrap_or_default(),
+        role: m.map_or(Role::Source, |m| m.role),
+        peer: m.map(|m| m.peer.clone()).unwrap_or_default(),
+        state: match m.map(|m| m.role) {
+            Some(Role::Destination) => MigrationState::Discarded,
+            _ => MigrationState::RolledBack,
+        },
+        report: None,
+        error: Some(why.into()),
+    }
+}
+
+/// Waits for a freshly started guest process to run its guest.
+async fn wait_running(dir: &VmDir) -> Result<(), AgentError> {
+    let t = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match control::call::<GuestStatus>(&dir.control(), &Request::Status, STATUS_TIMEOUT).await {
+            Ok(s) if s.state == GuestState::Running => return Ok(()),
+            Ok(s) if s.state == GuestState::Failed => {
+                return Err(AgentError::Internal(s.detail.unwrap_or_default()))
+            }
+            _ => {}
+        }
+        if t.elapsed() > Duration::from_secs(2) && dir.live_pid().is_none() {
+            let log = std::fs::read_to_string(dir.log()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            return Err(AgentError::Internal(format!(
+                "the guest process ended: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )));
+        }
+        if t.elapsed() > BOOT_TIMEOUT {
+            return Err(AgentError::Internal(format!(
+                "the guest did not start within {BOOT_TIMEOUT:?}"
+            )));
+        }
+    }
+}
+
+/// A VM's view: its process's answer, or its journal's when it has none.
+async fn view(id: &str, e: &VmEntry) -> VmView {
+    let fate = e
+        .dir
+        .journal()
+        .and_then(|j| j.records())
+        .map(|r| fold(&r))
+        .unwrap_or_default();
+    let status = match e.dir.live_pid() {
+        Some(_) => {
+            control::call::<GuestStatus>(&e.dir.control(), &Request::Status, STATUS_TIMEOUT)
+                .await
+                .map_err(|err| err.to_string())
+        }
+        None => Err(String::new()),
+    };
+    let mut v = VmView {
+        id: id.into(),
+        status: VmStatus::Lost,
+        epoch: fate.owned.or(fate.moved_to.as_ref().map(|m| m.1)).unwrap_or(1),
+        spec: e.spec.clone(),
+        counter: None,
+        checksum_ok: None,
+        moved_to: fate.moved_to.as_ref().map(|m| m.0.clone()),
+        detail: None,
+    };
+    match status {
+        Ok(s) => {
+            v.epoch = s.epoch;
+            v.detail = s.detail.or(s.migration);
+            v.status = match s.state {
+                GuestState::Running => {
+                    v.counter = s.counter;
+                    v.checksum_ok = s.checksum_ok;
+                    VmStatus::Running
+                }
+                GuestState::Booting => VmStatus::Starting,
+                GuestState::Migrating | GuestState::Receiving => VmStatus::Migrating,
+                GuestState::MovedAway => VmStatus::MovedAway,
+                GuestState::Stopped => VmStatus::Stopped,
+                GuestState::Failed => VmStatus::Lost,
+            };
+        }
+        Err(why) => {
+            v.status = if fate.stopped {
+                VmStatus::Stopped
+            } else if fate.moved_to.is_some() && fate.in_doubt.is_none() {
+                VmStatus::MovedAway
+            } else {
+                VmStatus::Lost
+            };
+            if v.status == VmStatus::Lost {
+                v.detail = Some(if why.is_empty() {
+                    "its guest process ended".into()
+                } else {
+                    format!("its guest process does not answer: {why}")
+                });
+            }
+        }
+    }
+    if v.status != VmStatus::MovedAway {
+        v.moved_to = None;
+    }
+    v
 }

@@ -22,6 +22,7 @@ impl IntoResponse for AgentError {
             AgentError::Conflict(_) => StatusCode::CONFLICT,
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Guest(_) => StatusCode::BAD_GATEWAY,
         };
         (code, Json(json!({ "error": self.to_string() }))).into_response()
     }
@@ -39,7 +40,12 @@ async fn auth(State(c): State<Ctx>, req: Request, next: Next) -> Response {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == &*c.token);
+        .is_some_and(|t| {
+            use subtle::ConstantTimeEq;
+            // Constant time: how much of a guess matched must not show in
+            // how long the answer takes.
+            bool::from(t.as_bytes().ct_eq(c.token.as_bytes()))
+        });
     if ok {
         next.run(req).await
     } else {
@@ -78,7 +84,7 @@ async fn host(State(c): State<Ctx>) -> Json<serde_json::Value> {
 }
 
 async fn list_vms(State(c): State<Ctx>) -> impl IntoResponse {
-    Json(c.agent.vms())
+    Json(c.agent.vms().await)
 }
 
 async fn create_vm(
@@ -93,14 +99,14 @@ async fn get_vm(
     State(c): State<Ctx>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(c.agent.vm(&id)?))
+    Ok(Json(c.agent.vm(&id).await?))
 }
 
 async fn stop_vm(
     State(c): State<Ctx>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    c.agent.stop_vm(&id)?;
+    c.agent.stop_vm(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -110,7 +116,7 @@ async fn migrate(
     body: Result<Json<MigrateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, AgentError> {
     let Json(req) = body.map_err(|e| AgentError::BadRequest(e.body_text()))?;
-    let mid = c.agent.migrate(&id, req)?;
+    let mid = c.agent.migrate(&id, req).await?;
     Ok((StatusCode::ACCEPTED, Json(c.agent.migration(&mid)?)))
 }
 

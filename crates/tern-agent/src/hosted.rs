@@ -103,6 +103,15 @@ impl Hosted {
         }
     }
 
+    /// Whether it still runs (a status never calls a dead or paused guest running).
+    pub fn is_alive(&self) -> bool {
+        match self {
+            Hosted::Kvm(m) => m.run_state() == tern_vmm::RunState::Running,
+            Hosted::Process(p) => p.is_running(),
+            Hosted::Qemu(q) => q.is_alive(),
+        }
+    }
+
     /// Ends it.
     pub fn stop(&mut self) {
         match self {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// One journal line.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Record {
     /// A VM was booted here.
@@ -91,6 +91,9 @@ pub enum Record {
         /// The VM.
         vm: String,
     },
+    /// A migration ended (how, with its report): what the agent answers
+    /// about it after a restart.
+    MigrationEnded(Box<crate::vmdir::EndedMigration>),
 }
 
 /// What the journal says of one VM.
@@ -255,8 +258,10 @@ pub fn fold(records: &[Record]) -> BTreeMap<String, VmFate> {
                     fates.insert(vm.clone(), f.clone());
                 }
             }
-            Record::MigrationOut { .. } | Record::MigrationIn { .. } | Record::Discarded { .. } => {
-            }
+            Record::MigrationOut { .. }
+            | Record::MigrationIn { .. }
+            | Record::Discarded { .. }
+            | Record::MigrationEnded(_) => {}
         }
     }
     fates

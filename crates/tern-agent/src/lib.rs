@@ -1,21 +1,28 @@
 //! tern's host agent.
 //!
-//! Every host runs one. It boots microVMs (tern-vmm machines inside the
-//! agent process), serves the host API the CLI uses, and sends and accepts
-//! live migrations over mutual TLS with the peers its configuration names.
-//! Each side journals a migration's decisive steps ([`journal`]) so that,
-//! after a crash, a VM that moved away is never started again here.
+//! Every host runs one. Each guest it hosts lives in a process of its own
+//! ([`guestproc`], `tern guest DIR`) that outlives the agent and runs the
+//! guest's migrations itself; the agent starts, asks and re-adopts those
+//! processes, serves the host API the CLI uses, and routes migration
+//! sessions over mutual TLS with the peers its configuration names
+//! ([`peering`]). Each guest journals its migrations' decisive steps in its
+//! own directory ([`vmdir`], [`journal`]) so that, after any crash, a VM
+//! that moved away is never started again here.
 
 pub mod agent;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod control;
+pub mod guestproc;
 pub mod hosted;
 pub mod journal;
 pub mod keys;
+mod peering;
 pub mod qemu_relay;
 pub mod testbed;
 pub mod views;
+pub mod vmdir;
 
 pub use agent::{Agent, AgentError, MigrateRequest};
 pub use client::{AgentClient, ClientError};

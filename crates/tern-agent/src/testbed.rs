@@ -197,6 +197,19 @@ impl AgentProcess {
         ))
     }
 
+    /// Sends SIGTERM and waits for it to exit (a clean shutdown).
+    pub fn terminate(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Its host.
+    pub fn host(&self) -> &BedHost {
+        &self.host
+    }
+
     /// Kills it (SIGKILL: a crash, not a shutdown).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -204,8 +217,29 @@ impl AgentProcess {
     }
 }
 
+/// Kills every guest process under `data_dir` (they outlive their agent).
+pub fn kill_guests(data_dir: &Path) {
+    for pid in guest_pids(data_dir) {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// The live guest processes under `data_dir`.
+pub fn guest_pids(data_dir: &Path) -> Vec<i32> {
+    let Ok(list) = std::fs::read_dir(data_dir.join("vms")) else {
+        return Vec::new();
+    };
+    list.flatten()
+        .filter_map(|d| crate::vmdir::VmDir(d.path()).live_pid())
+        .collect()
+}
+
 impl Drop for AgentProcess {
+    /// Ends the agent and its guests: a test leaves no process behind.
     fn drop(&mut self) {
         self.kill();
+        kill_guests(&self.host.data_dir);
     }
 }

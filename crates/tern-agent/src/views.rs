@@ -110,13 +110,15 @@ impl VmSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmStatus {
+    /// Its process is booting it.
+    Starting,
     /// Runs here.
     Running,
     /// Being migrated away (it runs until switchover).
     Migrating,
     /// Runs on another host now (see `moved_to`).
     MovedAway,
-    /// Ran in an earlier agent process that ended; not restarted.
+    /// Its guest process ended (or stopped answering) while it ran here.
     Lost,
     /// Stopped on request.
     Stopped,

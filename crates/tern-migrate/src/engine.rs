@@ -57,8 +57,9 @@ pub enum MigrateError {
     #[error("verification failed: {0}")]
     Verification(String),
     /// `Commit` was sent but the destination never confirmed it runs the
-    /// guest. Ownership has moved: the source discarded its copy and must
-    /// not resume it (the destination journals the commit before starting).
+    /// guest: whether ownership moved is in doubt. The source guest is left
+    /// paused and whole; the caller must settle with the destination (did
+    /// it journal the commit?) and then resume or discard it.
     #[error("commit sent, but the destination did not confirm it runs the guest: {0}")]
     CommitUnconfirmed(String),
     /// Pre-copy did not reach switchover before the policy's deadline.
@@ -91,6 +92,9 @@ pub enum SourcePhase {
     Switchover,
     /// The destination runs the guest; the source copy is gone.
     Committed,
+    /// `Commit` went out unconfirmed: the paused source waits for the
+    /// destination's verdict before it resumes or discards the guest.
+    CommitInDoubt,
     /// The source runs the guest again; the destination discarded its copy.
     RolledBack {
         /// Why.
@@ -126,7 +130,8 @@ impl std::str::FromStr for Mode {
 }
 
 /// How the source runs a migration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Policy {
     /// Pre-copy, post-copy or hybrid.
     pub mode: Mode,
@@ -204,6 +209,7 @@ impl Progress {
             SourcePhase::Precopy { .. } => "precopy",
             SourcePhase::Switchover => "switchover",
             SourcePhase::Committed => "committed",
+            SourcePhase::CommitInDoubt => "commit_in_doubt",
             SourcePhase::RolledBack { .. } => "rolled_back",
         }
     }
@@ -495,9 +501,8 @@ pub async fn migrate_observed<G: SourceGuest>(
     .await;
     report.total_ms = ms_since(t0);
     match &res {
-        Err(MigrateError::CommitUnconfirmed(_) | MigrateError::PostcopyFailed(_)) => {
-            report.phase = SourcePhase::Committed
-        }
+        Err(MigrateError::CommitUnconfirmed(_)) => report.phase = SourcePhase::CommitInDoubt,
+        Err(MigrateError::PostcopyFailed(_)) => report.phase = SourcePhase::Committed,
         Err(e) => {
             report.phase = SourcePhase::RolledBack {
                 reason: e.to_string(),
@@ -515,7 +520,17 @@ pub async fn migrate_observed<G: SourceGuest>(
             let _ = data.finish().await;
             Ok(report)
         }
-        Err(e @ (MigrateError::CommitUnconfirmed(_) | MigrateError::PostcopyFailed(_))) => {
+        Err(e @ MigrateError::CommitUnconfirmed(_)) => {
+            tracing::error!(migration, error = %e, "commit in doubt; the source guest stays paused until settled");
+            if report.throttle_percent > 0 {
+                let _ = guest.throttle(0);
+            }
+            if tracking {
+                let _ = guest.stop_dirty_tracking();
+            }
+            Err(e)
+        }
+        Err(e @ MigrateError::PostcopyFailed(_)) => {
             tracing::error!(migration, error = %e, "ownership moved at commit; the source copy is discarded");
             guest.discard();
             Err(e)

@@ -23,8 +23,15 @@ pub const KIND_HELLO: u8 = 4;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "carries", rename_all = "snake_case")]
 pub enum SessionHello {
-    /// Migration data from the source host.
+    /// Asks the destination host to take a migration: it starts a process
+    /// for the guest, which dials `reply_to` (routed to the source's guest
+    /// process by the migration's id) with [`SessionHello::Replies`]; the
+    /// source then opens the data session routed to that process, with
+    /// [`SessionHello::Data`] again as its first frame.
     Data {
+        /// The sender's [`PROTOCOL_VERSION`]; another version is refused.
+        #[serde(default)]
+        version: u32,
         /// The migration.
         migration: String,
         /// The source host's name (selects the key its manifest must verify against).
@@ -43,7 +50,39 @@ pub enum SessionHello {
         /// The migration.
         migration: String,
     },
+    /// The destination host will not take the migration (on the reply route).
+    Refused {
+        /// The migration.
+        migration: String,
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// The source asks whether the destination committed a migration whose
+    /// `Commit` went unconfirmed; the answer comes as [`SessionHello::Settled`]
+    /// on the reply route. Asking fences the destination: a `Commit` that
+    /// arrives after the question is refused.
+    Settle {
+        /// The sender's [`PROTOCOL_VERSION`].
+        #[serde(default)]
+        version: u32,
+        /// The migration.
+        migration: String,
+        /// The source host's name.
+        source_host: String,
+        /// Where to dial the answer.
+        reply_to: String,
+    },
+    /// The destination's final word on a migration.
+    Settled {
+        /// The migration.
+        migration: String,
+        /// Whether it journaled the commit (it owns the VM) or never will.
+        committed: bool,
+    },
 }
+
+/// The version of the migration handshake this build speaks.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Why a migration is asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

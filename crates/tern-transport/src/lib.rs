@@ -20,6 +20,6 @@ pub mod wire;
 
 pub use ratelimit::{HostLimiter, TokenBucket};
 pub use session::{
-    Listener, Receiver, Security, Sender, SessionConfig, SessionMetrics, TransportError,
+    Listener, Receiver, Router, Security, Sender, SessionConfig, SessionMetrics, TransportError,
 };
 pub use tls::TlsIdentity;

@@ -73,6 +73,9 @@ pub struct SessionConfig {
     pub resume_deadline: Duration,
     /// Timeout of one connection attempt (TCP + TLS + hello).
     pub connect_timeout: Duration,
+    /// Which process behind the peer's listener serves this session (see
+    /// [`Listener::bind_routed`]); `None`: the listener's own process.
+    pub route: Option<String>,
 }
 
 impl Default for SessionConfig {
@@ -86,6 +89,7 @@ impl Default for SessionConfig {
             initial_rate_bytes_per_sec: 8 << 20,
             resume_deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            route: None,
         }
     }
 }
@@ -196,6 +200,10 @@ async fn open_stream(
             .await
             .map_err(|e| fail(e.to_string()))?;
         tcp.set_nodelay(true).ok();
+        let mut tcp = tcp;
+        write_route(&mut tcp, sh.cfg.route.as_deref())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
         let (mut r, mut w) = match &sh.security {
             Security::InsecurePlaintext => split(tcp),
             Security::Tls {
@@ -904,9 +912,103 @@ impl Receiver {
     }
 }
 
+/// Hands a stream whose route names another process to that process
+/// (before any TLS: the process it goes to does its own handshake).
+pub type Router = Arc<dyn Fn(String, TcpStream) + Send + Sync>;
+
+/// Longest route a stream may name.
+pub const MAX_ROUTE_LEN: usize = 128;
+
+/// Every stream opens with its route, in plain text before TLS: one length
+/// byte, then that many bytes of UTF-8 (0: the listener's own process). A
+/// route names no secret; the process it reaches still authenticates the peer.
+async fn write_route(tcp: &mut TcpStream, route: Option<&str>) -> std::io::Result<()> {
+    let route = route.unwrap_or("");
+    if route.len() > MAX_ROUTE_LEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("route longer than {MAX_ROUTE_LEN} bytes"),
+        ));
+    }
+    let mut b = Vec::with_capacity(1 + route.len());
+    b.push(route.len() as u8);
+    b.extend_from_slice(route.as_bytes());
+    tcp.write_all(&b).await
+}
+
+/// Reads a stream's route (`None`: the listener's own).
+async fn read_route(tcp: &mut TcpStream) -> Result<Option<String>, String> {
+    let mut len = [0u8; 1];
+    tcp.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let len = len[0] as usize;
+    if len == 0 {
+        return Ok(None);
+    }
+    if len > MAX_ROUTE_LEN {
+        return Err(format!("route of {len} bytes (limit {MAX_ROUTE_LEN})"));
+    }
+    let mut b = vec![0u8; len];
+    tcp.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+    String::from_utf8(b)
+        .map(Some)
+        .map_err(|_| "route is not UTF-8".to_string())
+}
+
+type SessionTable = Arc<Mutex<HashMap<SessionId, Arc<RecvShared>>>>;
+
+/// What every accepted stream needs: TLS, the session table, where new
+/// sessions go.
+#[derive(Clone)]
+struct Acceptor {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    sessions: SessionTable,
+    new_tx: mpsc::Sender<Receiver>,
+    resume_deadline: Duration,
+}
+
+impl Acceptor {
+    /// TLS (unless plaintext was asked for), then the stream's hello and frames.
+    async fn serve(self, sock: TcpStream, peer: Option<SocketAddr>) {
+        let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+        let checksummed = self.tls.is_none();
+        let (r, w) = match self.tls {
+            Some(a) => {
+                // rustls reads the socket 4 KiB at a time (its buffer
+                // shrinks whenever it empties): a buffer underneath turns
+                // that into one syscall per MiB.
+                let sock = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, sock);
+                match tokio::time::timeout(Duration::from_secs(10), a.accept(sock)).await {
+                    Ok(Ok(s)) => split(s),
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "refused migration peer: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "refused migration peer: TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+            None => split(sock),
+        };
+        if let Err(e) = serve_stream(
+            r,
+            w,
+            self.sessions,
+            self.new_tx,
+            self.resume_deadline,
+            checksummed,
+        )
+        .await
+        {
+            tracing::warn!(%peer, error = %e, "migration stream refused");
+        }
+    }
+}
+
 /// Accepts sessions (and reconnecting streams of existing ones).
 pub struct Listener {
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
     new_sessions: mpsc::Receiver<Receiver>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -919,63 +1021,97 @@ impl Listener {
         tls: Option<Arc<rustls::ServerConfig>>,
         resume_deadline: Duration,
     ) -> std::io::Result<Listener> {
+        Self::bind_routed(addr, tls, resume_deadline, None).await
+    }
+
+    /// [`Listener::bind`], handing streams whose route names another
+    /// process to `router` (without one, such streams are refused).
+    pub async fn bind_routed(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        resume_deadline: Duration,
+        router: Option<Router>,
+    ) -> std::io::Result<Listener> {
         let tcp = TcpListener::bind(addr).await?;
         let addr = tcp.local_addr()?;
-        let (tx, rx) = mpsc::channel(16);
-        let sessions: Arc<Mutex<HashMap<SessionId, Arc<RecvShared>>>> = Arc::default();
+        let (acceptor, rx) = Self::acceptor(tls, resume_deadline);
         let task = tokio::spawn(async move {
-            let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
             loop {
-                let Ok((sock, peer)) = tcp.accept().await else {
-                    continue;
+                let (mut sock, peer) = match tcp.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors or memory: back off rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 sock.set_nodelay(true).ok();
                 let acceptor = acceptor.clone();
-                let acceptor_was_plain = acceptor.is_none();
-                let sessions = sessions.clone();
-                let tx = tx.clone();
+                let router = router.clone();
                 tokio::spawn(async move {
-                    let (r, w) = match acceptor {
-                        Some(a) => {
-                            // rustls reads the socket 4 KiB at a time (its buffer
-                            // shrinks whenever it empties): a buffer underneath turns
-                            // that into one syscall per MiB.
-                            let sock = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, sock);
-                            match tokio::time::timeout(Duration::from_secs(10), a.accept(sock))
-                                .await
-                            {
-                                Ok(Ok(s)) => split(s),
-                                Ok(Err(e)) => {
-                                    tracing::warn!(%peer, error = %e, "refused migration peer: TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::warn!(%peer, "refused migration peer: TLS handshake timed out");
-                                    return;
-                                }
-                            }
+                    let route =
+                        tokio::time::timeout(Duration::from_secs(10), read_route(&mut sock)).await;
+                    match (route, router) {
+                        (Ok(Ok(None)), _) => acceptor.serve(sock, Some(peer)).await,
+                        (Ok(Ok(Some(r))), Some(router)) => router(r, sock),
+                        (Ok(Ok(Some(r))), None) => {
+                            tracing::warn!(%peer, route = r, "refused a stream routed elsewhere")
                         }
-                        None => split(sock),
-                    };
-                    let checksummed = acceptor_was_plain;
-                    if let Err(e) =
-                        serve_stream(r, w, sessions, tx, resume_deadline, checksummed).await
-                    {
-                        tracing::warn!(%peer, error = %e, "migration stream refused");
+                        (Ok(Err(e)), _) => tracing::warn!(%peer, error = e, "bad stream route"),
+                        (Err(_), _) => tracing::warn!(%peer, "no stream route within 10 s"),
                     }
                 });
             }
         });
         Ok(Listener {
-            addr,
+            addr: Some(addr),
             new_sessions: rx,
             task,
         })
     }
 
-    /// The bound address (useful with port 0).
+    /// A listener fed with streams another process accepted and routed
+    /// here (their route already read).
+    pub fn from_streams(
+        mut streams: mpsc::Receiver<TcpStream>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        resume_deadline: Duration,
+    ) -> Listener {
+        let (acceptor, rx) = Self::acceptor(tls, resume_deadline);
+        let task = tokio::spawn(async move {
+            while let Some(sock) = streams.recv().await {
+                sock.set_nodelay(true).ok();
+                let peer = sock.peer_addr().ok();
+                tokio::spawn(acceptor.clone().serve(sock, peer));
+            }
+        });
+        Listener {
+            addr: None,
+            new_sessions: rx,
+            task,
+        }
+    }
+
+    fn acceptor(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        resume_deadline: Duration,
+    ) -> (Acceptor, mpsc::Receiver<Receiver>) {
+        let (new_tx, rx) = mpsc::channel(16);
+        let acceptor = Acceptor {
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            sessions: Arc::default(),
+            new_tx,
+            resume_deadline,
+        };
+        (acceptor, rx)
+    }
+
+    /// The bound address (useful with port 0; unspecified for a listener
+    /// fed by [`Listener::from_streams`]).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// The next new session.
@@ -993,7 +1129,7 @@ impl Drop for Listener {
 async fn serve_stream(
     mut r: BoxRead,
     mut w: BoxWrite,
-    sessions: Arc<Mutex<HashMap<SessionId, Arc<RecvShared>>>>,
+    sessions: SessionTable,
     new_tx: mpsc::Sender<Receiver>,
     resume_deadline: Duration,
     checksummed: bool,

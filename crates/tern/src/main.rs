@@ -74,6 +74,12 @@ enum Cmd {
         /// The agent's configuration (TOML; see the README).
         file: PathBuf,
     },
+    /// Run one guest in this process (the agent starts it; it outlives the agent).
+    #[command(hide = true)]
+    Guest {
+        /// The guest's directory (`<data_dir>/vms/<name>`, holding `launch.json`).
+        dir: PathBuf,
+    },
     /// Live-migrate a VM from the agent it runs on to another host.
     Migrate(agentcmd::MigrateArgs),
     /// Two local agents; a guest dirtying memory moves between them live.
@@ -178,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: VmCmd::Remote(r),
         } => agentcmd::vm_remote(r),
         Cmd::Agent { file } => agentcmd::agent(&file),
+        Cmd::Guest { dir } => agentcmd::guest(&dir),
         Cmd::Migrate(a) => agentcmd::migrate(a),
         Cmd::Demo => agentcmd::demo(),
         Cmd::Bench {

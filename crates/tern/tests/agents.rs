@@ -271,6 +271,7 @@ async fn killing_the_target_during_precopy_leaves_the_source_running_unchanged()
     let a = AgentProc::start(&bed[0], None);
     let mut b = AgentProc::start(&bed[1], None);
     let ca = a.client();
+    let b_data = bed[1].data_dir.clone();
     let vm = ca.create_vm(&spec()).await.unwrap();
     assert_runs(&ca, &vm.id, 1).await;
     let m = ca.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
@@ -280,7 +281,9 @@ async fn killing_the_target_during_precopy_leaves_the_source_running_unchanged()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(ca.migration(&m.id).await.unwrap().progress.phase, "precopy");
+    // The target host dies: its agent and the guest process receiving.
     b.kill();
+    testbed::kill_guests(&b_data);
     let done = wait_end(&ca, &m.id, Duration::from_secs(90)).await;
     assert_eq!(done.state, MigrationState::RolledBack, "{done:?}");
     eprintln!("rolled back: {}", done.error.unwrap_or_default());

@@ -1,0 +1,196 @@
+//! The destination side, run in the process that will own the guest: dial
+//! the source's reply route, take the data session the destination agent
+//! hands over, receive the guest, and journal `Commit` before it starts,
+//! unless the source's settling question came first.
+
+use super::{hello_frame, lock, read_hello, server::qemu_config, Proc, Slot};
+use crate::hosted::Hosted;
+use crate::journal::Record;
+use crate::views::{GuestKind, MigrationState, Role};
+use crate::vmdir::EndedMigration;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tern_drivers::qemu::QemuSpec;
+use tern_migrate::protocol::SessionHello;
+use tern_migrate::{Capacity, DestLink, Progress};
+use tern_transport::{Listener, Receiver, Sender};
+use tokio::sync::watch;
+
+/// Receives the guest of `migration` from `source_host`.
+pub(super) async fn run(p: Arc<Proc>, migration: String, source_host: String, reply_to: String) {
+    let (ptx, etx) = p.track(
+        &migration,
+        Progress {
+            phase: "receiving".into(),
+            ..Default::default()
+        },
+    );
+    let mut end = EndedMigration {
+        migration: migration.clone(),
+        vm: p.launch.vm.clone(),
+        role: Role::Destination,
+        peer: source_host.clone(),
+        state: MigrationState::Discarded,
+        report: None,
+        error: None,
+    };
+    let res = match connect(&p, &migration, &source_host, &reply_to).await {
+        // The listener lives as long as the transfer: the source's data
+        // streams come back through it after a link drop.
+        Ok((data, replies, _listener)) => {
+            receive(&p, &migration, &source_host, data, replies, &ptx).await
+        }
+        Err(e) => Err((e, None)),
+    };
+    match res {
+        Ok(g) => {
+            p.set_slot(Slot::Running(Box::new(g)));
+            end.state = MigrationState::Committed;
+        }
+        Err((e, Some(g))) => {
+            // Committed, but the guest's own check failed (QEMU): it is
+            // ours, well or not, and its status says whether it runs.
+            p.set_slot(Slot::Running(Box::new(g)));
+            end.state = MigrationState::Corrupted;
+            end.error = Some(e);
+        }
+        Err((e, None)) => {
+            let _ = p.record(&Record::Discarded {
+                migration: migration.clone(),
+                vm: p.launch.vm.clone(),
+                reason: e.clone(),
+            });
+            p.set_slot(Slot::Failed(e.clone()));
+            end.error = Some(e);
+            p.finish_soon();
+        }
+    }
+    ptx.send_modify(|x| {
+        x.phase = match end.state {
+            MigrationState::Discarded => "discarded".into(),
+            _ => "committed".into(),
+        }
+    });
+    p.end(end, &etx);
+}
+
+/// Dials the reply session (routed to the source's guest process) and
+/// waits for the data session.
+async fn connect(
+    p: &Arc<Proc>,
+    migration: &str,
+    source_host: &str,
+    reply_to: &str,
+) -> Result<(Receiver, Sender, Listener), String> {
+    if let Err(e) = p.record(&Record::MigrationIn {
+        migration: migration.into(),
+        vm: p.launch.vm.clone(),
+        from: source_host.into(),
+    }) {
+        return Err(e);
+    }
+    let mut listener = p.listener()?;
+    let addr: SocketAddr = reply_to
+        .parse()
+        .map_err(|_| format!("bad reply address {reply_to}"))?;
+    let replies = Sender::connect(
+        addr,
+        p.security(source_host)?,
+        p.session_config(Some(migration)),
+        None,
+    )
+    .await
+    .map_err(|e| format!("cannot dial the reply session to {addr}: {e}"))?;
+    replies
+        .send(hello_frame(&SessionHello::Replies {
+            migration: migration.into(),
+        }))
+        .await
+        .map_err(|e| e.to_string())?;
+    let wait = tern_migrate::Policy::default().reply_timeout;
+    let mut data = tokio::time::timeout(wait, listener.accept())
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| format!("the source opened no data session within {wait:?}"))?;
+    match read_hello(&mut data, wait).await? {
+        SessionHello::Data { migration: m, .. } if m == migration => Ok((data, replies, listener)),
+        other => Err(format!("expected the data hello of {migration}, got {other:?}")),
+    }
+}
+
+async fn receive(
+    p: &Arc<Proc>,
+    migration: &str,
+    source_host: &str,
+    data: Receiver,
+    replies: Sender,
+    progress: &watch::Sender<Progress>,
+) -> Result<Hosted, (String, Option<Hosted>)> {
+    let spec = p.launch.spec.clone();
+    let epoch = p.launch.epoch;
+    let spec_json = serde_json::to_value(&spec).expect("specs serialize");
+    let mut on_commit = || {
+        let mut gate = lock(&p.gate);
+        if gate.fenced {
+            return Err("the source settled this migration as not committed".to_string());
+        }
+        p.record(&Record::CommitReceived {
+            migration: migration.into(),
+            vm: p.launch.vm.clone(),
+            epoch,
+            spec: spec_json.clone(),
+        })?;
+        gate.committed = true;
+        Ok(())
+    };
+    if spec.kind == GuestKind::Linux {
+        let qspec = crate::qemu_relay::qemu_spec(
+            &spec,
+            p.cfg().guest_kernel.as_deref(),
+            p.cfg().guest_initrd.as_deref(),
+        );
+        let (qspec, refuse) = match qspec {
+            Ok(q) => (q, None),
+            Err(e) => (empty_qemu_spec(&spec), Some(e)),
+        };
+        let args = crate::qemu_relay::DestArgs {
+            qemu: &qemu_config(),
+            dir: p.dir.0.join("qemu"),
+            spec: qspec,
+            load: spec.load_params(),
+            progress: progress.clone(),
+            refuse,
+        };
+        return crate::qemu_relay::destination(args, data, replies, &mut on_commit)
+            .await
+            .map(Hosted::Qemu)
+            .map_err(|(e, g)| (e.to_string(), g.map(Hosted::Qemu)));
+    }
+    let peer = p.peer(source_host).map_err(|e| (e, None))?;
+    let source_key = crate::keys::parse_public(&peer.key).map_err(|e| (e, None))?;
+    let capacity = Capacity {
+        max_memory_bytes: p.cfg().max_memory_mib << 20,
+        max_vcpus: p.cfg().max_vcpus,
+    };
+    tern_migrate::receive_observed(
+        DestLink { data, replies },
+        |req| Hosted::incoming(&spec, &req.shape),
+        &source_key,
+        &capacity,
+        &mut on_commit,
+    )
+    .await
+    .map_err(|e| (e.to_string(), None))
+}
+
+fn empty_qemu_spec(spec: &crate::views::VmSpec) -> QemuSpec {
+    QemuSpec {
+        memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
+        kernel: Default::default(),
+        initrd: None,
+        cmdline: String::new(),
+        disks: Vec::new(),
+    }
+}

@@ -1,0 +1,255 @@
+//! The guest process (`tern guest DIR`): one guest of any kind, in a process
+//! of its own that outlives the agent.
+//!
+//! It boots (or receives) the guest its directory's `launch.json` names,
+//! serves the agent on its control socket, and runs the guest's migrations
+//! itself: the engine reads and fills guest RAM in the process that owns it
+//! ([`outgoing`], [`incoming`]). It records every decisive step in the
+//! directory's journal before the step takes effect, so an agent that comes
+//! back learns from the directory what happened while it was away.
+
+mod incoming;
+mod outgoing;
+mod server;
+
+use crate::config::{AgentConfig, Peer};
+use crate::hosted::Hosted;
+use crate::journal::{Journal, Record};
+use crate::vmdir::{EndedMigration, Launch, VmDir};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tern_migrate::protocol::{frame, SessionHello, KIND_HELLO};
+use tern_migrate::Progress;
+use tern_transport::{Listener, Security, SessionConfig, TlsIdentity};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+
+/// Why a guest process could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestProcError {
+    /// Its directory or launch file is unusable.
+    #[error("{0}")]
+    Launch(String),
+    /// Its sockets or runtime could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS identity would not load.
+    #[error("TLS identity: {0}")]
+    Tls(String),
+}
+
+/// What the process holds in its slot.
+enum Slot {
+    Booting,
+    Running(Box<Hosted>),
+    Migrating,
+    Receiving,
+    MovedAway,
+    Stopped,
+    Failed(String),
+}
+
+/// The migration this process runs (or last ran).
+struct Track {
+    id: String,
+    progress: watch::Receiver<Progress>,
+    end: watch::Receiver<Option<EndedMigration>>,
+}
+
+/// Destination: whether `Commit` was journaled, or the source's settling
+/// question came first and `Commit` must now be refused.
+#[derive(Default)]
+struct CommitGate {
+    committed: bool,
+    fenced: bool,
+}
+
+/// The process's state, shared by its control server and migration tasks.
+struct Proc {
+    dir: VmDir,
+    launch: Launch,
+    journal: Journal,
+    tls: Option<TlsIdentity>,
+    epoch: Mutex<u64>,
+    slot: Mutex<Slot>,
+    track: Mutex<Option<Track>>,
+    streams: Mutex<Option<mpsc::Sender<TcpStream>>>,
+    gate: Mutex<CommitGate>,
+    done: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the guest of `dir` until it is stopped, moves away or fails.
+pub fn main(dir: &Path) -> Result<(), GuestProcError> {
+    let dir = VmDir(dir.to_path_buf());
+    let launch = dir.launch().map_err(GuestProcError::Launch)?;
+    let journal = dir
+        .journal()
+        .map_err(|e| GuestProcError::Launch(e.to_string()))?;
+    let tls = match &launch.agent.tls {
+        Some(t) => Some(
+            TlsIdentity::load(&t.cert, &t.key, &t.ca, &pins(&launch.agent)?)
+                .map_err(|e| GuestProcError::Tls(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| GuestProcError::Io { what, source }
+    };
+    std::fs::write(dir.pid_file(), std::process::id().to_string()).map_err(io("pid file"))?;
+    let rt = tokio::runtime::Runtime::new().map_err(io("runtime"))?;
+    let epoch = launch.epoch;
+    let p = Arc::new(Proc {
+        dir,
+        launch,
+        journal,
+        tls,
+        epoch: Mutex::new(epoch),
+        slot: Mutex::new(Slot::Booting),
+        track: Mutex::new(None),
+        streams: Mutex::new(None),
+        gate: Mutex::default(),
+        done: Notify::new(),
+    });
+    rt.block_on(server::serve(p))
+}
+
+fn pins(cfg: &AgentConfig) -> Result<Vec<[u8; 32]>, GuestProcError> {
+    cfg.peers
+        .iter()
+        .filter_map(|p| p.tls_pin.as_deref())
+        .map(tern_transport::tls::parse_pin)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| GuestProcError::Tls(e.to_string()))
+}
+
+impl Proc {
+    fn cfg(&self) -> &AgentConfig {
+        &self.launch.agent
+    }
+
+    fn peer(&self, name: &str) -> Result<Peer, String> {
+        self.cfg()
+            .peer(name)
+            .cloned()
+            .ok_or_else(|| format!("`{name}` is not a configured peer"))
+    }
+
+    /// How sessions to `peer` are secured; plaintext only when the
+    /// configuration asked for it (validated by the agent).
+    fn security(&self, peer: &str) -> Result<Security, String> {
+        match &self.tls {
+            Some(t) => Ok(Security::Tls {
+                config: t.client_config().map_err(|e| e.to_string())?,
+                server_name: peer.into(),
+            }),
+            None => Ok(Security::InsecurePlaintext),
+        }
+    }
+
+    fn session_config(&self, route: Option<&str>) -> SessionConfig {
+        SessionConfig {
+            streams: 2,
+            resume_deadline: Duration::from_secs(self.cfg().resume_deadline_secs),
+            route: route.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    /// A listener for sessions the agent routes to this process.
+    fn listener(&self) -> Result<Listener, String> {
+        let (tx, rx) = mpsc::channel(16);
+        *lock(&self.streams) = Some(tx);
+        let server = match &self.tls {
+            Some(t) => Some(t.server_config().map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok(Listener::from_streams(
+            rx,
+            server,
+            Duration::from_secs(self.cfg().resume_deadline_secs),
+        ))
+    }
+
+    fn record(&self, r: &Record) -> Result<(), String> {
+        self.journal.append(r).map_err(|e| e.to_string())
+    }
+
+    fn set_slot(&self, s: Slot) {
+        *lock(&self.slot) = s;
+    }
+
+    /// Starts tracking a migration; returns its progress and end publishers.
+    fn track(
+        &self,
+        id: &str,
+        first: Progress,
+    ) -> (watch::Sender<Progress>, watch::Sender<Option<EndedMigration>>) {
+        let (ptx, prx) = watch::channel(first);
+        let (etx, erx) = watch::channel(None);
+        *lock(&self.track) = Some(Track {
+            id: id.into(),
+            progress: prx,
+            end: erx,
+        });
+        (ptx, etx)
+    }
+
+    /// Records a migration's end and publishes it.
+    fn end(&self, end: EndedMigration, tx: &watch::Sender<Option<EndedMigration>>) {
+        if let Err(e) = self.record(&Record::MigrationEnded(Box::new(end.clone()))) {
+            tracing::error!(error = %e, "journal");
+        }
+        let _ = tx.send(Some(end));
+    }
+
+    /// After the guest left this process for good: let watchers read the
+    /// end, then exit.
+    fn finish_soon(self: &Arc<Self>) {
+        let p = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            p.done.notify_one();
+        });
+    }
+}
+
+fn hello_frame(h: &SessionHello) -> bytes::Bytes {
+    frame(
+        KIND_HELLO,
+        &serde_json::to_vec(h).expect("hellos serialize"),
+    )
+}
+
+/// Reads the hello that opens a session.
+pub(crate) async fn read_hello(
+    rx: &mut tern_transport::Receiver,
+    within: Duration,
+) -> Result<SessionHello, String> {
+    match tokio::time::timeout(within, rx.recv()).await {
+        Ok(Some(Ok((seq, f)))) => {
+            rx.ack(seq);
+            match tern_migrate::protocol::split(&f) {
+                Ok((KIND_HELLO, p)) => {
+                    serde_json::from_slice(&p).map_err(|e| format!("bad hello: {e}"))
+                }
+                Ok((k, _)) => Err(format!("expected a hello, got frame kind {k}")),
+                Err(e) => Err(e),
+            }
+        }
+        Ok(Some(Err(e))) => Err(e.to_string()),
+        Ok(None) => Err("session closed before its hello".into()),
+        Err(_) => Err(format!("no hello within {within:?}")),
+    }
+}

@@ -1,0 +1,334 @@
+//! The source side, run in the guest's own process: open the migration
+//! through the destination agent, run the engine (or QEMU's stream relay)
+//! on the guest it holds, and settle a `Commit` that went unconfirmed.
+
+use super::{hello_frame, lock, read_hello, Proc, Slot};
+use crate::control::{Answer, OutJob};
+use crate::hosted::Hosted;
+use crate::journal::Record;
+use crate::qemu_relay::{self, Compress};
+use crate::views::{MigrationState, Role};
+use crate::vmdir::EndedMigration;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_migrate::protocol::{SessionHello, PROTOCOL_VERSION};
+use tern_migrate::{MigrateError, Progress, Report, SourceGuest, SourceLink};
+use tern_transport::{Listener, Receiver, Sender};
+use tokio::sync::watch;
+
+/// In-flight bytes of a QEMU guest's data session: QEMU paces itself by how
+/// fast its socket drains and picks switchover from that; a deep window
+/// would hide the link from it.
+const QEMU_WINDOW_BYTES: usize = 4 << 20;
+
+/// How often an unconfirmed commit is asked about while the destination is away.
+const SETTLE_RETRY: Duration = Duration::from_secs(2);
+
+/// Takes the running guest and starts migrating it.
+pub(super) fn start(p: &Arc<Proc>, job: OutJob) -> Answer<()> {
+    if let Err(e) = p.peer(&job.to) {
+        return Answer::Err(e);
+    }
+    let compress: Compress = match job.compress.parse() {
+        Ok(c) => c,
+        Err(e) => return Answer::Err(e),
+    };
+    let guest = {
+        let mut slot = lock(&p.slot);
+        if !matches!(&*slot, Slot::Running(_)) {
+            return Answer::Err("the VM is not running here".into());
+        }
+        if let Err(e) = p.record(&Record::MigrationOut {
+            migration: job.migration.clone(),
+            vm: p.launch.vm.clone(),
+            to: job.to.clone(),
+        }) {
+            return Answer::Err(e);
+        }
+        let Slot::Running(g) = std::mem::replace(&mut *slot, Slot::Migrating) else {
+            unreachable!("checked above")
+        };
+        g
+    };
+    let (ptx, etx) = p.track(&job.migration, Progress::default());
+    let p = p.clone();
+    tokio::spawn(async move {
+        let end = run(&p, guest, &job, compress, ptx).await;
+        p.end(end, &etx);
+    });
+    Answer::Ok(())
+}
+
+/// The links of one outgoing migration.
+struct Links {
+    link: SourceLink,
+    listener: Listener,
+    /// The session that asked the destination agent; closed at the end.
+    prepare: Sender,
+}
+
+async fn run(
+    p: &Arc<Proc>,
+    mut guest: Box<Hosted>,
+    job: &OutJob,
+    compress: Compress,
+    progress: watch::Sender<Progress>,
+) -> EndedMigration {
+    let mut end = EndedMigration {
+        migration: job.migration.clone(),
+        vm: p.launch.vm.clone(),
+        role: Role::Source,
+        peer: job.to.clone(),
+        state: MigrationState::RolledBack,
+        report: None,
+        error: None,
+    };
+    let (res, listener, prepare) = match open(p, job, guest.is_qemu()).await {
+        Ok(Links {
+            link,
+            listener,
+            prepare,
+        }) => {
+            let res = transfer(p, &mut guest, job, compress, link, progress.clone()).await;
+            (res, Some(listener), Some(prepare))
+        }
+        Err(e) => (Err(e), None, None),
+    };
+    let moved = match &res {
+        Ok(_) => true,
+        // A QEMU guest that failed its own check after commit still moved.
+        Err(MigrateError::Verification(_)) if guest.is_qemu() => true,
+        Err(MigrateError::PostcopyFailed(_)) => true,
+        Err(MigrateError::CommitUnconfirmed(_)) => match listener {
+            Some(mut l) => settle(p, job, &mut l, &progress).await,
+            None => false,
+        },
+        Err(_) => false,
+    };
+    if let Some(s) = prepare {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.finish()).await;
+        });
+    }
+    match res {
+        Ok(r) => end.report = Some(r),
+        Err(e) => end.error = Some(e.to_string()),
+    }
+    if moved {
+        guest.discard();
+        *lock(&p.epoch) += 1;
+        p.set_slot(Slot::MovedAway);
+        end.state = if end.error.is_some() && guest.is_qemu() {
+            MigrationState::Corrupted
+        } else {
+            MigrationState::Committed
+        };
+        progress.send_modify(|x| x.phase = "committed".into());
+        p.finish_soon();
+    } else {
+        roll_back(p, guest, &end);
+        progress.send_modify(|x| x.phase = "rolled_back".into());
+    }
+    end
+}
+
+fn roll_back(p: &Proc, mut guest: Box<Hosted>, end: &EndedMigration) {
+    if let Err(e) = p.record(&Record::RolledBack {
+        migration: end.migration.clone(),
+        vm: end.vm.clone(),
+        reason: end.error.clone().unwrap_or_default(),
+    }) {
+        tracing::error!(error = %e, "journal");
+    }
+    // The engine resumed a guest it paused, except after an unconfirmed
+    // commit, which it leaves paused for the verdict.
+    if !guest.is_alive() {
+        if let Err(e) = SourceGuest::resume(&mut *guest) {
+            tracing::error!(error = %e, "resuming the guest after a rollback");
+        }
+    }
+    p.set_slot(Slot::Running(guest));
+}
+
+/// Asks the destination agent to take the migration, waits for its guest
+/// process to dial back, then opens the data session routed to it.
+async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateError> {
+    let peer = p.peer(&job.to).map_err(MigrateError::Rejected)?;
+    let security = p.security(&peer.name).map_err(MigrateError::Transport)?;
+    let mut listener = p.listener().map_err(MigrateError::Transport)?;
+    let hello = SessionHello::Data {
+        version: PROTOCOL_VERSION,
+        migration: job.migration.clone(),
+        source_host: p.cfg().name.clone(),
+        reply_to: job.reply_to.clone(),
+        vm: p.launch.vm.clone(),
+        epoch: *lock(&p.epoch),
+        spec: serde_json::to_value(&p.launch.spec).expect("specs serialize"),
+    };
+    let prepare = Sender::connect(peer.migrate_addr, security.clone(), p.session_config(None), None)
+        .await
+        .map_err(|e| MigrateError::Transport(format!("cannot reach {}: {e}", peer.name)))?;
+    prepare
+        .send(hello_frame(&hello))
+        .await
+        .map_err(|e| MigrateError::Transport(e.to_string()))?;
+    let replies = accept_replies(&mut listener, job).await?;
+    let mut cfg = p.session_config(Some(&job.migration));
+    if qemu {
+        cfg.window_bytes = QEMU_WINDOW_BYTES;
+    }
+    let data = Sender::connect(peer.migrate_addr, security, cfg, None)
+        .await
+        .map_err(|e| MigrateError::Transport(format!("cannot reach {}: {e}", peer.name)))?;
+    data.send(hello_frame(&hello))
+        .await
+        .map_err(|e| MigrateError::Transport(e.to_string()))?;
+    Ok(Links {
+        link: SourceLink { data, replies },
+        listener,
+        prepare,
+    })
+}
+
+/// The destination's guest process dials back with `Replies`, or its agent
+/// with `Refused`.
+async fn accept_replies(listener: &mut Listener, job: &OutJob) -> Result<Receiver, MigrateError> {
+    let wait = job.policy.reply_timeout;
+    let t = tokio::time::Instant::now();
+    loop {
+        let left = wait.saturating_sub(t.elapsed());
+        let mut rx = tokio::time::timeout(left, listener.accept())
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                MigrateError::Transport(format!(
+                    "{} did not open the reply session within {wait:?} (is this host its peer?)",
+                    job.to
+                ))
+            })?;
+        match read_hello(&mut rx, Duration::from_secs(10)).await {
+            Ok(SessionHello::Replies { migration }) if migration == job.migration => return Ok(rx),
+            Ok(SessionHello::Refused { migration, reason }) if migration == job.migration => {
+                return Err(MigrateError::Rejected(reason))
+            }
+            Ok(other) => tracing::warn!(?other, "unexpected session while waiting for replies"),
+            Err(e) => tracing::warn!(error = %e, "a reply session without a hello"),
+        }
+    }
+}
+
+async fn transfer(
+    p: &Arc<Proc>,
+    guest: &mut Hosted,
+    job: &OutJob,
+    compress: Compress,
+    link: SourceLink,
+    progress: watch::Sender<Progress>,
+) -> Result<Report, MigrateError> {
+    let epoch = *lock(&p.epoch);
+    let mut before_commit = || {
+        p.record(&Record::CommitDecided {
+            migration: job.migration.clone(),
+            vm: p.launch.vm.clone(),
+            to: job.to.clone(),
+            epoch: epoch + 1,
+        })
+    };
+    let key = crate::keys::host_key(&p.cfg().data_dir)
+        .map_err(|e| MigrateError::Aborted(format!("host key: {e}")))?;
+    match guest {
+        Hosted::Qemu(q) => {
+            let args = qemu_relay::SourceArgs {
+                vm: q,
+                policy: &job.policy,
+                compress,
+                progress,
+            };
+            qemu_relay::source(args, link.data, link.replies, &mut before_commit).await
+        }
+        g => {
+            tern_migrate::migrate_observed(
+                g,
+                link,
+                &key,
+                &job.policy,
+                &job.migration,
+                progress,
+                &mut before_commit,
+            )
+            .await
+        }
+    }
+}
+
+/// `Commit` went out but was never confirmed: ask the destination agent
+/// until it answers (its answer is final: asking fences a late `Commit`).
+/// Meanwhile the guest stays paused here and nothing calls it running.
+async fn settle(
+    p: &Arc<Proc>,
+    job: &OutJob,
+    listener: &mut Listener,
+    progress: &watch::Sender<Progress>,
+) -> bool {
+    progress.send_modify(|x| x.phase = "settling".into());
+    loop {
+        match ask(p, job, listener).await {
+            Ok(committed) => {
+                tracing::info!(migration = job.migration, committed, "commit settled");
+                return committed;
+            }
+            Err(e) => {
+                tracing::warn!(migration = job.migration, error = %e, "cannot settle the commit yet");
+                tokio::time::sleep(SETTLE_RETRY).await;
+            }
+        }
+    }
+}
+
+async fn ask(p: &Arc<Proc>, job: &OutJob, listener: &mut Listener) -> Result<bool, String> {
+    let peer = p.peer(&job.to)?;
+    let security = p.security(&peer.name)?;
+    let mut cfg = p.session_config(None);
+    cfg.resume_deadline = Duration::from_secs(5);
+    let s = Sender::connect(peer.migrate_addr, security, cfg, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.send(hello_frame(&SessionHello::Settle {
+        version: PROTOCOL_VERSION,
+        migration: job.migration.clone(),
+        source_host: p.cfg().name.clone(),
+        reply_to: job.reply_to.clone(),
+    }))
+    .await
+    .map_err(|e| e.to_string())?;
+    let answer = async {
+        loop {
+            let Some(mut rx) = listener.accept().await else {
+                return Err("listener closed".to_string());
+            };
+            if let Ok(SessionHello::Settled {
+                migration,
+                committed,
+            }) = read_hello(&mut rx, Duration::from_secs(5)).await
+            {
+                if migration == job.migration {
+                    return Ok(committed);
+                }
+            }
+        }
+    };
+    let res = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.finish()).await;
+    });
+    res
+}
+
+impl Hosted {
+    fn is_qemu(&self) -> bool {
+        matches!(self, Hosted::Qemu(_))
+    }
+}

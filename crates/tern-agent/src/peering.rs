@@ -1,0 +1,301 @@
+//! The host's migration listener: streams routed to a migration go, as
+//! sockets, to the guest process running it; unrouted sessions ask this
+//! agent to take a migration in ([`SessionHello::Data`]) or to settle one
+//! whose `Commit` went unconfirmed ([`SessionHello::Settle`]).
+
+use crate::agent::{lock, Agent, AgentError, Inner, Routes};
+use crate::control::{self, Request};
+use crate::guestproc::read_hello as read_session_hello;
+use crate::views::{Role, VmSpec, VmStatus};
+use crate::vmdir::{fold, Launch, LaunchRole, VmDir};
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_migrate::protocol::{frame, SessionHello, KIND_HELLO, PROTOCOL_VERSION};
+use tern_transport::{Listener, Receiver, Router, Security, Sender, SessionConfig};
+
+/// Binds the listener and serves it for as long as the agent lives.
+pub(crate) async fn listen(inner: &Arc<Inner>) -> Result<SocketAddr, AgentError> {
+    let server = match &inner.tls {
+        Some(t) => Some(
+            t.server_config()
+                .map_err(|e| AgentError::BadRequest(format!("TLS server: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut listener = Listener::bind_routed(
+        inner.cfg.migrate_addr,
+        server,
+        Duration::from_secs(inner.cfg.resume_deadline_secs),
+        Some(router(inner.routes.clone())),
+    )
+    .await
+    .map_err(|e| AgentError::Internal(format!("cannot listen on {}: {e}", inner.cfg.migrate_addr)))?;
+    let addr = listener.local_addr();
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        while let Some(rx) = listener.accept().await {
+            let Some(inner) = weak.upgrade() else { return };
+            let agent = Agent {
+                inner,
+                migrate_addr: addr,
+            };
+            tokio::spawn(async move { agent.session(rx).await });
+        }
+    });
+    Ok(addr)
+}
+
+/// Hands each routed stream to its migration's guest process.
+fn router(routes: Routes) -> Router {
+    Arc::new(move |route: String, sock: tokio::net::TcpStream| {
+        let Some(dir) = lock(&routes).get(&route).cloned() else {
+            tracing::warn!(route, "a stream for no migration here");
+            return;
+        };
+        let fd: OwnedFd = match sock.into_std() {
+            Ok(s) => s.into(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot detach a routed stream");
+                return;
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = control::hand_over(&dir.streams(), fd) {
+                tracing::warn!(route, error = %e, "cannot hand a stream to its guest process");
+            }
+        });
+    })
+}
+
+fn hello_frame(h: &SessionHello) -> bytes::Bytes {
+    frame(
+        KIND_HELLO,
+        &serde_json::to_vec(h).expect("hellos serialize"),
+    )
+}
+
+/// Why an incoming migration is refused before anything starts.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("the source speaks migration protocol version {theirs}, this host version {ours}")]
+    Version { theirs: u32, ours: u32 },
+    #[error("`{0}` is not a configured peer")]
+    UnknownPeer(String),
+    #[error("bad VM spec: {0}")]
+    Spec(String),
+    #[error("{0} already runs on this host")]
+    AlreadyHere(String),
+    #[error("no capacity for {mib} MiB and {vcpus} vCPUs (limit {max_mib} MiB, {max_vcpus} vCPUs)")]
+    Capacity {
+        mib: u64,
+        vcpus: u8,
+        max_mib: u64,
+        max_vcpus: u8,
+    },
+    #[error("cannot start a guest process: {0}")]
+    Start(String),
+}
+
+/// What a source asks for when it opens a migration.
+struct Offer {
+    version: u32,
+    migration: String,
+    source_host: String,
+    reply_to: String,
+    vm: String,
+    epoch: u64,
+    spec: serde_json::Value,
+}
+
+impl Agent {
+    async fn session(self, mut rx: Receiver) {
+        match read_session_hello(&mut rx, Duration::from_secs(10)).await {
+            Err(e) => tracing::warn!(error = %e, "refused a migration session"),
+            Ok(SessionHello::Data {
+                version,
+                migration,
+                source_host,
+                reply_to,
+                vm,
+                epoch,
+                spec,
+            }) => {
+                let offer = Offer {
+                    version,
+                    migration,
+                    source_host,
+                    reply_to,
+                    vm,
+                    epoch,
+                    spec,
+                };
+                self.offer(offer).await;
+                // The asking session stays open until the source closes it.
+                while let Some(Ok((seq, _))) = rx.recv().await {
+                    rx.ack(seq);
+                }
+            }
+            Ok(SessionHello::Settle {
+                migration,
+                source_host,
+                reply_to,
+                ..
+            }) => self.answer_settle(&migration, &source_host, &reply_to).await,
+            Ok(other) => tracing::warn!(?other, "unexpected session hello"),
+        }
+    }
+
+    /// Takes a migration in: a guest process of its own receives it.
+    async fn offer(&self, o: Offer) {
+        match self.accept_offer(&o).await {
+            Ok(()) => {
+                tracing::info!(migration = o.migration, from = o.source_host, vm = o.vm, "incoming migration")
+            }
+            Err(r) => {
+                tracing::warn!(migration = o.migration, from = o.source_host, error = %r, "incoming migration refused");
+                let msg = SessionHello::Refused {
+                    migration: o.migration.clone(),
+                    reason: r.to_string(),
+                };
+                if let Err(e) = self.dial_back(&o.reply_to, &o.source_host, &o.migration, &msg).await {
+                    tracing::warn!(error = %e, "cannot tell the source why");
+                }
+            }
+        }
+    }
+
+    async fn accept_offer(&self, o: &Offer) -> Result<(), Refusal> {
+        if o.version != PROTOCOL_VERSION {
+            return Err(Refusal::Version {
+                theirs: o.version,
+                ours: PROTOCOL_VERSION,
+            });
+        }
+        let cfg = &self.inner.cfg;
+        if cfg.peer(&o.source_host).is_none() {
+            return Err(Refusal::UnknownPeer(o.source_host.clone()));
+        }
+        let spec: VmSpec =
+            serde_json::from_value(o.spec.clone()).map_err(|e| Refusal::Spec(e.to_string()))?;
+        spec.validate().map_err(Refusal::Spec)?;
+        if spec.memory_mib > cfg.max_memory_mib || spec.vcpus > cfg.max_vcpus {
+            return Err(Refusal::Capacity {
+                mib: spec.memory_mib,
+                vcpus: spec.vcpus,
+                max_mib: cfg.max_memory_mib,
+                max_vcpus: cfg.max_vcpus,
+            });
+        }
+        if let Ok(v) = self.vm(&o.vm).await {
+            if matches!(v.status, VmStatus::Running | VmStatus::Migrating | VmStatus::Starting) {
+                return Err(Refusal::AlreadyHere(o.vm.clone()));
+            }
+        }
+        let dir = VmDir::new(&cfg.data_dir, &format!("{}.{}", o.vm, o.migration));
+        dir.write_launch(&Launch {
+            vm: o.vm.clone(),
+            epoch: o.epoch + 1,
+            spec,
+            role: LaunchRole::Receive {
+                migration: o.migration.clone(),
+                source_host: o.source_host.clone(),
+                reply_to: o.reply_to.clone(),
+            },
+            agent: cfg.clone(),
+        })
+        .map_err(|e| Refusal::Start(e.to_string()))?;
+        lock(&self.inner.routes).insert(o.migration.clone(), dir.clone());
+        if let Err(e) = self.spawn_guest(&dir) {
+            lock(&self.inner.routes).remove(&o.migration);
+            return Err(Refusal::Start(e.to_string()));
+        }
+        self.track(&o.migration, &o.vm, Role::Destination, &o.source_host, dir);
+        Ok(())
+    }
+
+    /// The final word on whether `migration` committed here. A process
+    /// still receiving it is fenced first; one that ended left its journal.
+    async fn answer_settle(&self, migration: &str, source_host: &str, reply_to: &str) {
+        let committed = self.committed_here(migration).await;
+        let Some(committed) = committed else {
+            tracing::warn!(migration, "cannot settle yet: its guest process does not answer");
+            return;
+        };
+        tracing::info!(migration, committed, from = source_host, "settled a commit");
+        let msg = SessionHello::Settled {
+            migration: migration.into(),
+            committed,
+        };
+        if let Err(e) = self.dial_back(reply_to, source_host, migration, &msg).await {
+            tracing::warn!(migration, error = %e, "cannot send the verdict");
+        }
+    }
+
+    async fn committed_here(&self, migration: &str) -> Option<bool> {
+        let dir = lock(&self.inner.routes).get(migration).cloned().or_else(|| {
+            let root = self.inner.cfg.data_dir.join("vms");
+            std::fs::read_dir(root).ok()?.flatten().find_map(|d| {
+                let name = d.file_name().to_string_lossy().into_owned();
+                name.ends_with(&format!(".{migration}")).then(|| VmDir(d.path()))
+            })
+        });
+        let Some(dir) = dir else {
+            return Some(false); // never received here: it never will be
+        };
+        if dir.live_pid().is_some() {
+            let req = Request::Settle {
+                migration: migration.into(),
+            };
+            match control::call::<bool>(&dir.control(), &req, Duration::from_secs(5)).await {
+                Ok(c) => return Some(c),
+                Err(control::ControlError::Refused(_)) => {}
+                Err(_) if dir.live_pid().is_some() => return None,
+                Err(_) => {}
+            }
+        }
+        // The process ended: its journal holds the commit if there was one.
+        let records = dir.journal().ok()?.records().ok()?;
+        let committed = records.iter().any(|r| {
+            matches!(r, crate::journal::Record::CommitReceived { migration: m, .. } if m == migration)
+        });
+        let _ = fold(&records);
+        Some(committed)
+    }
+
+    /// Opens a short session on the source's reply route and sends `msg`.
+    async fn dial_back(
+        &self,
+        reply_to: &str,
+        peer: &str,
+        migration: &str,
+        msg: &SessionHello,
+    ) -> Result<(), String> {
+        let addr: SocketAddr = reply_to
+            .parse()
+            .map_err(|_| format!("bad reply address {reply_to}"))?;
+        let security = match &self.inner.tls {
+            Some(t) => Security::Tls {
+                config: t.client_config().map_err(|e| e.to_string())?,
+                server_name: peer.into(),
+            },
+            None => Security::InsecurePlaintext,
+        };
+        let cfg = SessionConfig {
+            streams: 1,
+            resume_deadline: Duration::from_secs(5),
+            route: Some(migration.into()),
+            ..Default::default()
+        };
+        let s = Sender::connect(addr, security, cfg, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.send(hello_frame(msg)).await.map_err(|e| e.to_string())?;
+        tokio::time::timeout(Duration::from_secs(5), s.finish())
+            .await
+            .map_err(|_| "no acknowledgement".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! A guest's directory, `<data_dir>/vms/<name>/`: everything a guest process
+//! and the agent share, so that either can come and go.
+//!
+//! - `launch.json`: what the process hosts and how (written by the agent before it starts it);
+//! - `journal.jsonl`: the guest's own record of its ownership and migrations,
+//!   written by its process, synced before each step it records takes effect;
+//! - `control.sock`: the process's control socket ([`crate::control`]);
+//! - `streams.sock`: where the agent hands it migration streams routed to it;
+//! - `pid`, `guest.log`.
+
+use crate::config::AgentConfig;
+use crate::journal::{Journal, JournalError, Record};
+use crate::views::{MigrationState, Role, VmSpec};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What a guest process hosts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Launch {
+    /// The VM.
+    pub vm: String,
+    /// Its owner epoch here (once committed, for an incoming one).
+    pub epoch: u64,
+    /// What it is.
+    pub spec: VmSpec,
+    /// Boot it, or receive it.
+    pub role: LaunchRole,
+    /// The agent's configuration when it started the process: host name, TLS
+    /// files, peers, host key directory, deadlines.
+    pub agent: AgentConfig,
+}
+
+/// How the guest comes to be.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum LaunchRole {
+    /// Boot it fresh.
+    Boot,
+    /// Receive it by a migration from `source_host`.
+    Receive {
+        /// The migration.
+        migration: String,
+        /// The source host (a peer).
+        source_host: String,
+        /// Where the reply session goes (the source agent routes it).
+        reply_to: String,
+    },
+}
+
+/// The files of one guest directory.
+#[derive(Clone, Debug)]
+pub struct VmDir(pub PathBuf);
+
+impl VmDir {
+    /// The directory of `name` under `data_dir`.
+    pub fn new(data_dir: &Path, name: &str) -> Self {
+        VmDir(data_dir.join("vms").join(name))
+    }
+    /// `launch.json`.
+    pub fn launch_file(&self) -> PathBuf {
+        self.0.join("launch.json")
+    }
+    /// The control socket.
+    pub fn control(&self) -> PathBuf {
+        self.0.join("control.sock")
+    }
+    /// Where routed streams are handed in.
+    pub fn streams(&self) -> PathBuf {
+        self.0.join("streams.sock")
+    }
+    /// The process id file.
+    pub fn pid_file(&self) -> PathBuf {
+        self.0.join("pid")
+    }
+    /// The process's log.
+    pub fn log(&self) -> PathBuf {
+        self.0.join("guest.log")
+    }
+    /// Reads `launch.json`.
+    pub fn launch(&self) -> Result<Launch, String> {
+        let text = std::fs::read(self.launch_file())
+            .map_err(|e| format!("{}: {e}", self.launch_file().display()))?;
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", self.launch_file().display()))
+    }
+    /// Writes `launch.json` (creating the directory).
+    pub fn write_launch(&self, l: &Launch) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.0)?;
+        let tmp = self.0.join("launch.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(l).expect("launches serialize"))?;
+        std::fs::rename(tmp, self.launch_file())
+    }
+    /// The guest's journal.
+    pub fn journal(&self) -> Result<Journal, JournalError> {
+        Journal::open(&self.0)
+    }
+    /// Its process id, if it wrote one and that process still runs this
+    /// directory's guest (a pid reused by another program does not count).
+    pub fn live_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Field 3, after the parenthesised name: Z is a zombie (exited).
+        let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+        if state == "Z" || state == "X" {
+            return None;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let dir = self.0.to_string_lossy();
+        String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .any(|a| a == dir)
+            .then_some(pid)
+    }
+}
+
+/// What a guest directory's journal says.
+#[derive(Clone, Debug, Default)]
+pub struct DirFate {
+    /// Owned here at this epoch (booted, or committed in), unless later moved or stopped.
+    pub owned: Option<u64>,
+    /// Moved to this host at this epoch.
+    pub moved_to: Option<(String, u64)>,
+    /// Stopped on request.
+    pub stopped: bool,
+    /// An incoming migration that was discarded.
+    pub discarded: bool,
+    /// A commit decided and not yet settled (the process was settling).
+    pub in_doubt: Option<String>,
+    /// Every migration that ended, as it ended.
+    pub ended: Vec<EndedMigration>,
+}
+
+/// A migration's end, as its guest process recorded it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EndedMigration {
+    /// The migration.
+    pub migration: String,
+    /// The VM.
+    pub vm: String,
+    /// This host's end.
+    pub role: Role,
+    /// The other host.
+    pub peer: String,
+    /// How it ended.
+    pub state: MigrationState,
+    /// The engine's report (source).
+    pub report: Option<tern_migrate::Report>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Folds one guest directory's records.
+pub fn fold(records: &[Record]) -> DirFate {
+    let mut f = DirFate::default();
+    let mut owned_epoch = None;
+    for r in records {
+        match r {
+            Record::VmStarted { epoch, .. } | Record::CommitReceived { epoch, .. } => {
+                owned_epoch = Some(*epoch);
+                f.owned = owned_epoch;
+                f.discarded = false;
+            }
+            Record::CommitDecided {
+                migration,
+                to,
+                epoch,
+                ..
+            } => {
+                f.owned = None;
+                f.moved_to = Some((to.clone(), *epoch));
+                f.in_doubt = Some(migration.clone());
+            }
+            Record::RolledBack { .. } => {
+                f.owned = owned_epoch;
+                f.moved_to = None;
+                f.in_doubt = None;
+            }
+            Record::VmStopped { .. } => {
+                f.owned = None;
+                f.stopped = true;
+            }
+            Record::Discarded { .. } => f.discarded = true,
+            Record::MigrationEnded(e) => {
+                if f.in_doubt.as_deref() == Some(&e.migration) {
+                    f.in_doubt = None;
+                }
+                f.ended.push((**e).clone());
+            }
+            Record::MigrationOut { .. } | Record::MigrationIn { .. } => {}
+        }
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(m: &str, state: MigrationState) -> Record {
+        Record::MigrationEnded(Box::new(EndedMigration {
+            migration: m.into(),
+            vm: "v".into(),
+            role: Role::Source,
+            peer: "b".into(),
+            state,
+            report: None,
+            error: None,
+        }))
+    }
+
+    #[test]
+    fn a_decided_commit_is_in_doubt_until_its_end_is_recorded() {
+        let mut recs = vec![
+            Record::VmStarted {
+                vm: "v".into(),
+                epoch: 1,
+                spec: serde_json::json!({}),
+            },
+            Record::CommitDecided {
+                migration: "m".into(),
+                vm: "v".into(),
+                to: "b".into(),
+                epoch: 2,
+            },
+        ];
+        let f = fold(&recs);
+        assert_eq!(f.in_doubt.as_deref(), Some("m"));
+        assert_eq!(f.owned, None);
+        // Settled as not committed: the guest is ours again.
+        recs.push(Record::RolledBack {
+            migration: "m".into(),
+            vm: "v".into(),
+            reason: "the destination never committed".into(),
+        });
+        recs.push(ended("m", MigrationState::RolledBack));
+        let f = fold(&recs);
+        assert_eq!((f.owned, f.in_doubt, f.moved_to), (Some(1), None, None));
+        assert_eq!(f.ended.len(), 1);
+    }
+}
