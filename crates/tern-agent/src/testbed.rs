@@ -130,6 +130,8 @@ pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<BedHost>, Box<dyn std
 pub struct AgentProcess {
     child: std::process::Child,
     host: BedHost,
+    /// Whether dropping it kills its guest processes too.
+    owns_guests: bool,
     /// Its ready line (name, addresses, public key).
     pub ready_line: String,
 }
@@ -138,6 +140,17 @@ impl AgentProcess {
     /// Runs `bin agent CONFIG` (inside network namespace `netns` if given)
     /// and waits up to 30 s for its ready line.
     pub fn start(bin: &Path, host: &BedHost, netns: Option<&str>) -> std::io::Result<Self> {
+        Self::start_with_env(bin, host, netns, &[])
+    }
+
+    /// [`AgentProcess::start`] with extra environment variables (fault
+    /// injection: its guest processes inherit them).
+    pub fn start_with_env(
+        bin: &Path,
+        host: &BedHost,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> std::io::Result<Self> {
         use std::io::BufRead;
         let mut cmd = match netns {
             Some(ns) => {
@@ -148,6 +161,7 @@ impl AgentProcess {
             None => std::process::Command::new(bin),
         };
         let mut child = cmd
+            .envs(env.iter().copied())
             .arg("agent")
             .arg(&host.config)
             .stdout(std::process::Stdio::piped())
@@ -173,6 +187,7 @@ impl AgentProcess {
         let mut proc = AgentProcess {
             child,
             host: host.clone(),
+            owns_guests: true,
             ready_line: String::new(),
         };
         proc.ready_line = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
@@ -203,6 +218,12 @@ impl AgentProcess {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         let _ = self.child.wait();
+    }
+
+    /// Leaves its guest processes running when it is dropped (another
+    /// agent process of the same host adopts them).
+    pub fn release_guests(&mut self) {
+        self.owns_guests = false;
     }
 
     /// Its host.
@@ -240,6 +261,8 @@ impl Drop for AgentProcess {
     /// Ends the agent and its guests: a test leaves no process behind.
     fn drop(&mut self) {
         self.kill();
-        kill_guests(&self.host.data_dir);
+        if self.owns_guests {
+            kill_guests(&self.host.data_dir);
+        }
     }
 }

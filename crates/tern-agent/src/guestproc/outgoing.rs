@@ -233,7 +233,9 @@ async fn transfer(
             vm: p.launch.vm.clone(),
             to: job.to.clone(),
             epoch: epoch + 1,
-        })
+        })?;
+        hold_after_commit_record();
+        Ok(())
     };
     let key = crate::keys::host_key(&p.cfg().data_dir)
         .map_err(|e| MigrateError::Aborted(format!("host key: {e}")))?;
@@ -259,6 +261,20 @@ async fn transfer(
             )
             .await
         }
+    }
+}
+
+/// Failure injection for tests and drills: `TERN_FAULT_HOLD_AFTER_COMMIT_RECORD_MS`
+/// (in the agent's environment, which its guest processes inherit) holds
+/// the source between its commit record and sending `Commit`: the window
+/// in which a fault leaves the commit in doubt.
+fn hold_after_commit_record() {
+    let ms = std::env::var("TERN_FAULT_HOLD_AFTER_COMMIT_RECORD_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = ms {
+        tracing::warn!(ms, "fault injection: holding after the commit record");
+        tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(ms)));
     }
 }
 

@@ -1,0 +1,219 @@
+//! Helpers shared by the end-to-end tests: agent processes, VM specs,
+//! waiting for migrations, checking that a guest runs.
+#![allow(dead_code)]
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tern_agent::testbed::{self, AgentProcess, BedHost, HostPlan};
+use tern_agent::{AgentClient, MigrateRequest, MigrationState, MigrationView, VmSpec, VmStatus};
+use tern_testkit::{LinkConfig, LinkEmulator};
+
+pub const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// An agent process, killed when dropped.
+pub struct AgentProc(pub AgentProcess);
+
+impl AgentProc {
+    pub fn start(host: &BedHost, netns: Option<&str>) -> AgentProc {
+        let p = AgentProcess::start(Path::new(env!("CARGO_BIN_EXE_tern")), host, netns).unwrap();
+        eprintln!("{}", p.ready_line);
+        AgentProc(p)
+    }
+
+    pub fn client(&self) -> AgentClient {
+        self.0.client().unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        self.0.kill()
+    }
+}
+
+pub fn spec() -> VmSpec {
+    VmSpec {
+        memory_mib: 64,
+        ws_pages: 2048,
+        pages_per_tick: 16,
+        ..Default::default()
+    }
+}
+
+pub fn precopy_to(to: &str) -> MigrateRequest {
+    mode_to(to, "precopy")
+}
+
+pub fn mode_to(to: &str, mode: &str) -> MigrateRequest {
+    MigrateRequest {
+        to: to.into(),
+        mode: mode.into(),
+        max_downtime_ms: Some(50),
+        bandwidth_mbps: None,
+        deadline_secs: None,
+        max_bandwidth_mbps: None,
+        auto_converge: None,
+        compress: None,
+    }
+}
+
+pub async fn wait_end(c: &AgentClient, id: &str, limit: Duration) -> MigrationView {
+    let t = Instant::now();
+    loop {
+        let v = c.migration(id).await.unwrap();
+        if v.state.is_final() {
+            return v;
+        }
+        assert!(t.elapsed() < limit, "migration {id} still running: {v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The guest runs on `c`: its counter advances and its working-set checksum is right.
+pub async fn assert_runs(c: &AgentClient, vm: &str, epoch: u64) {
+    let a = c.vm(vm).await.unwrap();
+    assert_eq!(a.status, VmStatus::Running, "{a:?}");
+    assert_eq!(a.epoch, epoch);
+    let t = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let b = c.vm(vm).await.unwrap();
+        // Process workloads make no checksums; their counter is enough.
+        let checked = b.checksum_ok.is_some() || b.spec.kind == tern_agent::GuestKind::Process;
+        if b.counter > a.counter && checked {
+            assert_ne!(
+                b.checksum_ok,
+                Some(false),
+                "working-set checksum wrong: {b:?}"
+            );
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the guest stopped counting: {b:?}"
+        );
+    }
+}
+
+pub fn kvm() -> bool {
+    tern_vmm::testing::kvm_or_skip()
+}
+
+/// Migrates a fresh VM a → b and checks both ends.
+pub async fn migrate_and_check(a: &AgentClient, b: &AgentClient) -> MigrationView {
+    migrate_mode_and_check(a, b, "precopy").await
+}
+
+pub async fn migrate_mode_and_check(a: &AgentClient, b: &AgentClient, mode: &str) -> MigrationView {
+    let vm = a.create_vm(&spec()).await.unwrap();
+    assert_runs(a, &vm.id, 1).await;
+    let mut req = mode_to("host-b", mode);
+    if mode == "hybrid" {
+        // A budget no pre-copy round can meet: hybrid must move on to post-copy.
+        req.max_downtime_ms = Some(1);
+    }
+    let m = a.migrate(&vm.id, &req).await.unwrap();
+    let done = wait_end(a, &m.id, Duration::from_secs(120)).await;
+    assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+    let r = done.report.as_ref().unwrap();
+    eprintln!(
+        "{mode}: migrated {} in {:.1} ms, downtime {:.1} ms, {} rounds, {:.2} MB on the wire, post-copy {} ({:.1} ms, {} faults served)",
+        vm.id,
+        r.total_ms,
+        r.downtime_ms,
+        r.rounds.len(),
+        r.wire_bytes as f64 / 1e6,
+        r.postcopy,
+        r.postcopy_ms,
+        r.faults_served
+    );
+    assert_eq!(r.postcopy, mode != "precopy", "{r:?}");
+    assert_runs(b, &vm.id, 2).await;
+    let gone = a.vm(&vm.id).await.unwrap();
+    assert_eq!(gone.status, VmStatus::MovedAway);
+    assert_eq!(gone.moved_to.as_deref(), Some("host-b"));
+    let dest_side = b.migration(&m.id).await.unwrap();
+    assert_eq!(dest_side.state, MigrationState::Committed);
+    done
+}
+
+/// Two loopback agents, peers of each other.
+pub fn loopback_pair(dir: &Path) -> Vec<BedHost> {
+    let plans = [
+        HostPlan::new("host-a", LO).unwrap(),
+        HostPlan::new("host-b", LO).unwrap(),
+    ];
+    testbed::write(dir, &plans).unwrap()
+}
+
+pub fn link(rate: u64) -> LinkConfig {
+    LinkConfig {
+        one_way_delay: Duration::from_millis(10),
+        jitter: Duration::from_millis(1),
+        rate_bytes_per_sec: rate,
+        queue_bytes: 4 << 20,
+    }
+}
+
+/// Two loopback agents whose migration traffic (both sessions) crosses
+/// link emulators with 10 ms each way.
+pub async fn pair_via_emulator(
+    dir: &Path,
+    rate: u64,
+    resume: u64,
+) -> (Vec<BedHost>, LinkEmulator, LinkEmulator) {
+    let mut a = HostPlan::new("host-a", LO).unwrap();
+    let mut b = HostPlan::new("host-b", LO).unwrap();
+    let to_b = LinkEmulator::start(b.migrate_addr(), link(rate))
+        .await
+        .unwrap();
+    let to_a = LinkEmulator::start(a.migrate_addr(), link(rate))
+        .await
+        .unwrap();
+    a.reached_at = Some(to_a.addr());
+    b.reached_at = Some(to_b.addr());
+    a.resume_deadline_secs = resume;
+    b.resume_deadline_secs = resume;
+    (testbed::write(dir, &[a, b]).unwrap(), to_b, to_a)
+}
+
+
+/// Agent processes started with extra environment (fault injection).
+impl AgentProc {
+    pub fn start_env(host: &BedHost, env: &[(&str, &str)]) -> AgentProc {
+        let p = AgentProcess::start_with_env(
+            Path::new(env!("CARGO_BIN_EXE_tern")),
+            host,
+            None,
+            env,
+        )
+        .unwrap();
+        eprintln!("{}", p.ready_line);
+        AgentProc(p)
+    }
+}
+
+/// Every guest process of `vm` under the agents' data directories that
+/// says its guest runs (asked on its control socket, agents or not).
+pub async fn running_copies(data_dirs: &[&Path], vm: &str) -> Vec<(String, u64, Option<u64>)> {
+    use tern_agent::control::{self, GuestState, GuestStatus, Request};
+    let mut out = Vec::new();
+    for d in data_dirs {
+        let Ok(list) = std::fs::read_dir(d.join("vms")) else {
+            continue;
+        };
+        for e in list.flatten() {
+            let dir = tern_agent::vmdir::VmDir(e.path());
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !(name == vm || name.starts_with(&format!("{vm}."))) || dir.live_pid().is_none() {
+                continue;
+            }
+            let st = control::call::<GuestStatus>(&dir.control(), &Request::Status, Duration::from_secs(3)).await;
+            if let Ok(s) = st {
+                if s.state == GuestState::Running {
+                    out.push((d.display().to_string(), s.epoch, s.counter));
+                }
+            }
+        }
+    }
+    out
+}
