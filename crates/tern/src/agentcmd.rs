@@ -145,6 +145,9 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
     })
 }
 
+/// How long `tern migrate` waits for an agent that stopped answering.
+const AGENT_RESTART_WAIT: Duration = Duration::from_secs(60);
+
 /// Polls a migration until it ends, drawing a bar of pages sent.
 async fn follow(client: &AgentClient, id: &str, show: bool) -> anyhow::Result<MigrationView> {
     let bar = if show {
@@ -158,8 +161,28 @@ async fn follow(client: &AgentClient, id: &str, show: bool) -> anyhow::Result<Mi
             .progress_chars("=> "),
     );
     bar.set_prefix(id.to_string());
+    let mut unreachable_since: Option<std::time::Instant> = None;
     loop {
-        let v = client.migration(id).await?;
+        // An agent restarting mid-migration is waited for: the migration
+        // runs on in the guest's process, and the agent that comes back
+        // knows how it ended.
+        let v = match client.migration(id).await {
+            Ok(v) => {
+                unreachable_since = None;
+                v
+            }
+            Err(tern_agent::ClientError::Unreachable { .. })
+                if unreachable_since
+                    .get_or_insert_with(std::time::Instant::now)
+                    .elapsed()
+                    < AGENT_RESTART_WAIT =>
+            {
+                bar.set_message("the agent does not answer; waiting for it".to_string());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let p = &v.progress;
         let pages = (p.memory_bytes / 4096).max(1);
         bar.set_length(pages.max(p.pages_sent));

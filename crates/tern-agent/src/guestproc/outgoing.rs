@@ -63,8 +63,6 @@ pub(super) fn start(p: &Arc<Proc>, job: OutJob) -> Answer<()> {
 struct Links {
     link: SourceLink,
     listener: Listener,
-    /// The session that asked the destination agent; closed at the end.
-    prepare: Sender,
 }
 
 async fn run(
@@ -83,16 +81,12 @@ async fn run(
         report: None,
         error: None,
     };
-    let (res, listener, prepare) = match open(p, job, guest.is_qemu()).await {
-        Ok(Links {
-            link,
-            listener,
-            prepare,
-        }) => {
+    let (res, listener) = match open(p, job, guest.is_qemu()).await {
+        Ok(Links { link, listener }) => {
             let res = transfer(p, &mut guest, job, compress, link, progress.clone()).await;
-            (res, Some(listener), Some(prepare))
+            (res, Some(listener))
         }
-        Err(e) => (Err(e), None, None),
+        Err(e) => (Err(e), None),
     };
     let moved = match &res {
         Ok(_) => true,
@@ -105,11 +99,6 @@ async fn run(
         },
         Err(_) => false,
     };
-    if let Some(s) = prepare {
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), s.finish()).await;
-        });
-    }
     match res {
         Ok(r) => end.report = Some(r),
         Err(e) => end.error = Some(e.to_string()),
@@ -172,7 +161,12 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
         .send(hello_frame(&hello))
         .await
         .map_err(|e| MigrateError::Transport(e.to_string()))?;
-    let replies = accept_replies(&mut listener, job).await?;
+    let replies = accept_replies(&mut listener, job).await;
+    // The asking session has done its job (either way): close it.
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), prepare.finish()).await;
+    });
+    let replies = replies?;
     let mut cfg = p.session_config(Some(&job.migration));
     if qemu {
         cfg.window_bytes = QEMU_WINDOW_BYTES;
@@ -186,7 +180,6 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
     Ok(Links {
         link: SourceLink { data, replies },
         listener,
-        prepare,
     })
 }
 
