@@ -443,7 +443,11 @@ impl Agent {
             }
             let gone = dir.live_pid().is_none() && started.elapsed() > Duration::from_secs(10);
             if gone {
-                break lost_end(&self, &migration, "its guest process ended without recording an end");
+                break lost_end(
+                    &self,
+                    &migration,
+                    "its guest process ended without recording an end",
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
@@ -454,7 +458,10 @@ impl Agent {
     fn apply_end(&self, end: EndedMigration, dir: &VmDir) {
         lock(&self.inner.routes).remove(&end.migration);
         if end.role == Role::Destination
-            && matches!(end.state, MigrationState::Committed | MigrationState::Corrupted)
+            && matches!(
+                end.state,
+                MigrationState::Committed | MigrationState::Corrupted
+            )
         {
             if let Ok(l) = dir.launch() {
                 lock(&self.inner.vms).insert(
@@ -492,10 +499,8 @@ impl Agent {
             let live = dir.live_pid().is_some();
             self.adopt_migrations(&dir, &launch, &fate, live);
             let incoming = !matches!(launch.role, LaunchRole::Boot);
-            let was_vm_here = !incoming
-                || fate.owned.is_some()
-                || fate.moved_to.is_some()
-                || fate.stopped;
+            let was_vm_here =
+                !incoming || fate.owned.is_some() || fate.moved_to.is_some() || fate.stopped;
             if !was_vm_here {
                 continue;
             }
@@ -560,10 +565,10 @@ impl Agent {
                 crate::journal::Record::MigrationOut { migration, to, .. } => {
                     open = Some((migration.clone(), to.clone()))
                 }
-                crate::journal::Record::MigrationEnded(e) => {
-                    if open.as_ref().is_some_and(|(m, _)| m == &e.migration) {
-                        open = None;
-                    }
+                crate::journal::Record::MigrationEnded(e)
+                    if open.as_ref().is_some_and(|(m, _)| m == &e.migration) =>
+                {
+                    open = None
                 }
                 _ => {}
             }
@@ -634,17 +639,18 @@ async fn view(id: &str, e: &VmEntry) -> VmView {
         .map(|r| fold(&r))
         .unwrap_or_default();
     let status = match e.dir.live_pid() {
-        Some(_) => {
-            control::call::<GuestStatus>(&e.dir.control(), &Request::Status, STATUS_TIMEOUT)
-                .await
-                .map_err(|err| err.to_string())
-        }
+        Some(_) => control::call::<GuestStatus>(&e.dir.control(), &Request::Status, STATUS_TIMEOUT)
+            .await
+            .map_err(|err| err.to_string()),
         None => Err(String::new()),
     };
     let mut v = VmView {
         id: id.into(),
         status: VmStatus::Lost,
-        epoch: fate.owned.or(fate.moved_to.as_ref().map(|m| m.1)).unwrap_or(1),
+        epoch: fate
+            .owned
+            .or(fate.moved_to.as_ref().map(|m| m.1))
+            .unwrap_or(1),
         spec: e.spec.clone(),
         counter: None,
         checksum_ok: None,

@@ -155,10 +155,13 @@ async fn read_line<T: serde::de::DeserializeOwned>(
     r: &mut BufReader<UnixStream>,
 ) -> Result<Option<T>, ControlError> {
     let mut line = String::new();
-    let n = r.read_line(&mut line).await.map_err(|source| ControlError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let n = r
+        .read_line(&mut line)
+        .await
+        .map_err(|source| ControlError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
     if n == 0 {
         return Ok(None);
     }

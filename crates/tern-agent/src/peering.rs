@@ -31,7 +31,9 @@ pub(crate) async fn listen(inner: &Arc<Inner>) -> Result<SocketAddr, AgentError>
         Some(router(inner.routes.clone())),
     )
     .await
-    .map_err(|e| AgentError::Internal(format!("cannot listen on {}: {e}", inner.cfg.migrate_addr)))?;
+    .map_err(|e| {
+        AgentError::Internal(format!("cannot listen on {}: {e}", inner.cfg.migrate_addr))
+    })?;
     let addr = listener.local_addr();
     let weak = Arc::downgrade(inner);
     tokio::spawn(async move {
@@ -87,7 +89,9 @@ enum Refusal {
     Spec(String),
     #[error("{0} already runs on this host")]
     AlreadyHere(String),
-    #[error("no capacity for {mib} MiB and {vcpus} vCPUs (limit {max_mib} MiB, {max_vcpus} vCPUs)")]
+    #[error(
+        "no capacity for {mib} MiB and {vcpus} vCPUs (limit {max_mib} MiB, {max_vcpus} vCPUs)"
+    )]
     Capacity {
         mib: u64,
         vcpus: u8,
@@ -142,7 +146,10 @@ impl Agent {
                 source_host,
                 reply_to,
                 ..
-            }) => self.answer_settle(&migration, &source_host, &reply_to).await,
+            }) => {
+                self.answer_settle(&migration, &source_host, &reply_to)
+                    .await
+            }
             Ok(other) => tracing::warn!(?other, "unexpected session hello"),
         }
     }
@@ -151,7 +158,12 @@ impl Agent {
     async fn offer(&self, o: Offer) {
         match self.accept_offer(&o).await {
             Ok(()) => {
-                tracing::info!(migration = o.migration, from = o.source_host, vm = o.vm, "incoming migration")
+                tracing::info!(
+                    migration = o.migration,
+                    from = o.source_host,
+                    vm = o.vm,
+                    "incoming migration"
+                )
             }
             Err(r) => {
                 tracing::warn!(migration = o.migration, from = o.source_host, error = %r, "incoming migration refused");
@@ -159,7 +171,10 @@ impl Agent {
                     migration: o.migration.clone(),
                     reason: r.to_string(),
                 };
-                if let Err(e) = self.dial_back(&o.reply_to, &o.source_host, &o.migration, &msg).await {
+                if let Err(e) = self
+                    .dial_back(&o.reply_to, &o.source_host, &o.migration, &msg)
+                    .await
+                {
                     tracing::warn!(error = %e, "cannot tell the source why");
                 }
             }
@@ -189,7 +204,10 @@ impl Agent {
             });
         }
         if let Ok(v) = self.vm(&o.vm).await {
-            if matches!(v.status, VmStatus::Running | VmStatus::Migrating | VmStatus::Starting) {
+            if matches!(
+                v.status,
+                VmStatus::Running | VmStatus::Migrating | VmStatus::Starting
+            ) {
                 return Err(Refusal::AlreadyHere(o.vm.clone()));
             }
         }
@@ -220,7 +238,10 @@ impl Agent {
     async fn answer_settle(&self, migration: &str, source_host: &str, reply_to: &str) {
         let committed = self.committed_here(migration).await;
         let Some(committed) = committed else {
-            tracing::warn!(migration, "cannot settle yet: its guest process does not answer");
+            tracing::warn!(
+                migration,
+                "cannot settle yet: its guest process does not answer"
+            );
             return;
         };
         tracing::info!(migration, committed, from = source_host, "settled a commit");
@@ -234,13 +255,17 @@ impl Agent {
     }
 
     async fn committed_here(&self, migration: &str) -> Option<bool> {
-        let dir = lock(&self.inner.routes).get(migration).cloned().or_else(|| {
-            let root = self.inner.cfg.data_dir.join("vms");
-            std::fs::read_dir(root).ok()?.flatten().find_map(|d| {
-                let name = d.file_name().to_string_lossy().into_owned();
-                name.ends_with(&format!(".{migration}")).then(|| VmDir(d.path()))
-            })
-        });
+        let dir = lock(&self.inner.routes)
+            .get(migration)
+            .cloned()
+            .or_else(|| {
+                let root = self.inner.cfg.data_dir.join("vms");
+                std::fs::read_dir(root).ok()?.flatten().find_map(|d| {
+                    let name = d.file_name().to_string_lossy().into_owned();
+                    name.ends_with(&format!(".{migration}"))
+                        .then(|| VmDir(d.path()))
+                })
+            });
         let Some(dir) = dir else {
             return Some(false); // never received here: it never will be
         };

@@ -86,7 +86,10 @@ impl VmDir {
     pub fn write_launch(&self, l: &Launch) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.0)?;
         let tmp = self.0.join("launch.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(l).expect("launches serialize"))?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(l).expect("launches serialize"),
+        )?;
         std::fs::rename(tmp, self.launch_file())
     }
     /// The guest's journal.

@@ -93,7 +93,10 @@ async fn one_copy_everyone_agrees(w: Window, expect: MigrationState) {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains(&format!("{expect:?}")), "the CLI said: {text}");
+    assert!(
+        text.contains(&format!("{expect:?}")),
+        "the CLI said: {text}"
+    );
     assert_eq!(out.status.success(), expect == MigrationState::Committed);
     let (ca, cb) = (w.a.client(), w.b.client());
     let mig = ca.migrations_list().await.unwrap()[0].clone();
@@ -135,7 +138,9 @@ async fn the_target_guest_process_killed_in_the_commit_window() {
     };
     let dir = VmDir(incoming_dir(&w.bed[1].data_dir, &w.vm));
     let pid = dir.live_pid().expect("the receiving process");
-    let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
     // Commit cannot arrive: the source settles with host-b (no commit
     // record there) and resumes its paused guest.
     one_copy_everyone_agrees(w, MigrationState::RolledBack).await;

@@ -57,7 +57,11 @@ async fn advance_without_agent(data_dir: &Path, vms: &[String]) {
 
 fn pids(data_dir: &Path, vms: &[String]) -> Vec<i32> {
     vms.iter()
-        .map(|id| VmDir::new(data_dir, id).live_pid().expect("a live guest process"))
+        .map(|id| {
+            VmDir::new(data_dir, id)
+                .live_pid()
+                .expect("a live guest process")
+        })
         .collect()
 }
 
@@ -104,7 +108,10 @@ async fn five_guests_of_mixed_kinds_run_through_agent_restarts() {
         }
         assert_eq!(pids(&data, &vms), first, "a guest process was replaced");
         assert_eq!(c.vms().await.unwrap().len(), vms.len());
-        eprintln!("after {how}: all {} guests kept running and are served", vms.len());
+        eprintln!(
+            "after {how}: all {} guests kept running and are served",
+            vms.len()
+        );
     }
     // The agent still controls them: one is stopped through it.
     let c = a.client();
@@ -167,7 +174,10 @@ async fn an_agent_killed_at_any_phase_of_a_migration_leaves_one_running_copy() {
     let (da, db) = (bed[0].data_dir.clone(), bed[1].data_dir.clone());
     // Commit is held back 1 s after the source's record: the window exists.
     let env = [("TERN_FAULT_HOLD_AFTER_COMMIT_RECORD_MS", "1000")];
-    let mut agents = [AgentProc::start_env(&bed[0], &env), AgentProc::start_env(&bed[1], &env)];
+    let mut agents = [
+        AgentProc::start_env(&bed[0], &env),
+        AgentProc::start_env(&bed[1], &env),
+    ];
     let mut outcomes = Vec::new();
     for kind in [GuestKind::TestGuest, GuestKind::Process] {
         for phase in [
@@ -187,7 +197,11 @@ async fn an_agent_killed_at_any_phase_of_a_migration_leaves_one_running_copy() {
                 assert_runs(&ca, &vm, 1).await;
                 let mut req = mode_to(
                     "host-b",
-                    if phase == Phase::MidPostcopy { "postcopy" } else { "precopy" },
+                    if phase == Phase::MidPostcopy {
+                        "postcopy"
+                    } else {
+                        "precopy"
+                    },
                 );
                 // A budget a later round meets (the process workload needs
                 // a tight one, or its first round is enough).
@@ -209,7 +223,11 @@ async fn an_agent_killed_at_any_phase_of_a_migration_leaves_one_running_copy() {
                 let src = wait_end(&ca, &m, Duration::from_secs(120)).await;
                 let dst = wait_end(&cb, &m, Duration::from_secs(60)).await;
                 let copies = running_copies(&[&da, &db], &vm).await;
-                assert_eq!(copies.len(), 1, "{kind:?} {phase:?} {side:?}: copies {copies:?}");
+                assert_eq!(
+                    copies.len(),
+                    1,
+                    "{kind:?} {phase:?} {side:?}: copies {copies:?}"
+                );
                 match src.state {
                     MigrationState::Committed => {
                         assert_eq!(dst.state, MigrationState::Committed, "{dst:?}");

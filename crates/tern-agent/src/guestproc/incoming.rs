@@ -82,13 +82,11 @@ async fn connect(
     source_host: &str,
     reply_to: &str,
 ) -> Result<(Receiver, Sender, Listener), String> {
-    if let Err(e) = p.record(&Record::MigrationIn {
+    p.record(&Record::MigrationIn {
         migration: migration.into(),
         vm: p.launch.vm.clone(),
         from: source_host.into(),
-    }) {
-        return Err(e);
-    }
+    })?;
     let mut listener = p.listener()?;
     let addr: SocketAddr = reply_to
         .parse()
@@ -115,7 +113,9 @@ async fn connect(
         .ok_or_else(|| format!("the source opened no data session within {wait:?}"))?;
     match read_hello(&mut data, wait).await? {
         SessionHello::Data { migration: m, .. } if m == migration => Ok((data, replies, listener)),
-        other => Err(format!("expected the data hello of {migration}, got {other:?}")),
+        other => Err(format!(
+            "expected the data hello of {migration}, got {other:?}"
+        )),
     }
 }
 

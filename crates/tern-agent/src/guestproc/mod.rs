@@ -195,7 +195,10 @@ impl Proc {
         &self,
         id: &str,
         first: Progress,
-    ) -> (watch::Sender<Progress>, watch::Sender<Option<EndedMigration>>) {
+    ) -> (
+        watch::Sender<Progress>,
+        watch::Sender<Option<EndedMigration>>,
+    ) {
         let (ptx, prx) = watch::channel(first);
         let (etx, erx) = watch::channel(None);
         *lock(&self.track) = Some(Track {

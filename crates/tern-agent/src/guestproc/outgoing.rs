@@ -154,9 +154,14 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
         epoch: *lock(&p.epoch),
         spec: serde_json::to_value(&p.launch.spec).expect("specs serialize"),
     };
-    let prepare = Sender::connect(peer.migrate_addr, security.clone(), p.session_config(None), None)
-        .await
-        .map_err(|e| MigrateError::Transport(format!("cannot reach {}: {e}", peer.name)))?;
+    let prepare = Sender::connect(
+        peer.migrate_addr,
+        security.clone(),
+        p.session_config(None),
+        None,
+    )
+    .await
+    .map_err(|e| MigrateError::Transport(format!("cannot reach {}: {e}", peer.name)))?;
     prepare
         .send(hello_frame(&hello))
         .await

@@ -5,8 +5,8 @@ use super::{incoming, lock, outgoing, GuestProcError, Proc, Slot};
 use crate::control::{Answer, GuestState, GuestStatus, Request, WatchEvent};
 use crate::hosted::Hosted;
 use crate::journal::Record;
-use crate::vmdir::LaunchRole;
 use crate::views::GuestKind;
+use crate::vmdir::LaunchRole;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_drivers::qemu::{Launch as QemuLaunch, QemuConfig, QemuVm};
@@ -22,8 +22,8 @@ pub(super) async fn serve(p: Arc<Proc>) -> Result<(), GuestProcError> {
     let _ = std::fs::remove_file(p.dir.control());
     let _ = std::fs::remove_file(p.dir.streams());
     let control = UnixListener::bind(p.dir.control()).map_err(io("control socket"))?;
-    let streams = std::os::unix::net::UnixListener::bind(p.dir.streams())
-        .map_err(io("streams socket"))?;
+    let streams =
+        std::os::unix::net::UnixListener::bind(p.dir.streams()).map_err(io("streams socket"))?;
     spawn_stream_intake(p.clone(), streams);
     let server = p.clone();
     tokio::spawn(async move {
@@ -129,7 +129,13 @@ async fn boot_linux(p: &Proc) -> Result<Hosted, String> {
         p.cfg().guest_kernel.as_deref(),
         p.cfg().guest_initrd.as_deref(),
     )?;
-    let vm = QemuVm::launch(&qemu_config(), &p.dir.0.join("qemu"), &qspec, QemuLaunch::Boot).await?;
+    let vm = QemuVm::launch(
+        &qemu_config(),
+        &p.dir.0.join("qemu"),
+        &qspec,
+        QemuLaunch::Boot,
+    )
+    .await?;
     vm.wait_console(Duration::from_secs(120), |c| c.contains("tern-load ready"))
         .await
         .map_err(|e| format!("the Linux guest did not come up: {e}"))?;
@@ -170,9 +176,9 @@ async fn write<T: serde::Serialize>(
 
 fn status(p: &Proc) -> GuestStatus {
     let epoch = *lock(&p.epoch);
-    let migration = lock(&p.track).as_ref().and_then(|t| {
-        (t.end.borrow().is_none()).then(|| t.id.clone())
-    });
+    let migration = lock(&p.track)
+        .as_ref()
+        .and_then(|t| (t.end.borrow().is_none()).then(|| t.id.clone()));
     let (state, counter, checksum_ok, detail) = match &*lock(&p.slot) {
         Slot::Booting => (GuestState::Booting, None, None, None),
         Slot::Running(g) => {
@@ -180,7 +186,12 @@ fn status(p: &Proc) -> GuestStatus {
             if g.is_alive() {
                 (GuestState::Running, Some(c), ok, None)
             } else {
-                (GuestState::Failed, None, None, Some("the guest ended".into()))
+                (
+                    GuestState::Failed,
+                    None,
+                    None,
+                    Some("the guest ended".into()),
+                )
             }
         }
         Slot::Migrating => (GuestState::Migrating, None, None, None),
@@ -233,13 +244,21 @@ fn settle(p: &Proc, migration: &str) -> Answer<bool> {
     Answer::Ok(gate.committed)
 }
 
-async fn watch(p: &Proc, migration: &str, w: &mut tokio::net::unix::OwnedWriteHalf) -> std::io::Result<()> {
+async fn watch(
+    p: &Proc,
+    migration: &str,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
     let found = match &*lock(&p.track) {
         Some(t) if t.id == migration => Some((t.progress.clone(), t.end.clone())),
         _ => None,
     };
     let Some((mut progress, mut end)) = found else {
-        return write(w, &Answer::<WatchEvent>::Err(format!("no migration {migration} here"))).await;
+        return write(
+            w,
+            &Answer::<WatchEvent>::Err(format!("no migration {migration} here")),
+        )
+        .await;
     };
     loop {
         let ended = end.borrow_and_update().clone();

@@ -176,17 +176,12 @@ pub async fn pair_via_emulator(
     (testbed::write(dir, &[a, b]).unwrap(), to_b, to_a)
 }
 
-
 /// Agent processes started with extra environment (fault injection).
 impl AgentProc {
     pub fn start_env(host: &BedHost, env: &[(&str, &str)]) -> AgentProc {
-        let p = AgentProcess::start_with_env(
-            Path::new(env!("CARGO_BIN_EXE_tern")),
-            host,
-            None,
-            env,
-        )
-        .unwrap();
+        let p =
+            AgentProcess::start_with_env(Path::new(env!("CARGO_BIN_EXE_tern")), host, None, env)
+                .unwrap();
         eprintln!("{}", p.ready_line);
         AgentProc(p)
     }
@@ -207,7 +202,12 @@ pub async fn running_copies(data_dirs: &[&Path], vm: &str) -> Vec<(String, u64, 
             if !(name == vm || name.starts_with(&format!("{vm}."))) || dir.live_pid().is_none() {
                 continue;
             }
-            let st = control::call::<GuestStatus>(&dir.control(), &Request::Status, Duration::from_secs(3)).await;
+            let st = control::call::<GuestStatus>(
+                &dir.control(),
+                &Request::Status,
+                Duration::from_secs(3),
+            )
+            .await;
             if let Ok(s) = st {
                 if s.state == GuestState::Running {
                     out.push((d.display().to_string(), s.epoch, s.counter));
