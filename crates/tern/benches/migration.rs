@@ -1,5 +1,5 @@
 //! Live-migration benchmark: two `tern agent` processes on loopback with
-//! mutual TLS. For each mode it migrates (1) a 1 GiB process-memory workload
+//! mutual TLS; each guest in its own process, which runs its migration. For each mode it migrates (1) a 1 GiB process-memory workload
 //! dirtying 100 MiB/s of a 256 MiB working set (memory pre-faulted: warm),
 //! (2) the same workload idle, and (3) tern-vmm's test guest at its own pace,
 //! and prints downtime, total time and bytes on the wire as a table.
@@ -26,6 +26,29 @@ struct Row {
     rounds: usize,
     faults: u64,
     steps: tern_agent::SwitchoverTimes,
+    /// Peak resident memory of the source guest's process (VmHWM), MB.
+    source_peak_mb: f64,
+}
+
+/// Follows a process's peak resident memory (VmHWM) until it exits or `stop` is set.
+fn peak_rss(pid: i32, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                break;
+            };
+            if let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kb << 10);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    })
 }
 
 fn main() {
@@ -86,6 +109,11 @@ fn main() {
                 // Alternate direction so each run starts from a fresh VM on a.
                 let vm = ca.create_vm(spec).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                let src_pid = tern_agent::vmdir::VmDir::new(&bed[0].data_dir, &vm.id)
+                    .live_pid()
+                    .expect("the source guest's process");
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let sampler = peak_rss(src_pid, stop.clone());
                 let m = ca
                     .migrate(
                         &vm.id,
@@ -112,6 +140,8 @@ fn main() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 };
                 assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let source_peak_mb = sampler.join().unwrap() as f64 / 1e6;
                 let r = done.report.unwrap();
                 if std::env::var_os("TERN_BENCH_ROUNDS").is_some() {
                     for x in &r.rounds {
@@ -129,6 +159,7 @@ fn main() {
                     rounds: r.rounds.len(),
                     faults: r.faults_served,
                     steps: r.switchover.clone(),
+                    source_peak_mb,
                 });
                 cb.stop_vm(&vm.id).await.unwrap();
             }
@@ -159,6 +190,16 @@ fn main() {
             r.wire_mb / r.ram_mb,
             r.rounds,
             r.faults
+        );
+    }
+    println!("\npeak resident memory of the source guest's process during the migration (VmHWM)");
+    for r in &rows {
+        println!(
+            "{:<48} {:<9} {:>8.1} MB  ({:.3} x guest RAM)",
+            r.workload,
+            r.mode,
+            r.source_peak_mb,
+            r.source_peak_mb / r.ram_mb
         );
     }
     println!("\nwhere the downtime went, ms: pause + final scan | last pages, state, manifest | until Ready | source commit record | Commit -> Running");
