@@ -31,7 +31,10 @@ struct Row {
 }
 
 /// Follows a process's peak resident memory (VmHWM) until it exits or `stop` is set.
-fn peak_rss(pid: i32, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
+fn peak_rss(
+    pid: i32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut peak = 0u64;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {

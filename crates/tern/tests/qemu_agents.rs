@@ -249,3 +249,74 @@ async fn a_linux_guest_moves_by_postcopy_through_tern() {
     assert_runs(&cb, &vm.id, before).await;
     assert!(pids_under(&bed.hosts[0].data_dir).is_empty());
 }
+
+/// An agent killed mid-migration of a Linux guest (source or destination,
+/// streaming or just after the source's commit record): QEMU and its
+/// relay live in the guest's process, so the migration ends as it would
+/// have, one copy runs, and the restarted agent reports it.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: Linux guests under QEMU, two agent processes"]
+async fn a_linux_guest_migrates_through_an_agent_killed_at_each_phase() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(mut bed) = bed(0).await else { return };
+    let bin = Path::new(env!("CARGO_BIN_EXE_tern"));
+    let env = [("TERN_FAULT_HOLD_AFTER_COMMIT_RECORD_MS", "1500")];
+    bed.a.kill();
+    bed.a = AgentProcess::start_with_env(bin, &bed.hosts[0], None, &env).unwrap();
+    let spec = VmSpec {
+        dirty_mib_per_sec: 1,
+        ..linux()
+    };
+    for after_commit_record in [false, true] {
+        for k in [0usize, 1] {
+            let ca = bed.a.client().unwrap();
+            let vm = ca.create_vm(&spec).await.unwrap();
+            let before = assert_runs(&ca, &vm.id, 0).await;
+            let m = ca.migrate(&vm.id, &precopy(None)).await.unwrap();
+            let journal = tern_agent::vmdir::VmDir::new(&bed.hosts[0].data_dir, &vm.id)
+                .0
+                .join("journal.jsonl");
+            let t = Instant::now();
+            loop {
+                let v = ca.migration(&m.id).await.unwrap();
+                let recorded =
+                    std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("commit_decided"));
+                let at = if after_commit_record {
+                    recorded
+                } else {
+                    v.progress.phase == "precopy" && v.progress.wire_bytes > 0 && !recorded
+                };
+                assert!(!v.state.is_final(), "ended before the phase: {v:?}");
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "phase never reached: {v:?}"
+                );
+                if at {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let agent = if k == 0 { &mut bed.a } else { &mut bed.b };
+            agent.kill();
+            agent.release_guests();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            *agent = AgentProcess::start_with_env(bin, &bed.hosts[k], None, &env).unwrap();
+            let (ca, cb) = (bed.a.client().unwrap(), bed.b.client().unwrap());
+            let done = wait_end(&ca, &m.id).await;
+            assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+            assert_eq!(wait_end(&cb, &m.id).await.state, MigrationState::Committed);
+            assert_runs(&cb, &vm.id, before).await;
+            assert_eq!(ca.vm(&vm.id).await.unwrap().status, VmStatus::MovedAway);
+            eprintln!(
+                "linux guest, {} agent killed {}: committed",
+                if k == 0 { "source" } else { "destination" },
+                if after_commit_record {
+                    "after the commit record"
+                } else {
+                    "while streaming"
+                }
+            );
+            cb.stop_vm(&vm.id).await.unwrap();
+        }
+    }
+}
