@@ -163,15 +163,19 @@ pub async fn source(
             vm.shutdown().await;
             Ok(report)
         }
-        Err(e) if committed => {
-            // Ownership moved at Commit: whatever fails now, the source
-            // copy must not run again.
+        Err(e @ MigrateError::Verification(_)) if committed => {
+            // The destination ran the guest and its own check failed: it
+            // moved (corrupted); the source copy must not run again.
             tracing::error!(error = %e, "after commit; the source QEMU is discarded");
             vm.shutdown().await;
-            Err(match e {
-                e @ MigrateError::Verification(_) => e,
-                e => MigrateError::CommitUnconfirmed(e.to_string()),
-            })
+            Err(e)
+        }
+        Err(e) if committed => {
+            // Commit went out and what followed failed: whether the
+            // destination committed is in doubt. The paused source QEMU is
+            // kept whole until the caller has settled it.
+            tracing::error!(error = %e, "after commit; the source QEMU waits, paused, to be settled");
+            Err(MigrateError::CommitUnconfirmed(e.to_string()))
         }
         Err(e) => {
             tracing::warn!(error = %e, "QEMU migration failed; resuming the source");
@@ -188,8 +192,9 @@ pub async fn source(
     }
 }
 
-/// Cancels QEMU's migration if it still runs and resumes the guest.
-async fn resume_source(vm: &QemuVm) -> Result<(), MigrateError> {
+/// Cancels QEMU's migration if it still runs and resumes the guest (also
+/// after a commit settled as never received by the destination).
+pub async fn resume_source(vm: &QemuVm) -> Result<(), MigrateError> {
     let mut q = vm.qmp().await.map_err(qmp_err)?;
     let _ = q.run("migrate_cancel", json!({})).await;
     let t = Instant::now();

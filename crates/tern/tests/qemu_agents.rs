@@ -320,3 +320,45 @@ async fn a_linux_guest_migrates_through_an_agent_killed_at_each_phase() {
         }
     }
 }
+
+/// The destination's guest process (and its QEMU) killed in the commit
+/// window of a Linux guest: the source QEMU, paused and whole, is settled
+/// as not committed and resumed; it keeps counting.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: Linux guests under QEMU, two agent processes"]
+async fn a_linux_guest_resumes_when_its_destination_dies_in_the_commit_window() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(mut bed) = bed(0).await else { return };
+    let bin = Path::new(env!("CARGO_BIN_EXE_tern"));
+    let env = [("TERN_FAULT_HOLD_AFTER_COMMIT_RECORD_MS", "3000")];
+    bed.a.kill();
+    bed.a = AgentProcess::start_with_env(bin, &bed.hosts[0], None, &env).unwrap();
+    let (ca, cb) = (bed.a.client().unwrap(), bed.b.client().unwrap());
+    let vm = ca
+        .create_vm(&VmSpec {
+            dirty_mib_per_sec: 1,
+            ..linux()
+        })
+        .await
+        .unwrap();
+    let before = assert_runs(&ca, &vm.id, 0).await;
+    let m = ca.migrate(&vm.id, &precopy(None)).await.unwrap();
+    let journal = tern_agent::vmdir::VmDir::new(&bed.hosts[0].data_dir, &vm.id)
+        .0
+        .join("journal.jsonl");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("commit_decided")) {
+        assert!(t.elapsed() < Duration::from_secs(60), "no commit record");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    testbed::kill_guests(&bed.hosts[1].data_dir);
+    let done = wait_end(&ca, &m.id).await;
+    assert_eq!(done.state, MigrationState::RolledBack, "{done:?}");
+    assert_eq!(wait_end(&cb, &m.id).await.state, MigrationState::Discarded);
+    assert_runs(&ca, &vm.id, before).await;
+    assert!(cb.vm(&vm.id).await.is_err(), "host-b lists the VM");
+    eprintln!(
+        "commit window, destination killed: {}",
+        done.error.unwrap_or_default()
+    );
+}

@@ -88,6 +88,7 @@ async fn run(
         }
         Err(e) => (Err(e), None),
     };
+    let in_doubt = matches!(&res, Err(MigrateError::CommitUnconfirmed(_)));
     let moved = match &res {
         Ok(_) => true,
         // A QEMU guest that failed its own check after commit still moved.
@@ -115,13 +116,13 @@ async fn run(
         progress.send_modify(|x| x.phase = "committed".into());
         p.finish_soon();
     } else {
-        roll_back(p, guest, &end);
+        roll_back(p, guest, &end, in_doubt).await;
         progress.send_modify(|x| x.phase = "rolled_back".into());
     }
     end
 }
 
-fn roll_back(p: &Proc, mut guest: Box<Hosted>, end: &EndedMigration) {
+async fn roll_back(p: &Proc, mut guest: Box<Hosted>, end: &EndedMigration, in_doubt: bool) {
     if let Err(e) = p.record(&Record::RolledBack {
         migration: end.migration.clone(),
         vm: end.vm.clone(),
@@ -131,10 +132,16 @@ fn roll_back(p: &Proc, mut guest: Box<Hosted>, end: &EndedMigration) {
     }
     // The engine resumed a guest it paused, except after an unconfirmed
     // commit, which it leaves paused for the verdict.
-    if !guest.is_alive() {
-        if let Err(e) = SourceGuest::resume(&mut *guest) {
-            tracing::error!(error = %e, "resuming the guest after a rollback");
-        }
+    let resumed = match &mut *guest {
+        Hosted::Qemu(q) if in_doubt => qemu_relay::resume_source(q)
+            .await
+            .map_err(|e| e.to_string()),
+        Hosted::Qemu(_) => Ok(()),
+        g if !g.is_alive() => SourceGuest::resume(g).map_err(|e| e.to_string()),
+        _ => Ok(()),
+    };
+    if let Err(e) = resumed {
+        tracing::error!(error = %e, "resuming the guest after a rollback");
     }
     p.set_slot(Slot::Running(guest));
 }
