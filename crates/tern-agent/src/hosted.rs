@@ -6,9 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 use tern_drivers::qemu::load::LoadReport;
 use tern_drivers::qemu::QemuVm;
-use tern_migrate::guest::{incoming_machine, PostcopyMemory};
-use tern_migrate::process::ProcessGuest;
+use tern_migrate::PostcopyMemory;
 use tern_migrate::{DestinationGuest, GuestError, GuestShape, SourceGuest};
+use tern_vmm::halves::incoming_machine;
+use tern_vmm::process::ProcessGuest;
 use tern_vmm::{DirtyBitmap, Machine, MachineConfig, TestGuestConfig, WaitOutcome};
 
 /// A hosted guest.

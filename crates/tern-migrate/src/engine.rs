@@ -30,7 +30,7 @@ use tern_pagecodec::{Decoder, Encoder, EncoderConfig};
 use tern_transport::{Receiver, Sender};
 use tokio::sync::watch;
 
-const PAGE: usize = 4096;
+const PAGE: usize = tern_guest::PAGE_SIZE as usize;
 
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -581,7 +581,7 @@ async fn run_source<G: SourceGuest>(
     let n_pages = shape.memory_bytes / PAGE as u64;
     report.phase = SourcePhase::Requesting;
     let mut ps = PageSender {
-        encoder: Encoder::new(EncoderConfig::default()),
+        encoder: Encoder::new(encoder_config(n_pages)),
         hashes: vec![*blake3::hash(&[0u8; PAGE]).as_bytes(); n_pages as usize],
         buf: Vec::new(),
         out: Vec::new(),
@@ -1031,6 +1031,20 @@ async fn postcopy_switchover<G: SourceGuest>(
     guest.discard();
     report.phase = SourcePhase::Committed;
     Ok(())
+}
+
+/// The encoder's caches grow with the guest, within the source process's
+/// memory budget (its RAM + 5 %, with the page hashes, the transport window
+/// and the process itself): XOR-delta copies of 1/256 of the pages,
+/// duplicate detection for one page in 8, both capped at the codec's
+/// defaults. (At the defaults a 1 GiB guest's process peaked at RAM + 14 %.)
+fn encoder_config(n_pages: u64) -> EncoderConfig {
+    let d = EncoderConfig::default();
+    EncoderConfig {
+        xor_cache_pages: d.xor_cache_pages.min((n_pages / 256) as usize),
+        dedup_entries: d.dedup_entries.min((n_pages / 8) as usize),
+        ..d
+    }
 }
 
 /// BLAKE3 over the concatenated per-page hashes, hex: what the manifest signs.

@@ -5,11 +5,11 @@
 use ed25519_dalek::SigningKey;
 use std::path::Path;
 use std::time::Duration;
-use tern_migrate::guest::incoming_machine;
 use tern_migrate::{
     migrate, receive, Capacity, DestLink, MigrateError, Policy, SourceLink, SourcePhase,
 };
 use tern_transport::{certs, Listener, Security, Sender, SessionConfig, TlsIdentity};
+use tern_vmm::halves::incoming_machine;
 use tern_vmm::{Machine, MachineConfig, RunState, TestGuestConfig, WaitOutcome, TEST_GUEST_ELF};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -378,22 +378,20 @@ async fn a_two_second_link_cut_mid_transfer_is_survived() {
 
 /// A process workload that dirties its whole working set faster than a
 /// capped link can send it.
-fn outrunning_workload() -> tern_migrate::process::ProcessGuest {
+fn outrunning_workload() -> tern_vmm::process::ProcessGuest {
     // 64 MiB, 8 MiB of incompressible working set rewritten at 2 GiB/s.
-    tern_migrate::process::ProcessGuest::start(64 << 20, 2048, 2000 << 20).unwrap()
+    tern_vmm::process::ProcessGuest::start(64 << 20, 2048, 2000 << 20).unwrap()
 }
 
 /// Runs the destination half with an empty process workload.
 fn spawn_process_dest(
     dl: DestLink,
     vk: ed25519_dalek::VerifyingKey,
-) -> tokio::task::JoinHandle<Result<tern_migrate::process::ProcessGuest, MigrateError>> {
+) -> tokio::task::JoinHandle<Result<tern_vmm::process::ProcessGuest, MigrateError>> {
     tokio::spawn(async move {
         receive(
             dl,
-            |req| {
-                tern_migrate::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string())
-            },
+            |req| tern_vmm::process::ProcessGuest::incoming(&req.shape).map_err(|e| e.to_string()),
             &vk,
             &capacity(),
         )

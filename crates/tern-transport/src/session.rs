@@ -1235,7 +1235,10 @@ async fn read_frames(
             }
             DataHeader::Data { seq, len } => {
                 let len = len as usize;
-                pool.reserve(len.max(4 << 20));
+                // Room for a few frames of this size (up to 4 MiB): bulk
+                // frames reuse warm memory, a session of small replies
+                // does not hold 4 MiB per stream.
+                pool.reserve(len.max((len * 4).min(4 << 20)));
                 while pool.len() < len {
                     let want = (len - pool.len()) as u64;
                     let n = (&mut *r)

@@ -16,9 +16,11 @@
 
 pub mod control;
 pub mod devices;
+pub mod halves;
 pub mod machine;
 pub mod memory;
 pub mod monitor;
+pub mod process;
 pub mod procmem;
 pub mod snapshot;
 pub mod state;

@@ -11,7 +11,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryRegion, GuestR
 pub type GuestMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// Guest page size.
-pub const PAGE_SIZE: u64 = 4096;
+pub use tern_guest::PAGE_SIZE;
 
 /// Where guest RAM comes from.
 #[derive(Debug)]
@@ -85,85 +85,7 @@ pub fn host_regions(mem: &GuestMem) -> Vec<(u64, *mut u8, usize)> {
         .collect()
 }
 
-/// A set of guest pages (one bit per 4 KiB page from guest physical 0).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DirtyBitmap {
-    /// 64 pages per word, lowest bit first.
-    pub words: Vec<u64>,
-}
-
-impl DirtyBitmap {
-    /// An empty set sized for `pages`.
-    pub fn with_pages(pages: u64) -> Self {
-        Self {
-            words: vec![0; pages.div_ceil(64) as usize],
-        }
-    }
-
-    /// How many pages are in the set.
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-
-    /// Whether `page` is in the set.
-    pub fn contains(&self, page: u64) -> bool {
-        self.words
-            .get((page / 64) as usize)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
-    }
-
-    /// Adds `page`, growing the set if needed.
-    pub fn insert(&mut self, page: u64) {
-        let w = (page / 64) as usize;
-        if self.words.len() <= w {
-            self.words.resize(w + 1, 0);
-        }
-        self.words[w] |= 1 << (page % 64);
-    }
-
-    /// Adds every page of the 64-page word `word` taken from `first` on
-    /// (a KVM or vm-memory bitmap of a region that starts at page `first`).
-    pub fn insert_word(&mut self, first: u64, word: u64) {
-        if first.is_multiple_of(64) {
-            let w = (first / 64) as usize;
-            if self.words.len() <= w {
-                self.words.resize(w + 1, 0);
-            }
-            self.words[w] |= word;
-        } else {
-            let mut bits = word;
-            while bits != 0 {
-                self.insert(first + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-            }
-        }
-    }
-
-    /// Adds every page of `other`.
-    pub fn merge(&mut self, other: &DirtyBitmap) {
-        if self.words.len() < other.words.len() {
-            self.words.resize(other.words.len(), 0);
-        }
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a |= b;
-        }
-    }
-
-    /// The pages in the set, ascending.
-    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(i, &w)| {
-            let mut w = w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let bit = w.trailing_zeros() as u64;
-                w &= w - 1;
-                Some(i as u64 * 64 + bit)
-            })
-        })
-    }
-}
+pub use tern_guest::DirtyBitmap;
 
 /// Takes (and clears) the pages the monitor wrote through vm-memory.
 pub fn take_monitor_writes(mem: &GuestMem) -> DirtyBitmap {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-const PAGE: usize = 4096;
+const PAGE: usize = crate::memory::PAGE_SIZE as usize;
 
 /// An anonymous private mapping, unmapped on drop.
 pub struct Region {

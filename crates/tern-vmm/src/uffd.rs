@@ -10,7 +10,7 @@ use crate::VmmError;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-const PAGE: usize = 4096;
+const PAGE: usize = crate::memory::PAGE_SIZE as usize;
 
 const UFFD_API: u64 = 0xAA;
 // _IOWR(0xAA, 0x3F, struct uffdio_api)

@@ -188,71 +188,89 @@ async fn an_agent_killed_at_any_phase_of_a_migration_leaves_one_running_copy() {
             Phase::MidPostcopy,
         ] {
             for side in [Side::Source, Side::Destination] {
-                let s = match kind {
-                    GuestKind::Process => process_spec(),
-                    _ => spec(),
-                };
-                let ca = agents[0].client();
-                let vm = ca.create_vm(&s).await.unwrap().id;
-                assert_runs(&ca, &vm, 1).await;
-                let mut req = mode_to(
-                    "host-b",
-                    if phase == Phase::MidPostcopy {
-                        "postcopy"
-                    } else {
-                        "precopy"
-                    },
-                );
-                // A budget a later round meets (the process workload needs
-                // a tight one, or its first round is enough).
-                req.max_downtime_ms = Some(match (kind, phase) {
-                    (GuestKind::Process, Phase::LaterRound) => 100,
-                    _ => 1000,
-                });
-                let m = ca.migrate(&vm, &req).await.unwrap().id;
-                let hit = reach(&ca, &m, phase, &da, &vm).await;
-                let k = match side {
-                    Side::Source => 0,
-                    Side::Destination => 1,
-                };
-                agents[k].kill();
-                agents[k].0.release_guests();
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                agents[k] = AgentProc::start_env(&bed[k], &env);
-                let (ca, cb) = (agents[0].client(), agents[1].client());
-                let src = wait_end(&ca, &m, Duration::from_secs(120)).await;
-                let dst = wait_end(&cb, &m, Duration::from_secs(60)).await;
-                let copies = running_copies(&[&da, &db], &vm).await;
-                assert_eq!(
-                    copies.len(),
-                    1,
-                    "{kind:?} {phase:?} {side:?}: copies {copies:?}"
-                );
-                match src.state {
-                    MigrationState::Committed => {
-                        assert_eq!(dst.state, MigrationState::Committed, "{dst:?}");
-                        assert_runs(&cb, &vm, 2).await;
-                        assert_eq!(ca.vm(&vm).await.unwrap().status, VmStatus::MovedAway);
-                        cb.stop_vm(&vm).await.unwrap();
+                // A phase missed (the poll came too late on a loaded
+                // machine) is tried again; each try still checks the end.
+                for _try in 0..3 {
+                    let s = match kind {
+                        GuestKind::Process => process_spec(),
+                        _ => spec(),
+                    };
+                    let ca = agents[0].client();
+                    let vm = ca.create_vm(&s).await.unwrap().id;
+                    assert_runs(&ca, &vm, 1).await;
+                    let mut req = mode_to(
+                        "host-b",
+                        if phase == Phase::MidPostcopy {
+                            "postcopy"
+                        } else {
+                            "precopy"
+                        },
+                    );
+                    // A budget a later round meets (the process workload needs
+                    // a tight one, or its first round is enough).
+                    req.max_downtime_ms = Some(match (kind, phase) {
+                        (GuestKind::Process, Phase::LaterRound) => 100,
+                        _ => 1000,
+                    });
+                    let m = ca.migrate(&vm, &req).await.unwrap().id;
+                    let hit = reach(&ca, &m, phase, &da, &vm).await;
+                    let k = match side {
+                        Side::Source => 0,
+                        Side::Destination => 1,
+                    };
+                    agents[k].kill();
+                    agents[k].0.release_guests();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    agents[k] = AgentProc::start_env(&bed[k], &env);
+                    let (ca, cb) = (agents[0].client(), agents[1].client());
+                    let src = wait_end(&ca, &m, Duration::from_secs(120)).await;
+                    let dst = wait_end(&cb, &m, Duration::from_secs(60)).await;
+                    let copies = running_copies(&[&da, &db], &vm).await;
+                    assert_eq!(
+                        copies.len(),
+                        1,
+                        "{kind:?} {phase:?} {side:?}: copies {copies:?}"
+                    );
+                    match src.state {
+                        MigrationState::Committed => {
+                            assert_eq!(dst.state, MigrationState::Committed, "{dst:?}");
+                            assert_runs(&cb, &vm, 2).await;
+                            assert_eq!(ca.vm(&vm).await.unwrap().status, VmStatus::MovedAway);
+                            cb.stop_vm(&vm).await.unwrap();
+                        }
+                        MigrationState::RolledBack => {
+                            assert_eq!(dst.state, MigrationState::Discarded, "{dst:?}");
+                            assert_runs(&ca, &vm, 1).await;
+                            ca.stop_vm(&vm).await.unwrap();
+                        }
+                        other => panic!("{kind:?} {phase:?} {side:?}: ended {other:?}: {src:?}"),
                     }
-                    MigrationState::RolledBack => {
-                        assert_eq!(dst.state, MigrationState::Discarded, "{dst:?}");
-                        assert_runs(&ca, &vm, 1).await;
-                        ca.stop_vm(&vm).await.unwrap();
+                    eprintln!(
+                        "{kind:?} {phase:?} ({}) {side:?} agent killed: {:?}",
+                        if hit { "hit" } else { "MISSED" },
+                        src.state
+                    );
+                    outcomes.push((kind, phase, side, hit, src.state));
+                    if hit {
+                        break;
                     }
-                    other => panic!("{kind:?} {phase:?} {side:?}: ended {other:?}: {src:?}"),
                 }
-                eprintln!(
-                    "{kind:?} {phase:?} ({}) {side:?} agent killed: {:?}",
-                    if hit { "hit" } else { "MISSED" },
-                    src.state
-                );
-                outcomes.push((kind, phase, side, hit, src.state));
             }
         }
     }
-    let missed: Vec<_> = outcomes.iter().filter(|o| !o.3).collect();
-    assert!(missed.is_empty(), "phases not reached: {missed:?}");
+    let reached = |k: GuestKind, p: Phase, s: Side| {
+        outcomes
+            .iter()
+            .any(|o| o.0 == k && o.1 == p && o.2 == s && o.3)
+    };
+    let missed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !reached(o.0, o.1, o.2))
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "phases not reached in three tries: {missed:?}"
+    );
     drop(agents);
     testbed::kill_guests(&da);
     testbed::kill_guests(&db);

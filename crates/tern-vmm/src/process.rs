@@ -4,12 +4,12 @@
 //! engine at GiB scale and full speed, where tern-vmm's test guest is
 //! limited by KVM's emulator on hosts without hardware virtualization.
 
-use crate::guest::{DestinationGuest, GuestError, GuestShape, PostcopyMemory, SourceGuest};
+use crate::procmem::{Dirtier, Region};
+use crate::uffd::WriteTracker;
+use crate::DirtyBitmap;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use tern_vmm::procmem::{Dirtier, Region};
-use tern_vmm::uffd::WriteTracker;
-use tern_vmm::DirtyBitmap;
+use tern_guest::{DestinationGuest, GuestError, GuestShape, PostcopyMemory, SourceGuest};
 
 /// What the workload is and where it is: its device state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
