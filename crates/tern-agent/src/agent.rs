@@ -289,10 +289,33 @@ impl Agent {
     }
 
     fn entry(&self, id: &str) -> Result<VmEntry, AgentError> {
+        // A guest that arrived may have committed a moment before its
+        // migration's end reached this agent: its journal already says so.
+        if let Some(e) = self.arrived(id) {
+            lock(&self.inner.vms).insert(id.into(), e.clone());
+            return Ok(e);
+        }
         lock(&self.inner.vms)
             .get(id)
             .cloned()
             .ok_or_else(|| AgentError::NotFound(format!("vm {id}")))
+    }
+
+    /// The directory of an incoming migration of `id` under way here whose
+    /// guest process has journaled the commit.
+    fn arrived(&self, id: &str) -> Option<VmEntry> {
+        let dirs: Vec<VmDir> = lock(&self.inner.routes).values().cloned().collect();
+        dirs.into_iter().find_map(|dir| {
+            let l = dir.launch().ok()?;
+            if l.vm != id || matches!(l.role, LaunchRole::Boot) {
+                return None;
+            }
+            let records = dir.journal().ok()?.records().ok()?;
+            records
+                .iter()
+                .any(|r| matches!(r, crate::journal::Record::CommitReceived { .. }))
+                .then_some(VmEntry { spec: l.spec, dir })
+        })
     }
 
     /// Stops a VM running here.
