@@ -26,6 +26,15 @@ pub enum TransportError {
         /// Why.
         reason: String,
     },
+    /// The TLS handshake failed: a certificate or pin that does not
+    /// match, or a damaged handshake message.
+    #[error("cannot connect to {addr}: TLS handshake failed: {reason}")]
+    Handshake {
+        /// Peer.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
     /// The peer refused the session.
     #[error("peer refused the session: {0}")]
     Refused(String),
@@ -219,7 +228,10 @@ async fn open_stream(
                         // rustls reports certificate and alert failures as InvalidData;
                         // anything else is the network, which a retry may get past.
                         if e.kind() == std::io::ErrorKind::InvalidData {
-                            fail(format!("TLS handshake failed: {e}"))
+                            TransportError::Handshake {
+                                addr,
+                                reason: e.to_string(),
+                            }
                         } else {
                             fail(format!("connection lost during TLS handshake: {e}"))
                         }
@@ -262,11 +274,15 @@ async fn open_stream(
         .map_err(|_| fail("timed out".into()))?
 }
 
-fn is_fatal(e: &TransportError) -> bool {
+/// Whether a failed connection attempt ends the session. A refusal does.
+/// A failed handshake does on the first connection (a peer that is not
+/// the pinned one does not become it by retrying), but not on a reconnect
+/// of a session that already authenticated: there it is a damaged message
+/// on a noisy link, retried until the resume deadline.
+fn is_fatal(e: &TransportError, resume: bool) -> bool {
     match e {
         TransportError::Refused(_) => true,
-        // Authentication failures do not heal by retrying.
-        TransportError::Connect { reason, .. } => reason.contains("TLS handshake failed"),
+        TransportError::Handshake { .. } => !resume,
         _ => false,
     }
 }
@@ -566,7 +582,7 @@ async fn reconnect(sh: &Arc<SenderShared>, index: u16) -> Option<(BoxRead, BoxWr
                 sh.mark_received_below(next_expected);
                 return Some((r, w));
             }
-            Err(e) if is_fatal(&e) => {
+            Err(e) if is_fatal(&e, true) => {
                 sh.fail(e);
                 return None;
             }
