@@ -660,14 +660,9 @@ async fn wait_running(dir: &VmDir) -> Result<(), AgentError> {
     }
 }
 
-/// A VM's view: its process's answer, or its journal's when it has none.
+/// A VM's view: its process's answer, or its journal's when it has none
+/// (the journal is read only then, or to name where a guest moved).
 async fn view(id: &str, e: &VmEntry) -> VmView {
-    let fate = e
-        .dir
-        .journal()
-        .and_then(|j| j.records())
-        .map(|r| fold(&r))
-        .unwrap_or_default();
     let status = match e.dir.live_pid() {
         Some(_) => control::call::<GuestStatus>(&e.dir.control(), &Request::Status, STATUS_TIMEOUT)
             .await
@@ -677,15 +672,19 @@ async fn view(id: &str, e: &VmEntry) -> VmView {
     let mut v = VmView {
         id: id.into(),
         status: VmStatus::Lost,
-        epoch: fate
-            .owned
-            .or(fate.moved_to.as_ref().map(|m| m.1))
-            .unwrap_or(1),
+        epoch: 1,
         spec: e.spec.clone(),
         counter: None,
         checksum_ok: None,
-        moved_to: fate.moved_to.as_ref().map(|m| m.0.clone()),
+        moved_to: None,
         detail: None,
+    };
+    let fate = || {
+        e.dir
+            .journal()
+            .and_then(|j| j.records())
+            .map(|r| fold(&r))
+            .unwrap_or_default()
     };
     match status {
         Ok(s) => {
@@ -699,15 +698,24 @@ async fn view(id: &str, e: &VmEntry) -> VmView {
                 }
                 GuestState::Booting => VmStatus::Starting,
                 GuestState::Migrating | GuestState::Receiving => VmStatus::Migrating,
-                GuestState::MovedAway => VmStatus::MovedAway,
+                GuestState::MovedAway => {
+                    v.moved_to = fate().moved_to.map(|m| m.0);
+                    VmStatus::MovedAway
+                }
                 GuestState::Stopped => VmStatus::Stopped,
                 GuestState::Failed => VmStatus::Lost,
             };
         }
         Err(why) => {
+            let fate = fate();
+            v.epoch = fate
+                .owned
+                .or(fate.moved_to.as_ref().map(|m| m.1))
+                .unwrap_or(1);
             v.status = if fate.stopped {
                 VmStatus::Stopped
             } else if fate.moved_to.is_some() && fate.in_doubt.is_none() {
+                v.moved_to = fate.moved_to.map(|m| m.0);
                 VmStatus::MovedAway
             } else {
                 VmStatus::Lost
@@ -720,9 +728,6 @@ async fn view(id: &str, e: &VmEntry) -> VmView {
                 });
             }
         }
-    }
-    if v.status != VmStatus::MovedAway {
-        v.moved_to = None;
     }
     v
 }

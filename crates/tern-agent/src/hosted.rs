@@ -104,6 +104,11 @@ impl Hosted {
         }
     }
 
+    /// Whether it is a QEMU guest (it migrates by QEMU's stream).
+    pub fn is_qemu(&self) -> bool {
+        matches!(self, Hosted::Qemu(_))
+    }
+
     /// Whether it still runs (a status never calls a dead or paused guest running).
     pub fn is_alive(&self) -> bool {
         match self {

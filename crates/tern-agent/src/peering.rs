@@ -7,13 +7,13 @@ use crate::agent::{lock, Agent, AgentError, Inner, Routes};
 use crate::control::{self, Request};
 use crate::guestproc::read_hello as read_session_hello;
 use crate::views::{Role, VmSpec, VmStatus};
-use crate::vmdir::{fold, Launch, LaunchRole, VmDir};
+use crate::vmdir::{Launch, LaunchRole, VmDir};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_migrate::protocol::{frame, SessionHello, KIND_HELLO, PROTOCOL_VERSION};
-use tern_transport::{Listener, Receiver, Router, Security, Sender, SessionConfig};
+use tern_migrate::protocol::{hello_frame, Offer, SessionHello, PROTOCOL_VERSION};
+use tern_transport::{Listener, Receiver, Router, Sender, SessionConfig};
 
 /// Binds the listener and serves it for as long as the agent lives.
 pub(crate) async fn listen(inner: &Arc<Inner>) -> Result<SocketAddr, AgentError> {
@@ -71,13 +71,6 @@ fn router(routes: Routes) -> Router {
     })
 }
 
-fn hello_frame(h: &SessionHello) -> bytes::Bytes {
-    frame(
-        KIND_HELLO,
-        &serde_json::to_vec(h).expect("hellos serialize"),
-    )
-}
-
 /// Why an incoming migration is refused before anything starts.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
@@ -102,39 +95,11 @@ enum Refusal {
     Start(String),
 }
 
-/// What a source asks for when it opens a migration.
-struct Offer {
-    version: u32,
-    migration: String,
-    source_host: String,
-    reply_to: String,
-    vm: String,
-    epoch: u64,
-    spec: serde_json::Value,
-}
-
 impl Agent {
     async fn session(self, mut rx: Receiver) {
         match read_session_hello(&mut rx, Duration::from_secs(10)).await {
             Err(e) => tracing::warn!(error = %e, "refused a migration session"),
-            Ok(SessionHello::Data {
-                version,
-                migration,
-                source_host,
-                reply_to,
-                vm,
-                epoch,
-                spec,
-            }) => {
-                let offer = Offer {
-                    version,
-                    migration,
-                    source_host,
-                    reply_to,
-                    vm,
-                    epoch,
-                    spec,
-                };
+            Ok(SessionHello::Data(offer)) => {
                 self.offer(offer).await;
                 // The asking session stays open until the source closes it.
                 while let Some(Ok((seq, _))) = rx.recv().await {
@@ -282,11 +247,9 @@ impl Agent {
         }
         // The process ended: its journal holds the commit if there was one.
         let records = dir.journal().ok()?.records().ok()?;
-        let committed = records.iter().any(|r| {
+        Some(records.iter().any(|r| {
             matches!(r, crate::journal::Record::CommitReceived { migration: m, .. } if m == migration)
-        });
-        let _ = fold(&records);
-        Some(committed)
+        }))
     }
 
     /// Opens a short session on the source's reply route and sends `msg`.
@@ -300,13 +263,7 @@ impl Agent {
         let addr: SocketAddr = reply_to
             .parse()
             .map_err(|_| format!("bad reply address {reply_to}"))?;
-        let security = match &self.inner.tls {
-            Some(t) => Security::Tls {
-                config: t.client_config().map_err(|e| e.to_string())?,
-                server_name: peer.into(),
-            },
-            None => Security::InsecurePlaintext,
-        };
+        let security = crate::guestproc::security(self.inner.tls.as_ref(), peer)?;
         let cfg = SessionConfig {
             streams: 1,
             resume_deadline: Duration::from_secs(5),

@@ -28,23 +28,7 @@ pub enum SessionHello {
     /// process by the migration's id) with [`SessionHello::Replies`]; the
     /// source then opens the data session routed to that process, with
     /// [`SessionHello::Data`] again as its first frame.
-    Data {
-        /// The sender's [`PROTOCOL_VERSION`]; another version is refused.
-        #[serde(default)]
-        version: u32,
-        /// The migration.
-        migration: String,
-        /// The source host's name (selects the key its manifest must verify against).
-        source_host: String,
-        /// Where the destination dials the reply session.
-        reply_to: String,
-        /// The VM's id (kept across hosts).
-        vm: String,
-        /// Its owner epoch on the source; the destination owns it at epoch + 1 after commit.
-        epoch: u64,
-        /// What the VM is (the agent's spec, opaque to the engine).
-        spec: serde_json::Value,
-    },
+    Data(Offer),
     /// Replies from the destination host.
     Replies {
         /// The migration.
@@ -79,6 +63,34 @@ pub enum SessionHello {
         /// Whether it journaled the commit (it owns the VM) or never will.
         committed: bool,
     },
+}
+
+/// What a source offers when it opens a migration ([`SessionHello::Data`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The sender's [`PROTOCOL_VERSION`]; another version is refused.
+    #[serde(default)]
+    pub version: u32,
+    /// The migration.
+    pub migration: String,
+    /// The source host's name (selects the key its manifest must verify against).
+    pub source_host: String,
+    /// Where the destination dials the reply session.
+    pub reply_to: String,
+    /// The VM's id (kept across hosts).
+    pub vm: String,
+    /// Its owner epoch on the source; the destination owns it at epoch + 1 after commit.
+    pub epoch: u64,
+    /// What the VM is (the agent's spec, opaque to the engine).
+    pub spec: serde_json::Value,
+}
+
+/// The first frame of a session: a hello.
+pub fn hello_frame(h: &SessionHello) -> Bytes {
+    frame(
+        KIND_HELLO,
+        &serde_json::to_vec(h).expect("hellos serialize"),
+    )
 }
 
 /// The version of the migration handshake this build speaks.

@@ -3,7 +3,7 @@
 //! hands over, receive the guest, and journal `Commit` before it starts,
 //! unless the source's settling question came first.
 
-use super::{hello_frame, lock, read_hello, server::qemu_config, Proc, Slot};
+use super::{lock, read_hello, server::qemu_config, Proc, Slot};
 use crate::hosted::Hosted;
 use crate::journal::Record;
 use crate::views::{GuestKind, MigrationState, Role};
@@ -11,7 +11,7 @@ use crate::vmdir::EndedMigration;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tern_drivers::qemu::QemuSpec;
-use tern_migrate::protocol::SessionHello;
+use tern_migrate::protocol::{hello_frame, SessionHello};
 use tern_migrate::{Capacity, DestLink, Progress};
 use tern_transport::{Listener, Receiver, Sender};
 use tokio::sync::watch;
@@ -112,7 +112,7 @@ async fn connect(
         .flatten()
         .ok_or_else(|| format!("the source opened no data session within {wait:?}"))?;
     match read_hello(&mut data, wait).await? {
-        SessionHello::Data { migration: m, .. } if m == migration => Ok((data, replies, listener)),
+        SessionHello::Data(o) if o.migration == migration => Ok((data, replies, listener)),
         other => Err(format!(
             "expected the data hello of {migration}, got {other:?}"
         )),

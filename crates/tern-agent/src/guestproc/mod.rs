@@ -19,7 +19,7 @@ use crate::vmdir::{EndedMigration, Launch, VmDir};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tern_migrate::protocol::{frame, SessionHello, KIND_HELLO};
+use tern_migrate::protocol::{SessionHello, KIND_HELLO};
 use tern_migrate::Progress;
 use tern_transport::{Listener, Security, SessionConfig, TlsIdentity};
 use tokio::net::TcpStream;
@@ -125,6 +125,19 @@ pub fn main(dir: &Path) -> Result<(), GuestProcError> {
     rt.block_on(server::serve(p))
 }
 
+/// How sessions to `peer` are secured: mutual TLS with this host's
+/// identity, or plaintext when there is none (the configuration allows
+/// that only when it asks for it by name).
+pub(crate) fn security(tls: Option<&TlsIdentity>, peer: &str) -> Result<Security, String> {
+    match tls {
+        Some(t) => Ok(Security::Tls {
+            config: t.client_config().map_err(|e| e.to_string())?,
+            server_name: peer.into(),
+        }),
+        None => Ok(Security::InsecurePlaintext),
+    }
+}
+
 fn pins(cfg: &AgentConfig) -> Result<Vec<[u8; 32]>, GuestProcError> {
     cfg.peers
         .iter()
@@ -149,13 +162,7 @@ impl Proc {
     /// How sessions to `peer` are secured; plaintext only when the
     /// configuration asked for it (validated by the agent).
     fn security(&self, peer: &str) -> Result<Security, String> {
-        match &self.tls {
-            Some(t) => Ok(Security::Tls {
-                config: t.client_config().map_err(|e| e.to_string())?,
-                server_name: peer.into(),
-            }),
-            None => Ok(Security::InsecurePlaintext),
-        }
+        security(self.tls.as_ref(), peer)
     }
 
     fn session_config(&self, route: Option<&str>) -> SessionConfig {
@@ -226,13 +233,6 @@ impl Proc {
             p.done.notify_one();
         });
     }
-}
-
-fn hello_frame(h: &SessionHello) -> bytes::Bytes {
-    frame(
-        KIND_HELLO,
-        &serde_json::to_vec(h).expect("hellos serialize"),
-    )
 }
 
 /// Reads the hello that opens a session.

@@ -2,7 +2,7 @@
 //! through the destination agent, run the engine (or QEMU's stream relay)
 //! on the guest it holds, and settle a `Commit` that went unconfirmed.
 
-use super::{hello_frame, lock, read_hello, Proc, Slot};
+use super::{lock, read_hello, Proc, Slot};
 use crate::control::{Answer, OutJob};
 use crate::hosted::Hosted;
 use crate::journal::Record;
@@ -11,7 +11,7 @@ use crate::views::{MigrationState, Role};
 use crate::vmdir::EndedMigration;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_migrate::protocol::{SessionHello, PROTOCOL_VERSION};
+use tern_migrate::protocol::{hello_frame, Offer, SessionHello, PROTOCOL_VERSION};
 use tern_migrate::{MigrateError, Progress, Report, SourceGuest, SourceLink};
 use tern_transport::{Listener, Receiver, Sender};
 use tokio::sync::watch;
@@ -160,7 +160,7 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
     let peer = p.peer(&job.to).map_err(MigrateError::Rejected)?;
     let security = p.security(&peer.name).map_err(MigrateError::Transport)?;
     let mut listener = p.listener().map_err(MigrateError::Transport)?;
-    let hello = SessionHello::Data {
+    let hello = SessionHello::Data(Offer {
         version: PROTOCOL_VERSION,
         migration: job.migration.clone(),
         source_host: p.cfg().name.clone(),
@@ -168,7 +168,7 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
         vm: p.launch.vm.clone(),
         epoch: *lock(&p.epoch),
         spec: serde_json::to_value(&p.launch.spec).expect("specs serialize"),
-    };
+    });
     let prepare = Sender::connect(
         peer.migrate_addr,
         security.clone(),
@@ -356,10 +356,4 @@ async fn ask(p: &Arc<Proc>, job: &OutJob, listener: &mut Listener) -> Result<boo
         let _ = tokio::time::timeout(Duration::from_secs(5), s.finish()).await;
     });
     res
-}
-
-impl Hosted {
-    fn is_qemu(&self) -> bool {
-        matches!(self, Hosted::Qemu(_))
-    }
 }
