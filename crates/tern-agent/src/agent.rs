@@ -13,13 +13,14 @@
 use crate::config::AgentConfig;
 use crate::control::{self, GuestState, GuestStatus, OutJob, Request};
 use crate::keys;
-use crate::views::{MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
+use crate::views::{MigrationView, Role, VmSpec, VmStatus, VmView};
 use crate::vmdir::{fold, DirFate, EndedMigration, Launch, LaunchRole, VmDir};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tern_migrate::MigrationPhase;
 use tern_migrate::{Policy, Progress};
 use tern_transport::TlsIdentity;
 use tokio::sync::watch;
@@ -63,7 +64,7 @@ pub(crate) struct MigrationEntry {
     pub(crate) vm: String,
     pub(crate) role: Role,
     pub(crate) peer: String,
-    pub(crate) state: MigrationState,
+    pub(crate) state: MigrationPhase,
     pub(crate) progress: watch::Receiver<Progress>,
     pub(crate) report: Option<tern_migrate::Report>,
     pub(crate) error: Option<String>,
@@ -364,7 +365,7 @@ impl Agent {
             vm: m.vm.clone(),
             role: m.role,
             peer: m.peer.clone(),
-            state: m.state,
+            state: shown_phase(m.state, progress.phase),
             progress,
             report: m.report.clone(),
             error: m.error.clone(),
@@ -433,10 +434,7 @@ impl Agent {
     /// Lists a migration under way and follows it to its end.
     pub(crate) fn track(&self, migration: &str, vm: &str, role: Role, peer: &str, dir: VmDir) {
         let (tx, rx) = watch::channel(Progress {
-            phase: match role {
-                Role::Source => "requesting".into(),
-                Role::Destination => "receiving".into(),
-            },
+            phase: MigrationPhase::Requesting,
             ..Default::default()
         });
         lock(&self.inner.migrations).insert(
@@ -445,7 +443,7 @@ impl Agent {
                 vm: vm.into(),
                 role,
                 peer: peer.into(),
-                state: MigrationState::Running,
+                state: MigrationPhase::Requesting,
                 progress: rx,
                 report: None,
                 error: None,
@@ -490,7 +488,7 @@ impl Agent {
         if end.role == Role::Destination
             && matches!(
                 end.state,
-                MigrationState::Committed | MigrationState::Corrupted
+                MigrationPhase::Committed | MigrationPhase::Corrupted
             )
         {
             if let Ok(l) = dir.launch() {
@@ -553,7 +551,7 @@ impl Agent {
     fn adopt_migrations(&self, dir: &VmDir, launch: &Launch, fate: &DirFate, live: bool) {
         for e in &fate.ended {
             let (_, rx) = watch::channel(Progress {
-                phase: format!("{:?}", e.state).to_lowercase(),
+                phase: e.state,
                 ..Default::default()
             });
             lock(&self.inner.migrations).insert(
@@ -615,6 +613,20 @@ fn ended_in_journal(dir: &VmDir, migration: &str) -> Option<EndedMigration> {
         .find(|e| e.migration == migration)
 }
 
+/// A migration's phase as served: final only once its end is recorded
+/// (with its report), the live phase before. The progress may name the
+/// final phase a moment earlier; until the end arrives it shows as the
+/// switchover still closing.
+fn shown_phase(recorded: MigrationPhase, live: MigrationPhase) -> MigrationPhase {
+    if recorded.is_final() {
+        recorded
+    } else if live.is_final() {
+        MigrationPhase::Switchover
+    } else {
+        live
+    }
+}
+
 fn lost_end(a: &Agent, migration: &str, why: &str) -> EndedMigration {
     let ms = lock(&a.inner.migrations);
     let m = ms.get(migration);
@@ -623,10 +635,7 @@ fn lost_end(a: &Agent, migration: &str, why: &str) -> EndedMigration {
         vm: m.map(|m| m.vm.clone()).unwrap_or_default(),
         role: m.map_or(Role::Source, |m| m.role),
         peer: m.map(|m| m.peer.clone()).unwrap_or_default(),
-        state: match m.map(|m| m.role) {
-            Some(Role::Destination) => MigrationState::Discarded,
-            _ => MigrationState::RolledBack,
-        },
+        state: MigrationPhase::RolledBack,
         report: None,
         error: Some(why.into()),
     }

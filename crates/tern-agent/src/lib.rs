@@ -27,9 +27,10 @@ pub mod vmdir;
 pub use agent::{Agent, AgentError, MigrateRequest};
 pub use client::{AgentClient, ClientError};
 pub use config::{AgentConfig, ConfigError, Peer, TlsFiles};
+pub use tern_migrate::MigrationPhase;
 /// A migration's final report, as clients of the agent API read it.
 pub use tern_migrate::{Report, SwitchoverTimes};
-pub use views::{GuestKind, MigrationState, MigrationView, Role, VmSpec, VmStatus, VmView};
+pub use views::{GuestKind, MigrationView, Role, VmSpec, VmStatus, VmView};
 
 /// Starts an agent and serves its API until the process ends.
 pub async fn serve(cfg: AgentConfig) -> Result<(), AgentError> {

@@ -1,7 +1,7 @@
 //! What the host API takes and returns (shared by the server and the client).
 
 use serde::{Deserialize, Serialize};
-use tern_migrate::{Progress, Report};
+use tern_migrate::{MigrationPhase, Progress, Report};
 
 /// What runs in a VM slot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,39 +145,8 @@ pub struct VmView {
     pub detail: Option<String>,
 }
 
-/// Which end of a migration this host is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Sends the VM.
-    Source,
-    /// Receives it.
-    Destination,
-}
-
-/// How a migration stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MigrationState {
-    /// In progress.
-    Running,
-    /// The VM moved.
-    Committed,
-    /// It failed before commit; the source runs the VM.
-    RolledBack,
-    /// The destination dropped what it received.
-    Discarded,
-    /// Ownership moved, but the guest's own report afterwards says its
-    /// memory or counter is wrong (QEMU itself reported success).
-    Corrupted,
-}
-
-impl MigrationState {
-    /// Whether the migration has ended.
-    pub fn is_final(self) -> bool {
-        !matches!(self, MigrationState::Running)
-    }
-}
+/// Which end of a migration this host is (tern-proto's vocabulary).
+pub use tern_migrate::MigrationRole as Role;
 
 /// One migration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -190,8 +159,8 @@ pub struct MigrationView {
     pub role: Role,
     /// The other host.
     pub peer: String,
-    /// How it stands.
-    pub state: MigrationState,
+    /// How it stands (the same phases on both ends; `is_final` once ended).
+    pub state: MigrationPhase,
     /// The latest progress.
     pub progress: Progress,
     /// The final report (source, once ended).

@@ -10,9 +10,10 @@
 
 use crate::config::AgentConfig;
 use crate::journal::{Journal, JournalError, Record};
-use crate::views::{MigrationState, Role, VmSpec};
+use crate::views::{Role, VmSpec};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use tern_migrate::MigrationPhase;
 
 /// What a guest process hosts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -148,7 +149,7 @@ pub struct EndedMigration {
     /// The other host.
     pub peer: String,
     /// How it ended.
-    pub state: MigrationState,
+    pub state: MigrationPhase,
     /// The engine's report (source).
     pub report: Option<tern_migrate::Report>,
     /// Why it failed.
@@ -202,7 +203,7 @@ pub fn fold(records: &[Record]) -> DirFate {
 mod tests {
     use super::*;
 
-    fn ended(m: &str, state: MigrationState) -> Record {
+    fn ended(m: &str, state: MigrationPhase) -> Record {
         Record::MigrationEnded(Box::new(EndedMigration {
             migration: m.into(),
             vm: "v".into(),
@@ -238,7 +239,7 @@ mod tests {
             vm: "v".into(),
             reason: "the destination never committed".into(),
         });
-        recs.push(ended("m", MigrationState::RolledBack));
+        recs.push(ended("m", MigrationPhase::RolledBack));
         let f = fold(&recs);
         assert_eq!((f.owned, f.in_doubt, f.moved_to), (Some(1), None, None));
         assert_eq!(f.ended.len(), 1);

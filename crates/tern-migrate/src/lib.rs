@@ -17,9 +17,10 @@ pub mod relay;
 
 pub use engine::{
     migrate, migrate_observed, receive, receive_observed, Capacity, CommitHook, DestLink,
-    MigrateError, Mode, Policy, Progress, Report, RoundStats, SourceLink, SourcePhase,
-    SwitchoverTimes,
+    HookError, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress, Report, RoundStats,
+    SourceLink, SwitchoverTimes,
 };
 /// The guest halves the engine drives (a leaf crate: guests implement them beside themselves).
 pub use tern_guest as guest;
 pub use tern_guest::{DestinationGuest, GuestError, GuestShape, PostcopyMemory, SourceGuest};
+pub use tern_proto::MigrationRole;

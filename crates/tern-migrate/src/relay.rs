@@ -88,8 +88,11 @@ pub enum RelaySourceMsg {
     StreamEnd,
     /// Ownership moves: run the guest.
     Commit {
-        /// The last tick the guest printed on the source.
-        last_tick: u64,
+        /// The last tick tern's workload printed on the source; `None` when
+        /// the guest reports no check of its own (then QEMU's result alone
+        /// judges the migration).
+        #[serde(default)]
+        last_tick: Option<u64>,
     },
     /// Stop; the source keeps the guest.
     Abort {
@@ -172,7 +175,7 @@ mod tests {
 
     #[test]
     fn frames_decode_to_what_was_sent_and_refuse_the_rest() {
-        let m = RelaySourceMsg::Commit { last_tick: 7 };
+        let m = RelaySourceMsg::Commit { last_tick: Some(7) };
         assert_eq!(
             decode::<RelaySourceMsg>(&msg_frame(&m)).unwrap(),
             Incoming::Msg(m)

@@ -6,7 +6,7 @@ use ed25519_dalek::SigningKey;
 use std::path::Path;
 use std::time::Duration;
 use tern_migrate::{
-    migrate, receive, Capacity, DestLink, MigrateError, Policy, SourceLink, SourcePhase,
+    migrate, receive, Capacity, DestLink, MigrateError, MigrationPhase, Policy, SourceLink,
 };
 use tern_transport::{certs, Listener, Security, Sender, SessionConfig, TlsIdentity};
 use tern_vmm::halves::incoming_machine;
@@ -167,10 +167,11 @@ async fn precopy_round_trip(tls: Option<&Hosts>) {
     let dest = spawn_dest(dl, vk, capacity());
     let report = migrate(&mut src, sl, &key, &Policy::default(), "m-1")
         .await
+        .committed()
         .unwrap();
     let dst: Machine = dest.await.unwrap().unwrap();
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
-    assert_eq!(report.phase, SourcePhase::Committed);
+    assert_eq!(report.phase, MigrationPhase::Committed);
     assert!(
         matches!(src.run_state(), RunState::Exited(_)),
         "the source copy is gone after commit"
@@ -221,6 +222,7 @@ async fn a_forged_manifest_is_refused_and_the_source_keeps_running() {
     let dest = spawn_dest(dl, trusted, capacity());
     let err = migrate(&mut src, sl, &key, &Policy::default(), "m-2")
         .await
+        .committed()
         .unwrap_err();
     assert!(
         matches!(&err, MigrateError::DestinationFailed(r) if r.contains("signature")),
@@ -255,6 +257,7 @@ async fn a_destination_without_capacity_rejects() {
     );
     let err = migrate(&mut src, sl, &key, &Policy::default(), "m-3")
         .await
+        .committed()
         .unwrap_err();
     assert!(
         matches!(&err, MigrateError::Rejected(r) if r.contains("capacity")),
@@ -346,6 +349,7 @@ async fn a_two_second_link_cut_mid_transfer_is_survived() {
         "m-cut",
     )
     .await
+    .committed()
     .unwrap();
     let link = cutter.await.unwrap();
     let dst = dest.await.unwrap().unwrap();
@@ -357,7 +361,7 @@ async fn a_two_second_link_cut_mid_transfer_is_survived() {
         report.wire_bytes / 1024,
         link.connections()
     );
-    assert_eq!(report.phase, SourcePhase::Committed);
+    assert_eq!(report.phase, MigrationPhase::Committed);
     assert!(
         link.connections() > 2,
         "the data session reconnected after the cut"
@@ -417,6 +421,7 @@ async fn auto_converge_throttles_a_guest_that_outruns_the_link() {
     let dest = spawn_process_dest(dl, vk);
     let report = migrate(&mut src, sl, &key, &capped_policy(), "m-converge")
         .await
+        .committed()
         .unwrap();
     let dst = dest.await.unwrap().unwrap();
     eprintln!(
@@ -429,7 +434,7 @@ async fn auto_converge_throttles_a_guest_that_outruns_the_link() {
         report.throttle_percent,
         report.downtime_ms
     );
-    assert_eq!(report.phase, SourcePhase::Committed);
+    assert_eq!(report.phase, MigrationPhase::Committed);
     assert!(report.throttle_percent >= 30, "auto-converge never engaged");
     assert_eq!(report.bandwidth_raised_to, 0, "no ceiling was given");
     // The destination verified every page; the workload carries on there.
@@ -453,6 +458,7 @@ async fn a_migration_that_misses_its_deadline_rolls_back_and_the_source_runs_at_
     };
     let err = migrate(&mut src, sl, &key, &policy, "m-deadline")
         .await
+        .committed()
         .unwrap_err();
     eprintln!("source: {err}");
     assert!(matches!(err, MigrateError::NotConverged(_)), "{err}");
@@ -504,6 +510,7 @@ async fn postcopy_once() -> u64 {
     };
     let report = migrate(&mut src, sl, &key, &policy, "m-postcopy")
         .await
+        .committed()
         .unwrap();
     let dst = dest.await.unwrap().unwrap();
     eprintln!(
@@ -534,6 +541,7 @@ async fn a_capped_link_is_raised_toward_its_ceiling_before_the_guest_is_throttle
     };
     let report = migrate(&mut src, sl, &key, &policy, "m-raise")
         .await
+        .committed()
         .unwrap();
     dest.await.unwrap().unwrap();
     eprintln!(

@@ -5,7 +5,9 @@
 //! the API and the migration engine cannot drift apart on what a "VM" is.
 
 pub mod ids;
+pub mod migration;
 pub mod vm;
 
 pub use ids::{HostId, IdError, OwnerEpoch, TenantId, VmId, VsockCid};
+pub use migration::{MigrationPhase, MigrationRole};
 pub use vm::{IllegalTransition, VmConfig, VmRecord, VmSpec, VmStatus};

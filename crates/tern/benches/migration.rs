@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tern_agent::testbed::{self, AgentProcess, HostPlan};
-use tern_agent::{GuestKind, MigrateRequest, MigrationState, VmSpec};
+use tern_agent::{GuestKind, MigrateRequest, MigrationPhase, VmSpec};
 
 struct Row {
     workload: String,
@@ -142,7 +142,7 @@ fn main() {
                     assert!(t.elapsed() < Duration::from_secs(300), "stuck: {v:?}");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 };
-                assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+                assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 let source_peak_mb = sampler.join().unwrap() as f64 / 1e6;
                 let r = done.report.unwrap();

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tern_agent::testbed::AgentProcess;
-use tern_agent::{AgentClient, AgentConfig, MigrateRequest, MigrationState, MigrationView, VmSpec};
+use tern_agent::{AgentClient, AgentConfig, MigrateRequest, MigrationPhase, MigrationView, VmSpec};
 
 /// How to reach an agent's API.
 #[derive(clap::Args, Clone)]
@@ -133,7 +133,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
         } else {
             print_report(&done);
         }
-        if done.state != MigrationState::Committed {
+        if done.state != MigrationPhase::Committed {
             bail!(
                 "migration {} {:?}: {}",
                 done.id,
@@ -439,7 +439,7 @@ pub fn demo() -> anyhow::Result<()> {
             .await?;
         let done = follow(&a, &m.id, true).await?;
         print_report(&done);
-        if done.state != MigrationState::Committed {
+        if done.state != MigrationPhase::Committed {
             bail!("the migration did not commit");
         }
         let c1 = b.vm(&vm.id).await?;

@@ -20,7 +20,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_agent::testbed::{self, AgentProcess, HostPlan};
-use tern_agent::{GuestKind, MigrateRequest, MigrationState, VmSpec};
+use tern_agent::{GuestKind, MigrateRequest, MigrationPhase, VmSpec};
 use tern_drivers::qemu::load::{last_complete_tick, verify_after_switchover, LoadParams};
 use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
 use tern_testkit::{LinkConfig, LinkEmulator};
@@ -357,7 +357,7 @@ async fn tern_run(
     let wire = to_b.bytes_up() - before;
     let r = done.report.clone();
     let (ok, verdict) = match done.state {
-        MigrationState::Committed => (true, "counter continued, checksum matches".to_string()),
+        MigrationPhase::Committed => (true, "counter continued, checksum matches".to_string()),
         s => (false, format!("{s:?}: {}", done.error.unwrap_or_default())),
     };
     Ok(Row {

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tern_agent::testbed::{self, HostPlan};
-use tern_agent::{MigrationState, VmStatus};
+use tern_agent::{MigrationPhase, VmStatus};
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "slow: two agent processes"]
@@ -89,7 +89,7 @@ async fn a_link_cut_for_2s_mid_transfer_resumes_and_completes() {
     to_b.cut(Duration::from_secs(2));
     to_a.cut(Duration::from_secs(2));
     let done = wait_end(&ca, &m.id, Duration::from_secs(120)).await;
-    assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     assert!(to_b.connections() > 2, "no reconnection happened");
     assert_runs(&cb, &vm.id, 2).await;
 }
@@ -116,12 +116,15 @@ async fn killing_the_target_during_precopy_leaves_the_source_running_unchanged()
         assert!(t.elapsed() < Duration::from_secs(30));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(ca.migration(&m.id).await.unwrap().progress.phase, "precopy");
+    assert_eq!(
+        ca.migration(&m.id).await.unwrap().progress.phase,
+        MigrationPhase::Precopy
+    );
     // The target host dies: its agent and the guest process receiving.
     b.kill();
     testbed::kill_guests(&b_data);
     let done = wait_end(&ca, &m.id, Duration::from_secs(90)).await;
-    assert_eq!(done.state, MigrationState::RolledBack, "{done:?}");
+    assert_eq!(done.state, MigrationPhase::RolledBack, "{done:?}");
     eprintln!("rolled back: {}", done.error.unwrap_or_default());
     assert_runs(&ca, &vm.id, 1).await;
 }
@@ -148,12 +151,12 @@ async fn a_forged_manifest_signature_is_refused_and_the_source_keeps_running() {
     assert_runs(&ca, &vm.id, 1).await;
     let m = ca.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
     let done = wait_end(&ca, &m.id, Duration::from_secs(60)).await;
-    assert_eq!(done.state, MigrationState::RolledBack, "{done:?}");
+    assert_eq!(done.state, MigrationPhase::RolledBack, "{done:?}");
     let err = done.error.unwrap_or_default();
     assert!(err.contains("signature"), "{err}");
     assert_eq!(
         cb.migration(&m.id).await.unwrap().state,
-        MigrationState::Discarded
+        MigrationPhase::RolledBack
     );
     assert!(cb.vm(&vm.id).await.is_err(), "host-b kept a copy");
     assert_runs(&ca, &vm.id, 1).await;

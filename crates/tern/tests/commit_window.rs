@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_agent::testbed::BedHost;
 use tern_agent::vmdir::VmDir;
-use tern_agent::{MigrationState, VmStatus};
+use tern_agent::{MigrationPhase, VmStatus};
 use tern_testkit::LinkEmulator;
 
 /// The source holds this long between its commit record and `Commit`.
@@ -86,7 +86,7 @@ fn incoming_dir(data: &Path, vm: &str) -> PathBuf {
 
 /// After the fault: the CLI's verdict, both APIs and the running copies
 /// agree, and exactly one copy runs where they say.
-async fn one_copy_everyone_agrees(w: Window, expect: MigrationState) {
+async fn one_copy_everyone_agrees(w: Window, expect: MigrationPhase) {
     let out = tokio::time::timeout(Duration::from_secs(120), w.cli.wait_with_output())
         .await
         .expect("the CLI ended")
@@ -97,19 +97,19 @@ async fn one_copy_everyone_agrees(w: Window, expect: MigrationState) {
         text.contains(&format!("{expect:?}")),
         "the CLI said: {text}"
     );
-    assert_eq!(out.status.success(), expect == MigrationState::Committed);
+    assert_eq!(out.status.success(), expect == MigrationPhase::Committed);
     let (ca, cb) = (w.a.client(), w.b.client());
     let mig = ca.migrations_list().await.unwrap()[0].clone();
     assert_eq!(mig.state, expect, "{mig:?}");
     let dst = wait_end(&cb, &mig.id, Duration::from_secs(60)).await;
     let copies = running_copies(&[&w.bed[0].data_dir, &w.bed[1].data_dir], &w.vm).await;
     assert_eq!(copies.len(), 1, "running copies: {copies:?}");
-    if expect == MigrationState::Committed {
-        assert_eq!(dst.state, MigrationState::Committed, "{dst:?}");
+    if expect == MigrationPhase::Committed {
+        assert_eq!(dst.state, MigrationPhase::Committed, "{dst:?}");
         assert_runs(&cb, &w.vm, 2).await;
         assert_eq!(ca.vm(&w.vm).await.unwrap().status, VmStatus::MovedAway);
     } else {
-        assert_eq!(dst.state, MigrationState::Discarded, "{dst:?}");
+        assert_eq!(dst.state, MigrationPhase::RolledBack, "{dst:?}");
         assert_runs(&ca, &w.vm, 1).await;
         assert!(cb.vm(&w.vm).await.is_err(), "host-b lists the VM");
     }
@@ -127,7 +127,7 @@ async fn the_target_agent_killed_in_the_commit_window() {
     w.b.0.release_guests();
     tokio::time::sleep(Duration::from_secs(1)).await;
     w.b = AgentProc::start(&w.bed[1], None);
-    one_copy_everyone_agrees(w, MigrationState::Committed).await;
+    one_copy_everyone_agrees(w, MigrationPhase::Committed).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -143,7 +143,7 @@ async fn the_target_guest_process_killed_in_the_commit_window() {
         .status();
     // Commit cannot arrive: the source settles with host-b (no commit
     // record there) and resumes its paused guest.
-    one_copy_everyone_agrees(w, MigrationState::RolledBack).await;
+    one_copy_everyone_agrees(w, MigrationPhase::RolledBack).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -155,7 +155,7 @@ async fn the_link_cut_past_the_deadline_in_the_commit_window() {
     let down = Duration::from_secs(DEADLINE + 4);
     w.to_b.cut(down);
     w.to_a.cut(down);
-    one_copy_everyone_agrees(w, MigrationState::RolledBack).await;
+    one_copy_everyone_agrees(w, MigrationPhase::RolledBack).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,7 +173,7 @@ async fn a_failed_handshake_on_reconnect_in_the_commit_window() {
 }
 
 /// Whichever way it ends, one copy runs and everyone agrees.
-async fn one_copy_everyone_agrees_any(w: Window) -> MigrationState {
+async fn one_copy_everyone_agrees_any(w: Window) -> MigrationPhase {
     let ca = w.a.client();
     let t = Instant::now();
     let state = loop {

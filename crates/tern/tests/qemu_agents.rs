@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tern_agent::testbed::{self, AgentProcess, BedHost, HostPlan};
 use tern_agent::{
-    AgentClient, GuestKind, MigrateRequest, MigrationState, MigrationView, VmSpec, VmStatus,
+    AgentClient, GuestKind, MigrateRequest, MigrationPhase, MigrationView, VmSpec, VmStatus,
 };
 use tern_drivers::qemu::pids_under;
 use tern_drivers::qemu::testing::guest_or_skip;
@@ -130,7 +130,7 @@ async fn a_linux_guest_migrates_between_agents_and_keeps_counting() {
     let before = assert_runs(&ca, &vm.id, 0).await;
     let m = ca.migrate(&vm.id, &precopy(None)).await.unwrap();
     let done = wait_end(&ca, &m.id).await;
-    assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     let r = done.report.unwrap();
     eprintln!(
         "linux guest: downtime {:.1} ms, total {:.0} ms, wire {} bytes",
@@ -182,7 +182,7 @@ async fn a_3s_link_cut_mid_migration_is_invisible_to_qemu() {
         "rounds {}, {:?}: {:?}",
         done.progress.round, done.state, done.error
     );
-    assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     assert!(bed.to_b.connections() > 2, "no reconnection happened");
     assert_runs(&cb, &vm.id, before).await;
 }
@@ -214,7 +214,7 @@ async fn killing_the_target_qemu_mid_migration_leaves_the_source_running() {
     )
     .unwrap();
     let done = wait_end(&ca, &m.id).await;
-    assert_eq!(done.state, MigrationState::RolledBack, "{done:?}");
+    assert_eq!(done.state, MigrationPhase::RolledBack, "{done:?}");
     eprintln!("rolled back: {}", done.error.unwrap_or_default());
     assert_runs(&ca, &vm.id, before).await;
     let on_b = cb.vm(&vm.id).await;
@@ -239,7 +239,7 @@ async fn a_linux_guest_moves_by_postcopy_through_tern() {
     };
     let m = ca.migrate(&vm.id, &req).await.unwrap();
     let done = wait_end(&ca, &m.id).await;
-    assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     let r = done.report.unwrap();
     assert!(r.postcopy, "QEMU was switched to post-copy");
     eprintln!(
@@ -284,7 +284,9 @@ async fn a_linux_guest_migrates_through_an_agent_killed_at_each_phase() {
                 let at = if after_commit_record {
                     recorded
                 } else {
-                    v.progress.phase == "precopy" && v.progress.wire_bytes > 0 && !recorded
+                    v.progress.phase == MigrationPhase::Precopy
+                        && v.progress.wire_bytes > 0
+                        && !recorded
                 };
                 assert!(!v.state.is_final(), "ended before the phase: {v:?}");
                 assert!(
@@ -303,8 +305,8 @@ async fn a_linux_guest_migrates_through_an_agent_killed_at_each_phase() {
             *agent = AgentProcess::start_with_env(bin, &bed.hosts[k], None, &env).unwrap();
             let (ca, cb) = (bed.a.client().unwrap(), bed.b.client().unwrap());
             let done = wait_end(&ca, &m.id).await;
-            assert_eq!(done.state, MigrationState::Committed, "{done:?}");
-            assert_eq!(wait_end(&cb, &m.id).await.state, MigrationState::Committed);
+            assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
+            assert_eq!(wait_end(&cb, &m.id).await.state, MigrationPhase::Committed);
             assert_runs(&cb, &vm.id, before).await;
             assert_eq!(ca.vm(&vm.id).await.unwrap().status, VmStatus::MovedAway);
             eprintln!(
@@ -353,8 +355,8 @@ async fn a_linux_guest_resumes_when_its_destination_dies_in_the_commit_window() 
     }
     testbed::kill_guests(&bed.hosts[1].data_dir);
     let done = wait_end(&ca, &m.id).await;
-    assert_eq!(done.state, MigrationState::RolledBack, "{done:?}");
-    assert_eq!(wait_end(&cb, &m.id).await.state, MigrationState::Discarded);
+    assert_eq!(done.state, MigrationPhase::RolledBack, "{done:?}");
+    assert_eq!(wait_end(&cb, &m.id).await.state, MigrationPhase::RolledBack);
     assert_runs(&ca, &vm.id, before).await;
     assert!(cb.vm(&vm.id).await.is_err(), "host-b lists the VM");
     eprintln!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tern_agent::control::{self, GuestState, GuestStatus, Request};
 use tern_agent::testbed;
 use tern_agent::vmdir::VmDir;
-use tern_agent::{AgentClient, GuestKind, MigrationState, VmSpec, VmStatus};
+use tern_agent::{AgentClient, GuestKind, MigrationPhase, VmSpec, VmStatus};
 
 fn process_spec() -> VmSpec {
     VmSpec {
@@ -149,11 +149,15 @@ async fn reach(c: &AgentClient, mig: &str, phase: Phase, data: &Path, vm: &str) 
         }
         let p = &v.progress;
         let at = match phase {
-            Phase::EarlyPrecopy => p.phase == "precopy" && p.round == 1 && p.pages_sent > 0,
-            Phase::LaterRound => p.phase == "precopy" && p.round >= 2,
-            Phase::Switchover => p.phase == "switchover" && !commit_recorded(data, vm),
+            Phase::EarlyPrecopy => {
+                p.phase == MigrationPhase::Precopy && p.round == 1 && p.pages_sent > 0
+            }
+            Phase::LaterRound => p.phase == MigrationPhase::Precopy && p.round >= 2,
+            Phase::Switchover => {
+                p.phase == MigrationPhase::Switchover && !commit_recorded(data, vm)
+            }
             Phase::AfterCommitRecord => commit_recorded(data, vm),
-            Phase::MidPostcopy => p.phase == "postcopy",
+            Phase::MidPostcopy => p.phase == MigrationPhase::Postcopy,
         };
         if at {
             return true;
@@ -232,14 +236,14 @@ async fn an_agent_killed_at_any_phase_of_a_migration_leaves_one_running_copy() {
                         "{kind:?} {phase:?} {side:?}: copies {copies:?}"
                     );
                     match src.state {
-                        MigrationState::Committed => {
-                            assert_eq!(dst.state, MigrationState::Committed, "{dst:?}");
+                        MigrationPhase::Committed => {
+                            assert_eq!(dst.state, MigrationPhase::Committed, "{dst:?}");
                             assert_runs(&cb, &vm, 2).await;
                             assert_eq!(ca.vm(&vm).await.unwrap().status, VmStatus::MovedAway);
                             cb.stop_vm(&vm).await.unwrap();
                         }
-                        MigrationState::RolledBack => {
-                            assert_eq!(dst.state, MigrationState::Discarded, "{dst:?}");
+                        MigrationPhase::RolledBack => {
+                            assert_eq!(dst.state, MigrationPhase::RolledBack, "{dst:?}");
                             assert_runs(&ca, &vm, 1).await;
                             ca.stop_vm(&vm).await.unwrap();
                         }

@@ -6,13 +6,13 @@
 use super::{lock, read_hello, server::qemu_config, Proc, Slot};
 use crate::hosted::Hosted;
 use crate::journal::Record;
-use crate::views::{GuestKind, MigrationState, Role};
+use crate::views::{GuestKind, Role};
 use crate::vmdir::EndedMigration;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tern_drivers::qemu::QemuSpec;
 use tern_migrate::protocol::{hello_frame, SessionHello};
-use tern_migrate::{Capacity, DestLink, Progress};
+use tern_migrate::{Capacity, DestLink, MigrationPhase, Progress};
 use tern_transport::{Listener, Receiver, Sender};
 use tokio::sync::watch;
 
@@ -21,7 +21,7 @@ pub(super) async fn run(p: Arc<Proc>, migration: String, source_host: String, re
     let (ptx, etx) = p.track(
         &migration,
         Progress {
-            phase: "receiving".into(),
+            phase: MigrationPhase::Precopy,
             ..Default::default()
         },
     );
@@ -30,7 +30,7 @@ pub(super) async fn run(p: Arc<Proc>, migration: String, source_host: String, re
         vm: p.launch.vm.clone(),
         role: Role::Destination,
         peer: source_host.clone(),
-        state: MigrationState::Discarded,
+        state: MigrationPhase::RolledBack,
         report: None,
         error: None,
     };
@@ -45,13 +45,13 @@ pub(super) async fn run(p: Arc<Proc>, migration: String, source_host: String, re
     match res {
         Ok(g) => {
             p.set_slot(Slot::Running(Box::new(g)));
-            end.state = MigrationState::Committed;
+            end.state = MigrationPhase::Committed;
         }
         Err((e, Some(g))) => {
             // Committed, but the guest's own check failed (QEMU): it is
             // ours, well or not, and its status says whether it runs.
             p.set_slot(Slot::Running(Box::new(g)));
-            end.state = MigrationState::Corrupted;
+            end.state = MigrationPhase::Corrupted;
             end.error = Some(e);
         }
         Err((e, None)) => {
@@ -65,12 +65,7 @@ pub(super) async fn run(p: Arc<Proc>, migration: String, source_host: String, re
             p.finish_soon();
         }
     }
-    ptx.send_modify(|x| {
-        x.phase = match end.state {
-            MigrationState::Discarded => "discarded".into(),
-            _ => "committed".into(),
-        }
-    });
+    ptx.send_modify(|x| x.phase = end.state);
     p.end(end, &etx);
 }
 
@@ -133,7 +128,7 @@ async fn receive(
     let mut on_commit = || {
         let mut gate = lock(&p.gate);
         if gate.fenced {
-            return Err("the source settled this migration as not committed".to_string());
+            return Err("the source settled this migration as not committed".into());
         }
         p.record(&Record::CommitReceived {
             migration: migration.into(),

@@ -7,12 +7,14 @@ use crate::control::{Answer, OutJob};
 use crate::hosted::Hosted;
 use crate::journal::Record;
 use crate::qemu_relay::{self, Compress};
-use crate::views::{MigrationState, Role};
+use crate::views::Role;
 use crate::vmdir::EndedMigration;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_migrate::protocol::{hello_frame, Offer, SessionHello, PROTOCOL_VERSION};
-use tern_migrate::{MigrateError, Progress, Report, SourceGuest, SourceLink};
+use tern_migrate::{
+    MigrateError, MigrationPhase, Outcome, Progress, Report, SourceGuest, SourceLink,
+};
 use tern_transport::{Listener, Receiver, Sender};
 use tokio::sync::watch;
 
@@ -85,48 +87,46 @@ async fn run(
         vm: p.launch.vm.clone(),
         role: Role::Source,
         peer: job.to.clone(),
-        state: MigrationState::RolledBack,
+        state: MigrationPhase::RolledBack,
         report: None,
         error: None,
     };
-    let (res, listener) = match open(p, job, guest.is_qemu()).await {
+    let (outcome, listener) = match open(p, job, guest.is_qemu()).await {
         Ok(Links { link, listener }) => {
-            let res = transfer(p, &mut guest, job, compress, link, progress.clone()).await;
-            (res, Some(listener))
+            let o = transfer(p, &mut guest, job, compress, link, progress.clone()).await;
+            (o, Some(listener))
         }
-        Err(e) => (Err(e), None),
+        Err(error) => {
+            let report = Report::new(p.launch.spec.memory_mib << 20);
+            (Outcome::Stayed { report, error }, None)
+        }
     };
-    let in_doubt = matches!(&res, Err(MigrateError::CommitUnconfirmed(_)));
-    let moved = match &res {
-        Ok(_) => true,
-        // A QEMU guest that failed its own check after commit still moved.
-        Err(MigrateError::Verification(_)) if guest.is_qemu() => true,
-        Err(MigrateError::PostcopyFailed(_)) => true,
-        Err(MigrateError::CommitUnconfirmed(_)) => match listener {
+    end.error = outcome.error().map(|e| e.to_string());
+    end.state = outcome.report().phase;
+    let in_doubt = matches!(outcome, Outcome::InDoubt { .. });
+    let moved = match outcome {
+        Outcome::Moved { .. } => true,
+        Outcome::Stayed { .. } => false,
+        Outcome::InDoubt { .. } => match listener {
             Some(mut l) => settle(p, job, &mut l, &progress).await,
             None => false,
         },
-        Err(_) => false,
     };
-    match res {
-        Ok(r) => end.report = Some(r),
-        Err(e) => end.error = Some(e.to_string()),
-    }
+    end.report = Some(outcome.into_report());
     if moved {
         guest.discard();
         *lock(&p.epoch) += 1;
         p.set_slot(Slot::MovedAway);
-        end.state = if end.error.is_some() && guest.is_qemu() {
-            MigrationState::Corrupted
-        } else {
-            MigrationState::Committed
-        };
-        progress.send_modify(|x| x.phase = "committed".into());
+        if !end.state.ownership_moved() {
+            // Settled: the destination had journaled the commit.
+            end.state = MigrationPhase::Committed;
+        }
         p.finish_soon();
     } else {
+        end.state = MigrationPhase::RolledBack;
         roll_back(p, guest, &end, in_doubt).await;
-        progress.send_modify(|x| x.phase = "rolled_back".into());
     }
+    progress.send_modify(|x| x.phase = end.state);
     end
 }
 
@@ -158,8 +158,8 @@ async fn roll_back(p: &Proc, mut guest: Box<Hosted>, end: &EndedMigration, in_do
 /// process to dial back, then opens the data session routed to it.
 async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateError> {
     let peer = p.peer(&job.to).map_err(MigrateError::Rejected)?;
-    let security = p.security(&peer.name).map_err(MigrateError::Transport)?;
-    let mut listener = p.listener().map_err(MigrateError::Transport)?;
+    let security = p.security(&peer.name).map_err(MigrateError::Aborted)?;
+    let mut listener = p.listener().map_err(MigrateError::Aborted)?;
     let hello = SessionHello::Data(Offer {
         version: PROTOCOL_VERSION,
         migration: job.migration.clone(),
@@ -175,12 +175,8 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
         p.session_config(None),
         None,
     )
-    .await
-    .map_err(|e| MigrateError::Transport(format!("cannot reach {}: {e}", peer.name)))?;
-    prepare
-        .send(hello_frame(&hello))
-        .await
-        .map_err(|e| MigrateError::Transport(e.to_string()))?;
+    .await?;
+    prepare.send(hello_frame(&hello)).await?;
     let replies = accept_replies(&mut listener, job).await;
     // The asking session has done its job (either way): close it.
     tokio::spawn(async move {
@@ -193,12 +189,8 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
     } else {
         data_window(p.launch.spec.memory_mib << 20)
     };
-    let data = Sender::connect(peer.migrate_addr, security, cfg, None)
-        .await
-        .map_err(|e| MigrateError::Transport(format!("cannot reach {}: {e}", peer.name)))?;
-    data.send(hello_frame(&hello))
-        .await
-        .map_err(|e| MigrateError::Transport(e.to_string()))?;
+    let data = Sender::connect(peer.migrate_addr, security, cfg, None).await?;
+    data.send(hello_frame(&hello)).await?;
     Ok(Links {
         link: SourceLink { data, replies },
         listener,
@@ -216,11 +208,9 @@ async fn accept_replies(listener: &mut Listener, job: &OutJob) -> Result<Receive
             .await
             .ok()
             .flatten()
-            .ok_or_else(|| {
-                MigrateError::Transport(format!(
-                    "{} did not open the reply session within {wait:?} (is this host its peer?)",
-                    job.to
-                ))
+            .ok_or(MigrateError::Timeout {
+                waiting_for: "reply session from the destination (is this host its peer?)",
+                after: wait,
             })?;
         match read_hello(&mut rx, Duration::from_secs(10)).await {
             Ok(SessionHello::Replies { migration }) if migration == job.migration => return Ok(rx),
@@ -240,7 +230,7 @@ async fn transfer(
     compress: Compress,
     link: SourceLink,
     progress: watch::Sender<Progress>,
-) -> Result<Report, MigrateError> {
+) -> Outcome {
     let epoch = *lock(&p.epoch);
     let mut before_commit = || {
         p.record(&Record::CommitDecided {
@@ -252,8 +242,15 @@ async fn transfer(
         hold_after_commit_record();
         Ok(())
     };
-    let key = crate::keys::host_key(&p.cfg().data_dir)
-        .map_err(|e| MigrateError::Aborted(format!("host key: {e}")))?;
+    let key = match crate::keys::host_key(&p.cfg().data_dir) {
+        Ok(k) => k,
+        Err(e) => {
+            return Outcome::Stayed {
+                report: Report::new(p.launch.spec.memory_mib << 20),
+                error: MigrateError::Aborted(format!("host key: {e}")),
+            }
+        }
+    };
     match guest {
         Hosted::Qemu(q) => {
             let args = qemu_relay::SourceArgs {
@@ -302,7 +299,7 @@ async fn settle(
     listener: &mut Listener,
     progress: &watch::Sender<Progress>,
 ) -> bool {
-    progress.send_modify(|x| x.phase = "settling".into());
+    progress.send_modify(|x| x.phase = MigrationPhase::CommitInDoubt);
     loop {
         match ask(p, job, listener).await {
             Ok(committed) => {

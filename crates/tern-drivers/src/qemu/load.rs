@@ -188,6 +188,12 @@ impl LoadReport {
 /// The last tick the guest printed on a whole line of `console` (a line
 /// still being printed may be cut short: `tick=1` of `tick=130`).
 pub fn last_complete_tick(console: &str) -> u64 {
+    workload_tick(console).unwrap_or(0)
+}
+
+/// The last tick tern's workload printed, if the guest runs it (`Some(0)`
+/// once it said it is ready); `None` for a guest that reports nothing.
+pub fn workload_tick(console: &str) -> Option<u64> {
     let whole = console.rfind('\n').map_or("", |i| &console[..i]);
     whole
         .lines()
@@ -195,9 +201,9 @@ pub fn last_complete_tick(console: &str) -> u64 {
         .filter_map(parse_line)
         .find_map(|l| match l {
             LoadLine::Tick(t) | LoadLine::Checked { tick: t, .. } => Some(t),
-            _ => None,
+            LoadLine::Ready => Some(0),
+            LoadLine::Failed => None,
         })
-        .unwrap_or(0)
 }
 
 /// The guest's own verdict on what it printed since it resumed after a

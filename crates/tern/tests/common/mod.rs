@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tern_agent::testbed::{self, AgentProcess, BedHost, HostPlan};
-use tern_agent::{AgentClient, MigrateRequest, MigrationState, MigrationView, VmSpec, VmStatus};
+use tern_agent::{AgentClient, MigrateRequest, MigrationPhase, MigrationView, VmSpec, VmStatus};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
 pub const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -113,7 +113,7 @@ pub async fn migrate_mode_and_check(a: &AgentClient, b: &AgentClient, mode: &str
     }
     let m = a.migrate(&vm.id, &req).await.unwrap();
     let done = wait_end(a, &m.id, Duration::from_secs(120)).await;
-    assert_eq!(done.state, MigrationState::Committed, "{done:?}");
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     let r = done.report.as_ref().unwrap();
     eprintln!(
         "{mode}: migrated {} in {:.1} ms, downtime {:.1} ms, {} rounds, {:.2} MB on the wire, post-copy {} ({:.1} ms, {} faults served)",
@@ -132,7 +132,7 @@ pub async fn migrate_mode_and_check(a: &AgentClient, b: &AgentClient, mode: &str
     assert_eq!(gone.status, VmStatus::MovedAway);
     assert_eq!(gone.moved_to.as_deref(), Some("host-b"));
     let dest_side = b.migration(&m.id).await.unwrap();
-    assert_eq!(dest_side.state, MigrationState::Committed);
+    assert_eq!(dest_side.state, MigrationPhase::Committed);
     done
 }
 

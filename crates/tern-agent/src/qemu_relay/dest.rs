@@ -1,0 +1,324 @@
+//! The destination side of a QEMU migration: launch QEMU paused, feed it
+//! the stream, say when it holds the guest, run it at `Commit`, judge it.
+
+use super::check::{self, GuestCheck};
+use super::{capabilities, console_tail, qmp_err};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tern_drivers::qemu::load::LoadParams;
+use tern_drivers::qemu::qmp::Qmp;
+use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
+use tern_migrate::protocol::{frame, msg_frame};
+use tern_migrate::relay::{
+    decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, KIND_RETURN, KIND_STREAM,
+};
+use tern_migrate::{CommitHook, MigrateError, MigrationPhase, Mode, Progress};
+use tern_transport::{Receiver, Sender};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+/// What the destination side needs besides the links.
+pub struct DestArgs<'a> {
+    /// How this host runs QEMU.
+    pub qemu: &'a QemuConfig,
+    /// Where the incoming VM's directory goes.
+    pub dir: PathBuf,
+    /// The guest (its kernel and initrd are this host's).
+    pub spec: QemuSpec,
+    /// The workload it runs (if the source says it reports one).
+    pub load: LoadParams,
+    /// Published as it goes.
+    pub progress: watch::Sender<Progress>,
+    /// Refuse with this reason instead of receiving.
+    pub refuse: Option<String>,
+}
+
+/// Receives a QEMU guest. Returns it running once committed and judged
+/// well; an error carries the guest when it was committed here (a failed
+/// check leaves it running: it is the one copy).
+pub async fn destination(
+    args: DestArgs<'_>,
+    mut data: Receiver,
+    replies: Sender,
+    on_commit: CommitHook<'_>,
+) -> Result<QemuVm, (MigrateError, Option<QemuVm>)> {
+    let (mode, compress) = match read_start(&mut data).await {
+        Ok(x) => x,
+        Err(e) => return Err((e, None)),
+    };
+    if let Some(r) = args.refuse {
+        return Err(reject(replies, r).await);
+    }
+    let mode: Mode = match mode.parse() {
+        Ok(m) => m,
+        Err(e) => return Err(reject(replies, e).await),
+    };
+    let vm = match QemuVm::launch(args.qemu, &args.dir, &args.spec, Launch::Incoming).await {
+        Ok(vm) => vm,
+        Err(e) => return Err(reject(replies, format!("cannot start QEMU here: {e}")).await),
+    };
+    let mut relay = DestRelay {
+        vm: &vm,
+        compress,
+        load: args.load,
+        progress: &args.progress,
+        replies: &replies,
+        committed: false,
+    };
+    let res = relay.run(mode, &mut data, on_commit).await;
+    let committed = relay.committed;
+    let _ = tokio::time::timeout(Duration::from_secs(5), replies.finish()).await;
+    match res {
+        Ok(()) => Ok(vm),
+        Err(e) if committed => Err((e, Some(vm))),
+        Err(e) => {
+            vm.remove();
+            Err((e, None))
+        }
+    }
+}
+
+async fn read_start(data: &mut Receiver) -> Result<(String, Compress), MigrateError> {
+    let (seq, f) = data.recv().await.ok_or(MigrateError::Closed("data"))??;
+    data.ack(seq);
+    match decode::<RelaySourceMsg>(&f)? {
+        Incoming::Msg(RelaySourceMsg::Start { mode, compress }) => Ok((mode, compress)),
+        other => Err(MigrateError::Protocol(format!(
+            "expected start, got {other:?}"
+        ))),
+    }
+}
+
+async fn reject(replies: Sender, reason: String) -> (MigrateError, Option<QemuVm>) {
+    let msg = RelayDestMsg::Reject {
+        reason: reason.clone(),
+    };
+    let _ = replies.send(msg_frame(&msg)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), replies.finish()).await;
+    (MigrateError::Rejected(reason), None)
+}
+
+/// One incoming QEMU migration, after its QEMU started.
+struct DestRelay<'a> {
+    vm: &'a QemuVm,
+    compress: Compress,
+    load: LoadParams,
+    progress: &'a watch::Sender<Progress>,
+    replies: &'a Sender,
+    /// `Commit` arrived and the guest runs here.
+    committed: bool,
+}
+
+/// The state of the receiving loop.
+struct Feed {
+    q: Qmp,
+    to_qemu: OwnedWriteHalf,
+    loaded: bool,
+    stream_end: bool,
+    /// The console's length when the guest resumed here.
+    console_from: usize,
+    /// Judging the guest: its check and the deadline for a verdict.
+    judging: Option<(Box<dyn GuestCheck>, Instant)>,
+    judged: bool,
+}
+
+impl DestRelay<'_> {
+    async fn run(
+        &mut self,
+        mode: Mode,
+        data: &mut Receiver,
+        on_commit: CommitHook<'_>,
+    ) -> Result<(), MigrateError> {
+        let res = self.receive(mode, data, on_commit).await;
+        if let Err(e) = &res {
+            // Before commit the source resumes; after it, the source must
+            // learn that the guest here is not well (e.g. its kernel
+            // panicked and QEMU exited), so the migration is marked corrupted.
+            let msg = if self.committed {
+                RelayDestMsg::Verified {
+                    ok: false,
+                    detail: format!("{e}; console: {}", console_tail(self.vm)),
+                }
+            } else {
+                RelayDestMsg::Failed {
+                    reason: e.to_string(),
+                }
+            };
+            let _ = self.replies.send(msg_frame(&msg)).await;
+        }
+        res
+    }
+
+    async fn receive(
+        &mut self,
+        mode: Mode,
+        data: &mut Receiver,
+        on_commit: CommitHook<'_>,
+    ) -> Result<(), MigrateError> {
+        let (q, stream) = self.open(mode).await?;
+        let (mut from_qemu, to_qemu) = stream.into_split();
+        self.replies.send(msg_frame(&RelayDestMsg::Accept)).await?;
+        self.progress
+            .send_modify(|p| p.phase = MigrationPhase::Precopy);
+        let mut f = Feed {
+            q,
+            to_qemu,
+            loaded: false,
+            stream_end: false,
+            console_from: 0,
+            judging: None,
+            judged: false,
+        };
+        let mut buf = vec![0u8; 256 << 10];
+        let mut return_open = true;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                r = data.recv() => {
+                    let (seq, frame) = r.ok_or(MigrateError::Closed("data"))??;
+                    self.on_data(&mut f, &frame, on_commit).await?;
+                    data.ack(seq);
+                }
+                n = from_qemu.read(&mut buf), if return_open => match n {
+                    Ok(0) | Err(_) => return_open = false,
+                    Ok(n) => {
+                        self.replies.send(frame(KIND_RETURN, &buf[..n])).await?;
+                    }
+                },
+                _ = tick.tick() => {
+                    if self.on_tick(&mut f).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sets QEMU up to receive and connects to its incoming socket.
+    async fn open(&mut self, mode: Mode) -> Result<(Qmp, UnixStream), MigrateError> {
+        let mut q = self.vm.qmp().await.map_err(qmp_err)?;
+        q.set_capabilities(&capabilities(mode, false))
+            .await
+            .map_err(qmp_err)?;
+        let sock = self.vm.dir().join("migrate-in.sock");
+        let uri = format!("unix:{}", sock.display());
+        q.run("migrate-incoming", json!({ "uri": uri }))
+            .await
+            .map_err(qmp_err)?;
+        Ok((q, connect_when_there(&sock).await?))
+    }
+
+    async fn on_data(
+        &mut self,
+        f: &mut Feed,
+        frame: &bytes::Bytes,
+        on_commit: CommitHook<'_>,
+    ) -> Result<(), MigrateError> {
+        match decode::<RelaySourceMsg>(frame)? {
+            Incoming::Bytes(KIND_STREAM, p) => {
+                let chunk = self.compress.unpack(&p).map_err(MigrateError::Protocol)?;
+                f.to_qemu.write_all(&chunk).await.map_err(|e| {
+                    MigrateError::DestinationFailed(format!("the destination QEMU's stream: {e}"))
+                })?;
+            }
+            Incoming::Msg(RelaySourceMsg::StreamEnd) => f.stream_end = true,
+            Incoming::Msg(RelaySourceMsg::Commit { last_tick }) if f.loaded && !self.committed => {
+                on_commit().map_err(MigrateError::CommitRecord)?;
+                self.committed = true;
+                f.console_from = self.vm.console().len();
+                f.q.run("cont", json!({})).await.map_err(qmp_err)?;
+                self.replies.send(msg_frame(&RelayDestMsg::Running)).await?;
+                self.progress
+                    .send_modify(|p| p.phase = MigrationPhase::Postcopy);
+                let check = check::for_guest(last_tick, self.load);
+                let deadline = Instant::now() + check.patience();
+                f.judging = Some((check, deadline));
+            }
+            Incoming::Msg(RelaySourceMsg::Abort { reason }) => {
+                return Err(MigrateError::Aborted(reason))
+            }
+            other => return Err(MigrateError::Protocol(format!("unexpected {other:?}"))),
+        }
+        Ok(())
+    }
+
+    /// Watches QEMU load the guest and the guest's check; returns true
+    /// once the migration is done here.
+    async fn on_tick(&mut self, f: &mut Feed) -> Result<bool, MigrateError> {
+        if !self.vm.is_alive() {
+            return Err(MigrateError::DestinationFailed(
+                "the destination QEMU exited".into(),
+            ));
+        }
+        if !f.loaded {
+            self.check_loaded(f).await?;
+        }
+        if let Some((check, deadline)) = &mut f.judging {
+            let console = self.vm.console();
+            let fresh = console.get(f.console_from..).unwrap_or("");
+            let verdict = check.judge(fresh);
+            let Some(v) = verdict.or_else(|| {
+                (Instant::now() > *deadline).then(|| check::Verdict {
+                    ok: false,
+                    detail: format!(
+                        "the guest printed no check in time after resuming; console: {}",
+                        console_tail(self.vm)
+                    ),
+                })
+            }) else {
+                return Ok(false);
+            };
+            let msg = RelayDestMsg::Verified {
+                ok: v.ok,
+                detail: v.detail.clone(),
+            };
+            self.replies.send(msg_frame(&msg)).await?;
+            if !v.ok {
+                return Err(MigrateError::Verification(v.detail));
+            }
+            f.judging = None;
+            f.judged = true;
+        }
+        Ok(f.judged && f.stream_end)
+    }
+
+    /// Pre-copy: all loaded, paused (-S). Post-copy: the device state is
+    /// in and the guest waits to run. Either way: `Loaded`.
+    async fn check_loaded(&mut self, f: &mut Feed) -> Result<(), MigrateError> {
+        let m = f.q.query_migrate().await.map_err(qmp_err)?;
+        let s = f.q.status().await.map_err(qmp_err)?;
+        if m.status == "failed" {
+            return Err(MigrateError::DestinationFailed(format!(
+                "the destination QEMU failed to load: {}",
+                m.error_desc.unwrap_or_default()
+            )));
+        }
+        let ready = (m.status == "completed" && f.stream_end && !s.running)
+            || (m.status == "postcopy-active" && !s.running);
+        if ready {
+            f.loaded = true;
+            self.progress
+                .send_modify(|p| p.phase = MigrationPhase::Switchover);
+            self.replies.send(msg_frame(&RelayDestMsg::Loaded)).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn connect_when_there(sock: &Path) -> Result<UnixStream, MigrateError> {
+    let t = Instant::now();
+    loop {
+        match UnixStream::connect(sock).await {
+            Ok(s) => return Ok(s),
+            Err(e) if t.elapsed() > Duration::from_secs(10) => {
+                return Err(MigrateError::DestinationFailed(format!(
+                    "the destination QEMU's incoming socket: {e}"
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}

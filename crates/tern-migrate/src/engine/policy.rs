@@ -1,0 +1,78 @@
+//! How the source runs a migration.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How pages move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Copy while the guest runs, stop it for the last dirty pages.
+    Precopy,
+    /// Start the guest on the destination at once; pages follow on demand
+    /// and in the background.
+    Postcopy,
+    /// Pre-copy rounds while they converge (up to `hybrid_rounds`), then post-copy.
+    Hybrid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(Mode::Precopy),
+            "postcopy" => Ok(Mode::Postcopy),
+            "hybrid" => Ok(Mode::Hybrid),
+            other => Err(format!(
+                "unknown mode `{other}` (precopy, postcopy, hybrid)"
+            )),
+        }
+    }
+}
+
+/// How the source runs a migration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Policy {
+    /// Pre-copy, post-copy or hybrid.
+    pub mode: Mode,
+    /// Hybrid: pre-copy rounds before switching to post-copy.
+    pub hybrid_rounds: u32,
+    /// Throttle the guest when pre-copy rounds stop shrinking (auto-converge).
+    pub auto_converge: bool,
+    /// Give up and roll back if switchover has not begun by then.
+    pub deadline: Option<Duration>,
+    /// The longest the guest may be stopped.
+    pub max_downtime: Duration,
+    /// Rounds before switching over regardless.
+    pub max_rounds: u32,
+    /// Pages per codec frame.
+    pub frame_pages: usize,
+    /// How long to wait for each reply.
+    pub reply_timeout: Duration,
+    /// Cap on the data session's rate in bytes/s (0: none).
+    pub bandwidth_bytes_per_sec: u64,
+    /// When pre-copy stops converging under a cap, raise the cap (×1.5 per
+    /// round) up to this before throttling the guest (0: never raise).
+    pub max_bandwidth_bytes_per_sec: u64,
+    /// Why the migration is asked for (sent to the destination, logged there).
+    pub reason: String,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Precopy,
+            hybrid_rounds: 2,
+            auto_converge: true,
+            deadline: None,
+            max_downtime: Duration::from_millis(50),
+            max_rounds: 30,
+            frame_pages: 1024,
+            reply_timeout: Duration::from_secs(30),
+            bandwidth_bytes_per_sec: 0,
+            max_bandwidth_bytes_per_sec: 0,
+            reason: "operator".into(),
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! Post-copy: the guest runs on the destination before all its pages are
+//! there. The source pushes the missing pages in the background and serves
+//! the ones the guest faults on first; the destination turns faults into
+//! requests and places pages as they land. Both ends end with a root over
+//! every page's hash, signed by the source.
+
+use super::pages::pages_root;
+use super::replies::{next, parse_msg, poll_reply};
+use super::source::Source;
+use super::{ms_since, MigrateError, MigrationPhase, PAGE};
+use crate::guest::{PostcopyMemory, SourceGuest};
+use crate::protocol::*;
+use ed25519_dalek::VerifyingKey;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_pagecodec::Decoder;
+use tern_transport::{Receiver, Sender};
+
+/// Pages prefetched after each faulting page (the guest tends to read on).
+const PREFETCH_PAGES: u64 = 15;
+/// Background pages kept in flight during post-copy: more only delays the
+/// pages the guest is waiting for behind them.
+const POSTCOPY_INFLIGHT_BYTES: usize = 2 << 20;
+
+fn failed(e: MigrateError) -> MigrateError {
+    MigrateError::PostcopyFailed(Box::new(e))
+}
+
+impl<G: SourceGuest> Source<'_, G> {
+    /// Post-copy switchover: stop the guest, send its state and the list of
+    /// pages the destination lacks, commit, then push those pages.
+    pub(super) async fn postcopy_switchover(&mut self, todo: Vec<u64>) -> Result<(), MigrateError> {
+        self.report.postcopy = true;
+        let (pause_at, stale) = self.pause(todo)?;
+        let state = self.guest.device_state()?;
+        self.ps
+            .send(self.data, frame(KIND_DEVICE_STATE, &state))
+            .await?;
+        let list = SourceMsg::Postcopy {
+            stale: to_runs(&stale),
+        };
+        self.ps.send(self.data, msg_frame(&list)).await?;
+        let manifest = Manifest {
+            migration: self.migration.to_string(),
+            frames: self.ps.frames,
+            memory_bytes: self.report.memory_bytes,
+            pages_root: String::new(),
+            device_state: blake3::hash(&state).to_hex().to_string(),
+            postcopy_pages: stale.len() as u64,
+        };
+        self.send_manifest(manifest).await?;
+        self.report.switchover.send_ms = ms_since(pause_at) - self.report.switchover.pause_ms;
+        self.commit_exchange().await?;
+        self.report.downtime_ms = ms_since(pause_at);
+        // From here the destination owns the guest: failures are reported,
+        // the source never resumes.
+        self.report.phase = MigrationPhase::Postcopy;
+        let started = Instant::now();
+        let n = stale.len() as u64;
+        self.ps.publish(|p| {
+            p.phase = MigrationPhase::Postcopy;
+            p.pages_remaining = n;
+        });
+        self.ps.self_contained();
+        self.push_pages(&stale).await.map_err(failed)?;
+        self.report.postcopy_ms = ms_since(started);
+        self.report.pages_sent = self.ps.pages;
+        self.report.wire_bytes = self.ps.wire;
+        self.owned_elsewhere();
+        self.report.phase = MigrationPhase::Committed;
+        Ok(())
+    }
+
+    /// Sends every `stale` page once, those asked for first, then the
+    /// signed final manifest; returns when the destination says `Done`.
+    async fn push_pages(&mut self, stale: &[u64]) -> Result<(), MigrateError> {
+        let n_pages = self.report.memory_bytes / PAGE as u64;
+        let mut need = vec![false; n_pages as usize];
+        for &p in stale {
+            need[p as usize] = true;
+        }
+        // A capped link drains slowly: keep ~20 ms of it in flight at most.
+        let inflight = match self.policy.bandwidth_bytes_per_sec {
+            0 => POSTCOPY_INFLIGHT_BYTES,
+            rate => ((rate / 50) as usize).clamp(64 << 10, POSTCOPY_INFLIGHT_BYTES),
+        };
+        let mut cursor = 0usize;
+        let mut final_sent = false;
+        loop {
+            // Requests first: the guest is waiting on them.
+            let wait = if cursor >= stale.len() && final_sent {
+                self.policy.reply_timeout
+            } else if cursor < stale.len() && self.data.unacked_bytes() > inflight {
+                Duration::from_millis(1)
+            } else {
+                Duration::ZERO
+            };
+            if let Some(msg) = poll_reply(self.replies, wait).await? {
+                match msg {
+                    DestMsg::PageRequest { page } if page < n_pages => {
+                        self.serve_fault(page, &mut need).await?
+                    }
+                    DestMsg::Done => return Ok(()),
+                    DestMsg::Failed { reason } => {
+                        return Err(MigrateError::DestinationFailed(reason))
+                    }
+                    other => return Err(MigrateError::Protocol(format!("unexpected {other:?}"))),
+                }
+            } else if cursor < stale.len() {
+                if self.data.unacked_bytes() <= inflight {
+                    self.push_batch(stale, &mut cursor, &mut need).await?;
+                }
+            } else if !final_sent {
+                self.send_final_manifest().await?;
+                final_sent = true;
+            } else {
+                return Err(MigrateError::Timeout {
+                    waiting_for: "post-copy done",
+                    after: wait,
+                });
+            }
+        }
+    }
+
+    /// The guest faulted on `page`: send it and the next few still needed.
+    async fn serve_fault(&mut self, page: u64, need: &mut [bool]) -> Result<(), MigrateError> {
+        let end = (page + 1 + PREFETCH_PAGES).min(need.len() as u64);
+        let batch: Vec<u64> = (page..end)
+            .filter(|&p| std::mem::take(&mut need[p as usize]))
+            .collect();
+        if !batch.is_empty() {
+            self.report.faults_served += 1;
+            let per_frame = self.policy.frame_pages;
+            self.ps
+                .send_pages(self.guest, self.data, &batch, per_frame)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Pushes the next frame's worth of pages still needed.
+    async fn push_batch(
+        &mut self,
+        stale: &[u64],
+        cursor: &mut usize,
+        need: &mut [bool],
+    ) -> Result<(), MigrateError> {
+        let per_frame = self.policy.frame_pages;
+        let mut batch = Vec::with_capacity(per_frame);
+        while *cursor < stale.len() && batch.len() < per_frame {
+            let p = stale[*cursor];
+            *cursor += 1;
+            if std::mem::take(&mut need[p as usize]) {
+                batch.push(p);
+            }
+        }
+        if !batch.is_empty() {
+            self.ps
+                .send_pages(self.guest, self.data, &batch, per_frame)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn send_final_manifest(&mut self) -> Result<(), MigrateError> {
+        let manifest = Manifest {
+            migration: self.migration.to_string(),
+            frames: self.ps.frames,
+            memory_bytes: self.report.memory_bytes,
+            pages_root: self.ps.root(),
+            device_state: String::new(),
+            postcopy_pages: 0,
+        };
+        let done = SourceMsg::PostcopyDone(SignedManifest::sign(manifest, self.key));
+        self.ps.send(self.data, msg_frame(&done)).await
+    }
+}
+
+/// The destination's post-copy state, with the guest running.
+pub(super) struct Incoming<'a> {
+    pub data: &'a mut Receiver,
+    pub replies: &'a Sender,
+    pub decoder: &'a mut Decoder,
+    pub page_hashes: &'a mut [[u8; 32]],
+    pub source_key: &'a VerifyingKey,
+    pub migration: &'a str,
+    /// Frames received so far.
+    pub frames: u64,
+}
+
+/// Post-copy on the destination, with the guest running: a thread turns
+/// the guest's faults on missing pages into requests to the source; pages
+/// (asked for or pushed) are placed as they arrive; the final manifest's
+/// root must match every page's hash.
+pub(super) async fn serve(
+    mut inc: Incoming<'_>,
+    mem: Arc<dyn PostcopyMemory>,
+    stale: &[u64],
+) -> Result<(), MigrateError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (fault_tx, mut faults) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let faulter = spawn_fault_reader(mem.clone(), stop.clone(), fault_tx)?;
+    let mut need = vec![false; inc.page_hashes.len()];
+    for &p in stale {
+        need[p as usize] = true;
+    }
+    let mut requested = vec![false; inc.page_hashes.len()];
+    let res: Result<(), MigrateError> = async {
+        loop {
+            tokio::select! {
+                Some(page) = faults.recv() => {
+                    let i = page as usize;
+                    if need[i] && !std::mem::replace(&mut requested[i], true) {
+                        inc.replies.send(msg_frame(&DestMsg::PageRequest { page })).await?;
+                    }
+                }
+                got = next(inc.data) => {
+                    let (kind, p) = got?;
+                    inc.frames += 1;
+                    if inc.land(kind, &p, mem.as_ref(), &mut need)? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    stop.store(true, Relaxed);
+    let _ = faulter.join();
+    res?;
+    inc.replies.send(msg_frame(&DestMsg::Done)).await?;
+    Ok(())
+}
+
+/// A thread that waits for the guest's faults on missing pages.
+fn spawn_fault_reader(
+    mem: Arc<dyn PostcopyMemory>,
+    stop: Arc<AtomicBool>,
+    faults: tokio::sync::mpsc::UnboundedSender<u64>,
+) -> Result<std::thread::JoinHandle<()>, MigrateError> {
+    std::thread::Builder::new()
+        .name("postcopy-faults".into())
+        .spawn(move || {
+            while !stop.load(Relaxed) {
+                match mem.next_fault(Duration::from_millis(50)) {
+                    Ok(Some(p)) => {
+                        if faults.send(p).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "post-copy fault reader");
+                        break;
+                    }
+                }
+            }
+        })
+        .map_err(|e| MigrateError::Guest(crate::guest::GuestError(format!("fault thread: {e}"))))
+}
+
+impl Incoming<'_> {
+    /// Places one frame; returns true once the final manifest verified.
+    fn land(
+        &mut self,
+        kind: u8,
+        p: &[u8],
+        mem: &dyn PostcopyMemory,
+        need: &mut [bool],
+    ) -> Result<bool, MigrateError> {
+        match kind {
+            KIND_PAGES => {
+                self.decoder
+                    .decode_frame_detached(p)
+                    .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
+                for (page, bytes) in self.decoder.last_frame_pages() {
+                    let i = page as usize;
+                    if !std::mem::take(&mut need[i]) {
+                        return Err(MigrateError::Protocol(format!(
+                            "page {page} was not stale or came twice"
+                        )));
+                    }
+                    mem.fill(page, bytes)?;
+                    self.page_hashes[i] = *blake3::hash(bytes).as_bytes();
+                }
+                Ok(false)
+            }
+            KIND_MSG => match parse_msg(p)? {
+                SourceMsg::PostcopyDone(signed) => {
+                    self.verify_final(&signed, need)?;
+                    Ok(true)
+                }
+                other => Err(MigrateError::Protocol(format!(
+                    "unexpected {other:?} in post-copy"
+                ))),
+            },
+            k => Err(MigrateError::Protocol(format!(
+                "unexpected frame kind {k} in post-copy"
+            ))),
+        }
+    }
+
+    fn verify_final(&self, signed: &SignedManifest, need: &[bool]) -> Result<(), MigrateError> {
+        signed
+            .verify(self.source_key)
+            .map_err(MigrateError::Verification)?;
+        let m = &signed.manifest;
+        if m.migration != self.migration || m.frames + 1 != self.frames {
+            return Err(MigrateError::Verification(
+                "final manifest does not match this migration".into(),
+            ));
+        }
+        if need.iter().any(|&n| n) {
+            return Err(MigrateError::Verification(
+                "post-copy ended with pages missing".into(),
+            ));
+        }
+        if pages_root(self.page_hashes) != m.pages_root {
+            return Err(MigrateError::Verification(
+                "guest RAM here differs from the source's (page hash root mismatch)".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,111 @@
+//! What a migration publishes while it runs ([`Progress`]) and reports when
+//! it ends ([`Report`]).
+
+use serde::{Deserialize, Serialize};
+use tern_proto::MigrationPhase;
+
+/// A live view of a migration, published after every frame and round.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Where it stands.
+    pub phase: MigrationPhase,
+    /// Pre-copy round (0 before the first).
+    pub round: u32,
+    /// Pages sent so far (all rounds).
+    pub pages_sent: u64,
+    /// Pages still to send in this round plus those dirtied since it began.
+    pub pages_remaining: u64,
+    /// Encoded page bytes on the wire so far.
+    pub wire_bytes: u64,
+    /// Pages the guest dirtied per second in the last round.
+    pub dirty_pages_per_sec: f64,
+    /// Best measured link throughput, bytes/s.
+    pub throughput_bytes_per_sec: f64,
+    /// Downtime of switching over now, from the dirty set and throughput.
+    pub predicted_downtime_ms: f64,
+    /// Time left, from what remains, the dirty rate and the throughput.
+    pub eta_seconds: f64,
+    /// Guest RAM.
+    pub memory_bytes: u64,
+}
+
+/// One round's figures.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundStats {
+    /// Round number.
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes on the wire (encoded).
+    pub wire_bytes: u64,
+    /// How long it took.
+    pub seconds: f64,
+    /// Pages written during it (sent next round).
+    pub dirtied: u64,
+    /// Predicted downtime of switching over after it.
+    pub predicted_downtime_ms: f64,
+}
+
+/// What a finished (or rolled back) migration did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// Final phase.
+    pub phase: MigrationPhase,
+    /// Rounds.
+    pub rounds: Vec<RoundStats>,
+    /// Pages sent in all (including switchover).
+    pub pages_sent: u64,
+    /// Encoded page bytes on the wire.
+    pub wire_bytes: u64,
+    /// Guest RAM.
+    pub memory_bytes: u64,
+    /// Pause on the source → running on the destination (measured).
+    pub downtime_ms: f64,
+    /// Whole migration.
+    pub total_ms: f64,
+    /// Whether the guest ran on the destination before all pages arrived.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Post-copy: pages the destination asked for because the guest touched them.
+    #[serde(default)]
+    pub faults_served: u64,
+    /// Post-copy: guest started on the destination → last page acknowledged.
+    #[serde(default)]
+    pub postcopy_ms: f64,
+    /// Auto-converge: the most the guest was throttled, percent.
+    #[serde(default)]
+    pub throttle_percent: u8,
+    /// The bandwidth cap was raised to this (bytes/s; 0: never raised).
+    #[serde(default)]
+    pub bandwidth_raised_to: u64,
+    /// Where the downtime went, step by step.
+    #[serde(default)]
+    pub switchover: SwitchoverTimes,
+}
+
+/// The steps of a switchover, in ms, in the order they happen: they add up
+/// to the downtime, so a budget overrun says which step to blame.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SwitchoverTimes {
+    /// Stopping the guest and its final dirty scan.
+    pub pause_ms: f64,
+    /// Sending the last pages, the device state and the signed manifest.
+    pub send_ms: f64,
+    /// Until the destination said `Ready` (it drained the link, checked the
+    /// manifest and loaded the guest).
+    pub ready_ms: f64,
+    /// The source's durable commit record.
+    pub commit_record_ms: f64,
+    /// `Commit` → `Running` (the destination's record and its guest start).
+    pub running_ms: f64,
+}
+
+impl Report {
+    /// An empty report for a guest of `memory_bytes`.
+    pub fn new(memory_bytes: u64) -> Self {
+        Self {
+            memory_bytes,
+            ..Self::default()
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! The source side: request, pre-copy rounds, switchover, commit.
+
+use super::convergence::{decide, Decision, Model, RoundFigures, Standing};
+use super::pages::{drain, pages_root, PageSender};
+use super::replies::reply;
+use super::{
+    ms_since, CommitHook, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress, Report,
+    RoundStats, SourceLink, SwitchoverTimes, PAGE,
+};
+use crate::guest::SourceGuest;
+use crate::protocol::*;
+use ed25519_dalek::SigningKey;
+use std::time::{Duration, Instant};
+use tern_transport::{Receiver, Sender};
+use tokio::sync::watch;
+
+/// Migrates `guest` away. On [`Outcome::Moved`] the guest runs on the
+/// destination and the local copy is discarded; on [`Outcome::Stayed`] the
+/// local guest runs again, unchanged; on [`Outcome::InDoubt`] it is paused
+/// for the caller to settle.
+pub async fn migrate<G: SourceGuest>(
+    guest: &mut G,
+    link: SourceLink,
+    key: &SigningKey,
+    policy: &Policy,
+    migration: &str,
+) -> Outcome {
+    let progress = watch::channel(Progress::default()).0;
+    migrate_observed(
+        guest,
+        link,
+        key,
+        policy,
+        migration,
+        progress,
+        &mut || Ok(()),
+    )
+    .await
+}
+
+/// [`migrate`], publishing a [`Progress`] on `progress` as it goes (the
+/// agent's progress bar and server-sent events read it) and calling
+/// `before_commit` at the commit point.
+pub async fn migrate_observed<G: SourceGuest>(
+    guest: &mut G,
+    link: SourceLink,
+    key: &SigningKey,
+    policy: &Policy,
+    migration: &str,
+    progress: watch::Sender<Progress>,
+    before_commit: CommitHook<'_>,
+) -> Outcome {
+    let SourceLink { data, mut replies } = link;
+    if policy.bandwidth_bytes_per_sec > 0 {
+        data.set_rate(policy.bandwidth_bytes_per_sec);
+    }
+    let memory_bytes = guest.shape().memory_bytes;
+    progress.send_modify(|p| {
+        p.memory_bytes = memory_bytes;
+        p.phase = MigrationPhase::Requesting;
+    });
+    let t0 = Instant::now();
+    let mut src = Source {
+        guest,
+        data: &data,
+        replies: &mut replies,
+        key,
+        policy,
+        migration,
+        report: Report::new(memory_bytes),
+        paused: false,
+        tracking: false,
+        ps: PageSender::new(memory_bytes / PAGE as u64, progress.clone()),
+        before_commit,
+    };
+    let res = src.run().await;
+    src.report.total_ms = ms_since(t0);
+    let outcome = src.conclude(res).await;
+    progress.send_modify(|p| {
+        p.phase = outcome.report().phase;
+        p.pages_remaining = 0;
+        p.eta_seconds = 0.0;
+    });
+    match &outcome {
+        Outcome::Moved { fault: None, .. } => {
+            let _ = data.finish().await;
+        }
+        Outcome::Stayed { .. } => {
+            // Flush what is queued (the abort last) so the destination
+            // learns now, not when its link's resume deadline passes.
+            let flush = policy.reply_timeout.min(Duration::from_secs(5));
+            let _ = tokio::time::timeout(flush, data.finish()).await;
+        }
+        _ => {}
+    }
+    outcome
+}
+
+/// One outgoing migration in progress.
+pub(super) struct Source<'a, G> {
+    pub(super) guest: &'a mut G,
+    pub(super) data: &'a Sender,
+    pub(super) replies: &'a mut Receiver,
+    pub(super) key: &'a SigningKey,
+    pub(super) policy: &'a Policy,
+    pub(super) migration: &'a str,
+    pub(super) report: Report,
+    /// The guest is paused (switchover began).
+    paused: bool,
+    /// Dirty tracking is on.
+    tracking: bool,
+    pub(super) ps: PageSender,
+    before_commit: CommitHook<'a>,
+}
+
+impl<G: SourceGuest> Source<'_, G> {
+    async fn run(&mut self) -> Result<(), MigrateError> {
+        self.request().await?;
+        let (todo, postcopy) = self.precopy().await?;
+        if postcopy {
+            self.postcopy_switchover(todo).await
+        } else {
+            self.switchover(todo).await
+        }
+    }
+
+    /// Turns the result into the outcome, putting the guest where it
+    /// belongs: discarded, running again, or paused for the verdict.
+    async fn conclude(&mut self, res: Result<(), MigrateError>) -> Outcome {
+        let report = &mut self.report;
+        let migration = self.migration;
+        match res {
+            Ok(()) => Outcome::Moved {
+                report: report.clone(),
+                fault: None,
+            },
+            Err(error @ MigrateError::CommitUnconfirmed(_)) => {
+                tracing::error!(migration, %error, "commit in doubt; the source guest stays paused until settled");
+                report.phase = MigrationPhase::CommitInDoubt;
+                self.untrack();
+                Outcome::InDoubt {
+                    report: self.report.clone(),
+                    error,
+                }
+            }
+            Err(error @ MigrateError::PostcopyFailed(_)) => {
+                tracing::error!(migration, %error, "ownership moved at commit; the source copy is discarded");
+                report.phase = MigrationPhase::Committed;
+                self.guest.discard();
+                Outcome::Moved {
+                    report: report.clone(),
+                    fault: Some(error),
+                }
+            }
+            Err(error) => {
+                tracing::warn!(migration, %error, "migration failed; the source keeps the guest");
+                report.phase = MigrationPhase::RolledBack;
+                self.roll_back(&error).await;
+                Outcome::Stayed {
+                    report: self.report.clone(),
+                    error,
+                }
+            }
+        }
+    }
+
+    /// Tells the destination (the caller flushes it), then resumes the
+    /// guest as it was.
+    async fn roll_back(&mut self, error: &MigrateError) {
+        let abort = SourceMsg::Abort {
+            reason: error.to_string(),
+        };
+        let _ = self.data.send(msg_frame(&abort)).await;
+        self.untrack();
+        if self.paused {
+            if let Err(e) = self.guest.resume() {
+                tracing::error!(migration = self.migration, error = %e, "resuming the guest after a rollback");
+            }
+        }
+    }
+
+    /// Ends throttling and dirty tracking (the guest stays as it is).
+    fn untrack(&mut self) {
+        if self.report.throttle_percent > 0 {
+            let _ = self.guest.throttle(0);
+        }
+        if self.tracking {
+            let _ = self.guest.stop_dirty_tracking();
+        }
+    }
+
+    /// Asks the destination to take the guest.
+    async fn request(&mut self) -> Result<(), MigrateError> {
+        self.report.phase = MigrationPhase::Requesting;
+        let request = SourceMsg::Request(MigrationRequest {
+            migration: self.migration.to_string(),
+            shape: self.guest.shape(),
+            reason: self.policy.reason.clone(),
+            cpu_features: host_cpu_features(),
+        });
+        self.ps.send(self.data, msg_frame(&request)).await?;
+        match reply(
+            self.replies,
+            self.policy.reply_timeout,
+            "answer to the request",
+        )
+        .await?
+        {
+            DestMsg::Accept => Ok(()),
+            DestMsg::Reject { reason } => Err(MigrateError::Rejected(reason)),
+            other => Err(MigrateError::Protocol(format!(
+                "expected accept, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Runs pre-copy rounds; returns the pages still to send and whether to
+    /// go on in post-copy.
+    async fn precopy(&mut self) -> Result<(Vec<u64>, bool), MigrateError> {
+        let n_pages = self.report.memory_bytes / PAGE as u64;
+        // Switchover hashes the page table into a root on both sides while
+        // the guest is paused: time it once here so predictions include it.
+        let root_t = Instant::now();
+        let _ = pages_root(&self.ps.hashes);
+        let mut model = Model::new(root_t.elapsed().as_secs_f64());
+        self.guest.start_dirty_tracking()?;
+        self.tracking = true;
+        let mut todo: Vec<u64> = (0..n_pages).collect();
+        let rounds_allowed = match self.policy.mode {
+            Mode::Precopy => self.policy.max_rounds.max(1),
+            Mode::Postcopy => return Ok((todo, true)),
+            Mode::Hybrid => self.policy.hybrid_rounds.max(1),
+        };
+        let started = Instant::now();
+        for round in 1..=rounds_allowed {
+            if let Some(d) = self.policy.deadline.filter(|&d| started.elapsed() > d) {
+                return Err(MigrateError::NotConverged(d));
+            }
+            let (figures, next) = self.round(round, &todo).await?;
+            let sent = todo.len() as u64;
+            todo = next;
+            let prediction = model.predict(&figures);
+            self.record_round(round, &figures, prediction.throughput, prediction.downtime);
+            let standing = Standing {
+                round,
+                sent,
+                dirtied: figures.dirtied,
+                downtime: prediction.downtime,
+                rate: match self.report.bandwidth_raised_to {
+                    0 => self.policy.bandwidth_bytes_per_sec,
+                    raised => raised,
+                },
+                throttle: self.report.throttle_percent,
+            };
+            match decide(&standing, self.policy) {
+                Decision::SwitchOver => return Ok((todo, false)),
+                Decision::Continue => {}
+                Decision::RaiseRate(rate) => {
+                    tracing::info!(
+                        migration = self.migration,
+                        round,
+                        rate,
+                        "pre-copy is not converging; raising bandwidth"
+                    );
+                    self.data.set_rate(rate);
+                    self.report.bandwidth_raised_to = rate;
+                }
+                Decision::Throttle(t) => {
+                    tracing::info!(
+                        migration = self.migration,
+                        round,
+                        throttle = t,
+                        "pre-copy is not converging; throttling the guest"
+                    );
+                    self.guest.throttle(t)?;
+                    self.report.throttle_percent = t;
+                }
+            }
+        }
+        // Not converged: hybrid moves on to post-copy; pre-copy stops the
+        // guest anyway (its downtime exceeds the budget).
+        Ok((todo, self.policy.mode == Mode::Hybrid))
+    }
+
+    /// Sends one round; returns its figures and the pages dirtied meanwhile.
+    async fn round(
+        &mut self,
+        round: u32,
+        todo: &[u64],
+    ) -> Result<(RoundFigures, Vec<u64>), MigrateError> {
+        let n_pages = self.report.memory_bytes / PAGE as u64;
+        self.report.phase = MigrationPhase::Precopy;
+        let pending = todo.len() as u64;
+        self.ps.publish(|p| {
+            p.phase = MigrationPhase::Precopy;
+            p.round = round;
+            p.pages_remaining = pending;
+        });
+        let t = Instant::now();
+        let frame_pages = self.policy.frame_pages;
+        let wire = self
+            .ps
+            .send_pages(self.guest, self.data, todo, frame_pages)
+            .await?;
+        let end = SourceMsg::RoundEnd {
+            round,
+            pages: pending,
+        };
+        self.ps.send(self.data, msg_frame(&end)).await?;
+        drain(self.data, self.policy.reply_timeout).await?;
+        let secs = t.elapsed().as_secs_f64().max(1e-6);
+        let scan_t = Instant::now();
+        let dirty = self.guest.take_dirty()?;
+        let figures = RoundFigures {
+            secs,
+            wire,
+            sent: pending,
+            dirtied: dirty.count(),
+            scan_secs: scan_t.elapsed().as_secs_f64(),
+            min_rtt: self.data.metrics().min_rtt.as_secs_f64(),
+        };
+        Ok((figures, dirty.pages().filter(|&p| p < n_pages).collect()))
+    }
+
+    fn record_round(&mut self, round: u32, f: &RoundFigures, throughput: f64, predicted: f64) {
+        self.report.rounds.push(RoundStats {
+            round,
+            pages: f.sent,
+            wire_bytes: f.wire,
+            seconds: f.secs,
+            dirtied: f.dirtied,
+            predicted_downtime_ms: predicted * 1e3,
+        });
+        let left = f.dirtied;
+        self.ps.publish(|p| {
+            p.pages_remaining = left;
+            p.dirty_pages_per_sec = f.dirtied as f64 / f.secs;
+            p.throughput_bytes_per_sec = throughput;
+            p.predicted_downtime_ms = predicted * 1e3;
+            p.eta_seconds = predicted;
+        });
+    }
+
+    /// Switchover's first step, for both modes: stops the guest and returns
+    /// when it stopped and every page the destination does not hold as it
+    /// is now (`todo` left over from the last round plus what was dirtied
+    /// since).
+    pub(super) fn pause(&mut self, todo: Vec<u64>) -> Result<(Instant, Vec<u64>), MigrateError> {
+        let n_pages = self.report.memory_bytes / PAGE as u64;
+        self.report.phase = MigrationPhase::Switchover;
+        self.ps.publish(|p| p.phase = MigrationPhase::Switchover);
+        let pause_at = Instant::now();
+        self.guest.pause()?;
+        self.paused = true;
+        let mut left = self.guest.take_dirty()?;
+        for p in todo {
+            left.insert(p);
+        }
+        self.report.switchover.pause_ms = ms_since(pause_at);
+        Ok((pause_at, left.pages().filter(|&p| p < n_pages).collect()))
+    }
+
+    /// Pre-copy switchover: stop the guest, send the rest, commit.
+    async fn switchover(&mut self, todo: Vec<u64>) -> Result<(), MigrateError> {
+        let (pause_at, last) = self.pause(todo)?;
+        let frame_pages = self.policy.frame_pages;
+        self.ps
+            .send_pages(self.guest, self.data, &last, frame_pages)
+            .await?;
+        let state = self.guest.device_state()?;
+        self.ps
+            .send(self.data, frame(KIND_DEVICE_STATE, &state))
+            .await?;
+        // The hash of every page as last sent, kept up to date while
+        // sending: the root is all the destination needs (it hashes what it
+        // holds).
+        let manifest = Manifest {
+            migration: self.migration.to_string(),
+            frames: self.ps.frames,
+            memory_bytes: self.report.memory_bytes,
+            pages_root: self.ps.root(),
+            device_state: blake3::hash(&state).to_hex().to_string(),
+            postcopy_pages: 0,
+        };
+        self.send_manifest(manifest).await?;
+        self.report.pages_sent = self.ps.pages;
+        self.report.wire_bytes = self.ps.wire;
+        self.report.switchover.send_ms = ms_since(pause_at) - self.report.switchover.pause_ms;
+        self.commit_exchange().await?;
+        self.report.downtime_ms = ms_since(pause_at);
+        self.owned_elsewhere();
+        self.report.phase = MigrationPhase::Committed;
+        Ok(())
+    }
+
+    /// Signs and sends a switchover manifest.
+    pub(super) async fn send_manifest(&mut self, manifest: Manifest) -> Result<(), MigrateError> {
+        let signed = SourceMsg::Manifest(SignedManifest::sign(manifest, self.key));
+        self.ps.send(self.data, msg_frame(&signed)).await
+    }
+
+    /// The destination owns the guest: the local copy goes.
+    pub(super) fn owned_elsewhere(&mut self) {
+        self.tracking = false;
+        self.paused = false;
+        self.guest.discard();
+    }
+
+    /// Waits for `Ready`, journals and sends `Commit` (the one point where
+    /// ownership moves), then waits for `Running`. Failing before `Commit`
+    /// left rolls back; after it, the source must not resume
+    /// (`CommitUnconfirmed`).
+    pub(super) async fn commit_exchange(&mut self) -> Result<(), MigrateError> {
+        let timeout = self.policy.reply_timeout;
+        let times: &mut SwitchoverTimes = &mut self.report.switchover;
+        let t = Instant::now();
+        match reply(self.replies, timeout, "ready").await? {
+            DestMsg::Ready => {}
+            DestMsg::Failed { reason } => return Err(MigrateError::DestinationFailed(reason)),
+            other => {
+                return Err(MigrateError::Protocol(format!(
+                    "expected ready, got {other:?}"
+                )))
+            }
+        }
+        times.ready_ms = ms_since(t);
+        let t = Instant::now();
+        (self.before_commit)().map_err(MigrateError::CommitRecord)?;
+        times.commit_record_ms = ms_since(t);
+        let t = Instant::now();
+        let unconfirmed = |e| MigrateError::CommitUnconfirmed(Box::new(e));
+        // A failed send queued nothing: `Commit` never left, so this rolls back.
+        self.data.send(msg_frame(&SourceMsg::Commit)).await?;
+        match reply(self.replies, timeout, "running").await {
+            Ok(DestMsg::Running) => {
+                times.running_ms = ms_since(t);
+                Ok(())
+            }
+            Ok(other) => Err(unconfirmed(MigrateError::Protocol(format!(
+                "expected running, got {other:?}"
+            )))),
+            Err(e) => Err(unconfirmed(e)),
+        }
+    }
+}
