@@ -1,0 +1,262 @@
+//! The migrations this host sends and receives: starting them in the guests' processes and following them to their ends.
+
+use super::*;
+
+impl Agent {
+    /// One migration.
+    pub fn migration(&self, id: &str) -> Result<MigrationView, AgentError> {
+        let ms = lock(&self.inner.migrations);
+        let m = ms
+            .get(id)
+            .ok_or_else(|| AgentError::NotFound(format!("migration {id}")))?;
+        let progress = m.progress.borrow().clone();
+        Ok(MigrationView {
+            id: id.into(),
+            vm: m.vm.clone(),
+            role: m.role,
+            peer: m.peer.clone(),
+            state: shown_phase(m.state, progress.phase),
+            progress,
+            report: m.report.clone(),
+            error: m.error.clone(),
+        })
+    }
+
+    /// Every migration this host ran (its guests' journals keep them).
+    pub fn migrations(&self) -> Vec<MigrationView> {
+        let ids: Vec<String> = lock(&self.inner.migrations).keys().cloned().collect();
+        ids.iter()
+            .filter_map(|id| self.migration(id).ok())
+            .collect()
+    }
+
+    /// A live feed of one migration's progress.
+    pub fn progress(&self, id: &str) -> Result<watch::Receiver<Progress>, AgentError> {
+        lock(&self.inner.migrations)
+            .get(id)
+            .map(|m| m.progress.clone())
+            .ok_or_else(|| AgentError::NotFound(format!("migration {id}")))
+    }
+
+    /// Starts migrating a VM to a peer; returns the migration's id at once
+    /// (follow it with [`Agent::migration`] or [`Agent::progress`]). The
+    /// guest's own process runs it.
+    pub async fn migrate(&self, vm: &str, req: MigrateRequest) -> Result<String, AgentError> {
+        if self.inner.cfg.peer(&req.to).is_none() {
+            return Err(AgentError::BadRequest(format!(
+                "`{}` is not a configured peer",
+                req.to
+            )));
+        }
+        let (policy, compress) = req.policy()?;
+        let e = self.entry(vm)?;
+        let migration = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        lock(&self.inner.routes).insert(migration.clone(), e.dir.clone());
+        let job = OutJob {
+            migration: migration.clone(),
+            to: req.to.clone(),
+            policy,
+            compress,
+            reply_to: self.reply_addr().to_string(),
+        };
+        let started = control::call::<()>(
+            &e.dir.control(),
+            &Request::MigrateOut(Box::new(job)),
+            STATUS_TIMEOUT,
+        )
+        .await;
+        if let Err(err) = started {
+            lock(&self.inner.routes).remove(&migration);
+            return Err(match err {
+                control::ControlError::Refused(why) => {
+                    AgentError::Conflict(format!("vm {vm}: {why}"))
+                }
+                control::ControlError::Io { .. } => {
+                    AgentError::Conflict(format!("vm {vm} is not running here"))
+                }
+                other => other.into(),
+            });
+        }
+        self.track(&migration, vm, Role::Source, &req.to, e.dir);
+        Ok(migration)
+    }
+
+    /// Lists a migration under way and follows it to its end.
+    pub(crate) fn track(&self, migration: &str, vm: &str, role: Role, peer: &str, dir: VmDir) {
+        let (tx, rx) = watch::channel(Progress {
+            phase: MigrationPhase::Requesting,
+            ..Default::default()
+        });
+        lock(&self.inner.migrations).insert(
+            migration.into(),
+            MigrationEntry {
+                vm: vm.into(),
+                role,
+                peer: peer.into(),
+                state: MigrationPhase::Requesting,
+                progress: rx,
+                report: None,
+                error: None,
+            },
+        );
+        let a = self.clone();
+        let migration = migration.to_string();
+        tokio::spawn(async move { a.follow(migration, dir, tx).await });
+    }
+
+    /// Follows a migration on its process's control socket; when the
+    /// process is gone, its journal says how the migration ended.
+    pub(super) async fn follow(self, migration: String, dir: VmDir, tx: watch::Sender<Progress>) {
+        let started = Instant::now();
+        let end = loop {
+            let res = control::watch(&dir.control(), &migration, |p| {
+                let _ = tx.send(p);
+            })
+            .await;
+            if let Ok(Some(end)) = res {
+                break end;
+            }
+            if let Some(end) = ended_in_journal(&dir, &migration) {
+                break end;
+            }
+            let gone = dir.live_pid().is_none() && started.elapsed() > Duration::from_secs(10);
+            if gone {
+                break lost_end(
+                    &self,
+                    &migration,
+                    "its guest process ended without recording an end",
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        self.apply_end(end, &dir);
+    }
+
+    /// Publishes a migration's end; a guest that arrived becomes a VM here.
+    pub(super) fn apply_end(&self, end: EndedMigration, dir: &VmDir) {
+        lock(&self.inner.routes).remove(&end.migration);
+        if end.role == Role::Destination
+            && matches!(
+                end.state,
+                MigrationPhase::Committed | MigrationPhase::Corrupted
+            )
+        {
+            if let Ok(l) = dir.launch() {
+                lock(&self.inner.vms).insert(
+                    end.vm.clone(),
+                    VmEntry {
+                        spec: l.spec,
+                        dir: dir.clone(),
+                    },
+                );
+            }
+        }
+        if let Some(m) = lock(&self.inner.migrations).get_mut(&end.migration) {
+            m.state = end.state;
+            m.report = end.report;
+            m.error = end.error;
+        }
+    }
+}
+
+/// Options of one outgoing migration.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MigrateRequest {
+    /// Destination host (a configured peer).
+    pub to: String,
+    /// `precopy`, `postcopy` or `hybrid`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Downtime budget, ms (default 50).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    /// Bandwidth cap, MB/s (default: none).
+    #[serde(default)]
+    pub bandwidth_mbps: Option<u64>,
+    /// Give up (roll back) if switchover has not begun after this many seconds.
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
+    /// Ceiling the bandwidth cap may be raised to when pre-copy stalls, MB/s.
+    #[serde(default)]
+    pub max_bandwidth_mbps: Option<u64>,
+    /// Throttle a guest whose pre-copy does not converge (default true).
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
+    /// Linux (QEMU) guests: compress the stream on the wire: `none`, `lz4`
+    /// or `zstd` (default: zstd under a bandwidth cap, else none).
+    #[serde(default)]
+    pub compress: Option<String>,
+}
+
+fn default_mode() -> String {
+    "precopy".into()
+}
+
+impl MigrateRequest {
+    /// The engine policy and stream compression it asks for.
+    fn policy(&self) -> Result<(Policy, String), AgentError> {
+        let mut policy = Policy {
+            mode: self.mode.parse().map_err(AgentError::BadRequest)?,
+            ..Policy::default()
+        };
+        if let Some(ms) = self.max_downtime_ms {
+            if ms == 0 {
+                return Err(AgentError::BadRequest(
+                    "max_downtime_ms must be above 0".into(),
+                ));
+            }
+            policy.max_downtime = Duration::from_millis(ms);
+        }
+        let mbps = |v: Option<u64>| v.unwrap_or(0).saturating_mul(1_000_000);
+        policy.bandwidth_bytes_per_sec = mbps(self.bandwidth_mbps);
+        policy.deadline = self.deadline_secs.map(Duration::from_secs);
+        policy.max_bandwidth_bytes_per_sec = mbps(self.max_bandwidth_mbps);
+        policy.auto_converge = self.auto_converge.unwrap_or(true);
+        let compress = match &self.compress {
+            Some(c) => {
+                c.parse::<crate::qemu_relay::Compress>()
+                    .map_err(AgentError::BadRequest)?;
+                c.clone()
+            }
+            None if policy.bandwidth_bytes_per_sec > 0 => "zstd".into(),
+            None => "none".into(),
+        };
+        Ok((policy, compress))
+    }
+}
+
+pub(super) fn ended_in_journal(dir: &VmDir, migration: &str) -> Option<EndedMigration> {
+    let records = dir.journal().ok()?.records().ok()?;
+    fold(&records)
+        .ended
+        .into_iter()
+        .find(|e| e.migration == migration)
+}
+
+/// A migration's phase as served: final only once its end is recorded
+/// (with its report), the live phase before. The progress may name the
+/// final phase a moment earlier; until the end arrives it shows as the
+/// switchover still closing.
+pub(super) fn shown_phase(recorded: MigrationPhase, live: MigrationPhase) -> MigrationPhase {
+    if recorded.is_final() {
+        recorded
+    } else if live.is_final() {
+        MigrationPhase::Switchover
+    } else {
+        live
+    }
+}
+
+pub(super) fn lost_end(a: &Agent, migration: &str, why: &str) -> EndedMigration {
+    let ms = lock(&a.inner.migrations);
+    let m = ms.get(migration);
+    EndedMigration {
+        migration: migration.into(),
+        vm: m.map(|m| m.vm.clone()).unwrap_or_default(),
+        role: m.map_or(Role::Source, |m| m.role),
+        peer: m.map(|m| m.peer.clone()).unwrap_or_default(),
+        state: MigrationPhase::RolledBack,
+        report: None,
+        error: Some(why.into()),
+    }
+}

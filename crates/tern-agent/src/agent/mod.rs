@@ -1,0 +1,168 @@
+//! The agent: the guests this host runs and the migrations it sends and
+//! receives, each guest in a process of its own ([`crate::guestproc`]).
+//!
+//! The agent starts guest processes, asks them over their control sockets
+//! ([`crate::control`]) and re-adopts them when it starts again: a guest's
+//! directory ([`crate::vmdir`]) holds its launch file, pid and journal, so
+//! what happened while the agent was away is read from there. The agent's
+//! own listener takes every migration session of the host: a session routed
+//! to a migration is handed, as a TCP socket, to the guest process running
+//! it ([`crate::peering`]); the others ask the agent to take a migration in
+//! or to settle one.
+
+mod adopt;
+mod migrations;
+mod vms;
+
+pub use migrations::MigrateRequest;
+
+use crate::config::AgentConfig;
+use crate::control::{self, GuestState, GuestStatus, OutJob, Request};
+use crate::keys;
+use crate::views::{MigrationView, Role, VmSpec, VmStatus, VmView};
+use crate::vmdir::{fold, DirFate, EndedMigration, Launch, LaunchRole, VmDir};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tern_migrate::MigrationPhase;
+use tern_migrate::{Policy, Progress};
+use tern_transport::TlsIdentity;
+use tokio::sync::watch;
+
+/// Why an agent request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No such VM or migration.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request conflicts with the VM's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request itself is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The host could not do it.
+    #[error("{0}")]
+    Internal(String),
+    /// A guest process did not answer as it should.
+    #[error(transparent)]
+    Guest(#[from] control::ControlError),
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How long a status question to a guest process may take.
+pub(super) const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a boot may take before the agent gives up on it.
+pub(super) const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
+
+#[derive(Clone)]
+pub(crate) struct VmEntry {
+    pub(crate) spec: VmSpec,
+    pub(crate) dir: VmDir,
+}
+
+pub(crate) struct MigrationEntry {
+    pub(crate) vm: String,
+    pub(crate) role: Role,
+    pub(crate) peer: String,
+    pub(crate) state: MigrationPhase,
+    pub(crate) progress: watch::Receiver<Progress>,
+    pub(crate) report: Option<tern_migrate::Report>,
+    pub(crate) error: Option<String>,
+}
+
+/// Migration id → the directory of the guest process that runs it.
+pub(crate) type Routes = Arc<Mutex<HashMap<String, VmDir>>>;
+
+pub(crate) struct Inner {
+    pub(crate) cfg: AgentConfig,
+    pub(crate) public_key: String,
+    pub(crate) tls: Option<TlsIdentity>,
+    pub(crate) exe: PathBuf,
+    pub(crate) vms: Mutex<BTreeMap<String, VmEntry>>,
+    pub(crate) migrations: Mutex<BTreeMap<String, MigrationEntry>>,
+    pub(crate) routes: Routes,
+}
+
+/// A running agent. Cloning shares it.
+#[derive(Clone)]
+pub struct Agent {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) migrate_addr: SocketAddr,
+}
+
+impl Agent {
+    /// Opens the data directory, re-adopts the guests found there and
+    /// starts the migration listener. A TLS identity that does not load
+    /// stops the agent (it never falls back to plaintext).
+    pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        cfg.validate()
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let internal = |e: &dyn std::fmt::Display| AgentError::Internal(e.to_string());
+        let key = keys::host_key(&cfg.data_dir).map_err(|e| internal(&e))?;
+        let tls = match &cfg.tls {
+            Some(t) => {
+                let pins = cfg
+                    .peers
+                    .iter()
+                    .filter_map(|p| p.tls_pin.as_deref())
+                    .map(tern_transport::tls::parse_pin)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| internal(&e))?;
+                let id = TlsIdentity::load(&t.cert, &t.key, &t.ca, &pins)
+                    .map_err(|e| AgentError::BadRequest(format!("TLS identity: {e}")))?;
+                id.client_config()
+                    .map_err(|e| AgentError::BadRequest(format!("TLS client: {e}")))?;
+                Some(id)
+            }
+            None => None,
+        };
+        let exe = std::env::current_exe().map_err(|e| internal(&e))?;
+        let inner = Arc::new(Inner {
+            public_key: hex::encode(key.verifying_key().to_bytes()),
+            cfg,
+            tls,
+            exe,
+            vms: Mutex::default(),
+            migrations: Mutex::default(),
+            routes: Routes::default(),
+        });
+        let migrate_addr = crate::peering::listen(&inner).await?;
+        let agent = Agent {
+            inner,
+            migrate_addr,
+        };
+        agent.adopt();
+        Ok(agent)
+    }
+
+    /// This host's name.
+    pub fn name(&self) -> &str {
+        &self.inner.cfg.name
+    }
+
+    /// Where the migration listener is bound.
+    pub fn migrate_addr(&self) -> SocketAddr {
+        self.migrate_addr
+    }
+
+    /// This host's public key (hex), for peers' configuration.
+    pub fn public_key(&self) -> String {
+        self.inner.public_key.clone()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.inner.cfg
+    }
+
+    /// Where peers dial this host's migration listener.
+    pub(crate) fn reply_addr(&self) -> SocketAddr {
+        self.inner.cfg.advertise_addr.unwrap_or(self.migrate_addr)
+    }
+}

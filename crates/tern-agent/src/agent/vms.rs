@@ -1,0 +1,232 @@
+//! The VMs this host runs: starting their processes and asking them how they are.
+
+use super::*;
+
+impl Agent {
+    /// Starts the process of the guest in `dir` (it outlives the agent: its
+    /// own process group, no parent-death signal).
+    pub(crate) fn spawn_guest(&self, dir: &VmDir) -> Result<(), AgentError> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(dir.log())
+            .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.log().display())))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let mut child = std::process::Command::new(&self.inner.exe)
+            .arg("guest")
+            .arg(&dir.0)
+            .process_group(0)
+            // Frames are made on one thread and freed on another: two
+            // malloc arenas keep the freed memory reusable (measured: the
+            // source's peak during a 1 GiB pre-copy fell by 10-18 MB).
+            .env(
+                "MALLOC_ARENA_MAX",
+                std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| {
+                AgentError::Internal(format!("cannot start {}: {e}", self.inner.exe.display()))
+            })?;
+        // Reaped here while this agent lives; after it, by init.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        Ok(())
+    }
+
+    /// Boots a VM here, in a process of its own.
+    pub async fn create_vm(&self, spec: VmSpec) -> Result<VmView, AgentError> {
+        spec.validate().map_err(AgentError::BadRequest)?;
+        let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let dir = VmDir::new(&self.inner.cfg.data_dir, &id);
+        dir.write_launch(&Launch {
+            vm: id.clone(),
+            epoch: 1,
+            spec: spec.clone(),
+            role: LaunchRole::Boot,
+            agent: self.inner.cfg.clone(),
+        })
+        .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.0.display())))?;
+        self.spawn_guest(&dir)?;
+        if let Err(e) = wait_running(&dir).await {
+            // Leave nothing behind: a half-booted guest is no VM.
+            let _ = control::call::<()>(&dir.control(), &Request::Stop, STATUS_TIMEOUT).await;
+            if let Some(pid) = dir.live_pid() {
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(pid).expect("live pids are positive"),
+                    rustix::process::Signal::KILL,
+                );
+            }
+            return Err(e);
+        }
+        lock(&self.inner.vms).insert(id.clone(), VmEntry { spec, dir });
+        self.vm(&id).await
+    }
+
+    pub(super) fn entry(&self, id: &str) -> Result<VmEntry, AgentError> {
+        // A guest that arrived may have committed a moment before its
+        // migration's end reached this agent: its journal already says so.
+        if let Some(e) = self.arrived(id) {
+            lock(&self.inner.vms).insert(id.into(), e.clone());
+            return Ok(e);
+        }
+        lock(&self.inner.vms)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("vm {id}")))
+    }
+
+    /// The directory of an incoming migration of `id` under way here whose
+    /// guest process has journaled the commit.
+    pub(super) fn arrived(&self, id: &str) -> Option<VmEntry> {
+        let dirs: Vec<VmDir> = lock(&self.inner.routes).values().cloned().collect();
+        dirs.into_iter().find_map(|dir| {
+            let l = dir.launch().ok()?;
+            if l.vm != id || matches!(l.role, LaunchRole::Boot) {
+                return None;
+            }
+            let records = dir.journal().ok()?.records().ok()?;
+            records
+                .iter()
+                .any(|r| matches!(r, crate::journal::Record::CommitReceived { .. }))
+                .then_some(VmEntry { spec: l.spec, dir })
+        })
+    }
+
+    /// Stops a VM running here.
+    pub async fn stop_vm(&self, id: &str) -> Result<(), AgentError> {
+        let e = self.entry(id)?;
+        if e.dir.live_pid().is_none() {
+            return Err(AgentError::Conflict(format!("vm {id} does not run here")));
+        }
+        match control::call::<()>(&e.dir.control(), &Request::Stop, STATUS_TIMEOUT).await {
+            Ok(()) => Ok(()),
+            Err(control::ControlError::Refused(why)) => {
+                Err(AgentError::Conflict(format!("vm {id}: {why}")))
+            }
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    /// One VM, as its process (or, when that is gone, its journal) says.
+    pub async fn vm(&self, id: &str) -> Result<VmView, AgentError> {
+        let e = self.entry(id)?;
+        Ok(view(id, &e).await)
+    }
+
+    /// Every VM this host knows of (running, moved away, lost, stopped).
+    pub async fn vms(&self) -> Vec<VmView> {
+        let all: Vec<(String, VmEntry)> = lock(&self.inner.vms)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out = Vec::with_capacity(all.len());
+        for (id, e) in &all {
+            out.push(view(id, e).await);
+        }
+        out
+    }
+}
+
+/// Waits for a freshly started guest process to run its guest.
+pub(super) async fn wait_running(dir: &VmDir) -> Result<(), AgentError> {
+    let t = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match control::call::<GuestStatus>(&dir.control(), &Request::Status, STATUS_TIMEOUT).await {
+            Ok(s) if s.state == GuestState::Running => return Ok(()),
+            Ok(s) if s.state == GuestState::Failed => {
+                return Err(AgentError::Internal(s.detail.unwrap_or_default()))
+            }
+            _ => {}
+        }
+        if t.elapsed() > Duration::from_secs(2) && dir.live_pid().is_none() {
+            let log = std::fs::read_to_string(dir.log()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            return Err(AgentError::Internal(format!(
+                "the guest process ended: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )));
+        }
+        if t.elapsed() > BOOT_TIMEOUT {
+            return Err(AgentError::Internal(format!(
+                "the guest did not start within {BOOT_TIMEOUT:?}"
+            )));
+        }
+    }
+}
+
+/// A VM's view: its process's answer, or its journal's when it has none
+/// (the journal is read only then, or to name where a guest moved).
+pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
+    let status = match e.dir.live_pid() {
+        Some(_) => control::call::<GuestStatus>(&e.dir.control(), &Request::Status, STATUS_TIMEOUT)
+            .await
+            .map_err(|err| err.to_string()),
+        None => Err(String::new()),
+    };
+    let mut v = VmView {
+        id: id.into(),
+        status: VmStatus::Lost,
+        epoch: 1,
+        spec: e.spec.clone(),
+        counter: None,
+        checksum_ok: None,
+        moved_to: None,
+        detail: None,
+    };
+    let fate = || {
+        e.dir
+            .journal()
+            .and_then(|j| j.records())
+            .map(|r| fold(&r))
+            .unwrap_or_default()
+    };
+    match status {
+        Ok(s) => {
+            v.epoch = s.epoch;
+            v.detail = s.detail.or(s.migration);
+            v.status = match s.state {
+                GuestState::Running => {
+                    v.counter = s.counter;
+                    v.checksum_ok = s.checksum_ok;
+                    VmStatus::Running
+                }
+                GuestState::Booting => VmStatus::Starting,
+                GuestState::Migrating | GuestState::Receiving => VmStatus::Migrating,
+                GuestState::MovedAway => {
+                    v.moved_to = fate().moved_to.map(|m| m.0);
+                    VmStatus::MovedAway
+                }
+                GuestState::Stopped => VmStatus::Stopped,
+                GuestState::Failed => VmStatus::Lost,
+            };
+        }
+        Err(why) => {
+            let fate = fate();
+            v.epoch = fate
+                .owned
+                .or(fate.moved_to.as_ref().map(|m| m.1))
+                .unwrap_or(1);
+            v.status = if fate.stopped {
+                VmStatus::Stopped
+            } else if fate.moved_to.is_some() && fate.in_doubt.is_none() {
+                v.moved_to = fate.moved_to.map(|m| m.0);
+                VmStatus::MovedAway
+            } else {
+                VmStatus::Lost
+            };
+            if v.status == VmStatus::Lost {
+                v.detail = Some(if why.is_empty() {
+                    "its guest process ended".into()
+                } else {
+                    format!("its guest process does not answer: {why}")
+                });
+            }
+        }
+    }
+    v
+}
