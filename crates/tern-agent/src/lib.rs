@@ -18,9 +18,9 @@ pub mod guestproc;
 pub mod hosted;
 pub mod journal;
 pub mod keys;
+pub mod layout;
 mod peering;
 pub mod qemu_relay;
-pub mod testbed;
 pub mod views;
 pub mod vmdir;
 

@@ -11,8 +11,8 @@
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tern_agent::testbed::{self, AgentProcess, HostPlan};
 use tern_agent::{GuestKind, MigrateRequest, MigrationPhase, VmSpec};
+use tern_testbed::{self as testbed, AgentProcess, HostPlan};
 
 struct Row {
     workload: String,

@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_agent::testbed::AgentProcess;
+use tern_agent::layout::{self, LocalAgent};
 use tern_agent::{AgentClient, AgentConfig, MigrateRequest, MigrationPhase, MigrationView, VmSpec};
 
 /// How to reach an agent's API.
@@ -377,8 +377,8 @@ pub enum RemoteVm {
     },
 }
 
-fn spawn_agent(host: &tern_agent::testbed::BedHost) -> anyhow::Result<AgentProcess> {
-    let p = AgentProcess::start(&std::env::current_exe()?, host, None)?;
+fn spawn_agent(host: &layout::LocalHost) -> anyhow::Result<LocalAgent> {
+    let p = LocalAgent::start(&std::env::current_exe()?, host)?;
     println!("  {}", p.ready_line);
     Ok(p)
 }
@@ -396,10 +396,10 @@ pub fn demo() -> anyhow::Result<()> {
     );
     let lo: std::net::IpAddr = [127, 0, 0, 1].into();
     let plans = [
-        tern_agent::testbed::HostPlan::new("host-a", lo)?,
-        tern_agent::testbed::HostPlan::new("host-b", lo)?,
+        layout::HostPlan::new("host-a", lo)?,
+        layout::HostPlan::new("host-b", lo)?,
     ];
-    let bed = tern_agent::testbed::write(dir.path(), &plans).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bed = layout::write(dir.path(), &plans).map_err(|e| anyhow::anyhow!("{e}"))?;
     let _a = spawn_agent(&bed[0])?;
     let _b = spawn_agent(&bed[1])?;
     let a = AgentClient::new(&bed[0].api_url, &bed[0].token()?);

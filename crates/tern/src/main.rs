@@ -2,7 +2,6 @@
 
 mod agentcmd;
 mod config;
-mod qemubench;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -27,13 +26,6 @@ struct Cli {
     data_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum BenchCmd {
-    /// One Linux guest migrated by QEMU itself and by tern, alternately, on
-    /// loopback and across an emulated WAN link; prints both and the ratios.
-    MigrateQemu(qemubench::QemuBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -84,11 +76,6 @@ enum Cmd {
     Migrate(agentcmd::MigrateArgs),
     /// Two local agents; a guest dirtying memory moves between them live.
     Demo,
-    /// Benchmarks.
-    Bench {
-        #[command(subcommand)]
-        cmd: BenchCmd,
-    },
     /// Make the host CA and host certificates for migration channels (mTLS).
     Certs {
         #[command(subcommand)]
@@ -187,9 +174,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Guest { dir } => agentcmd::guest(&dir),
         Cmd::Migrate(a) => agentcmd::migrate(a),
         Cmd::Demo => agentcmd::demo(),
-        Cmd::Bench {
-            cmd: BenchCmd::MigrateQemu(a),
-        } => qemubench::run(a),
         Cmd::Certs { cmd } => {
             let cfg = Config::load(&over, env)?;
             let default_dir = cfg.data_dir.join("tls");

@@ -10,8 +10,8 @@ use common::*;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tern_agent::testbed::{self, HostPlan};
 use tern_agent::{MigrationPhase, VmStatus};
+use tern_testbed::{self as testbed, HostPlan};
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "slow: two agent processes"]

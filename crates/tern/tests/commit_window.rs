@@ -10,9 +10,9 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tern_agent::testbed::BedHost;
 use tern_agent::vmdir::VmDir;
 use tern_agent::{MigrationPhase, VmStatus};
+use tern_testbed::LocalHost;
 use tern_testkit::LinkEmulator;
 
 /// The source holds this long between its commit record and `Commit`.
@@ -23,7 +23,7 @@ const DEADLINE: u64 = 3;
 struct Window {
     a: AgentProc,
     b: AgentProc,
-    bed: Vec<BedHost>,
+    bed: Vec<LocalHost>,
     to_b: LinkEmulator,
     to_a: LinkEmulator,
     vm: String,

@@ -6,12 +6,12 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tern_agent::testbed::{self, AgentProcess, BedHost, HostPlan};
 use tern_agent::{
     AgentClient, GuestKind, MigrateRequest, MigrationPhase, MigrationView, VmSpec, VmStatus,
 };
 use tern_drivers::qemu::pids_under;
 use tern_drivers::qemu::testing::guest_or_skip;
+use tern_testbed::{self as testbed, AgentProcess, HostPlan, LocalHost};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -23,7 +23,7 @@ struct Bed {
     b: AgentProcess,
     to_b: LinkEmulator,
     to_a: LinkEmulator,
-    hosts: Vec<BedHost>,
+    hosts: Vec<LocalHost>,
     _dir: tempfile::TempDir,
 }
 

@@ -10,9 +10,9 @@ use common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tern_agent::control::{self, GuestState, GuestStatus, Request};
-use tern_agent::testbed;
 use tern_agent::vmdir::VmDir;
 use tern_agent::{AgentClient, GuestKind, MigrationPhase, VmSpec, VmStatus};
+use tern_testbed as testbed;
 
 fn process_spec() -> VmSpec {
     VmSpec {

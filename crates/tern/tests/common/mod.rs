@@ -5,8 +5,8 @@
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tern_agent::testbed::{self, AgentProcess, BedHost, HostPlan};
 use tern_agent::{AgentClient, MigrateRequest, MigrationPhase, MigrationView, VmSpec, VmStatus};
+use tern_testbed::{self as testbed, AgentProcess, HostPlan, LocalHost};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
 pub const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -15,7 +15,7 @@ pub const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 pub struct AgentProc(pub AgentProcess);
 
 impl AgentProc {
-    pub fn start(host: &BedHost, netns: Option<&str>) -> AgentProc {
+    pub fn start(host: &LocalHost, netns: Option<&str>) -> AgentProc {
         let p = AgentProcess::start(Path::new(env!("CARGO_BIN_EXE_tern")), host, netns).unwrap();
         eprintln!("{}", p.ready_line);
         AgentProc(p)
@@ -137,7 +137,7 @@ pub async fn migrate_mode_and_check(a: &AgentClient, b: &AgentClient, mode: &str
 }
 
 /// Two loopback agents, peers of each other.
-pub fn loopback_pair(dir: &Path) -> Vec<BedHost> {
+pub fn loopback_pair(dir: &Path) -> Vec<LocalHost> {
     let plans = [
         HostPlan::new("host-a", LO).unwrap(),
         HostPlan::new("host-b", LO).unwrap(),
@@ -160,7 +160,7 @@ pub async fn pair_via_emulator(
     dir: &Path,
     rate: u64,
     resume: u64,
-) -> (Vec<BedHost>, LinkEmulator, LinkEmulator) {
+) -> (Vec<LocalHost>, LinkEmulator, LinkEmulator) {
     let mut a = HostPlan::new("host-a", LO).unwrap();
     let mut b = HostPlan::new("host-b", LO).unwrap();
     let to_b = LinkEmulator::start(b.migrate_addr(), link(rate))
@@ -178,7 +178,7 @@ pub async fn pair_via_emulator(
 
 /// Agent processes started with extra environment (fault injection).
 impl AgentProc {
-    pub fn start_env(host: &BedHost, env: &[(&str, &str)]) -> AgentProc {
+    pub fn start_env(host: &LocalHost, env: &[(&str, &str)]) -> AgentProc {
         let p =
             AgentProcess::start_with_env(Path::new(env!("CARGO_BIN_EXE_tern")), host, None, env)
                 .unwrap();

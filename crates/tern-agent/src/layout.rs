@@ -1,13 +1,14 @@
 //! Lays out agents that are peers of each other on one machine: a CA and
-//! host certificates, host keys, and one configuration file per host. The
-//! demo and the end-to-end tests use it; so can an operator trying tern.
+//! host certificates, host keys, and one configuration file per host, and
+//! runs them. `tern demo` uses it; so can an operator trying tern (the
+//! test harness, `tern-testbed`, builds on it).
 
 use crate::config::{AgentConfig, Peer, TlsFiles};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Where one host of the bed listens and how its peer is reached.
+/// Where one host of the layout listens and how its peer is reached.
 #[derive(Clone, Debug)]
 pub struct HostPlan {
     /// Host name.
@@ -70,7 +71,7 @@ pub fn free_port() -> std::io::Result<u16> {
 
 /// One written host.
 #[derive(Clone, Debug)]
-pub struct BedHost {
+pub struct LocalHost {
     /// Its configuration file.
     pub config: PathBuf,
     /// Its API URL.
@@ -79,7 +80,7 @@ pub struct BedHost {
     pub data_dir: PathBuf,
 }
 
-impl BedHost {
+impl LocalHost {
     /// The API token (the agent writes it at start-up).
     pub fn token(&self) -> std::io::Result<String> {
         crate::keys::api_token(&self.data_dir)
@@ -88,7 +89,7 @@ impl BedHost {
 
 /// Writes TLS material, host keys and configurations for `hosts` (each a
 /// peer of every other) under `dir`.
-pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<BedHost>, Box<dyn std::error::Error>> {
+pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<LocalHost>, Box<dyn std::error::Error>> {
     let tls = dir.join("tls");
     tern_transport::certs::init_ca(&tls)?;
     let year = Duration::from_secs(365 * 86400);
@@ -123,7 +124,7 @@ pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<BedHost>, Box<dyn std
         cfg.validate()?;
         let file = dir.join(format!("{}.toml", h.name));
         std::fs::write(&file, toml::to_string_pretty(&cfg)?)?;
-        out.push(BedHost {
+        out.push(LocalHost {
             config: file,
             api_url: h.api_url(),
             data_dir: cfg.data_dir.clone(),
@@ -132,116 +133,86 @@ pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<BedHost>, Box<dyn std
     Ok(out)
 }
 
-/// A `tern agent` process of the bed, killed when dropped.
-pub struct AgentProcess {
+/// A local `tern agent` process of a layout, ended with its guests when
+/// dropped (a layout is a trial: it leaves no process behind).
+pub struct LocalAgent {
     child: std::process::Child,
-    host: BedHost,
-    /// Whether dropping it kills its guest processes too.
-    owns_guests: bool,
+    host: LocalHost,
     /// Its ready line (name, addresses, public key).
     pub ready_line: String,
 }
 
-impl AgentProcess {
-    /// Runs `bin agent CONFIG` (inside network namespace `netns` if given)
-    /// and waits up to 30 s for its ready line.
-    pub fn start(bin: &Path, host: &BedHost, netns: Option<&str>) -> std::io::Result<Self> {
-        Self::start_with_env(bin, host, netns, &[])
-    }
-
-    /// [`AgentProcess::start`] with extra environment variables (fault
-    /// injection: its guest processes inherit them).
-    pub fn start_with_env(
-        bin: &Path,
-        host: &BedHost,
-        netns: Option<&str>,
-        env: &[(&str, &str)],
-    ) -> std::io::Result<Self> {
-        use std::io::BufRead;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = std::process::Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin);
-                c
-            }
-            None => std::process::Command::new(bin),
-        };
-        let mut child = cmd
-            .envs(env.iter().copied())
+impl LocalAgent {
+    /// Runs `bin agent CONFIG` and waits up to 30 s for its ready line.
+    pub fn start(bin: &Path, host: &LocalHost) -> std::io::Result<Self> {
+        let mut child = std::process::Command::new(bin)
             .arg("agent")
             .arg(&host.config)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()?;
-        let out = child.stdout.take().expect("piped");
-        let name = host
-            .config
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Keeps draining stdout so the agent never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if l.contains(" ready ") {
-                    let _ = tx.send(l);
-                } else if std::env::var_os("TERN_BED_LOGS").is_some() {
-                    eprintln!("[{name}] {l}");
-                }
+        let ready_line = match wait_ready(&mut child, host) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
             }
-        });
-        let mut proc = AgentProcess {
+        };
+        Ok(Self {
             child,
             host: host.clone(),
-            owns_guests: true,
-            ready_line: String::new(),
-        };
-        proc.ready_line = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
-            std::io::Error::other(format!(
-                "the agent for {} printed no ready line within 30 s",
-                host.config.display()
-            ))
-        })?;
-        Ok(proc)
+            ready_line,
+        })
     }
 
     /// A client of its API.
-    /// Its process id.
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
     pub fn client(&self) -> std::io::Result<crate::AgentClient> {
         Ok(crate::AgentClient::new(
             &self.host.api_url,
             &self.host.token()?,
         ))
     }
+}
 
-    /// Sends SIGTERM and waits for it to exit (a clean shutdown).
-    pub fn terminate(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let _ = self.child.wait();
-    }
-
-    /// Leaves its guest processes running when it is dropped (another
-    /// agent process of the same host adopts them).
-    pub fn release_guests(&mut self) {
-        self.owns_guests = false;
-    }
-
-    /// Its host.
-    pub fn host(&self) -> &BedHost {
-        &self.host
-    }
-
-    /// Kills it (SIGKILL: a crash, not a shutdown).
-    pub fn kill(&mut self) {
+impl Drop for LocalAgent {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        kill_guests(&self.host.data_dir);
     }
+}
+
+/// Reads a starting agent's stdout until its ready line (30 s at most),
+/// then keeps draining it so the agent never blocks on a full pipe (its
+/// other lines are echoed to stderr when `TERN_BED_LOGS` is set).
+pub fn wait_ready(child: &mut std::process::Child, host: &LocalHost) -> std::io::Result<String> {
+    use std::io::BufRead;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| std::io::Error::other("the agent's stdout is not piped"))?;
+    let name = host
+        .config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if l.contains(" ready ") {
+                let _ = tx.send(l);
+            } else if std::env::var_os("TERN_BED_LOGS").is_some() {
+                eprintln!("[{name}] {l}");
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+        std::io::Error::other(format!(
+            "the agent for {} printed no ready line within 30 s",
+            host.config.display()
+        ))
+    })
 }
 
 /// Kills every guest process under `data_dir` (they outlive their agent).
@@ -261,14 +232,4 @@ pub fn guest_pids(data_dir: &Path) -> Vec<i32> {
     list.flatten()
         .filter_map(|d| crate::vmdir::VmDir(d.path()).live_pid())
         .collect()
-}
-
-impl Drop for AgentProcess {
-    /// Ends the agent and its guests: a test leaves no process behind.
-    fn drop(&mut self) {
-        self.kill();
-        if self.owns_guests {
-            kill_guests(&self.host.data_dir);
-        }
-    }
 }

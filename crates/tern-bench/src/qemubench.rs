@@ -1,4 +1,4 @@
-//! `tern bench migrate-qemu`: tern against QEMU itself, on one Linux guest
+//! `tern-bench migrate-qemu`: tern against QEMU itself, on one Linux guest
 //! and workload, alternating, on loopback and across an emulated WAN link.
 //!
 //! - **qemu**: QEMU's native migration over plain TCP, source QEMU straight
@@ -19,13 +19,13 @@ use anyhow::{bail, Context};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tern_agent::testbed::{self, AgentProcess, HostPlan};
 use tern_agent::{GuestKind, MigrateRequest, MigrationPhase, VmSpec};
 use tern_drivers::qemu::load::{last_complete_tick, verify_after_switchover, LoadParams};
 use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
+use tern_testbed::{self as testbed, AgentProcess, HostPlan};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
-/// `tern bench migrate-qemu` options.
+/// `tern-bench migrate-qemu` options.
 #[derive(clap::Args, Clone)]
 pub struct QemuBenchArgs {
     /// Runs of each path per link (they alternate).
@@ -297,7 +297,7 @@ async fn tern_run(
         h.guest = Some((kernel.to_path_buf(), initrd.to_path_buf()));
     }
     let bed = testbed::write(dir.path(), &[ha, hb]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let exe = std::env::current_exe()?;
+    let exe = tern_binary()?;
     let pa = AgentProcess::start(&exe, &bed[0], None)?;
     let pb = AgentProcess::start(&exe, &bed[1], None)?;
     let ca = pa.client()?;
@@ -476,4 +476,21 @@ pub fn run(a: QemuBenchArgs) -> anyhow::Result<()> {
         "(means over runs whose guest passed its own check after switchover; t/q = tern / qemu)"
     );
     Ok(())
+}
+
+/// The `tern` binary beside this one (`cargo build --release` builds both
+/// into one directory), or `TERN_BIN`.
+fn tern_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TERN_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe()?;
+    let tern = me.with_file_name("tern");
+    if !tern.exists() {
+        bail!(
+            "no tern binary at {} (build it: cargo build --release -p tern; or set TERN_BIN)",
+            tern.display()
+        );
+    }
+    Ok(tern)
 }

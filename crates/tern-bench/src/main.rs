@@ -1,0 +1,30 @@
+//! `tern-bench`: benchmarks that put tern beside other tools on this
+//! machine. A development binary (it carries the link emulator), never
+//! part of the shipped `tern`.
+
+mod qemubench;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tern-bench",
+    about = "tern against other tools, measured on this machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One Linux guest migrated by QEMU itself and by tern, alternately, on
+    /// loopback and across an emulated WAN link; prints both and the ratios.
+    MigrateQemu(qemubench::QemuBenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::MigrateQemu(a) => qemubench::run(a),
+    }
+}
