@@ -16,7 +16,7 @@ use tern_testbed::{self as testbed, AgentProcess, HostPlan};
 
 struct Row {
     workload: String,
-    mode: &'static str,
+    mode: String,
     downtime_ms: f64,
     /// What the engine predicted when it chose to switch over (pre-copy).
     predicted_ms: Option<f64>,
@@ -28,14 +28,18 @@ struct Row {
     steps: tern_agent::SwitchoverTimes,
     /// Peak resident memory of the source guest's process (VmHWM), MB.
     source_peak_mb: f64,
+    /// Its VmHWM when the migration began (the guest at rest), MB.
+    source_rest_mb: f64,
 }
 
-/// Follows a process's peak resident memory (VmHWM) until it exits or `stop` is set.
+/// Follows a process's peak resident memory (VmHWM) until it exits or
+/// `stop` is set; returns the first reading and the peak.
 fn peak_rss(
     pid: i32,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<u64> {
+) -> std::thread::JoinHandle<(u64, u64)> {
     std::thread::spawn(move || {
+        let mut first = None;
         let mut peak = 0u64;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
@@ -46,11 +50,12 @@ fn peak_rss(
                 .find_map(|l| l.strip_prefix("VmHWM:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             {
+                first.get_or_insert(kb << 10);
                 peak = peak.max(kb << 10);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        peak
+        (first.unwrap_or(0), peak)
     })
 }
 
@@ -108,7 +113,10 @@ fn main() {
     let mut rows = Vec::new();
     rt.block_on(async {
         for (name, spec) in &workloads {
-            for mode in ["precopy", "postcopy", "hybrid"] {
+            let modes = std::env::var("TERN_BENCH_MODES")
+                .unwrap_or_else(|_| "precopy,postcopy,hybrid".into());
+            for mode in modes.split(',').map(|m| m.trim().to_string()) {
+                let mode = mode.as_str();
                 // Alternate direction so each run starts from a fresh VM on a.
                 let vm = ca.create_vm(spec).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -144,7 +152,8 @@ fn main() {
                 };
                 assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                let source_peak_mb = sampler.join().unwrap() as f64 / 1e6;
+                let (rest, peak) = sampler.join().unwrap();
+                let (source_rest_mb, source_peak_mb) = (rest as f64 / 1e6, peak as f64 / 1e6);
                 let r = done.report.unwrap();
                 if std::env::var_os("TERN_BENCH_ROUNDS").is_some() {
                     for x in &r.rounds {
@@ -153,7 +162,7 @@ fn main() {
                 }
                 rows.push(Row {
                     workload: name.clone(),
-                    mode,
+                    mode: mode.to_string(),
                     downtime_ms: r.downtime_ms,
                     predicted_ms: r.rounds.last().map(|x| x.predicted_downtime_ms),
                     total_ms: r.total_ms,
@@ -163,6 +172,7 @@ fn main() {
                     faults: r.faults_served,
                     steps: r.switchover.clone(),
                     source_peak_mb,
+                    source_rest_mb,
                 });
                 cb.stop_vm(&vm.id).await.unwrap();
             }
@@ -195,14 +205,16 @@ fn main() {
             r.faults
         );
     }
-    println!("\npeak resident memory of the source guest's process during the migration (VmHWM)");
+    println!("\npeak resident memory of the source guest's process during the migration (VmHWM; at rest: when it began)");
     for r in &rows {
         println!(
-            "{:<48} {:<9} {:>8.1} MB  ({:.3} x guest RAM)",
+            "{:<48} {:<9} {:>8.1} MB  ({:.3} x guest RAM; at rest {:.1} MB, the migration added {:.1} MB)",
             r.workload,
             r.mode,
             r.source_peak_mb,
-            r.source_peak_mb / r.ram_mb
+            r.source_peak_mb / r.ram_mb,
+            r.source_rest_mb,
+            r.source_peak_mb - r.source_rest_mb
         );
     }
     println!("\nwhere the downtime went, ms: pause + final scan | last pages, state, manifest | until Ready | source commit record | Commit -> Running");

@@ -4,7 +4,7 @@
 
 use super::{MigrateError, Progress, PAGE};
 use crate::guest::SourceGuest;
-use crate::protocol::{frame, KIND_PAGES};
+use crate::protocol::KIND_PAGES;
 use bytes::Bytes;
 use std::time::{Duration, Instant};
 use tern_pagecodec::{Encoder, EncoderConfig};
@@ -17,7 +17,6 @@ pub(super) struct PageSender {
     /// Each page's BLAKE3 hash as last sent (zero pages before).
     pub(super) hashes: Vec<[u8; 32]>,
     buf: Vec<u8>,
-    out: Vec<u8>,
     /// Frames sent, all kinds (the manifest counts them).
     pub(super) frames: u64,
     /// Pages sent.
@@ -34,7 +33,6 @@ impl PageSender {
             encoder: Encoder::new(encoder_config(n_pages)),
             hashes: vec![*blake3::hash(&[0u8; PAGE]).as_bytes(); n_pages as usize],
             buf: Vec::new(),
-            out: Vec::new(),
             frames: 0,
             pages: 0,
             wire: 0,
@@ -61,9 +59,9 @@ impl PageSender {
     ) -> Result<u64, MigrateError> {
         let mut wire = 0;
         for chunk in pages.chunks(per_frame.max(1)) {
-            let bytes = self.encode(guest, chunk)?;
+            let (f, bytes) = self.encode(guest, chunk)?;
             wire += bytes;
-            self.send(tx, frame(KIND_PAGES, &self.out)).await?;
+            self.send(tx, f).await?;
             self.pages += chunk.len() as u64;
             self.wire += bytes;
             self.published_sent(chunk.len() as u64);
@@ -71,23 +69,36 @@ impl PageSender {
         Ok(wire)
     }
 
-    /// Reads and hashes `chunk` into one encoded frame in `out`.
-    fn encode<G: SourceGuest>(&mut self, guest: &G, chunk: &[u64]) -> Result<u64, MigrateError> {
+    /// Reads and hashes `chunk` into one encoded frame; returns it and its
+    /// encoded bytes. The frame is encoded in place after its kind byte and
+    /// handed to the transport as it is: a frame is never copied, and the
+    /// window holds it only until the destination acknowledges it.
+    fn encode<G: SourceGuest>(
+        &mut self,
+        guest: &G,
+        chunk: &[u64],
+    ) -> Result<(Bytes, u64), MigrateError> {
         self.buf.resize(chunk.len() * PAGE, 0);
         for (i, &p) in chunk.iter().enumerate() {
             let slot = &mut self.buf[i * PAGE..(i + 1) * PAGE];
             guest.read(p * PAGE as u64, slot)?;
             self.hashes[p as usize] = *blake3::hash(slot).as_bytes();
         }
-        self.out.clear();
+        let mut out = Vec::with_capacity(1 + chunk.len() * (PAGE + 64) + 64);
+        out.push(KIND_PAGES);
         let stats = self.encoder.encode_frame(
             chunk
                 .iter()
                 .enumerate()
                 .map(|(i, &p)| (p, &self.buf[i * PAGE..(i + 1) * PAGE])),
-            &mut self.out,
+            &mut out,
         );
-        Ok(stats.bytes_out)
+        // A frame of zero or repeated pages is small: do not keep the room
+        // reserved for raw pages while it waits in the window.
+        if out.len() < out.capacity() / 2 {
+            out.shrink_to_fit();
+        }
+        Ok((Bytes::from(out), stats.bytes_out))
     }
 
     fn published_sent(&self, n: u64) {
