@@ -31,8 +31,8 @@ pub use encoder::{EncodeStats, Encoder, EncoderConfig};
 pub use policy::{AdaptivePolicy, LinkBudget};
 pub use scan::is_zero_page;
 
-/// Guest page size the codec works in.
-pub const PAGE_SIZE: usize = 4096;
+/// Guest page size the codec works in (tern's one page size, `tern_guest::PAGE_SIZE`).
+pub const PAGE_SIZE: usize = tern_guest::PAGE_SIZE as usize;
 
 /// Most pages one frame may carry (bounds the decoder's staging memory: 16 MiB).
 pub const MAX_PAGES_PER_FRAME: usize = 4096;

@@ -23,6 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
+const PAGE: u64 = tern_migrate::guest::PAGE_SIZE;
+
 /// What the source side needs besides the links.
 pub struct SourceArgs<'a> {
     /// The running guest.
@@ -131,7 +133,7 @@ impl SourceRelay<'_> {
         }
         self.report.phase = MigrationPhase::Precopy;
         self.carry(&mut c).await?;
-        self.report.pages_sent = c.stream_bytes / 4096;
+        self.report.pages_sent = c.stream_bytes / PAGE;
         self.report.wire_bytes = self.data.metrics().bytes_sent;
         tracing::info!(
             stream_bytes = c.stream_bytes,
@@ -439,8 +441,8 @@ impl SourceRelay<'_> {
                 };
             }
             p.round = round as u32;
-            p.pages_sent = ram.transferred / 4096;
-            p.pages_remaining = ram.remaining / 4096;
+            p.pages_sent = ram.transferred / PAGE;
+            p.pages_remaining = ram.remaining / PAGE;
             p.wire_bytes = wire;
             p.dirty_pages_per_sec = ram.dirty_pages_rate as f64;
             p.throughput_bytes_per_sec = rate;
@@ -457,7 +459,7 @@ impl SourceRelay<'_> {
         } else if !committed {
             rounds.push(RoundStats {
                 round: round as u32,
-                pages: ram.remaining / 4096,
+                pages: ram.remaining / PAGE,
                 wire_bytes: wire,
                 seconds: started.elapsed().as_secs_f64(),
                 dirtied: 0,

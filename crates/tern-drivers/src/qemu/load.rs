@@ -32,7 +32,7 @@ impl Default for LoadParams {
     }
 }
 
-const PAGE: u64 = 4096;
+const PAGE: u64 = tern_vmm::memory::PAGE_SIZE;
 const WORDS: u64 = PAGE / 8;
 
 /// Word `w` of page `p` as written at tick `t` (splitmix64).
