@@ -6,6 +6,7 @@
 use crate::agent::{lock, Agent, AgentError, Inner, Routes};
 use crate::control::{self, Request};
 use crate::guestproc::read_hello as read_session_hello;
+use crate::guestproc::SessionError;
 use crate::views::{Role, VmSpec, VmStatus};
 use crate::vmdir::{Launch, LaunchRole, VmDir};
 use std::net::SocketAddr;
@@ -259,10 +260,10 @@ impl Agent {
         peer: &str,
         migration: &str,
         msg: &SessionHello,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         let addr: SocketAddr = reply_to
             .parse()
-            .map_err(|_| format!("bad reply address {reply_to}"))?;
+            .map_err(|_| SessionError::BadReplyAddress(reply_to.into()))?;
         let security = crate::guestproc::security(self.inner.tls.as_ref(), peer)?;
         let cfg = SessionConfig {
             streams: 1,
@@ -270,14 +271,15 @@ impl Agent {
             route: Some(migration.into()),
             ..Default::default()
         };
-        let s = Sender::connect(addr, security, cfg, None)
+        let s = Sender::connect(addr, security, cfg, None).await?;
+        s.send(hello_frame(msg)).await?;
+        let wait = Duration::from_secs(5);
+        tokio::time::timeout(wait, s.finish())
             .await
-            .map_err(|e| e.to_string())?;
-        s.send(hello_frame(msg)).await.map_err(|e| e.to_string())?;
-        tokio::time::timeout(Duration::from_secs(5), s.finish())
-            .await
-            .map_err(|_| "no acknowledgement".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| SessionError::Timeout {
+                waiting_for: "acknowledgement",
+                after: wait,
+            })??;
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! hands over, receive the guest, and journal `Commit` before it starts,
 //! unless the source's settling question came first.
 
-use super::{lock, read_hello, server::qemu_config, Proc, Slot};
+use super::{lock, read_hello, server::qemu_config, HelloError, Proc, SessionError, Slot};
 use crate::hosted::Hosted;
 use crate::journal::Record;
 use crate::views::{GuestKind, Role};
@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tern_drivers::qemu::QemuSpec;
 use tern_migrate::protocol::{hello_frame, SessionHello};
-use tern_migrate::{Capacity, DestLink, MigrationPhase, Progress};
+use tern_migrate::{Capacity, DestLink, MigrateError, MigrationPhase, Progress};
 use tern_transport::{Listener, Receiver, Sender};
 use tokio::sync::watch;
 
@@ -40,9 +40,9 @@ pub(super) async fn run(p: Arc<Proc>, migration: String, source_host: String, re
         Ok((data, replies, _listener)) => {
             receive(&p, &migration, &source_host, data, replies, &ptx).await
         }
-        Err(e) => Err((e, None)),
+        Err(e) => Err((MigrateError::Setup(Box::new(e)), None)),
     };
-    match res {
+    match res.map_err(|(e, g)| (e.to_string(), g)) {
         Ok(g) => {
             p.set_slot(Slot::Running(Box::new(g)));
             end.state = MigrationPhase::Committed;
@@ -76,7 +76,7 @@ async fn connect(
     migration: &str,
     source_host: &str,
     reply_to: &str,
-) -> Result<(Receiver, Sender, Listener), String> {
+) -> Result<(Receiver, Sender, Listener), SessionError> {
     p.record(&Record::MigrationIn {
         migration: migration.into(),
         vm: p.launch.vm.clone(),
@@ -85,32 +85,34 @@ async fn connect(
     let mut listener = p.listener()?;
     let addr: SocketAddr = reply_to
         .parse()
-        .map_err(|_| format!("bad reply address {reply_to}"))?;
+        .map_err(|_| SessionError::BadReplyAddress(reply_to.into()))?;
     let replies = Sender::connect(
         addr,
         p.security(source_host)?,
         p.session_config(Some(migration)),
         None,
     )
-    .await
-    .map_err(|e| format!("cannot dial the reply session to {addr}: {e}"))?;
+    .await?;
     replies
         .send(hello_frame(&SessionHello::Replies {
             migration: migration.into(),
         }))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let wait = tern_migrate::Policy::default().reply_timeout;
     let mut data = tokio::time::timeout(wait, listener.accept())
         .await
         .ok()
         .flatten()
-        .ok_or_else(|| format!("the source opened no data session within {wait:?}"))?;
+        .ok_or(SessionError::Timeout {
+            waiting_for: "data session from the source",
+            after: wait,
+        })?;
     match read_hello(&mut data, wait).await? {
         SessionHello::Data(o) if o.migration == migration => Ok((data, replies, listener)),
-        other => Err(format!(
+        other => Err(HelloError::Unexpected(format!(
             "expected the data hello of {migration}, got {other:?}"
-        )),
+        ))
+        .into()),
     }
 }
 
@@ -121,7 +123,7 @@ async fn receive(
     data: Receiver,
     replies: Sender,
     progress: &watch::Sender<Progress>,
-) -> Result<Hosted, (String, Option<Hosted>)> {
+) -> Result<Hosted, (MigrateError, Option<Hosted>)> {
     let spec = p.launch.spec.clone();
     let epoch = p.launch.epoch;
     let spec_json = serde_json::to_value(&spec).expect("specs serialize");
@@ -160,10 +162,11 @@ async fn receive(
         return crate::qemu_relay::destination(args, data, replies, &mut on_commit)
             .await
             .map(Hosted::Qemu)
-            .map_err(|(e, g)| (e.to_string(), g.map(Hosted::Qemu)));
+            .map_err(|(e, g)| (e, g.map(Hosted::Qemu)));
     }
-    let peer = p.peer(source_host).map_err(|e| (e, None))?;
-    let source_key = crate::keys::parse_public(&peer.key).map_err(|e| (e, None))?;
+    let setup = |e: Box<dyn std::error::Error + Send + Sync>| (MigrateError::Setup(e), None);
+    let peer = p.peer(source_host).map_err(|e| setup(Box::new(e)))?;
+    let source_key = crate::keys::parse_public(&peer.key).map_err(|e| setup(e.into()))?;
     let capacity = Capacity {
         max_memory_bytes: p.cfg().max_memory_mib << 20,
         max_vcpus: p.cfg().max_vcpus,
@@ -176,7 +179,7 @@ async fn receive(
         &mut on_commit,
     )
     .await
-    .map_err(|e| (e.to_string(), None))
+    .map_err(|e| (e, None))
 }
 
 fn empty_qemu_spec(spec: &crate::views::VmSpec) -> QemuSpec {

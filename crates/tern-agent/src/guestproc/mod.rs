@@ -8,13 +8,16 @@
 //! directory's journal before the step takes effect, so an agent that comes
 //! back learns from the directory what happened while it was away.
 
+mod error;
 mod incoming;
 mod outgoing;
 mod server;
 
+pub use error::{HelloError, SessionError};
+
 use crate::config::{AgentConfig, Peer};
 use crate::hosted::Hosted;
-use crate::journal::{Journal, Record};
+use crate::journal::{Journal, JournalError, Record};
 use crate::vmdir::{EndedMigration, Launch, VmDir};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,9 +43,12 @@ pub enum GuestProcError {
         #[source]
         source: std::io::Error,
     },
-    /// The TLS identity would not load.
+    /// Its journal would not open.
+    #[error(transparent)]
+    Journal(crate::journal::JournalError),
+    /// The TLS identity or a peer's pin would not load.
     #[error("TLS identity: {0}")]
-    Tls(String),
+    Tls(#[source] tern_transport::tls::TlsSetupError),
 }
 
 /// What the process holds in its slot.
@@ -93,13 +99,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub fn main(dir: &Path) -> Result<(), GuestProcError> {
     let dir = VmDir(dir.to_path_buf());
     let launch = dir.launch().map_err(GuestProcError::Launch)?;
-    let journal = dir
-        .journal()
-        .map_err(|e| GuestProcError::Launch(e.to_string()))?;
+    let journal = dir.journal().map_err(GuestProcError::Journal)?;
     let tls = match &launch.agent.tls {
         Some(t) => Some(
             TlsIdentity::load(&t.cert, &t.key, &t.ca, &pins(&launch.agent)?)
-                .map_err(|e| GuestProcError::Tls(e.to_string()))?,
+                .map_err(GuestProcError::Tls)?,
         ),
         None => None,
     };
@@ -128,10 +132,10 @@ pub fn main(dir: &Path) -> Result<(), GuestProcError> {
 /// How sessions to `peer` are secured: mutual TLS with this host's
 /// identity, or plaintext when there is none (the configuration allows
 /// that only when it asks for it by name).
-pub(crate) fn security(tls: Option<&TlsIdentity>, peer: &str) -> Result<Security, String> {
+pub(crate) fn security(tls: Option<&TlsIdentity>, peer: &str) -> Result<Security, SessionError> {
     match tls {
         Some(t) => Ok(Security::Tls {
-            config: t.client_config().map_err(|e| e.to_string())?,
+            config: t.client_config()?,
             server_name: peer.into(),
         }),
         None => Ok(Security::InsecurePlaintext),
@@ -144,7 +148,7 @@ fn pins(cfg: &AgentConfig) -> Result<Vec<[u8; 32]>, GuestProcError> {
         .filter_map(|p| p.tls_pin.as_deref())
         .map(tern_transport::tls::parse_pin)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| GuestProcError::Tls(e.to_string()))
+        .map_err(GuestProcError::Tls)
 }
 
 impl Proc {
@@ -152,16 +156,16 @@ impl Proc {
         &self.launch.agent
     }
 
-    fn peer(&self, name: &str) -> Result<Peer, String> {
+    fn peer(&self, name: &str) -> Result<Peer, SessionError> {
         self.cfg()
             .peer(name)
             .cloned()
-            .ok_or_else(|| format!("`{name}` is not a configured peer"))
+            .ok_or_else(|| SessionError::UnknownPeer(name.into()))
     }
 
     /// How sessions to `peer` are secured; plaintext only when the
     /// configuration asked for it (validated by the agent).
-    fn security(&self, peer: &str) -> Result<Security, String> {
+    fn security(&self, peer: &str) -> Result<Security, SessionError> {
         security(self.tls.as_ref(), peer)
     }
 
@@ -175,11 +179,11 @@ impl Proc {
     }
 
     /// A listener for sessions the agent routes to this process.
-    fn listener(&self) -> Result<Listener, String> {
+    fn listener(&self) -> Result<Listener, SessionError> {
         let (tx, rx) = mpsc::channel(16);
         *lock(&self.streams) = Some(tx);
         let server = match &self.tls {
-            Some(t) => Some(t.server_config().map_err(|e| e.to_string())?),
+            Some(t) => Some(t.server_config()?),
             None => None,
         };
         Ok(Listener::from_streams(
@@ -189,8 +193,8 @@ impl Proc {
         ))
     }
 
-    fn record(&self, r: &Record) -> Result<(), String> {
-        self.journal.append(r).map_err(|e| e.to_string())
+    fn record(&self, r: &Record) -> Result<(), JournalError> {
+        self.journal.append(r)
     }
 
     fn set_slot(&self, s: Slot) {
@@ -239,20 +243,16 @@ impl Proc {
 pub(crate) async fn read_hello(
     rx: &mut tern_transport::Receiver,
     within: Duration,
-) -> Result<SessionHello, String> {
-    match tokio::time::timeout(within, rx.recv()).await {
-        Ok(Some(Ok((seq, f)))) => {
-            rx.ack(seq);
-            match tern_migrate::protocol::split(&f) {
-                Ok((KIND_HELLO, p)) => {
-                    serde_json::from_slice(&p).map_err(|e| format!("bad hello: {e}"))
-                }
-                Ok((k, _)) => Err(format!("expected a hello, got frame kind {k}")),
-                Err(e) => Err(e),
-            }
+) -> Result<SessionHello, HelloError> {
+    let (seq, f) = tokio::time::timeout(within, rx.recv())
+        .await
+        .map_err(|_| HelloError::Timeout(within))?
+        .ok_or(HelloError::Closed)??;
+    rx.ack(seq);
+    match tern_migrate::protocol::split(&f).map_err(HelloError::Malformed)? {
+        (KIND_HELLO, p) => {
+            serde_json::from_slice(&p).map_err(|e| HelloError::Malformed(e.to_string()))
         }
-        Ok(Some(Err(e))) => Err(e.to_string()),
-        Ok(None) => Err("session closed before its hello".into()),
-        Err(_) => Err(format!("no hello within {within:?}")),
+        (k, _) => Err(HelloError::WrongKind(k)),
     }
 }

@@ -2,7 +2,7 @@
 //! through the destination agent, run the engine (or QEMU's stream relay)
 //! on the guest it holds, and settle a `Commit` that went unconfirmed.
 
-use super::{lock, read_hello, Proc, Slot};
+use super::{lock, read_hello, Proc, SessionError, Slot};
 use crate::control::{Answer, OutJob};
 use crate::hosted::Hosted;
 use crate::journal::Record;
@@ -37,7 +37,7 @@ const SETTLE_RETRY: Duration = Duration::from_secs(2);
 /// Takes the running guest and starts migrating it.
 pub(super) fn start(p: &Arc<Proc>, job: OutJob) -> Answer<()> {
     if let Err(e) = p.peer(&job.to) {
-        return Answer::Err(e);
+        return Answer::Err(e.to_string());
     }
     let compress: Compress = match job.compress.parse() {
         Ok(c) => c,
@@ -53,7 +53,7 @@ pub(super) fn start(p: &Arc<Proc>, job: OutJob) -> Answer<()> {
             vm: p.launch.vm.clone(),
             to: job.to.clone(),
         }) {
-            return Answer::Err(e);
+            return Answer::Err(e.to_string());
         }
         let Slot::Running(g) = std::mem::replace(&mut *slot, Slot::Migrating) else {
             unreachable!("checked above")
@@ -157,9 +157,10 @@ async fn roll_back(p: &Proc, mut guest: Box<Hosted>, end: &EndedMigration, in_do
 /// Asks the destination agent to take the migration, waits for its guest
 /// process to dial back, then opens the data session routed to it.
 async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateError> {
-    let peer = p.peer(&job.to).map_err(MigrateError::Rejected)?;
-    let security = p.security(&peer.name).map_err(MigrateError::Aborted)?;
-    let mut listener = p.listener().map_err(MigrateError::Aborted)?;
+    let setup = |e: SessionError| MigrateError::Setup(Box::new(e));
+    let peer = p.peer(&job.to).map_err(setup)?;
+    let security = p.security(&peer.name).map_err(setup)?;
+    let mut listener = p.listener().map_err(setup)?;
     let hello = SessionHello::Data(Offer {
         version: PROTOCOL_VERSION,
         migration: job.migration.clone(),
@@ -314,26 +315,23 @@ async fn settle(
     }
 }
 
-async fn ask(p: &Arc<Proc>, job: &OutJob, listener: &mut Listener) -> Result<bool, String> {
+async fn ask(p: &Arc<Proc>, job: &OutJob, listener: &mut Listener) -> Result<bool, SessionError> {
     let peer = p.peer(&job.to)?;
     let security = p.security(&peer.name)?;
     let mut cfg = p.session_config(None);
     cfg.resume_deadline = Duration::from_secs(5);
-    let s = Sender::connect(peer.migrate_addr, security, cfg, None)
-        .await
-        .map_err(|e| e.to_string())?;
+    let s = Sender::connect(peer.migrate_addr, security, cfg, None).await?;
     s.send(hello_frame(&SessionHello::Settle {
         version: PROTOCOL_VERSION,
         migration: job.migration.clone(),
         source_host: p.cfg().name.clone(),
         reply_to: job.reply_to.clone(),
     }))
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     let answer = async {
         loop {
             let Some(mut rx) = listener.accept().await else {
-                return Err("listener closed".to_string());
+                return Err(SessionError::ListenerClosed);
             };
             if let Ok(SessionHello::Settled {
                 migration,
@@ -346,9 +344,13 @@ async fn ask(p: &Arc<Proc>, job: &OutJob, listener: &mut Listener) -> Result<boo
             }
         }
     };
-    let res = tokio::time::timeout(Duration::from_secs(10), answer)
+    let wait = Duration::from_secs(10);
+    let res = tokio::time::timeout(wait, answer)
         .await
-        .map_err(|_| "no answer within 10 s".to_string())?;
+        .map_err(|_| SessionError::Timeout {
+            waiting_for: "settling answer",
+            after: wait,
+        })?;
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(5), s.finish()).await;
     });

@@ -104,6 +104,7 @@ async fn boot(p: Arc<Proc>) {
             spec: serde_json::to_value(&spec).expect("specs serialize"),
         })
         .map(|_| g)
+        .map_err(|e| e.to_string())
     });
     match started {
         Ok(g) => p.set_slot(Slot::Running(Box::new(g))),
@@ -217,7 +218,7 @@ fn stop(p: &Arc<Proc>) -> Answer<()> {
             if let Err(e) = p.record(&Record::VmStopped {
                 vm: p.launch.vm.clone(),
             }) {
-                return Answer::Err(e);
+                return Answer::Err(e.to_string());
             }
             g.stop();
             *slot = Slot::Stopped;

@@ -55,6 +55,10 @@ pub enum MigrateError {
     /// The source aborted (its reason).
     #[error("the source aborted: {0}")]
     Aborted(String),
+    /// This host could not set the migration up (its peer, TLS identity,
+    /// sessions or journal).
+    #[error("setting up on this host: {0}")]
+    Setup(#[source] HookError),
     /// The durable commit record could not be written: the commit does not happen.
     #[error("commit record: {0}")]
     CommitRecord(#[source] HookError),
