@@ -159,8 +159,10 @@ impl Journal {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&path)
             .map_err(io)?;
+        cut_torn_tail(&file, &path).map_err(io)?;
         Ok(Self {
             path,
             file: Mutex::new(file),
@@ -181,7 +183,8 @@ impl Journal {
     }
 
     /// Every record, in order. A torn final line (a crash mid-write) is
-    /// dropped; damage anywhere else is an error.
+    /// dropped; a damaged line anywhere else is reported with its number
+    /// and skipped: the records around it still say what they say.
     pub fn records(&self) -> Result<Vec<Record>, JournalError> {
         let f = std::fs::File::open(&self.path).map_err(|source| JournalError::Io {
             path: self.path.clone(),
@@ -205,11 +208,12 @@ impl Journal {
                     tracing::warn!(path = %self.path.display(), "dropping a torn last journal line");
                 }
                 Err(e) => {
-                    return Err(JournalError::Corrupt {
+                    let err = JournalError::Corrupt {
                         path: self.path.clone(),
                         line: i + 1,
                         message: e.to_string(),
-                    })
+                    };
+                    tracing::error!(error = %err, "skipping a damaged journal line");
                 }
             }
         }
@@ -220,6 +224,24 @@ impl Journal {
     pub fn replay(&self) -> Result<BTreeMap<String, VmFate>, JournalError> {
         Ok(fold(&self.records()?))
     }
+}
+
+/// A crash mid-append leaves a last line without its newline: cut it off
+/// before anything is appended, or the next record would be glued onto it
+/// and damage a line in the middle.
+fn cut_torn_tail(file: &std::fs::File, path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek};
+    let mut f = file;
+    let mut text = Vec::new();
+    f.seek(std::io::SeekFrom::Start(0))?;
+    f.read_to_end(&mut text)?;
+    if text.last().is_none_or(|&b| b == b'\n') {
+        return Ok(());
+    }
+    let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    tracing::warn!(path = %path.display(), torn = text.len() - keep, "cutting a torn last journal line");
+    file.set_len(keep as u64)?;
+    file.sync_data()
 }
 
 /// Each VM's fate after `records`.
@@ -330,20 +352,38 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_last_line_is_dropped_but_damage_inside_is_an_error() {
+    fn a_torn_last_line_is_cut_at_open_and_the_next_record_lands_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("journal.jsonl");
+        {
+            let j = Journal::open(d.path()).unwrap();
+            j.append(&started("a")).unwrap();
+        }
+        // A crash mid-append: half a record, no newline.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"event\":\"vm_sta");
+        std::fs::write(&path, &text).unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.records().unwrap().len(), 1);
+        j.append(&Record::VmStopped { vm: "a".into() }).unwrap();
+        // The restart after that starts too: every line is whole.
+        let j = Journal::open(d.path()).unwrap();
+        let recs = j.records().unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(fold(&recs)["a"], VmFate::Stopped);
+    }
+
+    #[test]
+    fn a_damaged_line_inside_is_skipped_and_the_rest_replayed() {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
         j.append(&started("a")).unwrap();
         let path = d.path().join("journal.jsonl");
         let mut text = std::fs::read_to_string(&path).unwrap();
-        text.push_str("{\"event\":\"vm_sta");
+        text.push_str("{\"event\":\"vm_sta\n{\"event\":\"vm_stopped\",\"vm\":\"a\"}\n");
         std::fs::write(&path, &text).unwrap();
-        assert_eq!(j.records().unwrap().len(), 1);
-        text.push_str("\n{\"event\":\"vm_stopped\",\"vm\":\"a\"}\n");
-        std::fs::write(&path, &text).unwrap();
-        assert!(matches!(
-            j.records(),
-            Err(JournalError::Corrupt { line: 2, .. })
-        ));
+        let recs = j.records().unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(fold(&recs)["a"], VmFate::Stopped);
     }
 }

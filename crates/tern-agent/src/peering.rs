@@ -81,6 +81,8 @@ enum Refusal {
     UnknownPeer(String),
     #[error("bad VM spec: {0}")]
     Spec(String),
+    #[error(transparent)]
+    Name(#[from] crate::vmdir::BadName),
     #[error("{0} already runs on this host")]
     AlreadyHere(String),
     #[error(
@@ -158,6 +160,9 @@ impl Agent {
         if cfg.peer(&o.source_host).is_none() {
             return Err(Refusal::UnknownPeer(o.source_host.clone()));
         }
+        // Both become the guest directory's name.
+        crate::vmdir::check_name("VM id", &o.vm)?;
+        crate::vmdir::check_name("migration id", &o.migration)?;
         let spec: VmSpec =
             serde_json::from_value(o.spec.clone()).map_err(|e| Refusal::Spec(e.to_string()))?;
         spec.validate().map_err(Refusal::Spec)?;

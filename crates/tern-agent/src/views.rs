@@ -69,42 +69,65 @@ impl VmSpec {
         }
     }
 
-    /// Checks the values.
+    /// Checks the values against real limits before anything is sized from
+    /// them. Every bound is checked on its own first, and derived sizes use
+    /// only bounded values, so no product can overflow (a `ws_pages` of
+    /// 2^52 + 1 once wrapped the check and aborted the agent).
     pub fn validate(&self) -> Result<(), String> {
         let max = match self.kind {
             GuestKind::TestGuest => 3072,
             GuestKind::Process => 65536,
             GuestKind::Linux => 65536,
         };
-        if self.kind == GuestKind::Linux
-            && (self.memory_mib < 128 || self.ws_mib == 0 || self.ws_mib * 2 > self.memory_mib)
-        {
-            return Err(format!(
-                "a linux guest needs memory_mib >= 128 and ws_mib in 1..={}",
-                self.memory_mib / 2
-            ));
-        }
         if self.memory_mib < 4 || !self.memory_mib.is_multiple_of(2) || self.memory_mib > max {
             return Err(format!(
                 "memory_mib {} must be even and in 4..={max}",
                 self.memory_mib
             ));
         }
+        let half_mib = self.memory_mib / 2;
+        if self.kind == GuestKind::Linux
+            && (self.memory_mib < 128 || self.ws_mib == 0 || self.ws_mib > half_mib)
+        {
+            return Err(format!(
+                "a linux guest needs memory_mib >= 128 and ws_mib in 1..={half_mib}"
+            ));
+        }
         if self.vcpus == 0 || self.vcpus > 8 {
             return Err(format!("vcpus {} must be in 1..=8", self.vcpus));
         }
-        if self.ws_pages == 0 || self.ws_pages * 4096 > (self.memory_mib << 20) / 2 {
+        let max_ws_pages = half_mib * 256; // 4 KiB pages in half the RAM
+        if self.ws_pages == 0 || self.ws_pages > max_ws_pages {
             return Err(format!(
-                "ws_pages {} must be above 0 and fit in half the guest RAM",
+                "ws_pages {} must be in 1..={max_ws_pages} (half the guest RAM)",
                 self.ws_pages
             ));
         }
-        if self.pages_per_tick == 0 || self.ticks_per_sum == 0 {
-            return Err("pages_per_tick and ticks_per_sum must be above 0".into());
+        if self.pages_per_tick == 0 || self.pages_per_tick > self.ws_pages {
+            return Err(format!(
+                "pages_per_tick {} must be in 1..={} (the working set)",
+                self.pages_per_tick, self.ws_pages
+            ));
+        }
+        if self.ticks_per_sum == 0 || self.ticks_per_sum > 1_000_000 {
+            return Err(format!(
+                "ticks_per_sum {} must be in 1..=1000000",
+                self.ticks_per_sum
+            ));
+        }
+        if self.dirty_mib_per_sec > MAX_DIRTY_MIB_PER_SEC {
+            return Err(format!(
+                "dirty_mib_per_sec {} must be at most {MAX_DIRTY_MIB_PER_SEC}",
+                self.dirty_mib_per_sec
+            ));
         }
         Ok(())
     }
 }
+
+/// The fastest a workload may be asked to write (MiB/s): far beyond what
+/// memory bandwidth allows, far below any overflow of bytes per second.
+pub const MAX_DIRTY_MIB_PER_SEC: u64 = 1 << 20;
 
 /// Where a VM is, as this host sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,4 +190,36 @@ pub struct MigrationView {
     pub report: Option<Report>,
     /// Why it failed.
     pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_that_would_overflow_are_refused_not_wrapped() {
+        assert!(VmSpec::default().validate().is_ok());
+        let huge = VmSpec {
+            ws_pages: (1 << 52) + 1,
+            ..VmSpec::default()
+        };
+        assert!(huge.validate().unwrap_err().contains("ws_pages"));
+        let linux = VmSpec {
+            kind: GuestKind::Linux,
+            memory_mib: 256,
+            ws_mib: u64::MAX / 2 + 1,
+            ..VmSpec::default()
+        };
+        assert!(linux.validate().unwrap_err().contains("ws_mib"));
+        let fast = VmSpec {
+            dirty_mib_per_sec: u64::MAX,
+            ..VmSpec::default()
+        };
+        assert!(fast.validate().unwrap_err().contains("dirty_mib_per_sec"));
+        let ticks = VmSpec {
+            pages_per_tick: u64::MAX,
+            ..VmSpec::default()
+        };
+        assert!(ticks.validate().is_err());
+    }
 }

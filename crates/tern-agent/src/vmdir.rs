@@ -48,6 +48,35 @@ pub enum LaunchRole {
     },
 }
 
+/// A name that becomes a path component (a VM id, a migration id) came
+/// from outside and is not one: 1-64 of `A-Z a-z 0-9 _ -`, so never `..`,
+/// a slash or a dot.
+#[derive(Debug, thiserror::Error)]
+#[error("bad {kind} `{value}`: 1-64 characters of A-Z, a-z, 0-9, `_` and `-`")]
+pub struct BadName {
+    /// What the name names.
+    pub kind: &'static str,
+    /// The name, as given.
+    pub value: String,
+}
+
+/// Checks a name a peer or a client chose before it becomes part of a path.
+pub fn check_name(kind: &'static str, value: &str) -> Result<(), BadName> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(BadName {
+            kind,
+            value: value.chars().take(80).collect(),
+        })
+    }
+}
+
 /// The files of one guest directory.
 #[derive(Clone, Debug)]
 pub struct VmDir(pub PathBuf);
@@ -202,6 +231,24 @@ pub fn fold(records: &[Record]) -> DirFate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_that_would_leave_the_data_dir_are_refused() {
+        for bad in [
+            "",
+            "..",
+            "../../etc",
+            "a/b",
+            "vm.1",
+            &"x".repeat(65),
+            "vm\0",
+        ] {
+            assert!(check_name("VM id", bad).is_err(), "{bad:?}");
+        }
+        for good in ["vm-0123abcd", "mig-1", "A_b-9"] {
+            assert!(check_name("VM id", good).is_ok(), "{good:?}");
+        }
+    }
 
     fn ended(m: &str, state: MigrationPhase) -> Record {
         Record::MigrationEnded(Box::new(EndedMigration {
