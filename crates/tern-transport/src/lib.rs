@@ -21,5 +21,6 @@ pub mod wire;
 pub use ratelimit::{HostLimiter, TokenBucket};
 pub use session::{
     Listener, Receiver, Router, Security, Sender, SessionConfig, SessionMetrics, TransportError,
+    MAX_REORDER_BYTES,
 };
 pub use tls::TlsIdentity;

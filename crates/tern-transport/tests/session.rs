@@ -550,3 +550,59 @@ async fn works_on_a_current_thread_runtime() {
         assert_eq!(recv.await.unwrap(), 64 << 20, "secure: {secure}");
     }
 }
+
+/// A peer that sends frames far ahead of the one the receiver waits for
+/// (issue 14: 24 frames of 32 MiB grew an agent by 770 MiB) loses its
+/// stream once it is past the reorder bound; the receiver does not grow.
+#[tokio::test]
+async fn frames_ahead_of_delivery_are_bounded() {
+    use tern_transport::wire::{self, Hello};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut l = listen(None).await;
+    let mut s = tokio::net::TcpStream::connect(l.local_addr())
+        .await
+        .unwrap();
+    // Route 0 (this listener's own process), plain TCP (TLS off).
+    s.write_all(&[0]).await.unwrap();
+    let hello = Hello {
+        session: [7; 16],
+        token: [9; 32],
+        stream_index: 0,
+        stream_count: 1,
+        resume: false,
+    };
+    s.write_all(&hello.encode()).await.unwrap();
+    let mut ack = [0u8; wire::HELLO_ACK_LEN];
+    s.read_exact(&mut ack).await.unwrap();
+    let _rx = l.accept().await.expect("a session");
+    let chunk = vec![0x5au8; wire::MAX_PAYLOAD.min(16 << 20)];
+    let hash = wire::payload_hash(&chunk);
+    let mut sent = 0usize;
+    let mut cut = false;
+    // Never frame 0: everything waits in the reorder buffer.
+    for seq in 1..64u64 {
+        let ok = async {
+            s.write_all(&wire::data_header(seq, chunk.len() as u32))
+                .await?;
+            s.write_all(&chunk).await?;
+            s.write_all(&hash).await
+        }
+        .await;
+        if ok.is_err() {
+            cut = true;
+            break;
+        }
+        sent += chunk.len();
+    }
+    if !cut {
+        // The receiver closes the stream; the next read sees its end.
+        let mut b = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("the receiver closed the stream")
+            .unwrap_or(0);
+        cut = n == 0;
+    }
+    assert!(cut, "{sent} bytes ahead were accepted");
+    assert!(sent <= tern_transport::MAX_REORDER_BYTES + 2 * chunk.len());
+}

@@ -282,6 +282,7 @@ fn join_session(
                 state: Mutex::new(RecvState {
                     next_deliver: 0,
                     buffer: BTreeMap::new(),
+                    buffered_bytes: 0,
                     applied_upto: 0,
                     total: None,
                     live_streams: 0,
@@ -371,6 +372,12 @@ pub(super) async fn read_frames(
                     st.duplicates += 1;
                     continue;
                 }
+                if st.buffered_bytes + payload.len() > MAX_REORDER_BYTES {
+                    return Err(format!(
+                        "the peer sent more than {MAX_REORDER_BYTES} bytes ahead of delivery"
+                    ));
+                }
+                st.buffered_bytes += payload.len();
                 st.buffer.insert(seq, payload);
                 drop(st);
                 sh.arrived.notify_waiters();

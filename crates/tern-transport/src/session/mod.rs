@@ -12,7 +12,7 @@ mod writer;
 use listener::*;
 pub use listener::{Listener, Router, MAX_ROUTE_LEN};
 use receiver::*;
-pub use receiver::{Receiver, ReceiverMetrics};
+pub use receiver::{Receiver, ReceiverMetrics, MAX_REORDER_BYTES};
 pub use sender::Sender;
 use sender::*;
 use writer::*;

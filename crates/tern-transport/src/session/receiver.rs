@@ -5,6 +5,8 @@ use super::*;
 pub(super) struct RecvState {
     pub(super) next_deliver: u64,
     pub(super) buffer: BTreeMap<u64, Bytes>,
+    /// Payload bytes in `buffer` (bounded by [`MAX_REORDER_BYTES`]).
+    pub(super) buffered_bytes: usize,
     pub(super) applied_upto: u64,
     pub(super) total: Option<u64>,
     pub(super) live_streams: usize,
@@ -12,6 +14,13 @@ pub(super) struct RecvState {
     pub(super) corrupt: u64,
     pub(super) duplicates: u64,
 }
+
+/// The most payload a session's receiver holds before the application
+/// takes it: 4 × the largest window a tern sender uses (64 MiB). An honest
+/// sender never has more unacknowledged than its window; a peer that sends
+/// more (frames far ahead, never the one awaited) loses its stream instead
+/// of growing this process without bound.
+pub const MAX_REORDER_BYTES: usize = 256 << 20;
 
 pub(super) struct RecvShared {
     pub(super) token: ResumeToken,
@@ -61,6 +70,7 @@ impl Receiver {
                 let mut st = sh.state.lock().expect("recv state");
                 let seq = st.next_deliver;
                 if let Some(b) = st.buffer.remove(&seq) {
+                    st.buffered_bytes -= b.len();
                     st.next_deliver += 1;
                     return Some(Ok((seq, b)));
                 }
