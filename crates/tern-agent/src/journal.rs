@@ -182,48 +182,54 @@ impl Journal {
             })
     }
 
-    /// Every record, in order. A torn final line (a crash mid-write) is
-    /// dropped; a damaged line anywhere else is reported with its number
-    /// and skipped: the records around it still say what they say.
+    /// Every record, in order (see [`read_records`]).
     pub fn records(&self) -> Result<Vec<Record>, JournalError> {
-        let f = std::fs::File::open(&self.path).map_err(|source| JournalError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
-        let lines: Vec<String> = std::io::BufReader::new(f)
-            .lines()
-            .collect::<Result<_, _>>()
-            .map_err(|source| JournalError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        let mut out = Vec::with_capacity(lines.len());
-        for (i, l) in lines.iter().enumerate() {
-            if l.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str(l) {
-                Ok(r) => out.push(r),
-                Err(_) if i + 1 == lines.len() => {
-                    tracing::warn!(path = %self.path.display(), "dropping a torn last journal line");
-                }
-                Err(e) => {
-                    let err = JournalError::Corrupt {
-                        path: self.path.clone(),
-                        line: i + 1,
-                        message: e.to_string(),
-                    };
-                    tracing::error!(error = %err, "skipping a damaged journal line");
-                }
-            }
-        }
-        Ok(out)
+        read_records(&self.path)
     }
 
     /// Folds the records into each VM's fate.
     pub fn replay(&self) -> Result<BTreeMap<String, VmFate>, JournalError> {
         Ok(fold(&self.records()?))
     }
+}
+
+/// Every record of the journal at `path`, in order, read without changing
+/// the file. A torn final line (a crash mid-write, or a write in progress)
+/// is dropped; a damaged line anywhere else is reported with its number and
+/// skipped: the records around it still say what they say.
+pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
+    let f = std::fs::File::open(path).map_err(|source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let lines: Vec<String> = std::io::BufReader::new(f)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(|source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, l) in lines.iter().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(l) {
+            Ok(r) => out.push(r),
+            Err(_) if i + 1 == lines.len() => {
+                tracing::warn!(path = %path.display(), "dropping a torn last journal line");
+            }
+            Err(e) => {
+                let err = JournalError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    message: e.to_string(),
+                };
+                tracing::error!(error = %err, "skipping a damaged journal line");
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A crash mid-append leaves a last line without its newline: cut it off

@@ -252,7 +252,7 @@ impl Agent {
             }
         }
         // The process ended: its journal holds the commit if there was one.
-        let records = dir.journal().ok()?.records().ok()?;
+        let records = dir.records().ok()?;
         Some(records.iter().any(|r| {
             matches!(r, crate::journal::Record::CommitReceived { migration: m, .. } if m == migration)
         }))

@@ -122,9 +122,15 @@ impl VmDir {
         )?;
         std::fs::rename(tmp, self.launch_file())
     }
-    /// The guest's journal.
+    /// The guest's journal, to append to: only the guest's own process
+    /// (its one writer) opens it so, which also cuts a torn last line.
     pub fn journal(&self) -> Result<Journal, JournalError> {
         Journal::open(&self.0)
+    }
+    /// The guest's journal records, read without touching the file (the
+    /// agent reads journals its guests' processes may be appending to).
+    pub fn records(&self) -> Result<Vec<crate::journal::Record>, JournalError> {
+        crate::journal::read_records(&self.0.join("journal.jsonl"))
     }
     /// Its process id, if it wrote one and that process still runs this
     /// directory's guest (a pid reused by another program does not count).

@@ -14,11 +14,7 @@ impl Agent {
         for d in list.flatten() {
             let dir = VmDir(d.path());
             let Ok(launch) = dir.launch() else { continue };
-            let fate = dir
-                .journal()
-                .and_then(|j| j.records())
-                .map(|r| fold(&r))
-                .unwrap_or_default();
+            let fate = dir.records().map(|r| fold(&r)).unwrap_or_default();
             let live = dir.live_pid().is_some();
             self.adopt_migrations(&dir, &launch, &fate, live);
             let incoming = !matches!(launch.role, LaunchRole::Boot);
@@ -87,7 +83,7 @@ impl Agent {
 
     /// The outgoing migration a guest's journal shows begun and not ended.
     pub(super) fn open_outgoing(&self, dir: &VmDir) -> Option<(String, String)> {
-        let records = dir.journal().ok()?.records().ok()?;
+        let records = dir.records().ok()?;
         let mut open = None;
         for r in &records {
             match r {

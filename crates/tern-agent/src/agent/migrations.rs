@@ -134,7 +134,8 @@ impl Agent {
 
     /// Publishes a migration's end; a guest that arrived becomes a VM here.
     pub(super) fn apply_end(&self, end: EndedMigration, dir: &VmDir) {
-        lock(&self.inner.routes).remove(&end.migration);
+        // The VM is listed before its route goes, so a request in between
+        // finds it one way or the other.
         if end.role == Role::Destination
             && matches!(
                 end.state,
@@ -151,6 +152,7 @@ impl Agent {
                 );
             }
         }
+        lock(&self.inner.routes).remove(&end.migration);
         if let Some(m) = lock(&self.inner.migrations).get_mut(&end.migration) {
             m.state = end.state;
             m.report = end.report;
@@ -226,7 +228,7 @@ impl MigrateRequest {
 }
 
 pub(super) fn ended_in_journal(dir: &VmDir, migration: &str) -> Option<EndedMigration> {
-    let records = dir.journal().ok()?.records().ok()?;
+    let records = dir.records().ok()?;
     fold(&records)
         .ended
         .into_iter()

@@ -88,7 +88,7 @@ impl Agent {
             if l.vm != id || matches!(l.role, LaunchRole::Boot) {
                 return None;
             }
-            let records = dir.journal().ok()?.records().ok()?;
+            let records = dir.records().ok()?;
             records
                 .iter()
                 .any(|r| matches!(r, crate::journal::Record::CommitReceived { .. }))
@@ -178,13 +178,7 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
         moved_to: None,
         detail: None,
     };
-    let fate = || {
-        e.dir
-            .journal()
-            .and_then(|j| j.records())
-            .map(|r| fold(&r))
-            .unwrap_or_default()
-    };
+    let fate = || e.dir.records().map(|r| fold(&r)).unwrap_or_default();
     match status {
         Ok(s) => {
             v.epoch = s.epoch;
