@@ -96,10 +96,7 @@ async fn run(
             let o = transfer(p, &mut guest, job, compress, link, progress.clone()).await;
             (o, Some(listener))
         }
-        Err(error) => {
-            let report = Report::new(p.launch.spec.memory_mib << 20);
-            (Outcome::Stayed { report, error }, None)
-        }
+        Err(error) => (not_started(p, error), None),
     };
     end.error = outcome.error().map(|e| e.to_string());
     end.state = outcome.report().phase;
@@ -128,6 +125,15 @@ async fn run(
     }
     progress.send_modify(|x| x.phase = end.state);
     end
+}
+
+/// The outcome of a migration that failed before the engine ran: the
+/// guest stayed, nothing was sent.
+fn not_started(p: &Proc, error: MigrateError) -> Outcome {
+    Outcome::Stayed {
+        report: Report::new(p.launch.spec.memory_mib << 20),
+        error,
+    }
 }
 
 async fn roll_back(p: &Proc, mut guest: Box<Hosted>, end: &EndedMigration, in_doubt: bool) {
@@ -245,12 +251,7 @@ async fn transfer(
     };
     let key = match crate::keys::host_key(&p.cfg().data_dir) {
         Ok(k) => k,
-        Err(e) => {
-            return Outcome::Stayed {
-                report: Report::new(p.launch.spec.memory_mib << 20),
-                error: MigrateError::Aborted(format!("host key: {e}")),
-            }
-        }
+        Err(e) => return not_started(p, MigrateError::Aborted(format!("host key: {e}"))),
     };
     match guest {
         Hosted::Qemu(q) => {
