@@ -20,6 +20,12 @@ pub enum ApiError {
     /// 404: no such thing, or not the caller's.
     #[error("{0}")]
     NotFound(String),
+    /// 413: the body is larger than any endpoint takes.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 415: the body is not JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// 409: the VM's status does not allow this.
     #[error("{0}")]
     Conflict(String),
@@ -40,6 +46,8 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Driver(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

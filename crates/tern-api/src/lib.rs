@@ -7,6 +7,7 @@
 //! status the failure deserves (see [`error::ApiError`]).
 
 pub mod auth;
+pub mod body;
 pub mod error;
 mod metrics_layer;
 mod routes;

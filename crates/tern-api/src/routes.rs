@@ -1,9 +1,13 @@
 //! The endpoints.
 
 use crate::auth::{AuthKeys, Caller, Permission};
+use crate::body::{json_body, MAX_BODY};
 use crate::error::ApiError;
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{FromRef, Path, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -63,6 +67,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/api/v1/vms/{id}/configure", post(configure_vm))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(crate::metrics_layer::track))
         .with_state(state)
 }
@@ -111,22 +116,15 @@ async fn visible_vm(s: &ApiState, caller: &Caller, id: &str) -> Result<VmRecord,
     }
 }
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v)
-        .map_err(|e| ApiError::BadRequest(format!("bad request body: {}", e.body_text())))
-}
-
 async fn create_vm(
     State(s): State<ApiState>,
     caller: Caller,
-    req: Result<Json<CreateVmRequest>, JsonRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
     caller.require(Permission::VmsWrite)?;
-    let req = match req {
-        // An empty body is a request with every default.
-        Err(JsonRejection::MissingJsonContentType(_)) => CreateVmRequest::default(),
-        other => body(other)?,
-    };
+    // An empty body is a request with every default.
+    let req: CreateVmRequest = json_body(&headers, body)?.unwrap_or_default();
     let (vm, source) = s
         .manager
         .provision(&caller.tenant, req.spec, req.config)
@@ -189,10 +187,12 @@ async fn configure_vm(
     State(s): State<ApiState>,
     caller: Caller,
     Path(id): Path<String>,
-    req: Result<Json<VmConfig>, JsonRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<VmView>, ApiError> {
     caller.require(Permission::VmsWrite)?;
-    let config = body(req)?;
+    let config: VmConfig = json_body(&headers, body)?
+        .ok_or_else(|| ApiError::BadRequest("a configuration body is required".into()))?;
     let vm = visible_vm(&s, &caller, &id).await?;
     let vm = s.manager.configure(vm.id, config).await?;
     Ok(Json(VmView {

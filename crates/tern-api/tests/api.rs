@@ -295,6 +295,107 @@ async fn bad_input_is_400_or_404_with_json() {
     );
 }
 
+/// Issue 14, finding 1: a tenant picks an image by name and never a host
+/// path; whether a file exists is not revealed (every refusal reads alike).
+#[tokio::test]
+async fn a_tenant_cannot_make_the_monitor_open_a_host_file() {
+    let a = api(0, MockFaults::default()).await;
+    let alice = a.token("alice", RW);
+    for field in ["kernel", "initrd", "cmdline"] {
+        let (st, e) = a
+            .call(
+                "POST",
+                "/api/v1/vms",
+                Some(&alice),
+                Some(serde_json::json!({"spec": {"image": "linux", field: "/var/lib/tern/jwt-secret"}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+        assert!(
+            e["error"].as_str().unwrap().contains("unknown field"),
+            "{e}"
+        );
+    }
+    let mut answers = vec![];
+    for image in ["/etc/passwd", "/nonexistent", "../../etc/passwd"] {
+        let (st, e) = a
+            .call(
+                "POST",
+                "/api/v1/vms",
+                Some(&alice),
+                Some(serde_json::json!({"spec": {"image": image}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+        answers.push(e["error"].as_str().unwrap().replace(image, "X"));
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "an existing and a missing path answer alike"
+    );
+    let (st, e) = a
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&alice),
+            Some(serde_json::json!({"spec": {"image": "linux"}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown image `linux`"),
+        "{e}"
+    );
+    assert!(
+        a.manager.list(None).await.unwrap().is_empty(),
+        "nothing was created"
+    );
+}
+
+/// Issue 14, finding 6: bodies are JSON (415 otherwise) and bounded (413).
+#[tokio::test]
+async fn bodies_must_be_json_and_small() {
+    let a = api(0, MockFaults::default()).await;
+    let alice = a.token("alice", RW);
+    let raw = |ct: Option<&str>, body: Vec<u8>| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/api/v1/vms")
+            .header("authorization", format!("Bearer {alice}"));
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let req = req.body(Body::from(body)).unwrap();
+        let app = a.app.clone();
+        async move {
+            let resp = app.oneshot(req).await.unwrap();
+            let st = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&bytes).expect("a JSON error");
+            (st, json)
+        }
+    };
+    let (st, e) = raw(Some("text/plain"), b"{}".to_vec()).await;
+    assert_eq!(st, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{e}");
+    let (st, e) = raw(None, b"{\"spec\": {}}".to_vec()).await;
+    assert_eq!(st, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{e}");
+    let huge = format!(
+        "{{\"config\": {{\"settings\": {{\"k\": \"{}\"}}}}}}",
+        "x".repeat(3 << 20)
+    );
+    let (st, e) = raw(Some("application/json"), huge.into_bytes()).await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{e}");
+    assert!(
+        a.manager.list(None).await.unwrap().is_empty(),
+        "nothing was created"
+    );
+}
+
 #[tokio::test]
 async fn healthz_and_metrics() {
     let a = api(2, MockFaults::default()).await;

@@ -8,6 +8,7 @@
 //! plane and a monitor crash takes down only its own VM; after a restart the
 //! driver finds its VMs again by their directories and live sockets.
 
+use crate::images::{BootImage, ImageCatalogue};
 use crate::{DriverError, StartRequest, VmDriver, VmHandle};
 use async_trait::async_trait;
 use std::os::unix::process::CommandExt;
@@ -29,6 +30,8 @@ pub struct KvmDriverConfig {
     pub start_timeout: Duration,
     /// Timeout of one control request.
     pub control_timeout: Duration,
+    /// What VMs may boot, by name.
+    pub images: ImageCatalogue,
 }
 
 impl KvmDriverConfig {
@@ -40,6 +43,7 @@ impl KvmDriverConfig {
             run_dir,
             start_timeout: Duration::from_secs(30),
             control_timeout: Duration::from_secs(30),
+            images: ImageCatalogue::builtin(),
         }
     }
 }
@@ -248,27 +252,29 @@ impl VmDriver for KvmDriver {
             "--vcpus".to_string(),
             s.vcpus.to_string(),
         ];
-        match s.image.as_str() {
-            "test" => args.extend(["--guest".into(), "test".into()]),
-            "linux" => {
+        let boot = self
+            .cfg
+            .images
+            .resolve(&s.image)
+            .map_err(|e| DriverError::StartFailed {
+                id: req.id,
+                reason: e.to_string(),
+            })?;
+        match boot {
+            BootImage::Test => args.extend(["--guest".into(), "test".into()]),
+            BootImage::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
                 args.extend(["--guest".into(), "linux".into()]);
-                let kernel = s.kernel.as_ref().ok_or_else(|| DriverError::StartFailed {
-                    id: req.id,
-                    reason: "a linux guest needs a kernel".into(),
-                })?;
-                args.extend(["--kernel".into(), kernel.clone()]);
-                if let Some(i) = &s.initrd {
-                    args.extend(["--initrd".into(), i.clone()]);
+                args.extend(["--kernel".into(), kernel.display().to_string()]);
+                if let Some(i) = initrd {
+                    args.extend(["--initrd".into(), i.display().to_string()]);
                 }
-                if let Some(c) = &s.cmdline {
-                    args.extend(["--cmdline".into(), c.clone()]);
+                if let Some(c) = cmdline {
+                    args.extend(["--cmdline".into(), c]);
                 }
-            }
-            other => {
-                return Err(DriverError::StartFailed {
-                    id: req.id,
-                    reason: format!("unknown image {other:?} (test or linux)"),
-                })
             }
         }
         let dir = self.vm_dir(req.id);

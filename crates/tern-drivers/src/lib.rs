@@ -7,6 +7,7 @@
 //! process per VM) and [`qemu::QemuDriver`] (one QEMU process per Linux VM,
 //! driven over QMP).
 
+pub mod images;
 pub mod kvm;
 pub mod mock;
 pub mod qemu;

@@ -21,9 +21,6 @@ fn spec() -> VmSpec {
         memory_mib: 64,
         vcpus: 1,
         image: "test".into(),
-        kernel: None,
-        initrd: None,
-        cmdline: None,
     }
 }
 

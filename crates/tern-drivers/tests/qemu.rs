@@ -2,20 +2,26 @@
 //! initramfs and workload (TCG here; KVM where the host has hardware
 //! virtualization). Slow (a Linux boot each), so `#[ignore]`d; `.ci/run` runs them.
 
+use std::path::Path;
 use std::time::Duration;
+use tern_drivers::images::ImageCatalogue;
 use tern_drivers::qemu::load::{LoadParams, LoadReport};
 use tern_drivers::qemu::{testing::guest_or_skip, Accel, QemuConfig, QemuDriver, QemuVm};
 use tern_drivers::{StartRequest, VmDriver};
 use tern_proto::{VmId, VmSpec};
 
-fn vm_spec(kernel: &std::path::Path, initrd: &std::path::Path, cmdline: &str) -> VmSpec {
-    let mut s: VmSpec = serde_json::from_str("{}").unwrap();
-    s.image = "linux".into();
-    s.memory_mib = 256;
-    s.kernel = Some(kernel.display().to_string());
-    s.initrd = Some(initrd.display().to_string());
-    s.cmdline = Some(cmdline.into());
-    s
+fn vm_spec() -> VmSpec {
+    VmSpec {
+        image: "linux".into(),
+        memory_mib: 256,
+        ..VmSpec::default()
+    }
+}
+
+/// The driver with the test kernel and initramfs as image `linux`.
+fn driver(run_dir: &Path, kernel: &Path, initrd: &Path, cmdline: &str) -> QemuDriver {
+    let images = ImageCatalogue::single("linux", kernel, Some(initrd), Some(cmdline)).unwrap();
+    QemuDriver::new(QemuConfig::default(), run_dir.to_path_buf(), images).unwrap()
 }
 
 #[tokio::test]
@@ -25,17 +31,17 @@ async fn boots_a_linux_guest_reports_health_and_leaves_nothing_behind() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let driver = QemuDriver::new(QemuConfig::default(), dir.path().to_path_buf()).unwrap();
     let params = LoadParams {
         ws_mib: 8,
         dirty_mib: 4,
         ..Default::default()
     };
+    let driver = driver(dir.path(), &kernel, &initrd, &params.cmdline());
     let id = VmId::new();
     let h = driver
         .start(&StartRequest {
             id,
-            spec: vm_spec(&kernel, &initrd, &params.cmdline()),
+            spec: vm_spec(),
             vsock_cid: None,
         })
         .await
@@ -92,9 +98,13 @@ async fn boots_a_linux_guest_reports_health_and_leaves_nothing_behind() {
 }
 
 #[tokio::test]
-async fn a_missing_kernel_is_a_clear_error_and_starts_nothing() {
+async fn an_image_not_in_the_catalogue_is_a_clear_error_and_starts_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let Ok(driver) = QemuDriver::new(QemuConfig::default(), dir.path().to_path_buf()) else {
+    let Ok(driver) = QemuDriver::new(
+        QemuConfig::default(),
+        dir.path().to_path_buf(),
+        ImageCatalogue::builtin(),
+    ) else {
         eprintln!("SKIPPED: qemu-system-x86_64 is not installed");
         return;
     };
@@ -102,20 +112,12 @@ async fn a_missing_kernel_is_a_clear_error_and_starts_nothing() {
     let e = driver
         .start(&StartRequest {
             id,
-            spec: vm_spec(
-                "/nonexistent/vmlinuz".as_ref(),
-                "/nonexistent/initrd".as_ref(),
-                "",
-            ),
+            spec: vm_spec(),
             vsock_cid: None,
         })
         .await
         .unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("kernel /nonexistent/vmlinuz not found"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("unknown image `linux`"), "{e}");
     assert!(driver.list().await.unwrap().is_empty());
     // A bad spec handed to the VM layer directly is refused the same way.
     let bad = QemuVm::launch(

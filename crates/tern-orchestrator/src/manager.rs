@@ -28,6 +28,8 @@ pub struct ManagerConfig {
     pub default_spec: VmSpec,
     /// How many pool VMs boot at once during a reconcile.
     pub start_concurrency: usize,
+    /// Image names tenants may ask for (the driver's catalogue).
+    pub images: std::collections::BTreeSet<String>,
 }
 
 impl Default for ManagerConfig {
@@ -42,6 +44,7 @@ impl Default for ManagerConfig {
             max_consecutive_failures: 3,
             default_spec: VmSpec::default(),
             start_concurrency: 4,
+            images: [VmSpec::default().image].into(),
         }
     }
 }
@@ -186,6 +189,14 @@ impl Manager {
         config.validate().map_err(ManagerError::Invalid)?;
         let spec = spec.unwrap_or_else(|| self.cfg.default_spec.clone());
         spec.validate().map_err(ManagerError::Invalid)?;
+        if !self.cfg.images.contains(&spec.image) {
+            let offered: Vec<&str> = self.cfg.images.iter().map(String::as_str).collect();
+            return Err(ManagerError::Invalid(format!(
+                "spec.image: unknown image `{}` (this host offers: {})",
+                spec.image,
+                offered.join(", ")
+            )));
+        }
 
         if spec == self.cfg.default_spec {
             // A claimed VM that cannot take its config is destroyed and the next tried.

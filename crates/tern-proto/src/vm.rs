@@ -133,6 +133,17 @@ impl FromStr for VmStatus {
     }
 }
 
+/// Whether `name` can name an image: 1-64 characters of `a-z`, `0-9`, `.`,
+/// `_` and `-`, starting with a letter or digit, with no `..`: never a path.
+pub fn is_image_name(name: &str) -> bool {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    first_ok && name.len() <= 64 && name.chars().all(ok) && !name.contains("..")
+}
+
 /// What a VM is made of. Drivers read what they understand; unknown drivers
 /// ignore fields that do not apply to them (a mock VM has no kernel).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,18 +155,11 @@ pub struct VmSpec {
     /// Number of vCPUs.
     #[serde(default = "VmSpec::default_vcpus")]
     pub vcpus: u8,
-    /// Guest image name: `test` (tern's own test guest) or `linux`.
+    /// Guest image, by name: `test` (tern's own test guest) or an image of
+    /// the operator's catalogue. Never a path: the files an image boots are
+    /// the operator's choice, not the tenant's.
     #[serde(default = "VmSpec::default_image")]
     pub image: String,
-    /// Kernel path for `linux` guests.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<String>,
-    /// Initramfs path for `linux` guests.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd: Option<String>,
-    /// Kernel command line for `linux` guests.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmdline: Option<String>,
 }
 
 impl VmSpec {
@@ -183,8 +187,11 @@ impl VmSpec {
                 self.vcpus
             ));
         }
-        if self.image.is_empty() || self.image.len() > 256 {
-            return Err("spec.image must be 1-256 characters".into());
+        if !is_image_name(&self.image) {
+            return Err(format!(
+                "spec.image `{}` is not an image name (1-64 characters of a-z, 0-9, `.`, `_`, `-`)",
+                self.image.chars().take(80).collect::<String>()
+            ));
         }
         Ok(())
     }
@@ -196,9 +203,6 @@ impl Default for VmSpec {
             memory_mib: Self::default_memory(),
             vcpus: Self::default_vcpus(),
             image: Self::default_image(),
-            kernel: None,
-            initrd: None,
-            cmdline: None,
         }
     }
 }
@@ -334,5 +338,25 @@ mod tests {
         };
         assert!(bad.validate().unwrap_err().contains("spec.vcpus"));
         assert!(serde_json::from_str::<VmSpec>(r#"{"memry_mib": 3}"#).is_err());
+    }
+
+    /// Issue 14, finding 1: a tenant names an image, never a file.
+    #[test]
+    fn specs_name_no_files() {
+        for field in ["kernel", "initrd", "cmdline"] {
+            let body = format!(r#"{{"image": "linux", "{field}": "/var/lib/tern/jwt-secret"}}"#);
+            let err = serde_json::from_str::<VmSpec>(&body).unwrap_err();
+            assert!(err.to_string().contains("unknown field"), "{err}");
+        }
+        for image in ["/etc/shadow", "../../etc/shadow", "a/b", "", "Linux"] {
+            let spec = VmSpec {
+                image: image.into(),
+                ..VmSpec::default()
+            };
+            assert!(
+                spec.validate().unwrap_err().contains("spec.image"),
+                "{image}"
+            );
+        }
     }
 }

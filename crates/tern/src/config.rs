@@ -3,9 +3,11 @@
 //! (and the environment variable, when that is where the value came from).
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tern_drivers::images::{ImageCatalogue, ImageDef};
 use tern_drivers::mock::MockFaults;
 use tern_orchestrator::ManagerConfig;
 use tern_proto::{HostId, VmSpec};
@@ -182,6 +184,11 @@ pub struct Config {
     pub mock: MockFaults,
     /// The kvm driver.
     pub kvm: KvmConfig,
+    /// Directory holding the catalogue's files; default `<data_dir>/images`.
+    pub image_dir: Option<PathBuf>,
+    /// The image catalogue: what tenants may boot, by name (`test`, tern's
+    /// test guest, is always there). Files are relative to `image_dir`.
+    pub images: BTreeMap<String, ImageDef>,
 }
 
 impl Default for Config {
@@ -198,6 +205,8 @@ impl Default for Config {
             spec: VmSpec::default(),
             mock: MockFaults::default(),
             kvm: KvmConfig::default(),
+            image_dir: None,
+            images: BTreeMap::new(),
         }
     }
 }
@@ -212,6 +221,7 @@ enum Kind {
 const ENV: &[(&str, &str, Kind)] = &[
     ("TERN_DRIVER", "driver", Kind::Text),
     ("TERN_KVM_MONITOR", "kvm.monitor", Kind::Text),
+    ("TERN_IMAGE_DIR", "image_dir", Kind::Text),
     ("TERN_LISTEN", "listen", Kind::Text),
     ("TERN_DATA", "data_dir", Kind::Text),
     ("TERN_STORE_URL", "store_url", Kind::Text),
@@ -401,7 +411,30 @@ impl Config {
             ));
         }
         self.spec.validate().map_err(|e| ("spec", e))?;
+        let images = self.catalogue().map_err(|e| ("images", e.to_string()))?;
+        if !images.contains(&self.spec.image) {
+            return Err((
+                "spec.image",
+                format!(
+                    "`{}` is not in the image catalogue (offered: {})",
+                    self.spec.image,
+                    images.names().join(", ")
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The image catalogue, every entry checked against `image_dir`.
+    pub fn catalogue(&self) -> Result<ImageCatalogue, tern_drivers::images::ImageError> {
+        if self.images.is_empty() {
+            return Ok(ImageCatalogue::builtin());
+        }
+        let dir = self
+            .image_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("images"));
+        ImageCatalogue::new(&dir, self.images.clone())
     }
 
     /// The store URL, defaulting to a SQLite file in the data dir.
@@ -422,6 +455,10 @@ impl Config {
             health_concurrency: self.health.concurrency,
             max_consecutive_failures: self.health.max_consecutive_failures,
             default_spec: self.spec.clone(),
+            images: self
+                .catalogue()
+                .map(|c| c.names().into_iter().collect())
+                .unwrap_or_default(),
             ..ManagerConfig::default()
         }
     }
@@ -433,6 +470,16 @@ impl Config {
         }
         let path = self.data_dir.join("jwt-secret");
         match std::fs::read_to_string(&path) {
+            // A short key makes forgeable tokens (an empty one signs anything
+            // the empty key checks): refuse to start rather than trust it.
+            Ok(s) if s.trim().len() < 16 => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds {} characters; an API token secret needs at least 16 (delete the file to have one generated)",
+                    path.display(),
+                    s.trim().len()
+                ),
+            )),
             Ok(s) => Ok(s.trim().as_bytes().to_vec()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret: [u8; 32] = rand::random();
@@ -479,6 +526,47 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::load(&over, |k| env.get(k).cloned())
+    }
+
+    /// Issue 14, finding 1: the catalogue's files stay inside its directory.
+    #[test]
+    fn image_entries_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        std::fs::write(images.join("vmlinuz"), b"k").unwrap();
+        std::fs::write(dir.path().join("jwt-secret"), b"0123456789abcdef").unwrap();
+        let cfg = |kernel: &str| {
+            format!(
+                "image_dir = \"{}\"\n[images.debian]\nkernel = \"{kernel}\"\n",
+                images.display()
+            )
+        };
+        let c = load(Some(&cfg("vmlinuz")), &[]).unwrap();
+        assert_eq!(c.manager().images.len(), 2);
+        for bad in ["../jwt-secret", "/etc/passwd", "missing"] {
+            let e = load(Some(&cfg(bad)), &[]).unwrap_err().to_string();
+            assert!(e.contains("config key `images`"), "{bad}: {e}");
+        }
+        let e = load(Some("[spec]\nimage = \"linux\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("spec.image"), "{e}");
+    }
+
+    /// Issue 14, finding 6: an empty or short secret file refuses to start.
+    #[test]
+    fn a_short_secret_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in ["", "\n", "short"] {
+            std::fs::write(dir.path().join("jwt-secret"), text).unwrap();
+            let c = Config {
+                data_dir: dir.path().to_path_buf(),
+                ..Config::default()
+            };
+            let e = c.jwt_secret().unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        }
     }
 
     #[test]

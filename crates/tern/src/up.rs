@@ -36,6 +36,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         )?),
         DriverKind::Kvm => {
             let mut k = tern_drivers::kvm::KvmDriverConfig::new(cfg.data_dir.join("vms"));
+            k.images = cfg.catalogue()?;
             if let Some(m) = &cfg.kvm.monitor {
                 k.monitor = m.clone();
             }

@@ -15,6 +15,7 @@
 pub mod load;
 pub mod qmp;
 
+use crate::images::{BootImage, ImageCatalogue};
 use crate::{DriverError, StartRequest, VmDriver, VmHandle};
 use async_trait::async_trait;
 use qmp::{Qmp, QmpError};
@@ -482,6 +483,7 @@ impl Drop for QemuVm {
 pub struct QemuDriver {
     cfg: QemuConfig,
     run_dir: PathBuf,
+    images: ImageCatalogue,
     vms: Mutex<HashMap<VmId, QemuVm>>,
 }
 
@@ -495,7 +497,11 @@ fn op_err(id: VmId, op: &'static str, reason: impl std::fmt::Display) -> DriverE
 
 impl QemuDriver {
     /// A driver keeping VM directories under `run_dir`.
-    pub fn new(cfg: QemuConfig, run_dir: PathBuf) -> Result<Self, DriverError> {
+    pub fn new(
+        cfg: QemuConfig,
+        run_dir: PathBuf,
+        images: ImageCatalogue,
+    ) -> Result<Self, DriverError> {
         std::fs::create_dir_all(&run_dir)
             .map_err(|e| DriverError::Unavailable(format!("{}: {e}", run_dir.display())))?;
         let ok = Command::new(&cfg.qemu)
@@ -512,31 +518,32 @@ impl QemuDriver {
         Ok(Self {
             cfg,
             run_dir,
+            images,
             vms: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The spec a control-plane request means: image `linux` with a kernel.
-    pub fn spec_of(req: &StartRequest) -> Result<QemuSpec, String> {
+    /// The spec a control-plane request means: a catalogue image with a kernel.
+    pub fn spec_of(&self, req: &StartRequest) -> Result<QemuSpec, String> {
         let s = &req.spec;
-        if s.image != "linux" {
-            return Err(format!(
-                "the qemu driver boots image `linux`, not `{}`",
+        match self.images.resolve(&s.image).map_err(|e| e.to_string())? {
+            BootImage::Test => Err(format!(
+                "the qemu driver boots Linux images, not `{}`",
                 s.image
-            ));
+            )),
+            BootImage::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => Ok(QemuSpec {
+                memory_mib: s.memory_mib as u64,
+                vcpus: s.vcpus,
+                kernel,
+                initrd,
+                cmdline: cmdline.unwrap_or_default(),
+                disks: Vec::new(),
+            }),
         }
-        let kernel = s
-            .kernel
-            .clone()
-            .ok_or("image `linux` needs a kernel path")?;
-        Ok(QemuSpec {
-            memory_mib: s.memory_mib as u64,
-            vcpus: s.vcpus,
-            kernel: kernel.into(),
-            initrd: s.initrd.clone().map(PathBuf::from),
-            cmdline: s.cmdline.clone().unwrap_or_default(),
-            disks: Vec::new(),
-        })
     }
 
     fn with_vm<T>(&self, id: VmId, f: impl FnOnce(&mut QemuVm) -> T) -> Result<T, DriverError> {
@@ -554,7 +561,7 @@ impl VmDriver for QemuDriver {
     async fn start(&self, req: &StartRequest) -> Result<VmHandle, DriverError> {
         let id = req.id;
         let fail = |reason: String| DriverError::StartFailed { id, reason };
-        let spec = Self::spec_of(req).map_err(fail)?;
+        let spec = self.spec_of(req).map_err(fail)?;
         let dir = self.run_dir.join(id.to_string());
         let vm = QemuVm::launch(&self.cfg, &dir, &spec, Launch::Boot)
             .await
