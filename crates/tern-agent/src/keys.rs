@@ -24,6 +24,22 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Creates `dir` (and its parents) and makes it private to its owner (0700),
+/// tightening an existing one: a data dir holds keys, tokens, tenant
+/// settings and guest memory images.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Sets this process's file-creation mask to 0077, so every file and
+/// directory it (or any child: monitors, QEMU, SQLite's WAL) creates is
+/// private to its owner.
+pub fn private_umask() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
 /// Loads `dir/host.key`, creating it (and `dir/host.pub`) if missing.
 pub fn host_key(dir: &Path) -> std::io::Result<SigningKey> {
     std::fs::create_dir_all(dir)?;
@@ -62,7 +78,19 @@ pub fn api_token(dir: &Path) -> std::io::Result<String> {
     if !path.exists() {
         write_private(&path, &hex::encode(rand::random::<[u8; 24]>()))?;
     }
-    Ok(std::fs::read_to_string(path)?.trim().to_string())
+    let token = std::fs::read_to_string(&path)?.trim().to_string();
+    if token.len() < 16 {
+        // A short token is guessable, an empty one matches an empty header.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} holds {} characters; the API token needs at least 16 (delete the file to have one generated)",
+                path.display(),
+                token.len()
+            ),
+        ));
+    }
+    Ok(token)
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub use views::{GuestKind, MigrationView, Role, VmSpec, VmStatus, VmView};
 
 /// Starts an agent and serves its API until the process ends.
 pub async fn serve(cfg: AgentConfig) -> Result<(), AgentError> {
+    keys::private_dir(&cfg.data_dir)
+        .map_err(|e| AgentError::Internal(format!("data dir {}: {e}", cfg.data_dir.display())))?;
     let token = keys::api_token(&cfg.data_dir).map_err(|e| AgentError::Internal(e.to_string()))?;
     let api_addr = cfg.api_addr;
     let agent = Agent::start(cfg).await?;

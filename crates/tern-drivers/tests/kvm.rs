@@ -167,6 +167,14 @@ async fn snapshots_restore_in_a_new_process_and_the_guest_carries_on() {
     let at_b = d.status(id).await.unwrap();
     assert_eq!(at_b.run_state, RunState::Paused);
     eprintln!("full {full:?}\nincremental {inc:?}");
+    // Issue 14, finding 6: guest memory and console are the owner's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [a.join("memory.tern"), d.vm_dir(id).join("console.log")] {
+            let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", f.display());
+        }
+    }
     d.stop(id).await.unwrap();
     d.cleanup(id).await.unwrap();
 

@@ -114,6 +114,9 @@ enum CertsCmd {
 }
 
 fn main() -> ExitCode {
+    // Everything tern and its children write is its owner's alone (data
+    // dirs 0700, files 0600): stores, tokens, tenant settings, guest memory.
+    tern_agent::keys::private_umask();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,7 +23,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let _ = tern_api::prometheus();
-    std::fs::create_dir_all(&cfg.data_dir)
+    tern_agent::keys::private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let store_url = cfg.store_url();
     let store = tern_store::open(&store_url)

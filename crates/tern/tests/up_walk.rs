@@ -1,73 +1,11 @@
 //! `tern up` as a user runs it: a real process, a real port, tokens from
 //! `tern token`, the API walk, and a restart that keeps the VMs.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::up::{token, Up};
+use std::process::Command;
 use std::time::Duration;
-
-struct Up {
-    child: Child,
-    base: String,
-}
-
-impl Up {
-    fn start(data: &Path) -> Up {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(["up", "--driver", "mock", "--listen", "127.0.0.1:0"])
-            .env("TERN_DATA", data)
-            .env("TERN_POOL_SIZE", "2")
-            .env("TERN_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tern up");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("tern: API listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Up { child, base }
-    }
-
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "tern up exited with {status}");
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn token(data: &Path, tenant: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args([
-            "token",
-            "--tenant",
-            tenant,
-            "--permissions",
-            "vms:read,vms:write",
-        ])
-        .env("TERN_DATA", data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
 
 #[tokio::test]
 async fn walk_and_restart() {
@@ -75,7 +13,7 @@ async fn walk_and_restart() {
     let data = dir.path();
     let alice = token(data, "alice");
     let bob = token(data, "bob");
-    let up = Up::start(data);
+    let up = Up::start(data, "mock", &[]);
     let http = reqwest::Client::new();
     let b = up.base.clone();
 
@@ -145,7 +83,7 @@ async fn walk_and_restart() {
     let second_url = format!("{b}/api/v1/vms/{}", second["id"].as_str().unwrap());
 
     up.stop();
-    let up = Up::start(data);
+    let up = Up::start(data, "mock", &[]);
     let b = up.base.clone();
     let url = url.replace(&url[..url.find("/api").unwrap()], &b);
     let second_url = second_url.replace(&second_url[..second_url.find("/api").unwrap()], &b);

@@ -4,6 +4,9 @@
 use clap::Parser;
 
 fn main() {
+    // Snapshots hold guest memory and the console the guest's output: the
+    // monitor's files are its owner's alone.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

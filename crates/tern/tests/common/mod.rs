@@ -2,6 +2,8 @@
 //! waiting for migrations, checking that a guest runs.
 #![allow(dead_code)]
 
+pub mod up;
+
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
