@@ -106,6 +106,9 @@ pub struct AgentConfig {
     /// Initramfs of Linux guests (with tern's workload).
     #[serde(default)]
     pub guest_initrd: Option<PathBuf>,
+    /// The host API's connection limits and timeouts.
+    #[serde(default)]
+    pub http: tern_httpd::Limits,
 }
 
 fn default_api() -> SocketAddr {
@@ -144,6 +147,7 @@ impl AgentConfig {
             resume_deadline_secs: default_resume(),
             guest_kernel: None,
             guest_initrd: None,
+            http: tern_httpd::Limits::default(),
         }
     }
 
@@ -176,6 +180,9 @@ impl AgentConfig {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
         {
             return bad("name", format!("`{}` is not a host name", self.name));
+        }
+        if let Err(e) = self.http.validate() {
+            return bad("http", e);
         }
         if self.tls.is_none() && !self.insecure_plaintext {
             return bad(

@@ -38,6 +38,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<(), AgentError> {
         .map_err(|e| AgentError::Internal(format!("data dir {}: {e}", cfg.data_dir.display())))?;
     let token = keys::api_token(&cfg.data_dir).map_err(|e| AgentError::Internal(e.to_string()))?;
     let api_addr = cfg.api_addr;
+    let limits = cfg.http;
     let agent = Agent::start(cfg).await?;
     let listener = tokio::net::TcpListener::bind(api_addr)
         .await
@@ -59,7 +60,12 @@ pub async fn serve(cfg: AgentConfig) -> Result<(), AgentError> {
         agent.migrate_addr(),
         agent.public_key()
     );
-    axum::serve(listener, api::router(agent, &token))
-        .await
-        .map_err(|e| AgentError::Internal(e.to_string()))
+    tern_httpd::serve(
+        listener,
+        api::router(agent, &token),
+        limits,
+        std::future::pending(),
+    )
+    .await;
+    Ok(())
 }

@@ -21,6 +21,6 @@ pub mod wire;
 pub use ratelimit::{HostLimiter, TokenBucket};
 pub use session::{
     Listener, Receiver, Router, Security, Sender, SessionConfig, SessionMetrics, TransportError,
-    MAX_REORDER_BYTES,
+    MAX_PENDING, MAX_REORDER_BYTES, MAX_SESSIONS, ROUTE_TIMEOUT,
 };
 pub use tls::TlsIdentity;

@@ -152,6 +152,8 @@ pub enum HelloStatus {
     BadToken = 2,
     /// Session id already open with other parameters.
     Mismatch = 3,
+    /// The listener holds as many sessions as it takes.
+    Busy = 4,
 }
 
 impl HelloStatus {
@@ -161,6 +163,7 @@ impl HelloStatus {
             Self::UnknownSession,
             Self::BadToken,
             Self::Mismatch,
+            Self::Busy,
         ]
         .into_iter()
         .find(|s| *s as u8 == b)

@@ -606,3 +606,80 @@ async fn frames_ahead_of_delivery_are_bounded() {
     assert!(cut, "{sent} bytes ahead were accepted");
     assert!(sent <= tern_transport::MAX_REORDER_BYTES + 2 * chunk.len());
 }
+
+/// Opens a session on `l` by hand (plain TCP), returning its hello status.
+async fn raw_hello(l: &Listener, session: u8) -> (tokio::net::TcpStream, u8) {
+    use tern_transport::wire::{self, Hello};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(l.local_addr())
+        .await
+        .unwrap();
+    s.write_all(&[0]).await.unwrap();
+    let hello = Hello {
+        session: [session; 16],
+        token: [9; 32],
+        stream_index: 0,
+        stream_count: 1,
+        resume: false,
+    };
+    s.write_all(&hello.encode()).await.unwrap();
+    let mut ack = [0u8; wire::HELLO_ACK_LEN];
+    s.read_exact(&mut ack).await.unwrap();
+    (s, ack[5])
+}
+
+/// Issue 14, finding 4: a pinned peer cannot open sessions without end;
+/// a session that ended frees its place.
+#[tokio::test]
+async fn the_session_table_is_bounded_and_ended_sessions_leave_it() {
+    use tern_transport::wire::HelloStatus;
+    use tern_transport::MAX_SESSIONS;
+    let mut l = listen(None).await;
+    let mut held = vec![];
+    for i in 0..MAX_SESSIONS {
+        let (s, status) = raw_hello(&l, i as u8).await;
+        assert_eq!(status, HelloStatus::Ok as u8);
+        held.push((s, l.accept().await.expect("a session")));
+    }
+    let (_s, status) = raw_hello(&l, 200).await;
+    assert_eq!(status, HelloStatus::Busy as u8, "one session too many");
+    // One session ends: its receiver is dropped and its stream closed.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, status) = raw_hello(&l, 201).await;
+        if status == HelloStatus::Ok as u8 {
+            held.push((s, l.accept().await.unwrap()));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ended session kept its place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 14, finding 3: connections that never name their route are
+/// bounded and cut, so they cannot hold the migration port.
+#[tokio::test]
+async fn silent_connections_cannot_hold_the_listener() {
+    use tern_transport::{MAX_PENDING, ROUTE_TIMEOUT};
+    let l = listen(None).await;
+    let mut silent = vec![];
+    for _ in 0..MAX_PENDING + 16 {
+        silent.push(
+            tokio::net::TcpStream::connect(l.local_addr())
+                .await
+                .unwrap(),
+        );
+    }
+    // Past the route timeout, the first ones are cut and a real session
+    // gets through.
+    tokio::time::sleep(ROUTE_TIMEOUT).await;
+    let deadline = Instant::now() + ROUTE_TIMEOUT * 3;
+    let (_s, status) = tokio::time::timeout_at(deadline.into(), raw_hello(&l, 1))
+        .await
+        .expect("a session gets through after the silent ones are cut");
+    assert_eq!(status, 0);
+}

@@ -184,6 +184,8 @@ pub struct Config {
     pub mock: MockFaults,
     /// The kvm driver.
     pub kvm: KvmConfig,
+    /// The API's connection limits and timeouts.
+    pub http: tern_httpd::Limits,
     /// Directory holding the catalogue's files; default `<data_dir>/images`.
     pub image_dir: Option<PathBuf>,
     /// The image catalogue: what tenants may boot, by name (`test`, tern's
@@ -207,6 +209,7 @@ impl Default for Config {
             kvm: KvmConfig::default(),
             image_dir: None,
             images: BTreeMap::new(),
+            http: tern_httpd::Limits::default(),
         }
     }
 }
@@ -235,6 +238,21 @@ const ENV: &[(&str, &str, Kind)] = &[
         Kind::Text,
     ),
     ("TERN_HEALTH_INTERVAL", "health.interval", Kind::Text),
+    (
+        "TERN_HTTP_MAX_CONNECTIONS",
+        "http.max_connections",
+        Kind::Int,
+    ),
+    (
+        "TERN_HTTP_HEADER_TIMEOUT_MS",
+        "http.header_timeout_ms",
+        Kind::Int,
+    ),
+    (
+        "TERN_HTTP_REQUEST_TIMEOUT_MS",
+        "http.request_timeout_ms",
+        Kind::Int,
+    ),
     ("TERN_HEALTH_CONCURRENCY", "health.concurrency", Kind::Int),
     (
         "TERN_HEALTH_MAX_FAILURES",
@@ -411,6 +429,7 @@ impl Config {
             ));
         }
         self.spec.validate().map_err(|e| ("spec", e))?;
+        self.http.validate().map_err(|e| ("http", e))?;
         let images = self.catalogue().map_err(|e| ("images", e.to_string()))?;
         if !images.contains(&self.spec.image) {
             return Err((

@@ -72,9 +72,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     // One machine-readable line on stdout so scripts can find a port-0 listener.
     println!("tern: API listening on http://{addr}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    tern_httpd::serve(listener, app, cfg.http, shutdown_signal()).await;
     tracing::info!("shutting down; VMs are left running");
     let _ = stop_tx.send(true);
     for l in loops {

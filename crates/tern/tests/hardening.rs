@@ -101,3 +101,95 @@ async fn agents_keep_their_data_private() {
         assert!(bad.is_empty(), "readable by others: {bad:?}");
     }
 }
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// Finding 3's attack on the server at `addr` (process `pid`): its
+/// descriptors cut to 256, then 300 connections that send half a request
+/// and wait. The server must not spin while it is out of descriptors, must
+/// cut the half-sent requests at its header timeout, and must then answer
+/// `url` again.
+async fn flood(pid: u32, addr: std::net::SocketAddr, url: &str) {
+    use tokio::io::AsyncWriteExt;
+    let st = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=256:256"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut held = vec![];
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        held.push(s);
+    }
+    let cpu0 = cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let spent = cpu_secs(pid) - cpu0;
+    eprintln!("CPU while out of descriptors: {spent:.2} s in 1 s");
+    assert!(
+        spent < 0.5,
+        "the accept loop spins: {spent:.2} CPU-s in 1 s"
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if http.get(url).send().await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "locked out for 30 s by half-sent requests"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(held);
+}
+
+/// Finding 3 against `tern up`.
+#[tokio::test]
+async fn half_sent_requests_do_not_lock_out_tern_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(
+        dir.path(),
+        "mock",
+        &[
+            ("TERN_POOL_SIZE", "0"),
+            ("TERN_HTTP_HEADER_TIMEOUT_MS", "1000"),
+        ],
+    );
+    let addr: std::net::SocketAddr = up.base.trim_start_matches("http://").parse().unwrap();
+    flood(up.child.id(), addr, &format!("{}/healthz", up.base)).await;
+    up.stop();
+}
+
+/// Finding 3 against an agent's host API.
+#[tokio::test]
+async fn half_sent_requests_do_not_lock_out_an_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = loopback_pair(dir.path());
+    let file = &hosts[0].config;
+    let mut cfg: toml::Table = std::fs::read_to_string(file).unwrap().parse().unwrap();
+    cfg.insert(
+        "http".into(),
+        toml::Value::Table(toml::toml! { header_timeout_ms = 1000 }),
+    );
+    std::fs::write(file, cfg.to_string()).unwrap();
+    let a = AgentProc::start(&hosts[0], None);
+    let url = format!("{}/api/v1/host", hosts[0].api_url);
+    let addr: std::net::SocketAddr = hosts[0]
+        .api_url
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    flood(a.0.pid() as u32, addr, &url).await;
+}

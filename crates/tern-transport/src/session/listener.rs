@@ -9,6 +9,20 @@ pub type Router = Arc<dyn Fn(String, TcpStream) + Send + Sync>;
 /// Longest route a stream may name.
 pub const MAX_ROUTE_LEN: usize = 128;
 
+/// Sessions one listener holds at once: a migration is one or two, a guest
+/// process runs one migration at a time, an agent's own listener a few.
+/// Each may buffer up to the reorder bound, so the table is what bounds a
+/// peer's memory.
+pub const MAX_SESSIONS: usize = 16;
+
+/// Connections accepted but not yet routed: past this, new ones wait in
+/// the kernel's backlog (a peer that opens sockets and sends nothing holds
+/// no more than this many descriptors, each for [`ROUTE_TIMEOUT`]).
+pub const MAX_PENDING: usize = 64;
+
+/// How long a new connection has to name its route.
+pub const ROUTE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Every stream opens with its route, in plain text before TLS: one length
 /// byte, then that many bytes of UTF-8 (0: the listener's own process). A
 /// route names no secret; the process it reaches still authenticates the peer.
@@ -125,8 +139,10 @@ impl Listener {
         let tcp = TcpListener::bind(addr).await?;
         let addr = tcp.local_addr()?;
         let (acceptor, rx) = Self::acceptor(tls, resume_deadline);
+        let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
         let task = tokio::spawn(async move {
             loop {
+                let permit = pending.clone().acquire_owned().await.expect("never closed");
                 let (mut sock, peer) = match tcp.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -140,8 +156,8 @@ impl Listener {
                 let acceptor = acceptor.clone();
                 let router = router.clone();
                 tokio::spawn(async move {
-                    let route =
-                        tokio::time::timeout(Duration::from_secs(10), read_route(&mut sock)).await;
+                    let route = tokio::time::timeout(ROUTE_TIMEOUT, read_route(&mut sock)).await;
+                    drop(permit);
                     match (route, router) {
                         (Ok(Ok(None)), _) => acceptor.serve(sock, Some(peer)).await,
                         (Ok(Ok(Some(r))), Some(router)) => router(r, sock),
@@ -149,7 +165,7 @@ impl Listener {
                             tracing::warn!(%peer, route = r, "refused a stream routed elsewhere")
                         }
                         (Ok(Err(e)), _) => tracing::warn!(%peer, error = e, "bad stream route"),
-                        (Err(_), _) => tracing::warn!(%peer, "no stream route within 10 s"),
+                        (Err(_), _) => tracing::warn!(%peer, "no stream route in time"),
                     }
                 });
             }
@@ -270,11 +286,15 @@ fn join_session(
     resume_deadline: Duration,
 ) -> (Option<(Arc<RecvShared>, bool)>, HelloStatus) {
     let mut map = sessions.lock().expect("sessions");
+    // A session whose receiver is gone and whose streams are all closed is
+    // over: only the table still holds it.
+    map.retain(|_, s| Arc::strong_count(s) > 1);
     match map.get(&hello.session) {
         Some(s) if s.token != hello.token => (None, HelloStatus::BadToken),
         Some(s) if s.streams != hello.stream_count => (None, HelloStatus::Mismatch),
         Some(s) => (Some((s.clone(), false)), HelloStatus::Ok),
         None if hello.resume => (None, HelloStatus::UnknownSession),
+        None if map.len() >= MAX_SESSIONS => (None, HelloStatus::Busy),
         None => {
             let s = Arc::new(RecvShared {
                 token: hello.token,

@@ -10,7 +10,7 @@ mod sender;
 mod writer;
 
 use listener::*;
-pub use listener::{Listener, Router, MAX_ROUTE_LEN};
+pub use listener::{Listener, Router, MAX_PENDING, MAX_ROUTE_LEN, MAX_SESSIONS, ROUTE_TIMEOUT};
 use receiver::*;
 pub use receiver::{Receiver, ReceiverMetrics, MAX_REORDER_BYTES};
 pub use sender::Sender;
