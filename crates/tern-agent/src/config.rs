@@ -232,6 +232,16 @@ impl AgentConfig {
         self.peers.iter().find(|p| p.name == name)
     }
 
+    /// The peer whose certificate's public key has this SHA-256 pin.
+    pub fn peer_by_pin(&self, pin: &[u8; 32]) -> Option<&Peer> {
+        self.peers.iter().find(|p| {
+            p.tls_pin
+                .as_deref()
+                .and_then(|t| tern_transport::tls::parse_pin(t).ok())
+                .is_some_and(|q| &q == pin)
+        })
+    }
+
     /// What peers dial.
     pub fn advertised(&self) -> SocketAddr {
         self.advertise_addr.unwrap_or(self.migrate_addr)

@@ -79,6 +79,8 @@ enum Refusal {
     Version { theirs: u32, ours: u32 },
     #[error("`{0}` is not a configured peer")]
     UnknownPeer(String),
+    #[error("the peer claims to be `{claimed}` but authenticated as {actual}")]
+    Impersonation { claimed: String, actual: String },
     #[error("bad VM spec: {0}")]
     Spec(String),
     #[error(transparent)]
@@ -99,10 +101,32 @@ enum Refusal {
 }
 
 impl Agent {
+    /// Whether the peer that opened a session (by its certificate) is the
+    /// host it names in its messages. Without TLS (tests on one machine)
+    /// there is nothing to check against.
+    fn check_claim(&self, pin: Option<[u8; 32]>, claimed: &str) -> Result<(), Refusal> {
+        if self.inner.tls.is_none() {
+            return Ok(());
+        }
+        let actual = pin.and_then(|p| self.inner.cfg.peer_by_pin(&p));
+        match actual {
+            Some(p) if p.name == claimed => Ok(()),
+            other => Err(Refusal::Impersonation {
+                claimed: claimed.into(),
+                actual: other.map_or("no configured peer".into(), |p| format!("`{}`", p.name)),
+            }),
+        }
+    }
+
     async fn session(self, mut rx: Receiver) {
+        let pin = rx.peer_pin();
         match read_session_hello(&mut rx, Duration::from_secs(10)).await {
             Err(e) => tracing::warn!(error = %e, "refused a migration session"),
             Ok(SessionHello::Data(offer)) => {
+                if let Err(r) = self.check_claim(pin, &offer.source_host) {
+                    tracing::warn!(migration = offer.migration, error = %r, "refused a migration offer");
+                    return;
+                }
                 self.offer(offer).await;
                 // The asking session stays open until the source closes it.
                 while let Some(Ok((seq, _))) = rx.recv().await {
@@ -112,12 +136,11 @@ impl Agent {
             Ok(SessionHello::Settle {
                 migration,
                 source_host,
-                reply_to,
                 ..
-            }) => {
-                self.answer_settle(&migration, &source_host, &reply_to)
-                    .await
-            }
+            }) => match self.check_claim(pin, &source_host) {
+                Ok(()) => self.answer_settle(&migration, &source_host).await,
+                Err(r) => tracing::warn!(migration, error = %r, "refused a settle request"),
+            },
             Ok(other) => tracing::warn!(?other, "unexpected session hello"),
         }
     }
@@ -139,10 +162,7 @@ impl Agent {
                     migration: o.migration.clone(),
                     reason: r.to_string(),
                 };
-                if let Err(e) = self
-                    .dial_back(&o.reply_to, &o.source_host, &o.migration, &msg)
-                    .await
-                {
+                if let Err(e) = self.dial_back(&o.source_host, &o.migration, &msg).await {
                     tracing::warn!(error = %e, "cannot tell the source why");
                 }
             }
@@ -157,9 +177,12 @@ impl Agent {
             });
         }
         let cfg = &self.inner.cfg;
-        if cfg.peer(&o.source_host).is_none() {
+        // Replies go where this host's configuration says the peer is,
+        // never where the offer says: the peer does not choose whom we dial.
+        let Some(peer) = cfg.peer(&o.source_host) else {
             return Err(Refusal::UnknownPeer(o.source_host.clone()));
-        }
+        };
+        let reply_to = peer.migrate_addr.to_string();
         // Both become the guest directory's name.
         crate::vmdir::check_name("VM id", &o.vm)?;
         crate::vmdir::check_name("migration id", &o.migration)?;
@@ -190,7 +213,7 @@ impl Agent {
             role: LaunchRole::Receive {
                 migration: o.migration.clone(),
                 source_host: o.source_host.clone(),
-                reply_to: o.reply_to.clone(),
+                reply_to,
             },
             agent: cfg.clone(),
         })
@@ -206,7 +229,7 @@ impl Agent {
 
     /// The final word on whether `migration` committed here. A process
     /// still receiving it is fenced first; one that ended left its journal.
-    async fn answer_settle(&self, migration: &str, source_host: &str, reply_to: &str) {
+    async fn answer_settle(&self, migration: &str, source_host: &str) {
         let committed = self.committed_here(migration).await;
         let Some(committed) = committed else {
             tracing::warn!(
@@ -220,7 +243,7 @@ impl Agent {
             migration: migration.into(),
             committed,
         };
-        if let Err(e) = self.dial_back(reply_to, source_host, migration, &msg).await {
+        if let Err(e) = self.dial_back(source_host, migration, &msg).await {
             tracing::warn!(migration, error = %e, "cannot send the verdict");
         }
     }
@@ -258,17 +281,20 @@ impl Agent {
         }))
     }
 
-    /// Opens a short session on the source's reply route and sends `msg`.
+    /// Opens a short session on the source's reply route (at the peer's
+    /// configured address) and sends `msg`.
     async fn dial_back(
         &self,
-        reply_to: &str,
         peer: &str,
         migration: &str,
         msg: &SessionHello,
     ) -> Result<(), SessionError> {
-        let addr: SocketAddr = reply_to
-            .parse()
-            .map_err(|_| SessionError::BadReplyAddress(reply_to.into()))?;
+        let addr: SocketAddr = self
+            .inner
+            .cfg
+            .peer(peer)
+            .map(|p| p.migrate_addr)
+            .ok_or_else(|| SessionError::UnknownPeer(peer.into()))?;
         let security = crate::guestproc::security(self.inner.tls.as_ref(), peer)?;
         let cfg = SessionConfig {
             streams: 1,

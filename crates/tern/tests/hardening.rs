@@ -193,3 +193,128 @@ async fn half_sent_requests_do_not_lock_out_an_agent() {
         .unwrap();
     flood(a.0.pid() as u32, addr, &url).await;
 }
+
+/// Sends `offer` to `to`'s migration listener as `as_host` (its certificate).
+async fn send_offer(
+    dir: &Path,
+    as_host: &str,
+    to: &tern_agent::AgentConfig,
+    offer: tern_migrate::protocol::Offer,
+) {
+    use tern_migrate::protocol::{hello_frame, SessionHello};
+    use tern_transport::{Security, Sender, SessionConfig, TlsIdentity};
+    let tls = dir.join("tls");
+    let target = TlsIdentity::load(
+        &tls.join(format!("{}.pem", to.name)),
+        &tls.join(format!("{}.key", to.name)),
+        &tls.join("ca.pem"),
+        &[],
+    )
+    .unwrap();
+    let me = TlsIdentity::load(
+        &tls.join(format!("{as_host}.pem")),
+        &tls.join(format!("{as_host}.key")),
+        &tls.join("ca.pem"),
+        &[target.own_pin().unwrap()],
+    )
+    .unwrap();
+    let security = Security::Tls {
+        config: me.client_config().unwrap(),
+        server_name: to.name.clone(),
+    };
+    let cfg = SessionConfig {
+        streams: 1,
+        ..Default::default()
+    };
+    let s = Sender::connect(to.migrate_addr, security, cfg, None)
+        .await
+        .unwrap();
+    s.send(hello_frame(&SessionHello::Data(offer)))
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.finish()).await;
+}
+
+/// Finding 4: a pinned peer is who its certificate says, whatever its
+/// messages claim; the host dials only configured addresses; a name a
+/// peer sends never becomes a path outside the data dir.
+#[tokio::test]
+async fn a_peer_cannot_claim_another_name_or_choose_paths() {
+    use tern_migrate::protocol::{Offer, PROTOCOL_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let plans: Vec<_> = ["host-a", "host-b", "host-c"]
+        .iter()
+        .map(|n| tern_testbed::HostPlan::new(n, LO).unwrap())
+        .collect();
+    let hosts = tern_testbed::write(dir.path(), &plans).unwrap();
+    let b_cfg = tern_agent::AgentConfig::load(&hosts[1].config).unwrap();
+    let b = AgentProc::start(&hosts[1], None);
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let offer = |vm: &str, migration: &str| Offer {
+        version: PROTOCOL_VERSION,
+        migration: migration.into(),
+        source_host: "host-a".into(),
+        reply_to: trap.local_addr().unwrap().to_string(),
+        vm: vm.into(),
+        epoch: 1,
+        spec: serde_json::to_value(spec()).unwrap(),
+    };
+    // host-c, pinned and trusted, claims to be host-a.
+    send_offer(dir.path(), "host-c", &b_cfg, offer("vm-forged", "m-forged")).await;
+    // host-a itself, naming a VM and a migration that climb out of the data dir.
+    send_offer(
+        dir.path(),
+        "host-a",
+        &b_cfg,
+        offer("../../../escaped", "m-1"),
+    )
+    .await;
+    send_offer(
+        dir.path(),
+        "host-a",
+        &b_cfg,
+        offer("vm-2", "../../escaped-m"),
+    )
+    .await;
+    let dialed = tokio::time::timeout(Duration::from_secs(2), trap.accept()).await;
+    assert!(
+        dialed.is_err(),
+        "the host dialed the address an offer named"
+    );
+    let vms: Vec<String> = std::fs::read_dir(b_cfg.data_dir.join("vms"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        vms.is_empty(),
+        "a refused offer left guest directories: {vms:?}"
+    );
+    for p in [dir.path().join("escaped"), dir.path().join("escaped-m")] {
+        assert!(!p.exists(), "{} was created", p.display());
+    }
+    let found = walk_names(dir.path());
+    assert!(
+        !found
+            .iter()
+            .any(|n| n.contains("escaped") || n.contains("vm-forged")),
+        "{found:?}"
+    );
+    assert!(b.client().migrations_list().await.unwrap().is_empty());
+}
+
+fn walk_names(root: &Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            out.push(e.path().display().to_string());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            }
+        }
+    }
+    out
+}

@@ -13,6 +13,12 @@ pub enum SessionError {
     /// The host named is not one of this host's configured peers.
     #[error("`{0}` is not a configured peer")]
     UnknownPeer(String),
+    /// A session arrived from a host other than the one expected.
+    #[error("a session for this migration came from a host other than `{expected}`")]
+    WrongPeer {
+        /// The host that should have opened it.
+        expected: String,
+    },
     /// The peer's reply address does not parse.
     #[error("bad reply address `{0}`")]
     BadReplyAddress(String),

@@ -107,6 +107,11 @@ async fn connect(
             waiting_for: "data session from the source",
             after: wait,
         })?;
+    if !p.opened_by(&data, source_host) {
+        return Err(SessionError::WrongPeer {
+            expected: source_host.into(),
+        });
+    }
     match read_hello(&mut data, wait).await? {
         SessionHello::Data(o) if o.migration == migration => Ok((data, replies, listener)),
         other => Err(HelloError::Unexpected(format!(

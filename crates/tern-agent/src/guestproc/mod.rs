@@ -163,6 +163,18 @@ impl Proc {
             .ok_or_else(|| SessionError::UnknownPeer(name.into()))
     }
 
+    /// Whether `rx` was opened by `host`, as its certificate says (a
+    /// session's own messages name whoever the peer likes). Without TLS
+    /// (tests on one machine) there is nothing to check.
+    fn opened_by(&self, rx: &tern_transport::Receiver, host: &str) -> bool {
+        if self.tls.is_none() {
+            return true;
+        }
+        rx.peer_pin()
+            .and_then(|pin| self.cfg().peer_by_pin(&pin))
+            .is_some_and(|p| p.name == host)
+    }
+
     /// How sessions to `peer` are secured; plaintext only when the
     /// configuration asked for it (validated by the agent).
     fn security(&self, peer: &str) -> Result<Security, SessionError> {

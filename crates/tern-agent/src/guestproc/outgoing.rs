@@ -184,7 +184,7 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
     )
     .await?;
     prepare.send(hello_frame(&hello)).await?;
-    let replies = accept_replies(&mut listener, job).await;
+    let replies = accept_replies(p, &mut listener, job).await;
     // The asking session has done its job (either way): close it.
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(5), prepare.finish()).await;
@@ -206,7 +206,11 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
 
 /// The destination's guest process dials back with `Replies`, or its agent
 /// with `Refused`.
-async fn accept_replies(listener: &mut Listener, job: &OutJob) -> Result<Receiver, MigrateError> {
+async fn accept_replies(
+    p: &Proc,
+    listener: &mut Listener,
+    job: &OutJob,
+) -> Result<Receiver, MigrateError> {
     let wait = job.policy.reply_timeout;
     let t = tokio::time::Instant::now();
     loop {
@@ -219,6 +223,13 @@ async fn accept_replies(listener: &mut Listener, job: &OutJob) -> Result<Receive
                 waiting_for: "reply session from the destination (is this host its peer?)",
                 after: wait,
             })?;
+        if !p.opened_by(&rx, &job.to) {
+            tracing::warn!(
+                expected = job.to,
+                "refused a reply session opened by another host"
+            );
+            continue;
+        }
         match read_hello(&mut rx, Duration::from_secs(10)).await {
             Ok(SessionHello::Replies { migration }) if migration == job.migration => return Ok(rx),
             Ok(SessionHello::Refused { migration, reason }) if migration == job.migration => {
@@ -334,6 +345,10 @@ async fn ask(p: &Arc<Proc>, job: &OutJob, listener: &mut Listener) -> Result<boo
             let Some(mut rx) = listener.accept().await else {
                 return Err(SessionError::ListenerClosed);
             };
+            if !p.opened_by(&rx, &job.to) {
+                tracing::warn!(expected = job.to, "refused a verdict from another host");
+                continue;
+            }
             if let Ok(SessionHello::Settled {
                 migration,
                 committed,

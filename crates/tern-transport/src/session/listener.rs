@@ -75,14 +75,23 @@ impl Acceptor {
     pub(super) async fn serve(self, sock: TcpStream, peer: Option<SocketAddr>) {
         let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
         let checksummed = self.tls.is_none();
-        let (r, w) = match self.tls {
+        let (r, w, pin) = match self.tls {
             Some(a) => {
                 // rustls reads the socket 4 KiB at a time (its buffer
                 // shrinks whenever it empties): a buffer underneath turns
                 // that into one syscall per MiB.
                 let sock = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, sock);
                 match tokio::time::timeout(Duration::from_secs(10), a.accept(sock)).await {
-                    Ok(Ok(s)) => split(s),
+                    Ok(Ok(s)) => {
+                        let pin = s
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| crate::tls::spki_sha256(c));
+                        let (r, w) = split(s);
+                        (r, w, pin)
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(%peer, error = %e, "refused migration peer: TLS handshake failed");
                         return;
@@ -93,11 +102,15 @@ impl Acceptor {
                     }
                 }
             }
-            None => split(sock),
+            None => {
+                let (r, w) = split(sock);
+                (r, w, None)
+            }
         };
         if let Err(e) = serve_stream(
             r,
             w,
+            pin,
             self.sessions,
             self.new_tx,
             self.resume_deadline,
@@ -235,6 +248,7 @@ impl Drop for Listener {
 pub(super) async fn serve_stream(
     mut r: BoxRead,
     mut w: BoxWrite,
+    peer_pin: Option<[u8; 32]>,
     sessions: SessionTable,
     new_tx: mpsc::Sender<Receiver>,
     resume_deadline: Duration,
@@ -246,7 +260,7 @@ pub(super) async fn serve_stream(
         .map_err(|_| "no hello within 10 s".to_string())?
         .map_err(|e| format!("reading hello: {e}"))?;
     let hello = Hello::decode(&hb).map_err(|e| e.to_string())?;
-    let (shared, status) = join_session(&sessions, &hello, resume_deadline);
+    let (shared, status) = join_session(&sessions, &hello, peer_pin, resume_deadline);
     let next_expected = shared.as_ref().map_or(0, |(s, _)| s.next_expected());
     let reply = HelloAck {
         status,
@@ -283,6 +297,7 @@ pub(super) async fn serve_stream(
 fn join_session(
     sessions: &SessionTable,
     hello: &Hello,
+    peer_pin: Option<[u8; 32]>,
     resume_deadline: Duration,
 ) -> (Option<(Arc<RecvShared>, bool)>, HelloStatus) {
     let mut map = sessions.lock().expect("sessions");
@@ -290,7 +305,9 @@ fn join_session(
     // over: only the table still holds it.
     map.retain(|_, s| Arc::strong_count(s) > 1);
     match map.get(&hello.session) {
-        Some(s) if s.token != hello.token => (None, HelloStatus::BadToken),
+        Some(s) if s.token != hello.token || s.peer_pin != peer_pin => {
+            (None, HelloStatus::BadToken)
+        }
         Some(s) if s.streams != hello.stream_count => (None, HelloStatus::Mismatch),
         Some(s) => (Some((s.clone(), false)), HelloStatus::Ok),
         None if hello.resume => (None, HelloStatus::UnknownSession),
@@ -313,6 +330,7 @@ fn join_session(
                 arrived: Notify::new(),
                 acks: watch::channel(0).0,
                 resume_deadline,
+                peer_pin,
             });
             map.insert(hello.session, s.clone());
             (Some((s, true)), HelloStatus::Ok)

@@ -29,6 +29,9 @@ pub(super) struct RecvShared {
     pub(super) arrived: Notify,
     pub(super) acks: watch::Sender<u64>,
     pub(super) resume_deadline: Duration,
+    /// SHA-256 of the peer certificate's public key (TLS sessions): who
+    /// opened the session. Every later stream must come from the same key.
+    pub(super) peer_pin: Option<[u8; 32]>,
 }
 
 impl RecvShared {
@@ -60,6 +63,13 @@ pub struct ReceiverMetrics {
 }
 
 impl Receiver {
+    /// The SHA-256 pin of the public key the peer authenticated with (TLS
+    /// sessions only): the identity a peer's claims must match, since the
+    /// names it writes in its messages are its own to choose.
+    pub fn peer_pin(&self) -> Option<[u8; 32]> {
+        self.shared.peer_pin
+    }
+
     /// The next frame in order, `None` after the sender's last one, or an error
     /// if the link stayed down past the resume deadline.
     pub async fn recv(&mut self) -> Option<Result<(u64, Bytes), TransportError>> {
