@@ -49,5 +49,5 @@ step "the VM is still there";       call GET "/api/v1/vms/$ID" "$ALICE"
 step "alice deletes it (204)";      call DELETE "/api/v1/vms/$ID" "$ALICE"
 step "gone (404)";                  call GET "/api/v1/vms/$ID" "$ALICE"
 step "metrics (excerpt)"
-curl -s "$BASE/metrics" | grep -E '^tern_(warm_pool|provisions|vms\{)' || true
+curl -s -H "Authorization: Bearer $(cat "$DATA/metrics-token")" "$BASE/metrics" | grep -E '^tern_(warm_pool|provisions|vms\{)' || true
 echo; echo "demo finished"

@@ -49,6 +49,12 @@ async fn auth(State(c): State<Ctx>, req: Request, next: Next) -> Response {
     if ok {
         next.run(req).await
     } else {
+        let remote = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.to_string())
+            .unwrap_or_default();
+        tracing::warn!(method = %req.method(), path = req.uri().path(), remote, "rejected login: missing or wrong API token");
         (
             StatusCode::UNAUTHORIZED,
             Json(json!({ "error": "missing or wrong bearer token (see the agent's data_dir/api-token)" })),

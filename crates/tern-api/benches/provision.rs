@@ -42,6 +42,7 @@ async fn run(name: &str, t: TestStore, clients: usize) {
         )
         .unwrap();
     let app = router(ApiState {
+        metrics: tern_api::MetricsAccess::Off,
         manager,
         auth: keys,
     });

@@ -150,6 +150,7 @@ impl Caller {
         if self.is_admin() || self.permissions.contains(&p) {
             Ok(())
         } else {
+            tracing::warn!(tenant = %self.tenant, permission = %p, "refused: the token lacks a permission");
             Err(ApiError::Forbidden(format!(
                 "this token lacks the `{p}` permission"
             )))
@@ -170,6 +171,31 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let caller = authenticate(parts, state);
+        if let Err(e) = &caller {
+            // The reason, never the token: a log is no place for credentials.
+            let remote = parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.to_string())
+                .unwrap_or_default();
+            tracing::warn!(
+                method = %parts.method,
+                path = parts.uri.path(),
+                remote,
+                reason = %e,
+                "rejected login"
+            );
+        }
+        caller
+    }
+}
+
+fn authenticate<S>(parts: &Parts, state: &S) -> Result<Caller, ApiError>
+where
+    Arc<AuthKeys>: axum::extract::FromRef<S>,
+{
+    {
         let keys: Arc<AuthKeys> = axum::extract::FromRef::from_ref(state);
         let header = parts
             .headers

@@ -63,6 +63,7 @@ impl From<ManagerError> for ApiError {
             | ManagerError::Illegal(_)
             | ManagerError::Conflict { .. } => ApiError::Conflict(msg),
             ManagerError::Invalid(_) => ApiError::BadRequest(msg),
+            ManagerError::Quota(_) => ApiError::Forbidden(msg),
             ManagerError::Driver(_) => ApiError::Driver(msg),
             ManagerError::Store(_) => {
                 tracing::error!(error = %msg, "store failure");

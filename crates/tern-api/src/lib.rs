@@ -14,7 +14,7 @@ mod routes;
 
 pub use auth::{AuthKeys, Claims, Permission};
 pub use error::ApiError;
-pub use routes::{router, ApiState, CreateVmRequest, VmView};
+pub use routes::{metrics_router, router, ApiState, CreateVmRequest, MetricsAccess, VmView};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;

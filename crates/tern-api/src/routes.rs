@@ -24,6 +24,21 @@ pub struct ApiState {
     pub manager: Arc<Manager>,
     /// Token keys.
     pub auth: Arc<AuthKeys>,
+    /// Who may scrape `/metrics` on this router.
+    pub metrics: MetricsAccess,
+}
+
+/// How `/metrics` is reached: metrics name every tenant's VM counts and the
+/// API's traffic, so they are not for anyone who can reach the API.
+#[derive(Clone, Debug)]
+pub enum MetricsAccess {
+    /// With `Authorization: Bearer <this token>` (compared in constant time).
+    Token(Arc<str>),
+    /// By anyone who reaches the router: for a listener of its own on an
+    /// address only the operator's scraper reaches.
+    Open,
+    /// Not on this router (served on another listener).
+    Off,
 }
 
 impl FromRef<ApiState> for Arc<AuthKeys> {
@@ -72,6 +87,17 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// `/metrics` alone, open to whoever reaches it: for a listener of its own
+/// (`metrics_listen`) on an address only the operator's scraper reaches.
+pub fn metrics_router(mut state: ApiState) -> Router {
+    let _ = crate::prometheus();
+    state.metrics = MetricsAccess::Open;
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .with_state(state)
+}
+
 async fn healthz(State(s): State<ApiState>) -> impl IntoResponse {
     // Healthy means the store answers; the driver's VMs have their own checks.
     match s.manager.store().count_by_status().await {
@@ -83,7 +109,25 @@ async fn healthz(State(s): State<ApiState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<ApiState>) -> Result<String, ApiError> {
+async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Result<String, ApiError> {
+    match &s.metrics {
+        MetricsAccess::Open => {}
+        MetricsAccess::Off => return Err(ApiError::NotFound("no such endpoint".into())),
+        MetricsAccess::Token(t) => {
+            use subtle::ConstantTimeEq;
+            let given = headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !bool::from(given.as_bytes().ct_eq(t.as_bytes())) {
+                tracing::warn!("refused a metrics scrape: missing or wrong metrics token");
+                return Err(ApiError::Unauthorized(
+                    "/metrics needs `Authorization: Bearer <metrics token>`".into(),
+                ));
+            }
+        }
+    }
     let counts = s
         .manager
         .store()

@@ -19,21 +19,26 @@ struct Api {
 }
 
 async fn api(pool: usize, faults: MockFaults) -> Api {
-    let t = testing::sqlite().await;
-    let driver = Arc::new(MockDriver::new(faults));
-    let manager = Arc::new(Manager::new(
-        t.store.clone(),
-        driver,
+    api_with(
         ManagerConfig {
             warm_pool_size: pool,
             ..ManagerConfig::default()
         },
-    ));
+        faults,
+    )
+    .await
+}
+
+async fn api_with(cfg: ManagerConfig, faults: MockFaults) -> Api {
+    let t = testing::sqlite().await;
+    let driver = Arc::new(MockDriver::new(faults));
+    let manager = Arc::new(Manager::new(t.store.clone(), driver, cfg));
     manager.reconcile_pool().await.unwrap();
     let keys = Arc::new(AuthKeys::from_secret(b"test-secret"));
     let app = router(ApiState {
         manager: manager.clone(),
         auth: keys.clone(),
+        metrics: tern_api::MetricsAccess::Token(METRICS_TOKEN.into()),
     });
     Api {
         app,
@@ -87,6 +92,8 @@ impl Api {
         (status, json)
     }
 }
+
+const METRICS_TOKEN: &str = "metrics-token-for-tests";
 
 const RW: &[Permission] = &[Permission::VmsRead, Permission::VmsWrite];
 
@@ -396,6 +403,76 @@ async fn bodies_must_be_json_and_small() {
     );
 }
 
+/// Issue 14, finding 8: per-tenant quotas hold at create, warm or cold.
+#[tokio::test]
+async fn quotas_are_enforced_at_create() {
+    use tern_orchestrator::{Quota, Quotas};
+    let quotas = Quotas {
+        default: Quota {
+            max_vms: 2,
+            ..Quota::default()
+        },
+        tenants: [(
+            "small".to_string(),
+            Quota {
+                max_vms: 5,
+                max_memory_mib: 300,
+                max_vcpus: 1,
+            },
+        )]
+        .into(),
+    };
+    let a = api_with(
+        ManagerConfig {
+            warm_pool_size: 1,
+            quotas,
+            ..ManagerConfig::default()
+        },
+        MockFaults::default(),
+    )
+    .await;
+    let alice = a.token("alice", RW);
+    for _ in 0..2 {
+        let (st, e) = a.call("POST", "/api/v1/vms", Some(&alice), None).await;
+        assert_eq!(st, StatusCode::CREATED, "{e}");
+    }
+    let (st, e) = a.call("POST", "/api/v1/vms", Some(&alice), None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("quota"), "{e}");
+    let small = a.token("small", RW);
+    let (st, e) = a
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&small),
+            Some(serde_json::json!({"spec": {"memory_mib": 512}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("memory"), "{e}");
+    let (st, e) = a
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&small),
+            Some(serde_json::json!({"spec": {"memory_mib": 256, "vcpus": 2}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("vCPUs"), "{e}");
+    let mine = |t| {
+        let m = a.manager.clone();
+        async move {
+            m.list(Some(&TenantId::new(t).unwrap()))
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(mine("alice").await, 2);
+    assert_eq!(mine("small").await, 0);
+}
+
 #[tokio::test]
 async fn healthz_and_metrics() {
     let a = api(2, MockFaults::default()).await;
@@ -403,7 +480,13 @@ async fn healthz_and_metrics() {
     assert_eq!((st, h["status"].as_str()), (StatusCode::OK, Some("ok")));
     let alice = a.token("alice", RW);
     a.call("POST", "/api/v1/vms", Some(&alice), None).await;
-    let (st, m) = a.call("GET", "/metrics", None, None).await;
+    // Issue 14, finding 8: metrics are not for whoever reaches the API.
+    for t in [None, Some(alice.as_str()), Some("metrics-token-for-test")] {
+        let (st, e) = a.call("GET", "/metrics", t, None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{t:?}");
+        assert!(e["error"].is_string());
+    }
+    let (st, m) = a.call("GET", "/metrics", Some(METRICS_TOKEN), None).await;
     assert_eq!(st, StatusCode::OK);
     let text = m.as_str().unwrap();
     for needle in [

@@ -110,10 +110,10 @@ pub async fn serve(
             _ = &mut shutdown => break,
             a = listener.accept() => a,
         };
-        let stream = match accepted {
-            Ok((s, _)) => {
+        let (stream, remote) = match accepted {
+            Ok(c) => {
                 backoff = Duration::ZERO;
-                s
+                c
             }
             Err(e) if per_connection(&e) => continue,
             Err(e) => {
@@ -128,7 +128,7 @@ pub async fn serve(
         while conns.try_join_next().is_some() {}
         let app = app.clone();
         conns.spawn(async move {
-            connection(stream, app, limits).await;
+            connection(stream, remote, app, limits).await;
             drop(permit);
         });
     }
@@ -143,9 +143,18 @@ fn per_connection(e: &std::io::Error) -> bool {
     )
 }
 
-async fn connection(stream: tokio::net::TcpStream, app: Router, limits: Limits) {
-    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+/// Serves one connection; each request carries the client's address as
+/// axum's `ConnectInfo` (for logs of refused requests).
+async fn connection(
+    stream: tokio::net::TcpStream,
+    remote: std::net::SocketAddr,
+    app: Router,
+    limits: Limits,
+) {
+    let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         let app = app.clone();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(remote));
         async move {
             let answer =
                 tokio::time::timeout(limits.request_timeout, app.oneshot(req.map(Body::new)));

@@ -11,7 +11,9 @@
 //! to two tenants.
 
 mod manager;
+pub mod quota;
 
 pub use manager::{
     HealthReport, Manager, ManagerConfig, ManagerError, PoolReport, ProvisionSource, StartupReport,
 };
+pub use quota::{Quota, QuotaExceeded, Quotas};

@@ -30,6 +30,8 @@ pub struct ManagerConfig {
     pub start_concurrency: usize,
     /// Image names tenants may ask for (the driver's catalogue).
     pub images: std::collections::BTreeSet<String>,
+    /// What each tenant may hold.
+    pub quotas: crate::quota::Quotas,
 }
 
 impl Default for ManagerConfig {
@@ -45,6 +47,7 @@ impl Default for ManagerConfig {
             default_spec: VmSpec::default(),
             start_concurrency: 4,
             images: [VmSpec::default().image].into(),
+            quotas: crate::quota::Quotas::default(),
         }
     }
 }
@@ -82,6 +85,9 @@ pub enum ManagerError {
     /// The driver failed.
     #[error(transparent)]
     Driver(#[from] DriverError),
+    /// The tenant would exceed its quota.
+    #[error(transparent)]
+    Quota(#[from] crate::quota::QuotaExceeded),
     /// The store failed.
     #[error("store: {0}")]
     Store(StoreError),
@@ -154,12 +160,21 @@ pub struct Manager {
     store: Arc<dyn Store>,
     driver: Arc<dyn VmDriver>,
     cfg: ManagerConfig,
+    /// Held from a tenant's quota check to its new VM's record, so two
+    /// creates cannot both pass on the same headroom (within this process;
+    /// replicas sharing a database do not share it).
+    admission: tokio::sync::Mutex<()>,
 }
 
 impl Manager {
     /// A manager over a store and a driver.
     pub fn new(store: Arc<dyn Store>, driver: Arc<dyn VmDriver>, cfg: ManagerConfig) -> Self {
-        Self { store, driver, cfg }
+        Self {
+            store,
+            driver,
+            cfg,
+            admission: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// The configuration it runs with.
@@ -201,7 +216,11 @@ impl Manager {
         if spec == self.cfg.default_spec {
             // A claimed VM that cannot take its config is destroyed and the next tried.
             for _ in 0..3 {
-                let Some(claimed) = self.store.claim_warm(tenant, &config).await? else {
+                let claimed = {
+                    let _admitted = self.admit(tenant, &spec).await?;
+                    self.store.claim_warm(tenant, &config).await?
+                };
+                let Some(claimed) = claimed else {
                     break;
                 };
                 match self.finish_provision(&claimed, &config).await {
@@ -217,6 +236,7 @@ impl Manager {
             }
         }
 
+        let admitted = self.admit(tenant, &spec).await?;
         let rec = self
             .store
             .insert_vm(NewVm {
@@ -228,6 +248,7 @@ impl Manager {
                 config: config.clone(),
             })
             .await?;
+        drop(admitted);
         self.boot(&rec).await?;
         match self.finish_provision(&rec, &config).await {
             Ok(rec) => {
@@ -239,6 +260,22 @@ impl Manager {
                 Err(e)
             }
         }
+    }
+
+    /// Checks `tenant`'s quota for one more VM of `spec`; the guard it
+    /// returns must be held until that VM has its record.
+    async fn admit(
+        &self,
+        tenant: &TenantId,
+        spec: &VmSpec,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>> {
+        let guard = self.admission.lock().await;
+        let live = self.list(Some(tenant)).await?;
+        if let Err(e) = self.cfg.quotas.admit(tenant, &live, spec) {
+            tracing::warn!(tenant = %tenant, error = %e, "create refused: quota");
+            return Err(e.into());
+        }
+        Ok(guard)
     }
 
     /// Starts a freshly recorded VM in the driver; if the driver fails, the

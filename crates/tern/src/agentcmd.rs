@@ -86,7 +86,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Runs an agent until it is killed.
 pub fn agent(file: &Path) -> anyhow::Result<()> {
-    init_log();
+    crate::logging::init();
     let cfg = AgentConfig::load(file)?;
     runtime()?.block_on(tern_agent::serve(cfg))?;
     Ok(())
@@ -95,21 +95,9 @@ pub fn agent(file: &Path) -> anyhow::Result<()> {
 /// Runs one guest process (see `tern_agent::guestproc`), logging to stderr
 /// (the agent points it at the guest's `guest.log`).
 pub fn guest(dir: &Path) -> anyhow::Result<()> {
-    init_log();
+    crate::logging::init();
     tern_agent::guestproc::main(dir)?;
     Ok(())
-}
-
-/// A text log on stderr, filtered by `TERN_LOG` (default `info`).
-fn init_log() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
 }
 
 /// Starts a migration and follows it to the end with a progress bar.

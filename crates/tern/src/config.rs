@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tern_drivers::images::{ImageCatalogue, ImageDef};
 use tern_drivers::mock::MockFaults;
-use tern_orchestrator::ManagerConfig;
-use tern_proto::{HostId, VmSpec};
+use tern_orchestrator::{ManagerConfig, Quotas};
+use tern_proto::{HostId, TenantId, VmSpec};
 
 /// A configuration problem, naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +186,13 @@ pub struct Config {
     pub kvm: KvmConfig,
     /// The API's connection limits and timeouts.
     pub http: tern_httpd::Limits,
+    /// What each tenant may hold (`[quota.default]`, `[quota.tenants.NAME]`).
+    pub quota: Quotas,
+    /// Serve `/metrics` on this address of its own (and not on the API).
+    pub metrics_listen: Option<String>,
+    /// The bearer token `/metrics` on the API asks for; default generated
+    /// once into `<data_dir>/metrics-token`.
+    pub metrics_token: Option<String>,
     /// Directory holding the catalogue's files; default `<data_dir>/images`.
     pub image_dir: Option<PathBuf>,
     /// The image catalogue: what tenants may boot, by name (`test`, tern's
@@ -210,6 +217,9 @@ impl Default for Config {
             image_dir: None,
             images: BTreeMap::new(),
             http: tern_httpd::Limits::default(),
+            quota: Quotas::default(),
+            metrics_listen: None,
+            metrics_token: None,
         }
     }
 }
@@ -230,6 +240,8 @@ const ENV: &[(&str, &str, Kind)] = &[
     ("TERN_STORE_URL", "store_url", Kind::Text),
     ("TERN_JWT_SECRET", "jwt_secret", Kind::Text),
     ("TERN_HOST_ID", "host_id", Kind::Text),
+    ("TERN_METRICS_LISTEN", "metrics_listen", Kind::Text),
+    ("TERN_METRICS_TOKEN", "metrics_token", Kind::Text),
     ("TERN_POOL_SIZE", "pool.size", Kind::Int),
     ("TERN_POOL_IDLE_TTL", "pool.idle_ttl", Kind::Text),
     (
@@ -404,6 +416,19 @@ impl Config {
                 return Err(("jwt_secret", "must be at least 16 characters".into()));
             }
         }
+        if let Some(s) = &self.metrics_token {
+            if s.len() < 16 {
+                return Err(("metrics_token", "must be at least 16 characters".into()));
+            }
+        }
+        if let Some(a) = &self.metrics_listen {
+            a.parse::<SocketAddr>().map_err(|_| {
+                (
+                    "metrics_listen",
+                    format!("`{a}` is not an address like 127.0.0.1:9464"),
+                )
+            })?;
+        }
         if self.pool.size > 10_000 {
             return Err((
                 "pool.size",
@@ -430,6 +455,9 @@ impl Config {
         }
         self.spec.validate().map_err(|e| ("spec", e))?;
         self.http.validate().map_err(|e| ("http", e))?;
+        for name in self.quota.tenants.keys() {
+            TenantId::new(name.clone()).map_err(|e| ("quota.tenants", e.to_string()))?;
+        }
         let images = self.catalogue().map_err(|e| ("images", e.to_string()))?;
         if !images.contains(&self.spec.image) {
             return Err((
@@ -474,6 +502,7 @@ impl Config {
             health_concurrency: self.health.concurrency,
             max_consecutive_failures: self.health.max_consecutive_failures,
             default_spec: self.spec.clone(),
+            quotas: self.quota.clone(),
             images: self
                 .catalogue()
                 .map(|c| c.names().into_iter().collect())
@@ -484,30 +513,44 @@ impl Config {
 
     /// The API token secret: configured, or read from (created once in) the data dir.
     pub fn jwt_secret(&self) -> std::io::Result<Vec<u8>> {
-        if let Some(s) = &self.jwt_secret {
-            return Ok(s.as_bytes().to_vec());
+        match &self.jwt_secret {
+            Some(s) => Ok(s.as_bytes().to_vec()),
+            None => secret_file(&self.data_dir.join("jwt-secret")).map(String::into_bytes),
         }
-        let path = self.data_dir.join("jwt-secret");
-        match std::fs::read_to_string(&path) {
-            // A short key makes forgeable tokens (an empty one signs anything
-            // the empty key checks): refuse to start rather than trust it.
-            Ok(s) if s.trim().len() < 16 => Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "{} holds {} characters; an API token secret needs at least 16 (delete the file to have one generated)",
-                    path.display(),
-                    s.trim().len()
-                ),
-            )),
-            Ok(s) => Ok(s.trim().as_bytes().to_vec()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let secret: [u8; 32] = rand::random();
-                let text = hex::encode(secret);
-                write_private(&path, text.as_bytes())?;
-                Ok(text.into_bytes())
-            }
-            Err(e) => Err(e),
+    }
+
+    /// The token `/metrics` asks for: configured, or read from (created
+    /// once in) `<data_dir>/metrics-token`.
+    pub fn metrics_token(&self) -> std::io::Result<String> {
+        match &self.metrics_token {
+            Some(t) => Ok(t.clone()),
+            None => secret_file(&self.data_dir.join("metrics-token")),
         }
+    }
+}
+
+/// A secret kept in a file: read, or generated once (32 random bytes, hex)
+/// when the file is missing.
+fn secret_file(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        // A short key makes forgeable tokens (an empty one signs anything
+        // the empty key checks): refuse to start rather than trust it.
+        Ok(s) if s.trim().len() < 16 => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} holds {} characters; a secret needs at least 16 (delete the file to have one generated)",
+                path.display(),
+                s.trim().len()
+            ),
+        )),
+        Ok(s) => Ok(s.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret: [u8; 32] = rand::random();
+            let text = hex::encode(secret);
+            write_private(path, text.as_bytes())?;
+            Ok(text)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod agentcmd;
 mod config;
+mod logging;
 mod up;
 
 use clap::{Parser, Subcommand};

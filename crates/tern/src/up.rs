@@ -3,20 +3,14 @@
 use crate::config::{Config, DriverKind};
 use anyhow::Context;
 use std::sync::Arc;
-use tern_api::{ApiState, AuthKeys};
+use tern_api::{ApiState, AuthKeys, MetricsAccess};
 use tern_drivers::mock::MockDriver;
 use tern_drivers::VmDriver;
 use tern_orchestrator::Manager;
 
 /// Runs until SIGINT or SIGTERM. VMs keep running after it exits.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    crate::logging::init();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(cfg))
 }
@@ -62,10 +56,28 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let app = tern_api::router(ApiState {
+    let mut state = ApiState {
         manager: manager.clone(),
         auth: Arc::new(AuthKeys::from_secret(&secret)),
-    });
+        metrics: MetricsAccess::Off,
+    };
+    match &cfg.metrics_listen {
+        Some(m) => {
+            let l = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("cannot listen on {m} (metrics_listen)"))?;
+            tracing::info!(addr = %l.local_addr()?, "metrics on a listener of their own");
+            let app = tern_api::metrics_router(state.clone());
+            tokio::spawn(tern_httpd::serve(l, app, cfg.http, std::future::pending()));
+        }
+        None => {
+            let token = cfg
+                .metrics_token()
+                .context("cannot read or create the metrics token")?;
+            state.metrics = MetricsAccess::Token(token.into());
+        }
+    }
+    let app = tern_api::router(state);
     tracing::info!(
         %addr, driver = driver.name(), store = store.backend(), data_dir = %cfg.data_dir.display(),
         "tern is up"

@@ -318,3 +318,79 @@ fn walk_names(root: &Path) -> Vec<String> {
     }
     out
 }
+
+/// Finding 8: refused logins and metrics scrapes are in the structured log
+/// (JSON lines here), with the reason and never the token.
+#[tokio::test]
+async fn refusals_are_logged_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("up.log");
+    let alice = token(&data, "alice");
+    let up = Up::start_logged(
+        &data,
+        "mock",
+        &[
+            ("TERN_LOG_FORMAT", "json"),
+            ("TERN_LOG", "info"),
+            ("TERN_POOL_SIZE", "0"),
+        ],
+        &log,
+    );
+    let http = reqwest::Client::new();
+    let forged = format!("{}x", &alice[..alice.len() - 1]);
+    let r = http
+        .get(format!("{}/api/v1/vms", up.base))
+        .bearer_auth(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .post(format!("{}/api/v1/vms", up.base))
+        .bearer_auth(&alice)
+        .json(&serde_json::json!({"spec": {"image": "/etc/shadow"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .get(format!("{}/metrics", up.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "metrics need their token");
+    let metrics_token = std::fs::read_to_string(data.join("metrics-token")).unwrap();
+    let r = http
+        .get(format!("{}/metrics", up.base))
+        .bearer_auth(metrics_token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    up.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let login = lines
+        .iter()
+        .find(|l| l["message"] == "rejected login")
+        .unwrap_or_else(|| panic!("no rejected login in\n{text}"));
+    assert_eq!(login["level"], "WARN");
+    assert_eq!(login["path"], "/api/v1/vms");
+    assert!(login["remote"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "refused a metrics scrape: missing or wrong metrics token"),
+        "{text}"
+    );
+    let signature = alice.rsplit('.').next().unwrap();
+    assert!(!text.contains(signature), "a token reached the log");
+    assert!(
+        !text.contains(metrics_token.trim()),
+        "the metrics token reached the log"
+    );
+}

@@ -13,6 +13,16 @@ pub struct Up {
 impl Up {
     /// Starts `tern up` with `driver` on a free port, `env` added.
     pub fn start(data: &Path, driver: &str, env: &[(&str, &str)]) -> Up {
+        Self::start_with(data, driver, env, Stdio::inherit())
+    }
+
+    /// [`Up::start`] with its log (stderr) going to `log`.
+    pub fn start_logged(data: &Path, driver: &str, env: &[(&str, &str)], log: &Path) -> Up {
+        let f = std::fs::File::create(log).expect("log file");
+        Self::start_with(data, driver, env, Stdio::from(f))
+    }
+
+    fn start_with(data: &Path, driver: &str, env: &[(&str, &str)], stderr: Stdio) -> Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args(["up", "--driver", driver, "--listen", "127.0.0.1:0"])
             .env("TERN_DATA", data)
@@ -20,7 +30,7 @@ impl Up {
             .env("TERN_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn tern up");
         let mut line = String::new();
