@@ -150,12 +150,17 @@ async fn open(path: &Path, req: &Request) -> Result<BufReader<UnixStream>, Contr
     Ok(BufReader::new(s))
 }
 
+/// Longest message line either end of a control socket reads: a message
+/// is a few KiB; a peer that sends more without a newline is cut off
+/// rather than buffered.
+pub const MAX_LINE: u64 = 1 << 20;
+
 async fn read_line<T: serde::de::DeserializeOwned>(
     path: &Path,
     r: &mut BufReader<UnixStream>,
 ) -> Result<Option<T>, ControlError> {
     let mut line = String::new();
-    let n = r
+    let n = tokio::io::AsyncReadExt::take(&mut *r, MAX_LINE)
         .read_line(&mut line)
         .await
         .map_err(|source| ControlError::Io {

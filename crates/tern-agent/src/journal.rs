@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -202,21 +202,29 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let lines: Vec<String> = std::io::BufReader::new(f)
-        .lines()
-        .collect::<Result<_, _>>()
-        .map_err(|source| JournalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut &f, &mut text).map_err(|source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(parse_records(path, &text))
+}
+
+/// The records in a journal's bytes (`path` only names it in messages):
+/// the torn-tail and damaged-line rules of [`read_records`].
+pub fn parse_records(path: &Path, text: &[u8]) -> Vec<Record> {
+    let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+    // A final newline leaves an empty last piece: the line before it is whole.
+    let last = lines.iter().rposition(|l| !l.trim_ascii().is_empty());
+    let torn = !text.ends_with(b"\n");
     let mut out = Vec::with_capacity(lines.len());
     for (i, l) in lines.iter().enumerate() {
-        if l.trim().is_empty() {
+        if l.trim_ascii().is_empty() {
             continue;
         }
-        match serde_json::from_str(l) {
+        match serde_json::from_slice(l) {
             Ok(r) => out.push(r),
-            Err(_) if i + 1 == lines.len() => {
+            Err(_) if torn && Some(i) == last => {
                 tracing::warn!(path = %path.display(), "dropping a torn last journal line");
             }
             Err(e) => {
@@ -229,7 +237,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// A crash mid-append leaves a last line without its newline: cut it off

@@ -147,7 +147,10 @@ async fn handle(p: Arc<Proc>, conn: UnixStream) {
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
     let mut r = BufReader::new(r);
-    if r.read_line(&mut line).await.is_err() {
+    let read = tokio::io::AsyncReadExt::take(&mut r, crate::control::MAX_LINE)
+        .read_line(&mut line)
+        .await;
+    if read.is_err() {
         return;
     }
     let req: Request = match serde_json::from_str(&line) {

@@ -180,7 +180,9 @@ impl Qmp {
 
     async fn read_message(&mut self, what: &str) -> Result<Value, QmpError> {
         let mut line = String::new();
-        let n = tokio::time::timeout(self.timeout, self.reader.read_line(&mut line))
+        // QEMU's messages are small; a line past this bound is cut, not buffered.
+        let mut bounded = tokio::io::AsyncReadExt::take(&mut self.reader, 4 << 20);
+        let n = tokio::time::timeout(self.timeout, bounded.read_line(&mut line))
             .await
             .map_err(|_| QmpError::Timeout(what.into()))?
             .map_err(|e| QmpError::Io {
@@ -213,24 +215,20 @@ impl Qmp {
                 reason: e.to_string(),
             })?;
         loop {
-            let mut m = self.read_message(command).await?;
-            if let Some(r) = m.get_mut("return") {
-                return Ok(r.take());
-            }
-            if let Some(e) = m.get("error") {
-                return Err(QmpError::Command {
-                    command: command.into(),
-                    class: e["class"].as_str().unwrap_or("?").into(),
-                    desc: e["desc"].as_str().unwrap_or("?").into(),
-                });
-            }
-            if m.get("event").is_some() {
-                if let Ok(ev) = serde_json::from_value::<Event>(m) {
-                    self.events.push(ev);
+            match classify(self.read_message(command).await?) {
+                Reply::Return(v) => return Ok(v),
+                Reply::Error { class, desc } => {
+                    return Err(QmpError::Command {
+                        command: command.into(),
+                        class,
+                        desc,
+                    })
                 }
-                continue;
+                Reply::Event(ev) => self.events.extend(ev),
+                Reply::Unexpected(m) => {
+                    return Err(QmpError::Protocol(format!("unexpected message {m}")))
+                }
             }
-            return Err(QmpError::Protocol(format!("unexpected message {m}")));
         }
     }
 
@@ -278,6 +276,41 @@ impl Qmp {
     pub async fn run(&mut self, command: &str, args: Value) -> Result<(), QmpError> {
         self.execute_value(command, args).await.map(drop)
     }
+}
+
+/// One message from QEMU, sorted.
+#[derive(Debug)]
+pub enum Reply {
+    /// A command's answer.
+    Return(Value),
+    /// A command's failure.
+    Error {
+        /// QEMU's error class.
+        class: String,
+        /// Its description.
+        desc: String,
+    },
+    /// An event (`None` if its shape is not one tern reads).
+    Event(Option<Event>),
+    /// Anything else.
+    Unexpected(Value),
+}
+
+/// Sorts a message QEMU sent (decoded JSON, any shape).
+pub fn classify(mut m: Value) -> Reply {
+    if let Some(r) = m.get_mut("return") {
+        return Reply::Return(r.take());
+    }
+    if let Some(e) = m.get("error") {
+        return Reply::Error {
+            class: e["class"].as_str().unwrap_or("?").into(),
+            desc: e["desc"].as_str().unwrap_or("?").into(),
+        };
+    }
+    if m.get("event").is_some() {
+        return Reply::Event(serde_json::from_value::<Event>(m).ok());
+    }
+    Reply::Unexpected(m)
 }
 
 #[cfg(test)]
