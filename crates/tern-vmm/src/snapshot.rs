@@ -400,8 +400,13 @@ fn hash_file(path: &Path) -> Result<String, VmmError> {
 }
 
 /// Reads and checks an incremental memory file; returns its page numbers and
-/// where the page data starts.
-fn read_incremental_index(path: &Path, m: &MemoryManifest) -> Result<(Vec<u64>, u64), VmmError> {
+/// where the page data starts. Every size comes from files a forger may
+/// have written, so the arithmetic is checked and nothing is allocated
+/// before the file's length agrees with its page count.
+pub fn read_incremental_index(
+    path: &Path,
+    m: &MemoryManifest,
+) -> Result<(Vec<u64>, u64), VmmError> {
     let mut f = File::open(path).map_err(|e| snap_err(path, e))?;
     let len = f.metadata().map_err(|e| snap_err(path, e))?.len();
     if len != m.file_bytes {
@@ -434,8 +439,15 @@ fn read_incremental_index(path: &Path, m: &MemoryManifest) -> Result<(Vec<u64>, 
             ),
         ));
     }
-    let data_start = (24 + count * 8).next_multiple_of(PAGE_SIZE);
-    if data_start + count * PAGE_SIZE != len {
+    let data_start = count
+        .checked_mul(8)
+        .and_then(|b| b.checked_add(24))
+        .and_then(|b| b.checked_next_multiple_of(PAGE_SIZE));
+    let expected = data_start.and_then(|d| d.checked_add(count.checked_mul(PAGE_SIZE)?));
+    let (Some(data_start), Some(expected)) = (data_start, expected) else {
+        return Err(snap_err(path, "page count overflows"));
+    };
+    if expected != len {
         return Err(snap_err(path, "length does not match its page count"));
     }
     let mut idx = vec![0u8; (count * 8) as usize];
