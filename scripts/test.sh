@@ -44,8 +44,11 @@ fi
 echo "== fuzz: every decoder of network input, ${TERN_FUZZ_SECONDS:-45} s each"
 # Stable toolchain only here: RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z flags.
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
+# Build every target first: a target that does not compile fails the run here
+# (the run loop below only filters the fuzzer's output).
+(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build -O 2>&1 | grep -E "^(error|warning: unused)" -A5; exit "${PIPESTATUS[0]}")
 for target in page_frame transport_wire snapshot_state migrate_protocol \
-    api_bodies control_socket journal_replay configs guest_output boot_image memory_file; do
+    api_bodies control_socket journal_replay configs guest_output boot_image memory_file transport_receiver; do
     corpus=$(mktemp -d)
     (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus" "seeds/$target" -- \
         -max_total_time="${TERN_FUZZ_SECONDS:-45}" -print_final_stats=1 2>&1 | grep -E "^(Done|stat::number_of_executed_units)|SUMMARY|panicked|ERROR" || true)

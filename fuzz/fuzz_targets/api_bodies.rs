@@ -1,20 +1,14 @@
 //! The bodies both HTTP APIs decode, on arbitrary bytes: `tern up`'s create
-//! and configure bodies (through the same extractor the API uses) and the
-//! host agent's VM specs and migrate requests. Refusing is fine; panicking,
-//! or passing validation with a size past its limit, is not.
+//! and configure bodies (the `tern-proto` types its extractor decodes) and
+//! the host agent's VM specs and migrate requests. Refusing is fine;
+//! panicking, or passing validation with a size past its limit, is not.
 #![no_main]
 
-use axum::body::Bytes;
-use axum::http::{header, HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use tern_api::body::json_body;
-use tern_api::CreateVmRequest;
-use tern_proto::VmConfig;
+use tern_proto::{CreateVmRequest, VmConfig};
 
 fuzz_target!(|data: &[u8]| {
-    let mut h = HeaderMap::new();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Ok(Some(req)) = json_body::<CreateVmRequest>(&h, Ok(Bytes::copy_from_slice(data))) {
+    if let Ok(req) = serde_json::from_slice::<CreateVmRequest>(data) {
         if let Some(spec) = req.spec {
             if spec.validate().is_ok() {
                 assert!((16..=1024 * 1024).contains(&spec.memory_mib));
@@ -23,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = req.config.validate();
     }
-    if let Ok(Some(c)) = json_body::<VmConfig>(&h, Ok(Bytes::copy_from_slice(data))) {
+    if let Ok(c) = serde_json::from_slice::<VmConfig>(data) {
         if c.validate().is_ok() {
             assert!(c.settings.len() <= 256);
         }

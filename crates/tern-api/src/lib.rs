@@ -14,7 +14,8 @@ mod routes;
 
 pub use auth::{AuthKeys, Claims, Permission};
 pub use error::ApiError;
-pub use routes::{metrics_router, router, ApiState, CreateVmRequest, MetricsAccess, VmView};
+pub use routes::{metrics_router, router, ApiState, MetricsAccess, VmView};
+pub use tern_proto::CreateVmRequest;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tern_orchestrator::{Manager, ProvisionSource};
-use tern_proto::{VmConfig, VmId, VmRecord, VmSpec, VmStatus};
+use tern_proto::{CreateVmRequest, VmConfig, VmId, VmRecord, VmStatus};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -45,19 +45,6 @@ impl FromRef<ApiState> for Arc<AuthKeys> {
     fn from_ref(s: &ApiState) -> Self {
         s.auth.clone()
     }
-}
-
-/// Body of `POST /api/v1/vms`. Both fields are optional: an empty body gets a
-/// warm VM of the pool's spec with no configuration.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVmRequest {
-    /// A spec other than the pool's cold-starts a VM of that spec.
-    #[serde(default)]
-    pub spec: Option<VmSpec>,
-    /// Configuration to inject.
-    #[serde(default)]
-    pub config: VmConfig,
 }
 
 /// A VM as the API shows it.

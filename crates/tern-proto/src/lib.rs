@@ -10,4 +10,6 @@ pub mod vm;
 
 pub use ids::{HostId, IdError, OwnerEpoch, TenantId, VmId, VsockCid};
 pub use migration::{MigrationPhase, MigrationRole};
-pub use vm::{is_image_name, IllegalTransition, VmConfig, VmRecord, VmSpec, VmStatus};
+pub use vm::{
+    is_image_name, CreateVmRequest, IllegalTransition, VmConfig, VmRecord, VmSpec, VmStatus,
+};

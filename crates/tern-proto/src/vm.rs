@@ -249,6 +249,19 @@ impl VmConfig {
     }
 }
 
+/// Body of `POST /api/v1/vms`. Both fields are optional: an empty body gets a
+/// warm VM of the pool's spec with no configuration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// A spec other than the pool's cold-starts a VM of that spec.
+    #[serde(default)]
+    pub spec: Option<VmSpec>,
+    /// Configuration to inject.
+    #[serde(default)]
+    pub config: VmConfig,
+}
+
 /// Everything the control plane knows about one VM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmRecord {
