@@ -51,6 +51,8 @@ async fn tern_up_keeps_its_data_private() {
         eprintln!("no KVM or no tern-vmm beside tern: the mock driver stands in");
         "mock"
     };
+    // VMs outlive `tern up` by design: end this test's monitors however it ends.
+    let _reap = Reap(data.clone());
     let up = Up::start(
         &data,
         driver,
@@ -74,6 +76,31 @@ async fn tern_up_keeps_its_data_private() {
     let bad = exposed(&data);
     assert!(bad.is_empty(), "readable by others: {bad:?}");
     up.stop();
+}
+
+/// Kills the processes started under a data dir when dropped.
+struct Reap(PathBuf);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        kill_processes_under(&self.0);
+    }
+}
+
+/// Kills every process whose command line names a path under `dir`.
+fn kill_processes_under(dir: &Path) {
+    let needle = dir.display().to_string();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    }
 }
 
 /// Finding 6: an agent's data dir (keys, API token, each guest's directory,
