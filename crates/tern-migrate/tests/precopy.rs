@@ -488,10 +488,7 @@ async fn postcopy_serves_the_pages_a_running_workload_touches_first() {
             break;
         }
     }
-    assert!(
-        served > 0,
-        "no page was served on demand in six migrations"
-    );
+    assert!(served > 0, "no page was served on demand in six migrations");
 }
 
 /// One post-copy migration; returns the faults served on demand.
