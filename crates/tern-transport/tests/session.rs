@@ -556,24 +556,11 @@ async fn works_on_a_current_thread_runtime() {
 /// stream once it is past the reorder bound; the receiver does not grow.
 #[tokio::test]
 async fn frames_ahead_of_delivery_are_bounded() {
-    use tern_transport::wire::{self, Hello};
+    use tern_transport::wire;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut l = listen(None).await;
-    let mut s = tokio::net::TcpStream::connect(l.local_addr())
-        .await
-        .unwrap();
     // Route 0 (this listener's own process), plain TCP (TLS off).
-    s.write_all(&[0]).await.unwrap();
-    let hello = Hello {
-        session: [7; 16],
-        token: [9; 32],
-        stream_index: 0,
-        stream_count: 1,
-        resume: false,
-    };
-    s.write_all(&hello.encode()).await.unwrap();
-    let mut ack = [0u8; wire::HELLO_ACK_LEN];
-    s.read_exact(&mut ack).await.unwrap();
+    let (mut s, _) = raw_hello(&l, 7).await;
     let _rx = l.accept().await.expect("a session");
     let chunk = vec![0x5au8; wire::MAX_PAYLOAD.min(16 << 20)];
     let hash = wire::payload_hash(&chunk);

@@ -9,26 +9,36 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Every file and directory under `root` (and `root` itself) that group or
-/// others can read, write or enter.
-fn exposed(root: &Path) -> Vec<(PathBuf, String)> {
+/// `root` and every path under it (symlinks not followed).
+fn walk(root: &Path) -> Vec<PathBuf> {
     let mut out = vec![];
     let mut todo = vec![root.to_path_buf()];
     while let Some(p) = todo.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 && !meta.file_type().is_symlink() {
-            out.push((p.clone(), format!("{mode:o}")));
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+            todo.extend(
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
         }
-        if meta.is_dir() {
-            for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
-                todo.push(e.path());
-            }
-        }
+        out.push(p);
     }
     out
+}
+
+/// Every file and directory under `root` (and `root` itself) that group or
+/// others can read, write or enter.
+fn exposed(root: &Path) -> Vec<(PathBuf, String)> {
+    walk(root)
+        .into_iter()
+        .filter_map(|p| {
+            let meta = std::fs::symlink_metadata(&p).ok()?;
+            let mode = meta.permissions().mode() & 0o7777;
+            (mode & 0o077 != 0 && !meta.file_type().is_symlink()).then(|| (p, format!("{mode:o}")))
+        })
+        .collect()
 }
 
 /// Finding 6: `tern up`'s data dir (store, WAL, secret, each VM's
@@ -322,7 +332,10 @@ async fn a_peer_cannot_claim_another_name_or_choose_paths() {
     for p in [dir.path().join("escaped"), dir.path().join("escaped-m")] {
         assert!(!p.exists(), "{} was created", p.display());
     }
-    let found = walk_names(dir.path());
+    let found: Vec<String> = walk(dir.path())
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     assert!(
         !found
             .iter()
@@ -330,20 +343,6 @@ async fn a_peer_cannot_claim_another_name_or_choose_paths() {
         "{found:?}"
     );
     assert!(b.client().migrations_list().await.unwrap().is_empty());
-}
-
-fn walk_names(root: &Path) -> Vec<String> {
-    let mut out = vec![];
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(p) = todo.pop() {
-        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
-            out.push(e.path().display().to_string());
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                todo.push(e.path());
-            }
-        }
-    }
-    out
 }
 
 /// Finding 8: refused logins and metrics scrapes are in the structured log
