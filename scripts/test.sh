@@ -46,7 +46,14 @@ echo "== fuzz: every decoder of network input, ${TERN_FUZZ_SECONDS:-45} s each"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
 # Build every target first: a target that does not compile fails the run here
 # (the run loop below only filters the fuzzer's output).
-(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build -O 2>&1 | grep -E "^(error|warning: unused)" -A5; exit "${PIPESTATUS[0]}")
+# (Not a pipeline into grep: under `set -e -o pipefail` a grep that finds no
+# error would itself fail the run.)
+fuzz_log=$(mktemp)
+if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build -O >"$fuzz_log" 2>&1); then
+    grep -E "^(error|Error)" -A8 "$fuzz_log" || tail -40 "$fuzz_log"
+    echo "fuzz targets do not build"; exit 1
+fi
+rm -f "$fuzz_log"
 for target in page_frame transport_wire snapshot_state migrate_protocol \
     api_bodies control_socket journal_replay configs guest_output boot_image memory_file transport_receiver; do
     corpus=$(mktemp -d)
