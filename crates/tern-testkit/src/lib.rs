@@ -3,8 +3,9 @@
 //! This kernel has no `netem`, so WAN conditions come from a relay of our own:
 //! it accepts connections, connects each to the target, and forwards both
 //! directions through a queue that adds one-way delay and jitter, caps the rate,
-//! and can cut every connection (and refuse new ones) for a while, or flip one
-//! byte of a client-to-server stream to test integrity checks.
+//! and can cut every connection (and refuse new ones) for a while, hold all
+//! traffic without resetting anything (a black hole), or flip one byte of a
+//! client-to-server stream to test integrity checks.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -61,6 +62,7 @@ struct Shared {
     cfg: Mutex<LinkConfig>,
     cut: watch::Sender<u64>,
     refuse_until: Mutex<Option<Instant>>,
+    hold_until: Mutex<Option<Instant>>,
     corrupt_at: Mutex<Option<u64>>,
     up: Mutex<Pacer>,
     down: Mutex<Pacer>,
@@ -95,6 +97,7 @@ impl LinkEmulator {
             cfg: Mutex::new(cfg),
             cut: watch::channel(0).0,
             refuse_until: Mutex::new(None),
+            hold_until: Mutex::new(None),
             corrupt_at: Mutex::new(None),
             up: Mutex::new(Pacer {
                 rate,
@@ -126,6 +129,8 @@ impl LinkEmulator {
                 sh.accepted.fetch_add(1, Relaxed);
                 let sh = sh.clone();
                 tokio::spawn(async move {
+                    // In a black hole the connection seems open but reaches nothing.
+                    sh.wait_hold().await;
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
@@ -159,6 +164,14 @@ impl LinkEmulator {
         self.shared.cut.send_modify(|g| *g += 1);
     }
 
+    /// A black hole for `down_for`: nothing crosses in either direction, yet
+    /// no connection is reset or refused (new ones are accepted and reach
+    /// nothing). Afterwards what was queued crosses, as TCP's retransmissions
+    /// would deliver it, to whichever end still listens.
+    pub fn hold(&self, down_for: Duration) {
+        *self.shared.hold_until.lock().expect("lock") = Some(Instant::now() + down_for);
+    }
+
     /// Flips one byte at `offset` of the next connection's client-to-server stream.
     pub fn corrupt_next_connection_at(&self, offset: u64) {
         *self.shared.corrupt_at.lock().expect("lock") = Some(offset);
@@ -179,6 +192,19 @@ impl LinkEmulator {
     /// Bytes relayed client to server.
     pub fn bytes_up(&self) -> u64 {
         self.shared.bytes_up.load(Relaxed)
+    }
+}
+
+impl Shared {
+    /// Returns once no black hole is on.
+    async fn wait_hold(&self) {
+        loop {
+            let until = *self.hold_until.lock().expect("lock");
+            match until {
+                Some(t) if Instant::now() < t => tokio::time::sleep_until(t).await,
+                _ => return,
+            }
+        }
     }
 }
 
@@ -250,6 +276,7 @@ async fn pump(
             pacer.lock().expect("lock").schedule(release, buf.len())
         };
         tokio::time::sleep_until(done).await;
+        sh.wait_hold().await;
         if to.write_all(&buf).await.is_err() {
             break;
         }

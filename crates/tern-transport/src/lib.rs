@@ -8,7 +8,9 @@
 //! payload checksum ([`wire`]). The receiver acknowledges what the
 //! application has applied; when a connection drops the sender reconnects (with
 //! backoff, up to a deadline) with the session id and resume token and replays
-//! only unacknowledged frames. A damaged frame is re-requested, never delivered.
+//! only unacknowledged frames. Every stream carries a heartbeat a second and a
+//! stream silent for [`SILENCE_LIMIT`] is dropped and resumed, so a link that
+//! holds packets without resetting anything is noticed. A damaged frame is re-requested, never delivered.
 //! Bandwidth is shaped by a token bucket per session under one per host
 //! ([`ratelimit`]), and the session's rate adapts to congestion.
 
@@ -21,6 +23,6 @@ pub mod wire;
 pub use ratelimit::{HostLimiter, TokenBucket};
 pub use session::{
     Listener, Receiver, Router, Security, Sender, SessionConfig, SessionMetrics, TransportError,
-    MAX_PENDING, MAX_REORDER_BYTES, MAX_SESSIONS, ROUTE_TIMEOUT,
+    HEARTBEAT, MAX_PENDING, MAX_REORDER_BYTES, MAX_SESSIONS, ROUTE_TIMEOUT, SILENCE_LIMIT,
 };
 pub use tls::TlsIdentity;

@@ -26,8 +26,8 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-/// Protocol magic and version.
-pub const MAGIC: [u8; 4] = *b"TTS1";
+/// Protocol magic and version (2: heartbeats).
+pub const MAGIC: [u8; 4] = *b"TTS2";
 /// Largest payload a frame may carry (bounds what a peer can make us allocate).
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Bytes of Hello.
@@ -60,6 +60,10 @@ pub const KIND_NACK: u8 = 5;
 pub const KIND_FINISH: u8 = 6;
 /// Kind byte of a finish acknowledgement.
 pub const KIND_FINISH_ACK: u8 = 7;
+/// Kind byte of a heartbeat on a data stream (sender to receiver).
+pub const KIND_PING: u8 = 8;
+/// Kind byte of a heartbeat's answer (receiver to sender).
+pub const KIND_PONG: u8 = 9;
 
 /// A malformed message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -228,6 +232,9 @@ pub enum DataHeader {
         /// Frames in the session.
         total: u64,
     },
+    /// A heartbeat: the stream is alive though it has nothing to carry.
+    /// The receiver answers [`Control::Pong`] with the same number.
+    Ping(u64),
 }
 
 /// Writes a Data header for `payload`.
@@ -249,6 +256,15 @@ pub fn finish_header(total: u64) -> [u8; DATA_HEADER_LEN] {
     b
 }
 
+/// Writes a heartbeat (same size as a Data header).
+pub fn ping_header(n: u64) -> [u8; DATA_HEADER_LEN] {
+    let mut b = [0u8; DATA_HEADER_LEN];
+    b[0] = KIND_PING;
+    b[1..9].copy_from_slice(&n.to_le_bytes());
+    b[13..17].copy_from_slice(&header_check(KIND_PING, n, 0).to_le_bytes());
+    b
+}
+
 /// The payload checksum sent after each payload.
 pub fn payload_hash(payload: &[u8]) -> [u8; PAYLOAD_HASH_LEN] {
     xxhash_rust::xxh3::xxh3_128(payload).to_le_bytes()
@@ -260,7 +276,7 @@ pub fn parse_data_header(b: &[u8; DATA_HEADER_LEN]) -> Result<DataHeader, WireEr
     let seq = u64::from_le_bytes(b[1..9].try_into().expect("8 bytes"));
     let len = u32::from_le_bytes(b[9..13].try_into().expect("4 bytes"));
     let check = u32::from_le_bytes(b[13..17].try_into().expect("4 bytes"));
-    if kind != KIND_DATA && kind != KIND_FINISH {
+    if ![KIND_DATA, KIND_FINISH, KIND_PING].contains(&kind) {
         return Err(WireError::BadKind(kind));
     }
     if check != header_check(kind, seq, len) {
@@ -269,7 +285,8 @@ pub fn parse_data_header(b: &[u8; DATA_HEADER_LEN]) -> Result<DataHeader, WireEr
     match kind {
         KIND_DATA if len as usize > MAX_PAYLOAD => Err(WireError::TooLarge(len)),
         KIND_DATA => Ok(DataHeader::Data { seq, len }),
-        _ if len != 0 => Err(WireError::Invalid("finish with a length")),
+        _ if len != 0 => Err(WireError::Invalid("finish or ping with a length")),
+        KIND_PING => Ok(DataHeader::Ping(seq)),
         _ => Ok(DataHeader::Finish { total: seq }),
     }
 }
@@ -286,6 +303,8 @@ pub enum Control {
     Nack(u64),
     /// The receiver has the end marker for this many frames.
     FinishAck(u64),
+    /// The answer to [`DataHeader::Ping`]: the stream works both ways.
+    Pong(u64),
 }
 
 impl Control {
@@ -295,6 +314,7 @@ impl Control {
             Control::Ack(v) => (KIND_ACK, v),
             Control::Nack(v) => (KIND_NACK, v),
             Control::FinishAck(v) => (KIND_FINISH_ACK, v),
+            Control::Pong(v) => (KIND_PONG, v),
         };
         let mut b = [0u8; CONTROL_LEN];
         b[0] = kind;
@@ -314,6 +334,7 @@ impl Control {
             KIND_ACK => Ok(Control::Ack(v)),
             KIND_NACK => Ok(Control::Nack(v)),
             KIND_FINISH_ACK => Ok(Control::FinishAck(v)),
+            KIND_PONG => Ok(Control::Pong(v)),
             k => Err(WireError::BadKind(k)),
         }
     }
@@ -335,6 +356,7 @@ mod tests {
         fn data_headers_round_trip(seq: u64, len in 0u32..=MAX_PAYLOAD as u32) {
             prop_assert_eq!(parse_data_header(&data_header(seq, len)).unwrap(), DataHeader::Data { seq, len });
             prop_assert_eq!(parse_data_header(&finish_header(seq)).unwrap(), DataHeader::Finish { total: seq });
+            prop_assert_eq!(parse_data_header(&ping_header(seq)).unwrap(), DataHeader::Ping(seq));
         }
 
         #[test]
@@ -345,8 +367,8 @@ mod tests {
         }
 
         #[test]
-        fn controls_round_trip(v: u64, kind in 0u8..3) {
-            let c = [Control::Ack(v), Control::Nack(v), Control::FinishAck(v)][kind as usize];
+        fn controls_round_trip(v: u64, kind in 0u8..4) {
+            let c = [Control::Ack(v), Control::Nack(v), Control::FinishAck(v), Control::Pong(v)][kind as usize];
             prop_assert_eq!(Control::decode(&c.encode()).unwrap(), c);
         }
 

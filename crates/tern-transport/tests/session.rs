@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use tern_testkit::{LinkConfig, LinkEmulator};
 use tern_transport::certs;
 use tern_transport::{
-    HostLimiter, Listener, Receiver, Security, Sender, SessionConfig, TlsIdentity,
+    HostLimiter, Listener, Receiver, Security, Sender, SessionConfig, TlsIdentity, TransportError,
+    SILENCE_LIMIT,
 };
 
 const MB: u64 = 1_000_000;
@@ -669,4 +670,122 @@ async fn silent_connections_cannot_hold_the_listener() {
         .await
         .expect("a session gets through after the silent ones are cut");
     assert_eq!(status, 0);
+}
+
+/// A black hole (traffic held, nothing reset) shorter than the resume
+/// deadline: the streams notice the silence, drop, resume once the link is
+/// back, and every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: waits out a black hole"]
+async fn a_black_hole_within_the_deadline_is_resumed() {
+    let p = pki();
+    let mut l = listen(Some(&p.dst)).await;
+    let link = LinkEmulator::start(l.local_addr(), LinkConfig::default())
+        .await
+        .unwrap();
+    let cfg = SessionConfig {
+        window_bytes: 8 << 20,
+        rate_bytes_per_sec: 20 * MB,
+        resume_deadline: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let tx = Arc::new(
+        Sender::connect(link.addr(), tls(&p.src), cfg, None)
+            .await
+            .unwrap(),
+    );
+    let rx = l.accept().await.unwrap();
+    let recv = tokio::spawn(drain(rx));
+    let holder = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while tx.metrics().bytes_acked < 20 * MB {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            link.hold(Duration::from_secs(7));
+            link
+        })
+    };
+    let t = Instant::now();
+    let sent = pump(&tx, 160, 1 << 20).await;
+    let link = holder.await.unwrap();
+    let tx = Arc::try_unwrap(tx).ok().expect("only owner");
+    let m = tx.finish().await.unwrap();
+    let (got, n, _) = recv.await.unwrap();
+    assert_eq!((got, n), (sent, 160 << 20), "byte-identical after the hold");
+    assert!(
+        m.reconnects >= 1,
+        "the silent streams were not resumed: {m:?}"
+    );
+    eprintln!(
+        "7 s black hole: done in {:.1} s, {} reconnects, {} connections through the link",
+        t.elapsed().as_secs_f64(),
+        m.reconnects,
+        link.connections()
+    );
+}
+
+/// A black hole past the resume deadline: both ends give up with
+/// `LinkLost` within the deadline plus the silence limit and one connect
+/// attempt, instead of waiting on a connection that will never answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: waits out a black hole"]
+async fn a_black_hole_past_the_deadline_ends_both_sides() {
+    let p = pki();
+    let deadline = Duration::from_secs(3);
+    let mut l = Listener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(p.dst.server_config().unwrap()),
+        deadline,
+    )
+    .await
+    .unwrap();
+    let link = LinkEmulator::start(l.local_addr(), LinkConfig::default())
+        .await
+        .unwrap();
+    let cfg = SessionConfig {
+        window_bytes: 4 << 20,
+        resume_deadline: deadline,
+        ..Default::default()
+    };
+    let tx = Sender::connect(link.addr(), tls(&p.src), cfg, None)
+        .await
+        .unwrap();
+    let mut rx = l.accept().await.unwrap();
+    tx.send(frame(0, 1000)).await.unwrap();
+    let (seq, _) = rx.recv().await.unwrap().unwrap();
+    rx.ack(seq);
+    link.hold(Duration::from_secs(600));
+    let t = Instant::now();
+    let receiving = tokio::spawn(async move {
+        let r = rx.recv().await;
+        (r.map(|r| r.map(|_| ())), Instant::now())
+    });
+    // Keep sending into the hole until the session fails.
+    let mut seq = 1;
+    let send_err = loop {
+        match tx.send(frame(seq, 64 << 10)).await {
+            Ok(_) => seq += 1,
+            Err(e) => break e,
+        }
+    };
+    let send_done = t.elapsed();
+    let (recv_res, recv_at) = receiving.await.unwrap();
+    let recv_done = recv_at - t;
+    eprintln!("black hole: sender failed after {send_done:?} ({send_err}), receiver after {recv_done:?} ({recv_res:?})");
+    assert!(
+        matches!(send_err, TransportError::LinkLost(_)),
+        "{send_err}"
+    );
+    assert!(
+        matches!(recv_res, Some(Err(TransportError::LinkLost(_)))),
+        "{recv_res:?}"
+    );
+    // Deadline 3 s + silence 5 s + one 5 s connect attempt, with slack for
+    // a loaded machine: bounded, where before both sides waited forever.
+    let bound = deadline + SILENCE_LIMIT + Duration::from_secs(12);
+    assert!(
+        send_done < bound && recv_done < bound,
+        "{send_done:?} {recv_done:?}"
+    );
 }

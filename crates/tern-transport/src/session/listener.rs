@@ -365,10 +365,16 @@ pub(super) async fn read_frames(
     // of a fresh allocation (and page faults) per frame.
     let mut pool = bytes::BytesMut::new();
     loop {
-        if r.read_exact(&mut hb).await.is_err() {
-            return Ok(()); // connection ended; the sender reconnects if it needs to
+        // A live sender writes at least a heartbeat a second.
+        match tokio::time::timeout(SILENCE_LIMIT, r.read_exact(&mut hb)).await {
+            Err(_) => return Err(format!("stream silent for {SILENCE_LIMIT:?}")),
+            Ok(Err(_)) => return Ok(()), // ended; the sender reconnects if it needs to
+            Ok(Ok(_)) => {}
         }
         match wire::parse_data_header(&hb).map_err(|e| e.to_string())? {
+            DataHeader::Ping(n) => {
+                let _ = nack.send(Control::Pong(n));
+            }
             DataHeader::Finish { total } => {
                 sh.state.lock().expect("recv state").total = Some(total);
                 sh.arrived.notify_waiters();
@@ -382,10 +388,10 @@ pub(super) async fn read_frames(
                 pool.reserve(len.max((len * 4).min(4 << 20)));
                 while pool.len() < len {
                     let want = (len - pool.len()) as u64;
-                    let n = (&mut *r)
-                        .take(want)
-                        .read_buf(&mut pool)
+                    let mut limited = (&mut *r).take(want);
+                    let n = tokio::time::timeout(SILENCE_LIMIT, limited.read_buf(&mut pool))
                         .await
+                        .map_err(|_| format!("stream silent for {SILENCE_LIMIT:?} inside a frame"))?
                         .map_err(|e| e.to_string())?;
                     if n == 0 {
                         return Err("connection ended inside a frame".into());
@@ -394,7 +400,10 @@ pub(super) async fn read_frames(
                 let payload = pool.split_to(len).freeze();
                 let mut hash = [0u8; PAYLOAD_HASH_LEN];
                 if checksummed {
-                    r.read_exact(&mut hash).await.map_err(|e| e.to_string())?;
+                    tokio::time::timeout(SILENCE_LIMIT, r.read_exact(&mut hash))
+                        .await
+                        .map_err(|_| format!("stream silent for {SILENCE_LIMIT:?} inside a frame"))?
+                        .map_err(|e| e.to_string())?;
                 }
                 if checksummed && wire::payload_hash(&payload) != hash {
                     sh.state.lock().expect("recv state").corrupt += 1;

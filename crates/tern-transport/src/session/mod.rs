@@ -32,6 +32,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 
+/// How often a sender's stream sends a heartbeat ([`wire::ping_header`]),
+/// busy or idle; the receiver answers each at once.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A stream that hears nothing from its peer for this long is dead and is
+/// dropped (then resumed, and the resume deadline runs). Without it a
+/// half-open connection (a link that holds packets instead of resetting, a
+/// frozen peer) would wait on TCP's own timeouts: many minutes.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(5);
+
 /// Why a session failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransportError {

@@ -22,6 +22,8 @@ pub(super) async fn write_loop(
         w: BufWriter::with_capacity(256 * 1024, w),
         dead,
         finish_sent: false,
+        next_ping: Instant::now() + HEARTBEAT,
+        pings: 0,
         // TLS authenticates every byte; plaintext streams carry a checksum.
         checksummed: matches!(sh.security, Security::InsecurePlaintext),
     };
@@ -53,6 +55,10 @@ struct StreamWriter<'a> {
     dead: &'a mut mpsc::Receiver<()>,
     finish_sent: bool,
     checksummed: bool,
+    /// When the next heartbeat is due (sent busy or idle: the receiver's
+    /// answers are what tell this end the connection still works).
+    next_ping: Instant,
+    pings: u64,
 }
 
 impl StreamWriter<'_> {
@@ -76,12 +82,52 @@ impl StreamWriter<'_> {
             self.finish_sent = true;
         }
         let progress = sh.progress.notified();
+        let beat = tokio::time::Instant::from_std(self.next_ping);
         tokio::select! {
             biased;
             _ = self.dead.recv() => Err(WriteEnd::ConnectionLost),
             s = sh.replay.1.recv() => s.map(Some).map_err(|_| end_state(sh)),
             s = sh.queue.1.recv() => s.map(Some).map_err(|_| end_state(sh)),
             _ = progress => Ok(None),
+            _ = tokio::time::sleep_until(beat) => self.ping().await.map(|()| None),
+        }
+    }
+
+    /// Writes a heartbeat if one is due (flushed with what follows, or
+    /// before the writer next waits).
+    async fn ping_if_due(&mut self) -> Result<(), WriteEnd> {
+        if Instant::now() < self.next_ping {
+            return Ok(());
+        }
+        self.pings += 1;
+        self.next_ping = Instant::now() + HEARTBEAT;
+        let header = wire::ping_header(self.pings);
+        let ok = tokio::select! {
+            r = self.w.write_all(&header) => r.is_ok(),
+            _ = self.dead.recv() => false,
+        };
+        ok.then_some(()).ok_or(WriteEnd::ConnectionLost)
+    }
+
+    /// Writes a heartbeat now and flushes it.
+    async fn ping(&mut self) -> Result<(), WriteEnd> {
+        self.next_ping = Instant::now();
+        self.ping_if_due().await?;
+        self.flush().await
+    }
+
+    /// Sleeps `wait` (a rate limit), sending heartbeats meanwhile.
+    async fn sleep_beating(&mut self, wait: Duration) -> Result<(), WriteEnd> {
+        let until = Instant::now() + wait;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            if now >= self.next_ping {
+                self.ping().await?;
+            }
+            tokio::time::sleep(until.min(self.next_ping) - now).await;
         }
     }
 
@@ -130,8 +176,9 @@ impl StreamWriter<'_> {
             // Rate-limited: push out what is buffered before sleeping, or it
             // would sit in the buffer and look like network delay.
             self.flush().await?;
-            tokio::time::sleep(wait).await;
+            self.sleep_beating(wait).await?;
         }
+        self.ping_if_due().await?;
         let w = &mut self.w;
         let checksummed = self.checksummed;
         let ok = async {
@@ -173,12 +220,19 @@ pub(super) fn end_state(sh: &SenderShared) -> WriteEnd {
 pub(super) async fn control_reader(sh: Arc<SenderShared>, mut r: BoxRead, dead: mpsc::Sender<()>) {
     let mut b = [0u8; CONTROL_LEN];
     loop {
-        if r.read_exact(&mut b).await.is_err() {
+        // The receiver answers every heartbeat: silence means the link or
+        // the peer is gone, even if TCP has not noticed.
+        let read = tokio::time::timeout(SILENCE_LIMIT, r.read_exact(&mut b)).await;
+        if !matches!(read, Ok(Ok(_))) {
+            if read.is_err() {
+                tracing::info!("migration stream silent for {SILENCE_LIMIT:?}; dropping it");
+            }
             let _ = dead.try_send(());
             return;
         }
         match Control::decode(&b) {
             Ok(Control::Ack(upto)) => sh.on_ack(upto),
+            Ok(Control::Pong(_)) => {}
             Ok(Control::Nack(seq)) => {
                 sh.counters.nacks.fetch_add(1, Relaxed);
                 let _ = sh.replay.0.try_send(seq);
