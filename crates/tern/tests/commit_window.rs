@@ -34,6 +34,11 @@ struct Window {
 /// Two agents across emulated links; a test guest on host-a migrating to
 /// host-b through `tern migrate`, stopped in the commit window.
 async fn in_commit_window() -> Option<Window> {
+    in_commit_window_of("precopy").await
+}
+
+/// [`in_commit_window`] for a migration of `mode`.
+async fn in_commit_window_of(mode: &str) -> Option<Window> {
     if !kvm() {
         return None;
     }
@@ -46,7 +51,8 @@ async fn in_commit_window() -> Option<Window> {
     assert_runs(&a.client(), &vm, 1).await;
     let token = bed[0].data_dir.join("api-token");
     let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["migrate", &vm, "--to", "host-b", "--agent", &bed[0].api_url])
+        .args(["migrate", &vm, "--to", "host-b", "--mode", mode])
+        .args(["--agent", &bed[0].api_url])
         .arg("--token-file")
         .arg(&token)
         .stdout(std::process::Stdio::piped())
@@ -170,6 +176,26 @@ async fn a_failed_handshake_on_reconnect_in_the_commit_window() {
     w.to_b.cut(Duration::from_millis(200));
     let out = one_copy_everyone_agrees_any(w).await;
     eprintln!("a failed handshake in the commit window ended {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agents, a held commit"]
+async fn a_black_hole_past_the_deadline_in_the_commit_window() {
+    for mode in ["precopy", "postcopy"] {
+        let Some(w) = in_commit_window_of(mode).await else {
+            return;
+        };
+        // Nothing crosses and nothing is reset: only heartbeats notice.
+        let hole = Duration::from_secs(DEADLINE + 12);
+        w.to_b.hold(hole);
+        w.to_a.hold(hole);
+        let t = Instant::now();
+        let out = one_copy_everyone_agrees_any(w).await;
+        eprintln!(
+            "{mode}: a {hole:?} black hole in the commit window ended {out:?} after {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// Whichever way it ends, one copy runs and everyone agrees.

@@ -118,7 +118,7 @@ impl Acceptor {
         )
         .await
         {
-            tracing::warn!(%peer, error = %e, "migration stream refused");
+            tracing::warn!(%peer, error = %e, "migration stream ended");
         }
     }
 }

@@ -1,0 +1,102 @@
+//! Partitions without resets: the link between two agents holds every
+//! packet (a black hole: no RST, nothing forwarded, new connections reach
+//! nothing). Heartbeats on every stream notice the silence; within the
+//! resume deadline the migration resumes, past it both sides end it the
+//! same way, while the hole is still there. Slow: `#[ignore]`d;
+//! `scripts/test.sh` runs them.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+use tern_agent::{AgentClient, GuestKind, MigrationPhase, VmSpec};
+use tern_transport::SILENCE_LIMIT;
+
+/// A process workload: it needs no KVM, and it dirties memory all along.
+fn process_spec() -> VmSpec {
+    VmSpec {
+        kind: GuestKind::Process,
+        memory_mib: 64,
+        ws_pages: 256,
+        dirty_mib_per_sec: 1,
+        ..Default::default()
+    }
+}
+
+/// Starts a pre-copy of a fresh process VM a → b and returns once its
+/// first pages are on the way.
+async fn early_precopy(ca: &AgentClient) -> (String, String) {
+    let vm = ca.create_vm(&process_spec()).await.unwrap();
+    assert_runs(ca, &vm.id, 1).await;
+    let m = ca.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
+    let t = Instant::now();
+    while ca.migration(&m.id).await.unwrap().progress.pages_sent == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no pages sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (vm.id, m.id)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agents and a black hole"]
+async fn a_black_hole_past_the_deadline_in_early_precopy_ends_on_both_sides() {
+    const DEADLINE: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let (bed, to_b, to_a) = pair_via_emulator(dir.path(), 1 << 20, DEADLINE).await;
+    let a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    let (ca, cb) = (a.client(), b.client());
+    let (vm, mig) = early_precopy(&ca).await;
+    // Far longer than the deadline: the outcome must not wait for the link.
+    let hole = Duration::from_secs(120);
+    to_b.hold(hole);
+    to_a.hold(hole);
+    let t = Instant::now();
+    // Silence limit, the deadline, a connect attempt, slack for a loaded machine.
+    let bound = SILENCE_LIMIT + Duration::from_secs(DEADLINE + 25);
+    let src = wait_end(&ca, &mig, bound).await;
+    let src_at = t.elapsed();
+    let dst = wait_end(&cb, &mig, bound.saturating_sub(t.elapsed())).await;
+    eprintln!(
+        "black hole in pre-copy: source ended {:?} after {src_at:?} ({}), destination {:?} after {:?}",
+        src.state,
+        src.error.clone().unwrap_or_default(),
+        dst.state,
+        t.elapsed()
+    );
+    assert_eq!(src.state, MigrationPhase::RolledBack, "{src:?}");
+    assert_eq!(dst.state, MigrationPhase::RolledBack, "{dst:?}");
+    assert!(cb.vm(&vm).await.is_err(), "host-b lists the VM");
+    assert_runs(&ca, &vm, 1).await;
+    let copies = running_copies(&[&bed[0].data_dir, &bed[1].data_dir], &vm).await;
+    assert_eq!(copies.len(), 1, "running copies: {copies:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agents and a black hole"]
+async fn a_black_hole_within_the_deadline_in_precopy_is_resumed() {
+    const DEADLINE: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (bed, to_b, to_a) = pair_via_emulator(dir.path(), 1 << 20, DEADLINE).await;
+    let a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    let (ca, cb) = (a.client(), b.client());
+    let (vm, mig) = early_precopy(&ca).await;
+    let before = to_b.connections();
+    let hole = Duration::from_secs(8);
+    to_b.hold(hole);
+    to_a.hold(hole);
+    let done = wait_end(&ca, &mig, Duration::from_secs(180)).await;
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
+    assert_eq!(
+        wait_end(&cb, &mig, Duration::from_secs(30)).await.state,
+        MigrationPhase::Committed
+    );
+    assert!(
+        to_b.connections() > before,
+        "the silent streams were not resumed"
+    );
+    assert_runs(&cb, &vm, 2).await;
+    let copies = running_copies(&[&bed[0].data_dir, &bed[1].data_dir], &vm).await;
+    assert_eq!(copies.len(), 1, "running copies: {copies:?}");
+}
