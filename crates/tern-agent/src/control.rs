@@ -61,6 +61,8 @@ pub enum GuestState {
     Booting,
     /// Runs (its counter advances).
     Running,
+    /// Alive but not advancing (its QEMU process is stopped): never called running.
+    Stalled,
     /// Being migrated away (runs until switchover; paused while a commit is settled).
     Migrating,
     /// Receiving a migration (not running yet).

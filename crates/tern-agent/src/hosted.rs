@@ -118,6 +118,14 @@ impl Hosted {
         }
     }
 
+    /// Whether it is alive but cannot advance (a stopped QEMU process).
+    pub fn is_stalled(&self) -> bool {
+        match self {
+            Hosted::Qemu(q) => q.is_alive() && q.is_stopped(),
+            Hosted::Kvm(_) | Hosted::Process(_) => false,
+        }
+    }
+
     /// Ends it.
     pub fn stop(&mut self) {
         match self {

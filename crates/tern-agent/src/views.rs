@@ -137,6 +137,8 @@ pub enum VmStatus {
     Starting,
     /// Runs here.
     Running,
+    /// Here and alive, but not advancing (its QEMU process is stopped).
+    Stalled,
     /// Being migrated away (it runs until switchover).
     Migrating,
     /// Runs on another host now (see `moved_to`).

@@ -189,6 +189,7 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
                     v.checksum_ok = s.checksum_ok;
                     VmStatus::Running
                 }
+                GuestState::Stalled => VmStatus::Stalled,
                 GuestState::Booting => VmStatus::Starting,
                 GuestState::Migrating | GuestState::Receiving => VmStatus::Migrating,
                 GuestState::MovedAway => {

@@ -187,7 +187,10 @@ fn status(p: &Proc) -> GuestStatus {
         Slot::Booting => (GuestState::Booting, None, None, None),
         Slot::Running(g) => {
             let (c, ok) = g.progress(&p.launch.spec);
-            if g.is_alive() {
+            if g.is_stalled() {
+                let why = "alive but not advancing: its QEMU process is stopped";
+                (GuestState::Stalled, Some(c), ok, Some(why.into()))
+            } else if g.is_alive() {
                 (GuestState::Running, Some(c), ok, None)
             } else {
                 (

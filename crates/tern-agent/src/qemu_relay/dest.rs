@@ -120,9 +120,15 @@ struct Feed {
     stream_end: bool,
     /// The console's length when the guest resumed here.
     console_from: usize,
-    /// Judging the guest: its check and the deadline for a verdict.
-    judging: Option<(Box<dyn GuestCheck>, Instant)>,
+    /// Judging the guest: its check and the patience it has left.
+    judging: Option<(Box<dyn GuestCheck>, Duration)>,
     judged: bool,
+    /// The check failed: said to the source, and returned once the source
+    /// stopped serving (post-copy pages still flow until then).
+    failed: Option<String>,
+    /// When the last tick ran (patience counts only time the guest could
+    /// use: not while this process or QEMU was stopped).
+    last_tick: Instant,
 }
 
 impl DestRelay<'_> {
@@ -171,6 +177,8 @@ impl DestRelay<'_> {
             console_from: 0,
             judging: None,
             judged: false,
+            failed: None,
+            last_tick: Instant::now(),
         };
         let mut buf = vec![0u8; 256 << 10];
         let mut return_open = true;
@@ -234,8 +242,8 @@ impl DestRelay<'_> {
                 self.progress
                     .send_modify(|p| p.phase = MigrationPhase::Postcopy);
                 let check = check::for_guest(last_tick, self.load);
-                let deadline = Instant::now() + check.patience();
-                f.judging = Some((check, deadline));
+                let patience = check.patience();
+                f.judging = Some((check, patience));
             }
             Incoming::Msg(RelaySourceMsg::Abort { reason }) => {
                 return Err(MigrateError::Aborted(reason))
@@ -256,12 +264,22 @@ impl DestRelay<'_> {
         if !f.loaded {
             self.check_loaded(f).await?;
         }
-        if let Some((check, deadline)) = &mut f.judging {
+        // Time the guest could have used to report: not while this process
+        // was stopped (a tick late by seconds counts one tick), not while
+        // QEMU is stopped, and not before the source stopped serving pages
+        // (until then a post-copy guest may wait on the link).
+        let step = f.last_tick.elapsed().min(Duration::from_millis(200));
+        f.last_tick = Instant::now();
+        let counts = f.stream_end && !self.vm.is_stopped();
+        if let Some((check, left)) = &mut f.judging {
+            if counts {
+                *left = left.saturating_sub(step);
+            }
             let console = self.vm.console();
             let fresh = console.get(f.console_from..).unwrap_or("");
             let verdict = check.judge(fresh);
             let Some(v) = verdict.or_else(|| {
-                (Instant::now() > *deadline).then(|| check::Verdict {
+                left.is_zero().then(|| check::Verdict {
                     ok: false,
                     detail: format!(
                         "the guest printed no check in time after resuming; console: {}",
@@ -277,12 +295,18 @@ impl DestRelay<'_> {
             };
             self.replies.send(msg_frame(&msg)).await?;
             if !v.ok {
-                return Err(MigrateError::Verification(v.detail));
+                f.failed = Some(v.detail);
             }
             f.judging = None;
             f.judged = true;
         }
-        Ok(f.judged && f.stream_end)
+        if !(f.judged && f.stream_end) {
+            return Ok(false);
+        }
+        match f.failed.take() {
+            Some(detail) => Err(MigrateError::Verification(detail)),
+            None => Ok(true),
+        }
     }
 
     /// Pre-copy: all loaded, paused (-S). Post-copy: the device state is

@@ -318,14 +318,32 @@ impl SourceRelay<'_> {
     /// destination and its check has judged it.
     async fn carry(&mut self, c: &mut Carry) -> Result<(), MigrateError> {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // Why the reply channel ended, if it did while post-copy pages were
+        // still going out: the source serves them to the end regardless.
+        let mut replies_lost: Option<MigrateError> = None;
         while !(c.eof && c.running && c.verdict.is_some()) {
+            if c.eof {
+                if let Some(e) = replies_lost.take() {
+                    return Err(e);
+                }
+            }
             tokio::select! {
                 end = c.pumped.recv(), if !c.eof => {
                     c.stream_bytes = end.ok_or(MigrateError::Closed("stream pump"))??;
                     c.eof = true;
                 }
-                r = self.replies.recv() => {
-                    let (seq, f) = r.ok_or(MigrateError::Closed("reply"))??;
+                r = self.replies.recv(), if replies_lost.is_none() => {
+                    let (seq, f) = match r.ok_or(MigrateError::Closed("reply")).and_then(|r| r.map_err(Into::into)) {
+                        Ok(x) => x,
+                        // After commit, the destination's guest needs every
+                        // page still here: keep serving until QEMU's stream ends.
+                        Err(e) if self.committed && c.postcopy_started && !c.eof => {
+                            tracing::warn!(error = %e, "reply channel lost in post-copy; serving the remaining pages");
+                            replies_lost = Some(e);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     self.replies.ack(seq);
                     self.on_reply(c, &f).await?;
                 }

@@ -390,6 +390,17 @@ impl QemuVm {
         pid_alive(self.pid)
     }
 
+    /// Whether the QEMU process is stopped (SIGSTOP, a debugger): alive,
+    /// yet its guest cannot advance.
+    pub fn is_stopped(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        // The state follows the command name, which may itself hold ')'.
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next());
+        matches!(state, Some("T" | "t"))
+    }
+
     /// Everything the guest printed on its serial console so far.
     pub fn console(&self) -> String {
         std::fs::read(self.dir.join("console.log"))
