@@ -126,6 +126,11 @@ name_newtype!(
     HostId,
     "host id"
 );
+name_newtype!(
+    /// A migration, the same on both hosts and in the control plane's store.
+    MigrationId,
+    "migration id"
+);
 
 /// A guest's vsock context id: unique among live VMs on a control plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

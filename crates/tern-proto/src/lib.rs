@@ -4,11 +4,13 @@
 //! Keeping them in one small crate with no I/O means the store, the orchestrator,
 //! the API and the migration engine cannot drift apart on what a "VM" is.
 
+pub mod host;
 pub mod ids;
 pub mod migration;
 pub mod vm;
 
-pub use ids::{HostId, IdError, OwnerEpoch, TenantId, VmId, VsockCid};
+pub use host::{labels_satisfy, Capacity, HostLoad, HostState, Labels, MigrationReason};
+pub use ids::{HostId, IdError, MigrationId, OwnerEpoch, TenantId, VmId, VsockCid};
 pub use migration::{MigrationPhase, MigrationRole};
 pub use vm::{
     is_image_name, CreateVmRequest, IllegalTransition, VmConfig, VmRecord, VmSpec, VmStatus,

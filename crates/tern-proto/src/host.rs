@@ -1,0 +1,140 @@
+//! Hosts of a fleet and why migrations happen: the control plane, the
+//! scheduler and the agents name them the same way.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Labels of a host (`region=eu`), and the labels a VM requires of any
+/// host it runs on (data residency: a VM that requires `region=eu` never
+/// lands on a host without it).
+pub type Labels = BTreeMap<String, String>;
+
+/// Whether `host` carries every label `required` names, with its value.
+pub fn labels_satisfy(host: &Labels, required: &Labels) -> bool {
+    required.iter().all(|(k, v)| host.get(k) == Some(v))
+}
+
+/// A host's standing in the fleet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Takes new VMs and incoming migrations.
+    #[default]
+    Active,
+    /// Being emptied for maintenance: takes nothing new; its VMs move away.
+    Draining,
+    /// Stopped sending heartbeats: its VMs are re-provisioned elsewhere,
+    /// and whatever it still runs is fenced by epoch when it comes back.
+    Down,
+}
+
+impl HostState {
+    /// Whether new VMs and incoming migrations may land here.
+    pub fn accepts_work(self) -> bool {
+        self == HostState::Active
+    }
+
+    /// The name used in the API and the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Active => "active",
+            HostState::Draining => "draining",
+            HostState::Down => "down",
+        }
+    }
+}
+
+/// What a host can hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Guest memory it may hand out, MiB.
+    pub memory_mib: u64,
+    /// vCPUs it may hand out.
+    pub vcpus: u32,
+}
+
+/// A host's load, from its heartbeats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostLoad {
+    /// Busy fraction of all its cores, 0..=1.
+    pub cpu: f64,
+    /// Memory in use, MiB.
+    pub memory_used_mib: u64,
+    /// Memory free, MiB.
+    pub memory_free_mib: u64,
+    /// Network throughput, bytes/s (both directions).
+    pub net_bytes_per_sec: u64,
+    /// Disk I/O, bytes/s.
+    pub disk_bytes_per_sec: u64,
+    /// VMs it runs.
+    pub vms: u32,
+    /// Migrations it takes part in.
+    pub migrations: u32,
+}
+
+/// Why a migration was asked for; the order is its priority: an evacuation
+/// goes before maintenance, maintenance before a user's request, and those
+/// before rebalancing, which may be preempted by any of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationReason {
+    /// The load policy moves a VM off a hot host.
+    Rebalance,
+    /// A user or operator asked for this VM to move.
+    Manual,
+    /// Its host is being drained.
+    Maintenance,
+    /// Its host is failing and must be emptied now.
+    Evacuation,
+}
+
+impl MigrationReason {
+    /// The name used in the API, the store and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationReason::Rebalance => "rebalance",
+            MigrationReason::Manual => "manual",
+            MigrationReason::Maintenance => "maintenance",
+            MigrationReason::Evacuation => "evacuation",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> Labels {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn required_labels_must_all_match() {
+        let host = labels(&[("region", "eu"), ("disk", "ssd")]);
+        assert!(labels_satisfy(&host, &Labels::new()));
+        assert!(labels_satisfy(&host, &labels(&[("region", "eu")])));
+        assert!(!labels_satisfy(&host, &labels(&[("region", "us")])));
+        assert!(!labels_satisfy(&host, &labels(&[("gpu", "yes")])));
+    }
+
+    #[test]
+    fn evacuation_outranks_everything() {
+        use MigrationReason::*;
+        let mut v = vec![Manual, Evacuation, Rebalance, Maintenance];
+        v.sort();
+        assert_eq!(v, [Rebalance, Manual, Maintenance, Evacuation]);
+        assert_eq!(
+            serde_json::to_string(&Evacuation).unwrap(),
+            "\"evacuation\""
+        );
+    }
+
+    #[test]
+    fn only_active_hosts_take_work() {
+        assert!(HostState::Active.accepts_work());
+        assert!(!HostState::Draining.accepts_work());
+        assert!(!HostState::Down.accepts_work());
+    }
+}
