@@ -1,6 +1,8 @@
 //! Hosts of a fleet and why migrations happen: the control plane, the
 //! scheduler and the agents name them the same way.
 
+use crate::{HostId, MigrationId, MigrationPhase, VmId};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -98,6 +100,59 @@ impl MigrationReason {
             MigrationReason::Evacuation => "evacuation",
         }
     }
+}
+
+/// A host that joined the control plane, as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Its id.
+    pub id: HostId,
+    /// Where its migration listener is reached (`host:port`).
+    pub migrate_addr: String,
+    /// Its agent API (`http://host:port`).
+    pub api_url: String,
+    /// SHA-256 pin of its certificate's public key (hex): what its peers
+    /// accept on a migration stream.
+    pub cert_pin: String,
+    /// Its Ed25519 manifest key (hex): what its peers verify manifests with.
+    pub manifest_key: String,
+    /// Its labels.
+    pub labels: Labels,
+    /// What it may hand out.
+    pub capacity: Capacity,
+    /// Active, draining or down.
+    pub state: HostState,
+    /// Its last heartbeat's load.
+    pub load: HostLoad,
+    /// When its last heartbeat arrived.
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    /// When it joined.
+    pub joined_at: DateTime<Utc>,
+}
+
+/// A migration the control plane asked for, as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// Its id (the same on both agents).
+    pub id: MigrationId,
+    /// The VM.
+    pub vm: VmId,
+    /// Where the VM ran.
+    pub from: HostId,
+    /// Where it goes.
+    pub to: HostId,
+    /// Why, and so its priority.
+    pub reason: MigrationReason,
+    /// Where it stands.
+    pub phase: MigrationPhase,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// The engine's report once it ended.
+    pub report: Option<serde_json::Value>,
+    /// When it was asked for.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
 }
 
 #[cfg(test)]

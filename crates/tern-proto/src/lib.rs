@@ -9,7 +9,10 @@ pub mod ids;
 pub mod migration;
 pub mod vm;
 
-pub use host::{labels_satisfy, Capacity, HostLoad, HostState, Labels, MigrationReason};
+pub use host::{
+    labels_satisfy, Capacity, HostLoad, HostRecord, HostState, Labels, MigrationReason,
+    MigrationRecord,
+};
 pub use ids::{HostId, IdError, MigrationId, OwnerEpoch, TenantId, VmId, VsockCid};
 pub use migration::{MigrationPhase, MigrationRole};
 pub use vm::{

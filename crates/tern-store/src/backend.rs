@@ -6,6 +6,7 @@
 //! PostgreSQL reads them as positions, SQLite as named parameters numbered by
 //! first appearance, which then agree.
 
+use crate::fleet::*;
 use crate::row::{now_us, RawVmRow, COLUMNS};
 use crate::schema::{latest_version, CREATE_SCHEMA_TABLE, MIGRATIONS};
 use crate::{NewVm, Result, Store, StoreError, VmFilter};
@@ -15,7 +16,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 use std::str::FromStr;
 use std::time::Duration;
-use tern_proto::{TenantId, VmConfig, VmId, VmRecord, VmStatus};
+use tern_proto::{
+    HostId, HostLoad, HostRecord, HostState, MigrationId, MigrationPhase, MigrationRecord,
+    OwnerEpoch, TenantId, VmConfig, VmId, VmRecord, VmStatus,
+};
 
 /// How many times an insert retries when another writer took the same vsock CID.
 const CID_ATTEMPTS: u32 = 32;
@@ -330,6 +334,7 @@ store_impl!(
     cid_lock = None::<&str>,
     pick_sql = sqlite
 );
+fleet_impl!(SqliteStore);
 
 /// The fleet back end: a shared PostgreSQL database. Claims lock the chosen row
 /// with `FOR UPDATE SKIP LOCKED`, so concurrent claimers (tasks or replicas)
@@ -361,3 +366,4 @@ store_impl!(
     cid_lock = Some("SELECT pg_advisory_xact_lock(7306455)"),
     pick_sql = postgres
 );
+fleet_impl!(PostgresStore);

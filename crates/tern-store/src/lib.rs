@@ -8,15 +8,20 @@
 //! are versioned migrations applied at open (see [`schema`]).
 
 mod backend;
+pub mod fleet;
 mod row;
 pub mod schema;
 pub mod testing;
 
 use async_trait::async_trait;
 use std::sync::Arc;
-use tern_proto::{HostId, IllegalTransition, TenantId, VmConfig, VmId, VmRecord, VmSpec, VmStatus};
+use tern_proto::{
+    HostId, HostState, IllegalTransition, MigrationId, MigrationPhase, OwnerEpoch, TenantId,
+    VmConfig, VmId, VmRecord, VmSpec, VmStatus,
+};
 
 pub use backend::{PostgresStore, SqliteStore};
+pub use fleet::FleetStore;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +62,49 @@ pub enum StoreError {
     /// The store URL is not one we can open.
     #[error("bad store URL `{0}`: use sqlite://PATH or postgres://USER@HOST/DB")]
     BadUrl(String),
+    /// No such host.
+    #[error("host {0} not found")]
+    HostNotFound(HostId),
+    /// The host was not in the state the caller expected.
+    #[error("host {id} is {}, expected {}", .actual.as_str(), .expected.as_str())]
+    HostConflict {
+        /// The host.
+        id: HostId,
+        /// State the caller assumed.
+        expected: HostState,
+        /// State it has.
+        actual: HostState,
+    },
+    /// No such migration.
+    #[error("migration {0} not found")]
+    MigrationNotFound(MigrationId),
+    /// A migration with this id exists.
+    #[error("migration {0} exists")]
+    MigrationExists(MigrationId),
+    /// The VM already has a migration that has not ended.
+    #[error("VM {0} is already migrating")]
+    VmMigrating(VmId),
+    /// The migration was not in the phase the caller expected.
+    #[error("migration {id} is {}, expected {}", .actual.as_str(), .expected.as_str())]
+    MigrationConflict {
+        /// The migration.
+        id: MigrationId,
+        /// Phase the caller assumed.
+        expected: MigrationPhase,
+        /// Phase it has.
+        actual: MigrationPhase,
+    },
+    /// The VM's owner is not who the caller thought (it moved, or the
+    /// caller's copy is stale and must stop).
+    #[error("VM {vm} is owned by {} at epoch {}, not {} at epoch {}", .actual.0, .actual.1, .expected.0, .expected.1)]
+    OwnerConflict {
+        /// The VM.
+        vm: VmId,
+        /// Owner the caller assumed.
+        expected: (HostId, OwnerEpoch),
+        /// Owner it has.
+        actual: (HostId, OwnerEpoch),
+    },
     /// The database said no.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -114,7 +162,7 @@ impl VmFilter {
 /// The control plane's memory. Implementations must be safe to share between
 /// tasks and, for PostgreSQL, between processes.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: FleetStore + Send + Sync + 'static {
     /// `sqlite` or `postgres`, for logs and metrics.
     fn backend(&self) -> &'static str;
 

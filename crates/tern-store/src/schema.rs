@@ -47,12 +47,20 @@ const V1: &[&str] = &[
 ];
 
 /// Every migration this build knows, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "vm_instances",
-    sqlite: V1,
-    postgres: V1,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "vm_instances",
+        sqlite: V1,
+        postgres: V1,
+    },
+    Migration {
+        version: 2,
+        name: "fleet: hosts, migrations, leases",
+        sqlite: crate::fleet::V2,
+        postgres: crate::fleet::V2,
+    },
+];
 
 /// Newest schema version this build knows.
 pub fn latest_version() -> i64 {

@@ -290,6 +290,179 @@ async fn corrupt_rows_are_reported(t: TestStore) {
     }
 }
 
+fn host_record(id: &str) -> tern_proto::HostRecord {
+    tern_proto::HostRecord {
+        id: HostId::new(id).unwrap(),
+        migrate_addr: "10.0.0.1:7001".into(),
+        api_url: "http://10.0.0.1:7000".into(),
+        cert_pin: "ab".repeat(32),
+        manifest_key: "cd".repeat(32),
+        labels: [("region".to_string(), "eu".to_string())].into(),
+        capacity: tern_proto::Capacity {
+            memory_mib: 65536,
+            vcpus: 32,
+        },
+        state: tern_proto::HostState::Active,
+        load: tern_proto::HostLoad::default(),
+        last_heartbeat: None,
+        joined_at: chrono::Utc::now(),
+    }
+}
+
+async fn hosts_join_beat_and_go_down(t: TestStore) {
+    use tern_proto::HostState::*;
+    let s = &*t.store;
+    let h = s.upsert_host(&host_record("h1")).await.unwrap();
+    assert_eq!(h.state, Active);
+    assert_eq!(
+        s.get_host(&h.id).await.unwrap().unwrap().labels["region"],
+        "eu"
+    );
+    let load = tern_proto::HostLoad {
+        cpu: 0.5,
+        vms: 3,
+        ..Default::default()
+    };
+    let beat = s.heartbeat(&h.id, &load).await.unwrap();
+    assert_eq!(beat.load, load);
+    assert!(beat.last_heartbeat.is_some());
+    let e = s
+        .heartbeat(&HostId::new("ghost").unwrap(), &load)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::HostNotFound(_)), "{e}");
+    s.set_host_state(&h.id, Active, Draining).await.unwrap();
+    let e = s.set_host_state(&h.id, Active, Down).await.unwrap_err();
+    assert_eq!(e.to_string(), "host h1 is draining, expected active");
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let down = s
+        .mark_silent_hosts_down(std::time::Duration::from_millis(10))
+        .await
+        .unwrap();
+    assert_eq!(down, std::slice::from_ref(&h.id));
+    assert!(s
+        .mark_silent_hosts_down(std::time::Duration::from_millis(10))
+        .await
+        .unwrap()
+        .is_empty());
+    // Re-joining makes it active again, keeping when it first joined.
+    let again = s.upsert_host(&host_record("h1")).await.unwrap();
+    assert_eq!(again.state, Active);
+    assert_eq!(again.joined_at, h.joined_at);
+    assert_eq!(s.list_hosts().await.unwrap().len(), 1);
+}
+
+fn migration(id: &str, vm: VmId) -> tern_proto::MigrationRecord {
+    tern_proto::MigrationRecord {
+        id: tern_proto::MigrationId::new(id).unwrap(),
+        vm,
+        from: HostId::new("h1").unwrap(),
+        to: HostId::new("h2").unwrap(),
+        reason: tern_proto::MigrationReason::Maintenance,
+        phase: tern_proto::MigrationPhase::Requesting,
+        error: None,
+        report: None,
+        created_at: chrono::Utc::now(),
+        updated_at: chrono::Utc::now(),
+    }
+}
+
+async fn one_open_migration_per_vm(t: TestStore) {
+    use tern_proto::MigrationPhase::*;
+    let s = &*t.store;
+    let vm = VmId::new();
+    let m1 = s.insert_migration(&migration("m1", vm)).await.unwrap();
+    assert_eq!(m1.phase, Requesting);
+    let e = s.insert_migration(&migration("m2", vm)).await.unwrap_err();
+    assert!(matches!(e, StoreError::VmMigrating(v) if v == vm), "{e}");
+    s.update_migration(&m1.id, Requesting, Precopy, None, None)
+        .await
+        .unwrap();
+    let e = s
+        .update_migration(&m1.id, Requesting, Precopy, None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "migration m1 is precopy, expected requesting"
+    );
+    let report = serde_json::json!({"downtime_ms": 7.5});
+    let done = s
+        .update_migration(&m1.id, Precopy, Committed, None, Some(&report))
+        .await
+        .unwrap();
+    assert_eq!(done.report, Some(report));
+    // Ended: the VM may migrate again; ids stay unique.
+    s.insert_migration(&migration("m2", vm)).await.unwrap();
+    let e = s
+        .insert_migration(&migration("m1", VmId::new()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::MigrationExists(_)), "{e}");
+    let active = s.list_migrations(true).await.unwrap();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].id.as_str(), "m2");
+    assert_eq!(s.list_migrations(false).await.unwrap().len(), 2);
+}
+
+async fn ownership_moves_by_compare_and_swap(t: TestStore) {
+    let s = &*t.store;
+    let r = insert(s, VmStatus::Provisioning, Some(tenant("t1"))).await;
+    let b = HostId::new("host-b").unwrap();
+    let moved = s
+        .move_owner(r.id, &host(), r.owner_epoch, &b)
+        .await
+        .unwrap();
+    assert_eq!((moved.host.clone(), moved.owner_epoch.0), (b.clone(), 2));
+    // The old owner's claim is stale: refused, saying who owns it.
+    let e = s
+        .move_owner(
+            r.id,
+            &host(),
+            r.owner_epoch,
+            &HostId::new("host-c").unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "VM {} is owned by host-b at epoch 2, not host-a at epoch 1",
+            r.id
+        )
+    );
+}
+
+async fn a_lease_has_one_holder(t: TestStore) {
+    let s = t.store.clone();
+    let ttl = std::time::Duration::from_secs(30);
+    assert!(s.try_lease("health", "r1", ttl).await.unwrap());
+    assert!(!s.try_lease("health", "r2", ttl).await.unwrap());
+    assert!(s.try_lease("health", "r1", ttl).await.unwrap(), "renewal");
+    s.release_lease("health", "r1").await.unwrap();
+    assert!(s
+        .try_lease("health", "r2", std::time::Duration::ZERO)
+        .await
+        .unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(
+        s.try_lease("health", "r3", ttl).await.unwrap(),
+        "expired lease taken over"
+    );
+    // Many replicas at once: exactly one wins a fresh lease.
+    let tries: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.try_lease("drain", &format!("r{i}"), ttl).await.unwrap() })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tries {
+        won += usize::from(t.await.unwrap());
+    }
+    assert_eq!(won, 1);
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -325,6 +498,10 @@ both_backends!(
     config_is_replaced,
     reopen_keeps_data_and_schema,
     corrupt_rows_are_reported,
+    hosts_join_beat_and_go_down,
+    one_open_migration_per_vm,
+    ownership_moves_by_compare_and_swap,
+    a_lease_has_one_holder,
 );
 
 #[tokio::test]
