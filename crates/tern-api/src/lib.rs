@@ -9,11 +9,13 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod hosts;
 mod metrics_layer;
 mod routes;
 
 pub use auth::{AuthKeys, Claims, Permission};
 pub use error::ApiError;
+pub use hosts::{hosts_router, FleetApi};
 pub use routes::{metrics_router, router, ApiState, MetricsAccess, VmView};
 pub use tern_proto::CreateVmRequest;
 

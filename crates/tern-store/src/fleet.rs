@@ -20,9 +20,19 @@ use tern_proto::{
 /// What the fleet half of the store does.
 #[async_trait]
 pub trait FleetStore: Send + Sync {
-    /// Records a host joining (or re-joining: its addresses, keys, labels
-    /// and capacity are replaced, and it is active again).
-    async fn upsert_host(&self, host: &HostRecord) -> Result<HostRecord>;
+    /// Records a host joining (or re-joining: its addresses, keys, labels,
+    /// capacity and API token hash are replaced, and it is active again).
+    async fn upsert_host(&self, host: &HostRecord, token_hash: &str) -> Result<HostRecord>;
+
+    /// The hash of the token a host authenticates its heartbeats with.
+    async fn host_token_hash(&self, id: &HostId) -> Result<Option<String>>;
+
+    /// Stores a one-time join token (by its hash) valid for `ttl`.
+    async fn add_join_token(&self, hash: &str, ttl: Duration) -> Result<()>;
+
+    /// Uses up a join token for `host`: true once, for a token that exists
+    /// and has not expired; false ever after.
+    async fn redeem_join_token(&self, hash: &str, host: &HostId) -> Result<bool>;
 
     /// One host.
     async fn get_host(&self, id: &HostId) -> Result<Option<HostRecord>>;
@@ -96,7 +106,13 @@ pub(crate) const V2: &[&str] = &[
         state TEXT NOT NULL,
         load TEXT NOT NULL,
         last_heartbeat BIGINT,
-        joined_at BIGINT NOT NULL
+        joined_at BIGINT NOT NULL,
+        token_hash TEXT NOT NULL
+    )",
+    "CREATE TABLE join_tokens (
+        hash TEXT PRIMARY KEY,
+        expires_at BIGINT NOT NULL,
+        used_by TEXT
     )",
     "CREATE TABLE migrations (
         id TEXT PRIMARY KEY,
@@ -249,14 +265,15 @@ macro_rules! fleet_impl {
 
         #[async_trait]
         impl FleetStore for $store {
-            async fn upsert_host(&self, h: &HostRecord) -> Result<HostRecord> {
+            async fn upsert_host(&self, h: &HostRecord, token_hash: &str) -> Result<HostRecord> {
                 let sql = format!(
-                    "INSERT INTO hosts ({HOST_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $9) \
+                    "INSERT INTO hosts ({HOST_COLUMNS}, token_hash) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $9, $10) \
                      ON CONFLICT (id) DO UPDATE SET migrate_addr = excluded.migrate_addr, \
                      api_url = excluded.api_url, cert_pin = excluded.cert_pin, \
                      manifest_key = excluded.manifest_key, labels = excluded.labels, \
                      capacity = excluded.capacity, state = 'active', load = excluded.load, \
-                     last_heartbeat = excluded.last_heartbeat \
+                     last_heartbeat = excluded.last_heartbeat, token_hash = excluded.token_hash \
                      RETURNING {HOST_COLUMNS}"
                 );
                 let row: RawHost = sqlx::query_as(&sql)
@@ -269,9 +286,40 @@ macro_rules! fleet_impl {
                     .bind(to_json(&h.capacity)?)
                     .bind(to_json(&h.load)?)
                     .bind(now_us())
+                    .bind(token_hash)
                     .fetch_one(&self.pool)
                     .await?;
                 row.decode()
+            }
+
+            async fn host_token_hash(&self, id: &HostId) -> Result<Option<String>> {
+                Ok(sqlx::query_scalar("SELECT token_hash FROM hosts WHERE id = $1")
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn add_join_token(&self, hash: &str, ttl: Duration) -> Result<()> {
+                let until = now_us().saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
+                sqlx::query("INSERT INTO join_tokens (hash, expires_at, used_by) VALUES ($1, $2, NULL)")
+                    .bind(hash)
+                    .bind(until)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn redeem_join_token(&self, hash: &str, host: &HostId) -> Result<bool> {
+                let res = sqlx::query(
+                    "UPDATE join_tokens SET used_by = $1 \
+                     WHERE hash = $2 AND used_by IS NULL AND expires_at > $3",
+                )
+                .bind(host.as_str())
+                .bind(hash)
+                .bind(now_us())
+                .execute(&self.pool)
+                .await?;
+                Ok(res.rows_affected() == 1)
             }
 
             async fn get_host(&self, id: &HostId) -> Result<Option<HostRecord>> {

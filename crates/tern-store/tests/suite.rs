@@ -312,7 +312,7 @@ fn host_record(id: &str) -> tern_proto::HostRecord {
 async fn hosts_join_beat_and_go_down(t: TestStore) {
     use tern_proto::HostState::*;
     let s = &*t.store;
-    let h = s.upsert_host(&host_record("h1")).await.unwrap();
+    let h = s.upsert_host(&host_record("h1"), "hash-1").await.unwrap();
     assert_eq!(h.state, Active);
     assert_eq!(
         s.get_host(&h.id).await.unwrap().unwrap().labels["region"],
@@ -346,10 +346,30 @@ async fn hosts_join_beat_and_go_down(t: TestStore) {
         .unwrap()
         .is_empty());
     // Re-joining makes it active again, keeping when it first joined.
-    let again = s.upsert_host(&host_record("h1")).await.unwrap();
+    let again = s.upsert_host(&host_record("h1"), "hash-1").await.unwrap();
     assert_eq!(again.state, Active);
     assert_eq!(again.joined_at, h.joined_at);
     assert_eq!(s.list_hosts().await.unwrap().len(), 1);
+    assert_eq!(
+        s.host_token_hash(&h.id).await.unwrap().as_deref(),
+        Some("hash-1")
+    );
+}
+
+async fn join_tokens_are_used_once(t: TestStore) {
+    let s = &*t.store;
+    let h1 = HostId::new("h1").unwrap();
+    s.add_join_token("t-1", std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(s.redeem_join_token("t-1", &h1).await.unwrap());
+    assert!(!s.redeem_join_token("t-1", &h1).await.unwrap(), "used up");
+    assert!(!s.redeem_join_token("nope", &h1).await.unwrap());
+    s.add_join_token("t-2", std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(!s.redeem_join_token("t-2", &h1).await.unwrap(), "expired");
 }
 
 fn migration(id: &str, vm: VmId) -> tern_proto::MigrationRecord {
@@ -502,6 +522,7 @@ both_backends!(
     one_open_migration_per_vm,
     ownership_moves_by_compare_and_swap,
     a_lease_has_one_holder,
+    join_tokens_are_used_once,
 );
 
 #[tokio::test]

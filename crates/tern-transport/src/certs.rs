@@ -6,8 +6,8 @@
 //! since every agent both sends and receives migrations.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, Certificate, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -112,6 +112,30 @@ pub fn issue(
     let ca = ca_params.self_signed(&ca_key)?;
 
     let key = KeyPair::generate()?;
+    let p = host_params(name, valid_for, expired)?;
+    let cert = p.signed_by(&key, &ca, &ca_key)?;
+    std::fs::create_dir_all(out_dir).map_err(|source| CertError::Io {
+        path: out_dir.to_owned(),
+        source,
+    })?;
+    let cert_path = out_dir.join(format!("{name}.pem"));
+    let key_path = out_dir.join(format!("{name}.key"));
+    write(&key_path, &key.serialize_pem(), true)?;
+    write(&cert_path, &cert.pem(), false)?;
+    Ok(Issued {
+        cert: cert_path,
+        key: key_path,
+        spki_sha256: hex::encode(crate::tls::sha256(&key.public_key_der())),
+    })
+}
+
+/// What every host certificate says: the name (and `localhost`,
+/// 127.0.0.1) as subject alternative names, server and client auth.
+fn host_params(
+    name: &str,
+    valid_for: Duration,
+    expired: bool,
+) -> Result<CertificateParams, CertError> {
     let mut p = CertificateParams::new(vec![name.to_owned(), "localhost".to_owned()])?;
     p.subject_alt_names
         .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
@@ -130,18 +154,79 @@ pub fn issue(
         p.not_after =
             now + time::Duration::try_from(valid_for).unwrap_or(time::Duration::days(365));
     }
-    let cert = p.signed_by(&key, &ca, &ca_key)?;
-    std::fs::create_dir_all(out_dir).map_err(|source| CertError::Io {
-        path: out_dir.to_owned(),
-        source,
-    })?;
-    let cert_path = out_dir.join(format!("{name}.pem"));
-    let key_path = out_dir.join(format!("{name}.key"));
-    write(&key_path, &key.serialize_pem(), true)?;
-    write(&cert_path, &cert.pem(), false)?;
-    Ok(Issued {
-        cert: cert_path,
-        key: key_path,
-        spki_sha256: hex::encode(crate::tls::sha256(&key.public_key_der())),
+    Ok(p)
+}
+
+/// The CA in `ca_dir`, ready to sign, and its certificate as PEM.
+fn load_ca(ca_dir: &Path) -> Result<(Certificate, KeyPair, String), CertError> {
+    let ca_key = KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?;
+    let ca_pem = read(&ca_dir.join("ca.pem"))?;
+    let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
+    Ok((ca, ca_key, ca_pem))
+}
+
+/// A new host key and a certificate signing request for `name`: what a
+/// host joining a control plane sends (its key never leaves it).
+pub fn host_csr(name: &str) -> Result<(String, String), CertError> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec![name.to_owned()])?;
+    p.distinguished_name.push(DnType::CommonName, name);
+    let csr = p.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// What [`sign_host_csr`] made.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    /// The host's certificate, PEM.
+    pub cert_pem: String,
+    /// The CA's certificate, PEM (what the host trusts).
+    pub ca_pem: String,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo, hex: what peers pin.
+    pub spki_sha256: String,
+}
+
+/// Signs a joining host's request with the CA in `ca_dir`, as host `name`.
+/// Only the request's public key is used: names, usages and validity are
+/// the control plane's, whatever the request asked for.
+pub fn sign_host_csr(
+    ca_dir: &Path,
+    name: &str,
+    csr_pem: &str,
+    valid_for: Duration,
+) -> Result<Signed, CertError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let (ca, ca_key, ca_pem) = load_ca(ca_dir)?;
+    let cert = host_params(name, valid_for, false)?.signed_by(&csr.public_key, &ca, &ca_key)?;
+    let pin = crate::tls::spki_sha256(cert.der()).ok_or(rcgen::Error::CouldNotParseCertificate)?;
+    Ok(Signed {
+        cert_pem: cert.pem(),
+        ca_pem,
+        spki_sha256: hex::encode(pin),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_request_keeps_the_hosts_key_and_the_control_planes_terms() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path()).unwrap();
+        let (key_pem, csr_pem) = host_csr("host-7").unwrap();
+        let signed =
+            sign_host_csr(dir.path(), "host-7", &csr_pem, Duration::from_secs(86400)).unwrap();
+        let key = KeyPair::from_pem(&key_pem).unwrap();
+        assert_eq!(
+            signed.spki_sha256,
+            hex::encode(crate::tls::sha256(&key.public_key_der())),
+            "the certificate carries the requester's key"
+        );
+        assert!(signed.ca_pem.contains("BEGIN CERTIFICATE"));
+        assert!(matches!(
+            sign_host_csr(dir.path(), "host-7", "not a csr", Duration::from_secs(1)),
+            Err(CertError::Gen(_))
+        ));
+    }
 }

@@ -195,6 +195,10 @@ pub struct Config {
     pub metrics_token: Option<String>,
     /// Directory holding the catalogue's files; default `<data_dir>/images`.
     pub image_dir: Option<PathBuf>,
+    /// The host CA (`ca.pem`, `ca.key`) that signs joining hosts'
+    /// certificates; default `<data_dir>/ca`, made on first start. Replicas
+    /// of one control plane must share it.
+    pub ca_dir: Option<PathBuf>,
     /// The image catalogue: what tenants may boot, by name (`test`, tern's
     /// test guest, is always there). Files are relative to `image_dir`.
     pub images: BTreeMap<String, ImageDef>,
@@ -215,6 +219,7 @@ impl Default for Config {
             mock: MockFaults::default(),
             kvm: KvmConfig::default(),
             image_dir: None,
+            ca_dir: None,
             images: BTreeMap::new(),
             http: tern_httpd::Limits::default(),
             quota: Quotas::default(),
@@ -235,6 +240,7 @@ const ENV: &[(&str, &str, Kind)] = &[
     ("TERN_DRIVER", "driver", Kind::Text),
     ("TERN_KVM_MONITOR", "kvm.monitor", Kind::Text),
     ("TERN_IMAGE_DIR", "image_dir", Kind::Text),
+    ("TERN_CA_DIR", "ca_dir", Kind::Text),
     ("TERN_LISTEN", "listen", Kind::Text),
     ("TERN_DATA", "data_dir", Kind::Text),
     ("TERN_STORE_URL", "store_url", Kind::Text),
@@ -517,6 +523,18 @@ impl Config {
             Some(s) => Ok(s.as_bytes().to_vec()),
             None => secret_file(&self.data_dir.join("jwt-secret")).map(String::into_bytes),
         }
+    }
+
+    /// The host CA's directory, with a CA made there on first use.
+    pub fn host_ca(&self) -> Result<PathBuf, tern_transport::certs::CertError> {
+        let dir = self
+            .ca_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ca"));
+        if !dir.join("ca.pem").exists() {
+            tern_transport::certs::init_ca(&dir)?;
+        }
+        Ok(dir)
     }
 
     /// The token `/metrics` asks for: configured, or read from (created

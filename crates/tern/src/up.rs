@@ -77,7 +77,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             state.metrics = MetricsAccess::Token(token.into());
         }
     }
-    let app = tern_api::router(state);
+    let fleet = tern_api::FleetApi {
+        store: store.clone(),
+        auth: state.auth.clone(),
+        ca_dir: cfg.host_ca().context("cannot read or create the host CA")?,
+        cert_validity: std::time::Duration::from_secs(365 * 86400),
+        join_token_ttl: std::time::Duration::from_secs(3600),
+    };
+    let app = tern_api::router(state).merge(tern_api::hosts_router(fleet));
     tracing::info!(
         %addr, driver = driver.name(), store = store.backend(), data_dir = %cfg.data_dir.display(),
         "tern is up"
