@@ -424,6 +424,33 @@ async fn a_linux_guest_resumes_when_its_destination_dies_in_the_commit_window() 
     );
 }
 
+/// Waits for the end; if it does not come in 120 s, prints the guest
+/// processes' logs of both hosts and fails.
+async fn wait_end_or_dump(c: &AgentClient, id: &str, bed: &Bed) -> MigrationView {
+    let t = Instant::now();
+    loop {
+        let v = c.migration(id).await.unwrap();
+        if v.state.is_final() {
+            return v;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            for h in &bed.hosts {
+                for d in std::fs::read_dir(h.data_dir.join("vms"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let log =
+                        std::fs::read_to_string(d.path().join("guest.log")).unwrap_or_default();
+                    eprintln!("==== {}:\n{log}", d.path().display());
+                }
+            }
+            panic!("stuck: {v:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Sends `sig` to host-b's agent, guest processes and QEMUs.
 fn signal_host(bed: &Bed, sig: &str) {
     let data = &bed.hosts[1].data_dir;
@@ -493,9 +520,14 @@ async fn a_linux_guest_survives_its_destination_frozen_after_a_postcopy_commit()
         assert_runs(&ca, &vm.id, before).await;
     };
     signal_host(&bed, "-STOP");
+    let at = ca.migration(&m.id).await.unwrap().progress;
+    eprintln!(
+        "froze host-b in post-copy: {} pages sent, {} remaining",
+        at.pages_sent, at.pages_remaining
+    );
     tokio::time::sleep(Duration::from_secs(10)).await;
     signal_host(&bed, "-CONT");
-    let done = wait_end(&ca, &m.id).await;
+    let done = wait_end_or_dump(&ca, &m.id, &bed).await;
     eprintln!(
         "post-copy, destination frozen 10 s after commit: {:?} {}",
         done.state,

@@ -165,7 +165,7 @@ impl DestRelay<'_> {
         on_commit: CommitHook<'_>,
     ) -> Result<(), MigrateError> {
         let (q, stream) = self.open(mode).await?;
-        let (mut from_qemu, to_qemu) = stream.into_split();
+        let (from_qemu, to_qemu) = stream.into_split();
         self.replies.send(msg_frame(&RelayDestMsg::Accept)).await?;
         self.progress
             .send_modify(|p| p.phase = MigrationPhase::Precopy);
@@ -180,24 +180,43 @@ impl DestRelay<'_> {
             failed: None,
             last_tick: Instant::now(),
         };
-        let mut buf = vec![0u8; 256 << 10];
+        // QEMU's return path is carried by a future of its own, polled
+        // beside the feeding loop, never from inside it: when both waited in
+        // one loop, a write into QEMU's stream that blocked (QEMU busy
+        // answering on its return path) stopped the return path from being
+        // read, and post-copy could deadlock.
+        let return_path = carry_return_path(from_qemu, self.replies);
+        let feeding = self.feed(&mut f, data, on_commit);
+        tokio::pin!(return_path, feeding);
         let mut return_open = true;
+        loop {
+            tokio::select! {
+                r = &mut feeding => return r,
+                r = &mut return_path, if return_open => {
+                    r?;
+                    return_open = false;
+                }
+            }
+        }
+    }
+
+    /// Feeds QEMU the stream and watches it until the migration is done here.
+    async fn feed(
+        &mut self,
+        f: &mut Feed,
+        data: &mut Receiver,
+        on_commit: CommitHook<'_>,
+    ) -> Result<(), MigrateError> {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
                 r = data.recv() => {
                     let (seq, frame) = r.ok_or(MigrateError::Closed("data"))??;
-                    self.on_data(&mut f, &frame, on_commit).await?;
+                    self.on_data(f, &frame, on_commit).await?;
                     data.ack(seq);
                 }
-                n = from_qemu.read(&mut buf), if return_open => match n {
-                    Ok(0) | Err(_) => return_open = false,
-                    Ok(n) => {
-                        self.replies.send(frame(KIND_RETURN, &buf[..n])).await?;
-                    }
-                },
                 _ = tick.tick() => {
-                    if self.on_tick(&mut f).await? {
+                    if self.on_tick(f).await? {
                         return Ok(());
                     }
                 }
@@ -329,6 +348,23 @@ impl DestRelay<'_> {
             self.replies.send(msg_frame(&RelayDestMsg::Loaded)).await?;
         }
         Ok(())
+    }
+}
+
+/// Carries what QEMU writes on its return path (post-copy page requests,
+/// acks) to the source until QEMU closes it.
+async fn carry_return_path(
+    mut from_qemu: tokio::net::unix::OwnedReadHalf,
+    replies: &Sender,
+) -> Result<(), MigrateError> {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match from_qemu.read(&mut buf).await {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(n) => {
+                replies.send(frame(KIND_RETURN, &buf[..n])).await?;
+            }
+        }
     }
 }
 

@@ -119,7 +119,14 @@ struct Carry {
     stopped_at_us: Option<u64>,
     commit_sent_us: u64,
     postcopy_started: bool,
+    /// QEMU's transferred bytes at the last tick, and when they last grew.
+    transferred: u64,
+    progressed_at: Instant,
 }
+
+/// How long post-copy may send nothing, once the reply channel is lost,
+/// before the source stops waiting for QEMU's stream to end.
+const POSTCOPY_STALL: Duration = Duration::from_secs(30);
 
 impl SourceRelay<'_> {
     async fn run(&mut self) -> Result<(), MigrateError> {
@@ -302,6 +309,8 @@ impl SourceRelay<'_> {
             stopped_at_us: None,
             commit_sent_us: wall_us(SystemTime::now()),
             postcopy_started: false,
+            transferred: 0,
+            progressed_at: Instant::now(),
         }
     }
 
@@ -322,7 +331,11 @@ impl SourceRelay<'_> {
         // still going out: the source serves them to the end regardless.
         let mut replies_lost: Option<MigrateError> = None;
         while !(c.eof && c.running && c.verdict.is_some()) {
-            if c.eof {
+            // Without replies, QEMU may never end its stream (it waits for
+            // the destination's last word on the return path): serve while
+            // pages still go out, then stop waiting.
+            let stalled = c.progressed_at.elapsed() > POSTCOPY_STALL;
+            if c.eof || stalled {
                 if let Some(e) = replies_lost.take() {
                     return Err(e);
                 }
@@ -427,6 +440,11 @@ impl SourceRelay<'_> {
                 m.status,
                 m.error_desc.clone().unwrap_or_default()
             ))));
+        }
+        let transferred = m.ram.as_ref().map_or(0, |r| r.transferred);
+        if transferred > c.transferred {
+            c.transferred = transferred;
+            c.progressed_at = Instant::now();
         }
         let round = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count).max(1);
         if !self.committed && !c.postcopy_started && m.status == "active" {
