@@ -367,6 +367,15 @@ impl Fleet {
         self.vms[i].last_moved = Some(now);
     }
 
+    /// Records a host's load (a heartbeat): its reported CPU replaces the
+    /// estimate planned moves made.
+    pub fn set_load(&mut self, host: &HostId, load: HostLoad) {
+        if let Some(&s) = self.hosts.get(host) {
+            self.slots[s].cpu = load.cpu;
+            self.slots[s].host.load = load;
+        }
+    }
+
     /// Sets a host's state (draining, down, active again).
     pub fn set_state(&mut self, host: &HostId, state: HostState) {
         if let Some(&s) = self.hosts.get(host) {
