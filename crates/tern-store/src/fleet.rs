@@ -7,9 +7,9 @@
 //! migration that has not ended (a partial unique index says so, whoever
 //! writes). The SQL is the same on both back ends.
 
+use crate::row::time;
 use crate::{Result, StoreError};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use tern_proto::{
@@ -186,10 +186,6 @@ pub(crate) fn from_json<T: DeserializeOwned>(what: &str, s: &str) -> Result<T> {
 /// An enum stored by its serde name.
 pub(crate) fn from_name<T: DeserializeOwned>(what: &str, s: &str) -> Result<T> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|e| corrupt(what, e))
-}
-
-pub(crate) fn time(us: i64, what: &str) -> Result<DateTime<Utc>> {
-    DateTime::from_timestamp_micros(us).ok_or_else(|| corrupt(what, format!("{us} is not a time")))
 }
 
 pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {

@@ -33,7 +33,7 @@ pub(crate) fn now_us() -> i64 {
     Utc::now().timestamp_micros()
 }
 
-fn time(us: i64, col: &str) -> Result<DateTime<Utc>, StoreError> {
+pub(crate) fn time(us: i64, col: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp_micros(us)
         .ok_or_else(|| StoreError::Corrupt(format!("{col} = {us} is not a time")))
 }

@@ -9,19 +9,8 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use tern_agent::{AgentClient, GuestKind, MigrationPhase, VmSpec};
+use tern_agent::{AgentClient, MigrationPhase};
 use tern_transport::SILENCE_LIMIT;
-
-/// A process workload: it needs no KVM, and it dirties memory all along.
-fn process_spec() -> VmSpec {
-    VmSpec {
-        kind: GuestKind::Process,
-        memory_mib: 64,
-        ws_pages: 256,
-        dirty_mib_per_sec: 1,
-        ..Default::default()
-    }
-}
 
 /// Starts a pre-copy of a fresh process VM a → b and returns once its
 /// first pages are on the way.

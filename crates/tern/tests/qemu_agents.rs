@@ -458,17 +458,22 @@ async fn wait_end_or_dump(c: &AgentClient, id: &str, bed: &Bed) -> MigrationView
     }
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`) to every process in `pids`.
+fn signal(pids: &[i32], sig: &str) {
+    for pid in pids {
+        let _ = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status();
+    }
+}
+
 /// Sends `sig` to host-b's agent, guest processes and QEMUs.
 fn signal_host(bed: &Bed, sig: &str) {
     let data = &bed.hosts[1].data_dir;
     let mut pids = tern_agent::layout::guest_pids(data);
     pids.extend(pids_under(data));
     pids.push(bed.b.pid());
-    for pid in pids {
-        let _ = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status();
-    }
+    signal(&pids, sig);
 }
 
 /// Waits until `Commit` reached the destination in post-copy (true) or
@@ -546,16 +551,9 @@ async fn a_linux_guest_survives_its_destination_frozen_after_a_postcopy_commit()
     assert!(pids_under(&bed.hosts[0].data_dir).is_empty());
     // A guest that cannot advance is never listed as running.
     let qemu = pids_under(&bed.hosts[1].data_dir);
-    let signal = |sig: &str| {
-        for pid in &qemu {
-            let _ = std::process::Command::new("kill")
-                .args([sig, &pid.to_string()])
-                .status();
-        }
-    };
-    signal("-STOP");
+    signal(&qemu, "-STOP");
     let v = cb.vm(&vm.id).await.unwrap();
-    signal("-CONT");
+    signal(&qemu, "-CONT");
     assert_eq!(v.status, VmStatus::Stalled, "{v:?}");
     assert_runs(&cb, &vm.id, now).await;
 }

@@ -14,16 +14,6 @@ use tern_agent::vmdir::VmDir;
 use tern_agent::{AgentClient, GuestKind, MigrationPhase, VmSpec, VmStatus};
 use tern_testbed as testbed;
 
-fn process_spec() -> VmSpec {
-    VmSpec {
-        kind: GuestKind::Process,
-        memory_mib: 64,
-        ws_pages: 256,
-        dirty_mib_per_sec: 1,
-        ..Default::default()
-    }
-}
-
 /// Asks every guest process directly (no agent) and checks that each
 /// advances: nothing paused while its agent was away.
 async fn advance_without_agent(data_dir: &Path, vms: &[String]) {

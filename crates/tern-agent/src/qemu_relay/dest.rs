@@ -139,7 +139,9 @@ impl DestRelay<'_> {
         on_commit: CommitHook<'_>,
     ) -> Result<(), MigrateError> {
         let res = self.receive(mode, data, on_commit).await;
-        if let Err(e) = &res {
+        // A failed check already sent its own verdict.
+        let said = matches!(res, Err(MigrateError::Verification(_)));
+        if let (Err(e), false) = (&res, said) {
             // Before commit the source resumes; after it, the source must
             // learn that the guest here is not well (e.g. its kernel
             // panicked and QEMU exited), so the migration is marked corrupted.

@@ -41,6 +41,17 @@ pub fn spec() -> VmSpec {
     }
 }
 
+/// A process workload: it needs no KVM, and it dirties memory all along.
+pub fn process_spec() -> VmSpec {
+    VmSpec {
+        kind: tern_agent::GuestKind::Process,
+        memory_mib: 64,
+        ws_pages: 256,
+        dirty_mib_per_sec: 1,
+        ..Default::default()
+    }
+}
+
 pub fn precopy_to(to: &str) -> MigrateRequest {
     mode_to(to, "precopy")
 }
