@@ -86,6 +86,7 @@ async fn host(State(c): State<Ctx>) -> Json<serde_json::Value> {
         "name": c.agent.name(),
         "migrate_addr": c.agent.migrate_addr().to_string(),
         "public_key": c.agent.public_key(),
+        "peers": c.agent.peers().iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
     }))
 }
 

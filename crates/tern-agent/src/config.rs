@@ -48,7 +48,7 @@ pub struct TlsFiles {
 }
 
 /// Another host this agent migrates to or accepts migrations from.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Peer {
     /// Its host name (also the name in its TLS certificate).
@@ -61,6 +61,47 @@ pub struct Peer {
     /// `tern certs issue` prints it: TLS accepts only pinned peers.
     #[serde(default)]
     pub tls_pin: Option<String>,
+}
+
+/// The control plane this host joins (`[control_plane]`): it issues the
+/// host's certificate and names its peers, so neither is configured here.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlane {
+    /// The control plane's API (`http://host:port`).
+    pub url: String,
+    /// Seconds between heartbeats. Default 5.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+    /// This host's labels (`region = "eu"`): VMs that require a label are
+    /// placed and migrated only where it is.
+    #[serde(default)]
+    pub labels: tern_proto::Labels,
+    /// The URL the control plane reaches this host's API at (default:
+    /// `http://` + `api_addr`).
+    #[serde(default)]
+    pub api_url: Option<String>,
+    /// Guest memory (MiB) and vCPUs this host offers (default: its
+    /// memory less 1 GiB, and its cores).
+    #[serde(default)]
+    pub capacity: Option<tern_proto::Capacity>,
+}
+
+impl ControlPlane {
+    /// Defaults for everything but the URL.
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.into(),
+            heartbeat_secs: default_heartbeat(),
+            labels: Default::default(),
+            api_url: None,
+            capacity: None,
+        }
+    }
+}
+
+fn default_heartbeat() -> u64 {
+    5
 }
 
 /// The whole agent configuration.
@@ -87,9 +128,13 @@ pub struct AgentConfig {
     /// Carry migrations over plain TCP. Only for tests on one machine.
     #[serde(default)]
     pub insecure_plaintext: bool,
-    /// Hosts this one trusts.
+    /// Hosts this one trusts (none when it joins a control plane, which
+    /// names them).
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// The control plane this host joined or joins (`tern agent --join`).
+    #[serde(default)]
+    pub control_plane: Option<ControlPlane>,
     /// Largest guest RAM accepted from a peer, MiB. Default 4096.
     #[serde(default = "default_max_memory")]
     pub max_memory_mib: u64,
@@ -142,6 +187,7 @@ impl AgentConfig {
             tls: None,
             insecure_plaintext: false,
             peers: Vec::new(),
+            control_plane: None,
             max_memory_mib: default_max_memory(),
             max_vcpus: default_max_vcpus(),
             resume_deadline_secs: default_resume(),
@@ -189,6 +235,9 @@ impl AgentConfig {
         if let Err(e) = self.http.validate() {
             return bad("http", e);
         }
+        if let Some(cp) = &self.control_plane {
+            return self.validate_joined(cp);
+        }
         if self.tls.is_none() && !self.insecure_plaintext {
             return bad(
                 "tls",
@@ -232,19 +281,39 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// The peer called `name`.
-    pub fn peer(&self, name: &str) -> Option<&Peer> {
-        self.peers.iter().find(|p| p.name == name)
-    }
-
-    /// The peer whose certificate's public key has this SHA-256 pin.
-    pub fn peer_by_pin(&self, pin: &[u8; 32]) -> Option<&Peer> {
-        self.peers.iter().find(|p| {
-            p.tls_pin
-                .as_deref()
-                .and_then(|t| tern_transport::tls::parse_pin(t).ok())
-                .is_some_and(|q| &q == pin)
-        })
+    /// A host that joins a control plane gets its certificate and peers
+    /// from it, and always speaks TLS.
+    fn validate_joined(&self, cp: &ControlPlane) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message: message.into(),
+            })
+        };
+        let http =
+            |u: &str| (u.starts_with("http://") || u.starts_with("https://")) && u.len() <= 256;
+        if !http(&cp.url) {
+            return bad("control_plane.url", "must be an http:// or https:// URL");
+        }
+        if cp.api_url.as_deref().is_some_and(|u| !http(u)) {
+            return bad(
+                "control_plane.api_url",
+                "must be an http:// or https:// URL",
+            );
+        }
+        if !(1..=300).contains(&cp.heartbeat_secs) {
+            return bad("control_plane.heartbeat_secs", "must be in 1..=300");
+        }
+        if self.insecure_plaintext || !self.peers.is_empty() {
+            return bad(
+                "control_plane",
+                "a joined host gets its certificate and peers from the control plane: drop `insecure_plaintext` and `peers`",
+            );
+        }
+        if self.max_vcpus == 0 || self.max_memory_mib == 0 {
+            return bad("max_vcpus/max_memory_mib", "must be above zero");
+        }
+        self.http.validate().or_else(|e| bad("http", &e))
     }
 
     /// What peers dial.

@@ -133,6 +133,48 @@ pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<LocalHost>, Box<dyn s
     Ok(out)
 }
 
+/// Writes configurations for `hosts` that join the control plane at `url`
+/// (labels per host from `labels`): no CA, certificates or peers here,
+/// the control plane issues and names them. Heartbeats every second.
+pub fn write_joined(
+    dir: &Path,
+    hosts: &[HostPlan],
+    url: &str,
+    labels: &dyn Fn(&str) -> tern_proto::Labels,
+) -> Result<Vec<LocalHost>, Box<dyn std::error::Error>> {
+    let mut out = Vec::new();
+    for h in hosts {
+        let mut cfg = AgentConfig::new(&h.name);
+        cfg.api_addr = SocketAddr::new(h.ip, h.api_port);
+        cfg.migrate_addr = h.migrate_addr();
+        cfg.advertise_addr = h.reached_at;
+        cfg.data_dir = dir.join(&h.name);
+        cfg.resume_deadline_secs = h.resume_deadline_secs;
+        if let Some((k, i)) = &h.guest {
+            cfg.guest_kernel = Some(k.clone());
+            cfg.guest_initrd = Some(i.clone());
+        }
+        let mut cp = crate::config::ControlPlane::new(url);
+        cp.heartbeat_secs = 1;
+        cp.labels = labels(&h.name);
+        cp.capacity = Some(tern_proto::Capacity {
+            memory_mib: 4096,
+            vcpus: 8,
+        });
+        cfg.control_plane = Some(cp);
+        cfg.validate()?;
+        let file = dir.join(format!("{}.toml", h.name));
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(&file, toml::to_string_pretty(&cfg)?)?;
+        out.push(LocalHost {
+            config: file,
+            api_url: h.api_url(),
+            data_dir: cfg.data_dir.clone(),
+        });
+    }
+    Ok(out)
+}
+
 /// A local `tern agent` process of a layout, ended with its guests when
 /// dropped (a layout is a trial: it leaves no process behind).
 pub struct LocalAgent {

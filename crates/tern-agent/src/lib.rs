@@ -16,9 +16,12 @@ pub mod config;
 pub mod control;
 pub mod guestproc;
 pub mod hosted;
+pub mod hostload;
 pub mod journal;
 pub mod keys;
 pub mod layout;
+pub mod membership;
+pub mod peerbook;
 mod peering;
 pub mod qemu_relay;
 pub mod views;
@@ -26,20 +29,35 @@ pub mod vmdir;
 
 pub use agent::{Agent, AgentError, MigrateRequest};
 pub use client::{AgentClient, ClientError};
-pub use config::{AgentConfig, ConfigError, Peer, TlsFiles};
+pub use config::{AgentConfig, ConfigError, ControlPlane, Peer, TlsFiles};
 pub use tern_migrate::MigrationPhase;
 /// A migration's final report, as clients of the agent API read it.
 pub use tern_migrate::{Report, SwitchoverTimes};
 pub use views::{GuestKind, MigrationView, Role, VmSpec, VmStatus, VmView};
 
-/// Starts an agent and serves its API until the process ends.
-pub async fn serve(cfg: AgentConfig) -> Result<(), AgentError> {
+/// Starts an agent and serves its API until the process ends. A host with
+/// a `[control_plane]` joins it first (with `join_token`, once) and then
+/// sends it heartbeats.
+pub async fn serve(mut cfg: AgentConfig, join_token: Option<&str>) -> Result<(), AgentError> {
     keys::private_dir(&cfg.data_dir)
         .map_err(|e| AgentError::Internal(format!("data dir {}: {e}", cfg.data_dir.display())))?;
+    let joined = match &cfg.control_plane {
+        Some(cp) => {
+            let every = std::time::Duration::from_secs(cp.heartbeat_secs);
+            let m = membership::join_or_resume(&mut cfg, join_token)
+                .await
+                .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+            Some((m, every))
+        }
+        None => None,
+    };
     let token = keys::api_token(&cfg.data_dir).map_err(|e| AgentError::Internal(e.to_string()))?;
     let api_addr = cfg.api_addr;
     let limits = cfg.http;
     let agent = Agent::start(cfg).await?;
+    if let Some((m, every)) = joined {
+        membership::spawn_heartbeats(agent.clone(), m, every);
+    }
     let listener = tokio::net::TcpListener::bind(api_addr)
         .await
         .map_err(|e| AgentError::Internal(format!("cannot listen on {api_addr}: {e}")))?;

@@ -108,7 +108,7 @@ impl Agent {
         if self.inner.tls.is_none() {
             return Ok(());
         }
-        let actual = pin.and_then(|p| self.inner.cfg.peer_by_pin(&p));
+        let actual = pin.and_then(|p| self.inner.peers.by_pin(&p));
         match actual {
             Some(p) if p.name == claimed => Ok(()),
             other => Err(Refusal::Impersonation {
@@ -179,7 +179,7 @@ impl Agent {
         let cfg = &self.inner.cfg;
         // Replies go where this host's configuration says the peer is,
         // never where the offer says: the peer does not choose whom we dial.
-        let Some(peer) = cfg.peer(&o.source_host) else {
+        let Some(peer) = self.inner.peers.get(&o.source_host) else {
             return Err(Refusal::UnknownPeer(o.source_host.clone()));
         };
         let reply_to = peer.migrate_addr.to_string();
@@ -291,8 +291,8 @@ impl Agent {
     ) -> Result<(), SessionError> {
         let addr: SocketAddr = self
             .inner
-            .cfg
-            .peer(peer)
+            .peers
+            .get(peer)
             .map(|p| p.migrate_addr)
             .ok_or_else(|| SessionError::UnknownPeer(peer.into()))?;
         let security = crate::guestproc::security(self.inner.tls.as_ref(), peer)?;

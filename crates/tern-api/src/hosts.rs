@@ -16,13 +16,12 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_proto::{Capacity, HostId, HostLoad, HostRecord, HostState, Labels};
+pub use tern_proto::{HeartbeatResponse, JoinRequest, JoinResponse, JoinToken, PeerView};
+use tern_proto::{HostId, HostLoad, HostRecord, HostState};
 use tern_store::Store;
 
 /// Largest certificate signing request accepted.
@@ -49,81 +48,13 @@ impl FromRef<FleetApi> for Arc<AuthKeys> {
     }
 }
 
-/// A host asking to join.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JoinRequest {
-    /// The one-time join token.
-    pub token: String,
-    /// The host's id (its name in the fleet and in its certificate).
-    pub id: HostId,
-    /// Where its migration listener is reached.
-    pub migrate_addr: SocketAddr,
-    /// Its agent API.
-    pub api_url: String,
-    /// Its certificate signing request, PEM.
-    pub csr_pem: String,
-    /// Its Ed25519 manifest key, hex.
-    pub manifest_key: String,
-    /// Its labels.
-    #[serde(default)]
-    pub labels: Labels,
-    /// What it may hand out.
-    pub capacity: Capacity,
-}
-
-/// A peer as agents configure it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PeerView {
-    /// Its id.
-    pub id: HostId,
-    /// Its migration listener.
-    pub migrate_addr: String,
-    /// Its certificate's SPKI pin, hex.
-    pub cert_pin: String,
-    /// Its manifest key, hex.
-    pub manifest_key: String,
-}
-
-/// What a joined host gets back.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct JoinResponse {
-    /// Its certificate, PEM.
-    pub cert_pem: String,
-    /// The CA's certificate, PEM.
-    pub ca_pem: String,
-    /// Its certificate's SPKI pin, hex.
-    pub cert_pin: String,
-    /// The token its heartbeats carry (shown once).
-    pub host_token: String,
-    /// Its peers (every other active or draining host).
-    pub peers: Vec<PeerView>,
-}
-
-/// What a heartbeat gets back.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct HeartbeatResponse {
-    /// The host's state as the control plane sees it.
-    pub state: HostState,
-    /// Its peers now.
-    pub peers: Vec<PeerView>,
-}
-
-/// A new join token (shown once).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct JoinToken {
-    /// The token.
-    pub token: String,
-    /// Seconds it stays valid.
-    pub expires_in_secs: u64,
-}
-
 /// The host endpoints, to merge into the API's router.
 pub fn hosts_router(api: FleetApi) -> Router {
     Router::new()
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/join-tokens", post(new_join_token))
         .route("/api/v1/hosts/join", post(join))
+        .route("/api/v1/hosts/{id}", delete(remove_host))
         .route("/api/v1/hosts/{id}/heartbeat", post(heartbeat))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
@@ -168,6 +99,26 @@ async fn list_hosts(
 ) -> Result<Json<Vec<HostRecord>>, ApiError> {
     caller.require(Permission::PlatformAdmin)?;
     Ok(Json(s.store.list_hosts().await.map_err(internal)?))
+}
+
+/// Removes a host: down, its token revoked, dropped by its peers at their
+/// next heartbeat. (Its VMs are not moved: drain it first.)
+async fn remove_host(
+    State(s): State<FleetApi>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<HostRecord>, ApiError> {
+    caller.require(Permission::PlatformAdmin)?;
+    let missing = || ApiError::NotFound(format!("host {id}"));
+    let hid = HostId::new(id.clone()).map_err(|_| missing())?;
+    match s.store.remove_host(&hid).await {
+        Ok(h) => {
+            tracing::info!(host = %hid, tenant = %caller.tenant, "host removed from the fleet");
+            Ok(Json(h))
+        }
+        Err(tern_store::StoreError::HostNotFound(_)) => Err(missing()),
+        Err(e) => Err(internal(e)),
+    }
 }
 
 async fn new_join_token(
@@ -307,6 +258,7 @@ async fn heartbeat(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_proto::{Capacity, Labels};
 
     fn req() -> JoinRequest {
         JoinRequest {

@@ -6,6 +6,7 @@
 
 pub mod host;
 pub mod ids;
+pub mod join;
 pub mod migration;
 pub mod vm;
 
@@ -14,6 +15,7 @@ pub use host::{
     MigrationRecord,
 };
 pub use ids::{HostId, IdError, MigrationId, OwnerEpoch, TenantId, VmId, VsockCid};
+pub use join::{HeartbeatResponse, JoinRequest, JoinResponse, JoinToken, PeerView};
 pub use migration::{MigrationPhase, MigrationRole};
 pub use vm::{
     is_image_name, CreateVmRequest, IllegalTransition, VmConfig, VmRecord, VmSpec, VmStatus,

@@ -43,6 +43,12 @@ pub trait FleetStore: Send + Sync {
     /// A heartbeat: the host's load, and the time it arrived.
     async fn heartbeat(&self, id: &HostId, load: &HostLoad) -> Result<HostRecord>;
 
+    /// Removes a host from the fleet: it is `down` and its token stops
+    /// working, so no peer trusts it after their next heartbeat and it
+    /// cannot beat again (it must join anew). Its record stays: VMs and
+    /// migrations name it.
+    async fn remove_host(&self, id: &HostId) -> Result<HostRecord>;
+
     /// Moves a host `from -> to` if it is still `from`.
     async fn set_host_state(
         &self,
@@ -335,6 +341,17 @@ macro_rules! fleet_impl {
                 let row: Option<RawHost> = sqlx::query_as(&sql)
                     .bind(to_json(load)?)
                     .bind(now_us())
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.ok_or_else(|| StoreError::HostNotFound(id.clone()))?.decode()
+            }
+
+            async fn remove_host(&self, id: &HostId) -> Result<HostRecord> {
+                let sql = format!(
+                    "UPDATE hosts SET state = 'down', token_hash = '' WHERE id = $1 RETURNING {HOST_COLUMNS}"
+                );
+                let row: Option<RawHost> = sqlx::query_as(&sql)
                     .bind(id.as_str())
                     .fetch_optional(&self.pool)
                     .await?;

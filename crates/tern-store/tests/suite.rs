@@ -354,6 +354,15 @@ async fn hosts_join_beat_and_go_down(t: TestStore) {
         s.host_token_hash(&h.id).await.unwrap().as_deref(),
         Some("hash-1")
     );
+    // Removed: down, and its token no longer matches anything.
+    let gone = s.remove_host(&h.id).await.unwrap();
+    assert_eq!(gone.state, Down);
+    assert_eq!(s.host_token_hash(&h.id).await.unwrap().as_deref(), Some(""));
+    let e = s
+        .remove_host(&HostId::new("ghost").unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::HostNotFound(_)), "{e}");
 }
 
 async fn join_tokens_are_used_once(t: TestStore) {

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 pub use tern_agent::layout::{
-    free_port, guest_pids, kill_guests, wait_ready, write, HostPlan, LocalHost,
+    free_port, guest_pids, kill_guests, wait_ready, write, write_joined, HostPlan, LocalHost,
 };
 
 /// A `tern agent` process of a test, killed (with its guests, unless

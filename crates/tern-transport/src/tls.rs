@@ -73,7 +73,23 @@ pub struct TlsIdentity {
     certs: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     roots: Arc<RootCertStore>,
-    pins: BTreeSet<[u8; 32]>,
+    pins: Pins,
+}
+
+/// The peers' pins, shared by an identity and every configuration made
+/// from it: a host that learns its peers while it runs (from a control
+/// plane) trusts a new peer, and stops trusting a removed one, in every
+/// listener and client at once.
+#[derive(Clone, Debug, Default)]
+struct Pins(Arc<std::sync::RwLock<BTreeSet<[u8; 32]>>>);
+
+impl Pins {
+    fn contains(&self, pin: &[u8; 32]) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(pin)
+    }
 }
 
 fn pem_items(path: &Path) -> Result<Vec<rustls_pemfile::Item>, TlsSetupError> {
@@ -152,8 +168,16 @@ impl TlsIdentity {
             certs,
             key: Arc::new(key_der),
             roots: Arc::new(roots),
-            pins: pins.iter().copied().collect(),
+            pins: Pins(Arc::new(std::sync::RwLock::new(
+                pins.iter().copied().collect(),
+            ))),
         })
+    }
+
+    /// Replaces the peers' pins, for this identity, its clones and every
+    /// configuration made from them (handshakes already done stand).
+    pub fn set_pins(&self, pins: &[[u8; 32]]) {
+        *self.pins.0.write().unwrap_or_else(|p| p.into_inner()) = pins.iter().copied().collect();
     }
 
     /// The pin of this host's own certificate (give it to peers).
@@ -196,7 +220,7 @@ impl TlsIdentity {
     }
 }
 
-fn check_pin(pins: &BTreeSet<[u8; 32]>, cert: &CertificateDer<'_>) -> Result<(), TlsError> {
+fn check_pin(pins: &Pins, cert: &CertificateDer<'_>) -> Result<(), TlsError> {
     let pin = spki_sha256(cert)
         .ok_or_else(|| TlsError::General("peer certificate does not parse".into()))?;
     if pins.contains(&pin) {
@@ -212,7 +236,7 @@ fn check_pin(pins: &BTreeSet<[u8; 32]>, cert: &CertificateDer<'_>) -> Result<(),
 #[derive(Debug)]
 struct PinnedClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    pins: BTreeSet<[u8; 32]>,
+    pins: Pins,
 }
 
 impl ClientCertVerifier for PinnedClientVerifier {
@@ -263,7 +287,7 @@ impl ClientCertVerifier for PinnedClientVerifier {
 #[derive(Debug)]
 struct PinnedServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
-    pins: BTreeSet<[u8; 32]>,
+    pins: Pins,
 }
 
 impl ServerCertVerifier for PinnedServerVerifier {

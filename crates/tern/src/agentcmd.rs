@@ -85,10 +85,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Runs an agent until it is killed.
-pub fn agent(file: &Path) -> anyhow::Result<()> {
+pub fn agent(file: &Path, join: Option<String>, join_token: Option<String>) -> anyhow::Result<()> {
     crate::logging::init();
-    let cfg = AgentConfig::load(file)?;
-    runtime()?.block_on(tern_agent::serve(cfg))?;
+    let mut cfg = AgentConfig::load(file)?;
+    if let Some(url) = join {
+        match &mut cfg.control_plane {
+            Some(cp) => cp.url = url,
+            None => cfg.control_plane = Some(tern_agent::ControlPlane::new(&url)),
+        }
+        cfg.validate()?;
+    }
+    runtime()?.block_on(tern_agent::serve(cfg, join_token.as_deref()))?;
     Ok(())
 }
 

@@ -66,6 +66,14 @@ enum Cmd {
     Agent {
         /// The agent's configuration (TOML; see the README).
         file: PathBuf,
+        /// Join the control plane at this URL (once; later starts find
+        /// the membership in the data dir). Sets `[control_plane] url`.
+        #[arg(long)]
+        join: Option<String>,
+        /// The one-time join token an admin made
+        /// (`POST /api/v1/hosts/join-tokens`).
+        #[arg(long, env = "TERN_JOIN_TOKEN", hide_env_values = true)]
+        join_token: Option<String>,
     },
     /// Run one guest in this process (the agent starts it; it outlives the agent).
     #[command(hide = true)]
@@ -174,7 +182,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Vm {
             cmd: VmCmd::Remote(r),
         } => agentcmd::vm_remote(r),
-        Cmd::Agent { file } => agentcmd::agent(&file),
+        Cmd::Agent {
+            file,
+            join,
+            join_token,
+        } => agentcmd::agent(&file, join, join_token),
         Cmd::Guest { dir } => agentcmd::guest(&dir),
         Cmd::Migrate(a) => agentcmd::migrate(a),
         Cmd::Demo => agentcmd::demo(),

@@ -42,7 +42,7 @@ impl Agent {
     /// (follow it with [`Agent::migration`] or [`Agent::progress`]). The
     /// guest's own process runs it.
     pub async fn migrate(&self, vm: &str, req: MigrateRequest) -> Result<String, AgentError> {
-        if self.inner.cfg.peer(&req.to).is_none() {
+        if self.inner.peers.get(&req.to).is_none() {
             return Err(AgentError::BadRequest(format!(
                 "`{}` is not a configured peer",
                 req.to

@@ -19,6 +19,7 @@ pub use migrations::MigrateRequest;
 use crate::config::AgentConfig;
 use crate::control::{self, GuestState, GuestStatus, OutJob, Request};
 use crate::keys;
+use crate::peerbook::PeerBook;
 use crate::views::{MigrationView, Role, VmSpec, VmStatus, VmView};
 use crate::vmdir::{fold, DirFate, EndedMigration, Launch, LaunchRole, VmDir};
 use std::collections::{BTreeMap, HashMap};
@@ -83,6 +84,7 @@ pub(crate) struct Inner {
     pub(crate) cfg: AgentConfig,
     pub(crate) public_key: String,
     pub(crate) tls: Option<TlsIdentity>,
+    pub(crate) peers: PeerBook,
     pub(crate) exe: PathBuf,
     pub(crate) vms: Mutex<BTreeMap<String, VmEntry>>,
     pub(crate) migrations: Mutex<BTreeMap<String, MigrationEntry>>,
@@ -107,14 +109,7 @@ impl Agent {
         let key = keys::host_key(&cfg.data_dir).map_err(|e| internal(&e))?;
         let tls = match &cfg.tls {
             Some(t) => {
-                let pins = cfg
-                    .peers
-                    .iter()
-                    .filter_map(|p| p.tls_pin.as_deref())
-                    .map(tern_transport::tls::parse_pin)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| internal(&e))?;
-                let id = TlsIdentity::load(&t.cert, &t.key, &t.ca, &pins)
+                let id = TlsIdentity::load(&t.cert, &t.key, &t.ca, &[])
                     .map_err(|e| AgentError::BadRequest(format!("TLS identity: {e}")))?;
                 id.client_config()
                     .map_err(|e| AgentError::BadRequest(format!("TLS client: {e}")))?;
@@ -122,11 +117,14 @@ impl Agent {
             }
             None => None,
         };
+        // The book sets the identity's pins, now and at every change.
+        let peers = PeerBook::open(&cfg, tls.clone()).map_err(|e| internal(&e))?;
         let exe = std::env::current_exe().map_err(|e| internal(&e))?;
         let inner = Arc::new(Inner {
             public_key: hex::encode(key.verifying_key().to_bytes()),
             cfg,
             tls,
+            peers,
             exe,
             vms: Mutex::default(),
             migrations: Mutex::default(),
@@ -159,6 +157,39 @@ impl Agent {
     /// The configuration.
     pub fn config(&self) -> &AgentConfig {
         &self.inner.cfg
+    }
+
+    /// How many guests have a live process here (heartbeats report it).
+    pub fn running_vms(&self) -> u32 {
+        let n = lock(&self.inner.vms)
+            .values()
+            .filter(|e| e.dir.live_pid().is_some())
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// How many migrations this host takes part in that have not ended.
+    pub fn active_migrations(&self) -> u32 {
+        let n = lock(&self.inner.migrations)
+            .values()
+            .filter(|m| !m.state.is_final())
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// The peers this host trusts now.
+    pub fn peers(&self) -> Vec<crate::Peer> {
+        self.inner.peers.all()
+    }
+
+    /// Replaces the peers (a joined host, at each heartbeat): trusted, or
+    /// refused, from the next handshake on, by this agent and its guest
+    /// processes.
+    pub fn set_peers(&self, peers: Vec<crate::Peer>) -> Result<bool, AgentError> {
+        self.inner
+            .peers
+            .replace(peers)
+            .map_err(|e| AgentError::Internal(e.to_string()))
     }
 
     /// Where peers dial this host's migration listener.

@@ -18,6 +18,7 @@ pub use error::{HelloError, SessionError};
 use crate::config::{AgentConfig, Peer};
 use crate::hosted::Hosted;
 use crate::journal::{Journal, JournalError, Record};
+use crate::peerbook::PeerBook;
 use crate::vmdir::{EndedMigration, Launch, VmDir};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,6 +50,9 @@ pub enum GuestProcError {
     /// The TLS identity or a peer's pin would not load.
     #[error("TLS identity: {0}")]
     Tls(#[source] tern_transport::tls::TlsSetupError),
+    /// The host's peer list would not load.
+    #[error(transparent)]
+    Peers(crate::peerbook::PeerBookError),
 }
 
 /// What the process holds in its slot.
@@ -83,6 +87,7 @@ struct Proc {
     launch: Launch,
     journal: Journal,
     tls: Option<TlsIdentity>,
+    peers: PeerBook,
     epoch: Mutex<u64>,
     slot: Mutex<Slot>,
     track: Mutex<Option<Track>>,
@@ -101,12 +106,14 @@ pub fn main(dir: &Path) -> Result<(), GuestProcError> {
     let launch = dir.launch().map_err(GuestProcError::Launch)?;
     let journal = dir.journal().map_err(GuestProcError::Journal)?;
     let tls = match &launch.agent.tls {
-        Some(t) => Some(
-            TlsIdentity::load(&t.cert, &t.key, &t.ca, &pins(&launch.agent)?)
-                .map_err(GuestProcError::Tls)?,
-        ),
+        Some(t) => {
+            Some(TlsIdentity::load(&t.cert, &t.key, &t.ca, &[]).map_err(GuestProcError::Tls)?)
+        }
         None => None,
     };
+    // The book sets the identity's pins; a joined host's are re-read from
+    // the agent's peers file at each lookup.
+    let peers = PeerBook::open(&launch.agent, tls.clone()).map_err(GuestProcError::Peers)?;
     let io = |what: &str| {
         let what = what.to_string();
         move |source| GuestProcError::Io { what, source }
@@ -119,6 +126,7 @@ pub fn main(dir: &Path) -> Result<(), GuestProcError> {
         launch,
         journal,
         tls,
+        peers,
         epoch: Mutex::new(epoch),
         slot: Mutex::new(Slot::Booting),
         track: Mutex::new(None),
@@ -142,24 +150,15 @@ pub(crate) fn security(tls: Option<&TlsIdentity>, peer: &str) -> Result<Security
     }
 }
 
-fn pins(cfg: &AgentConfig) -> Result<Vec<[u8; 32]>, GuestProcError> {
-    cfg.peers
-        .iter()
-        .filter_map(|p| p.tls_pin.as_deref())
-        .map(tern_transport::tls::parse_pin)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(GuestProcError::Tls)
-}
-
 impl Proc {
     fn cfg(&self) -> &AgentConfig {
         &self.launch.agent
     }
 
     fn peer(&self, name: &str) -> Result<Peer, SessionError> {
-        self.cfg()
-            .peer(name)
-            .cloned()
+        self.peers.refresh();
+        self.peers
+            .get(name)
             .ok_or_else(|| SessionError::UnknownPeer(name.into()))
     }
 
@@ -170,8 +169,9 @@ impl Proc {
         if self.tls.is_none() {
             return true;
         }
+        self.peers.refresh();
         rx.peer_pin()
-            .and_then(|pin| self.cfg().peer_by_pin(&pin))
+            .and_then(|pin| self.peers.by_pin(&pin))
             .is_some_and(|p| p.name == host)
     }
 

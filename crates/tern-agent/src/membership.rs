@@ -1,0 +1,310 @@
+//! This host's membership of a control plane: joining once with a one-time
+//! token, then a heartbeat every few seconds that reports the host's load
+//! and brings back its peers.
+//!
+//! Joining sends a certificate signing request (the host's TLS key is made
+//! here and never leaves it) and writes what comes back under
+//! `<data_dir>/tls/` and `<data_dir>/fleet.json`, the last file written:
+//! an agent that died halfway joins again with a new token rather than
+//! starting with half an identity. A restarted agent finds `fleet.json`
+//! and needs no token.
+
+use crate::agent::Agent;
+use crate::config::{AgentConfig, ControlPlane, Peer, TlsFiles};
+use crate::hostload::{default_capacity, Sampler};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tern_proto::{HeartbeatResponse, HostId, HostState, JoinRequest, JoinResponse, PeerView};
+
+/// How long one call to the control plane may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a host could not join or stay joined.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// The host has not joined and no join token was given.
+    #[error("this host has not joined {url} yet: run `tern agent CONFIG --join {url} --join-token TOKEN` (an admin makes tokens with POST /api/v1/hosts/join-tokens)")]
+    NeedToken {
+        /// The control plane.
+        url: String,
+    },
+    /// The control plane could not be reached.
+    #[error("cannot reach the control plane at {url}: {source}")]
+    Unreachable {
+        /// Its URL.
+        url: String,
+        /// Why.
+        source: reqwest::Error,
+    },
+    /// The control plane refused.
+    #[error("the control plane answered {status}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Its error message.
+        message: String,
+    },
+    /// A file of the membership could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// What the control plane or a file said does not parse.
+    #[error("{what}: {message}")]
+    Invalid {
+        /// What was read.
+        what: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// What a joined host keeps (`<data_dir>/fleet.json`, mode 0600).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Membership {
+    /// The control plane it joined.
+    pub url: String,
+    /// Its id there.
+    pub host_id: HostId,
+    /// The token its heartbeats carry.
+    pub host_token: String,
+}
+
+fn membership_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("fleet.json")
+}
+
+/// Where a joined host keeps the certificate the control plane issued.
+pub fn tls_files(data_dir: &Path) -> TlsFiles {
+    let d = data_dir.join("tls");
+    TlsFiles {
+        cert: d.join("host.pem"),
+        key: d.join("host.key"),
+        ca: d.join("ca.pem"),
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MembershipError + '_ {
+    move |source| MembershipError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+fn write_file(path: &Path, data: &[u8]) -> Result<(), MembershipError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(io(path))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Turns the control plane's peers into this agent's.
+pub fn peers_from(views: &[PeerView]) -> Result<Vec<Peer>, MembershipError> {
+    views
+        .iter()
+        .map(|v| {
+            Ok(Peer {
+                name: v.id.to_string(),
+                migrate_addr: v
+                    .migrate_addr
+                    .parse()
+                    .map_err(|_| MembershipError::Invalid {
+                        what: format!("peer {}", v.id),
+                        message: format!("migrate_addr `{}` is not host:port", v.migrate_addr),
+                    })?,
+                key: v.manifest_key.clone(),
+                tls_pin: Some(v.cert_pin.clone()),
+            })
+        })
+        .collect()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(CALL_TIMEOUT)
+        .build()
+        .expect("an HTTP client with a timeout builds")
+}
+
+async fn post<T: Serialize, R: serde::de::DeserializeOwned>(
+    url: &str,
+    bearer: Option<&str>,
+    body: &T,
+) -> Result<R, MembershipError> {
+    let mut req = http().post(url).json(body);
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|source| MembershipError::Unreachable {
+            url: url.into(),
+            source,
+        })?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+            .unwrap_or(text);
+        return Err(MembershipError::Refused {
+            status: status.as_u16(),
+            message,
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| MembershipError::Invalid {
+        what: format!("the answer of {url}"),
+        message: e.to_string(),
+    })
+}
+
+/// Joins the control plane `cfg` names (or finds this host joined before)
+/// and points `cfg.tls` at the issued certificate.
+pub async fn join_or_resume(
+    cfg: &mut AgentConfig,
+    join_token: Option<&str>,
+) -> Result<Membership, MembershipError> {
+    let Some(cp) = cfg.control_plane.clone() else {
+        return Err(MembershipError::Invalid {
+            what: "configuration".into(),
+            message: "no [control_plane]".into(),
+        });
+    };
+    let file = membership_file(&cfg.data_dir);
+    if file.exists() {
+        let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+        let m: Membership = serde_json::from_str(&text).map_err(|e| MembershipError::Invalid {
+            what: file.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if join_token.is_some() {
+            tracing::info!(host = %m.host_id, url = %m.url, "already joined; the join token is not used");
+        }
+        cfg.tls = Some(tls_files(&cfg.data_dir));
+        return Ok(m);
+    }
+    let token = join_token.ok_or_else(|| MembershipError::NeedToken {
+        url: cp.url.clone(),
+    })?;
+    let m = join(cfg, &cp, token).await?;
+    cfg.tls = Some(tls_files(&cfg.data_dir));
+    Ok(m)
+}
+
+async fn join(
+    cfg: &AgentConfig,
+    cp: &ControlPlane,
+    token: &str,
+) -> Result<Membership, MembershipError> {
+    let invalid = |what: &str, e: &dyn std::fmt::Display| MembershipError::Invalid {
+        what: what.into(),
+        message: e.to_string(),
+    };
+    let host_id = HostId::new(cfg.name.clone()).map_err(|e| invalid("name", &e))?;
+    let (key_pem, csr_pem) = tern_transport::certs::host_csr(&cfg.name)
+        .map_err(|e| invalid("certificate request", &e))?;
+    let manifest_key = crate::keys::host_public_key(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
+    let req = JoinRequest {
+        token: token.into(),
+        id: host_id.clone(),
+        migrate_addr: cfg.advertised(),
+        api_url: cp
+            .api_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", cfg.api_addr)),
+        csr_pem,
+        manifest_key,
+        labels: cp.labels.clone(),
+        capacity: cp.capacity.unwrap_or_else(default_capacity),
+    };
+    let url = format!("{}/api/v1/hosts/join", cp.url.trim_end_matches('/'));
+    let answer: JoinResponse = post(&url, None, &req).await?;
+    let files = tls_files(&cfg.data_dir);
+    if let Some(d) = files.cert.parent() {
+        std::fs::create_dir_all(d).map_err(io(d))?;
+    }
+    write_file(&files.key, key_pem.as_bytes())?;
+    write_file(&files.cert, answer.cert_pem.as_bytes())?;
+    write_file(&files.ca, answer.ca_pem.as_bytes())?;
+    let peers = peers_from(&answer.peers)?;
+    let peers_json = serde_json::to_vec_pretty(&peers).expect("peers serialise");
+    write_file(&crate::peerbook::peers_file(&cfg.data_dir), &peers_json)?;
+    let m = Membership {
+        url: cp.url.trim_end_matches('/').into(),
+        host_id,
+        host_token: answer.host_token,
+    };
+    let file = membership_file(&cfg.data_dir);
+    write_file(
+        &file,
+        &serde_json::to_vec_pretty(&m).expect("membership serialises"),
+    )?;
+    tracing::info!(host = %m.host_id, url = %m.url, pin = %answer.cert_pin, peers = peers.len(), "joined the control plane");
+    Ok(m)
+}
+
+/// Sends a heartbeat every `every` for as long as the agent runs: its
+/// load goes up, its peers and its state as the control plane sees it
+/// come back.
+pub fn spawn_heartbeats(
+    agent: Agent,
+    m: Membership,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut sampler = Sampler::new();
+        let mut state: Option<HostState> = None;
+        let mut failing = false;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match beat(&agent, &m, &mut sampler).await {
+                Ok(answer) => {
+                    if failing {
+                        tracing::info!(url = %m.url, "heartbeats answered again");
+                        failing = false;
+                    }
+                    if state != Some(answer.state) {
+                        tracing::info!(
+                            state = answer.state.as_str(),
+                            "the control plane has this host as"
+                        );
+                        state = Some(answer.state);
+                    }
+                }
+                // Logged once per outage, not at every beat.
+                Err(e) if !failing => {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+    })
+}
+
+async fn beat(
+    agent: &Agent,
+    m: &Membership,
+    sampler: &mut Sampler,
+) -> Result<HeartbeatResponse, MembershipError> {
+    let vms = agent.running_vms();
+    let migrations = agent.active_migrations();
+    let load = sampler.sample(vms, migrations);
+    let url = format!("{}/api/v1/hosts/{}/heartbeat", m.url, m.host_id);
+    let answer: HeartbeatResponse = post(&url, Some(&m.host_token), &load).await?;
+    let peers = peers_from(&answer.peers)?;
+    let names: Vec<String> = peers.iter().map(|p| p.name.clone()).collect();
+    match agent.set_peers(peers) {
+        Ok(true) => tracing::info!(?names, "peers changed"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "cannot keep the new peers"),
+    }
+    Ok(answer)
+}

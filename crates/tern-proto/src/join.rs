@@ -1,0 +1,77 @@
+//! What a host and the control plane say to each other when the host joins
+//! and at every heartbeat (`POST /api/v1/hosts/join`,
+//! `POST /api/v1/hosts/{id}/heartbeat`). Both sides build these types, so
+//! the wire cannot drift between them.
+
+use crate::{Capacity, HostId, HostState, Labels};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// A host asking to join.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The one-time join token.
+    pub token: String,
+    /// The host's id (its name in the fleet and in its certificate).
+    pub id: HostId,
+    /// Where its migration listener is reached.
+    pub migrate_addr: SocketAddr,
+    /// Its agent API.
+    pub api_url: String,
+    /// Its certificate signing request, PEM.
+    pub csr_pem: String,
+    /// Its Ed25519 manifest key, hex.
+    pub manifest_key: String,
+    /// Its labels.
+    #[serde(default)]
+    pub labels: Labels,
+    /// What it may hand out.
+    pub capacity: Capacity,
+}
+
+/// A peer as agents configure it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeerView {
+    /// Its id.
+    pub id: HostId,
+    /// Its migration listener.
+    pub migrate_addr: String,
+    /// Its certificate's SPKI pin, hex.
+    pub cert_pin: String,
+    /// Its manifest key, hex.
+    pub manifest_key: String,
+}
+
+/// What a joined host gets back.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinResponse {
+    /// Its certificate, PEM.
+    pub cert_pem: String,
+    /// The CA's certificate, PEM.
+    pub ca_pem: String,
+    /// Its certificate's SPKI pin, hex.
+    pub cert_pin: String,
+    /// The token its heartbeats carry (shown once).
+    pub host_token: String,
+    /// Its peers (every other active or draining host).
+    pub peers: Vec<PeerView>,
+}
+
+/// What a heartbeat gets back.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The host's state as the control plane sees it.
+    pub state: HostState,
+    /// Its peers now.
+    pub peers: Vec<PeerView>,
+}
+
+/// A new join token (shown once).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// The token.
+    pub token: String,
+    /// Seconds it stays valid.
+    pub expires_in_secs: u64,
+}

@@ -1,0 +1,195 @@
+//! Hosts join a control plane (`tern agent --join`): the control plane's CA
+//! issues their certificates, and they learn their peers from its
+//! heartbeat answers, with no peer written by hand. A host removed from the
+//! fleet is refused by its peers from their next heartbeat on.
+
+mod common;
+
+use common::up::Up;
+use common::{assert_runs, precopy_to, process_spec, wait_end, AgentProc, LO};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tern_agent::{AgentClient, MigrationPhase};
+use tern_testbed::{AgentProcess, HostPlan, LocalHost};
+
+fn admin_token(data: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "token",
+            "--tenant",
+            "ops",
+            "--permissions",
+            "platform:admin",
+        ])
+        .env("TERN_DATA", data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+async fn join_token(http: &reqwest::Client, base: &str, admin: &str) -> String {
+    let r = http
+        .post(format!("{base}/api/v1/hosts/join-tokens"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["token"].as_str().unwrap().to_owned()
+}
+
+fn start_joining(host: &LocalHost, token: Option<&str>) -> AgentProc {
+    let env: Vec<(&str, &str)> = token.map(|t| ("TERN_JOIN_TOKEN", t)).into_iter().collect();
+    let p = AgentProcess::start_with_env(Path::new(env!("CARGO_BIN_EXE_tern")), host, None, &env)
+        .unwrap();
+    eprintln!("{}", p.ready_line);
+    AgentProc(p)
+}
+
+/// Waits until the agent's peers are exactly `want`.
+async fn wait_peers(c: &AgentClient, want: &[&str]) {
+    let t = Instant::now();
+    loop {
+        let h = c.host().await.unwrap();
+        let mut got: Vec<String> = serde_json::from_value(h["peers"].clone()).unwrap();
+        got.sort();
+        if got == want {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "peers {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "starts tern up and two agents; run by .ci/run"]
+async fn joined_hosts_learn_their_peers_and_a_removed_host_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = dir.path().join("cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    let admin = admin_token(&cp);
+    let up = Up::start(&cp, "mock", &[("TERN_POOL_SIZE", "0")]);
+    let http = reqwest::Client::new();
+    let plans = [
+        HostPlan::new("host-a", LO).unwrap(),
+        HostPlan::new("host-b", LO).unwrap(),
+    ];
+    let hosts = tern_testbed::write_joined(&dir.path().join("hosts"), &plans, &up.base, &|_| {
+        Default::default()
+    })
+    .unwrap();
+
+    // Without a token a host that never joined says how to join.
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("agent")
+        .arg(&hosts[0].config)
+        .env_remove("TERN_JOIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--join-token"), "{err}");
+
+    let ta = join_token(&http, &up.base, &admin).await;
+    let tb = join_token(&http, &up.base, &admin).await;
+    let mut a = start_joining(&hosts[0], Some(&ta));
+    let b = start_joining(&hosts[1], Some(&tb));
+    let (ca, cb) = (a.client(), b.client());
+    wait_peers(&ca, &["host-b"]).await;
+    wait_peers(&cb, &["host-a"]).await;
+
+    // A used token joins nobody.
+    let r = http
+        .post(format!("{}/api/v1/hosts/join", up.base))
+        .json(&serde_json::json!({
+            "token": ta, "id": "host-x", "migrate_addr": "127.0.0.1:1",
+            "api_url": "http://127.0.0.1:1",
+            "csr_pem": tern_transport::certs::host_csr("host-x").unwrap().1,
+            "manifest_key": "ab".repeat(32),
+            "capacity": {"memory_mib": 1024, "vcpus": 1}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // A migration over mutual TLS with certificates and pins from the
+    // control plane alone.
+    let vm = ca.create_vm(&process_spec()).await.unwrap();
+    assert_runs(&ca, &vm.id, 1).await;
+    let m = ca.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
+    let done = wait_end(&ca, &m.id, Duration::from_secs(60)).await;
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
+    assert_runs(&cb, &vm.id, 2).await;
+
+    // Heartbeats carry the load: the control plane sees b's VM.
+    let t = Instant::now();
+    loop {
+        let hosts: serde_json::Value = http
+            .get(format!("{}/api/v1/hosts", up.base))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let b_rec = hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["id"] == "host-b")
+            .unwrap()
+            .clone();
+        if b_rec["load"]["vms"] == 1 {
+            assert!(b_rec["load"]["memory_free_mib"].as_u64().unwrap() > 0);
+            assert_eq!(b_rec["state"], "active");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{hosts}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A restarted agent finds its membership: no token needed.
+    a.kill();
+    let a = start_joining(&hosts[0], None);
+    let ca = a.client();
+    wait_peers(&ca, &["host-b"]).await;
+
+    // Remove b: a drops it at its next heartbeat and refuses it both ways.
+    let r = http
+        .delete(format!("{}/api/v1/hosts/host-b", up.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_peers(&ca, &[]).await;
+    let vm2 = ca.create_vm(&process_spec()).await.unwrap();
+    let e = ca
+        .migrate(&vm2.id, &precopy_to("host-b"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not a configured peer"), "{e}");
+    // b still knows a (its heartbeats are refused now), but a's TLS no
+    // longer accepts b's certificate: the VM stays on b, running.
+    let m = cb.migrate(&vm.id, &precopy_to("host-a")).await.unwrap();
+    let done = wait_end(&cb, &m.id, Duration::from_secs(90)).await;
+    assert_eq!(done.state, MigrationPhase::RolledBack, "{done:?}");
+    assert_runs(&cb, &vm.id, 2).await;
+    assert!(
+        ca.vm(&vm.id).await.is_err()
+            || ca.vm(&vm.id).await.unwrap().status != tern_agent::VmStatus::Running
+    );
+    drop(up);
+}
