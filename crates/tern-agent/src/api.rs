@@ -8,7 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::Stream;
 use serde_json::json;
@@ -72,7 +72,8 @@ pub fn router(agent: Agent, token: &str) -> Router {
     Router::new()
         .route("/api/v1/host", get(host))
         .route("/api/v1/vms", get(list_vms).post(create_vm))
-        .route("/api/v1/vms/{id}", get(get_vm).delete(stop_vm))
+        .route("/api/v1/vms/{id}", get(get_vm).put(put_vm).delete(stop_vm))
+        .route("/api/v1/vms/{id}/config", put(put_config))
         .route("/api/v1/vms/{id}/migrate", post(migrate))
         .route("/api/v1/migrations", get(list_migrations))
         .route("/api/v1/migrations/{id}", get(get_migration))
@@ -100,6 +101,37 @@ async fn create_vm(
 ) -> Result<impl IntoResponse, AgentError> {
     let Json(spec) = body.map_err(|e| AgentError::BadRequest(e.body_text()))?;
     Ok((StatusCode::CREATED, Json(c.agent.create_vm(spec).await?)))
+}
+
+/// A VM the control plane names: its id is the path, its epoch the owner
+/// epoch the control plane recorded.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutVm {
+    spec: VmSpec,
+    epoch: u64,
+}
+
+async fn put_vm(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+    body: Result<Json<PutVm>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, AgentError> {
+    let Json(req) = body.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(c.agent.create_vm_as(&id, req.epoch, req.spec).await?),
+    ))
+}
+
+async fn put_config(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, AgentError> {
+    let Json(config) = body.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    c.agent.set_config(&id, &config).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn get_vm(

@@ -39,7 +39,12 @@ impl AgentClient {
         Self {
             base: base.trim_end_matches('/').into(),
             token: token.into(),
-            http: reqwest::Client::new(),
+            // A host that is down must not hold its caller for TCP's
+            // own connect timeout (minutes).
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .expect("an HTTP client builds"),
         }
     }
 
@@ -92,6 +97,32 @@ impl AgentClient {
                 .json(spec),
         )
         .await
+    }
+
+    /// Boots VM `id` at owner `epoch` (idempotent for the same id, epoch
+    /// and spec: the control plane may retry).
+    pub async fn put_vm(&self, id: &str, epoch: u64, spec: &VmSpec) -> Result<VmView, ClientError> {
+        self.call(
+            self.http
+                .put(format!("{}/api/v1/vms/{id}", self.base))
+                .json(&serde_json::json!({ "spec": spec, "epoch": epoch })),
+        )
+        .await
+    }
+
+    /// Keeps a VM's configuration beside it.
+    pub async fn set_config(
+        &self,
+        id: &str,
+        config: &serde_json::Value,
+    ) -> Result<(), ClientError> {
+        self.call::<serde_json::Value>(
+            self.http
+                .put(format!("{}/api/v1/vms/{id}/config", self.base))
+                .json(config),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// One VM.

@@ -217,6 +217,7 @@ async fn join(
             .api_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", cfg.api_addr)),
+        api_token: crate::keys::api_token(&cfg.data_dir).map_err(io(&cfg.data_dir))?,
         csr_pem,
         manifest_key,
         labels: cp.labels.clone(),

@@ -156,6 +156,9 @@ fn check_join(req: &JoinRequest) -> Result<(), ApiError> {
     {
         return bad("api_url must be an http:// or https:// URL".into());
     }
+    if req.api_token.len() < 16 || req.api_token.len() > 256 {
+        return bad("api_token must be 16 to 256 characters".into());
+    }
     if req.capacity.memory_mib == 0 || req.capacity.vcpus == 0 {
         return bad("capacity must name memory_mib and vcpus above zero".into());
     }
@@ -209,7 +212,7 @@ async fn join(
         joined_at: chrono::Utc::now(),
     };
     s.store
-        .upsert_host(&record, &hash(&host_token))
+        .upsert_host(&record, &hash(&host_token), &req.api_token)
         .await
         .map_err(internal)?;
     tracing::info!(host = %req.id, pin = %signed.spki_sha256, "host joined");
@@ -266,6 +269,7 @@ mod tests {
             id: HostId::new("h1").unwrap(),
             migrate_addr: "127.0.0.1:7001".parse().unwrap(),
             api_url: "http://127.0.0.1:7000".into(),
+            api_token: "t".repeat(32),
             csr_pem: "x".into(),
             manifest_key: "ab".repeat(32),
             labels: Labels::new(),

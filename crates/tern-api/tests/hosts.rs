@@ -98,6 +98,7 @@ fn join_body(token: &str, id: &str, port: u16, csr: &str) -> serde_json::Value {
         "id": id,
         "migrate_addr": format!("127.0.0.1:{port}"),
         "api_url": "http://127.0.0.1:7000",
+        "api_token": "a".repeat(32),
         "csr_pem": csr,
         "manifest_key": "ab".repeat(32),
         "labels": {"region": "eu"},

@@ -244,6 +244,15 @@ impl VmDriver for KvmDriver {
         "kvm"
     }
 
+    async fn place(
+        &self,
+        _id: VmId,
+        _spec: &tern_proto::VmSpec,
+    ) -> Result<Option<tern_proto::HostId>, DriverError> {
+        // One machine: every VM runs on the control plane's host.
+        Ok(None)
+    }
+
     async fn start(&self, req: &StartRequest) -> Result<VmHandle, DriverError> {
         let s = &req.spec;
         let mut args = vec![

@@ -14,7 +14,7 @@ pub mod qemu;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tern_proto::{VmConfig, VmId, VmSpec, VsockCid};
+use tern_proto::{HostId, OwnerEpoch, VmConfig, VmId, VmSpec, VsockCid};
 
 /// What a driver needs to start one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +25,11 @@ pub struct StartRequest {
     pub spec: VmSpec,
     /// The vsock CID allocated for the guest.
     pub vsock_cid: Option<VsockCid>,
+    /// The host the control plane recorded as its owner (what
+    /// [`VmDriver::place`] chose, or the control plane's own host).
+    pub host: HostId,
+    /// Its owner epoch there.
+    pub epoch: OwnerEpoch,
 }
 
 /// A started VM as the driver sees it.
@@ -73,6 +78,11 @@ pub enum DriverError {
 pub trait VmDriver: Send + Sync + 'static {
     /// Short name shown to operators (`mock`, `kvm`, `qemu`).
     fn name(&self) -> &'static str;
+
+    /// Chooses the host a new VM of `spec` runs on, or `None` when this
+    /// driver runs every VM on the control plane's own host. Called before
+    /// the VM is recorded; the choice comes back in [`StartRequest::host`].
+    async fn place(&self, id: VmId, spec: &VmSpec) -> Result<Option<HostId>, DriverError>;
 
     /// Boots a VM; returns once it is ready to be configured.
     async fn start(&self, req: &StartRequest) -> Result<VmHandle, DriverError>;

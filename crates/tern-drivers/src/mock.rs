@@ -173,6 +173,15 @@ impl VmDriver for MockDriver {
         "mock"
     }
 
+    async fn place(
+        &self,
+        _id: VmId,
+        _spec: &tern_proto::VmSpec,
+    ) -> Result<Option<tern_proto::HostId>, DriverError> {
+        // One machine: every VM runs on the control plane's host.
+        Ok(None)
+    }
+
     async fn start(&self, req: &StartRequest) -> Result<VmHandle, DriverError> {
         let faults = self.faults.lock().expect("mock faults lock").clone();
         if faults.start_delay_ms > 0 {
@@ -263,6 +272,8 @@ mod tests {
             id: VmId::new(),
             spec: VmSpec::default(),
             vsock_cid: None,
+            host: tern_proto::HostId::new("local").unwrap(),
+            epoch: tern_proto::OwnerEpoch(1),
         }
     }
 

@@ -21,6 +21,7 @@ fn spec() -> VmSpec {
         memory_mib: 64,
         vcpus: 1,
         image: "test".into(),
+        ..VmSpec::default()
     }
 }
 
@@ -69,6 +70,8 @@ async fn a_vm_lives_in_its_own_monitor_process() {
             id,
             spec: spec(),
             vsock_cid: None,
+            host: tern_proto::HostId::new("local").unwrap(),
+            epoch: tern_proto::OwnerEpoch(1),
         })
         .await
         .unwrap();
@@ -117,6 +120,8 @@ async fn a_vm_lives_in_its_own_monitor_process() {
                 ..spec()
             },
             vsock_cid: None,
+            host: tern_proto::HostId::new("local").unwrap(),
+            epoch: tern_proto::OwnerEpoch(1),
         })
         .await
         .unwrap_err();
@@ -129,6 +134,8 @@ async fn a_vm_lives_in_its_own_monitor_process() {
                 ..spec()
             },
             vsock_cid: None,
+            host: tern_proto::HostId::new("local").unwrap(),
+            epoch: tern_proto::OwnerEpoch(1),
         })
         .await
         .unwrap_err();
@@ -151,6 +158,8 @@ async fn snapshots_restore_in_a_new_process_and_the_guest_carries_on() {
         id,
         spec: spec(),
         vsock_cid: None,
+        host: tern_proto::HostId::new("local").unwrap(),
+        epoch: tern_proto::OwnerEpoch(1),
     })
     .await
     .unwrap();

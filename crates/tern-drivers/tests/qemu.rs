@@ -43,6 +43,8 @@ async fn boots_a_linux_guest_reports_health_and_leaves_nothing_behind() {
             id,
             spec: vm_spec(),
             vsock_cid: None,
+            host: tern_proto::HostId::new("local").unwrap(),
+            epoch: tern_proto::OwnerEpoch(1),
         })
         .await
         .unwrap();
@@ -114,6 +116,8 @@ async fn an_image_not_in_the_catalogue_is_a_clear_error_and_starts_nothing() {
             id,
             spec: vm_spec(),
             vsock_cid: None,
+            host: tern_proto::HostId::new("local").unwrap(),
+            epoch: tern_proto::OwnerEpoch(1),
         })
         .await
         .unwrap_err();

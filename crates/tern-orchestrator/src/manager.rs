@@ -237,13 +237,15 @@ impl Manager {
         }
 
         let admitted = self.admit(tenant, &spec).await?;
+        let id = VmId::new();
+        let host = self.host_for(id, &spec).await?;
         let rec = self
             .store
             .insert_vm(NewVm {
-                id: VmId::new(),
+                id,
                 tenant: Some(tenant.clone()),
                 status: VmStatus::Provisioning,
-                host: self.cfg.host.clone(),
+                host,
                 spec,
                 config: config.clone(),
             })
@@ -278,6 +280,16 @@ impl Manager {
         Ok(guard)
     }
 
+    /// Where a new VM runs: the driver's choice (a fleet of hosts), or this
+    /// control plane's own host.
+    async fn host_for(&self, id: VmId, spec: &VmSpec) -> Result<HostId> {
+        Ok(self
+            .driver
+            .place(id, spec)
+            .await?
+            .unwrap_or_else(|| self.cfg.host.clone()))
+    }
+
     /// Starts a freshly recorded VM in the driver; if the driver fails, the
     /// record is destroyed so nothing half-made is left behind.
     async fn boot(&self, rec: &VmRecord) -> Result<()> {
@@ -287,6 +299,8 @@ impl Manager {
                 id: rec.id,
                 spec: rec.spec.clone(),
                 vsock_cid: rec.vsock_cid,
+                host: rec.host.clone(),
+                epoch: rec.owner_epoch,
             })
             .await;
         if let Err(e) = started {
@@ -447,13 +461,15 @@ impl Manager {
     }
 
     async fn start_warm(&self) -> Result<()> {
+        let id = VmId::new();
+        let host = self.host_for(id, &self.cfg.default_spec).await?;
         let rec = self
             .store
             .insert_vm(NewVm {
-                id: VmId::new(),
+                id,
                 tenant: None,
                 status: VmStatus::Creating,
-                host: self.cfg.host.clone(),
+                host,
                 spec: self.cfg.default_spec.clone(),
                 config: VmConfig::default(),
             })

@@ -19,6 +19,8 @@ pub struct JoinRequest {
     pub migrate_addr: SocketAddr,
     /// Its agent API.
     pub api_url: String,
+    /// The token the control plane calls its agent API with.
+    pub api_token: String,
     /// Its certificate signing request, PEM.
     pub csr_pem: String,
     /// Its Ed25519 manifest key, hex.

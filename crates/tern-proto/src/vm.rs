@@ -160,6 +160,11 @@ pub struct VmSpec {
     /// the operator's choice, not the tenant's.
     #[serde(default = "VmSpec::default_image")]
     pub image: String,
+    /// Labels every host it runs on must carry (`region = "eu"`: data
+    /// residency). It is never placed on, or migrated to, a host without
+    /// them.
+    #[serde(default, skip_serializing_if = "crate::Labels::is_empty")]
+    pub labels: crate::Labels,
 }
 
 impl VmSpec {
@@ -187,6 +192,16 @@ impl VmSpec {
                 self.vcpus
             ));
         }
+        if self.labels.len() > 16
+            || self
+                .labels
+                .iter()
+                .any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 64)
+        {
+            return Err(
+                "spec.labels: at most 16, each key 1-64 and each value 0-64 characters".into(),
+            );
+        }
         if !is_image_name(&self.image) {
             return Err(format!(
                 "spec.image `{}` is not an image name (1-64 characters of a-z, 0-9, `.`, `_`, `-`)",
@@ -203,6 +218,7 @@ impl Default for VmSpec {
             memory_mib: Self::default_memory(),
             vcpus: Self::default_vcpus(),
             image: Self::default_image(),
+            labels: crate::Labels::new(),
         }
     }
 }

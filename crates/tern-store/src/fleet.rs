@@ -22,7 +22,16 @@ use tern_proto::{
 pub trait FleetStore: Send + Sync {
     /// Records a host joining (or re-joining: its addresses, keys, labels,
     /// capacity and API token hash are replaced, and it is active again).
-    async fn upsert_host(&self, host: &HostRecord, token_hash: &str) -> Result<HostRecord>;
+    async fn upsert_host(
+        &self,
+        host: &HostRecord,
+        token_hash: &str,
+        api_token: &str,
+    ) -> Result<HostRecord>;
+
+    /// The token the control plane calls this host's agent API with (kept
+    /// out of [`HostRecord`], which the hosts API lists).
+    async fn host_api_token(&self, id: &HostId) -> Result<Option<String>>;
 
     /// The hash of the token a host authenticates its heartbeats with.
     async fn host_token_hash(&self, id: &HostId) -> Result<Option<String>>;
@@ -142,6 +151,10 @@ pub(crate) const V2: &[&str] = &[
         expires_at BIGINT NOT NULL
     )",
 ];
+
+/// Schema version 3: the token the control plane calls a host's agent API
+/// with (the host sends it when it joins).
+pub(crate) const V3: &[&str] = &["ALTER TABLE hosts ADD COLUMN api_token TEXT NOT NULL DEFAULT ''"];
 
 pub(crate) const HOST_COLUMNS: &str = "id, migrate_addr, api_url, cert_pin, manifest_key, labels, \
      capacity, state, load, last_heartbeat, joined_at";
@@ -267,15 +280,21 @@ macro_rules! fleet_impl {
 
         #[async_trait]
         impl FleetStore for $store {
-            async fn upsert_host(&self, h: &HostRecord, token_hash: &str) -> Result<HostRecord> {
+            async fn upsert_host(
+                &self,
+                h: &HostRecord,
+                token_hash: &str,
+                api_token: &str,
+            ) -> Result<HostRecord> {
                 let sql = format!(
-                    "INSERT INTO hosts ({HOST_COLUMNS}, token_hash) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $9, $10) \
+                    "INSERT INTO hosts ({HOST_COLUMNS}, token_hash, api_token) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $9, $10, $11) \
                      ON CONFLICT (id) DO UPDATE SET migrate_addr = excluded.migrate_addr, \
                      api_url = excluded.api_url, cert_pin = excluded.cert_pin, \
                      manifest_key = excluded.manifest_key, labels = excluded.labels, \
                      capacity = excluded.capacity, state = 'active', load = excluded.load, \
-                     last_heartbeat = excluded.last_heartbeat, token_hash = excluded.token_hash \
+                     last_heartbeat = excluded.last_heartbeat, token_hash = excluded.token_hash, \
+                     api_token = excluded.api_token \
                      RETURNING {HOST_COLUMNS}"
                 );
                 let row: RawHost = sqlx::query_as(&sql)
@@ -289,9 +308,17 @@ macro_rules! fleet_impl {
                     .bind(to_json(&h.load)?)
                     .bind(now_us())
                     .bind(token_hash)
+                    .bind(api_token)
                     .fetch_one(&self.pool)
                     .await?;
                 row.decode()
+            }
+
+            async fn host_api_token(&self, id: &HostId) -> Result<Option<String>> {
+                Ok(sqlx::query_scalar("SELECT api_token FROM hosts WHERE id = $1")
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?)
             }
 
             async fn host_token_hash(&self, id: &HostId) -> Result<Option<String>> {

@@ -60,6 +60,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: crate::fleet::V2,
         postgres: crate::fleet::V2,
     },
+    Migration {
+        version: 3,
+        name: "fleet: the control plane's token for each host's API",
+        sqlite: crate::fleet::V3,
+        postgres: crate::fleet::V3,
+    },
 ];
 
 /// Newest schema version this build knows.

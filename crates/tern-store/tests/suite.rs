@@ -312,7 +312,10 @@ fn host_record(id: &str) -> tern_proto::HostRecord {
 async fn hosts_join_beat_and_go_down(t: TestStore) {
     use tern_proto::HostState::*;
     let s = &*t.store;
-    let h = s.upsert_host(&host_record("h1"), "hash-1").await.unwrap();
+    let h = s
+        .upsert_host(&host_record("h1"), "hash-1", "api-1")
+        .await
+        .unwrap();
     assert_eq!(h.state, Active);
     assert_eq!(
         s.get_host(&h.id).await.unwrap().unwrap().labels["region"],
@@ -346,13 +349,20 @@ async fn hosts_join_beat_and_go_down(t: TestStore) {
         .unwrap()
         .is_empty());
     // Re-joining makes it active again, keeping when it first joined.
-    let again = s.upsert_host(&host_record("h1"), "hash-1").await.unwrap();
+    let again = s
+        .upsert_host(&host_record("h1"), "hash-1", "api-1")
+        .await
+        .unwrap();
     assert_eq!(again.state, Active);
     assert_eq!(again.joined_at, h.joined_at);
     assert_eq!(s.list_hosts().await.unwrap().len(), 1);
     assert_eq!(
         s.host_token_hash(&h.id).await.unwrap().as_deref(),
         Some("hash-1")
+    );
+    assert_eq!(
+        s.host_api_token(&h.id).await.unwrap().as_deref(),
+        Some("api-1")
     );
     // Removed: down, and its token no longer matches anything.
     let gone = s.remove_host(&h.id).await.unwrap();

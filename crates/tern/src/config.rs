@@ -51,6 +51,9 @@ pub enum DriverKind {
     Mock,
     /// tern's own KVM monitor, one `tern-vmm` process per VM.
     Kvm,
+    /// The hosts that joined this control plane (`tern agent --join`):
+    /// each VM is placed by the scheduler and runs under a host's agent.
+    Agents,
 }
 
 /// Settings of the kvm driver.
@@ -509,10 +512,16 @@ impl Config {
             max_consecutive_failures: self.health.max_consecutive_failures,
             default_spec: self.spec.clone(),
             quotas: self.quota.clone(),
-            images: self
-                .catalogue()
-                .map(|c| c.names().into_iter().collect())
-                .unwrap_or_default(),
+            images: {
+                let mut names: std::collections::BTreeSet<String> = self
+                    .catalogue()
+                    .map(|c| c.names().into_iter().collect())
+                    .unwrap_or_default();
+                if self.driver == DriverKind::Agents {
+                    names.extend(tern_fleet::spec::BUILT_IN.map(String::from));
+                }
+                names
+            },
             ..ManagerConfig::default()
         }
     }

@@ -37,6 +37,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tern_drivers::kvm::check_monitor(&k.monitor)?;
             Arc::new(tern_drivers::kvm::KvmDriver::new(k)?)
         }
+        DriverKind::Agents => Arc::new(tern_fleet::AgentsDriver::new(store.clone())),
     };
     let secret = cfg
         .jwt_secret()

@@ -37,14 +37,44 @@ impl Agent {
         Ok(())
     }
 
-    /// Boots a VM here, in a process of its own.
+    /// Boots a VM here, in a process of its own, under an id of its own.
     pub async fn create_vm(&self, spec: VmSpec) -> Result<VmView, AgentError> {
-        spec.validate().map_err(AgentError::BadRequest)?;
         let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let dir = VmDir::new(&self.inner.cfg.data_dir, &id);
+        self.create_vm_as(&id, 1, spec).await
+    }
+
+    /// Boots VM `id` at owner epoch `epoch` (the control plane names both).
+    /// Asking again for a VM that runs here at that epoch answers it as it
+    /// is, so a control plane that lost the first answer may retry; any
+    /// other VM of that id here is a conflict.
+    pub async fn create_vm_as(
+        &self,
+        id: &str,
+        epoch: u64,
+        spec: VmSpec,
+    ) -> Result<VmView, AgentError> {
+        spec.validate().map_err(AgentError::BadRequest)?;
+        crate::vmdir::check_name("VM id", id).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        if epoch == 0 {
+            return Err(AgentError::BadRequest("epoch must be at least 1".into()));
+        }
+        let dir = VmDir::new(&self.inner.cfg.data_dir, id);
+        if let Ok(l) = dir.launch() {
+            let here = self.vm(id).await.ok();
+            return match here {
+                Some(v) if l.epoch == epoch && l.spec == spec && v.status == VmStatus::Running => {
+                    Ok(v)
+                }
+                _ => Err(AgentError::Conflict(format!(
+                    "vm {id} already exists here (epoch {})",
+                    l.epoch
+                ))),
+            };
+        }
+        let id = id.to_string();
         dir.write_launch(&Launch {
             vm: id.clone(),
-            epoch: 1,
+            epoch,
             spec: spec.clone(),
             role: LaunchRole::Boot,
             agent: self.inner.cfg.clone(),
@@ -94,6 +124,22 @@ impl Agent {
                 .any(|r| matches!(r, crate::journal::Record::CommitReceived { .. }))
                 .then_some(VmEntry { spec: l.spec, dir })
         })
+    }
+
+    /// Keeps a VM's configuration (the control plane's tenant settings)
+    /// beside it, in `config.json` of its directory, for its guest to fetch.
+    pub async fn set_config(&self, id: &str, config: &serde_json::Value) -> Result<(), AgentError> {
+        let e = self.entry(id)?;
+        if e.dir.live_pid().is_none() {
+            return Err(AgentError::Conflict(format!("vm {id} does not run here")));
+        }
+        let file = e.dir.0.join("config.json");
+        let tmp = e.dir.0.join("config.json.tmp");
+        let text =
+            serde_json::to_vec_pretty(config).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &file))
+            .map_err(|err| AgentError::Internal(format!("{}: {err}", file.display())))
     }
 
     /// Stops a VM running here.

@@ -569,6 +569,15 @@ impl VmDriver for QemuDriver {
         "qemu"
     }
 
+    async fn place(
+        &self,
+        _id: VmId,
+        _spec: &tern_proto::VmSpec,
+    ) -> Result<Option<tern_proto::HostId>, DriverError> {
+        // One machine: every VM runs on the control plane's host.
+        Ok(None)
+    }
+
     async fn start(&self, req: &StartRequest) -> Result<VmHandle, DriverError> {
         let id = req.id;
         let fail = |reason: String| DriverError::StartFailed { id, reason };

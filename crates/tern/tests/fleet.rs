@@ -1,7 +1,8 @@
-//! Hosts join a control plane (`tern agent --join`): the control plane's CA
-//! issues their certificates, and they learn their peers from its
-//! heartbeat answers, with no peer written by hand. A host removed from the
-//! fleet is refused by its peers from their next heartbeat on.
+//! One fleet: hosts join a control plane (`tern agent --join`), whose CA
+//! issues their certificates and whose heartbeat answers name their peers
+//! (no peer written by hand; a removed host is refused by its peers from
+//! their next heartbeat on), and `tern up --driver agents` places tenants'
+//! VMs on them.
 
 mod common;
 
@@ -43,6 +44,27 @@ async fn join_token(http: &reqwest::Client, base: &str, admin: &str) -> String {
     assert_eq!(r.status(), 201);
     let v: serde_json::Value = r.json().await.unwrap();
     v["token"].as_str().unwrap().to_owned()
+}
+
+async fn joined_fleet(
+    dir: &Path,
+    up: &Up,
+    admin: &str,
+    names: &[&str],
+    labels: &dyn Fn(&str) -> tern_proto::Labels,
+) -> (Vec<LocalHost>, Vec<AgentProc>) {
+    let http = reqwest::Client::new();
+    let plans: Vec<HostPlan> = names
+        .iter()
+        .map(|n| HostPlan::new(n, LO).unwrap())
+        .collect();
+    let hosts = tern_testbed::write_joined(&dir.join("hosts"), &plans, &up.base, labels).unwrap();
+    let mut agents = Vec::new();
+    for h in &hosts {
+        let t = join_token(&http, &up.base, admin).await;
+        agents.push(start_joining(h, Some(&t)));
+    }
+    (hosts, agents)
 }
 
 fn start_joining(host: &LocalHost, token: Option<&str>) -> AgentProc {
@@ -113,7 +135,7 @@ async fn joined_hosts_learn_their_peers_and_a_removed_host_is_refused() {
         .post(format!("{}/api/v1/hosts/join", up.base))
         .json(&serde_json::json!({
             "token": ta, "id": "host-x", "migrate_addr": "127.0.0.1:1",
-            "api_url": "http://127.0.0.1:1",
+            "api_url": "http://127.0.0.1:1", "api_token": "x".repeat(32),
             "csr_pem": tern_transport::certs::host_csr("host-x").unwrap().1,
             "manifest_key": "ab".repeat(32),
             "capacity": {"memory_mib": 1024, "vcpus": 1}
@@ -192,4 +214,86 @@ async fn joined_hosts_learn_their_peers_and_a_removed_host_is_refused() {
             || ca.vm(&vm.id).await.unwrap().status != tern_agent::VmStatus::Running
     );
     drop(up);
+}
+
+#[tokio::test]
+#[ignore = "starts tern up and three agents; run by .ci/run"]
+async fn the_control_plane_places_vms_across_joined_hosts_and_honours_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = dir.path().join("cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    let admin = admin_token(&cp);
+    let tenant = common::up::token(&cp, "alice");
+    let up = Up::start(&cp, "agents", &[("TERN_POOL_SIZE", "0")]);
+    let region = |n: &str| -> tern_proto::Labels {
+        let r = if n == "host-c" { "us" } else { "eu" };
+        [("region".to_string(), r.to_string())].into()
+    };
+    let (_hosts, agents) = joined_fleet(
+        dir.path(),
+        &up,
+        &admin,
+        &["host-a", "host-b", "host-c"],
+        &region,
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let create = |labels: serde_json::Value| {
+        let http = http.clone();
+        let url = format!("{}/api/v1/vms", up.base);
+        let tenant = tenant.clone();
+        async move {
+            http.post(url)
+                .bearer_auth(tenant)
+                .json(&serde_json::json!({"spec": {"image": "process", "memory_mib": 64, "labels": labels}}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    // Six VMs land on at least two hosts, each running where the store says.
+    let mut placed = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for _ in 0..6 {
+        let r = create(serde_json::json!({})).await;
+        assert_eq!(r.status(), 201);
+        let vm: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(vm["status"], "running", "{vm}");
+        placed
+            .entry(vm["host"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(vm["id"].as_str().unwrap().to_owned());
+    }
+    eprintln!("placed: {placed:?}");
+    assert!(placed.len() >= 2, "{placed:?}");
+    for (host, vms) in &placed {
+        let i = ["host-a", "host-b", "host-c"]
+            .iter()
+            .position(|h| h == host)
+            .unwrap();
+        for vm in vms {
+            assert_runs(&agents[i].client(), vm, 1).await;
+        }
+    }
+
+    // Data residency: a VM that requires region=us lands on host-c only,
+    // and one that requires a region no host has is refused clearly.
+    for _ in 0..2 {
+        let r = create(serde_json::json!({"region": "us"})).await;
+        assert_eq!(r.status(), 201);
+        let vm: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(vm["host"], "host-c", "{vm}");
+    }
+    let r = create(serde_json::json!({"region": "mars"})).await;
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        status.is_server_error() || status.is_client_error(),
+        "{status}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("region=mars"),
+        "{body}"
+    );
+    drop(agents);
 }
