@@ -11,11 +11,13 @@ pub mod body;
 pub mod error;
 pub mod hosts;
 mod metrics_layer;
+pub mod migrations;
 mod routes;
 
 pub use auth::{AuthKeys, Claims, Permission};
 pub use error::ApiError;
 pub use hosts::{hosts_router, FleetApi};
+pub use migrations::{migrations_router, MigrationsApi};
 pub use routes::{metrics_router, router, ApiState, MetricsAccess, VmView};
 pub use tern_proto::CreateVmRequest;
 
@@ -35,6 +37,18 @@ pub fn prometheus() -> PrometheusHandle {
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                         5.0, 10.0,
                     ],
+                )
+                .expect("static bucket list is non-empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("migration_duration_seconds".into()),
+                    &[
+                        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                    ],
+                )
+                .expect("static bucket list is non-empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("migration_checkpoint_size_bytes".into()),
+                    &[1e6, 1e7, 1e8, 1e9, 1e10, 1e11],
                 )
                 .expect("static bucket list is non-empty")
                 .install_recorder()

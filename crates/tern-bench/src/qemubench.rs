@@ -340,6 +340,7 @@ async fn tern_run(
                 max_bandwidth_mbps: None,
                 auto_converge: Some(false),
                 compress: Some(if link == Link::Wan { "zstd" } else { "none" }.into()),
+                id: None,
             },
         )
         .await?;

@@ -23,7 +23,7 @@ pub struct AgentsDriver {
     pending: Mutex<HashMap<VmId, (HostId, Demand, Instant)>>,
 }
 
-fn demand(spec: &VmSpec) -> Demand {
+pub(crate) fn demand(spec: &VmSpec) -> Demand {
     Demand {
         memory_mib: u64::from(spec.memory_mib),
         vcpus: u32::from(spec.vcpus),
@@ -61,7 +61,7 @@ impl AgentsDriver {
     }
 
     /// The fleet as the store has it, with placements not yet recorded.
-    async fn model(&self) -> Result<Fleet, DriverError> {
+    pub(crate) async fn model(&self) -> Result<Fleet, DriverError> {
         let hosts = self.store.list_hosts().await.map_err(store_err)?;
         let live = self
             .store
@@ -103,11 +103,18 @@ impl AgentsDriver {
                 load: h.load,
             })
             .collect();
-        Ok(Fleet::new(hosts, vms))
+        let mut fleet = Fleet::new(hosts, vms);
+        // Migrations in flight reserve their target's room and mark their VM.
+        for m in self.store.list_migrations(true).await.map_err(store_err)? {
+            if let Err(e) = fleet.start_migration(&m.vm, &m.to) {
+                tracing::debug!(migration = %m.id, error = %e, "a migration in flight reserves nothing");
+            }
+        }
+        Ok(fleet)
     }
 
     /// A client of `host`'s agent.
-    async fn client(&self, host: &HostId) -> Result<AgentClient, DriverError> {
+    pub(crate) async fn client(&self, host: &HostId) -> Result<AgentClient, DriverError> {
         let rec = self
             .store
             .get_host(host)

@@ -8,6 +8,8 @@
 //! agent of the host the store records as its owner.
 
 mod driver;
+pub mod migrations;
 pub mod spec;
 
 pub use driver::AgentsDriver;
+pub use migrations::{Ask, MigrationError, Migrations};

@@ -153,6 +153,10 @@ pub struct MigrationRecord {
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// What it was asked with (mode, downtime budget, bandwidth), passed
+    /// as is to the source host's agent.
+    #[serde(default)]
+    pub options: serde_json::Value,
 }
 
 #[cfg(test)]

@@ -291,7 +291,7 @@ impl Fleet {
 
     /// The target for moving `vm` off its host, with its share of the
     /// source's CPU load, whose pressure afterwards stays at most `limit`.
-    pub(crate) fn target_for_move(&self, vm: &VmId, limit: f64) -> Result<HostId, PlaceError> {
+    pub fn target_for_move(&self, vm: &VmId, limit: f64) -> Result<HostId, PlaceError> {
         let &i = self.by_vm.get(vm).ok_or(PlaceError::UnknownVm(*vm))?;
         let v = &self.vms[i];
         let from = self.hosts.get(&v.host).copied();

@@ -153,14 +153,19 @@ pub(crate) const V2: &[&str] = &[
 ];
 
 /// Schema version 3: the token the control plane calls a host's agent API
-/// with (the host sends it when it joins).
-pub(crate) const V3: &[&str] = &["ALTER TABLE hosts ADD COLUMN api_token TEXT NOT NULL DEFAULT ''"];
+/// with (the host sends it when it joins), and the options a migration
+/// was asked with (mode, downtime budget, bandwidth), which whichever
+/// replica runs it passes to the source's agent.
+pub(crate) const V3: &[&str] = &[
+    "ALTER TABLE hosts ADD COLUMN api_token TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE migrations ADD COLUMN options TEXT NOT NULL DEFAULT '{}'",
+];
 
 pub(crate) const HOST_COLUMNS: &str = "id, migrate_addr, api_url, cert_pin, manifest_key, labels, \
      capacity, state, load, last_heartbeat, joined_at";
 
 pub(crate) const MIGRATION_COLUMNS: &str =
-    "id, vm, from_host, to_host, reason, phase, error, report, created_at, updated_at";
+    "id, vm, from_host, to_host, reason, phase, error, report, created_at, updated_at, options";
 
 /// Phases that end a migration, inlined into SQL (names from the enum).
 pub(crate) const ENDED: &str = "('committed', 'rolled_back', 'corrupted')";
@@ -192,6 +197,7 @@ pub(crate) struct RawMigration {
     report: Option<String>,
     created_at: i64,
     updated_at: i64,
+    options: String,
 }
 
 pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -248,6 +254,7 @@ impl RawMigration {
                 .transpose()?,
             created_at: time(self.created_at, "created_at")?,
             updated_at: time(self.updated_at, "updated_at")?,
+            options: from_json("migration options", &self.options)?,
         })
     }
 }
@@ -430,7 +437,7 @@ macro_rules! fleet_impl {
             async fn insert_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord> {
                 let sql = format!(
                     "INSERT INTO migrations ({MIGRATION_COLUMNS}, priority) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10) RETURNING {MIGRATION_COLUMNS}"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $11, $10) RETURNING {MIGRATION_COLUMNS}"
                 );
                 let res: std::result::Result<RawMigration, sqlx::Error> = sqlx::query_as(&sql)
                     .bind(m.id.as_str())
@@ -443,6 +450,7 @@ macro_rules! fleet_impl {
                     .bind(m.report.as_ref().map(to_json).transpose()?)
                     .bind(now_us())
                     .bind(m.reason as i64)
+                    .bind(to_json(&m.options)?)
                     .fetch_one(&self.pool)
                     .await;
                 match res {

@@ -403,6 +403,7 @@ fn migration(id: &str, vm: VmId) -> tern_proto::MigrationRecord {
         report: None,
         created_at: chrono::Utc::now(),
         updated_at: chrono::Utc::now(),
+        options: serde_json::json!({"mode": "precopy"}),
     }
 }
 
@@ -411,6 +412,7 @@ async fn one_open_migration_per_vm(t: TestStore) {
     let s = &*t.store;
     let vm = VmId::new();
     let m1 = s.insert_migration(&migration("m1", vm)).await.unwrap();
+    assert_eq!(m1.options["mode"], "precopy", "options kept");
     assert_eq!(m1.phase, Requesting);
     let e = s.insert_migration(&migration("m2", vm)).await.unwrap_err();
     assert!(matches!(e, StoreError::VmMigrating(v) if v == vm), "{e}");

@@ -137,6 +137,7 @@ fn main() {
                             max_bandwidth_mbps: None,
                             auto_converge: None,
                             compress: None,
+                            id: None,
                         },
                     )
                     .await

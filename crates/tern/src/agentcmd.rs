@@ -120,6 +120,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             max_bandwidth_mbps: a.max_bandwidth,
             auto_converge: Some(!a.no_auto_converge),
             compress: a.compress.clone(),
+            id: None,
         };
         let started = client.migrate(&a.vm, &req).await?;
         let done = follow(&client, &started.id, !a.json).await?;
@@ -429,6 +430,7 @@ pub fn demo() -> anyhow::Result<()> {
                     max_bandwidth_mbps: None,
                     auto_converge: None,
                     compress: None,
+                    id: None,
                 },
             )
             .await?;

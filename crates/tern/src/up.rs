@@ -23,6 +23,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let store = tern_store::open(&store_url)
         .await
         .with_context(|| format!("cannot open store {store_url}"))?;
+    let mut agents: Option<Arc<tern_fleet::AgentsDriver>> = None;
     let driver: Arc<dyn VmDriver> = match cfg.driver {
         DriverKind::Mock => Arc::new(MockDriver::with_state_file(
             cfg.mock.clone(),
@@ -37,7 +38,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tern_drivers::kvm::check_monitor(&k.monitor)?;
             Arc::new(tern_drivers::kvm::KvmDriver::new(k)?)
         }
-        DriverKind::Agents => Arc::new(tern_fleet::AgentsDriver::new(store.clone())),
+        DriverKind::Agents => {
+            let d = Arc::new(tern_fleet::AgentsDriver::new(store.clone()));
+            agents = Some(d.clone());
+            d
+        }
     };
     let secret = cfg
         .jwt_secret()
@@ -51,7 +56,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(?report, "reconciled store with driver");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let loops = manager.spawn_loops(stop_rx);
+    let mut loops = manager.spawn_loops(stop_rx.clone());
+    // The fleet's migrations: one runner per replica, the lease lets one run.
+    let migrations = agents.map(|d| {
+        let holder = format!("{}-{}", cfg.host_id, std::process::id());
+        let m = Arc::new(tern_fleet::Migrations::new(store.clone(), d, &holder));
+        loops.push(m.clone().spawn(stop_rx.clone()));
+        m
+    });
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -85,7 +97,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cert_validity: std::time::Duration::from_secs(365 * 86400),
         join_token_ttl: std::time::Duration::from_secs(3600),
     };
-    let app = tern_api::router(state).merge(tern_api::hosts_router(fleet));
+    let auth = state.auth.clone();
+    let mut app = tern_api::router(state).merge(tern_api::hosts_router(fleet));
+    if let Some(m) = migrations {
+        app = app.merge(tern_api::migrations_router(tern_api::MigrationsApi {
+            store: store.clone(),
+            auth,
+            migrations: m,
+        }));
+    }
     tracing::info!(
         %addr, driver = driver.name(), store = store.backend(), data_dir = %cfg.data_dir.display(),
         "tern is up"

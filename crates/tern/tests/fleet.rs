@@ -218,7 +218,7 @@ async fn joined_hosts_learn_their_peers_and_a_removed_host_is_refused() {
 
 #[tokio::test]
 #[ignore = "starts tern up and three agents; run by .ci/run"]
-async fn the_control_plane_places_vms_across_joined_hosts_and_honours_labels() {
+async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() {
     let dir = tempfile::tempdir().unwrap();
     let cp = dir.path().join("cp");
     std::fs::create_dir_all(&cp).unwrap();
@@ -295,5 +295,169 @@ async fn the_control_plane_places_vms_across_joined_hosts_and_honours_labels() {
         body["error"].as_str().unwrap().contains("region=mars"),
         "{body}"
     );
+    // A VM pinned to region=us is never sent to a region=eu host.
+    let us_vm = {
+        let r = create(serde_json::json!({"region": "us"})).await;
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    };
+    let r = http
+        .post(format!("{}/api/v1/vms/{us_vm}/migrate", up.base))
+        .bearer_auth(&tenant)
+        .json(&serde_json::json!({"to": "host-a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("region=us"),
+        "{body}"
+    );
+
+    // A user's migration through the control plane: live, verified on
+    // arrival, the owner moved in the store at the next epoch.
+    let (from, vm) = placed
+        .iter()
+        .find(|(h, _)| *h != "host-c")
+        .map(|(h, v)| (h.clone(), v[0].clone()))
+        .unwrap();
+    let to = if from == "host-a" { "host-b" } else { "host-a" };
+    let r = http
+        .post(format!("{}/api/v1/vms/{vm}/migrate", up.base))
+        .bearer_auth(&tenant)
+        .json(&serde_json::json!({"to": to, "mode": "precopy"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let m: serde_json::Value = r.json().await.unwrap();
+    let mid = m["id"].as_str().unwrap().to_owned();
+    let bob = common::up::token(&cp, "bob");
+    let r = http
+        .get(format!("{}/api/v1/migrations/{mid}", up.base))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "another tenant's migration");
+    let done = wait_migration(&http, &up.base, &tenant, &mid).await;
+    assert_eq!(done["phase"], "committed", "{done}");
+    assert!(done["report"]["downtime_ms"].is_number(), "{done}");
+    let rec = get_vm(&http, &up.base, &tenant, &vm).await;
+    assert_eq!(rec["host"], to);
+    assert_eq!(rec["owner_epoch"], 2);
+    assert_runs(&agents[host_index(to)].client(), &vm, 2).await;
+
+    // Drain host-a: every VM it runs moves away live; the store agrees.
+    let r = http
+        .post(format!("{}/api/v1/hosts/host-a/drain", up.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t = Instant::now();
+    loop {
+        let vms = get_json(&http, &format!("{}/api/v1/vms", up.base), &tenant).await;
+        let migrations = get_json(&http, &format!("{}/api/v1/migrations", up.base), &tenant).await;
+        let left = vms
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["host"] == "host-a")
+            .count();
+        let open = migrations
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| !is_final(m))
+            .count();
+        if left == 0 && open == 0 {
+            for m in migrations.as_array().unwrap() {
+                eprintln!(
+                    "{} {} {} -> {} {} downtime {} ms",
+                    m["id"],
+                    m["reason"],
+                    m["from"],
+                    m["to"],
+                    m["phase"],
+                    m["report"]["downtime_ms"]
+                );
+                assert_eq!(m["phase"], "committed", "{m}");
+            }
+            for v in vms.as_array().unwrap() {
+                let host = v["host"].as_str().unwrap();
+                let epoch = v["owner_epoch"].as_u64().unwrap();
+                assert_runs(
+                    &agents[host_index(host)].client(),
+                    v["id"].as_str().unwrap(),
+                    epoch,
+                )
+                .await;
+            }
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "drain stuck: {vms} {migrations}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let still: Vec<_> = agents[0]
+        .client()
+        .vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.status == tern_agent::VmStatus::Running)
+        .collect();
+    assert!(still.is_empty(), "host-a still runs {still:?}");
     drop(agents);
+}
+
+fn host_index(name: &str) -> usize {
+    ["host-a", "host-b", "host-c"]
+        .iter()
+        .position(|h| *h == name)
+        .unwrap()
+}
+
+fn is_final(m: &serde_json::Value) -> bool {
+    matches!(
+        m["phase"].as_str(),
+        Some("committed" | "rolled_back" | "corrupted")
+    )
+}
+
+async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> serde_json::Value {
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn get_vm(http: &reqwest::Client, base: &str, token: &str, id: &str) -> serde_json::Value {
+    get_json(http, &format!("{base}/api/v1/vms/{id}"), token).await
+}
+
+async fn wait_migration(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    id: &str,
+) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let m = get_json(http, &format!("{base}/api/v1/migrations/{id}"), token).await;
+        if is_final(&m) {
+            return m;
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -82,6 +82,7 @@ fn precopy(bandwidth_mbps: Option<u64>) -> MigrateRequest {
         max_bandwidth_mbps: None,
         auto_converge: None,
         compress: None,
+        id: None,
     }
 }
 

@@ -49,8 +49,22 @@ impl Agent {
             )));
         }
         let (policy, compress) = req.policy()?;
+        let migration = match &req.id {
+            Some(id) => {
+                crate::vmdir::check_name("migration id", id)
+                    .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+                if let Some(m) = lock(&self.inner.migrations).get(id) {
+                    return if m.vm == vm && m.role == Role::Source {
+                        Ok(id.clone())
+                    } else {
+                        Err(AgentError::Conflict(format!("migration {id} exists here")))
+                    };
+                }
+                id.clone()
+            }
+            None => format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        };
         let e = self.entry(vm)?;
-        let migration = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         lock(&self.inner.routes).insert(migration.clone(), e.dir.clone());
         let job = OutJob {
             migration: migration.clone(),
@@ -163,6 +177,7 @@ impl Agent {
 
 /// Options of one outgoing migration.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// Destination host (a configured peer).
     pub to: String,
@@ -188,6 +203,12 @@ pub struct MigrateRequest {
     /// or `zstd` (default: zstd under a bandwidth cap, else none).
     #[serde(default)]
     pub compress: Option<String>,
+    /// The migration's id, when a control plane names it (default: one of
+    /// the agent's own). Asking again with the id of a migration of the
+    /// same VM that this host already runs answers that migration, so a
+    /// control plane that lost the first answer may retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 fn default_mode() -> String {
@@ -196,7 +217,7 @@ fn default_mode() -> String {
 
 impl MigrateRequest {
     /// The engine policy and stream compression it asks for.
-    fn policy(&self) -> Result<(Policy, String), AgentError> {
+    pub fn policy(&self) -> Result<(Policy, String), AgentError> {
         let mut policy = Policy {
             mode: self.mode.parse().map_err(AgentError::BadRequest)?,
             ..Policy::default()

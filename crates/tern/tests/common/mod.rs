@@ -66,6 +66,7 @@ pub fn mode_to(to: &str, mode: &str) -> MigrateRequest {
         max_bandwidth_mbps: None,
         auto_converge: None,
         compress: None,
+        id: None,
     }
 }
 

@@ -1,0 +1,426 @@
+//! Migrations the control plane runs between the fleet's hosts.
+//!
+//! A migration is asked for ([`Migrations::request`]: a user, a drain) and
+//! recorded in the store at phase `requesting`, with its target chosen by
+//! the scheduler or checked against it (room, labels: a VM that requires
+//! `region=eu` is never sent to a host without it). A runner loop then
+//! carries every migration that has not ended: it starts it on the source
+//! host's agent under the store's id (idempotently: asking again answers
+//! the same migration), follows its phase into the store, and at its end
+//! moves the VM's owner to the target by compare-and-swap on
+//! `(host, epoch)`. All of its state is in the store and on the agents, and
+//! the loop runs under a lease: when the replica that runs it dies, another
+//! takes the lease over and carries on from the store.
+
+use crate::driver::AgentsDriver;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_agent::{ClientError, MigrateRequest, MigrationPhase, MigrationView};
+use tern_proto::{
+    HostId, HostState, MigrationId, MigrationReason, MigrationRecord, VmId, VmStatus,
+};
+use tern_store::{Store, StoreError};
+
+/// The lease the runner loop holds (one replica at a time).
+pub const LEASE: &str = "fleet-migrations";
+/// How long a lease lasts unless renewed: how soon another replica takes
+/// over from one that died.
+const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How often the runner looks at every migration.
+const TICK: Duration = Duration::from_millis(500);
+/// How long a migration may wait for its source to take it.
+const START_PATIENCE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+/// Migrations a draining host sends at once.
+const DRAIN_PER_HOST: usize = 2;
+
+/// Why a migration was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// No such VM.
+    #[error("VM {0} not found")]
+    NotFound(VmId),
+    /// The VM is not running.
+    #[error("VM {vm} is {status}: only a running VM migrates")]
+    NotRunning {
+        /// The VM.
+        vm: VmId,
+        /// Its status.
+        status: VmStatus,
+    },
+    /// It already runs on the host asked for.
+    #[error("VM {vm} already runs on {host}")]
+    SameHost {
+        /// The VM.
+        vm: VmId,
+        /// Its host.
+        host: HostId,
+    },
+    /// The target may not, or cannot, take it.
+    #[error("VM {vm} cannot move: {source}")]
+    Refused {
+        /// The VM.
+        vm: VmId,
+        /// What the scheduler said.
+        source: tern_scheduler::PlaceError,
+    },
+    /// It is migrating already.
+    #[error("VM {0} is migrating already")]
+    Busy(VmId),
+    /// The options do not make a migration.
+    #[error("migration options: {0}")]
+    Options(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+    /// The fleet could not be read.
+    #[error(transparent)]
+    Driver(#[from] tern_drivers::DriverError),
+}
+
+/// What a migration is asked with.
+#[derive(Clone, Debug)]
+pub struct Ask {
+    /// The VM.
+    pub vm: VmId,
+    /// Where to (the scheduler picks when `None`).
+    pub to: Option<HostId>,
+    /// Why.
+    pub reason: MigrationReason,
+    /// The agent's migration options (`mode`, `max_downtime_ms`,
+    /// `bandwidth_mbps`, ...); `to` and `id` are the control plane's.
+    pub options: serde_json::Value,
+}
+
+/// The control plane's migrations.
+pub struct Migrations {
+    store: Arc<dyn Store>,
+    driver: Arc<AgentsDriver>,
+    holder: String,
+}
+
+fn metric_reason(r: MigrationReason) -> &'static str {
+    r.as_str()
+}
+
+impl Migrations {
+    /// Migrations over `driver`'s fleet; `holder` names this replica in
+    /// the runner's lease.
+    pub fn new(store: Arc<dyn Store>, driver: Arc<AgentsDriver>, holder: &str) -> Self {
+        Self {
+            store,
+            driver,
+            holder: holder.into(),
+        }
+    }
+
+    /// Records a migration (phase `requesting`) for the runner to carry out.
+    pub async fn request(&self, ask: Ask) -> Result<MigrationRecord, MigrationError> {
+        let vm = self
+            .store
+            .get_vm(ask.vm)
+            .await
+            .map_err(MigrationError::Store)?
+            .ok_or(MigrationError::NotFound(ask.vm))?;
+        if vm.status != VmStatus::Running {
+            return Err(MigrationError::NotRunning {
+                vm: vm.id,
+                status: vm.status,
+            });
+        }
+        let options = options_of(&ask.options)?;
+        let fleet = self.driver.model().await?;
+        let refused = |source| MigrationError::Refused { vm: vm.id, source };
+        if fleet.vm(&vm.id).is_some_and(|v| v.migrating) {
+            return Err(MigrationError::Busy(vm.id));
+        }
+        let to = match ask.to {
+            Some(to) if to == vm.host => {
+                return Err(MigrationError::SameHost {
+                    vm: vm.id,
+                    host: to,
+                })
+            }
+            Some(to) => {
+                let d = crate::driver::demand(&vm.spec);
+                fleet
+                    .check_target(&to, d, &vm.spec.labels)
+                    .map_err(refused)?;
+                to
+            }
+            None => fleet
+                .target_for_move(&vm.id, f64::INFINITY)
+                .map_err(refused)?,
+        };
+        let now = chrono::Utc::now();
+        let rec = MigrationRecord {
+            id: MigrationId::new(format!("mig-{}", &VmId::new().to_string()[..13]))
+                .expect("a valid id"),
+            vm: vm.id,
+            from: vm.host.clone(),
+            to,
+            reason: ask.reason,
+            phase: MigrationPhase::Requesting,
+            error: None,
+            report: None,
+            created_at: now,
+            updated_at: now,
+            options,
+        };
+        let rec = match self.store.insert_migration(&rec).await {
+            Ok(r) => r,
+            Err(StoreError::VmMigrating(v)) => return Err(MigrationError::Busy(v)),
+            Err(e) => return Err(MigrationError::Store(e)),
+        };
+        metrics::counter!("migrations_initiated_total").increment(1);
+        metrics::counter!("migration_reason_total", "reason" => metric_reason(rec.reason))
+            .increment(1);
+        tracing::info!(migration = %rec.id, vm = %rec.vm, from = %rec.from, to = %rec.to, reason = rec.reason.as_str(), "migration requested");
+        Ok(rec)
+    }
+
+    /// What the source agent says of `m` now (its progress), if it answers.
+    pub async fn live_view(&self, m: &MigrationRecord) -> Option<MigrationView> {
+        let src = self.driver.client(&m.from).await.ok()?;
+        src.migration(m.id.as_str()).await.ok()
+    }
+
+    /// Runs the runner loop until `stop` turns true: one pass every
+    /// 500 ms while this replica holds the lease.
+    pub fn spawn(
+        self: Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut held = false;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(TICK) => {}
+                    _ = stop.changed() => break,
+                }
+                match self.store.try_lease(LEASE, &self.holder, LEASE_TTL).await {
+                    Ok(true) => {
+                        if !held {
+                            tracing::info!(holder = %self.holder, "this replica runs the fleet's migrations");
+                            held = true;
+                        }
+                        if let Err(e) = self.pass().await {
+                            tracing::warn!(error = %e, "fleet migration pass failed");
+                        }
+                    }
+                    Ok(false) => held = false,
+                    Err(e) => tracing::warn!(error = %e, "cannot take the fleet lease"),
+                }
+            }
+            let _ = self.store.release_lease(LEASE, &self.holder).await;
+        })
+    }
+
+    /// One pass: plans the draining hosts' moves, then advances every
+    /// migration that has not ended.
+    pub async fn pass(&self) -> Result<(), MigrationError> {
+        self.plan_drains().await?;
+        let open = self
+            .store
+            .list_migrations(true)
+            .await
+            .map_err(MigrationError::Store)?;
+        let gauge = open.len() as f64;
+        metrics::gauge!("migrations_active").set(gauge);
+        for m in open {
+            if let Err(e) = self.advance(&m).await {
+                tracing::warn!(migration = %m.id, error = %e, "cannot advance a migration");
+            }
+        }
+        Ok(())
+    }
+
+    /// For every draining host, asks for moves of the VMs it still runs
+    /// (at most [`DRAIN_PER_HOST`] at a time).
+    async fn plan_drains(&self) -> Result<(), MigrationError> {
+        let hosts = self
+            .store
+            .list_hosts()
+            .await
+            .map_err(MigrationError::Store)?;
+        let draining: Vec<HostId> = hosts
+            .into_iter()
+            .filter(|h| h.state == HostState::Draining)
+            .map(|h| h.id)
+            .collect();
+        if draining.is_empty() {
+            return Ok(());
+        }
+        let fleet = self.driver.model().await?;
+        for host in draining {
+            let busy = fleet.vms_on(&host).filter(|v| v.migrating).count();
+            let (plans, stuck) = tern_scheduler::drain(&fleet, &host, MigrationReason::Maintenance);
+            for (vm, why) in stuck {
+                tracing::warn!(host = %host, vm = %vm, error = %why, "a draining host's VM has nowhere to go");
+            }
+            for p in plans.into_iter().take(DRAIN_PER_HOST.saturating_sub(busy)) {
+                let ask = Ask {
+                    vm: p.vm,
+                    to: Some(p.to),
+                    reason: p.reason,
+                    options: serde_json::json!({}),
+                };
+                match self.request(ask).await {
+                    Ok(_)
+                    | Err(MigrationError::Busy(_))
+                    | Err(MigrationError::NotRunning { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(host = %host, vm = %p.vm, error = %e, "drain move refused")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves one migration on: starts it on its source, follows its phase,
+    /// and records its end.
+    async fn advance(&self, m: &MigrationRecord) -> Result<(), MigrationError> {
+        let src = self.driver.client(&m.from).await?;
+        if m.phase == MigrationPhase::Requesting {
+            let req = start_request(m)?;
+            match src.migrate(&m.vm.to_string(), &req).await {
+                Ok(v) => return self.follow(m, v).await,
+                Err(ClientError::Api { status, message }) if status < 500 => {
+                    // The source refused (peer unknown, VM not there): the
+                    // VM stays where it is.
+                    return self
+                        .end(m, MigrationPhase::RolledBack, Some(&message), None)
+                        .await;
+                }
+                Err(e) if chrono::Utc::now() - m.created_at > START_PATIENCE => {
+                    let why = format!("the source host never took it: {e}");
+                    return self
+                        .end(m, MigrationPhase::RolledBack, Some(&why), None)
+                        .await;
+                }
+                Err(_) => return Ok(()),
+            }
+        }
+        match src.migration(m.id.as_str()).await {
+            Ok(v) => self.follow(m, v).await,
+            Err(e) => {
+                // The source is away (down, restarting): the target knows
+                // whether it committed.
+                let dst = self.driver.client(&m.to).await?;
+                match dst.migration(m.id.as_str()).await {
+                    Ok(v) if v.state == MigrationPhase::Committed => self.follow(m, v).await,
+                    _ => {
+                        tracing::debug!(migration = %m.id, error = %e, "source not answering; will ask again");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records what the agent says of `m`.
+    async fn follow(&self, m: &MigrationRecord, v: MigrationView) -> Result<(), MigrationError> {
+        if v.state.is_final() {
+            let report = v.report.as_ref().and_then(|r| serde_json::to_value(r).ok());
+            return self
+                .end(m, v.state, v.error.as_deref(), report.as_ref())
+                .await;
+        }
+        if v.state != m.phase {
+            self.store
+                .update_migration(&m.id, m.phase, v.state, None, None)
+                .await
+                .map_err(MigrationError::Store)?;
+        }
+        Ok(())
+    }
+
+    /// Ends `m` at `phase`; a committed migration first moves the VM's
+    /// owner to the target (compare-and-swap: a stale pass changes nothing).
+    async fn end(
+        &self,
+        m: &MigrationRecord,
+        phase: MigrationPhase,
+        error: Option<&str>,
+        report: Option<&serde_json::Value>,
+    ) -> Result<(), MigrationError> {
+        if phase == MigrationPhase::Committed {
+            let vm = self
+                .store
+                .get_vm(m.vm)
+                .await
+                .map_err(MigrationError::Store)?
+                .ok_or(MigrationError::NotFound(m.vm))?;
+            if vm.host == m.from {
+                self.store
+                    .move_owner(m.vm, &m.from, vm.owner_epoch, &m.to)
+                    .await
+                    .map_err(MigrationError::Store)?;
+            }
+        }
+        self.store
+            .update_migration(&m.id, m.phase, phase, error, report)
+            .await
+            .map_err(MigrationError::Store)?;
+        let secs = (chrono::Utc::now() - m.created_at).num_milliseconds() as f64 / 1e3;
+        metrics::histogram!("migration_duration_seconds").record(secs);
+        if let Some(b) = report.and_then(|r| r["wire_bytes"].as_u64()) {
+            metrics::histogram!("migration_checkpoint_size_bytes").record(b as f64);
+        }
+        if phase == MigrationPhase::Committed {
+            metrics::counter!("migrations_completed_total").increment(1);
+        } else {
+            metrics::counter!("migrations_failed_total").increment(1);
+        }
+        tracing::info!(migration = %m.id, vm = %m.vm, phase = phase.as_str(), error = error.unwrap_or(""), "migration ended");
+        Ok(())
+    }
+}
+
+/// The options a migration was asked with, checked as the agent will read
+/// them.
+fn options_of(v: &serde_json::Value) -> Result<serde_json::Value, MigrationError> {
+    let v = match v {
+        serde_json::Value::Null => serde_json::json!({}),
+        other => other.clone(),
+    };
+    let mut probe = v.clone();
+    let obj = probe
+        .as_object_mut()
+        .ok_or_else(|| MigrationError::Options("must be a JSON object".into()))?;
+    if obj.contains_key("to") || obj.contains_key("id") {
+        return Err(MigrationError::Options(
+            "`to` and `id` are the control plane's".into(),
+        ));
+    }
+    obj.insert("to".into(), "x".into());
+    let req: MigrateRequest =
+        serde_json::from_value(probe).map_err(|e| MigrationError::Options(e.to_string()))?;
+    req.policy()
+        .map_err(|e| MigrationError::Options(e.to_string()))?;
+    Ok(v)
+}
+
+/// The agent request that starts `m` on its source.
+fn start_request(m: &MigrationRecord) -> Result<MigrateRequest, MigrationError> {
+    let mut v = options_of(&m.options)?;
+    let obj = v.as_object_mut().expect("options are an object");
+    obj.insert("to".into(), m.to.as_str().into());
+    obj.insert("id".into(), m.id.as_str().into());
+    serde_json::from_value(v).map_err(|e| MigrationError::Options(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked_as_the_agent_reads_them() {
+        assert!(options_of(&serde_json::json!({"mode": "hybrid"})).is_ok());
+        assert!(options_of(&serde_json::Value::Null).is_ok());
+        assert!(options_of(&serde_json::json!({"mode": "teleport"})).is_err());
+        assert!(options_of(&serde_json::json!({"to": "h9"})).is_err());
+        assert!(options_of(&serde_json::json!([1])).is_err());
+        assert!(options_of(&serde_json::json!({"bogus": 1})).is_err());
+    }
+}
