@@ -56,7 +56,8 @@ pub async fn serve(mut cfg: AgentConfig, join_token: Option<&str>) -> Result<(),
     let limits = cfg.http;
     let agent = Agent::start(cfg).await?;
     if let Some((m, every)) = joined {
-        membership::spawn_heartbeats(agent.clone(), m, every);
+        let sampler = membership::first_beat(&agent, &m).await;
+        membership::spawn_heartbeats(agent.clone(), m, every, sampler);
     }
     let listener = tokio::net::TcpListener::bind(api_addr)
         .await

@@ -15,7 +15,10 @@ use crate::hostload::{default_capacity, Sampler};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_proto::{HeartbeatResponse, HostId, HostState, JoinRequest, JoinResponse, PeerView};
+use tern_proto::{
+    Heartbeat, HeartbeatResponse, HostId, HostState, JoinRequest, JoinResponse, PeerView,
+    RunningGuest,
+};
 
 /// How long one call to the control plane may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -249,20 +252,32 @@ async fn join(
     Ok(m)
 }
 
+/// Sends the first heartbeat, before the agent serves its API: a host
+/// back from an outage stops the guests the control plane restarted
+/// elsewhere before anyone can see them running here.
+pub async fn first_beat(agent: &Agent, m: &Membership) -> Sampler {
+    let mut sampler = Sampler::new();
+    if let Err(e) = beat(agent, m, &mut sampler).await {
+        tracing::warn!(error = %e, "first heartbeat failed; guests keep running until one is answered");
+    }
+    sampler
+}
+
 /// Sends a heartbeat every `every` for as long as the agent runs: its
-/// load goes up, its peers and its state as the control plane sees it
-/// come back.
+/// load and its running guests go up, its peers, its state as the control
+/// plane sees it and the guests to fence come back.
 pub fn spawn_heartbeats(
     agent: Agent,
     m: Membership,
     every: Duration,
+    mut sampler: Sampler,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut sampler = Sampler::new();
         let mut state: Option<HostState> = None;
         let mut failing = false;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first beat was sent already
         loop {
             tick.tick().await;
             match beat(&agent, &m, &mut sampler).await {
@@ -295,11 +310,35 @@ async fn beat(
     m: &Membership,
     sampler: &mut Sampler,
 ) -> Result<HeartbeatResponse, MembershipError> {
-    let vms = agent.running_vms();
+    let running: Vec<RunningGuest> = agent
+        .vms()
+        .await
+        .into_iter()
+        .filter(|v| {
+            matches!(
+                v.status,
+                crate::VmStatus::Running | crate::VmStatus::Stalled
+            )
+        })
+        .map(|v| RunningGuest {
+            id: v.id,
+            epoch: v.epoch,
+        })
+        .collect();
     let migrations = agent.active_migrations();
-    let load = sampler.sample(vms, migrations);
+    let load = sampler.sample(u32::try_from(running.len()).unwrap_or(u32::MAX), migrations);
     let url = format!("{}/api/v1/hosts/{}/heartbeat", m.url, m.host_id);
-    let answer: HeartbeatResponse = post(&url, Some(&m.host_token), &load).await?;
+    let answer: HeartbeatResponse =
+        post(&url, Some(&m.host_token), &Heartbeat { load, running }).await?;
+    for id in &answer.fenced {
+        // A second copy must never run: stop it before anything else.
+        match agent.stop_vm(id).await {
+            Ok(()) => {
+                tracing::warn!(vm = %id, "stopped a stale copy: the control plane runs this VM elsewhere now")
+            }
+            Err(e) => tracing::error!(vm = %id, error = %e, "cannot stop a stale copy"),
+        }
+    }
     let peers = peers_from(&answer.peers)?;
     let names: Vec<String> = peers.iter().map(|p| p.name.clone()).collect();
     match agent.set_peers(peers) {

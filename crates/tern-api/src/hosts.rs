@@ -20,7 +20,9 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use std::sync::Arc;
 use std::time::Duration;
-pub use tern_proto::{HeartbeatResponse, JoinRequest, JoinResponse, JoinToken, PeerView};
+pub use tern_proto::{
+    Heartbeat, HeartbeatResponse, JoinRequest, JoinResponse, JoinToken, PeerView, RunningGuest,
+};
 use tern_proto::{HostId, HostLoad, HostRecord, HostState};
 use tern_store::Store;
 
@@ -91,6 +93,37 @@ async fn peers(store: &dyn Store, except: Option<&HostId>) -> Result<Vec<PeerVie
             manifest_key: h.manifest_key,
         })
         .collect())
+}
+
+/// Most guests one heartbeat may report.
+pub const MAX_REPORTED_GUESTS: usize = 4096;
+
+/// The guests `host` runs that it must stop: the store destroyed them, or
+/// gave them to another host at an epoch at least the one `host` runs.
+/// (A guest that arrived by a migration runs at a newer epoch than the
+/// store's until the control plane records the move: not fenced.) Guests
+/// the store never knew (made through the agent's own API) are not the
+/// control plane's to stop.
+async fn fenced(
+    store: &dyn Store,
+    host: &HostId,
+    running: &[RunningGuest],
+) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    for g in running {
+        let Ok(id) = g.id.parse::<tern_proto::VmId>() else {
+            continue;
+        };
+        let Some(rec) = store.get_vm(id).await.map_err(internal)? else {
+            continue;
+        };
+        let moved_on = &rec.host != host && rec.owner_epoch.0 >= g.epoch;
+        if !rec.status.is_live() || moved_on {
+            tracing::warn!(host = %host, vm = %id, epoch = g.epoch, owner = %rec.host, owner_epoch = rec.owner_epoch.0, "fencing a stale copy");
+            out.push(g.id.clone());
+        }
+    }
+    Ok(out)
 }
 
 async fn list_hosts(
@@ -250,11 +283,33 @@ async fn heartbeat(
         tracing::warn!(host = %id, "refused a heartbeat: wrong host token");
         return Err(refuse());
     }
-    let load: HostLoad = json_body(&headers, body)?.unwrap_or_default();
-    let h = s.store.heartbeat(&id, &load).await.map_err(internal)?;
+    let beat: Heartbeat = json_body(&headers, body)?.unwrap_or_default();
+    if beat.running.len() > MAX_REPORTED_GUESTS {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_REPORTED_GUESTS} running guests per heartbeat"
+        )));
+    }
+    let mut h = s.store.heartbeat(&id, &beat.load).await.map_err(internal)?;
+    // Fencing first: a host back from being down stops its stale copies in
+    // this answer, before it takes work again.
+    let fenced = fenced(&*s.store, &id, &beat.running).await?;
+    if h.state == HostState::Down {
+        match s
+            .store
+            .set_host_state(&id, HostState::Down, HostState::Active)
+            .await
+        {
+            Ok(back) => {
+                tracing::info!(host = %id, fenced = fenced.len(), "host back: active again");
+                h = back;
+            }
+            Err(e) => tracing::debug!(host = %id, error = %e, "host state changed meanwhile"),
+        }
+    }
     Ok(Json(HeartbeatResponse {
         state: h.state,
         peers: peers(&*s.store, Some(&id)).await?,
+        fenced,
     }))
 }
 

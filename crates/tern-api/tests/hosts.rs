@@ -155,8 +155,27 @@ async fn hosts_join_once_beat_with_their_token_and_learn_their_peers() {
 
     // Heartbeats need the host's own token, and answer with the peers.
     let h1_token = j1["host_token"].as_str().unwrap();
-    let load = serde_json::json!({"cpu": 0.4, "memory_used_mib": 1000, "memory_free_mib": 60000,
-        "net_bytes_per_sec": 0, "disk_bytes_per_sec": 0, "vms": 2, "migrations": 0});
+    // h1 runs a VM the store gave h2 (at the epoch h1 runs it at: h1's copy
+    // is stale), one the store has on h1, and one it never knew.
+    let store = cp._t.store.clone();
+    let mut ids = Vec::new();
+    for host in ["h2", "h1"] {
+        let rec = store
+            .insert_vm(tern_store::NewVm {
+                id: tern_proto::VmId::new(),
+                tenant: None,
+                status: tern_proto::VmStatus::Provisioning,
+                host: tern_proto::HostId::new(host).unwrap(),
+                spec: Default::default(),
+                config: Default::default(),
+            })
+            .await
+            .unwrap();
+        ids.push(rec.id.to_string());
+    }
+    let load = serde_json::json!({"load": {"cpu": 0.4, "memory_used_mib": 1000, "memory_free_mib": 60000,
+        "net_bytes_per_sec": 0, "disk_bytes_per_sec": 0, "vms": 2, "migrations": 0},
+        "running": [{"id": ids[0], "epoch": 1}, {"id": ids[1], "epoch": 1}, {"id": "vm-local", "epoch": 1}]});
     let (st, beat) = cp
         .call(
             "/api/v1/hosts/h1/heartbeat",
@@ -167,6 +186,11 @@ async fn hosts_join_once_beat_with_their_token_and_learn_their_peers() {
     assert_eq!(st, StatusCode::OK, "{beat}");
     assert_eq!(beat["state"], "active");
     assert_eq!(beat["peers"][0]["id"], "h2");
+    assert_eq!(
+        beat["fenced"],
+        serde_json::json!([ids[0]]),
+        "only the stale copy"
+    );
     let h2_token = j2["host_token"].as_str().unwrap();
     let (st, _) = cp
         .call("/api/v1/hosts/h1/heartbeat", Some(h2_token), Some(load))

@@ -57,6 +57,10 @@ pub enum DriverError {
         /// What went wrong, for the operator.
         reason: String,
     },
+    /// The host the VM runs on does not answer: its health is unknown, not
+    /// bad (the fleet declares the host down and moves its VMs instead).
+    #[error("the host {0} of this VM does not answer")]
+    HostAway(tern_proto::HostId),
     /// The driver as a whole cannot work (hypervisor missing, state unreadable).
     #[error("driver unavailable: {0}")]
     Unavailable(String),

@@ -199,11 +199,21 @@ impl VmDriver for AgentsDriver {
     }
 
     async fn is_healthy(&self, id: VmId) -> Result<bool, DriverError> {
-        let client = self.owner(id).await?;
+        let rec = self
+            .store
+            .get_vm(id)
+            .await
+            .map_err(store_err)?
+            .ok_or(DriverError::NotFound(id))?;
+        let host = self.store.get_host(&rec.host).await.map_err(store_err)?;
+        if host.as_ref().is_none_or(|h| h.state == HostState::Down) {
+            // Not this VM's failure: the fleet restarts it elsewhere.
+            return Err(DriverError::HostAway(rec.host));
+        }
+        let client = self.client(&rec.host).await?;
         match client.vm(&id.to_string()).await {
             Ok(v) => Ok(v.status == AgentStatus::Running && v.checksum_ok != Some(false)),
-            // A host that does not answer runs nothing healthy for us.
-            Err(ClientError::Unreachable { .. }) => Ok(false),
+            Err(ClientError::Unreachable { .. }) => Err(DriverError::HostAway(rec.host)),
             Err(e) => Err(agent_err(id, "health check", e)),
         }
     }

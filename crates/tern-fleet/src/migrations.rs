@@ -96,6 +96,7 @@ pub struct Migrations {
     store: Arc<dyn Store>,
     driver: Arc<AgentsDriver>,
     holder: String,
+    down_after: Duration,
 }
 
 fn metric_reason(r: MigrationReason) -> &'static str {
@@ -104,12 +105,19 @@ fn metric_reason(r: MigrationReason) -> &'static str {
 
 impl Migrations {
     /// Migrations over `driver`'s fleet; `holder` names this replica in
-    /// the runner's lease.
-    pub fn new(store: Arc<dyn Store>, driver: Arc<AgentsDriver>, holder: &str) -> Self {
+    /// the runner's lease; a host silent for `down_after` is down and its
+    /// VMs restart elsewhere.
+    pub fn new(
+        store: Arc<dyn Store>,
+        driver: Arc<AgentsDriver>,
+        holder: &str,
+        down_after: Duration,
+    ) -> Self {
         Self {
             store,
             driver,
             holder: holder.into(),
+            down_after,
         }
     }
 
@@ -218,6 +226,7 @@ impl Migrations {
     /// One pass: plans the draining hosts' moves, then advances every
     /// migration that has not ended.
     pub async fn pass(&self) -> Result<(), MigrationError> {
+        let down = self.mark_down().await?;
         self.plan_drains().await?;
         let open = self
             .store
@@ -226,9 +235,139 @@ impl Migrations {
             .map_err(MigrationError::Store)?;
         let gauge = open.len() as f64;
         metrics::gauge!("migrations_active").set(gauge);
-        for m in open {
-            if let Err(e) = self.advance(&m).await {
+        for m in &open {
+            let res = if down.contains(&m.from) {
+                self.source_down(m).await
+            } else {
+                self.advance(m).await
+            };
+            if let Err(e) = res {
                 tracing::warn!(migration = %m.id, error = %e, "cannot advance a migration");
+            }
+        }
+        if !down.is_empty() {
+            self.restart_orphans(&down).await?;
+        }
+        Ok(())
+    }
+
+    /// Marks hosts silent for longer than `down_after` down; returns every
+    /// host that is down.
+    async fn mark_down(&self) -> Result<std::collections::HashSet<HostId>, MigrationError> {
+        let newly = self
+            .store
+            .mark_silent_hosts_down(self.down_after)
+            .await
+            .map_err(MigrationError::Store)?;
+        for h in &newly {
+            metrics::counter!("hosts_down_total").increment(1);
+            tracing::warn!(host = %h, silent_for = ?self.down_after, "host down: no heartbeat; its VMs restart elsewhere");
+        }
+        Ok(self
+            .store
+            .list_hosts()
+            .await
+            .map_err(MigrationError::Store)?
+            .into_iter()
+            .filter(|h| h.state == HostState::Down)
+            .map(|h| h.id)
+            .collect())
+    }
+
+    /// A migration whose source went down: if the target committed, the
+    /// VM runs there; otherwise it ends, and the VM restarts elsewhere.
+    async fn source_down(&self, m: &MigrationRecord) -> Result<(), MigrationError> {
+        let dst = self.driver.client(&m.to).await?;
+        match dst.migration(m.id.as_str()).await {
+            Ok(v) if v.state == MigrationPhase::Committed => self.follow(m, v).await,
+            Ok(v) if !v.state.is_final() => Ok(()), // the target settles it first
+            _ => {
+                self.end(
+                    m,
+                    MigrationPhase::RolledBack,
+                    Some("the source host went down"),
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Restarts, on hosts that are up, the running VMs of hosts that are
+    /// down: same id, tenant, spec and config, owner moved by
+    /// compare-and-swap to the new host at the next epoch, which fences the
+    /// old copy if its host comes back.
+    async fn restart_orphans(
+        &self,
+        down: &std::collections::HashSet<HostId>,
+    ) -> Result<(), MigrationError> {
+        let open: std::collections::HashSet<VmId> = self
+            .store
+            .list_migrations(true)
+            .await
+            .map_err(MigrationError::Store)?
+            .into_iter()
+            .map(|m| m.vm)
+            .collect();
+        let orphans: Vec<tern_proto::VmRecord> = self
+            .store
+            .list_vms(&tern_store::VmFilter::statuses(&[VmStatus::Running]))
+            .await
+            .map_err(MigrationError::Store)?
+            .into_iter()
+            .filter(|v| down.contains(&v.host) && !open.contains(&v.id))
+            .collect();
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let mut fleet = self.driver.model().await?;
+        for vm in orphans {
+            let d = crate::driver::demand(&vm.spec);
+            let to = match fleet.place(d, &vm.spec.labels) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(vm = %vm.id, error = %e, "nowhere to restart a VM of a down host");
+                    continue;
+                }
+            };
+            let moved = match self
+                .store
+                .move_owner(vm.id, &vm.host, vm.owner_epoch, &to)
+                .await
+            {
+                Ok(r) => r,
+                Err(StoreError::OwnerConflict { .. }) => continue,
+                Err(e) => return Err(MigrationError::Store(e)),
+            };
+            fleet.add_vm(tern_scheduler::Vm {
+                id: vm.id,
+                host: to.clone(),
+                demand: d,
+                requires: vm.spec.labels.clone(),
+                migrating: false,
+                last_moved: None,
+            });
+            let client = self.driver.client(&to).await?;
+            let id = vm.id.to_string();
+            let started = client
+                .put_vm(&id, moved.owner_epoch.0, &crate::spec::agent_spec(&vm.spec))
+                .await;
+            let configured = match started {
+                Ok(_) => {
+                    let config = serde_json::to_value(&vm.config).unwrap_or_default();
+                    client.set_config(&id, &config).await
+                }
+                Err(e) => Err(e),
+            };
+            match configured {
+                Ok(()) => {
+                    metrics::counter!("vms_restarted_total").increment(1);
+                    tracing::warn!(vm = %vm.id, from = %vm.host, to = %to, epoch = moved.owner_epoch.0, "restarted a VM of a down host");
+                }
+                // The health loop finds it missing there and replaces it.
+                Err(e) => {
+                    tracing::error!(vm = %vm.id, to = %to, error = %e, "cannot restart a VM of a down host")
+                }
             }
         }
         Ok(())

@@ -526,6 +526,12 @@ impl Manager {
     async fn check_one(&self, rec: VmRecord) -> (bool, bool) {
         let healthy = match self.driver.is_healthy(rec.id).await {
             Ok(h) => h,
+            Err(DriverError::HostAway(host)) => {
+                // Not the VM's failure: its host is away, and the fleet
+                // restarts its VMs elsewhere once the host is declared down.
+                tracing::debug!(vm = %rec.id, host = %host, "health unknown: host away");
+                return (false, false);
+            }
             Err(e) => {
                 tracing::debug!(vm = %rec.id, error = %e, "health probe failed");
                 false

@@ -3,7 +3,7 @@
 //! `POST /api/v1/hosts/{id}/heartbeat`). Both sides build these types, so
 //! the wire cannot drift between them.
 
-use crate::{Capacity, HostId, HostState, Labels};
+use crate::{Capacity, HostId, HostLoad, HostState, Labels};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -60,6 +60,26 @@ pub struct JoinResponse {
     pub peers: Vec<PeerView>,
 }
 
+/// A guest a host runs, at the owner epoch it runs it at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningGuest {
+    /// The VM's id.
+    pub id: String,
+    /// Its owner epoch on this host.
+    pub epoch: u64,
+}
+
+/// What a host says at each heartbeat.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// Its load.
+    pub load: HostLoad,
+    /// The guests it runs.
+    #[serde(default)]
+    pub running: Vec<RunningGuest>,
+}
+
 /// What a heartbeat gets back.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HeartbeatResponse {
@@ -67,6 +87,11 @@ pub struct HeartbeatResponse {
     pub state: HostState,
     /// Its peers now.
     pub peers: Vec<PeerView>,
+    /// Guests it reported that it must stop now: the control plane moved
+    /// them on (restarted elsewhere at a newer epoch while this host was
+    /// away) or destroyed them. Running them would make a second copy.
+    #[serde(default)]
+    pub fenced: Vec<String>,
 }
 
 /// A new join token (shown once).

@@ -15,7 +15,9 @@ pub use host::{
     MigrationRecord,
 };
 pub use ids::{HostId, IdError, MigrationId, OwnerEpoch, TenantId, VmId, VsockCid};
-pub use join::{HeartbeatResponse, JoinRequest, JoinResponse, JoinToken, PeerView};
+pub use join::{
+    Heartbeat, HeartbeatResponse, JoinRequest, JoinResponse, JoinToken, PeerView, RunningGuest,
+};
 pub use migration::{MigrationPhase, MigrationRole};
 pub use vm::{
     is_image_name, CreateVmRequest, IllegalTransition, VmConfig, VmRecord, VmSpec, VmStatus,

@@ -161,6 +161,23 @@ impl Default for HealthConfig {
     }
 }
 
+/// The fleet (`driver = "agents"`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// A host whose heartbeats stop for this long is down: its VMs restart
+    /// on other hosts (and its own copies are fenced if it comes back).
+    pub host_down_after: Dur,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            host_down_after: Dur(Duration::from_secs(15)),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -181,6 +198,8 @@ pub struct Config {
     pub pool: PoolConfig,
     /// Health checks.
     pub health: HealthConfig,
+    /// The fleet of joined hosts.
+    pub fleet: FleetConfig,
     /// Spec of warm-pool VMs (and the default for new VMs).
     pub spec: VmSpec,
     /// Faults the mock driver injects.
@@ -218,6 +237,7 @@ impl Default for Config {
             host_id: "local".into(),
             pool: PoolConfig::default(),
             health: HealthConfig::default(),
+            fleet: FleetConfig::default(),
             spec: VmSpec::default(),
             mock: MockFaults::default(),
             kvm: KvmConfig::default(),
@@ -259,6 +279,11 @@ const ENV: &[(&str, &str, Kind)] = &[
         Kind::Text,
     ),
     ("TERN_HEALTH_INTERVAL", "health.interval", Kind::Text),
+    (
+        "TERN_FLEET_HOST_DOWN_AFTER",
+        "fleet.host_down_after",
+        Kind::Text,
+    ),
     (
         "TERN_HTTP_MAX_CONNECTIONS",
         "http.max_connections",

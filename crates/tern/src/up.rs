@@ -60,7 +60,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // The fleet's migrations: one runner per replica, the lease lets one run.
     let migrations = agents.map(|d| {
         let holder = format!("{}-{}", cfg.host_id, std::process::id());
-        let m = Arc::new(tern_fleet::Migrations::new(store.clone(), d, &holder));
+        let m = Arc::new(tern_fleet::Migrations::new(
+            store.clone(),
+            d,
+            &holder,
+            cfg.fleet.host_down_after.0,
+        ));
         loops.push(m.clone().spawn(stop_rx.clone()));
         m
     });

@@ -461,3 +461,139 @@ async fn wait_migration(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+#[ignore = "starts tern up and three agents; run by .ci/run"]
+async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = dir.path().join("cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    let admin = admin_token(&cp);
+    let tenant = common::up::token(&cp, "alice");
+    let up = Up::start(
+        &cp,
+        "agents",
+        &[
+            ("TERN_POOL_SIZE", "0"),
+            ("TERN_FLEET_HOST_DOWN_AFTER", "3s"),
+            ("TERN_HEALTH_INTERVAL", "1s"),
+        ],
+    );
+    let names = ["host-a", "host-b", "host-c"];
+    let (hosts, mut agents) =
+        joined_fleet(dir.path(), &up, &admin, &names, &|_| Default::default()).await;
+    let http = reqwest::Client::new();
+    let mut vms = Vec::new();
+    for _ in 0..4 {
+        let r = http
+            .post(format!("{}/api/v1/vms", up.base))
+            .bearer_auth(&tenant)
+            .json(
+                &serde_json::json!({"spec": {"image": "process", "memory_mib": 64},
+                "config": {"settings": {"k": "v"}}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let v: serde_json::Value = r.json().await.unwrap();
+        vms.push(v);
+    }
+    // The agent of the host with the most VMs dies; its guests run on,
+    // unmanaged, as on a host cut off from the fleet.
+    let victim = names
+        .iter()
+        .max_by_key(|n| vms.iter().filter(|v| v["host"] == **n).count())
+        .unwrap()
+        .to_string();
+    let orphans: Vec<String> = vms
+        .iter()
+        .filter(|v| v["host"] == victim.as_str())
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!orphans.is_empty());
+    let vi = host_index(&victim);
+    agents[vi].0.release_guests();
+    agents[vi].kill();
+
+    // After the heartbeat timeout they run again elsewhere, same ids,
+    // owner epoch 2, their config kept.
+    let t = Instant::now();
+    for id in &orphans {
+        loop {
+            let v = get_vm(&http, &up.base, &tenant, id).await;
+            let moved = v["host"] != victim.as_str() && v["owner_epoch"] == 2;
+            let host = v["host"].as_str().unwrap();
+            // The owner moves first (fencing the old copy), then the new
+            // host boots it.
+            let there = moved
+                && agents[host_index(host)]
+                    .client()
+                    .vm(id)
+                    .await
+                    .is_ok_and(|g| g.status == tern_agent::VmStatus::Running);
+            if there {
+                assert_eq!(v["status"], "running", "{v}");
+                assert_eq!(v["config"]["settings"]["k"], "v", "{v}");
+                assert_runs(&agents[host_index(host)].client(), id, 2).await;
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "not restarted: {v}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let hosts_now = get_json(&http, &format!("{}/api/v1/hosts", up.base), &admin).await;
+    let rec = hosts_now
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == victim.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(rec["state"], "down", "{rec}");
+
+    // The host comes back: before its API answers, its stale copies stop.
+    let back = start_joining(&hosts[vi], None);
+    let views = back.client().vms().await.unwrap();
+    for id in &orphans {
+        let v = views.iter().find(|v| &v.id == id).expect("still listed");
+        assert_ne!(
+            v.status,
+            tern_agent::VmStatus::Running,
+            "stale copy runs: {v:?}"
+        );
+    }
+    // Exactly one copy of each runs, where the store says.
+    for id in &orphans {
+        let v = get_vm(&http, &up.base, &tenant, id).await;
+        let mut running = 0;
+        for (i, a) in agents.iter().enumerate() {
+            let client = if i == vi { back.client() } else { a.client() };
+            if let Ok(g) = client.vm(id).await {
+                if g.status == tern_agent::VmStatus::Running {
+                    running += 1;
+                    assert_eq!(names[i], v["host"].as_str().unwrap());
+                }
+            }
+        }
+        assert_eq!(running, 1, "{id}");
+    }
+    // And the host is active again.
+    let t = Instant::now();
+    loop {
+        let hs = get_json(&http, &format!("{}/api/v1/hosts", up.base), &admin).await;
+        let h = hs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["id"] == victim.as_str())
+            .unwrap()
+            .clone();
+        if h["state"] == "active" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{h}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(back);
+}
