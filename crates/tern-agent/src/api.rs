@@ -21,6 +21,9 @@ impl IntoResponse for AgentError {
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Conflict(_) => StatusCode::CONFLICT,
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            // Peers learned from a control plane may lag a heartbeat behind.
+            AgentError::UnknownPeer { joined: true, .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::UnknownPeer { joined: false, .. } => StatusCode::BAD_REQUEST,
             AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::Guest(_) => StatusCode::BAD_GATEWAY,
         };

@@ -70,6 +70,10 @@ pub struct Peer {
 pub struct ControlPlane {
     /// The control plane's API (`http://host:port`).
     pub url: String,
+    /// Other replicas of the control plane (sharing its database): a
+    /// heartbeat that `url` does not answer goes to them in turn.
+    #[serde(default)]
+    pub replicas: Vec<String>,
     /// Seconds between heartbeats. Default 5.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
@@ -92,6 +96,7 @@ impl ControlPlane {
     pub fn new(url: &str) -> Self {
         Self {
             url: url.into(),
+            replicas: Vec::new(),
             heartbeat_secs: default_heartbeat(),
             labels: Default::default(),
             api_url: None,
@@ -294,6 +299,12 @@ impl AgentConfig {
             |u: &str| (u.starts_with("http://") || u.starts_with("https://")) && u.len() <= 256;
         if !http(&cp.url) {
             return bad("control_plane.url", "must be an http:// or https:// URL");
+        }
+        if let Some(u) = cp.replicas.iter().find(|u| !http(u)) {
+            return bad(
+                "control_plane.replicas",
+                &format!("`{u}` is not an http:// or https:// URL"),
+            );
         }
         if cp.api_url.as_deref().is_some_and(|u| !http(u)) {
             return bad(

@@ -133,13 +133,14 @@ pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<LocalHost>, Box<dyn s
     Ok(out)
 }
 
-/// Writes configurations for `hosts` that join the control plane at `url`
-/// (labels per host from `labels`): no CA, certificates or peers here,
-/// the control plane issues and names them. Heartbeats every second.
+/// Writes configurations for `hosts` that join the control plane at
+/// `urls[0]` (its other replicas after it; labels per host from `labels`):
+/// no CA, certificates or peers here, the control plane issues and names
+/// them. Heartbeats every second.
 pub fn write_joined(
     dir: &Path,
     hosts: &[HostPlan],
-    url: &str,
+    urls: &[&str],
     labels: &dyn Fn(&str) -> tern_proto::Labels,
 ) -> Result<Vec<LocalHost>, Box<dyn std::error::Error>> {
     let mut out = Vec::new();
@@ -154,7 +155,8 @@ pub fn write_joined(
             cfg.guest_kernel = Some(k.clone());
             cfg.guest_initrd = Some(i.clone());
         }
-        let mut cp = crate::config::ControlPlane::new(url);
+        let mut cp = crate::config::ControlPlane::new(urls.first().copied().unwrap_or_default());
+        cp.replicas = urls.iter().skip(1).map(|u| u.to_string()).collect();
         cp.heartbeat_secs = 1;
         cp.labels = labels(&h.name);
         cp.capacity = Some(tern_proto::Capacity {

@@ -71,6 +71,10 @@ pub enum MembershipError {
 pub struct Membership {
     /// The control plane it joined.
     pub url: String,
+    /// Other replicas of the same control plane, tried in turn when one
+    /// does not answer (from the configuration at each start).
+    #[serde(default, skip)]
+    pub replicas: Vec<String>,
     /// Its id there.
     pub host_id: HostId,
     /// The token its heartbeats carry.
@@ -189,14 +193,27 @@ pub async fn join_or_resume(
             tracing::info!(host = %m.host_id, url = %m.url, "already joined; the join token is not used");
         }
         cfg.tls = Some(tls_files(&cfg.data_dir));
-        return Ok(m);
+        return Ok(Membership {
+            replicas: replicas_of(&cp),
+            ..m
+        });
     }
     let token = join_token.ok_or_else(|| MembershipError::NeedToken {
         url: cp.url.clone(),
     })?;
     let m = join(cfg, &cp, token).await?;
     cfg.tls = Some(tls_files(&cfg.data_dir));
-    Ok(m)
+    Ok(Membership {
+        replicas: replicas_of(&cp),
+        ..m
+    })
+}
+
+fn replicas_of(cp: &ControlPlane) -> Vec<String> {
+    cp.replicas
+        .iter()
+        .map(|u| u.trim_end_matches('/').to_string())
+        .collect()
 }
 
 async fn join(
@@ -242,6 +259,7 @@ async fn join(
         url: cp.url.trim_end_matches('/').into(),
         host_id,
         host_token: answer.host_token,
+        replicas: Vec::new(),
     };
     let file = membership_file(&cfg.data_dir);
     write_file(
@@ -257,7 +275,7 @@ async fn join(
 /// elsewhere before anyone can see them running here.
 pub async fn first_beat(agent: &Agent, m: &Membership) -> Sampler {
     let mut sampler = Sampler::new();
-    if let Err(e) = beat(agent, m, &mut sampler).await {
+    if let Err(e) = beat(agent, m, &mut sampler, &mut 0).await {
         tracing::warn!(error = %e, "first heartbeat failed; guests keep running until one is answered");
     }
     sampler
@@ -275,12 +293,13 @@ pub fn spawn_heartbeats(
     tokio::spawn(async move {
         let mut state: Option<HostState> = None;
         let mut failing = false;
+        let mut prefer = 0;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first beat was sent already
         loop {
             tick.tick().await;
-            match beat(&agent, &m, &mut sampler).await {
+            match beat(&agent, &m, &mut sampler, &mut prefer).await {
                 Ok(answer) => {
                     if failing {
                         tracing::info!(url = %m.url, "heartbeats answered again");
@@ -305,10 +324,13 @@ pub fn spawn_heartbeats(
     })
 }
 
+/// One heartbeat, to the replica that answered last, else to the others
+/// in turn (`prefer` remembers which answered).
 async fn beat(
     agent: &Agent,
     m: &Membership,
     sampler: &mut Sampler,
+    prefer: &mut usize,
 ) -> Result<HeartbeatResponse, MembershipError> {
     let running: Vec<RunningGuest> = agent
         .vms()
@@ -327,9 +349,28 @@ async fn beat(
         .collect();
     let migrations = agent.active_migrations();
     let load = sampler.sample(u32::try_from(running.len()).unwrap_or(u32::MAX), migrations);
-    let url = format!("{}/api/v1/hosts/{}/heartbeat", m.url, m.host_id);
-    let answer: HeartbeatResponse =
-        post(&url, Some(&m.host_token), &Heartbeat { load, running }).await?;
+    let urls: Vec<&String> = std::iter::once(&m.url).chain(&m.replicas).collect();
+    let body = Heartbeat { load, running };
+    let mut last = None;
+    let mut answer = None;
+    for i in 0..urls.len() {
+        let at = (*prefer + i) % urls.len();
+        let url = format!("{}/api/v1/hosts/{}/heartbeat", urls[at], m.host_id);
+        match post::<_, HeartbeatResponse>(&url, Some(&m.host_token), &body).await {
+            Ok(a) => {
+                *prefer = at;
+                answer = Some(a);
+                break;
+            }
+            // Another replica may answer; a refusal would be the same there.
+            Err(e @ MembershipError::Unreachable { .. }) => last = Some(e),
+            Err(e @ MembershipError::Refused { status, .. }) if status >= 500 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(answer) = answer else {
+        return Err(last.expect("at least one URL was tried"));
+    };
     for id in &answer.fenced {
         // A second copy must never run: stop it before anything else.
         match agent.stop_vm(id).await {

@@ -97,6 +97,7 @@ pub struct Migrations {
     driver: Arc<AgentsDriver>,
     holder: String,
     down_after: Duration,
+    drain_options: serde_json::Value,
 }
 
 fn metric_reason(r: MigrationReason) -> &'static str {
@@ -118,7 +119,14 @@ impl Migrations {
             driver,
             holder: holder.into(),
             down_after,
+            drain_options: serde_json::json!({}),
         }
+    }
+
+    /// The options of the migrations drains make (a bandwidth cap, say).
+    pub fn with_drain_options(mut self, options: serde_json::Value) -> Self {
+        self.drain_options = options;
+        self
     }
 
     /// Records a migration (phase `requesting`) for the runner to carry out.
@@ -401,7 +409,7 @@ impl Migrations {
                     vm: p.vm,
                     to: Some(p.to),
                     reason: p.reason,
-                    options: serde_json::json!({}),
+                    options: self.drain_options.clone(),
                 };
                 match self.request(ask).await {
                     Ok(_)

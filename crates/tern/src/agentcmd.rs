@@ -88,10 +88,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn agent(file: &Path, join: Option<String>, join_token: Option<String>) -> anyhow::Result<()> {
     crate::logging::init();
     let mut cfg = AgentConfig::load(file)?;
-    if let Some(url) = join {
+    if let Some(urls) = join {
+        // `--join URL[,REPLICA...]`: join the first, beat to any.
+        let mut urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty());
+        let url = urls.next().context("--join needs a URL")?;
+        let replicas: Vec<String> = urls.map(String::from).collect();
         match &mut cfg.control_plane {
-            Some(cp) => cp.url = url,
-            None => cfg.control_plane = Some(tern_agent::ControlPlane::new(&url)),
+            Some(cp) => {
+                cp.url = url.into();
+                if !replicas.is_empty() {
+                    cp.replicas = replicas;
+                }
+            }
+            None => {
+                let mut cp = tern_agent::ControlPlane::new(url);
+                cp.replicas = replicas;
+                cfg.control_plane = Some(cp);
+            }
         }
         cfg.validate()?;
     }

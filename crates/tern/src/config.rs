@@ -168,12 +168,16 @@ pub struct FleetConfig {
     /// A host whose heartbeats stop for this long is down: its VMs restart
     /// on other hosts (and its own copies are fenced if it comes back).
     pub host_down_after: Dur,
+    /// Bandwidth cap of each migration a drain makes, MB/s (default none):
+    /// a maintenance drain need not take the whole link from the guests.
+    pub drain_bandwidth_mbps: Option<u64>,
 }
 
 impl Default for FleetConfig {
     fn default() -> Self {
         Self {
             host_down_after: Dur(Duration::from_secs(15)),
+            drain_bandwidth_mbps: None,
         }
     }
 }
@@ -283,6 +287,11 @@ const ENV: &[(&str, &str, Kind)] = &[
         "TERN_FLEET_HOST_DOWN_AFTER",
         "fleet.host_down_after",
         Kind::Text,
+    ),
+    (
+        "TERN_FLEET_DRAIN_BANDWIDTH_MBPS",
+        "fleet.drain_bandwidth_mbps",
+        Kind::Int,
     ),
     (
         "TERN_HTTP_MAX_CONNECTIONS",

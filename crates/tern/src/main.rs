@@ -67,7 +67,9 @@ enum Cmd {
         /// The agent's configuration (TOML; see the README).
         file: PathBuf,
         /// Join the control plane at this URL (once; later starts find
-        /// the membership in the data dir). Sets `[control_plane] url`.
+        /// the membership in the data dir). Sets `[control_plane] url`;
+        /// more URLs after commas are its other replicas, which heartbeats
+        /// fall back to.
         #[arg(long)]
         join: Option<String>,
         /// The one-time join token an admin made

@@ -60,12 +60,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // The fleet's migrations: one runner per replica, the lease lets one run.
     let migrations = agents.map(|d| {
         let holder = format!("{}-{}", cfg.host_id, std::process::id());
-        let m = Arc::new(tern_fleet::Migrations::new(
-            store.clone(),
-            d,
-            &holder,
-            cfg.fleet.host_down_after.0,
-        ));
+        let m = Arc::new(
+            tern_fleet::Migrations::new(store.clone(), d, &holder, cfg.fleet.host_down_after.0)
+                .with_drain_options(match cfg.fleet.drain_bandwidth_mbps {
+                    Some(b) => serde_json::json!({ "bandwidth_mbps": b }),
+                    None => serde_json::json!({}),
+                }),
+        );
         loops.push(m.clone().spawn(stop_rx.clone()));
         m
     });

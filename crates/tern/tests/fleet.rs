@@ -48,7 +48,7 @@ async fn join_token(http: &reqwest::Client, base: &str, admin: &str) -> String {
 
 async fn joined_fleet(
     dir: &Path,
-    up: &Up,
+    urls: &[&str],
     admin: &str,
     names: &[&str],
     labels: &dyn Fn(&str) -> tern_proto::Labels,
@@ -58,10 +58,10 @@ async fn joined_fleet(
         .iter()
         .map(|n| HostPlan::new(n, LO).unwrap())
         .collect();
-    let hosts = tern_testbed::write_joined(&dir.join("hosts"), &plans, &up.base, labels).unwrap();
+    let hosts = tern_testbed::write_joined(&dir.join("hosts"), &plans, urls, labels).unwrap();
     let mut agents = Vec::new();
     for h in &hosts {
-        let t = join_token(&http, &up.base, admin).await;
+        let t = join_token(&http, urls[0], admin).await;
         agents.push(start_joining(h, Some(&t)));
     }
     (hosts, agents)
@@ -106,9 +106,12 @@ async fn joined_hosts_learn_their_peers_and_a_removed_host_is_refused() {
         HostPlan::new("host-a", LO).unwrap(),
         HostPlan::new("host-b", LO).unwrap(),
     ];
-    let hosts = tern_testbed::write_joined(&dir.path().join("hosts"), &plans, &up.base, &|_| {
-        Default::default()
-    })
+    let hosts = tern_testbed::write_joined(
+        &dir.path().join("hosts"),
+        &plans,
+        &[up.base.as_str()],
+        &|_| Default::default(),
+    )
     .unwrap();
 
     // Without a token a host that never joined says how to join.
@@ -231,7 +234,7 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
     };
     let (_hosts, agents) = joined_fleet(
         dir.path(),
-        &up,
+        &[up.base.as_str()],
         &admin,
         &["host-a", "host-b", "host-c"],
         &region,
@@ -481,7 +484,10 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
     );
     let names = ["host-a", "host-b", "host-c"];
     let (hosts, mut agents) =
-        joined_fleet(dir.path(), &up, &admin, &names, &|_| Default::default()).await;
+        joined_fleet(dir.path(), &[up.base.as_str()], &admin, &names, &|_| {
+            Default::default()
+        })
+        .await;
     let http = reqwest::Client::new();
     let mut vms = Vec::new();
     for _ in 0..4 {
@@ -596,4 +602,146 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(back);
+}
+
+#[tokio::test]
+#[ignore = "two tern up replicas on PostgreSQL and three agents; run by .ci/run"]
+async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
+    let Some(pg) = tern_store::testing::postgres("fleet_replicas").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca").display().to_string();
+    let secret = "replicas-share-this-secret-0123456789";
+    let env = |id: &'static str| {
+        vec![
+            ("TERN_STORE_URL", pg.url.clone()),
+            ("TERN_JWT_SECRET", secret.to_string()),
+            ("TERN_CA_DIR", ca.clone()),
+            ("TERN_POOL_SIZE", "0".to_string()),
+            ("TERN_HOST_ID", id.to_string()),
+            // Drains slow enough to kill a replica in the middle of one.
+            ("TERN_FLEET_DRAIN_BANDWIDTH_MBPS", "1".to_string()),
+        ]
+    };
+    let start = |id: &'static str| {
+        let data = dir.path().join(id);
+        std::fs::create_dir_all(&data).unwrap();
+        let e = env(id);
+        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Up::start(&data, "agents", &e)
+    };
+    let token = |tenant: &str, perms: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["token", "--tenant", tenant, "--permissions", perms])
+            .env("TERN_DATA", dir.path().join("r1"))
+            .env("TERN_JWT_SECRET", secret)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    // r1 starts first and takes the runner's lease; r2 waits behind it.
+    let mut r1 = start("r1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r2 = start("r2");
+    let admin = token("ops", "platform:admin");
+    let tenant = token("alice", "vms:read,vms:write");
+    let names = ["host-a", "host-b", "host-c"];
+    let urls = [r1.base.as_str(), r2.base.as_str()];
+    let (_hosts, agents) =
+        joined_fleet(dir.path(), &urls, &admin, &names, &|_| Default::default()).await;
+    let http = reqwest::Client::new();
+    // VMs made through both replicas land on every host.
+    for i in 0..6 {
+        let r = http
+            .post(format!("{}/api/v1/vms", urls[i % 2]))
+            .bearer_auth(&tenant)
+            .json(&serde_json::json!({"spec": {"image": "process", "memory_mib": 64}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    }
+    let vms = get_json(&http, &format!("{}/api/v1/vms", r2.base), &tenant).await;
+    let on_a = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["host"] == "host-a")
+        .count();
+    assert!(on_a >= 1, "{vms}");
+
+    // Drain host-a through r2; kill r1, which runs the migrations, once
+    // the first is under way. r2 takes the lease over and finishes.
+    let r = http
+        .post(format!("{}/api/v1/hosts/host-a/drain", r2.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t = Instant::now();
+    loop {
+        let ms = get_json(&http, &format!("{}/api/v1/migrations", r2.base), &tenant).await;
+        let started = ms
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["phase"] == "precopy");
+        if started {
+            eprintln!("killing r1 mid-drain: {ms}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no drain migration started: {ms}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = r1.child.kill();
+    let _ = r1.child.wait();
+    let t = Instant::now();
+    loop {
+        let vms = get_json(&http, &format!("{}/api/v1/vms", r2.base), &tenant).await;
+        let ms = get_json(&http, &format!("{}/api/v1/migrations", r2.base), &tenant).await;
+        let left = vms
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["host"] == "host-a")
+            .count();
+        let open = ms
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| !is_final(m))
+            .count();
+        if left == 0 && open == 0 {
+            for m in ms.as_array().unwrap() {
+                eprintln!("{} {} -> {} {}", m["id"], m["from"], m["to"], m["phase"]);
+                assert_eq!(m["phase"], "committed", "{m}");
+            }
+            assert_eq!(ms.as_array().unwrap().len(), on_a, "{ms}");
+            // The store's owners match where the VMs really run.
+            for v in vms.as_array().unwrap() {
+                let host = v["host"].as_str().unwrap();
+                let id = v["id"].as_str().unwrap();
+                let epoch = v["owner_epoch"].as_u64().unwrap();
+                assert_runs(&agents[host_index(host)].client(), id, epoch).await;
+            }
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "drain stuck: {vms} {ms}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The hosts kept beating to r2: none of them went down.
+    let hosts = get_json(&http, &format!("{}/api/v1/hosts", r2.base), &admin).await;
+    for h in hosts.as_array().unwrap() {
+        assert_ne!(h["state"], "down", "{h}");
+    }
+    drop(agents);
 }

@@ -43,10 +43,10 @@ impl Agent {
     /// guest's own process runs it.
     pub async fn migrate(&self, vm: &str, req: MigrateRequest) -> Result<String, AgentError> {
         if self.inner.peers.get(&req.to).is_none() {
-            return Err(AgentError::BadRequest(format!(
-                "`{}` is not a configured peer",
-                req.to
-            )));
+            return Err(AgentError::UnknownPeer {
+                name: req.to.clone(),
+                joined: self.inner.cfg.control_plane.is_some(),
+            });
         }
         let (policy, compress) = req.policy()?;
         let migration = match &req.id {

@@ -44,6 +44,16 @@ pub enum AgentError {
     /// The request itself is wrong.
     #[error("{0}")]
     BadRequest(String),
+    /// The host named is not one of this host's peers. For a host that
+    /// joined a control plane this may pass: its peers arrive with its
+    /// next heartbeat.
+    #[error("`{name}` is not a configured peer")]
+    UnknownPeer {
+        /// The host named.
+        name: String,
+        /// Whether the peers come from a control plane.
+        joined: bool,
+    },
     /// The host could not do it.
     #[error("{0}")]
     Internal(String),
