@@ -103,9 +103,20 @@ impl AgentsDriver {
                 load: h.load,
             })
             .collect();
+        // When each VM last moved (for the rebalancing cooldown).
+        let migrations = self.store.list_migrations(false).await.map_err(store_err)?;
+        let mut moved: HashMap<VmId, u64> = HashMap::new();
+        for m in migrations.iter().filter(|m| m.phase.is_final()) {
+            let at = u64::try_from(m.updated_at.timestamp()).unwrap_or(0);
+            let e = moved.entry(m.vm).or_default();
+            *e = (*e).max(at);
+        }
+        for v in &mut vms {
+            v.last_moved = moved.get(&v.id).copied();
+        }
         let mut fleet = Fleet::new(hosts, vms);
         // Migrations in flight reserve their target's room and mark their VM.
-        for m in self.store.list_migrations(true).await.map_err(store_err)? {
+        for m in migrations.iter().filter(|m| !m.phase.is_final()) {
             if let Err(e) = fleet.start_migration(&m.vm, &m.to) {
                 tracing::debug!(migration = %m.id, error = %e, "a migration in flight reserves nothing");
             }

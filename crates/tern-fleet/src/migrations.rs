@@ -98,6 +98,10 @@ pub struct Migrations {
     holder: String,
     down_after: Duration,
     drain_options: serde_json::Value,
+    /// Decides which VMs move off hot hosts, and how often it is asked.
+    policy: Box<dyn tern_scheduler::Policy>,
+    rebalance_every: Duration,
+    last_rebalance: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 fn metric_reason(r: MigrationReason) -> &'static str {
@@ -120,7 +124,18 @@ impl Migrations {
             holder: holder.into(),
             down_after,
             drain_options: serde_json::json!({}),
+            policy: Box::new(tern_scheduler::LoadBalance::default()),
+            rebalance_every: Duration::from_secs(30),
+            last_rebalance: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The rebalancing policy and how often it runs (`Duration::ZERO`:
+    /// never).
+    pub fn with_policy(mut self, policy: Box<dyn tern_scheduler::Policy>, every: Duration) -> Self {
+        self.policy = policy;
+        self.rebalance_every = every;
+        self
     }
 
     /// The options of the migrations drains make (a bandwidth cap, say).
@@ -236,6 +251,7 @@ impl Migrations {
     pub async fn pass(&self) -> Result<(), MigrationError> {
         let down = self.mark_down().await?;
         self.plan_drains().await?;
+        self.rebalance().await?;
         let open = self
             .store
             .list_migrations(true)
@@ -376,6 +392,41 @@ impl Migrations {
                 Err(e) => {
                     tracing::error!(vm = %vm.id, to = %to, error = %e, "cannot restart a VM of a down host")
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every `rebalance_every`, asks the policy which VMs should leave hot
+    /// hosts, and asks for those moves.
+    async fn rebalance(&self) -> Result<(), MigrationError> {
+        if self.rebalance_every.is_zero() {
+            return Ok(());
+        }
+        {
+            let mut last = self
+                .last_rebalance
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < self.rebalance_every) {
+                return Ok(());
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let fleet = self.driver.model().await?;
+        let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0);
+        for p in self.policy.plan(&fleet, now) {
+            let ask = Ask {
+                vm: p.vm,
+                to: Some(p.to.clone()),
+                reason: p.reason,
+                options: serde_json::json!({}),
+            };
+            match self.request(ask).await {
+                Ok(m) => {
+                    tracing::info!(migration = %m.id, vm = %p.vm, from = %p.from, to = %p.to, "rebalancing")
+                }
+                Err(e) => tracing::debug!(vm = %p.vm, error = %e, "rebalancing move not made"),
             }
         }
         Ok(())

@@ -420,8 +420,13 @@ fn check_slot(s: &Slot, demand: Demand, requires: &Labels) -> Result<(), PlaceEr
 fn pressure_with(s: &Slot, demand: Demand, cpu_abs: f64) -> f64 {
     let cap = s.host.capacity;
     let taken = s.used.plus(s.reserved).plus(demand);
-    let mem =
-        taken.memory_mib.max(s.host.load.memory_used_mib) as f64 / cap.memory_mib.max(1) as f64;
+    // Allocation against what the host offers guests, and the machine's
+    // own memory in use against all it has (its heartbeat's figures).
+    let allocated = taken.memory_mib as f64 / cap.memory_mib.max(1) as f64;
+    let load = s.host.load;
+    let physical =
+        load.memory_used_mib as f64 / (load.memory_used_mib + load.memory_free_mib).max(1) as f64;
+    let mem = allocated.max(physical);
     let vcpu = f64::from(taken.vcpus) / f64::from(cap.vcpus.max(1));
     let cpu = s.cpu + cpu_abs / f64::from(cap.vcpus.max(1));
     mem.max(vcpu).max(cpu)

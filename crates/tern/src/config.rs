@@ -171,6 +171,13 @@ pub struct FleetConfig {
     /// Bandwidth cap of each migration a drain makes, MB/s (default none):
     /// a maintenance drain need not take the whole link from the guests.
     pub drain_bandwidth_mbps: Option<u64>,
+    /// How often the load policy looks for hot hosts to relieve (`0s`:
+    /// never).
+    pub rebalance_interval: Dur,
+    /// A host above this pressure (the highest of its memory and vCPU
+    /// allocation and its CPU use, 0..1) sheds VMs to the least loaded
+    /// hosts that fit.
+    pub rebalance_threshold: f64,
 }
 
 impl Default for FleetConfig {
@@ -178,6 +185,8 @@ impl Default for FleetConfig {
         Self {
             host_down_after: Dur(Duration::from_secs(15)),
             drain_bandwidth_mbps: None,
+            rebalance_interval: Dur(Duration::from_secs(30)),
+            rebalance_threshold: 0.85,
         }
     }
 }
@@ -286,6 +295,11 @@ const ENV: &[(&str, &str, Kind)] = &[
     (
         "TERN_FLEET_HOST_DOWN_AFTER",
         "fleet.host_down_after",
+        Kind::Text,
+    ),
+    (
+        "TERN_FLEET_REBALANCE_INTERVAL",
+        "fleet.rebalance_interval",
         Kind::Text,
     ),
     (
@@ -443,6 +457,19 @@ impl Config {
             )
         })?;
         HostId::new(self.host_id.clone()).map_err(|e| ("host_id", e.to_string()))?;
+        let t = self.fleet.rebalance_threshold;
+        if !(t > 0.0 && t <= 1.0) {
+            return Err((
+                "fleet.rebalance_threshold",
+                format!("{t} must be above 0 and at most 1"),
+            ));
+        }
+        if self.fleet.drain_bandwidth_mbps == Some(0) {
+            return Err((
+                "fleet.drain_bandwidth_mbps",
+                "must be above 0 (leave it out for no cap)".into(),
+            ));
+        }
         if let Some(url) = &self.store_url {
             if !(url.starts_with("sqlite:")
                 || url.starts_with("postgres://")

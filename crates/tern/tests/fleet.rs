@@ -745,3 +745,92 @@ async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
     }
     drop(agents);
 }
+
+#[tokio::test]
+#[ignore = "starts tern up and two agents; run by .ci/run"]
+async fn the_load_policy_moves_vms_off_a_hot_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = dir.path().join("cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    let admin = admin_token(&cp);
+    let tenant = common::up::token(&cp, "alice");
+    let up = Up::start(
+        &cp,
+        "agents",
+        &[
+            ("TERN_POOL_SIZE", "0"),
+            ("TERN_FLEET_REBALANCE_INTERVAL", "1s"),
+            ("TERN_LOG", "warn,tern_fleet=info"),
+        ],
+    );
+    let urls = [up.base.as_str()];
+    let no_labels = |_: &str| Default::default();
+    // One host takes four VMs of 1000 MiB: 98% of its 4096 MiB.
+    let (_, mut agents) = joined_fleet(
+        &dir.path().join("a"),
+        &urls,
+        &admin,
+        &["host-a"],
+        &no_labels,
+    )
+    .await;
+    let http = reqwest::Client::new();
+    for _ in 0..4 {
+        let r = http
+            .post(format!("{}/api/v1/vms", up.base))
+            .bearer_auth(&tenant)
+            .json(&serde_json::json!({"spec": {"image": "process", "memory_mib": 1000}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    // A second host joins: the policy moves VMs until host-a is below the
+    // threshold, and no further.
+    let (_, b) = joined_fleet(
+        &dir.path().join("b"),
+        &urls,
+        &admin,
+        &["host-b"],
+        &no_labels,
+    )
+    .await;
+    agents.extend(b);
+    let t = Instant::now();
+    loop {
+        let ms = get_json(&http, &format!("{}/api/v1/migrations", up.base), &tenant).await;
+        let done: Vec<&serde_json::Value> = ms
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["reason"] == "rebalance" && m["phase"] == "committed")
+            .collect();
+        if !done.is_empty() && ms.as_array().unwrap().iter().all(is_final) {
+            break;
+        }
+        let hosts = get_json(&http, &format!("{}/api/v1/hosts", up.base), &admin).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no rebalancing: {ms} {hosts}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Two more passes change nothing: host-a is below the threshold now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ms = get_json(&http, &format!("{}/api/v1/migrations", up.base), &tenant).await;
+    let vms = get_json(&http, &format!("{}/api/v1/vms", up.base), &tenant).await;
+    let on_a = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["host"] == "host-a")
+        .count();
+    eprintln!("migrations: {ms}");
+    assert_eq!(on_a, 3, "{vms}");
+    assert_eq!(ms.as_array().unwrap().len(), 1, "{ms}");
+    for v in vms.as_array().unwrap() {
+        let i = if v["host"] == "host-a" { 0 } else { 1 };
+        let epoch = v["owner_epoch"].as_u64().unwrap();
+        assert_runs(&agents[i].client(), v["id"].as_str().unwrap(), epoch).await;
+    }
+}
