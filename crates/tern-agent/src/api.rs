@@ -79,7 +79,10 @@ pub fn router(agent: Agent, token: &str) -> Router {
         .route("/api/v1/vms/{id}/config", put(put_config))
         .route("/api/v1/vms/{id}/migrate", post(migrate))
         .route("/api/v1/migrations", get(list_migrations))
-        .route("/api/v1/migrations/{id}", get(get_migration))
+        .route(
+            "/api/v1/migrations/{id}",
+            get(get_migration).delete(cancel_migration),
+        )
         .route("/api/v1/migrations/{id}/events", get(events))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), auth))
         .with_state(ctx)
@@ -164,6 +167,14 @@ async fn migrate(
 
 async fn list_migrations(State(c): State<Ctx>) -> impl IntoResponse {
     Json(c.agent.migrations())
+}
+
+async fn cancel_migration(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    c.agent.cancel_migration(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(c.agent.migration(&id)?)))
 }
 
 async fn get_migration(

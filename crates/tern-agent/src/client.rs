@@ -167,6 +167,15 @@ impl AgentClient {
         .await
     }
 
+    /// Cancels an outgoing migration before its switchover.
+    pub async fn cancel_migration(&self, id: &str) -> Result<MigrationView, ClientError> {
+        self.call(
+            self.http
+                .delete(format!("{}/api/v1/migrations/{id}", self.base)),
+        )
+        .await
+    }
+
     /// Every migration the agent ran since it started.
     pub async fn migrations_list(&self) -> Result<Vec<MigrationView>, ClientError> {
         self.call(self.http.get(format!("{}/api/v1/migrations", self.base)))

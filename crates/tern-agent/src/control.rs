@@ -35,6 +35,12 @@ pub enum Request {
         /// The migration.
         migration: String,
     },
+    /// Source: stop the outgoing migration before its switchover (it rolls
+    /// back; one already switching over finishes).
+    Cancel {
+        /// The migration.
+        migration: String,
+    },
 }
 
 /// One outgoing migration, as the agent hands it to the guest's process.

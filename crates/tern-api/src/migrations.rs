@@ -41,9 +41,10 @@ pub fn migrations_router(api: MigrationsApi) -> Router {
     Router::new()
         .route("/api/v1/vms/{id}/migrate", post(migrate))
         .route("/api/v1/migrations", get(list))
-        .route("/api/v1/migrations/{id}", get(one))
+        .route("/api/v1/migrations/{id}", get(one).delete(cancel))
         .route("/api/v1/migrations/{id}/events", get(events))
         .route("/api/v1/hosts/{id}/drain", post(drain))
+        .route("/api/v1/hosts/{id}/evacuate", post(evacuate))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
 }
@@ -57,9 +58,11 @@ impl From<MigrationError> for ApiError {
     fn from(e: MigrationError) -> Self {
         let msg = e.to_string();
         match e {
-            MigrationError::NotFound(_) => ApiError::NotFound(msg),
+            MigrationError::NotFound(_) | MigrationError::NoMigration(_) => ApiError::NotFound(msg),
             MigrationError::NotRunning { .. }
             | MigrationError::Busy(_)
+            | MigrationError::Ended(_)
+            | MigrationError::TooLate(_)
             | MigrationError::SameHost { .. } => ApiError::Conflict(msg),
             MigrationError::Refused { .. } | MigrationError::Options(_) => {
                 ApiError::BadRequest(msg)
@@ -155,6 +158,18 @@ async fn one(
     Ok(Json(visible(&s, &caller, &id).await?))
 }
 
+/// Cancels a migration before its switchover; it rolls back.
+async fn cancel(
+    State(s): State<MigrationsApi>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<MigrationRecord>), ApiError> {
+    caller.require(Permission::VmsWrite)?;
+    let m = visible(&s, &caller, &id).await?;
+    let m = s.migrations.cancel(&m.id).await?;
+    Ok((StatusCode::ACCEPTED, Json(m)))
+}
+
 /// Server-sent events: a `progress` event with the source agent's view
 /// every 500 ms while the migration runs, then an `end` event with the
 /// record.
@@ -190,29 +205,52 @@ async fn drain(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<HostRecord>, ApiError> {
+    empty_host(&s, &caller, &id, HostState::Draining).await
+}
+
+/// Marks a host `evacuating`: like a drain, but its moves go first and
+/// preempt the rebalancing migrations in their way.
+async fn evacuate(
+    State(s): State<MigrationsApi>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<HostRecord>, ApiError> {
+    empty_host(&s, &caller, &id, HostState::Evacuating).await
+}
+
+async fn empty_host(
+    s: &MigrationsApi,
+    caller: &Caller,
+    id: &str,
+    to: HostState,
+) -> Result<Json<HostRecord>, ApiError> {
     caller.require(Permission::PlatformAdmin)?;
     let missing = || ApiError::NotFound(format!("host {id}"));
-    let hid = HostId::new(id.clone()).map_err(|_| missing())?;
-    match s
+    let hid = HostId::new(id).map_err(|_| missing())?;
+    let h = s
         .store
-        .set_host_state(&hid, HostState::Active, HostState::Draining)
+        .get_host(&hid)
         .await
-    {
-        Ok(h) => {
-            tracing::info!(host = %hid, "draining");
-            Ok(Json(h))
+        .map_err(internal)?
+        .ok_or_else(missing)?;
+    if h.state == to {
+        return Ok(Json(h));
+    }
+    // An evacuation may overtake a drain; nothing else changes course.
+    let from = match (h.state, to) {
+        (HostState::Active, _) => HostState::Active,
+        (HostState::Draining, HostState::Evacuating) => HostState::Draining,
+        (state, _) => {
+            return Err(ApiError::Conflict(format!(
+                "host {id} is {}: cannot make it {}",
+                state.as_str(),
+                to.as_str()
+            )))
         }
-        Err(tern_store::StoreError::HostNotFound(_)) => Err(missing()),
-        Err(tern_store::StoreError::HostConflict {
-            actual: HostState::Draining,
-            ..
-        }) => {
-            let h = s
-                .store
-                .get_host(&hid)
-                .await
-                .map_err(internal)?
-                .ok_or_else(missing)?;
+    };
+    match s.store.set_host_state(&hid, from, to).await {
+        Ok(h) => {
+            tracing::info!(host = %hid, state = to.as_str(), "emptying a host");
             Ok(Json(h))
         }
         Err(e @ tern_store::StoreError::HostConflict { .. }) => {

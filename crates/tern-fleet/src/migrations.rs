@@ -66,6 +66,15 @@ pub enum MigrationError {
     /// It is migrating already.
     #[error("VM {0} is migrating already")]
     Busy(VmId),
+    /// No such migration.
+    #[error("migration {0} not found")]
+    NoMigration(MigrationId),
+    /// The migration has ended.
+    #[error("migration {0} has ended")]
+    Ended(MigrationId),
+    /// Too late to cancel (switchover began, or the source would not).
+    #[error("cannot cancel: {0}")]
+    TooLate(String),
     /// The options do not make a migration.
     #[error("migration options: {0}")]
     Options(String),
@@ -98,6 +107,7 @@ pub struct Migrations {
     holder: String,
     down_after: Duration,
     drain_options: serde_json::Value,
+    rebalance_options: serde_json::Value,
     /// Decides which VMs move off hot hosts, and how often it is asked.
     policy: Box<dyn tern_scheduler::Policy>,
     rebalance_every: Duration,
@@ -124,10 +134,17 @@ impl Migrations {
             holder: holder.into(),
             down_after,
             drain_options: serde_json::json!({}),
+            rebalance_options: serde_json::json!({}),
             policy: Box::new(tern_scheduler::LoadBalance::default()),
             rebalance_every: Duration::from_secs(30),
             last_rebalance: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The options of the migrations the load policy makes.
+    pub fn with_rebalance_options(mut self, options: serde_json::Value) -> Self {
+        self.rebalance_options = options;
+        self
     }
 
     /// The rebalancing policy and how often it runs (`Duration::ZERO`:
@@ -432,28 +449,39 @@ impl Migrations {
         Ok(())
     }
 
-    /// For every draining host, asks for moves of the VMs it still runs
-    /// (at most [`DRAIN_PER_HOST`] at a time).
+    /// For every draining or evacuating host, asks for moves of the VMs it
+    /// still runs (at most [`DRAIN_PER_HOST`] at a time). An evacuation
+    /// first cancels the rebalancing migrations from or to its host: they
+    /// hold the host's migration slots and links, and nothing should be
+    /// balanced onto a failing host.
     async fn plan_drains(&self) -> Result<(), MigrationError> {
         let hosts = self
             .store
             .list_hosts()
             .await
             .map_err(MigrationError::Store)?;
-        let draining: Vec<HostId> = hosts
+        let emptying: Vec<(HostId, MigrationReason)> = hosts
             .into_iter()
-            .filter(|h| h.state == HostState::Draining)
-            .map(|h| h.id)
+            .filter_map(|h| match h.state {
+                HostState::Draining => Some((h.id, MigrationReason::Maintenance)),
+                HostState::Evacuating => Some((h.id, MigrationReason::Evacuation)),
+                _ => None,
+            })
             .collect();
-        if draining.is_empty() {
+        if emptying.is_empty() {
             return Ok(());
         }
+        for (host, reason) in &emptying {
+            if *reason == MigrationReason::Evacuation {
+                self.preempt_rebalancing(host).await?;
+            }
+        }
         let fleet = self.driver.model().await?;
-        for host in draining {
+        for (host, reason) in emptying {
             let busy = fleet.vms_on(&host).filter(|v| v.migrating).count();
-            let (plans, stuck) = tern_scheduler::drain(&fleet, &host, MigrationReason::Maintenance);
+            let (plans, stuck) = tern_scheduler::drain(&fleet, &host, reason);
             for (vm, why) in stuck {
-                tracing::warn!(host = %host, vm = %vm, error = %why, "a draining host's VM has nowhere to go");
+                tracing::warn!(host = %host, vm = %vm, error = %why, "a VM of a host being emptied has nowhere to go");
             }
             for p in plans.into_iter().take(DRAIN_PER_HOST.saturating_sub(busy)) {
                 let ask = Ask {
@@ -466,10 +494,34 @@ impl Migrations {
                     Ok(_)
                     | Err(MigrationError::Busy(_))
                     | Err(MigrationError::NotRunning { .. }) => {}
-                    Err(e) => {
-                        tracing::warn!(host = %host, vm = %p.vm, error = %e, "drain move refused")
-                    }
+                    Err(e) => tracing::warn!(host = %host, vm = %p.vm, error = %e, "move refused"),
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancels every rebalancing migration from or to `host` (it rolls back).
+    async fn preempt_rebalancing(&self, host: &HostId) -> Result<(), MigrationError> {
+        let open = self
+            .store
+            .list_migrations(true)
+            .await
+            .map_err(MigrationError::Store)?;
+        for m in open.iter().filter(|m| {
+            m.reason == MigrationReason::Rebalance && (&m.from == host || &m.to == host)
+        }) {
+            match self.cancel(&m.id).await {
+                Ok(_) => {
+                    metrics::counter!("migrations_preempted_total").increment(1);
+                    tracing::warn!(migration = %m.id, host = %host, "preempted a rebalancing migration for an evacuation");
+                }
+                // Cancelled at the last pass and not yet recorded, or
+                // already switching over: either way it ends by itself.
+                Err(e @ MigrationError::TooLate(_)) => {
+                    tracing::debug!(migration = %m.id, error = %e, "not preempted")
+                }
+                Err(e) => tracing::warn!(migration = %m.id, error = %e, "cannot preempt"),
             }
         }
         Ok(())
@@ -480,27 +532,31 @@ impl Migrations {
     async fn advance(&self, m: &MigrationRecord) -> Result<(), MigrationError> {
         let src = self.driver.client(&m.from).await?;
         if m.phase == MigrationPhase::Requesting {
-            let req = start_request(m)?;
-            match src.migrate(&m.vm.to_string(), &req).await {
-                Ok(v) => return self.follow(m, v).await,
-                Err(ClientError::Api { status, message }) if status < 500 => {
-                    // The source refused (peer unknown, VM not there): the
-                    // VM stays where it is.
-                    return self
-                        .end(m, MigrationPhase::RolledBack, Some(&message), None)
-                        .await;
-                }
-                Err(e) if chrono::Utc::now() - m.created_at > START_PATIENCE => {
-                    let why = format!("the source host never took it: {e}");
-                    return self
-                        .end(m, MigrationPhase::RolledBack, Some(&why), None)
-                        .await;
-                }
-                Err(_) => return Ok(()),
+            // Claimed before the source is asked: a cancel that comes
+            // first finds it unclaimed and ends it here, one that comes
+            // after goes through the source's agent.
+            match self
+                .store
+                .update_migration(
+                    &m.id,
+                    MigrationPhase::Requesting,
+                    MigrationPhase::Precopy,
+                    None,
+                    None,
+                )
+                .await
+            {
+                Ok(claimed) => return self.start(&src, &claimed).await,
+                Err(StoreError::MigrationConflict { .. }) => return Ok(()),
+                Err(e) => return Err(MigrationError::Store(e)),
             }
         }
         match src.migration(m.id.as_str()).await {
             Ok(v) => self.follow(m, v).await,
+            // Claimed, but the source never heard of it (the replica that
+            // claimed it died first): ask again; the agent answers the
+            // same migration if it has it.
+            Err(ClientError::Api { status: 404, .. }) => self.start(&src, m).await,
             Err(e) => {
                 // The source is away (down, restarting): the target knows
                 // whether it committed.
@@ -516,6 +572,91 @@ impl Migrations {
         }
     }
 
+    /// Starts claimed migration `m` on its source's agent.
+    async fn start(
+        &self,
+        src: &tern_agent::AgentClient,
+        m: &MigrationRecord,
+    ) -> Result<(), MigrationError> {
+        let req = start_request(m)?;
+        match src.migrate(&m.vm.to_string(), &req).await {
+            Ok(v) => self.follow(m, v).await,
+            Err(ClientError::Api { status, message }) if status < 500 => {
+                // The source refused (VM not there, options): the VM stays
+                // where it is.
+                self.end(m, MigrationPhase::RolledBack, Some(&message), None)
+                    .await
+            }
+            Err(e) if chrono::Utc::now() - m.created_at > START_PATIENCE => {
+                let why = format!("the source host never took it: {e}");
+                self.end(m, MigrationPhase::RolledBack, Some(&why), None)
+                    .await
+            }
+            // Not yet (a peer the source learns at its next heartbeat, a
+            // source restarting): asked again at the next pass.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Cancels migration `id` before its switchover: one not yet handed
+    /// to its source ends here; one under way is cancelled by the source's
+    /// agent and rolls back there (the runner records the end).
+    pub async fn cancel(&self, id: &MigrationId) -> Result<MigrationRecord, MigrationError> {
+        let m = self
+            .store
+            .get_migration(id)
+            .await
+            .map_err(MigrationError::Store)?
+            .ok_or_else(|| MigrationError::NoMigration(id.clone()))?;
+        if m.phase.is_final() {
+            return Err(MigrationError::Ended(id.clone()));
+        }
+        if m.phase == MigrationPhase::Requesting {
+            match self
+                .store
+                .update_migration(
+                    id,
+                    MigrationPhase::Requesting,
+                    MigrationPhase::RolledBack,
+                    Some("cancelled"),
+                    None,
+                )
+                .await
+            {
+                Ok(r) => {
+                    metrics::counter!("migrations_failed_total").increment(1);
+                    return Ok(r);
+                }
+                Err(StoreError::MigrationConflict { .. }) => {}
+                Err(e) => return Err(MigrationError::Store(e)),
+            }
+        }
+        let src = self.driver.client(&m.from).await?;
+        // The runner may be handing it to the source right now.
+        for _ in 0..25 {
+            match src.cancel_migration(id.as_str()).await {
+                Ok(_) => {
+                    tracing::info!(migration = %id, "cancelled");
+                    return self
+                        .store
+                        .get_migration(id)
+                        .await
+                        .map_err(MigrationError::Store)?
+                        .ok_or_else(|| MigrationError::NoMigration(id.clone()));
+                }
+                Err(ClientError::Api { status: 404, .. }) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(ClientError::Api {
+                    status: 409,
+                    message,
+                }) => return Err(MigrationError::TooLate(message)),
+                Err(e) => return Err(MigrationError::TooLate(e.to_string())),
+            }
+        }
+        Err(MigrationError::TooLate("its source never took it".into()))
+    }
+
     /// Records what the agent says of `m`.
     async fn follow(&self, m: &MigrationRecord, v: MigrationView) -> Result<(), MigrationError> {
         if v.state.is_final() {
@@ -524,7 +665,8 @@ impl Migrations {
                 .end(m, v.state, v.error.as_deref(), report.as_ref())
                 .await;
         }
-        if v.state != m.phase {
+        // The agent's own `requesting` comes after the runner's claim.
+        if v.state != m.phase && v.state != MigrationPhase::Requesting {
             self.store
                 .update_migration(&m.id, m.phase, v.state, None, None)
                 .await

@@ -16,7 +16,7 @@ pub mod protocol;
 pub mod relay;
 
 pub use engine::{
-    migrate, migrate_observed, receive, receive_observed, Capacity, CommitHook, DestLink,
+    migrate, migrate_observed, receive, receive_observed, Cancel, Capacity, CommitHook, DestLink,
     HookError, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress, Report, RoundStats,
     SourceLink, SwitchoverTimes,
 };

@@ -476,6 +476,39 @@ async fn a_migration_that_misses_its_deadline_rolls_back_and_the_source_runs_at_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_migration_rolls_back_and_the_source_runs_on() {
+    let mut src = outrunning_workload();
+    let (sl, dl) = links().await;
+    let key = SigningKey::from_bytes(&rand::random());
+    let vk = key.verifying_key();
+    let dest = spawn_process_dest(dl, vk);
+    let policy = Policy {
+        max_rounds: 1000,
+        auto_converge: false,
+        ..capped_policy()
+    };
+    let cancel = policy.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel();
+    });
+    let t = std::time::Instant::now();
+    let err = migrate(&mut src, sl, &key, &policy, "m-cancel")
+        .await
+        .committed()
+        .unwrap_err();
+    eprintln!("source: {err} after {:?}", t.elapsed());
+    assert!(matches!(err, MigrateError::Cancelled), "{err}");
+    let d = tokio::time::timeout(Duration::from_secs(30), dest)
+        .await
+        .expect("the destination hung");
+    assert!(d.unwrap().is_err(), "the destination kept a copy");
+    let w = src.writes();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(src.writes() > w, "the source guest does not run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_serves_the_pages_a_running_workload_touches_first() {
     // Whether the workload on the destination reaches a page before the
     // background push does is up to the scheduler (a loaded CI machine once

@@ -25,6 +25,9 @@ pub enum HostState {
     Active,
     /// Being emptied for maintenance: takes nothing new; its VMs move away.
     Draining,
+    /// Failing, emptied now: like draining, but its moves go before every
+    /// other migration and preempt the rebalancing ones in their way.
+    Evacuating,
     /// Stopped sending heartbeats: its VMs are re-provisioned elsewhere,
     /// and whatever it still runs is fenced by epoch when it comes back.
     Down,
@@ -41,6 +44,7 @@ impl HostState {
         match self {
             HostState::Active => "active",
             HostState::Draining => "draining",
+            HostState::Evacuating => "evacuating",
             HostState::Down => "down",
         }
     }

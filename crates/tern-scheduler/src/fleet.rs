@@ -233,6 +233,20 @@ impl Fleet {
         })
     }
 
+    /// How loaded `host` will be once the migrations leaving it in flight
+    /// commit: what a policy should judge, or it sheds the same load twice.
+    pub fn pressure_settled(&self, host: &HostId) -> f64 {
+        self.hosts.get(host).map_or(0.0, |&s| {
+            let leaving = self
+                .vms_on(host)
+                .filter(|v| v.migrating)
+                .fold(Demand::default(), |d, v| d.plus(v.demand));
+            let mut slot = self.slots[s].clone();
+            slot.used = slot.used.minus(leaving);
+            pressure_with(&slot, Demand::default(), 0.0)
+        })
+    }
+
     /// Whether `demand` with `requires` may go to `host` now.
     pub fn check_target(
         &self,

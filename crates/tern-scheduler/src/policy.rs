@@ -61,7 +61,7 @@ impl Policy for LoadBalance {
         let mut hot: Vec<(f64, HostId)> = f
             .hosts()
             .filter(|h| h.state == HostState::Active)
-            .map(|h| (f.pressure(&h.id), h.id.clone()))
+            .map(|h| (f.pressure_settled(&h.id), h.id.clone()))
             .filter(|(p, _)| *p > self.threshold)
             .collect();
         hot.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -111,7 +111,9 @@ impl LoadBalance {
         candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let limit = self.threshold - self.margin;
         for (_, vm) in candidates {
-            if pass.f.pressure(host) <= self.threshold || pass.busy(host) >= self.max_per_host {
+            if pass.f.pressure_settled(host) <= self.threshold
+                || pass.busy(host) >= self.max_per_host
+            {
                 return;
             }
             let Ok(to) = pass.f.target_for_move(&vm, limit) else {
@@ -202,6 +204,23 @@ mod tests {
             assert_eq!(p.to.as_str(), "b", "c is nearly full");
             assert_eq!(p.reason, MigrationReason::Rebalance);
         }
+    }
+
+    #[test]
+    fn load_already_leaving_is_not_shed_twice() {
+        // a: 4 x 1000 of 4096 MiB (98 %); one VM is on its way to b.
+        let vms: Vec<Vm> = (0..4).map(|_| vm("a", 1000, 1)).collect();
+        let leaving = vms[0].id;
+        let mut f = Fleet::new(
+            vec![host("a", "eu", 4096, 16), host("b", "eu", 4096, 16)],
+            vms,
+        );
+        f.start_migration(&leaving, &HostId::new("b").unwrap())
+            .unwrap();
+        assert!(
+            LoadBalance::default().plan(&f, 1000).is_empty(),
+            "a is at 73 % once the move in flight commits"
+        );
     }
 
     #[test]

@@ -171,6 +171,8 @@ pub struct FleetConfig {
     /// Bandwidth cap of each migration a drain makes, MB/s (default none):
     /// a maintenance drain need not take the whole link from the guests.
     pub drain_bandwidth_mbps: Option<u64>,
+    /// Bandwidth cap of each migration the load policy makes, MB/s.
+    pub rebalance_bandwidth_mbps: Option<u64>,
     /// How often the load policy looks for hot hosts to relieve (`0s`:
     /// never).
     pub rebalance_interval: Dur,
@@ -185,6 +187,7 @@ impl Default for FleetConfig {
         Self {
             host_down_after: Dur(Duration::from_secs(15)),
             drain_bandwidth_mbps: None,
+            rebalance_bandwidth_mbps: None,
             rebalance_interval: Dur(Duration::from_secs(30)),
             rebalance_threshold: 0.85,
         }
@@ -305,6 +308,11 @@ const ENV: &[(&str, &str, Kind)] = &[
     (
         "TERN_FLEET_DRAIN_BANDWIDTH_MBPS",
         "fleet.drain_bandwidth_mbps",
+        Kind::Int,
+    ),
+    (
+        "TERN_FLEET_REBALANCE_BANDWIDTH_MBPS",
+        "fleet.rebalance_bandwidth_mbps",
         Kind::Int,
     ),
     (
@@ -462,6 +470,12 @@ impl Config {
             return Err((
                 "fleet.rebalance_threshold",
                 format!("{t} must be above 0 and at most 1"),
+            ));
+        }
+        if self.fleet.rebalance_bandwidth_mbps == Some(0) {
+            return Err((
+                "fleet.rebalance_bandwidth_mbps",
+                "must be above 0 (leave it out for no cap)".into(),
             ));
         }
         if self.fleet.drain_bandwidth_mbps == Some(0) {

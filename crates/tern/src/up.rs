@@ -62,10 +62,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         let holder = format!("{}-{}", cfg.host_id, std::process::id());
         let m = Arc::new(
             tern_fleet::Migrations::new(store.clone(), d, &holder, cfg.fleet.host_down_after.0)
-                .with_drain_options(match cfg.fleet.drain_bandwidth_mbps {
-                    Some(b) => serde_json::json!({ "bandwidth_mbps": b }),
-                    None => serde_json::json!({}),
-                }),
+                .with_drain_options(capped(cfg.fleet.drain_bandwidth_mbps))
+                .with_rebalance_options(capped(cfg.fleet.rebalance_bandwidth_mbps))
+                .with_policy(
+                    Box::new(tern_scheduler::LoadBalance {
+                        threshold: cfg.fleet.rebalance_threshold,
+                        ..Default::default()
+                    }),
+                    cfg.fleet.rebalance_interval.0,
+                ),
         );
         loops.push(m.clone().spawn(stop_rx.clone()));
         m
@@ -125,6 +130,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         let _ = l.await;
     }
     Ok(())
+}
+
+/// Migration options with an optional bandwidth cap.
+fn capped(mbps: Option<u64>) -> serde_json::Value {
+    match mbps {
+        Some(b) => serde_json::json!({ "bandwidth_mbps": b }),
+        None => serde_json::json!({}),
+    }
 }
 
 async fn shutdown_signal() {

@@ -834,3 +834,123 @@ async fn the_load_policy_moves_vms_off_a_hot_host() {
         assert_runs(&agents[i].client(), v["id"].as_str().unwrap(), epoch).await;
     }
 }
+
+#[tokio::test]
+#[ignore = "starts tern up and two agents; run by .ci/run"]
+async fn an_evacuation_preempts_a_rebalancing_migration_which_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = dir.path().join("cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    let admin = admin_token(&cp);
+    let tenant = common::up::token(&cp, "alice");
+    let up = Up::start(
+        &cp,
+        "agents",
+        &[
+            ("TERN_POOL_SIZE", "0"),
+            ("TERN_FLEET_REBALANCE_INTERVAL", "1s"),
+            // Rebalancing crawls, so the evacuation finds it under way.
+            ("TERN_FLEET_REBALANCE_BANDWIDTH_MBPS", "1"),
+            ("TERN_LOG", "warn,tern_fleet=info"),
+        ],
+    );
+    let urls = [up.base.as_str()];
+    let no_labels = |_: &str| Default::default();
+    let (_, mut agents) = joined_fleet(
+        &dir.path().join("a"),
+        &urls,
+        &admin,
+        &["host-a"],
+        &no_labels,
+    )
+    .await;
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = http
+            .post(format!("{}/api/v1/vms", up.base))
+            .bearer_auth(&tenant)
+            .json(&serde_json::json!({"spec": {"image": "process", "memory_mib": 1200}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let (_, b) = joined_fleet(
+        &dir.path().join("b"),
+        &urls,
+        &admin,
+        &["host-b"],
+        &no_labels,
+    )
+    .await;
+    agents.extend(b);
+    // Wait for the load policy's move to be under way.
+    let t = Instant::now();
+    let rebalance = loop {
+        let ms = get_json(&http, &format!("{}/api/v1/migrations", up.base), &tenant).await;
+        let running = ms
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["reason"] == "rebalance" && m["phase"] == "precopy")
+            .cloned();
+        if let Some(m) = running {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no rebalancing: {ms}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // host-a fails: evacuate it. The rebalance holds its migration slot
+    // and link: it is cancelled and rolls back; every VM leaves host-a.
+    let r = http
+        .post(format!("{}/api/v1/hosts/host-a/evacuate", up.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t = Instant::now();
+    loop {
+        let vms = get_json(&http, &format!("{}/api/v1/vms", up.base), &tenant).await;
+        let ms = get_json(&http, &format!("{}/api/v1/migrations", up.base), &tenant).await;
+        let left = vms
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["host"] == "host-a")
+            .count();
+        let open = ms
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| !is_final(m))
+            .count();
+        if left == 0 && open == 0 {
+            for m in ms.as_array().unwrap() {
+                eprintln!(
+                    "{} {} {} -> {} {} {}",
+                    m["id"], m["reason"], m["from"], m["to"], m["phase"], m["error"]
+                );
+                if m["id"] == rebalance["id"] {
+                    assert_eq!(m["phase"], "rolled_back", "{m}");
+                } else {
+                    assert_eq!(m["reason"], "evacuation", "{m}");
+                    assert_eq!(m["phase"], "committed", "{m}");
+                }
+            }
+            for v in vms.as_array().unwrap() {
+                let epoch = v["owner_epoch"].as_u64().unwrap();
+                assert_runs(&agents[1].client(), v["id"].as_str().unwrap(), epoch).await;
+            }
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "evacuation stuck: {vms} {ms}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -95,6 +95,34 @@ impl Agent {
         Ok(migration)
     }
 
+    /// Cancels an outgoing migration before its switchover: it rolls back
+    /// and the guest runs on here (follow it to its end as usual).
+    pub async fn cancel_migration(&self, id: &str) -> Result<(), AgentError> {
+        let view = self.migration(id)?;
+        if view.role != Role::Source || view.state.is_final() {
+            return Err(AgentError::Conflict(format!(
+                "migration {id} is not an outgoing migration under way here"
+            )));
+        }
+        let dir = lock(&self.inner.routes)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::Conflict(format!("migration {id} has ended")))?;
+        match control::call::<()>(
+            &dir.control(),
+            &Request::Cancel {
+                migration: id.into(),
+            },
+            STATUS_TIMEOUT,
+        )
+        .await
+        {
+            Ok(()) => Ok(()),
+            Err(control::ControlError::Refused(why)) => Err(AgentError::Conflict(why)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Lists a migration under way and follows it to its end.
     pub(crate) fn track(&self, migration: &str, vm: &str, role: Role, peer: &str, dir: VmDir) {
         let (tx, rx) = watch::channel(Progress {

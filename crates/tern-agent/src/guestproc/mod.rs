@@ -93,6 +93,8 @@ struct Proc {
     track: Mutex<Option<Track>>,
     streams: Mutex<Option<mpsc::Sender<TcpStream>>>,
     gate: Mutex<CommitGate>,
+    /// The outgoing migration under way and what cancels it.
+    cancel: Mutex<Option<(String, tern_migrate::Cancel)>>,
     done: Notify,
 }
 
@@ -132,6 +134,7 @@ pub fn main(dir: &Path) -> Result<(), GuestProcError> {
         track: Mutex::new(None),
         streams: Mutex::new(None),
         gate: Mutex::default(),
+        cancel: Mutex::default(),
         done: Notify::new(),
     });
     rt.block_on(server::serve(p))

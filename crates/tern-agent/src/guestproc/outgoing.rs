@@ -34,8 +34,24 @@ fn data_window(ram_bytes: u64) -> usize {
 /// How often an unconfirmed commit is asked about while the destination is away.
 const SETTLE_RETRY: Duration = Duration::from_secs(2);
 
+/// Cancels the outgoing migration `migration` if it has not begun its
+/// switchover (the engine then rolls back and the guest runs on here).
+pub(super) fn cancel(p: &Proc, migration: &str) -> Answer<()> {
+    if p.launch.spec.kind == crate::views::GuestKind::Linux {
+        return Answer::Err("cancelling a Linux guest's migration is not supported yet".into());
+    }
+    match &*lock(&p.cancel) {
+        Some((id, c)) if id == migration => {
+            c.cancel();
+            tracing::info!(migration, "cancel asked");
+            Answer::Ok(())
+        }
+        _ => Answer::Err(format!("no outgoing migration {migration} runs here")),
+    }
+}
+
 /// Takes the running guest and starts migrating it.
-pub(super) fn start(p: &Arc<Proc>, job: OutJob) -> Answer<()> {
+pub(super) fn start(p: &Arc<Proc>, mut job: OutJob) -> Answer<()> {
     if let Err(e) = p.peer(&job.to) {
         return Answer::Err(e.to_string());
     }
@@ -60,10 +76,13 @@ pub(super) fn start(p: &Arc<Proc>, job: OutJob) -> Answer<()> {
         };
         g
     };
+    job.policy.cancel = tern_migrate::Cancel::default();
+    *lock(&p.cancel) = Some((job.migration.clone(), job.policy.cancel.clone()));
     let (ptx, etx) = p.track(&job.migration, Progress::default());
     let p = p.clone();
     tokio::spawn(async move {
         let end = run(&p, guest, &job, compress, ptx).await;
+        *lock(&p.cancel) = None;
         p.end(end, &etx);
     });
     Answer::Ok(())

@@ -165,6 +165,7 @@ async fn handle(p: Arc<Proc>, conn: UnixStream) {
         Request::Stop => write(&mut w, &stop(&p)).await,
         Request::MigrateOut(job) => write(&mut w, &outgoing::start(&p, *job)).await,
         Request::Settle { migration } => write(&mut w, &settle(&p, &migration)).await,
+        Request::Cancel { migration } => write(&mut w, &outgoing::cancel(&p, &migration)).await,
         Request::Watch { migration } => watch(&p, &migration, &mut w).await,
     };
 }

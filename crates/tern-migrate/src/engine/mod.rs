@@ -30,7 +30,7 @@ mod report;
 mod source;
 
 pub use dest::{receive, receive_observed, Capacity};
-pub use policy::{Mode, Policy};
+pub use policy::{Cancel, Mode, Policy};
 pub use report::{Progress, Report, RoundStats, SwitchoverTimes};
 pub use source::{migrate, migrate_observed};
 pub use tern_proto::MigrationPhase;
@@ -89,6 +89,10 @@ pub enum MigrateError {
     /// guest: whether ownership moved is in doubt.
     #[error("commit sent, but the destination did not confirm it runs the guest: {0}")]
     CommitUnconfirmed(#[source] Box<MigrateError>),
+    /// Cancelled before switchover (an operator, or a more urgent
+    /// migration that needed what this one held).
+    #[error("cancelled before switchover")]
+    Cancelled,
     /// Pre-copy did not reach switchover before the policy's deadline.
     #[error("did not converge within the deadline of {0:?}")]
     NotConverged(Duration),

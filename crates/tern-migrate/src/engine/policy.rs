@@ -1,7 +1,28 @@
 //! How the source runs a migration.
 
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A request to stop a migration before its switchover (an operator's
+/// cancel, or a more urgent migration preempting this one). Clones share
+/// it; the engine looks at it between frames of pre-copy, and a migration
+/// that already began its switchover finishes.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// Asks the migration to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it was asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
 
 /// How pages move.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +80,10 @@ pub struct Policy {
     pub max_bandwidth_bytes_per_sec: u64,
     /// Why the migration is asked for (sent to the destination, logged there).
     pub reason: String,
+    /// Stops it before switchover (not sent anywhere: the process that
+    /// runs the migration holds it).
+    #[serde(skip)]
+    pub cancel: Cancel,
 }
 
 impl Default for Policy {
@@ -75,6 +100,7 @@ impl Default for Policy {
             bandwidth_bytes_per_sec: 0,
             max_bandwidth_bytes_per_sec: 0,
             reason: "operator".into(),
+            cancel: Cancel::default(),
         }
     }
 }

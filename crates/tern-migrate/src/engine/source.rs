@@ -226,6 +226,9 @@ impl<G: SourceGuest> Source<'_, G> {
         self.guest.start_dirty_tracking()?;
         self.tracking = true;
         let mut todo: Vec<u64> = (0..n_pages).collect();
+        if self.policy.cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
         let rounds_allowed = match self.policy.mode {
             Mode::Precopy => self.policy.max_rounds.max(1),
             Mode::Postcopy => return Ok((todo, true)),
@@ -233,6 +236,9 @@ impl<G: SourceGuest> Source<'_, G> {
         };
         let started = Instant::now();
         for round in 1..=rounds_allowed {
+            if self.policy.cancel.is_cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
             if let Some(d) = self.policy.deadline.filter(|&d| started.elapsed() > d) {
                 return Err(MigrateError::NotConverged(d));
             }
@@ -298,10 +304,17 @@ impl<G: SourceGuest> Source<'_, G> {
         });
         let t = Instant::now();
         let frame_pages = self.policy.frame_pages;
-        let wire = self
-            .ps
-            .send_pages(self.guest, self.data, todo, frame_pages)
-            .await?;
+        let mut wire = 0;
+        // A cancel is looked at every 16 frames (16 MiB at the default).
+        for part in todo.chunks(frame_pages.max(1) * 16) {
+            if self.policy.cancel.is_cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
+            wire += self
+                .ps
+                .send_pages(self.guest, self.data, part, frame_pages)
+                .await?;
+        }
         let end = SourceMsg::RoundEnd {
             round,
             pages: pending,
