@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tern_agent::{MigrationPhase, VmStatus};
@@ -192,77 +192,19 @@ async fn killing_the_source_after_commit_leaves_one_copy_and_a_restart_does_not_
     assert_runs(&cb, &done.vm, 2).await;
 }
 
-/// Two namespaces on a bridge; removed on drop.
-struct Netns {
-    names: [String; 2],
-    bridge: String,
-}
-
-impl Netns {
-    fn sh(args: &[&str]) -> bool {
-        Command::new(args[0])
-            .args(&args[1..])
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    fn create(tag: &str) -> Option<(Netns, [IpAddr; 2])> {
-        let names = [format!("tern-{tag}-a"), format!("tern-{tag}-b")];
-        let bridge = format!("tbr{}", std::process::id() % 100000);
-        let n = Netns {
-            names: names.clone(),
-            bridge: bridge.clone(),
-        };
-        let ok = Self::sh(&["ip", "link", "add", &bridge, "type", "bridge"])
-            && Self::sh(&["ip", "addr", "add", "10.231.0.1/24", "dev", &bridge])
-            && Self::sh(&["ip", "link", "set", &bridge, "up"]);
-        if !ok {
-            return None;
-        }
-        for (i, ns) in names.iter().enumerate() {
-            let host_end = format!("tv{}{}", std::process::id() % 100000, i);
-            let ip = format!("10.231.0.{}/24", i + 2);
-            let ok = Self::sh(&["ip", "netns", "add", ns])
-                && Self::sh(&[
-                    "ip", "link", "add", &host_end, "type", "veth", "peer", "name", "eth0",
-                    "netns", ns,
-                ])
-                && Self::sh(&["ip", "link", "set", &host_end, "master", &bridge])
-                && Self::sh(&["ip", "link", "set", &host_end, "up"])
-                && Self::sh(&[
-                    "ip", "netns", "exec", ns, "ip", "addr", "add", &ip, "dev", "eth0",
-                ])
-                && Self::sh(&["ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up"])
-                && Self::sh(&["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]);
-            if !ok {
-                return None;
-            }
-        }
-        Some((n, [[10, 231, 0, 2].into(), [10, 231, 0, 3].into()]))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            Self::sh(&["ip", "netns", "del", ns]);
-        }
-        Self::sh(&["ip", "link", "del", &self.bridge]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "slow: two agent processes"]
 async fn precopy_between_agents_in_two_network_namespaces() {
     if !kvm() {
         return;
     }
-    let Some((ns, [ip_a, ip_b])) = Netns::create(&format!("{}", std::process::id() % 10000)) else {
+    let Some(ns) = Netns::create(&format!("{}", std::process::id() % 10000), 231, 2) else {
         eprintln!(
             "SKIPPED: cannot create network namespaces and a bridge here (need root and iproute2)"
         );
         return;
     };
+    let (ip_a, ip_b) = (ns.ips[0], ns.ips[1]);
     let dir = tempfile::tempdir().unwrap();
     let bed = testbed::write(
         dir.path(),

@@ -7,12 +7,13 @@
 mod common;
 
 use common::up::Up;
-use common::{assert_runs, precopy_to, process_spec, wait_end, AgentProc, LO};
+use common::{assert_runs, precopy_to, process_spec, wait_end, AgentProc, Netns, LO};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tern_agent::{AgentClient, MigrationPhase};
 use tern_testbed::{AgentProcess, HostPlan, LocalHost};
+use tern_testkit::LinkEmulator;
 
 fn admin_token(data: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))
@@ -53,23 +54,41 @@ async fn joined_fleet(
     names: &[&str],
     labels: &dyn Fn(&str) -> tern_proto::Labels,
 ) -> (Vec<LocalHost>, Vec<AgentProc>) {
-    let http = reqwest::Client::new();
     let plans: Vec<HostPlan> = names
         .iter()
         .map(|n| HostPlan::new(n, LO).unwrap())
         .collect();
-    let hosts = tern_testbed::write_joined(&dir.join("hosts"), &plans, urls, labels).unwrap();
+    join_plans(dir, urls, admin, &plans, None, labels).await
+}
+
+/// Agents for `plans` (in namespace `netns[i]` if given) joined to the
+/// control plane at `urls`.
+async fn join_plans(
+    dir: &Path,
+    urls: &[&str],
+    admin: &str,
+    plans: &[HostPlan],
+    netns: Option<&[String]>,
+    labels: &dyn Fn(&str) -> tern_proto::Labels,
+) -> (Vec<LocalHost>, Vec<AgentProc>) {
+    let http = reqwest::Client::new();
+    let hosts = tern_testbed::write_joined(&dir.join("hosts"), plans, urls, labels).unwrap();
     let mut agents = Vec::new();
-    for h in &hosts {
+    for (i, h) in hosts.iter().enumerate() {
         let t = join_token(&http, urls[0], admin).await;
-        agents.push(start_joining(h, Some(&t)));
+        let ns = netns.map(|n| n[i].as_str());
+        agents.push(start_joining_in(h, Some(&t), ns));
     }
     (hosts, agents)
 }
 
 fn start_joining(host: &LocalHost, token: Option<&str>) -> AgentProc {
+    start_joining_in(host, token, None)
+}
+
+fn start_joining_in(host: &LocalHost, token: Option<&str>, netns: Option<&str>) -> AgentProc {
     let env: Vec<(&str, &str)> = token.map(|t| ("TERN_JOIN_TOKEN", t)).into_iter().collect();
-    let p = AgentProcess::start_with_env(Path::new(env!("CARGO_BIN_EXE_tern")), host, None, &env)
+    let p = AgentProcess::start_with_env(Path::new(env!("CARGO_BIN_EXE_tern")), host, netns, &env)
         .unwrap();
     eprintln!("{}", p.ready_line);
     AgentProc(p)
@@ -610,6 +629,12 @@ async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
     let Some(pg) = tern_store::testing::postgres("fleet_replicas").await else {
         return;
     };
+    // Three hosts in network namespaces; every migration stream crosses a
+    // link emulator (10 ms each way: 20 ms RTT).
+    let Some(ns) = Netns::create("fleet", 232, 3) else {
+        eprintln!("SKIPPED: cannot create network namespaces here (need root and iproute2)");
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca").display().to_string();
     let secret = "replicas-share-this-secret-0123456789";
@@ -629,7 +654,7 @@ async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
         std::fs::create_dir_all(&data).unwrap();
         let e = env(id);
         let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Up::start(&data, "agents", &e)
+        Up::start_on(&data, "agents", &e, ns.bridge_ip)
     };
     let token = |tenant: &str, perms: &str| {
         let out = Command::new(env!("CARGO_BIN_EXE_tern"))
@@ -649,8 +674,25 @@ async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
     let tenant = token("alice", "vms:read,vms:write");
     let names = ["host-a", "host-b", "host-c"];
     let urls = [r1.base.as_str(), r2.base.as_str()];
-    let (_hosts, agents) =
-        joined_fleet(dir.path(), &urls, &admin, &names, &|_| Default::default()).await;
+    let mut plans = Vec::new();
+    let mut links = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let mut p = HostPlan::new(n, ns.ips[i]).unwrap();
+        let emu = LinkEmulator::start_on(
+            std::net::SocketAddr::new(ns.bridge_ip, 0),
+            p.migrate_addr(),
+            common::link(0),
+        )
+        .await
+        .unwrap();
+        p.reached_at = Some(emu.addr());
+        links.push(emu);
+        plans.push(p);
+    }
+    let (_hosts, agents) = join_plans(dir.path(), &urls, &admin, &plans, Some(&ns.names), &|_| {
+        Default::default()
+    })
+    .await;
     let http = reqwest::Client::new();
     // VMs made through both replicas land on every host.
     for i in 0..6 {
@@ -744,6 +786,7 @@ async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
         assert_ne!(h["state"], "down", "{h}");
     }
     drop(agents);
+    drop(links);
 }
 
 #[tokio::test]

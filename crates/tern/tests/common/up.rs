@@ -16,6 +16,14 @@ impl Up {
         Self::start_with(data, driver, env, Stdio::inherit())
     }
 
+    /// [`Up::start`] listening on `ip` (a free port).
+    pub fn start_on(data: &Path, driver: &str, env: &[(&str, &str)], ip: std::net::IpAddr) -> Up {
+        let listen = format!("{ip}:0");
+        let mut env = env.to_vec();
+        env.push(("TERN_LISTEN", &listen));
+        Self::start_with(data, driver, &env, Stdio::inherit())
+    }
+
     /// [`Up::start`] with its log (stderr) going to `log`.
     pub fn start_logged(data: &Path, driver: &str, env: &[(&str, &str)], log: &Path) -> Up {
         let f = std::fs::File::create(log).expect("log file");
@@ -24,7 +32,8 @@ impl Up {
 
     fn start_with(data: &Path, driver: &str, env: &[(&str, &str)], stderr: Stdio) -> Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(["up", "--driver", driver, "--listen", "127.0.0.1:0"])
+            .args(["up", "--driver", driver])
+            .env("TERN_LISTEN", "127.0.0.1:0")
             .env("TERN_DATA", data)
             .env("TERN_POOL_SIZE", "2")
             .env("TERN_LOG", "warn")
