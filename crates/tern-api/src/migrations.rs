@@ -149,13 +149,31 @@ async fn list(
     Ok(Json(out))
 }
 
+/// One migration, with its progress as the source's agent has it while it
+/// runs.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct MigrationDetail {
+    /// The record.
+    #[serde(flatten)]
+    pub record: MigrationRecord,
+    /// Pages sent and remaining, throughput, predicted downtime, ETA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<tern_agent::views::MigrationView>,
+}
+
 async fn one(
     State(s): State<MigrationsApi>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<MigrationRecord>, ApiError> {
+) -> Result<Json<MigrationDetail>, ApiError> {
     caller.require(Permission::VmsRead)?;
-    Ok(Json(visible(&s, &caller, &id).await?))
+    let record = visible(&s, &caller, &id).await?;
+    let progress = if record.phase.is_final() {
+        None
+    } else {
+        s.migrations.live_view(&record).await
+    };
+    Ok(Json(MigrationDetail { record, progress }))
 }
 
 /// Cancels a migration before its switchover; it rolls back.

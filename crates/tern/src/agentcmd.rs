@@ -45,9 +45,17 @@ impl AgentConn {
 pub struct MigrateArgs {
     /// The VM to move.
     pub vm: String,
-    /// Destination host (a peer in the agent's configuration).
+    /// Destination host (a peer in the agent's configuration; with --api,
+    /// optional: the scheduler picks).
     #[arg(long)]
-    pub to: String,
+    pub to: Option<String>,
+    /// Ask the control plane at this URL instead of an agent (the fleet:
+    /// `tern up --driver agents`).
+    #[arg(long, env = "TERN_API")]
+    pub api: Option<String>,
+    /// The control plane's API token (`tern token`).
+    #[arg(long, env = "TERN_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
     /// precopy, postcopy or hybrid (pre-copy rounds, then post-copy).
     #[arg(long, default_value = "precopy")]
     pub mode: String,
@@ -122,10 +130,24 @@ pub fn guest(dir: &Path) -> anyhow::Result<()> {
 
 /// Starts a migration and follows it to the end with a progress bar.
 pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
+    if let Some(url) = &a.api {
+        let api = crate::fleetcmd::ApiConn {
+            url: url.clone(),
+            token: a
+                .api_token
+                .clone()
+                .context("--api needs --api-token (or TERN_TOKEN): make one with `tern token`")?,
+        };
+        return crate::fleetcmd::migrate(&a, &api);
+    }
+    let to = a
+        .to
+        .clone()
+        .context("--to names the destination host (or use --api to let the control plane pick)")?;
     let client = a.conn.client()?;
     runtime()?.block_on(async {
         let req = MigrateRequest {
-            to: a.to.clone(),
+            to,
             mode: a.mode.clone(),
             max_downtime_ms: Some(a.max_downtime),
             bandwidth_mbps: a.bandwidth,
@@ -223,38 +245,44 @@ fn print_report(v: &MigrationView) {
         println!("  error: {e}");
     }
     if let Some(r) = &v.report {
-        println!("  round  pages     wire MB   seconds  dirtied  predicted downtime ms");
-        for s in &r.rounds {
-            println!(
-                "  {:>5}  {:>8}  {:>8.2}  {:>8.3}  {:>7}  {:>8.2}",
-                s.round,
-                s.pages,
-                s.wire_bytes as f64 / 1e6,
-                s.seconds,
-                s.dirtied,
-                s.predicted_downtime_ms
-            );
-        }
-        let ram = r.memory_bytes.max(1) as f64;
-        if r.bandwidth_raised_to > 0 {
-            println!(
-                "  pre-copy stalled: bandwidth raised to {:.0} MB/s",
-                r.bandwidth_raised_to as f64 / 1e6
-            );
-        }
-        if r.throttle_percent > 0 {
-            println!(
-                "  auto-converge: the guest was throttled up to {} %",
-                r.throttle_percent
-            );
-        }
-        if r.postcopy {
-            println!(
+        print_report_body(r);
+    }
+}
+
+/// A migration report's rounds and figures.
+pub(crate) fn print_report_body(r: &tern_agent::Report) {
+    println!("  round  pages     wire MB   seconds  dirtied  predicted downtime ms");
+    for s in &r.rounds {
+        println!(
+            "  {:>5}  {:>8}  {:>8.2}  {:>8.3}  {:>7}  {:>8.2}",
+            s.round,
+            s.pages,
+            s.wire_bytes as f64 / 1e6,
+            s.seconds,
+            s.dirtied,
+            s.predicted_downtime_ms
+        );
+    }
+    let ram = r.memory_bytes.max(1) as f64;
+    if r.bandwidth_raised_to > 0 {
+        println!(
+            "  pre-copy stalled: bandwidth raised to {:.0} MB/s",
+            r.bandwidth_raised_to as f64 / 1e6
+        );
+    }
+    if r.throttle_percent > 0 {
+        println!(
+            "  auto-converge: the guest was throttled up to {} %",
+            r.throttle_percent
+        );
+    }
+    if r.postcopy {
+        println!(
                 "  post-copy: {:.1} ms after the guest started on the target, {} page faults served first",
                 r.postcopy_ms, r.faults_served
             );
-        }
-        println!(
+    }
+    println!(
             "  total {:.1} ms | downtime {:.1} ms (pause → running on the target) | {} pages | {:.2} MB on the wire ({:.3}× guest RAM of {} MiB)",
             r.total_ms,
             r.downtime_ms,
@@ -263,13 +291,12 @@ fn print_report(v: &MigrationView) {
             r.wire_bytes as f64 / ram,
             r.memory_bytes >> 20
         );
-        let s = &r.switchover;
-        if s.ready_ms > 0.0 {
-            println!(
+    let s = &r.switchover;
+    if s.ready_ms > 0.0 {
+        println!(
                 "  downtime steps: pause {:.1} | last pages + state {:.1} | target verifies → ready {:.1} | commit record {:.1} | commit → running {:.1} ms",
                 s.pause_ms, s.send_ms, s.ready_ms, s.commit_record_ms, s.running_ms
             );
-        }
     }
 }
 

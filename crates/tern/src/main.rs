@@ -2,6 +2,7 @@
 
 mod agentcmd;
 mod config;
+mod fleetcmd;
 mod logging;
 mod up;
 
@@ -87,6 +88,12 @@ enum Cmd {
     Migrate(agentcmd::MigrateArgs),
     /// Two local agents; a guest dirtying memory moves between them live.
     Demo,
+    /// The fleet's hosts, through the control plane: list, join tokens,
+    /// drain, evacuate, remove.
+    Host {
+        #[command(subcommand)]
+        cmd: fleetcmd::HostCmd,
+    },
     /// Make the host CA and host certificates for migration channels (mTLS).
     Certs {
         #[command(subcommand)]
@@ -192,6 +199,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Guest { dir } => agentcmd::guest(&dir),
         Cmd::Migrate(a) => agentcmd::migrate(a),
         Cmd::Demo => agentcmd::demo(),
+        Cmd::Host { cmd } => {
+            crate::logging::init();
+            fleetcmd::host(cmd)
+        }
         Cmd::Certs { cmd } => {
             let cfg = Config::load(&over, env)?;
             let default_dir = cfg.data_dir.join("tls");

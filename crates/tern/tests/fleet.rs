@@ -371,14 +371,46 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
     assert_eq!(rec["owner_epoch"], 2);
     assert_runs(&agents[host_index(to)].client(), &vm, 2).await;
 
-    // Drain host-a: every VM it runs moves away live; the store agrees.
-    let r = http
-        .post(format!("{}/api/v1/hosts/host-a/drain", up.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    // The CLI: the scheduler picks a target for a VM of host-b, with a
+    // progress bar and the report; the hosts are listed.
+    let cli = |args: &[&str], token: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(args)
+            .args(["--api", &up.base, "--api-token", token])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let now = get_json(&http, &format!("{}/api/v1/vms", up.base), &tenant).await;
+    // (Not one pinned to region=us: host-c is the only host it may use.)
+    let movable = now
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["spec"]["labels"].is_null() && v["host"] != "host-c")
+        .unwrap_or_else(|| panic!("no VM to move: {now}"));
+    let vm_m = movable["id"].as_str().unwrap();
+    let report = cli(&["migrate", vm_m, "--json"], &tenant);
+    let m: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(m["phase"], "committed", "{m}");
+    assert_eq!(m["from"], movable["host"]);
+    let listed = cli(&["host", "list"], &admin);
+    assert!(
+        listed.contains("host-a") && listed.contains("active"),
+        "{listed}"
+    );
+
+    // Drain host-a (`tern host drain --wait`): every VM it runs moves away
+    // live; the store agrees.
+    let drained = cli(&["host", "drain", "host-a", "--wait"], &admin);
+    eprintln!("{drained}");
+    assert!(drained.contains("host host-a is empty"), "{drained}");
     let t = Instant::now();
     loop {
         let vms = get_json(&http, &format!("{}/api/v1/vms", up.base), &tenant).await;
