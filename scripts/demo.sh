@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The demo: `tern demo` starts two host agents on this machine (mutual TLS,
-# Ed25519 host keys), boots tern's test guest on the first, and live-migrates
-# it to the second while it rewrites its working set, with a progress bar and
-# the final report. Needs /dev/kvm. The control-plane walk through the HTTP API
+# The demo: `tern demo` runs the fleet on this machine: a control plane
+# (`tern up --driver agents`, SQLite), three host agents that join it (the
+# control plane's CA signs their certificates; peers come from heartbeats),
+# six test guests the scheduler places across them, host-a drained live with
+# a progress bar per migration, and a summary of where every VM went, each
+# checked on arrival (counter advancing, working-set checksum right). Needs
+# /dev/kvm. The control-plane walk through the HTTP API
 # (mock driver) is scripts/api-walk.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."

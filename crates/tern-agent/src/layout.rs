@@ -189,7 +189,17 @@ pub struct LocalAgent {
 impl LocalAgent {
     /// Runs `bin agent CONFIG` and waits up to 30 s for its ready line.
     pub fn start(bin: &Path, host: &LocalHost) -> std::io::Result<Self> {
+        Self::start_with_env(bin, host, &[])
+    }
+
+    /// [`LocalAgent::start`] with `env` added (a join token, say).
+    pub fn start_with_env(
+        bin: &Path,
+        host: &LocalHost,
+        env: &[(&str, &str)],
+    ) -> std::io::Result<Self> {
         let mut child = std::process::Command::new(bin)
+            .envs(env.iter().copied())
             .arg("agent")
             .arg(&host.config)
             .stdout(std::process::Stdio::piped())

@@ -5,7 +5,6 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_agent::layout::{self, LocalAgent};
 use tern_agent::{AgentClient, AgentConfig, MigrateRequest, MigrationPhase, MigrationView, VmSpec};
 
 /// How to reach an agent's API.
@@ -411,91 +410,4 @@ pub enum RemoteVm {
         #[command(flatten)]
         conn: AgentConn,
     },
-}
-
-fn spawn_agent(host: &layout::LocalHost) -> anyhow::Result<LocalAgent> {
-    let p = LocalAgent::start(&std::env::current_exe()?, host)?;
-    println!("  {}", p.ready_line);
-    Ok(p)
-}
-
-/// `tern demo`: two local agents; a guest that dirties memory moves from
-/// the first to the second while it runs.
-pub fn demo() -> anyhow::Result<()> {
-    if !Path::new("/dev/kvm").exists() {
-        bail!("the demo needs /dev/kvm");
-    }
-    let dir = tempfile::tempdir()?;
-    println!(
-        "== two host agents (mutual TLS, Ed25519 host keys) in {}",
-        dir.path().display()
-    );
-    let lo: std::net::IpAddr = [127, 0, 0, 1].into();
-    let plans = [
-        layout::HostPlan::new("host-a", lo)?,
-        layout::HostPlan::new("host-b", lo)?,
-    ];
-    let bed = layout::write(dir.path(), &plans).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let _a = spawn_agent(&bed[0])?;
-    let _b = spawn_agent(&bed[1])?;
-    let a = AgentClient::new(&bed[0].api_url, &bed[0].token()?);
-    let b = AgentClient::new(&bed[1].api_url, &bed[1].token()?);
-    runtime()?.block_on(async {
-        let spec = VmSpec {
-            memory_mib: 128,
-            ws_pages: 4096,
-            pages_per_tick: 64,
-            ..Default::default()
-        };
-        println!("== boot a test guest on host-a: 128 MiB, rewriting a 16 MiB working set");
-        let vm = a.create_vm(&spec).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = a.vm(&vm.id).await?;
-        println!(
-            "   {} running on host-a: counter {}, checksum ok: {:?}",
-            vm.id,
-            before.counter.unwrap_or(0),
-            before.checksum_ok
-        );
-        println!("== live-migrate it to host-b (pre-copy, 50 ms downtime budget)");
-        let m = a
-            .migrate(
-                &vm.id,
-                &MigrateRequest {
-                    to: "host-b".into(),
-                    mode: "precopy".into(),
-                    max_downtime_ms: Some(50),
-                    bandwidth_mbps: None,
-                    deadline_secs: None,
-                    max_bandwidth_mbps: None,
-                    auto_converge: None,
-                    compress: None,
-                    id: None,
-                },
-            )
-            .await?;
-        let done = follow(&a, &m.id, true).await?;
-        print_report(&done);
-        if done.state != MigrationPhase::Committed {
-            bail!("the migration did not commit");
-        }
-        let c1 = b.vm(&vm.id).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let c2 = b.vm(&vm.id).await?;
-        println!(
-            "== on host-b: {:?}, epoch {}, counter {} → {} (still counting), checksum ok: {:?}",
-            c2.status,
-            c2.epoch,
-            c1.counter.unwrap_or(0),
-            c2.counter.unwrap_or(0),
-            c2.checksum_ok
-        );
-        let gone = a.vm(&vm.id).await?;
-        println!(
-            "== on host-a: {:?} (moved to {})",
-            gone.status,
-            gone.moved_to.unwrap_or_default()
-        );
-        Ok(())
-    })
 }

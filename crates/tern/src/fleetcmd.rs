@@ -60,14 +60,14 @@ pub enum HostCmd {
     },
 }
 
-struct Api {
+pub(crate) struct Api {
     base: String,
     token: String,
     http: reqwest::Client,
 }
 
 impl Api {
-    fn new(c: &ApiConn) -> Self {
+    pub(crate) fn new(c: &ApiConn) -> Self {
         Self {
             base: c.url.trim_end_matches('/').into(),
             token: c.token.clone(),
@@ -78,7 +78,7 @@ impl Api {
         }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,

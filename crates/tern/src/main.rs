@@ -2,6 +2,7 @@
 
 mod agentcmd;
 mod config;
+mod demo;
 mod fleetcmd;
 mod logging;
 mod up;
@@ -86,7 +87,8 @@ enum Cmd {
     },
     /// Live-migrate a VM from the agent it runs on to another host.
     Migrate(agentcmd::MigrateArgs),
-    /// Two local agents; a guest dirtying memory moves between them live.
+    /// The fleet on this machine: a control plane, three agents joined,
+    /// six VMs placed, one host drained live.
     Demo,
     /// The fleet's hosts, through the control plane: list, join tokens,
     /// drain, evacuate, remove.
@@ -198,7 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => agentcmd::agent(&file, join, join_token),
         Cmd::Guest { dir } => agentcmd::guest(&dir),
         Cmd::Migrate(a) => agentcmd::migrate(a),
-        Cmd::Demo => agentcmd::demo(),
+        Cmd::Demo => demo::demo(),
         Cmd::Host { cmd } => {
             crate::logging::init();
             fleetcmd::host(cmd)
