@@ -1029,3 +1029,36 @@ async fn an_evacuation_preempts_a_rebalancing_migration_which_rolls_back() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+#[test]
+#[ignore = "the README's demo: a control plane, three agents, test guests on KVM; run by .ci/run"]
+fn the_demo_drains_a_host_and_every_guest_checks_out() {
+    if !common::kvm() {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("where everything went"))
+        .skip(1)
+        .collect();
+    assert_eq!(summary.len(), 6, "{stdout}");
+    let moved = summary
+        .iter()
+        .filter(|l| l.contains("moved live from host-a"))
+        .count();
+    assert!(moved >= 1, "{stdout}");
+    for l in &summary {
+        assert!(l.contains("checksum ok: Some(true)"), "{l}");
+        assert!(!l.contains("-> host-a"), "a VM is still on host-a: {l}");
+    }
+}
