@@ -73,6 +73,7 @@ pub fn router(agent: Agent, token: &str) -> Router {
         token: token.into(),
     };
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/api/v1/host", get(host))
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{id}", get(get_vm).put(put_vm).delete(stop_vm))
@@ -86,6 +87,45 @@ pub fn router(agent: Agent, token: &str) -> Router {
         .route("/api/v1/migrations/{id}/events", get(events))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), auth))
         .with_state(ctx)
+}
+
+/// The agent's recorder, installed once per process.
+pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let b = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("migration_duration_seconds".into()),
+                    &[
+                        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("migration_checkpoint_size_bytes".into()),
+                        &[1e6, 1e7, 1e8, 1e9, 1e10, 1e11],
+                    )
+                })
+                .expect("static bucket lists are non-empty");
+            b.install_recorder()
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+        })
+        .clone()
+}
+
+/// Prometheus text: migrations (initiated, accepted, rejected, completed,
+/// failed, duration, wire bytes), those active, the guests running, and
+/// the host load of the last heartbeat.
+async fn metrics(State(c): State<Ctx>) -> impl IntoResponse {
+    metrics::gauge!("migrations_active").set(f64::from(c.agent.active_migrations()));
+    metrics::gauge!("host_vms").set(f64::from(c.agent.running_vms()));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        prometheus().render(),
+    )
 }
 
 async fn host(State(c): State<Ctx>) -> Json<serde_json::Value> {

@@ -52,6 +52,8 @@ pub async fn serve(mut cfg: AgentConfig, join_token: Option<&str>) -> Result<(),
         None => None,
     };
     let token = keys::api_token(&cfg.data_dir).map_err(|e| AgentError::Internal(e.to_string()))?;
+    // Before anything is counted, or early counts are lost.
+    let _ = api::prometheus();
     let api_addr = cfg.api_addr;
     let limits = cfg.http;
     let agent = Agent::start(cfg).await?;

@@ -349,6 +349,11 @@ async fn beat(
         .collect();
     let migrations = agent.active_migrations();
     let load = sampler.sample(u32::try_from(running.len()).unwrap_or(u32::MAX), migrations);
+    metrics::gauge!("host_cpu_busy_ratio").set(load.cpu);
+    metrics::gauge!("host_memory_used_bytes").set((load.memory_used_mib << 20) as f64);
+    metrics::gauge!("host_memory_free_bytes").set((load.memory_free_mib << 20) as f64);
+    metrics::gauge!("host_network_bytes_per_second").set(load.net_bytes_per_sec as f64);
+    metrics::gauge!("host_disk_bytes_per_second").set(load.disk_bytes_per_sec as f64);
     let urls: Vec<&String> = std::iter::once(&m.url).chain(&m.replicas).collect();
     let body = Heartbeat { load, running };
     let mut last = None;

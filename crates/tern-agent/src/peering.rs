@@ -149,6 +149,7 @@ impl Agent {
     async fn offer(&self, o: Offer) {
         match self.accept_offer(&o).await {
             Ok(()) => {
+                metrics::counter!("migrations_accepted_total").increment(1);
                 tracing::info!(
                     migration = o.migration,
                     from = o.source_host,
@@ -157,6 +158,7 @@ impl Agent {
                 )
             }
             Err(r) => {
+                metrics::counter!("migrations_rejected_total").increment(1);
                 tracing::warn!(migration = o.migration, from = o.source_host, error = %r, "incoming migration refused");
                 let msg = SessionHello::Refused {
                     migration: o.migration.clone(),

@@ -176,6 +176,41 @@ async fn joined_hosts_learn_their_peers_and_a_removed_host_is_refused() {
     assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     assert_runs(&cb, &vm.id, 2).await;
 
+    // Each agent counts its side in Prometheus metrics.
+    let scrape = |h: &LocalHost| {
+        let http = http.clone();
+        let h = h.clone();
+        async move {
+            http.get(format!("{}/metrics", h.api_url))
+                .bearer_auth(h.token().unwrap())
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let ma = scrape(&hosts[0]).await;
+    // The destination records its end when its guest process reports it.
+    let t = Instant::now();
+    let mb = loop {
+        let mb = scrape(&hosts[1]).await;
+        if mb.contains("migrations_completed_total{role=\"destination\"} 1") {
+            break mb;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{mb}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(ma.contains("migrations_initiated_total 1"), "{ma}");
+    assert!(
+        ma.contains("migrations_completed_total{role=\"source\"} 1"),
+        "{ma}"
+    );
+    assert!(mb.contains("migrations_accepted_total 1"), "{mb}");
+    assert!(ma.contains("migration_duration_seconds_bucket"), "{ma}");
+    assert!(mb.contains("host_cpu_busy_ratio"), "{mb}");
+
     // Heartbeats carry the load: the control plane sees b's VM.
     let t = Instant::now();
     loop {

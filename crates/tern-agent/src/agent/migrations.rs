@@ -91,6 +91,7 @@ impl Agent {
                 other => other.into(),
             });
         }
+        metrics::counter!("migrations_initiated_total").increment(1);
         self.track(&migration, vm, Role::Source, &req.to, e.dir);
         Ok(migration)
     }
@@ -195,11 +196,31 @@ impl Agent {
             }
         }
         lock(&self.inner.routes).remove(&end.migration);
+        record_end(&end);
         if let Some(m) = lock(&self.inner.migrations).get_mut(&end.migration) {
             m.state = end.state;
             m.report = end.report;
             m.error = end.error;
         }
+    }
+}
+
+/// Counts a migration's end in the agent's metrics (the source's and the
+/// destination's ends both count, each on its own host).
+fn record_end(end: &EndedMigration) {
+    let role = match end.role {
+        Role::Source => "source",
+        Role::Destination => "destination",
+    };
+    if end.state == MigrationPhase::Committed {
+        metrics::counter!("migrations_completed_total", "role" => role).increment(1);
+    } else {
+        metrics::counter!("migrations_failed_total", "role" => role).increment(1);
+    }
+    if let Some(r) = &end.report {
+        metrics::histogram!("migration_duration_seconds", "role" => role).record(r.total_ms / 1e3);
+        metrics::histogram!("migration_checkpoint_size_bytes", "role" => role)
+            .record(r.wire_bytes as f64);
     }
 }
 
