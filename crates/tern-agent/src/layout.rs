@@ -87,6 +87,39 @@ impl LocalHost {
     }
 }
 
+/// What every host of a layout is configured with: its addresses, data
+/// directory, resume deadline and guest kernel.
+fn base_config(dir: &Path, h: &HostPlan) -> AgentConfig {
+    let mut cfg = AgentConfig::new(&h.name);
+    cfg.api_addr = SocketAddr::new(h.ip, h.api_port);
+    cfg.migrate_addr = h.migrate_addr();
+    cfg.advertise_addr = h.reached_at;
+    cfg.data_dir = dir.join(&h.name);
+    cfg.resume_deadline_secs = h.resume_deadline_secs;
+    if let Some((k, i)) = &h.guest {
+        cfg.guest_kernel = Some(k.clone());
+        cfg.guest_initrd = Some(i.clone());
+    }
+    cfg
+}
+
+/// Checks `cfg` and writes it to `<dir>/<host>.toml`.
+fn save(
+    dir: &Path,
+    h: &HostPlan,
+    cfg: &AgentConfig,
+) -> Result<LocalHost, Box<dyn std::error::Error>> {
+    cfg.validate()?;
+    std::fs::create_dir_all(dir)?;
+    let file = dir.join(format!("{}.toml", h.name));
+    std::fs::write(&file, toml::to_string_pretty(cfg)?)?;
+    Ok(LocalHost {
+        config: file,
+        api_url: h.api_url(),
+        data_dir: cfg.data_dir.clone(),
+    })
+}
+
 /// Writes TLS material, host keys and configurations for `hosts` (each a
 /// peer of every other) under `dir`.
 pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<LocalHost>, Box<dyn std::error::Error>> {
@@ -105,30 +138,14 @@ pub fn write(dir: &Path, hosts: &[HostPlan]) -> Result<Vec<LocalHost>, Box<dyn s
     }
     let mut out = Vec::new();
     for h in hosts {
-        let mut cfg = AgentConfig::new(&h.name);
-        cfg.api_addr = SocketAddr::new(h.ip, h.api_port);
-        cfg.migrate_addr = h.migrate_addr();
-        cfg.advertise_addr = h.reached_at;
-        cfg.data_dir = dir.join(&h.name);
-        cfg.resume_deadline_secs = h.resume_deadline_secs;
-        if let Some((k, i)) = &h.guest {
-            cfg.guest_kernel = Some(k.clone());
-            cfg.guest_initrd = Some(i.clone());
-        }
+        let mut cfg = base_config(dir, h);
         cfg.tls = Some(TlsFiles {
             cert: tls.join(format!("{}.pem", h.name)),
             key: tls.join(format!("{}.key", h.name)),
             ca: tls.join("ca.pem"),
         });
         cfg.peers = peers.iter().filter(|p| p.name != h.name).cloned().collect();
-        cfg.validate()?;
-        let file = dir.join(format!("{}.toml", h.name));
-        std::fs::write(&file, toml::to_string_pretty(&cfg)?)?;
-        out.push(LocalHost {
-            config: file,
-            api_url: h.api_url(),
-            data_dir: cfg.data_dir.clone(),
-        });
+        out.push(save(dir, h, &cfg)?);
     }
     Ok(out)
 }
@@ -145,16 +162,7 @@ pub fn write_joined(
 ) -> Result<Vec<LocalHost>, Box<dyn std::error::Error>> {
     let mut out = Vec::new();
     for h in hosts {
-        let mut cfg = AgentConfig::new(&h.name);
-        cfg.api_addr = SocketAddr::new(h.ip, h.api_port);
-        cfg.migrate_addr = h.migrate_addr();
-        cfg.advertise_addr = h.reached_at;
-        cfg.data_dir = dir.join(&h.name);
-        cfg.resume_deadline_secs = h.resume_deadline_secs;
-        if let Some((k, i)) = &h.guest {
-            cfg.guest_kernel = Some(k.clone());
-            cfg.guest_initrd = Some(i.clone());
-        }
+        let mut cfg = base_config(dir, h);
         let mut cp = crate::config::ControlPlane::new(urls.first().copied().unwrap_or_default());
         cp.replicas = urls.iter().skip(1).map(|u| u.to_string()).collect();
         cp.heartbeat_secs = 1;
@@ -164,15 +172,7 @@ pub fn write_joined(
             vcpus: 8,
         });
         cfg.control_plane = Some(cp);
-        cfg.validate()?;
-        let file = dir.join(format!("{}.toml", h.name));
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(&file, toml::to_string_pretty(&cfg)?)?;
-        out.push(LocalHost {
-            config: file,
-            api_url: h.api_url(),
-            data_dir: cfg.data_dir.clone(),
-        });
+        out.push(save(dir, h, &cfg)?);
     }
     Ok(out)
 }

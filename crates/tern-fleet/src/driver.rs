@@ -141,14 +141,18 @@ impl AgentsDriver {
         Ok(AgentClient::new(&rec.api_url, &token))
     }
 
-    /// The agent of the host that owns `id`.
-    async fn owner(&self, id: VmId) -> Result<AgentClient, DriverError> {
-        let rec = self
-            .store
+    /// The store's record of `id`.
+    async fn record(&self, id: VmId) -> Result<tern_proto::VmRecord, DriverError> {
+        self.store
             .get_vm(id)
             .await
             .map_err(store_err)?
-            .ok_or(DriverError::NotFound(id))?;
+            .ok_or(DriverError::NotFound(id))
+    }
+
+    /// The agent of the host that owns `id`.
+    async fn owner(&self, id: VmId) -> Result<AgentClient, DriverError> {
+        let rec = self.record(id).await?;
         self.client(&rec.host).await
     }
 }
@@ -210,12 +214,7 @@ impl VmDriver for AgentsDriver {
     }
 
     async fn is_healthy(&self, id: VmId) -> Result<bool, DriverError> {
-        let rec = self
-            .store
-            .get_vm(id)
-            .await
-            .map_err(store_err)?
-            .ok_or(DriverError::NotFound(id))?;
+        let rec = self.record(id).await?;
         let host = self.store.get_host(&rec.host).await.map_err(store_err)?;
         if host.as_ref().is_none_or(|h| h.state == HostState::Down) {
             // Not this VM's failure: the fleet restarts it elsewhere.

@@ -178,8 +178,8 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
 /// How long `tern migrate` waits for an agent that stopped answering.
 const AGENT_RESTART_WAIT: Duration = Duration::from_secs(60);
 
-/// Polls a migration until it ends, drawing a bar of pages sent.
-async fn follow(client: &AgentClient, id: &str, show: bool) -> anyhow::Result<MigrationView> {
+/// A bar of pages sent for migration `id` (hidden unless `show`).
+pub(crate) fn pages_bar(id: &str, show: bool) -> ProgressBar {
     let bar = if show {
         ProgressBar::new(1)
     } else {
@@ -191,6 +191,12 @@ async fn follow(client: &AgentClient, id: &str, show: bool) -> anyhow::Result<Mi
             .progress_chars("=> "),
     );
     bar.set_prefix(id.to_string());
+    bar
+}
+
+/// Polls a migration until it ends, drawing a bar of pages sent.
+async fn follow(client: &AgentClient, id: &str, show: bool) -> anyhow::Result<MigrationView> {
+    let bar = pages_bar(id, show);
     let mut unreachable_since: Option<std::time::Instant> = None;
     loop {
         // An agent restarting mid-migration is waited for: the migration

@@ -2,7 +2,6 @@
 //! plane's API.
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Duration;
 use tern_agent::{MigrationPhase, Report};
 
@@ -285,17 +284,7 @@ pub fn migrate(a: &crate::agentcmd::MigrateArgs, api: &ApiConn) -> anyhow::Resul
 
 /// Polls a control-plane migration until it ends, drawing a bar of pages.
 async fn follow(c: &Api, id: &str, show: bool) -> anyhow::Result<serde_json::Value> {
-    let bar = if show {
-        ProgressBar::new(1)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix} [{bar:32}] {pos}/{len} pages {msg}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(id.to_string());
+    let bar = crate::agentcmd::pages_bar(id, show);
     let path = format!("/api/v1/migrations/{id}");
     loop {
         let m = c.call(reqwest::Method::GET, &path, None).await?;

@@ -16,23 +16,7 @@ use tern_testbed::{AgentProcess, HostPlan, LocalHost};
 use tern_testkit::LinkEmulator;
 
 fn admin_token(data: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args([
-            "token",
-            "--tenant",
-            "ops",
-            "--permissions",
-            "platform:admin",
-        ])
-        .env("TERN_DATA", data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::up::token_with(data, "ops", "platform:admin")
 }
 
 async fn join_token(http: &reqwest::Client, base: &str, admin: &str) -> String {
@@ -863,53 +847,17 @@ async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
 #[tokio::test]
 #[ignore = "starts tern up and two agents; run by .ci/run"]
 async fn the_load_policy_moves_vms_off_a_hot_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = dir.path().join("cp");
-    std::fs::create_dir_all(&cp).unwrap();
-    let admin = admin_token(&cp);
-    let tenant = common::up::token(&cp, "alice");
-    let up = Up::start(
-        &cp,
-        "agents",
-        &[
-            ("TERN_POOL_SIZE", "0"),
-            ("TERN_FLEET_REBALANCE_INTERVAL", "1s"),
-            ("TERN_LOG", "warn,tern_fleet=info"),
-        ],
-    );
-    let urls = [up.base.as_str()];
-    let no_labels = |_: &str| Default::default();
-    // One host takes four VMs of 1000 MiB: 98% of its 4096 MiB.
-    let (_, mut agents) = joined_fleet(
-        &dir.path().join("a"),
-        &urls,
-        &admin,
-        &["host-a"],
-        &no_labels,
-    )
-    .await;
-    let http = reqwest::Client::new();
-    for _ in 0..4 {
-        let r = http
-            .post(format!("{}/api/v1/vms", up.base))
-            .bearer_auth(&tenant)
-            .json(&serde_json::json!({"spec": {"image": "process", "memory_mib": 1000}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-    }
-    // A second host joins: the policy moves VMs until host-a is below the
+    // One host takes four VMs of 1000 MiB: 98% of its 4096 MiB. A second
+    // host joins: the policy moves VMs until host-a is below the
     // threshold, and no further.
-    let (_, b) = joined_fleet(
-        &dir.path().join("b"),
-        &urls,
-        &admin,
-        &["host-b"],
-        &no_labels,
-    )
-    .await;
-    agents.extend(b);
+    let HotFleet {
+        _dir,
+        up,
+        admin,
+        tenant,
+        agents,
+        http,
+    } = hot_host_then_a_second(&[], 4, 1000).await;
     let t = Instant::now();
     loop {
         let ms = get_json(&http, &format!("{}/api/v1/migrations", up.base), &tenant).await;
@@ -952,52 +900,16 @@ async fn the_load_policy_moves_vms_off_a_hot_host() {
 #[tokio::test]
 #[ignore = "starts tern up and two agents; run by .ci/run"]
 async fn an_evacuation_preempts_a_rebalancing_migration_which_rolls_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = dir.path().join("cp");
-    std::fs::create_dir_all(&cp).unwrap();
-    let admin = admin_token(&cp);
-    let tenant = common::up::token(&cp, "alice");
-    let up = Up::start(
-        &cp,
-        "agents",
-        &[
-            ("TERN_POOL_SIZE", "0"),
-            ("TERN_FLEET_REBALANCE_INTERVAL", "1s"),
-            // Rebalancing crawls, so the evacuation finds it under way.
-            ("TERN_FLEET_REBALANCE_BANDWIDTH_MBPS", "1"),
-            ("TERN_LOG", "warn,tern_fleet=info"),
-        ],
-    );
-    let urls = [up.base.as_str()];
-    let no_labels = |_: &str| Default::default();
-    let (_, mut agents) = joined_fleet(
-        &dir.path().join("a"),
-        &urls,
-        &admin,
-        &["host-a"],
-        &no_labels,
-    )
-    .await;
-    let http = reqwest::Client::new();
-    for _ in 0..3 {
-        let r = http
-            .post(format!("{}/api/v1/vms", up.base))
-            .bearer_auth(&tenant)
-            .json(&serde_json::json!({"spec": {"image": "process", "memory_mib": 1200}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-    }
-    let (_, b) = joined_fleet(
-        &dir.path().join("b"),
-        &urls,
-        &admin,
-        &["host-b"],
-        &no_labels,
-    )
-    .await;
-    agents.extend(b);
+    // Rebalancing crawls, so the evacuation finds it under way.
+    let slow = [("TERN_FLEET_REBALANCE_BANDWIDTH_MBPS", "1")];
+    let HotFleet {
+        _dir,
+        up,
+        admin,
+        tenant,
+        agents,
+        http,
+    } = hot_host_then_a_second(&slow, 3, 1200).await;
     // Wait for the load policy's move to be under way.
     let t = Instant::now();
     let rebalance = loop {
@@ -1099,5 +1011,58 @@ fn the_demo_drains_a_host_and_every_guest_checks_out() {
     for l in &summary {
         assert!(l.contains("checksum ok: Some(true)"), "{l}");
         assert!(!l.contains("-> host-a"), "a VM is still on host-a: {l}");
+    }
+}
+
+/// A fleet whose one host, host-a, is made hot, then a second host joins.
+struct HotFleet {
+    _dir: tempfile::TempDir,
+    up: Up,
+    admin: String,
+    tenant: String,
+    agents: Vec<AgentProc>,
+    http: reqwest::Client,
+}
+
+/// `tern up` rebalancing every second (`env` added), host-a with `vms`
+/// process VMs of `memory_mib` each, then host-b joined.
+async fn hot_host_then_a_second(env: &[(&str, &str)], vms: usize, memory_mib: u32) -> HotFleet {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = dir.path().join("cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    let admin = admin_token(&cp);
+    let tenant = common::up::token(&cp, "alice");
+    let mut all = vec![
+        ("TERN_POOL_SIZE", "0"),
+        ("TERN_FLEET_REBALANCE_INTERVAL", "1s"),
+        ("TERN_LOG", "warn,tern_fleet=info"),
+    ];
+    all.extend_from_slice(env);
+    let up = Up::start(&cp, "agents", &all);
+    let urls = [up.base.as_str()];
+    let no_labels = |_: &str| Default::default();
+    let a = dir.path().join("a");
+    let (_, mut agents) = joined_fleet(&a, &urls, &admin, &["host-a"], &no_labels).await;
+    let http = reqwest::Client::new();
+    for _ in 0..vms {
+        let r = http
+            .post(format!("{}/api/v1/vms", up.base))
+            .bearer_auth(&tenant)
+            .json(&serde_json::json!({"spec": {"image": "process", "memory_mib": memory_mib}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let b = dir.path().join("b");
+    let (_, more) = joined_fleet(&b, &urls, &admin, &["host-b"], &no_labels).await;
+    agents.extend(more);
+    HotFleet {
+        _dir: dir,
+        up,
+        admin,
+        tenant,
+        agents,
+        http,
     }
 }

@@ -72,14 +72,13 @@ impl Drop for Up {
 
 /// A token from `tern token` for `tenant`.
 pub fn token(data: &Path, tenant: &str) -> String {
+    token_with(data, tenant, "vms:read,vms:write")
+}
+
+/// A token from `tern token` for `tenant` with `permissions`.
+pub fn token_with(data: &Path, tenant: &str, permissions: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args([
-            "token",
-            "--tenant",
-            tenant,
-            "--permissions",
-            "vms:read,vms:write",
-        ])
+        .args(["token", "--tenant", tenant, "--permissions", permissions])
         .env("TERN_DATA", data)
         .output()
         .unwrap();
