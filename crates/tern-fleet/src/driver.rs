@@ -60,8 +60,19 @@ impl AgentsDriver {
         }
     }
 
-    /// The fleet as the store has it, with placements not yet recorded.
+    /// The fleet as the store has it, with placements not yet recorded;
+    /// every migration that has not ended reserves its target's room.
     pub(crate) async fn model(&self) -> Result<Fleet, DriverError> {
+        self.model_reserving(true).await
+    }
+
+    /// The fleet with only the migrations under way (past `requesting`)
+    /// reserving room: what the migration queue admits requests against.
+    pub(crate) async fn model_under_way(&self) -> Result<Fleet, DriverError> {
+        self.model_reserving(false).await
+    }
+
+    async fn model_reserving(&self, requested: bool) -> Result<Fleet, DriverError> {
         let hosts = self.store.list_hosts().await.map_err(store_err)?;
         let live = self
             .store
@@ -116,7 +127,10 @@ impl AgentsDriver {
         }
         let mut fleet = Fleet::new(hosts, vms);
         // Migrations in flight reserve their target's room and mark their VM.
-        for m in migrations.iter().filter(|m| !m.phase.is_final()) {
+        let reserves = |m: &&tern_proto::MigrationRecord| {
+            !m.phase.is_final() && (requested || m.phase != tern_proto::MigrationPhase::Requesting)
+        };
+        for m in migrations.iter().filter(reserves) {
             if let Err(e) = fleet.start_migration(&m.vm, &m.to) {
                 tracing::debug!(migration = %m.id, error = %e, "a migration in flight reserves nothing");
             }

@@ -8,7 +8,11 @@
 //! host's agent under the store's id (idempotently: asking again answers
 //! the same migration), follows its phase into the store, and at its end
 //! moves the VM's owner to the target by compare-and-swap on
-//! `(host, epoch)`. All of its state is in the store and on the agents, and
+//! `(host, epoch)`. Requests start through the scheduler's [`Queue`]:
+//! most urgent first (evacuation, maintenance, manual, rebalance), within
+//! limits per host and per link, and an urgent request that a less urgent
+//! migration blocks (a host's slot, the link, the target's room) cancels
+//! it, which rolls back. All of its state is in the store and on the agents, and
 //! the loop runs under a lease: when the replica that runs it dies, another
 //! takes the lease over and carries on from the store.
 
@@ -19,6 +23,7 @@ use tern_agent::{ClientError, MigrateRequest, MigrationPhase, MigrationView};
 use tern_proto::{
     HostId, HostState, MigrationId, MigrationReason, MigrationRecord, VmId, VmStatus,
 };
+use tern_scheduler::{Limits, Queue, Request, Step};
 use tern_store::{Store, StoreError};
 
 /// The lease the runner loop holds (one replica at a time).
@@ -30,8 +35,6 @@ const LEASE_TTL: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_millis(500);
 /// How long a migration may wait for its source to take it.
 const START_PATIENCE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
-/// Migrations a draining host sends at once.
-const DRAIN_PER_HOST: usize = 2;
 
 /// Why a migration was not recorded.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +115,11 @@ pub struct Migrations {
     policy: Box<dyn tern_scheduler::Policy>,
     rebalance_every: Duration,
     last_rebalance: std::sync::Mutex<Option<std::time::Instant>>,
+    /// How many migrations run at once per host and per link.
+    limits: Limits,
+    /// Migrations cancelled to make way for another (victim, for), kept
+    /// until they end so a later pass does not cancel them again.
+    preempted: std::sync::Mutex<std::collections::HashMap<MigrationId, MigrationId>>,
 }
 
 fn metric_reason(r: MigrationReason) -> &'static str {
@@ -138,7 +146,16 @@ impl Migrations {
             policy: Box::new(tern_scheduler::LoadBalance::default()),
             rebalance_every: Duration::from_secs(30),
             last_rebalance: std::sync::Mutex::new(None),
+            limits: Limits::default(),
+            preempted: std::sync::Mutex::default(),
         }
+    }
+
+    /// How many migrations may run at once per host (both ends counted)
+    /// and per link.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The options of the migrations the load policy makes.
@@ -263,33 +280,134 @@ impl Migrations {
         })
     }
 
-    /// One pass: plans the draining hosts' moves, then advances every
-    /// migration that has not ended.
+    /// One pass: plans the draining hosts' and the policy's moves,
+    /// advances every migration under way, then starts what the queue
+    /// admits.
     pub async fn pass(&self) -> Result<(), MigrationError> {
         let down = self.mark_down().await?;
         self.plan_drains().await?;
         self.rebalance().await?;
-        let open = self
-            .store
-            .list_migrations(true)
-            .await
-            .map_err(MigrationError::Store)?;
-        let gauge = open.len() as f64;
-        metrics::gauge!("migrations_active").set(gauge);
+        let open = self.open().await?;
         for m in &open {
-            let res = if down.contains(&m.from) {
-                self.source_down(m).await
-            } else {
-                self.advance(m).await
+            let res = match (m.phase, down.contains(&m.from)) {
+                (MigrationPhase::Requesting, false) => continue,
+                (MigrationPhase::Requesting, true) => {
+                    self.end(
+                        m,
+                        MigrationPhase::RolledBack,
+                        Some("the source host went down"),
+                        None,
+                    )
+                    .await
+                }
+                (_, true) => self.source_down(m).await,
+                (_, false) => self.advance(m).await,
             };
             if let Err(e) = res {
                 tracing::warn!(migration = %m.id, error = %e, "cannot advance a migration");
             }
         }
+        self.admit().await?;
         if !down.is_empty() {
             self.restart_orphans(&down).await?;
         }
         Ok(())
+    }
+
+    async fn open(&self) -> Result<Vec<MigrationRecord>, MigrationError> {
+        self.store
+            .list_migrations(true)
+            .await
+            .map_err(MigrationError::Store)
+    }
+
+    /// Rebuilds the queue from the store (migrations under way hold their
+    /// slots and room; requested ones wait) and carries out what it says:
+    /// start, cancel a less urgent migration in the way, or refuse.
+    async fn admit(&self) -> Result<(), MigrationError> {
+        let open = self.open().await?;
+        let mut fleet = self.driver.model_under_way().await?;
+        let mut queue = Queue::new(self.limits);
+        {
+            let mut preempted = lock(&self.preempted);
+            preempted.retain(|victim, _| open.iter().any(|m| &m.id == victim));
+            for m in &open {
+                let req = Request {
+                    id: m.id.clone(),
+                    vm: m.vm,
+                    from: m.from.clone(),
+                    to: m.to.clone(),
+                    reason: m.reason,
+                };
+                if m.phase == MigrationPhase::Requesting {
+                    queue.push(req);
+                } else {
+                    queue.resume(req, preempted.get(&m.id).cloned());
+                }
+            }
+        }
+        let running = queue.running().count();
+        metrics::gauge!("migrations_active").set(running as f64);
+        metrics::gauge!("migrations_pending").set((open.len() - running) as f64);
+        for step in queue.admit(&mut fleet) {
+            let res = match step {
+                Step::Start(id) => self.claim(find(&open, &id)).await,
+                Step::Cancel { victim, for_ } => {
+                    self.preempt(&victim, &for_).await;
+                    Ok(())
+                }
+                Step::Refuse { id, error } => {
+                    let why = format!("refused: {error}");
+                    self.end(
+                        find(&open, &id),
+                        MigrationPhase::RolledBack,
+                        Some(&why),
+                        None,
+                    )
+                    .await
+                }
+            };
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "cannot carry out the migration queue's step");
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancels `victim` to make way for the more urgent `for_`.
+    async fn preempt(&self, victim: &MigrationId, for_: &MigrationId) {
+        match self.cancel(victim).await {
+            Ok(_) => {
+                metrics::counter!("migrations_preempted_total").increment(1);
+                tracing::warn!(migration = %victim, for_ = %for_, "preempted a less urgent migration");
+            }
+            Err(e) => tracing::debug!(migration = %victim, error = %e, "not preempted"),
+        }
+        // Either way it is ending or ends by itself: not asked again.
+        lock(&self.preempted).insert(victim.clone(), for_.clone());
+    }
+
+    /// Claims requested migration `m` (`requesting → precopy` by
+    /// compare-and-swap, before its source is asked: a cancel that comes
+    /// first finds it unclaimed and ends it here, one that comes after
+    /// goes through the source's agent) and starts it.
+    async fn claim(&self, m: &MigrationRecord) -> Result<(), MigrationError> {
+        let src = self.driver.client(&m.from).await?;
+        match self
+            .store
+            .update_migration(
+                &m.id,
+                MigrationPhase::Requesting,
+                MigrationPhase::Precopy,
+                None,
+                None,
+            )
+            .await
+        {
+            Ok(claimed) => self.start(&src, &claimed).await,
+            Err(StoreError::MigrationConflict { .. }) => Ok(()),
+            Err(e) => Err(MigrationError::Store(e)),
+        }
     }
 
     /// Marks hosts silent for longer than `down_after` down; returns every
@@ -437,7 +555,7 @@ impl Migrations {
                 vm: p.vm,
                 to: Some(p.to.clone()),
                 reason: p.reason,
-                options: serde_json::json!({}),
+                options: self.rebalance_options.clone(),
             };
             match self.request(ask).await {
                 Ok(m) => {
@@ -450,7 +568,7 @@ impl Migrations {
     }
 
     /// For every draining or evacuating host, asks for moves of the VMs it
-    /// still runs (at most [`DRAIN_PER_HOST`] at a time). An evacuation
+    /// still runs (the queue paces them: per-host and per-link limits). An evacuation
     /// first cancels the rebalancing migrations from or to its host: they
     /// hold the host's migration slots and links, and nothing should be
     /// balanced onto a failing host.
@@ -478,12 +596,11 @@ impl Migrations {
         }
         let fleet = self.driver.model().await?;
         for (host, reason) in emptying {
-            let busy = fleet.vms_on(&host).filter(|v| v.migrating).count();
             let (plans, stuck) = tern_scheduler::drain(&fleet, &host, reason);
             for (vm, why) in stuck {
                 tracing::warn!(host = %host, vm = %vm, error = %why, "a VM of a host being emptied has nowhere to go");
             }
-            for p in plans.into_iter().take(DRAIN_PER_HOST.saturating_sub(busy)) {
+            for p in plans {
                 let ask = Ask {
                     vm: p.vm,
                     to: Some(p.to),
@@ -527,30 +644,10 @@ impl Migrations {
         Ok(())
     }
 
-    /// Moves one migration on: starts it on its source, follows its phase,
-    /// and records its end.
+    /// Moves one migration under way on: follows its phase, and records
+    /// its end.
     async fn advance(&self, m: &MigrationRecord) -> Result<(), MigrationError> {
         let src = self.driver.client(&m.from).await?;
-        if m.phase == MigrationPhase::Requesting {
-            // Claimed before the source is asked: a cancel that comes
-            // first finds it unclaimed and ends it here, one that comes
-            // after goes through the source's agent.
-            match self
-                .store
-                .update_migration(
-                    &m.id,
-                    MigrationPhase::Requesting,
-                    MigrationPhase::Precopy,
-                    None,
-                    None,
-                )
-                .await
-            {
-                Ok(claimed) => return self.start(&src, &claimed).await,
-                Err(StoreError::MigrationConflict { .. }) => return Ok(()),
-                Err(e) => return Err(MigrationError::Store(e)),
-            }
-        }
         match src.migration(m.id.as_str()).await {
             Ok(v) => self.follow(m, v).await,
             // Claimed, but the source never heard of it (the replica that
@@ -715,6 +812,17 @@ impl Migrations {
         tracing::info!(migration = %m.id, vm = %m.vm, phase = phase.as_str(), error = error.unwrap_or(""), "migration ended");
         Ok(())
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The record of the queue's step `id` (the queue is built from `open`).
+fn find<'a>(open: &'a [MigrationRecord], id: &MigrationId) -> &'a MigrationRecord {
+    open.iter()
+        .find(|m| &m.id == id)
+        .expect("the queue only names migrations it was given")
 }
 
 /// The options a migration was asked with, checked as the agent will read

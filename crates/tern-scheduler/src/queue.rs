@@ -105,6 +105,15 @@ impl Queue {
         self.next_seq += 1;
     }
 
+    /// Takes in a migration that already runs (a queue rebuilt from the
+    /// store): it holds its slots, and its target's room is already
+    /// reserved in the fleet the queue admits against. `cancelled_for`
+    /// names the request it was cancelled for, if any, so it is not
+    /// cancelled twice while it rolls back.
+    pub fn resume(&mut self, req: Request, cancelled_for: Option<MigrationId>) {
+        self.running.push(Running { req, cancelled_for });
+    }
+
     /// Requests waiting, in no particular order.
     pub fn pending(&self) -> impl Iterator<Item = &Request> {
         self.pending.iter().map(|(_, r)| r)
@@ -309,6 +318,31 @@ mod tests {
         q.end(&mig1, &mut f, false, 9);
         assert_eq!(q.admit(&mut f), [Step::Start(mig2)]);
         assert_eq!(f.vms()[0].host.as_str(), "a", "the rebalanced VM stayed");
+    }
+
+    #[test]
+    fn a_rebuilt_queue_remembers_what_runs_and_what_was_cancelled() {
+        let mut f = Fleet::new(
+            vec![
+                host("a", "eu", 65536, 64),
+                host("b", "eu", 4096, 64),
+                host("c", "eu", 65536, 64),
+            ],
+            vec![vm("a", 3072, 1), vm("c", 3072, 1)],
+        );
+        let rebalance = req(1, &f, 0, "b", MigrationReason::Rebalance);
+        f.start_migration(&rebalance.vm, &rebalance.to).unwrap();
+        let evacuation = req(2, &f, 1, "b", MigrationReason::Evacuation);
+        // A pass that has not cancelled it yet does.
+        let mut q = Queue::new(Limits::default());
+        q.resume(rebalance.clone(), None);
+        q.push(evacuation.clone());
+        assert!(matches!(q.admit(&mut f)[..], [Step::Cancel { .. }]));
+        // A later pass that knows it was cancelled waits for it.
+        let mut q = Queue::new(Limits::default());
+        q.resume(rebalance, Some(evacuation.id.clone()));
+        q.push(evacuation);
+        assert!(q.admit(&mut f).is_empty());
     }
 
     #[test]

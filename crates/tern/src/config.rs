@@ -180,6 +180,11 @@ pub struct FleetConfig {
     /// allocation and its CPU use, 0..1) sheds VMs to the least loaded
     /// hosts that fit.
     pub rebalance_threshold: f64,
+    /// Migrations a host takes part in at once, as source or target:
+    /// more wait in the queue, most urgent first.
+    pub max_migrations_per_host: u32,
+    /// Migrations at once between one pair of hosts.
+    pub max_migrations_per_link: u32,
 }
 
 impl Default for FleetConfig {
@@ -190,6 +195,8 @@ impl Default for FleetConfig {
             rebalance_bandwidth_mbps: None,
             rebalance_interval: Dur(Duration::from_secs(30)),
             rebalance_threshold: 0.85,
+            max_migrations_per_host: 2,
+            max_migrations_per_link: 1,
         }
     }
 }
@@ -313,6 +320,16 @@ const ENV: &[(&str, &str, Kind)] = &[
     (
         "TERN_FLEET_REBALANCE_BANDWIDTH_MBPS",
         "fleet.rebalance_bandwidth_mbps",
+        Kind::Int,
+    ),
+    (
+        "TERN_FLEET_MAX_MIGRATIONS_PER_HOST",
+        "fleet.max_migrations_per_host",
+        Kind::Int,
+    ),
+    (
+        "TERN_FLEET_MAX_MIGRATIONS_PER_LINK",
+        "fleet.max_migrations_per_link",
         Kind::Int,
     ),
     (
@@ -477,6 +494,12 @@ impl Config {
                 "fleet.rebalance_bandwidth_mbps",
                 "must be above 0 (leave it out for no cap)".into(),
             ));
+        }
+        if self.fleet.max_migrations_per_host == 0 {
+            return Err(("fleet.max_migrations_per_host", "must be at least 1".into()));
+        }
+        if self.fleet.max_migrations_per_link == 0 {
+            return Err(("fleet.max_migrations_per_link", "must be at least 1".into()));
         }
         if self.fleet.drain_bandwidth_mbps == Some(0) {
             return Err((

@@ -64,6 +64,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tern_fleet::Migrations::new(store.clone(), d, &holder, cfg.fleet.host_down_after.0)
                 .with_drain_options(capped(cfg.fleet.drain_bandwidth_mbps))
                 .with_rebalance_options(capped(cfg.fleet.rebalance_bandwidth_mbps))
+                .with_limits(tern_scheduler::Limits {
+                    per_host: cfg.fleet.max_migrations_per_host,
+                    per_link: cfg.fleet.max_migrations_per_link,
+                })
                 .with_policy(
                     Box::new(tern_scheduler::LoadBalance {
                         threshold: cfg.fleet.rebalance_threshold,

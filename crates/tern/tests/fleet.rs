@@ -486,6 +486,27 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
         .filter(|v| v.status == tern_agent::VmStatus::Running)
         .collect();
     assert!(still.is_empty(), "host-a still runs {still:?}");
+    // The control plane's metrics count the moves and the queue.
+    let metrics_token = std::fs::read_to_string(cp.join("metrics-token")).unwrap();
+    let text = http
+        .get(format!("{}/metrics", up.base))
+        .bearer_auth(metrics_token.trim())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "migrations_initiated_total",
+        "migrations_completed_total",
+        "migration_reason_total{reason=\"maintenance\"}",
+        "migrations_active 0",
+        "migrations_pending 0",
+        "migration_duration_seconds",
+    ] {
+        assert!(text.contains(name), "no {name} in\n{text}");
+    }
     drop(agents);
 }
 
