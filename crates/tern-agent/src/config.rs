@@ -146,6 +146,12 @@ pub struct AgentConfig {
     /// Most vCPUs accepted from a peer. Default 8.
     #[serde(default = "default_max_vcpus")]
     pub max_vcpus: u8,
+    /// The host's bandwidth for outgoing migrations, MB/s (default: no
+    /// cap). Shared by class (evacuation, maintenance, manual, rebalance,
+    /// by weight 8:4:2:1), then evenly within a class, each migration
+    /// under its own cap as well.
+    #[serde(default)]
+    pub host_bandwidth_mbps: Option<u64>,
     /// How long a migration session waits for a dropped link, seconds. Default 30.
     #[serde(default = "default_resume")]
     pub resume_deadline_secs: u64,
@@ -196,6 +202,7 @@ impl AgentConfig {
             max_memory_mib: default_max_memory(),
             max_vcpus: default_max_vcpus(),
             resume_deadline_secs: default_resume(),
+            host_bandwidth_mbps: None,
             guest_kernel: None,
             guest_initrd: None,
             http: tern_httpd::Limits::default(),
@@ -239,6 +246,12 @@ impl AgentConfig {
         }
         if let Err(e) = self.http.validate() {
             return bad("http", e);
+        }
+        if self.host_bandwidth_mbps == Some(0) {
+            return bad(
+                "host_bandwidth_mbps",
+                "must be above 0 (leave it out for no cap)".into(),
+            );
         }
         if let Some(cp) = &self.control_plane {
             return self.validate_joined(cp);

@@ -41,6 +41,14 @@ pub enum Request {
         /// The migration.
         migration: String,
     },
+    /// Source: the outgoing migration's share of the host's bandwidth
+    /// changed (others started or ended).
+    SetShare {
+        /// The migration.
+        migration: String,
+        /// Bytes/s (above 0).
+        bytes_per_sec: u64,
+    },
 }
 
 /// One outgoing migration, as the agent hands it to the guest's process.
@@ -57,6 +65,10 @@ pub struct OutJob {
     /// Where the destination dials replies (this host's migration listener,
     /// which routes them here by the migration's id).
     pub reply_to: String,
+    /// Its share of the host's migration bandwidth, bytes/s (0: the host
+    /// has no cap); the agent sends a new one as others start and end.
+    #[serde(default)]
+    pub share_bytes_per_sec: u64,
 }
 
 /// Where a guest process stands.

@@ -192,6 +192,10 @@ pub struct MigrationView {
     pub report: Option<Report>,
     /// Why it failed.
     pub error: Option<String>,
+    /// Source, while it runs under a host cap: its share of the host's
+    /// migration bandwidth now, bytes/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_share_bytes_per_sec: Option<u64>,
 }
 
 #[cfg(test)]

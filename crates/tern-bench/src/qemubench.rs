@@ -341,6 +341,7 @@ async fn tern_run(
                 auto_converge: Some(false),
                 compress: Some(if link == Link::Wan { "zstd" } else { "none" }.into()),
                 id: None,
+                reason: None,
             },
         )
         .await?;

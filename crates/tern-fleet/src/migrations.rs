@@ -836,9 +836,9 @@ fn options_of(v: &serde_json::Value) -> Result<serde_json::Value, MigrationError
     let obj = probe
         .as_object_mut()
         .ok_or_else(|| MigrationError::Options("must be a JSON object".into()))?;
-    if obj.contains_key("to") || obj.contains_key("id") {
+    if ["to", "id", "reason"].iter().any(|k| obj.contains_key(*k)) {
         return Err(MigrationError::Options(
-            "`to` and `id` are the control plane's".into(),
+            "`to`, `id` and `reason` are the control plane's".into(),
         ));
     }
     obj.insert("to".into(), "x".into());
@@ -855,6 +855,8 @@ fn start_request(m: &MigrationRecord) -> Result<MigrateRequest, MigrationError> 
     let obj = v.as_object_mut().expect("options are an object");
     obj.insert("to".into(), m.to.as_str().into());
     obj.insert("id".into(), m.id.as_str().into());
+    // Its class when its source shares the host's bandwidth.
+    obj.insert("reason".into(), m.reason.as_str().into());
     serde_json::from_value(v).map_err(|e| MigrationError::Options(e.to_string()))
 }
 
@@ -868,6 +870,7 @@ mod tests {
         assert!(options_of(&serde_json::Value::Null).is_ok());
         assert!(options_of(&serde_json::json!({"mode": "teleport"})).is_err());
         assert!(options_of(&serde_json::json!({"to": "h9"})).is_err());
+        assert!(options_of(&serde_json::json!({"reason": "evacuation"})).is_err());
         assert!(options_of(&serde_json::json!([1])).is_err());
         assert!(options_of(&serde_json::json!({"bogus": 1})).is_err());
     }

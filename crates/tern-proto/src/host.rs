@@ -104,6 +104,18 @@ impl MigrationReason {
             MigrationReason::Evacuation => "evacuation",
         }
     }
+
+    /// Its class's weight when a host's migration bandwidth is shared:
+    /// each class gets a share by weight, split evenly among its
+    /// migrations (an evacuation gets 8 times a rebalance's share).
+    pub fn bandwidth_weight(self) -> f64 {
+        match self {
+            MigrationReason::Rebalance => 1.0,
+            MigrationReason::Manual => 2.0,
+            MigrationReason::Maintenance => 4.0,
+            MigrationReason::Evacuation => 8.0,
+        }
+    }
 }
 
 /// A host that joined the control plane, as the store keeps it.

@@ -20,7 +20,7 @@ pub mod session;
 pub mod tls;
 pub mod wire;
 
-pub use ratelimit::{HostLimiter, TokenBucket};
+pub use ratelimit::{weighted_shares, Claim, HostLimiter, TokenBucket};
 pub use session::{
     Listener, Receiver, Router, Security, Sender, SessionConfig, SessionMetrics, TransportError,
     HEARTBEAT, MAX_PENDING, MAX_REORDER_BYTES, MAX_SESSIONS, ROUTE_TIMEOUT, SILENCE_LIMIT,

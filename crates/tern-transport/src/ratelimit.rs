@@ -144,6 +144,55 @@ impl HostLimiter {
     }
 }
 
+/// One claim on a shared rate: its weight, and the most it may use (0: no
+/// limit of its own).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Claim {
+    /// Its weight against the others (above 0).
+    pub weight: f64,
+    /// Its own cap in bytes/s (0: none).
+    pub cap: u64,
+}
+
+/// Splits `total` bytes/s among `claims` by weight, no claim above its own
+/// cap, and what a capped claim leaves goes to the others by weight
+/// (weighted max-min fairness, by water-filling). An unlimited total gives
+/// every claim its own cap. This is how one host's migration bandwidth is
+/// shared between migrations that run in different processes: their agent
+/// computes the shares and hands each process its own.
+pub fn weighted_shares(total: u64, claims: &[Claim]) -> Vec<u64> {
+    if total == UNLIMITED {
+        return claims.iter().map(|c| c.cap).collect();
+    }
+    let mut share = vec![0u64; claims.len()];
+    let mut open: Vec<usize> = (0..claims.len()).collect();
+    let mut left = total as f64;
+    while !open.is_empty() {
+        let weights: f64 = open
+            .iter()
+            .map(|&i| claims[i].weight.max(f64::MIN_POSITIVE))
+            .sum();
+        let unit = left / weights;
+        let (capped, free): (Vec<usize>, Vec<usize>) = open.iter().partition(|&&i| {
+            let c = claims[i];
+            c.cap != UNLIMITED && (c.cap as f64) < c.weight * unit
+        });
+        if capped.is_empty() {
+            for i in free {
+                share[i] = (claims[i].weight.max(f64::MIN_POSITIVE) * unit) as u64;
+            }
+            break;
+        }
+        for i in capped {
+            share[i] = claims[i].cap;
+            left -= claims[i].cap as f64;
+        }
+        open = free;
+    }
+    // No share of a capped total is "unlimited".
+    share.iter().map(|&s| s.max(1)).collect()
+}
+
 /// The smaller of two rates where 0 means unlimited.
 pub fn min_rate(a: u64, b: u64) -> u64 {
     match (a, b) {
@@ -169,6 +218,47 @@ mod tests {
             "{last:?}"
         );
         assert_eq!(TokenBucket::new(UNLIMITED).reserve(1 << 30), Duration::ZERO);
+    }
+
+    fn c(weight: f64, cap: u64) -> Claim {
+        Claim { weight, cap }
+    }
+
+    #[test]
+    fn shares_follow_weights_and_caps() {
+        assert_eq!(weighted_shares(900, &[c(8.0, 0), c(1.0, 0)]), [800, 100]);
+        // A capped claim leaves the rest to the others, by weight.
+        assert_eq!(
+            weighted_shares(900, &[c(8.0, 200), c(1.0, 0), c(2.0, 0)]),
+            [200, 233, 466]
+        );
+        assert_eq!(weighted_shares(0, &[c(1.0, 5), c(1.0, 0)]), [5, 0]);
+        assert!(weighted_shares(100, &[]).is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn shares_never_exceed_the_total_or_a_cap(
+            total in 1u64..10_000_000_000,
+            claims in proptest::collection::vec((0.5f64..16.0, 0u64..5_000_000_000), 0..12),
+        ) {
+            let claims: Vec<Claim> = claims.into_iter().map(|(w, cap)| c(w, cap)).collect();
+            let shares = weighted_shares(total, &claims);
+            proptest::prop_assert_eq!(shares.len(), claims.len());
+            let sum: u64 = shares.iter().sum();
+            proptest::prop_assert!(sum <= total + claims.len() as u64, "{} > {}", sum, total);
+            for (s, cl) in shares.iter().zip(&claims) {
+                proptest::prop_assert!(*s >= 1);
+                if cl.cap != UNLIMITED {
+                    proptest::prop_assert!(*s <= cl.cap.max(1));
+                }
+            }
+            // Nothing is left idle while a claim could use more.
+            let uncapped = claims.iter().any(|cl| cl.cap == UNLIMITED);
+            if uncapped {
+                proptest::prop_assert!(sum + claims.len() as u64 >= total, "{} < {}", sum, total);
+            }
+        }
     }
 
     #[test]

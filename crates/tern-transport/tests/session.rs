@@ -514,6 +514,43 @@ async fn adaptive_rate_settles_near_a_wan_link_rate() {
     );
 }
 
+/// A session asked to adapt above 5 ms of RTT does so on a 20 ms link, and
+/// not over plain loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_adapts_on_a_link_slower_than_the_threshold() {
+    let p = pki();
+    let mut l = listen(Some(&p.dst)).await;
+    let link = LinkEmulator::start(
+        l.local_addr(),
+        LinkConfig {
+            one_way_delay: Duration::from_millis(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let cfg = SessionConfig {
+        adaptive_above_rtt: Some(Duration::from_millis(5)),
+        ..Default::default()
+    };
+    let slow = Sender::connect(link.addr(), tls(&p.src), cfg.clone(), None)
+        .await
+        .unwrap();
+    let _rx = l.accept().await.unwrap();
+    let m = slow.metrics();
+    assert!(m.adaptive, "{m:?}");
+    assert!(m.min_rtt >= Duration::from_millis(20), "{m:?}");
+    assert_eq!(
+        m.rate_bytes_per_sec, cfg.initial_rate_bytes_per_sec,
+        "{m:?}"
+    );
+    let fast = Sender::connect(l.local_addr(), tls(&p.src), cfg, None)
+        .await
+        .unwrap();
+    let m = fast.metrics();
+    assert!(!m.adaptive && m.rate_bytes_per_sec == 0, "{m:?}");
+}
+
 /// The default `#[tokio::test]` runtime is single-threaded: a session must
 /// work there too (no task may block the only worker), plain and TLS.
 #[tokio::test]

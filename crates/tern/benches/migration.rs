@@ -138,6 +138,7 @@ fn main() {
                             auto_converge: None,
                             compress: None,
                             id: None,
+                            reason: None,
                         },
                     )
                     .await

@@ -155,6 +155,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             auto_converge: Some(!a.no_auto_converge),
             compress: a.compress.clone(),
             id: None,
+            reason: None,
         };
         let started = client.migrate(&a.vm, &req).await?;
         let done = follow(&client, &started.id, !a.json).await?;

@@ -350,3 +350,95 @@ async fn twenty_migrations_back_and_forth_leave_no_sockets_behind() {
         "sockets before {before:?}, after {after:?}"
     );
 }
+
+/// Sets a host's cap on outgoing migration bandwidth in its config file.
+fn cap_host_bandwidth(host: &tern_agent::layout::LocalHost, mbps: u64) {
+    let text = std::fs::read_to_string(&host.config).unwrap();
+    // A top-level key goes before the first table.
+    std::fs::write(
+        &host.config,
+        format!("host_bandwidth_mbps = {mbps}\n{text}"),
+    )
+    .unwrap();
+}
+
+/// Polls migration `id` until `ok` holds of it; panics if it ends first.
+async fn wait_view(
+    c: &tern_agent::AgentClient,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&tern_agent::MigrationView) -> bool,
+) -> tern_agent::MigrationView {
+    let t = Instant::now();
+    loop {
+        let v = c.migration(id).await.unwrap();
+        if ok(&v) {
+            return v;
+        }
+        assert!(!v.state.is_final(), "{id} ended before {what}: {v:?}");
+        assert!(t.elapsed() < Duration::from_secs(30), "never {what}: {v:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two migrations leave a host capped at 9 MB/s: alone, a rebalance has
+/// the whole cap; beside an evacuation it gets one ninth (weights 1:8);
+/// when the evacuation ends it gets the whole cap back. Both guests arrive
+/// whole, and the figures are printed.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn a_hosts_migration_bandwidth_is_shared_by_priority_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let bed = loopback_pair(dir.path());
+    cap_host_bandwidth(&bed[0], 9);
+    let a = AgentProc::start(&bed[0], None);
+    let b = AgentProc::start(&bed[1], None);
+    let (ac, bc) = (a.client(), b.client());
+    // 24 MiB of random working set: seconds at these rates.
+    let spec = tern_agent::VmSpec {
+        ws_pages: 6144,
+        ..process_spec()
+    };
+    let (v1, v2) = (
+        ac.create_vm(&spec).await.unwrap(),
+        ac.create_vm(&spec).await.unwrap(),
+    );
+    let mut rebalance = precopy_to("host-b");
+    rebalance.reason = Some(tern_proto::MigrationReason::Rebalance);
+    let mut evacuation = precopy_to("host-b");
+    evacuation.reason = Some(tern_proto::MigrationReason::Evacuation);
+    let share = |want: u64| {
+        move |v: &tern_agent::MigrationView| v.bandwidth_share_bytes_per_sec == Some(want)
+    };
+
+    let m1 = ac.migrate(&v1.id, &rebalance).await.unwrap();
+    wait_view(&ac, &m1.id, "the whole cap", share(9_000_000)).await;
+    let m2 = ac.migrate(&v2.id, &evacuation).await.unwrap();
+    wait_view(&ac, &m2.id, "the evacuation's share", share(8_000_000)).await;
+    wait_view(&ac, &m1.id, "the rebalance's share", share(1_000_000)).await;
+    let evacuated = wait_end(&ac, &m2.id, Duration::from_secs(60)).await;
+    assert_eq!(evacuated.state, MigrationPhase::Committed, "{evacuated:?}");
+    let back = wait_view(&ac, &m1.id, "the whole cap back", share(9_000_000)).await;
+    let rebalanced = wait_end(&ac, &m1.id, Duration::from_secs(60)).await;
+    assert_eq!(
+        rebalanced.state,
+        MigrationPhase::Committed,
+        "{rebalanced:?}"
+    );
+    for (name, v) in [("evacuation", &evacuated), ("rebalance", &rebalanced)] {
+        let r = v.report.as_ref().unwrap();
+        eprintln!(
+            "{name}: {} wire bytes in {:.0} ms ({:.2} MB/s on average), downtime {:.1} ms",
+            r.wire_bytes,
+            r.total_ms,
+            r.wire_bytes as f64 / r.total_ms / 1e3,
+            r.downtime_ms
+        );
+    }
+    eprintln!(
+        "the rebalance had sent {} bytes when it got the cap back",
+        back.progress.wire_bytes
+    );
+    assert_runs(&bc, &v1.id, 2).await;
+    assert_runs(&bc, &v2.id, 2).await;
+}

@@ -83,6 +83,7 @@ fn precopy(bandwidth_mbps: Option<u64>) -> MigrateRequest {
         auto_converge: None,
         compress: None,
         id: None,
+        reason: None,
     }
 }
 

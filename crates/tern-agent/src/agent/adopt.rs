@@ -61,6 +61,7 @@ impl Agent {
                     progress: rx,
                     report: e.report.clone(),
                     error: e.error.clone(),
+                    bandwidth: None,
                 },
             );
         }

@@ -19,6 +19,10 @@ impl Agent {
             progress,
             report: m.report.clone(),
             error: m.error.clone(),
+            bandwidth_share_bytes_per_sec: m
+                .bandwidth
+                .filter(|_| !m.state.is_final())
+                .map(|b| b.share),
         })
     }
 
@@ -49,6 +53,11 @@ impl Agent {
             });
         }
         let (policy, compress) = req.policy()?;
+        let reason = req.reason.unwrap_or(tern_proto::MigrationReason::Manual);
+        let own_cap = policy
+            .max_bandwidth_bytes_per_sec
+            .max(policy.bandwidth_bytes_per_sec);
+        let share = self.share_for(reason, own_cap);
         let migration = match &req.id {
             Some(id) => {
                 crate::vmdir::check_name("migration id", id)
@@ -72,6 +81,7 @@ impl Agent {
             policy,
             compress,
             reply_to: self.reply_addr().to_string(),
+            share_bytes_per_sec: share,
         };
         let started = control::call::<()>(
             &e.dir.control(),
@@ -93,6 +103,7 @@ impl Agent {
         }
         metrics::counter!("migrations_initiated_total").increment(1);
         self.track(&migration, vm, Role::Source, &req.to, e.dir);
+        self.claim_bandwidth(&migration, reason, own_cap, share);
         Ok(migration)
     }
 
@@ -140,6 +151,7 @@ impl Agent {
                 progress: rx,
                 report: None,
                 error: None,
+                bandwidth: None,
             },
         );
         let a = self.clone();
@@ -202,6 +214,8 @@ impl Agent {
             m.report = end.report;
             m.error = end.error;
         }
+        // What it used goes to the others.
+        self.reshare();
     }
 }
 
@@ -258,6 +272,10 @@ pub struct MigrateRequest {
     /// control plane that lost the first answer may retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Why it moves (default `manual`): its class when the host's
+    /// bandwidth is shared (`host_bandwidth_mbps`). A control plane sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<tern_proto::MigrationReason>,
 }
 
 fn default_mode() -> String {

@@ -11,6 +11,7 @@
 //! or to settle one.
 
 mod adopt;
+mod bandwidth;
 mod migrations;
 mod vms;
 
@@ -85,6 +86,9 @@ pub(crate) struct MigrationEntry {
     pub(crate) progress: watch::Receiver<Progress>,
     pub(crate) report: Option<tern_migrate::Report>,
     pub(crate) error: Option<String>,
+    /// An outgoing migration's share of the host's bandwidth (`None`: no
+    /// host cap, or not sent from here).
+    pub(crate) bandwidth: Option<bandwidth::Bandwidth>,
 }
 
 /// Migration id → the directory of the guest process that runs it.

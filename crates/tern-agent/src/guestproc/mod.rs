@@ -29,6 +29,9 @@ use tern_transport::{Listener, Security, SessionConfig, TlsIdentity};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
 
+/// Sessions over a link slower than this round trip adapt their rate.
+const ADAPTIVE_ABOVE_RTT: Duration = Duration::from_millis(5);
+
 /// Why a guest process could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestProcError {
@@ -93,8 +96,8 @@ struct Proc {
     track: Mutex<Option<Track>>,
     streams: Mutex<Option<mpsc::Sender<TcpStream>>>,
     gate: Mutex<CommitGate>,
-    /// The outgoing migration under way and what cancels it.
-    cancel: Mutex<Option<(String, tern_migrate::Cancel)>>,
+    /// The outgoing migration under way: what cancels it and what paces it.
+    outgoing: Mutex<Option<outgoing::Controls>>,
     done: Notify,
 }
 
@@ -134,7 +137,7 @@ pub fn main(dir: &Path) -> Result<(), GuestProcError> {
         track: Mutex::new(None),
         streams: Mutex::new(None),
         gate: Mutex::default(),
-        cancel: Mutex::default(),
+        outgoing: Mutex::default(),
         done: Notify::new(),
     });
     rt.block_on(server::serve(p))
@@ -189,6 +192,8 @@ impl Proc {
             streams: 2,
             resume_deadline: Duration::from_secs(self.cfg().resume_deadline_secs),
             route: route.map(str::to_string),
+            // A WAN link: the rate follows what the path delivers.
+            adaptive_above_rtt: Some(ADAPTIVE_ABOVE_RTT),
             ..Default::default()
         }
     }

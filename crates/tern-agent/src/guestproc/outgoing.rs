@@ -15,7 +15,7 @@ use tern_migrate::protocol::{hello_frame, Offer, SessionHello, PROTOCOL_VERSION}
 use tern_migrate::{
     MigrateError, MigrationPhase, Outcome, Progress, Report, SourceGuest, SourceLink,
 };
-use tern_transport::{Listener, Receiver, Sender};
+use tern_transport::{HostLimiter, Listener, Receiver, Sender};
 use tokio::sync::watch;
 
 /// In-flight bytes of a QEMU guest's data session: QEMU paces itself by how
@@ -34,18 +34,44 @@ fn data_window(ram_bytes: u64) -> usize {
 /// How often an unconfirmed commit is asked about while the destination is away.
 const SETTLE_RETRY: Duration = Duration::from_secs(2);
 
+/// What the agent may change of the outgoing migration under way.
+pub(super) struct Controls {
+    migration: String,
+    cancel: tern_migrate::Cancel,
+    /// Its share of the host's bandwidth, as the data session's host
+    /// limiter (`None`: the host has no cap).
+    share: Option<Arc<HostLimiter>>,
+}
+
 /// Cancels the outgoing migration `migration` if it has not begun its
 /// switchover (the engine then rolls back and the guest runs on here).
 pub(super) fn cancel(p: &Proc, migration: &str) -> Answer<()> {
     if p.launch.spec.kind == crate::views::GuestKind::Linux {
         return Answer::Err("cancelling a Linux guest's migration is not supported yet".into());
     }
-    match &*lock(&p.cancel) {
-        Some((id, c)) if id == migration => {
-            c.cancel();
+    match &*lock(&p.outgoing) {
+        Some(c) if c.migration == migration => {
+            c.cancel.cancel();
             tracing::info!(migration, "cancel asked");
             Answer::Ok(())
         }
+        _ => Answer::Err(format!("no outgoing migration {migration} runs here")),
+    }
+}
+
+/// Sets the outgoing migration's share of the host's bandwidth (its data
+/// session follows within 100 ms).
+pub(super) fn set_share(p: &Proc, migration: &str, bytes_per_sec: u64) -> Answer<()> {
+    match &*lock(&p.outgoing) {
+        Some(c) if c.migration == migration => match (&c.share, bytes_per_sec) {
+            (_, 0) => Answer::Err("a share is above 0".into()),
+            (Some(h), rate) => {
+                h.set_rate(rate);
+                tracing::debug!(migration, rate, "bandwidth share");
+                Answer::Ok(())
+            }
+            (None, _) => Answer::Err(format!("migration {migration} has no share")),
+        },
         _ => Answer::Err(format!("no outgoing migration {migration} runs here")),
     }
 }
@@ -77,12 +103,17 @@ pub(super) fn start(p: &Arc<Proc>, mut job: OutJob) -> Answer<()> {
         g
     };
     job.policy.cancel = tern_migrate::Cancel::default();
-    *lock(&p.cancel) = Some((job.migration.clone(), job.policy.cancel.clone()));
+    let share = (job.share_bytes_per_sec > 0).then(|| HostLimiter::new(job.share_bytes_per_sec));
+    *lock(&p.outgoing) = Some(Controls {
+        migration: job.migration.clone(),
+        cancel: job.policy.cancel.clone(),
+        share: share.clone(),
+    });
     let (ptx, etx) = p.track(&job.migration, Progress::default());
     let p = p.clone();
     tokio::spawn(async move {
-        let end = run(&p, guest, &job, compress, ptx).await;
-        *lock(&p.cancel) = None;
+        let end = run(&p, guest, &job, compress, ptx, share).await;
+        *lock(&p.outgoing) = None;
         p.end(end, &etx);
     });
     Answer::Ok(())
@@ -100,6 +131,7 @@ async fn run(
     job: &OutJob,
     compress: Compress,
     progress: watch::Sender<Progress>,
+    share: Option<Arc<HostLimiter>>,
 ) -> EndedMigration {
     let mut end = EndedMigration {
         migration: job.migration.clone(),
@@ -110,7 +142,7 @@ async fn run(
         report: None,
         error: None,
     };
-    let (outcome, listener) = match open(p, job, guest.is_qemu()).await {
+    let (outcome, listener) = match open(p, job, guest.is_qemu(), share).await {
         Ok(Links { link, listener }) => {
             let o = transfer(p, &mut guest, job, compress, link, progress.clone()).await;
             (o, Some(listener))
@@ -181,7 +213,12 @@ async fn roll_back(p: &Proc, mut guest: Box<Hosted>, end: &EndedMigration, in_do
 
 /// Asks the destination agent to take the migration, waits for its guest
 /// process to dial back, then opens the data session routed to it.
-async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateError> {
+async fn open(
+    p: &Arc<Proc>,
+    job: &OutJob,
+    qemu: bool,
+    share: Option<Arc<HostLimiter>>,
+) -> Result<Links, MigrateError> {
     let setup = |e: SessionError| MigrateError::Setup(Box::new(e));
     let peer = p.peer(&job.to).map_err(setup)?;
     let security = p.security(&peer.name).map_err(setup)?;
@@ -215,7 +252,7 @@ async fn open(p: &Arc<Proc>, job: &OutJob, qemu: bool) -> Result<Links, MigrateE
     } else {
         data_window(p.launch.spec.memory_mib << 20)
     };
-    let data = Sender::connect(peer.migrate_addr, security, cfg, None).await?;
+    let data = Sender::connect(peer.migrate_addr, security, cfg, share).await?;
     data.send(hello_frame(&hello)).await?;
     Ok(Links {
         link: SourceLink { data, replies },

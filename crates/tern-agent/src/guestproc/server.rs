@@ -166,6 +166,10 @@ async fn handle(p: Arc<Proc>, conn: UnixStream) {
         Request::MigrateOut(job) => write(&mut w, &outgoing::start(&p, *job)).await,
         Request::Settle { migration } => write(&mut w, &settle(&p, &migration)).await,
         Request::Cancel { migration } => write(&mut w, &outgoing::cancel(&p, &migration)).await,
+        Request::SetShare {
+            migration,
+            bytes_per_sec,
+        } => write(&mut w, &outgoing::set_share(&p, &migration, bytes_per_sec)).await,
         Request::Watch { migration } => watch(&p, &migration, &mut w).await,
     };
 }

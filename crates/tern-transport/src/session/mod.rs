@@ -25,7 +25,7 @@ use crate::wire::{
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -101,6 +101,11 @@ pub struct SessionConfig {
     pub rate_bytes_per_sec: u64,
     /// Adapt the rate to congestion (back off when RTT climbs or throughput stalls).
     pub adaptive: bool,
+    /// Turn the adaptive rate on when the link's round trip (measured by
+    /// the streams' hellos at connect) is above this: a WAN link, where a
+    /// fixed rate either wastes the path or overruns its queue. `None`:
+    /// only `adaptive` decides.
+    pub adaptive_above_rtt: Option<Duration>,
     /// Adaptive rate never goes below this.
     pub min_rate_bytes_per_sec: u64,
     /// Rate an adaptive session starts at when it has no cap.
@@ -121,6 +126,7 @@ impl Default for SessionConfig {
             window_bytes: 64 << 20,
             rate_bytes_per_sec: UNLIMITED,
             adaptive: false,
+            adaptive_above_rtt: None,
             min_rate_bytes_per_sec: 1 << 20,
             initial_rate_bytes_per_sec: 8 << 20,
             resume_deadline: Duration::from_secs(30),
@@ -153,6 +159,8 @@ pub struct SessionMetrics {
     pub srtt: Duration,
     /// Lowest RTT seen.
     pub min_rtt: Duration,
+    /// Whether the rate adapts to congestion.
+    pub adaptive: bool,
 }
 
 pub(super) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;

@@ -51,6 +51,9 @@ pub(super) struct SenderShared {
     pub(super) bucket: Arc<TokenBucket>,
     pub(super) cap: AtomicU64,
     pub(super) host: Option<Arc<HostLimiter>>,
+    /// Whether the rate adapts: asked for, or turned on at connect for a
+    /// link slower than `cfg.adaptive_above_rtt`.
+    pub(super) adaptive: AtomicBool,
     pub(super) counters: Counters,
     pub(super) failed: watch::Sender<Option<TransportError>>,
 }
@@ -69,6 +72,7 @@ pub(super) async fn open_stream(
     let addr = sh.addr;
     let fail = |reason: String| TransportError::Connect { addr, reason };
     let attempt = async {
+        let t0 = Instant::now();
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| fail(e.to_string()))?;
@@ -106,7 +110,14 @@ pub(super) async fn open_stream(
                 // for unpaced sessions: bytes parked in rustls count as sent,
                 // so a paced or adaptive session would see them as queueing
                 // delay (measured: the adaptive rate stopped climbing).
-                if !sh.cfg.adaptive && sh.cfg.rate_bytes_per_sec == UNLIMITED && sh.host.is_none() {
+                // A handshake slower than the adaptive threshold may be a
+                // WAN link's: no big buffer then either.
+                let maybe_wan = sh.cfg.adaptive_above_rtt.is_some_and(|t| t0.elapsed() > t);
+                if !sh.adaptive.load(Relaxed)
+                    && !maybe_wan
+                    && sh.cfg.rate_bytes_per_sec == UNLIMITED
+                    && sh.host.is_none()
+                {
                     tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
                 }
                 split(tls)
@@ -123,10 +134,12 @@ pub(super) async fn open_stream(
             .await
             .map_err(|e| fail(e.to_string()))?;
         w.flush().await.map_err(|e| fail(e.to_string()))?;
+        let asked = Instant::now();
         let mut b = [0u8; HELLO_ACK_LEN];
         r.read_exact(&mut b)
             .await
             .map_err(|e| fail(format!("no hello reply: {e}")))?;
+        sh.rtt_sample(asked.elapsed());
         let ack = HelloAck::decode(&b).map_err(|e| fail(e.to_string()))?;
         if ack.status != HelloStatus::Ok {
             return Err(TransportError::Refused(format!("{:?}", ack.status)));
@@ -158,6 +171,47 @@ impl SenderShared {
         match &self.host {
             Some(h) => min_rate(cap, h.fair_share()),
             None => cap,
+        }
+    }
+
+    /// Counts one round trip measured outside the data (a hello's).
+    pub(super) fn rtt_sample(&self, rtt: Duration) {
+        let us = (rtt.as_micros() as u64).max(1);
+        let min = self.counters.min_rtt_us.load(Relaxed);
+        if min == 0 || us < min {
+            self.counters.min_rtt_us.store(us, Relaxed);
+        }
+    }
+
+    /// Turns the adaptive rate on while the link's smallest round trip
+    /// so far (hellos at connect, then acknowledgements) is above the
+    /// configured threshold, and off again if a smaller one shows the
+    /// first was a busy machine's, not the link's.
+    pub(super) fn adapt_to_link(&self) {
+        let Some(threshold) = self.cfg.adaptive_above_rtt else {
+            return;
+        };
+        let us = self.counters.min_rtt_us.load(Relaxed);
+        if self.cfg.adaptive || us == 0 {
+            return;
+        }
+        let rtt = Duration::from_micros(us);
+        let slow = rtt > threshold;
+        match (self.adaptive.swap(slow, Relaxed), slow) {
+            (false, true) => {
+                tracing::info!(?rtt, ?threshold, "a slow link: the session's rate adapts");
+                if self.bucket.rate() == UNLIMITED {
+                    self.bucket.set_rate(min_rate(
+                        self.cfg.initial_rate_bytes_per_sec,
+                        self.ceiling(),
+                    ));
+                }
+            }
+            (true, false) => {
+                tracing::info!(?rtt, ?threshold, "a fast link after all: the rate is fixed");
+                self.bucket.set_rate(self.ceiling());
+            }
+            _ => {}
         }
     }
 
@@ -270,6 +324,7 @@ impl Sender {
             bucket,
             cap: AtomicU64::new(cfg.rate_bytes_per_sec),
             host,
+            adaptive: AtomicBool::new(cfg.adaptive),
             counters: Counters::default(),
             failed: watch::channel(None).0,
             cfg,
@@ -278,6 +333,7 @@ impl Sender {
         for i in 0..shared.cfg.streams {
             conns.push(open_stream(&shared, i, false).await?);
         }
+        shared.adapt_to_link();
         let mut tasks = Vec::new();
         for (i, (r, w, _)) in conns.into_iter().enumerate() {
             tasks.push(tokio::spawn(stream_task(shared.clone(), i as u16, r, w)));
@@ -390,6 +446,7 @@ impl Sender {
             rate_bytes_per_sec: self.shared.bucket.rate(),
             srtt: Duration::from_micros(c.srtt_us.load(Relaxed)),
             min_rtt: Duration::from_micros(c.min_rtt_us.load(Relaxed)),
+            adaptive: self.shared.adaptive.load(Relaxed),
         }
     }
 }

@@ -282,7 +282,8 @@ pub(super) async fn rate_task(sh: std::sync::Weak<SenderShared>) {
         let span: f64 = history.iter().map(|h| h.0).sum();
         let delivered = history.iter().map(|h| h.1).sum::<f64>() / span;
         let mean_rate = history.iter().map(|h| h.2 * h.0).sum::<f64>() / span;
-        if !sh.cfg.adaptive {
+        sh.adapt_to_link();
+        if !sh.adaptive.load(Relaxed) {
             if sh.bucket.rate() != ceiling {
                 sh.bucket.set_rate(ceiling);
             }

@@ -67,6 +67,7 @@ pub fn mode_to(to: &str, mode: &str) -> MigrateRequest {
         auto_converge: None,
         compress: None,
         id: None,
+        reason: None,
     }
 }
 
