@@ -48,13 +48,8 @@ pub struct MigrateArgs {
     /// optional: the scheduler picks).
     #[arg(long)]
     pub to: Option<String>,
-    /// Ask the control plane at this URL instead of an agent (the fleet:
-    /// `tern up --driver agents`).
-    #[arg(long, env = "TERN_API")]
-    pub api: Option<String>,
-    /// The control plane's API token (`tern token`).
-    #[arg(long, env = "TERN_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
+    #[command(flatten)]
+    pub fleet: crate::fleetcmd::FleetOpt,
     /// precopy, postcopy or hybrid (pre-copy rounds, then post-copy).
     #[arg(long, default_value = "precopy")]
     pub mode: String,
@@ -129,14 +124,7 @@ pub fn guest(dir: &Path) -> anyhow::Result<()> {
 
 /// Starts a migration and follows it to the end with a progress bar.
 pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
-    if let Some(url) = &a.api {
-        let api = crate::fleetcmd::ApiConn {
-            url: url.clone(),
-            token: a
-                .api_token
-                .clone()
-                .context("--api needs --api-token (or TERN_TOKEN): make one with `tern token`")?,
-        };
+    if let Some(api) = a.fleet.conn()? {
         return crate::fleetcmd::migrate(&a, &api);
     }
     let to = a
@@ -308,13 +296,16 @@ pub(crate) fn print_report_body(r: &tern_agent::Report) {
 
 /// `tern vm create|list|show|stop` against an agent.
 pub fn vm_remote(cmd: RemoteVm) -> anyhow::Result<()> {
+    if let Some(api) = cmd.fleet().conn()? {
+        return crate::fleetcmd::vm(cmd, &api);
+    }
     runtime()?.block_on(async {
         match cmd {
-            RemoteVm::Create { spec, conn } => {
+            RemoteVm::Create { spec, conn, .. } => {
                 let v = conn.client()?.create_vm(&spec.try_into()?).await?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
-            RemoteVm::List { conn } => {
+            RemoteVm::List { conn, .. } => {
                 for v in conn.client()?.vms().await? {
                     println!(
                         "{}  {:?}  epoch {}  counter {}  {}",
@@ -328,11 +319,11 @@ pub fn vm_remote(cmd: RemoteVm) -> anyhow::Result<()> {
                     );
                 }
             }
-            RemoteVm::Show { id, conn } => {
+            RemoteVm::Show { id, conn, .. } => {
                 let v = conn.client()?.vm(&id).await?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
-            RemoteVm::Stop { id, conn } => conn.client()?.stop_vm(&id).await?,
+            RemoteVm::Stop { id, conn, .. } => conn.client()?.stop_vm(&id).await?,
         }
         Ok(())
     })
@@ -364,6 +355,38 @@ pub struct SpecArgs {
     /// Pages it writes per tick.
     #[arg(long, default_value_t = 4)]
     pages_per_tick: u64,
+    /// With --api: the image (`test`, `process` or a catalogue name;
+    /// default from --kind).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// With --api: a label the VM's host must have (`region=eu`), repeatable.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+}
+
+impl SpecArgs {
+    /// The control plane's spec of this VM.
+    pub fn fleet_spec(&self) -> anyhow::Result<tern_proto::VmSpec> {
+        let image = match (&self.image, self.kind.as_str()) {
+            (Some(i), _) => i.clone(),
+            (None, "test-guest") => "test".into(),
+            (None, "process") => "process".into(),
+            (None, k) => bail!("--kind {k} through the control plane: name its image with --image"),
+        };
+        let mut labels = tern_proto::Labels::new();
+        for l in &self.labels {
+            let (k, v) = l
+                .split_once('=')
+                .with_context(|| format!("--label {l}: expected KEY=VALUE"))?;
+            labels.insert(k.into(), v.into());
+        }
+        Ok(tern_proto::VmSpec {
+            memory_mib: u32::try_from(self.memory).context("--memory is too large")?,
+            vcpus: self.vcpus,
+            image,
+            labels,
+        })
+    }
 }
 
 impl TryFrom<SpecArgs> for VmSpec {
@@ -388,7 +411,7 @@ impl TryFrom<SpecArgs> for VmSpec {
     }
 }
 
-/// VM commands served by an agent.
+/// VM commands served by an agent, or with `--api` by the control plane.
 #[derive(clap::Subcommand)]
 pub enum RemoteVm {
     /// Boot a test-guest VM on an agent.
@@ -397,11 +420,15 @@ pub enum RemoteVm {
         spec: SpecArgs,
         #[command(flatten)]
         conn: AgentConn,
+        #[command(flatten)]
+        fleet: crate::fleetcmd::FleetOpt,
     },
     /// List an agent's VMs.
     List {
         #[command(flatten)]
         conn: AgentConn,
+        #[command(flatten)]
+        fleet: crate::fleetcmd::FleetOpt,
     },
     /// Show one VM.
     Show {
@@ -409,6 +436,8 @@ pub enum RemoteVm {
         id: String,
         #[command(flatten)]
         conn: AgentConn,
+        #[command(flatten)]
+        fleet: crate::fleetcmd::FleetOpt,
     },
     /// Stop a VM.
     Stop {
@@ -416,5 +445,18 @@ pub enum RemoteVm {
         id: String,
         #[command(flatten)]
         conn: AgentConn,
+        #[command(flatten)]
+        fleet: crate::fleetcmd::FleetOpt,
     },
+}
+
+impl RemoteVm {
+    fn fleet(&self) -> &crate::fleetcmd::FleetOpt {
+        match self {
+            RemoteVm::Create { fleet, .. }
+            | RemoteVm::List { fleet, .. }
+            | RemoteVm::Show { fleet, .. }
+            | RemoteVm::Stop { fleet, .. } => fleet,
+        }
+    }
 }

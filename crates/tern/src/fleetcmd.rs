@@ -20,6 +20,36 @@ pub struct ApiConn {
     pub token: String,
 }
 
+/// `--api` on commands that talk to an agent otherwise (`tern vm`,
+/// `tern migrate`): the fleet's control plane answers instead.
+#[derive(clap::Args, Clone)]
+pub struct FleetOpt {
+    /// Ask the control plane at this URL instead of an agent (the fleet:
+    /// `tern up --driver agents`).
+    #[arg(long, env = "TERN_API")]
+    pub api: Option<String>,
+    /// The control plane's API token (`tern token`).
+    #[arg(long, env = "TERN_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+}
+
+impl FleetOpt {
+    /// The control plane to ask, if one was named.
+    pub fn conn(&self) -> anyhow::Result<Option<ApiConn>> {
+        let Some(url) = &self.api else {
+            return Ok(None);
+        };
+        let token = self
+            .api_token
+            .clone()
+            .context("--api needs --api-token (or TERN_TOKEN): make one with `tern token`")?;
+        Ok(Some(ApiConn {
+            url: url.clone(),
+            token,
+        }))
+    }
+}
+
 /// `tern host`.
 #[derive(clap::Subcommand)]
 pub enum HostCmd {
@@ -222,6 +252,52 @@ async fn wait_empty(a: &Api, host: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// `tern vm create|list|show|stop --api URL`: the caller's VMs in the fleet.
+pub fn vm(cmd: crate::agentcmd::RemoteVm, api: &ApiConn) -> anyhow::Result<()> {
+    use crate::agentcmd::RemoteVm;
+    use reqwest::Method;
+    runtime()?.block_on(async {
+        let c = Api::new(api);
+        match cmd {
+            RemoteVm::Create { spec, .. } => {
+                let body = serde_json::json!({ "spec": spec.fleet_spec()? });
+                let v = c.call(Method::POST, "/api/v1/vms", Some(body)).await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            RemoteVm::List { .. } => {
+                let vms = c.call(Method::GET, "/api/v1/vms", None).await?;
+                println!(
+                    "{:<36}  {:<10} {:<12} {:>5}  {:<10} {:>7}",
+                    "id", "status", "host", "epoch", "image", "mem MiB"
+                );
+                for v in vms.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<36}  {:<10} {:<12} {:>5}  {:<10} {:>7}",
+                        v["id"].as_str().unwrap_or("?"),
+                        v["status"].as_str().unwrap_or("?"),
+                        v["host"].as_str().unwrap_or("?"),
+                        v["owner_epoch"],
+                        v["spec"]["image"].as_str().unwrap_or("?"),
+                        v["spec"]["memory_mib"],
+                    );
+                }
+            }
+            RemoteVm::Show { id, .. } => {
+                let v = c
+                    .call(Method::GET, &format!("/api/v1/vms/{id}"), None)
+                    .await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            RemoteVm::Stop { id, .. } => {
+                c.call(Method::DELETE, &format!("/api/v1/vms/{id}"), None)
+                    .await?;
+                println!("VM {id} stopped");
+            }
+        }
+        Ok(())
+    })
 }
 
 /// `tern migrate VM [--to HOST] --api URL`: asks the control plane, then

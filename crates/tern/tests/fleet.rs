@@ -419,6 +419,34 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
     let m: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(m["phase"], "committed", "{m}");
     assert_eq!(m["from"], movable["host"]);
+    // `tern vm` through the control plane: create (with a label), list,
+    // show, stop.
+    let made = cli(
+        &[
+            "vm",
+            "create",
+            "--kind",
+            "process",
+            "--memory",
+            "64",
+            "--label",
+            "region=us",
+        ],
+        &tenant,
+    );
+    let made: serde_json::Value = serde_json::from_str(&made).unwrap();
+    assert_eq!(made["host"], "host-c", "{made}");
+    let made_id = made["id"].as_str().unwrap();
+    let listed = cli(&["vm", "list"], &tenant);
+    assert!(
+        listed.contains(made_id) && listed.contains("host-c"),
+        "{listed}"
+    );
+    let shown = cli(&["vm", "show", made_id], &tenant);
+    assert!(shown.contains("\"running\""), "{shown}");
+    cli(&["vm", "stop", made_id], &tenant);
+    let gone = get_vm(&http, &up.base, &tenant, made_id).await;
+    assert_ne!(gone["status"], "running", "{gone}");
     let listed = cli(&["host", "list"], &admin);
     assert!(
         listed.contains("host-a") && listed.contains("active"),
