@@ -2,7 +2,6 @@
 //! stream, behind a bearer token kept in the data directory.
 
 use crate::agent::{Agent, AgentError, MigrateRequest};
-use crate::views::VmSpec;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
@@ -14,6 +13,7 @@ use futures::Stream;
 use serde_json::json;
 use std::convert::Infallible;
 use std::sync::Arc;
+use tern_proto::GuestSpec;
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
@@ -143,7 +143,7 @@ async fn list_vms(State(c): State<Ctx>) -> impl IntoResponse {
 
 async fn create_vm(
     State(c): State<Ctx>,
-    body: Result<Json<VmSpec>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<GuestSpec>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, AgentError> {
     let Json(spec) = body.map_err(|e| AgentError::BadRequest(e.body_text()))?;
     Ok((StatusCode::CREATED, Json(c.agent.create_vm(spec).await?)))
@@ -154,7 +154,7 @@ async fn create_vm(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PutVm {
-    spec: VmSpec,
+    spec: GuestSpec,
     epoch: u64,
 }
 

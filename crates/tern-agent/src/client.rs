@@ -1,8 +1,9 @@
 //! A client of the host API, for the CLI and the tests.
 
 use crate::agent::MigrateRequest;
-use crate::views::{MigrationView, VmSpec, VmView};
+use crate::views::{MigrationView, VmView};
 use serde::de::DeserializeOwned;
+use tern_proto::GuestSpec;
 
 /// A request to an agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +91,7 @@ impl AgentClient {
     }
 
     /// Boots a VM.
-    pub async fn create_vm(&self, spec: &VmSpec) -> Result<VmView, ClientError> {
+    pub async fn create_vm(&self, spec: &GuestSpec) -> Result<VmView, ClientError> {
         self.call(
             self.http
                 .post(format!("{}/api/v1/vms", self.base))
@@ -101,7 +102,12 @@ impl AgentClient {
 
     /// Boots VM `id` at owner `epoch` (idempotent for the same id, epoch
     /// and spec: the control plane may retry).
-    pub async fn put_vm(&self, id: &str, epoch: u64, spec: &VmSpec) -> Result<VmView, ClientError> {
+    pub async fn put_vm(
+        &self,
+        id: &str,
+        epoch: u64,
+        spec: &GuestSpec,
+    ) -> Result<VmView, ClientError> {
         self.call(
             self.http
                 .put(format!("{}/api/v1/vms/{id}", self.base))

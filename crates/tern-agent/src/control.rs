@@ -74,7 +74,7 @@ pub struct OutJob {
 /// Where a guest process stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum GuestState {
+pub enum ProcState {
     /// Booting.
     Booting,
     /// Runs (its counter advances).
@@ -95,9 +95,9 @@ pub enum GuestState {
 
 /// A status answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct GuestStatus {
+pub struct ProcStatus {
     /// The state.
-    pub state: GuestState,
+    pub state: ProcState,
     /// The owner epoch.
     pub epoch: u64,
     /// The guest's progress counter (running).

@@ -1,13 +1,13 @@
 //! What an agent hosts in a VM slot: a tern-vmm machine or a process
 //! workload, behind the engine's two guest halves.
 
-use crate::views::{GuestKind, VmSpec};
 use std::path::Path;
 use std::time::Duration;
 use tern_drivers::qemu::load::LoadReport;
 use tern_drivers::qemu::QemuVm;
 use tern_migrate::PostcopyMemory;
 use tern_migrate::{DestinationGuest, GuestError, GuestShape, SourceGuest};
+use tern_proto::{GuestKind, GuestSpec};
 use tern_vmm::halves::incoming_machine;
 use tern_vmm::process::ProcessGuest;
 use tern_vmm::{DirtyBitmap, Machine, MachineConfig, TestGuestConfig, WaitOutcome};
@@ -26,20 +26,29 @@ pub enum Hosted {
 
 const QEMU_NOT_PAGED: &str = "a QEMU guest migrates by QEMU's own stream, not tern's page engine";
 
-impl VmSpec {
-    pub(crate) fn test_guest(&self) -> TestGuestConfig {
-        TestGuestConfig {
-            ws_pages: self.ws_pages,
-            pages_per_tick: self.pages_per_tick,
-            ticks_per_sum: self.ticks_per_sum,
-            exit_after: 0,
-        }
+/// The test guest's settings in `spec`.
+pub(crate) fn test_guest(spec: &GuestSpec) -> TestGuestConfig {
+    TestGuestConfig {
+        ws_pages: spec.ws_pages,
+        pages_per_tick: spec.pages_per_tick,
+        ticks_per_sum: spec.ticks_per_sum,
+        exit_after: 0,
+    }
+}
+
+/// The workload parameters of a Linux guest of `spec`.
+pub(crate) fn load_params(spec: &GuestSpec) -> tern_drivers::qemu::load::LoadParams {
+    tern_drivers::qemu::load::LoadParams {
+        ws_mib: spec.ws_mib,
+        dirty_mib: spec.dirty_mib_per_sec,
+        tick_ms: 100,
+        verify_every: 10,
     }
 }
 
 impl Hosted {
     /// Boots what `spec` asks for (blocking: call it off the async runtime).
-    pub fn boot(spec: &VmSpec) -> Result<Hosted, String> {
+    pub fn boot(spec: &GuestSpec) -> Result<Hosted, String> {
         match spec.kind {
             GuestKind::TestGuest => {
                 let cfg = MachineConfig {
@@ -49,7 +58,7 @@ impl Hosted {
                 };
                 let m = tern_vmm::boot_test_guest(
                     cfg,
-                    &spec.test_guest(),
+                    &test_guest(spec),
                     Path::new(tern_vmm::TEST_GUEST_ELF),
                 )
                 .map_err(|e| e.to_string())?;
@@ -71,7 +80,7 @@ impl Hosted {
     }
 
     /// An empty guest of `spec`'s kind to receive a migration into.
-    pub fn incoming(spec: &VmSpec, shape: &GuestShape) -> Result<Hosted, String> {
+    pub fn incoming(spec: &GuestSpec, shape: &GuestShape) -> Result<Hosted, String> {
         match spec.kind {
             GuestKind::TestGuest => incoming_machine(shape)
                 .map(Hosted::Kvm)
@@ -85,18 +94,18 @@ impl Hosted {
 
     /// Its progress counter and, for the test guest, whether its last
     /// working-set checksum is right.
-    pub fn progress(&self, spec: &VmSpec) -> (u64, Option<bool>) {
+    pub fn progress(&self, spec: &GuestSpec) -> (u64, Option<bool>) {
         match self {
             Hosted::Kvm(m) => {
                 let (counter, sum) = m.with_devices(|d| (d.agent.counter, d.agent.checksum));
-                let guest = spec.test_guest();
+                let guest = test_guest(spec);
                 (counter, sum.map(|(c, s)| s == guest.expected_checksum(c)))
             }
             Hosted::Process(p) => (p.writes(), None),
             Hosted::Qemu(q) => {
                 // The guest's own report on its console: last tick, and
                 // whether every check it made held.
-                let r = LoadReport::from_console(&q.console(), &spec.load_params());
+                let r = LoadReport::from_console(&q.console(), &load_params(spec));
                 let ok = (r.good_checks + r.bad_checks.len() as u64 > 0)
                     .then_some(r.bad_checks.is_empty() && r.gaps.is_empty());
                 (r.last_tick.unwrap_or(0), ok)

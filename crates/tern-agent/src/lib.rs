@@ -33,7 +33,7 @@ pub use config::{AgentConfig, ConfigError, ControlPlane, Peer, TlsFiles};
 pub use tern_migrate::MigrationPhase;
 /// A migration's final report, as clients of the agent API read it.
 pub use tern_migrate::{Report, SwitchoverTimes};
-pub use views::{GuestKind, MigrationView, Role, VmSpec, VmStatus, VmView};
+pub use views::{MigrationView, VmView};
 
 /// Starts an agent and serves its API until the process ends. A host with
 /// a `[control_plane]` joins it first (with `join_token`, once) and then

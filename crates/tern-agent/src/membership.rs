@@ -339,7 +339,7 @@ async fn beat(
         .filter(|v| {
             matches!(
                 v.status,
-                crate::VmStatus::Running | crate::VmStatus::Stalled
+                tern_proto::GuestStatus::Running | tern_proto::GuestStatus::Stalled
             )
         })
         .map(|v| RunningGuest {

@@ -7,13 +7,13 @@ use crate::agent::{lock, Agent, AgentError, Inner, Routes};
 use crate::control::{self, Request};
 use crate::guestproc::read_hello as read_session_hello;
 use crate::guestproc::SessionError;
-use crate::views::{Role, VmSpec, VmStatus};
 use crate::vmdir::{Launch, LaunchRole, VmDir};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_migrate::protocol::{hello_frame, Offer, SessionHello, PROTOCOL_VERSION};
+use tern_proto::{GuestSpec, GuestStatus, MigrationRole};
 use tern_transport::{Listener, Receiver, Router, Sender, SessionConfig};
 
 /// Binds the listener and serves it for as long as the agent lives.
@@ -188,7 +188,7 @@ impl Agent {
         // Both become the guest directory's name.
         crate::vmdir::check_name("VM id", &o.vm)?;
         crate::vmdir::check_name("migration id", &o.migration)?;
-        let spec: VmSpec =
+        let spec: GuestSpec =
             serde_json::from_value(o.spec.clone()).map_err(|e| Refusal::Spec(e.to_string()))?;
         spec.validate().map_err(Refusal::Spec)?;
         if spec.memory_mib > cfg.max_memory_mib || spec.vcpus > cfg.max_vcpus {
@@ -202,7 +202,7 @@ impl Agent {
         if let Ok(v) = self.vm(&o.vm).await {
             if matches!(
                 v.status,
-                VmStatus::Running | VmStatus::Migrating | VmStatus::Starting
+                GuestStatus::Running | GuestStatus::Migrating | GuestStatus::Starting
             ) {
                 return Err(Refusal::AlreadyHere(o.vm.clone()));
             }
@@ -225,7 +225,13 @@ impl Agent {
             lock(&self.inner.routes).remove(&o.migration);
             return Err(Refusal::Start(e.to_string()));
         }
-        self.track(&o.migration, &o.vm, Role::Destination, &o.source_host, dir);
+        self.track(
+            &o.migration,
+            &o.vm,
+            MigrationRole::Destination,
+            &o.source_host,
+            dir,
+        );
         Ok(())
     }
 

@@ -10,10 +10,10 @@
 
 use crate::config::AgentConfig;
 use crate::journal::{Journal, JournalError, Record};
-use crate::views::{Role, VmSpec};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tern_migrate::MigrationPhase;
+use tern_proto::{GuestSpec, MigrationRole};
 
 /// What a guest process hosts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -23,7 +23,7 @@ pub struct Launch {
     /// Its owner epoch here (once committed, for an incoming one).
     pub epoch: u64,
     /// What it is.
-    pub spec: VmSpec,
+    pub spec: GuestSpec,
     /// Boot it, or receive it.
     pub role: LaunchRole,
     /// The agent's configuration when it started the process: host name, TLS
@@ -180,7 +180,7 @@ pub struct EndedMigration {
     /// The VM.
     pub vm: String,
     /// This host's end.
-    pub role: Role,
+    pub role: MigrationRole,
     /// The other host.
     pub peer: String,
     /// How it ended.
@@ -260,7 +260,7 @@ mod tests {
         Record::MigrationEnded(Box::new(EndedMigration {
             migration: m.into(),
             vm: "v".into(),
-            role: Role::Source,
+            role: MigrationRole::Source,
             peer: "b".into(),
             state,
             report: None,

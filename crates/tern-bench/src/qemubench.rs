@@ -19,9 +19,10 @@ use anyhow::{bail, Context};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tern_agent::{GuestKind, MigrateRequest, MigrationPhase, VmSpec};
+use tern_agent::{MigrateRequest, MigrationPhase};
 use tern_drivers::qemu::load::{last_complete_tick, verify_after_switchover, LoadParams};
 use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
+use tern_proto::{GuestKind, GuestSpec};
 use tern_testbed::{self as testbed, AgentProcess, HostPlan};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
@@ -301,7 +302,7 @@ async fn tern_run(
     let pa = AgentProcess::start(&exe, &bed[0], None)?;
     let pb = AgentProcess::start(&exe, &bed[1], None)?;
     let ca = pa.client()?;
-    let spec = VmSpec {
+    let spec = GuestSpec {
         kind: GuestKind::Linux,
         memory_mib: a.memory,
         ws_mib: a.ws_mib,

@@ -1,13 +1,12 @@
 //! The `agents` driver: VMs run on the hosts that joined the control plane.
 
-use crate::spec::agent_spec;
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tern_agent::{AgentClient, ClientError, VmStatus as AgentStatus};
+use tern_agent::{AgentClient, ClientError};
 use tern_drivers::{DriverError, StartRequest, VmDriver, VmHandle};
-use tern_proto::{HostId, HostState, VmConfig, VmId, VmSpec};
+use tern_proto::{GuestStatus, HostId, HostState, VmConfig, VmId, VmSpec};
 use tern_scheduler::{Demand, Fleet, Host, Vm};
 use tern_store::{Store, VmFilter};
 
@@ -191,7 +190,7 @@ impl VmDriver for AgentsDriver {
     async fn start(&self, req: &StartRequest) -> Result<VmHandle, DriverError> {
         let client = self.client(&req.host).await?;
         let started = client
-            .put_vm(&req.id.to_string(), req.epoch.0, &agent_spec(&req.spec))
+            .put_vm(&req.id.to_string(), req.epoch.0, &req.spec.guest_spec())
             .await;
         lock(&self.pending).remove(&req.id);
         let view = started.map_err(|e| DriverError::StartFailed {
@@ -236,7 +235,7 @@ impl VmDriver for AgentsDriver {
         }
         let client = self.client(&rec.host).await?;
         match client.vm(&id.to_string()).await {
-            Ok(v) => Ok(v.status == AgentStatus::Running && v.checksum_ok != Some(false)),
+            Ok(v) => Ok(v.status == GuestStatus::Running && v.checksum_ok != Some(false)),
             Err(ClientError::Unreachable { .. }) => Err(DriverError::HostAway(rec.host)),
             Err(e) => Err(agent_err(id, "health check", e)),
         }
@@ -261,10 +260,10 @@ impl VmDriver for AgentsDriver {
                         .filter(|v| {
                             matches!(
                                 v.status,
-                                AgentStatus::Running
-                                    | AgentStatus::Starting
-                                    | AgentStatus::Stalled
-                                    | AgentStatus::Migrating
+                                GuestStatus::Running
+                                    | GuestStatus::Starting
+                                    | GuestStatus::Stalled
+                                    | GuestStatus::Migrating
                             )
                         })
                         .filter_map(|v| v.id.parse::<VmId>().ok()),

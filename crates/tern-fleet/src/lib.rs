@@ -9,7 +9,6 @@
 
 mod driver;
 pub mod migrations;
-pub mod spec;
 
 pub use driver::AgentsDriver;
 pub use migrations::{Ask, MigrationError, Migrations};

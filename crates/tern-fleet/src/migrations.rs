@@ -509,7 +509,7 @@ impl Migrations {
             let client = self.driver.client(&to).await?;
             let id = vm.id.to_string();
             let started = client
-                .put_vm(&id, moved.owner_epoch.0, &crate::spec::agent_spec(&vm.spec))
+                .put_vm(&id, moved.owner_epoch.0, &vm.spec.guest_spec())
                 .await;
             let configured = match started {
                 Ok(_) => {

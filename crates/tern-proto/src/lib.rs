@@ -4,12 +4,14 @@
 //! Keeping them in one small crate with no I/O means the store, the orchestrator,
 //! the API and the migration engine cannot drift apart on what a "VM" is.
 
+pub mod guest;
 pub mod host;
 pub mod ids;
 pub mod join;
 pub mod migration;
 pub mod vm;
 
+pub use guest::{GuestKind, GuestSpec, GuestStatus, BUILT_IN_IMAGES, MAX_DIRTY_MIB_PER_SEC};
 pub use host::{
     labels_satisfy, Capacity, HostLoad, HostRecord, HostState, Labels, MigrationReason,
     MigrationRecord,

@@ -11,7 +11,8 @@
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tern_agent::{GuestKind, MigrateRequest, MigrationPhase, VmSpec};
+use tern_agent::{MigrateRequest, MigrationPhase};
+use tern_proto::{GuestKind, GuestSpec};
 use tern_testbed::{self as testbed, AgentProcess, HostPlan};
 
 struct Row {
@@ -79,14 +80,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
-    let busy = VmSpec {
+    let busy = GuestSpec {
         kind: GuestKind::Process,
         memory_mib: mib,
         ws_pages: (mib / 4).max(1) * 256, // a quarter of RAM
         dirty_mib_per_sec: 100,
         ..Default::default()
     };
-    let idle = VmSpec {
+    let idle = GuestSpec {
         dirty_mib_per_sec: 0,
         ..busy.clone()
     };
@@ -100,7 +101,7 @@ fn main() {
     if Path::new("/dev/kvm").exists() {
         workloads.push((
             "tern-vmm test guest 256 MiB, 8 MiB working set".into(),
-            VmSpec {
+            GuestSpec {
                 memory_mib: 256,
                 ws_pages: 2048,
                 pages_per_tick: 16,

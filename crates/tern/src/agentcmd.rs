@@ -5,7 +5,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_agent::{AgentClient, AgentConfig, MigrateRequest, MigrationPhase, MigrationView, VmSpec};
+use tern_agent::{AgentClient, AgentConfig, MigrateRequest, MigrationPhase, MigrationView};
+use tern_proto::GuestSpec;
 
 /// How to reach an agent's API.
 #[derive(clap::Args, Clone)]
@@ -389,16 +390,16 @@ impl SpecArgs {
     }
 }
 
-impl TryFrom<SpecArgs> for VmSpec {
+impl TryFrom<SpecArgs> for GuestSpec {
     type Error = anyhow::Error;
     fn try_from(a: SpecArgs) -> anyhow::Result<Self> {
         let kind = match a.kind.as_str() {
-            "test-guest" => tern_agent::GuestKind::TestGuest,
-            "process" => tern_agent::GuestKind::Process,
-            "linux" => tern_agent::GuestKind::Linux,
+            "test-guest" => tern_proto::GuestKind::TestGuest,
+            "process" => tern_proto::GuestKind::Process,
+            "linux" => tern_proto::GuestKind::Linux,
             other => bail!("--kind {other}: expected test-guest, process or linux"),
         };
-        Ok(VmSpec {
+        Ok(GuestSpec {
             kind,
             dirty_mib_per_sec: a.dirty_mib_per_sec,
             memory_mib: a.memory,

@@ -616,7 +616,7 @@ impl Config {
                     .map(|c| c.names().into_iter().collect())
                     .unwrap_or_default();
                 if self.driver == DriverKind::Agents {
-                    names.extend(tern_fleet::spec::BUILT_IN.map(String::from));
+                    names.extend(tern_proto::BUILT_IN_IMAGES.map(String::from));
                 }
                 names
             },

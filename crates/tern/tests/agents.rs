@@ -10,7 +10,8 @@ use common::*;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tern_agent::{MigrationPhase, VmStatus};
+use tern_agent::MigrationPhase;
+use tern_proto::GuestStatus;
 use tern_testbed::{self as testbed, HostPlan};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,7 +179,7 @@ async fn killing_the_source_after_commit_leaves_one_copy_and_a_restart_does_not_
     assert_runs(&cb, &done.vm, 2).await;
     let a2 = AgentProc::start(&bed[0], None);
     let after = a2.client().vm(&done.vm).await.unwrap();
-    assert_eq!(after.status, VmStatus::MovedAway, "{after:?}");
+    assert_eq!(after.status, GuestStatus::MovedAway, "{after:?}");
     assert_eq!(after.moved_to.as_deref(), Some("host-b"));
     let running_on_a = a2
         .client()
@@ -186,7 +187,7 @@ async fn killing_the_source_after_commit_leaves_one_copy_and_a_restart_does_not_
         .await
         .unwrap()
         .into_iter()
-        .filter(|v| v.status == VmStatus::Running)
+        .filter(|v| v.status == GuestStatus::Running)
         .count();
     assert_eq!(running_on_a, 0);
     assert_runs(&cb, &done.vm, 2).await;
@@ -395,7 +396,7 @@ async fn a_hosts_migration_bandwidth_is_shared_by_priority_class() {
     let b = AgentProc::start(&bed[1], None);
     let (ac, bc) = (a.client(), b.client());
     // 24 MiB of random working set: seconds at these rates.
-    let spec = tern_agent::VmSpec {
+    let spec = tern_proto::GuestSpec {
         ws_pages: 6144,
         ..process_spec()
     };

@@ -11,7 +11,8 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_agent::vmdir::VmDir;
-use tern_agent::{MigrationPhase, VmStatus};
+use tern_agent::MigrationPhase;
+use tern_proto::GuestStatus;
 use tern_testbed::LocalHost;
 use tern_testkit::LinkEmulator;
 
@@ -113,7 +114,7 @@ async fn one_copy_everyone_agrees(w: Window, expect: MigrationPhase) {
     if expect == MigrationPhase::Committed {
         assert_eq!(dst.state, MigrationPhase::Committed, "{dst:?}");
         assert_runs(&cb, &w.vm, 2).await;
-        assert_eq!(ca.vm(&w.vm).await.unwrap().status, VmStatus::MovedAway);
+        assert_eq!(ca.vm(&w.vm).await.unwrap().status, GuestStatus::MovedAway);
     } else {
         assert_eq!(dst.state, MigrationPhase::RolledBack, "{dst:?}");
         assert_runs(&ca, &w.vm, 1).await;

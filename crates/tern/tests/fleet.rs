@@ -252,7 +252,7 @@ async fn joined_hosts_learn_their_peers_and_a_removed_host_is_refused() {
     assert_runs(&cb, &vm.id, 2).await;
     assert!(
         ca.vm(&vm.id).await.is_err()
-            || ca.vm(&vm.id).await.unwrap().status != tern_agent::VmStatus::Running
+            || ca.vm(&vm.id).await.unwrap().status != tern_proto::GuestStatus::Running
     );
     drop(up);
 }
@@ -511,7 +511,7 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
         .await
         .unwrap()
         .into_iter()
-        .filter(|v| v.status == tern_agent::VmStatus::Running)
+        .filter(|v| v.status == tern_proto::GuestStatus::Running)
         .collect();
     assert!(still.is_empty(), "host-a still runs {still:?}");
     // The control plane's metrics count the moves and the queue.
@@ -656,7 +656,7 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
                     .client()
                     .vm(id)
                     .await
-                    .is_ok_and(|g| g.status == tern_agent::VmStatus::Running);
+                    .is_ok_and(|g| g.status == tern_proto::GuestStatus::Running);
             if there {
                 assert_eq!(v["status"], "running", "{v}");
                 assert_eq!(v["config"]["settings"]["k"], "v", "{v}");
@@ -684,7 +684,7 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
         let v = views.iter().find(|v| &v.id == id).expect("still listed");
         assert_ne!(
             v.status,
-            tern_agent::VmStatus::Running,
+            tern_proto::GuestStatus::Running,
             "stale copy runs: {v:?}"
         );
     }
@@ -695,7 +695,7 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
         for (i, a) in agents.iter().enumerate() {
             let client = if i == vi { back.client() } else { a.client() };
             if let Ok(g) = client.vm(id).await {
-                if g.status == tern_agent::VmStatus::Running {
+                if g.status == tern_proto::GuestStatus::Running {
                     running += 1;
                     assert_eq!(names[i], v["host"].as_str().unwrap());
                 }

@@ -6,11 +6,10 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tern_agent::{
-    AgentClient, GuestKind, MigrateRequest, MigrationPhase, MigrationView, VmSpec, VmStatus,
-};
+use tern_agent::{AgentClient, MigrateRequest, MigrationPhase, MigrationView};
 use tern_drivers::qemu::pids_under;
 use tern_drivers::qemu::testing::guest_or_skip;
+use tern_proto::{GuestKind, GuestSpec, GuestStatus};
 use tern_testbed::{self as testbed, AgentProcess, HostPlan, LocalHost};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
@@ -62,8 +61,8 @@ async fn bed(rate: u64) -> Option<Bed> {
     })
 }
 
-fn linux() -> VmSpec {
-    VmSpec {
+fn linux() -> GuestSpec {
+    GuestSpec {
         kind: GuestKind::Linux,
         memory_mib: 256,
         ws_mib: 16,
@@ -104,7 +103,7 @@ async fn assert_runs(c: &AgentClient, vm: &str, beyond: u64) -> u64 {
     let t = Instant::now();
     loop {
         let v = c.vm(vm).await.unwrap();
-        assert_eq!(v.status, VmStatus::Running, "{v:?}");
+        assert_eq!(v.status, GuestStatus::Running, "{v:?}");
         let counter = v.counter.unwrap_or(0);
         if counter > beyond + 10 && v.checksum_ok == Some(true) {
             return counter;
@@ -141,7 +140,7 @@ async fn a_linux_guest_migrates_between_agents_and_keeps_counting() {
     assert!(r.wire_bytes > 0 && r.downtime_ms > 0.0);
     assert_runs(&cb, &vm.id, before).await;
     let gone = ca.vm(&vm.id).await.unwrap();
-    assert_eq!(gone.status, VmStatus::MovedAway);
+    assert_eq!(gone.status, GuestStatus::MovedAway);
     assert!(
         pids_under(&bed.hosts[0].data_dir).is_empty(),
         "the source QEMU still runs"
@@ -161,7 +160,7 @@ async fn a_3s_link_cut_mid_migration_is_invisible_to_qemu() {
         return;
     };
     let (ca, cb) = (bed.a.client().unwrap(), bed.b.client().unwrap());
-    let spec = VmSpec {
+    let spec = GuestSpec {
         dirty_mib_per_sec: 0,
         ..linux()
     };
@@ -221,7 +220,8 @@ async fn killing_the_target_qemu_mid_migration_leaves_the_source_running() {
     assert_runs(&ca, &vm.id, before).await;
     let on_b = cb.vm(&vm.id).await;
     assert!(
-        on_b.map(|v| v.status != VmStatus::Running).unwrap_or(true),
+        on_b.map(|v| v.status != GuestStatus::Running)
+            .unwrap_or(true),
         "the target must not run the VM"
     );
     assert!(pids_under(&bed.hosts[1].data_dir).is_empty());
@@ -323,7 +323,7 @@ async fn kill_agent_at(
     // A later round needs one: a guest that dirties more than a capped
     // link moves in QEMU's first pass (it still converges in 2-3 rounds).
     let later = matches!(phase, LinuxPhase::LaterRound);
-    let spec = VmSpec {
+    let spec = GuestSpec {
         dirty_mib_per_sec: if later { 8 } else { 1 },
         ..linux()
     };
@@ -400,7 +400,7 @@ async fn kill_agent_at(
     assert_eq!(done.state, MigrationPhase::Committed, "{phase:?}: {done:?}");
     assert_eq!(wait_end(&cb, &m.id).await.state, MigrationPhase::Committed);
     assert_runs(&cb, &vm.id, before).await;
-    assert_eq!(ca.vm(&vm.id).await.unwrap().status, VmStatus::MovedAway);
+    assert_eq!(ca.vm(&vm.id).await.unwrap().status, GuestStatus::MovedAway);
     cb.stop_vm(&vm.id).await.unwrap();
     reached
 }
@@ -419,7 +419,7 @@ async fn a_linux_guest_resumes_when_its_destination_dies_in_the_commit_window() 
     bed.a = AgentProcess::start_with_env(bin, &bed.hosts[0], None, &env).unwrap();
     let (ca, cb) = (bed.a.client().unwrap(), bed.b.client().unwrap());
     let vm = ca
-        .create_vm(&VmSpec {
+        .create_vm(&GuestSpec {
             dirty_mib_per_sec: 1,
             ..linux()
         })
@@ -570,6 +570,6 @@ async fn a_linux_guest_survives_its_destination_frozen_after_a_postcopy_commit()
     signal(&qemu, "-STOP");
     let v = cb.vm(&vm.id).await.unwrap();
     signal(&qemu, "-CONT");
-    assert_eq!(v.status, VmStatus::Stalled, "{v:?}");
+    assert_eq!(v.status, GuestStatus::Stalled, "{v:?}");
     assert_runs(&cb, &vm.id, now).await;
 }

@@ -9,9 +9,10 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tern_agent::control::{self, GuestState, GuestStatus, Request};
+use tern_agent::control::{self, ProcState, ProcStatus, Request};
 use tern_agent::vmdir::VmDir;
-use tern_agent::{AgentClient, GuestKind, MigrationPhase, VmSpec, VmStatus};
+use tern_agent::{AgentClient, MigrationPhase};
+use tern_proto::{GuestKind, GuestSpec, GuestStatus};
 use tern_testbed as testbed;
 
 /// Asks every guest process directly (no agent) and checks that each
@@ -20,7 +21,7 @@ async fn advance_without_agent(data_dir: &Path, vms: &[String]) {
     let status = |id: &String| {
         let sock = VmDir::new(data_dir, id).control();
         async move {
-            control::call::<GuestStatus>(&sock, &Request::Status, Duration::from_secs(3))
+            control::call::<ProcStatus>(&sock, &Request::Status, Duration::from_secs(3))
                 .await
                 .unwrap()
         }
@@ -28,14 +29,14 @@ async fn advance_without_agent(data_dir: &Path, vms: &[String]) {
     let mut before = Vec::new();
     for id in vms {
         let s = status(id).await;
-        assert_eq!(s.state, GuestState::Running, "{id}: {s:?}");
+        assert_eq!(s.state, ProcState::Running, "{id}: {s:?}");
         before.push(s.counter.unwrap_or(0));
     }
     let t = Instant::now();
     for (id, b) in vms.iter().zip(before) {
         loop {
             let s = status(id).await;
-            assert_eq!(s.state, GuestState::Running, "{id}: {s:?}");
+            assert_eq!(s.state, ProcState::Running, "{id}: {s:?}");
             if s.counter.unwrap_or(0) > b {
                 break;
             }
@@ -68,7 +69,7 @@ async fn five_guests_of_mixed_kinds_run_through_agent_restarts() {
     let c = a.client();
     let mut specs = vec![spec(), spec(), process_spec(), process_spec()];
     match tern_drivers::qemu::testing::guest_or_skip() {
-        Some(_) => specs.push(VmSpec {
+        Some(_) => specs.push(GuestSpec {
             kind: GuestKind::Linux,
             memory_mib: 256,
             ws_mib: 16,
@@ -106,7 +107,7 @@ async fn five_guests_of_mixed_kinds_run_through_agent_restarts() {
     // The agent still controls them: one is stopped through it.
     let c = a.client();
     c.stop_vm(&vms[0]).await.unwrap();
-    assert_eq!(c.vm(&vms[0]).await.unwrap().status, VmStatus::Stopped);
+    assert_eq!(c.vm(&vms[0]).await.unwrap().status, GuestStatus::Stopped);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -229,7 +230,7 @@ async fn an_agent_killed_at_any_phase_of_a_migration_leaves_one_running_copy() {
                         MigrationPhase::Committed => {
                             assert_eq!(dst.state, MigrationPhase::Committed, "{dst:?}");
                             assert_runs(&cb, &vm, 2).await;
-                            assert_eq!(ca.vm(&vm).await.unwrap().status, VmStatus::MovedAway);
+                            assert_eq!(ca.vm(&vm).await.unwrap().status, GuestStatus::MovedAway);
                             cb.stop_vm(&vm).await.unwrap();
                         }
                         MigrationPhase::RolledBack => {

@@ -71,10 +71,14 @@ impl Agent {
                 migration,
                 source_host,
                 ..
-            } if !fate.ended.iter().any(|e| &e.migration == migration) => {
-                Some((migration.clone(), Role::Destination, source_host.clone()))
-            }
-            _ => self.open_outgoing(dir).map(|(m, to)| (m, Role::Source, to)),
+            } if !fate.ended.iter().any(|e| &e.migration == migration) => Some((
+                migration.clone(),
+                MigrationRole::Destination,
+                source_host.clone(),
+            )),
+            _ => self
+                .open_outgoing(dir)
+                .map(|(m, to)| (m, MigrationRole::Source, to)),
         };
         if let (Some((m, role, peer)), true) = (open, live) {
             lock(&self.inner.routes).insert(m.clone(), dir.clone());

@@ -63,7 +63,7 @@ impl Agent {
                 crate::vmdir::check_name("migration id", id)
                     .map_err(|e| AgentError::BadRequest(e.to_string()))?;
                 if let Some(m) = lock(&self.inner.migrations).get(id) {
-                    return if m.vm == vm && m.role == Role::Source {
+                    return if m.vm == vm && m.role == MigrationRole::Source {
                         Ok(id.clone())
                     } else {
                         Err(AgentError::Conflict(format!("migration {id} exists here")))
@@ -102,7 +102,7 @@ impl Agent {
             });
         }
         metrics::counter!("migrations_initiated_total").increment(1);
-        self.track(&migration, vm, Role::Source, &req.to, e.dir);
+        self.track(&migration, vm, MigrationRole::Source, &req.to, e.dir);
         self.claim_bandwidth(&migration, reason, own_cap, share);
         Ok(migration)
     }
@@ -111,7 +111,7 @@ impl Agent {
     /// and the guest runs on here (follow it to its end as usual).
     pub async fn cancel_migration(&self, id: &str) -> Result<(), AgentError> {
         let view = self.migration(id)?;
-        if view.role != Role::Source || view.state.is_final() {
+        if view.role != MigrationRole::Source || view.state.is_final() {
             return Err(AgentError::Conflict(format!(
                 "migration {id} is not an outgoing migration under way here"
             )));
@@ -136,7 +136,14 @@ impl Agent {
     }
 
     /// Lists a migration under way and follows it to its end.
-    pub(crate) fn track(&self, migration: &str, vm: &str, role: Role, peer: &str, dir: VmDir) {
+    pub(crate) fn track(
+        &self,
+        migration: &str,
+        vm: &str,
+        role: MigrationRole,
+        peer: &str,
+        dir: VmDir,
+    ) {
         let (tx, rx) = watch::channel(Progress {
             phase: MigrationPhase::Requesting,
             ..Default::default()
@@ -191,7 +198,7 @@ impl Agent {
     pub(super) fn apply_end(&self, end: EndedMigration, dir: &VmDir) {
         // The VM is listed before its route goes, so a request in between
         // finds it one way or the other.
-        if end.role == Role::Destination
+        if end.role == MigrationRole::Destination
             && matches!(
                 end.state,
                 MigrationPhase::Committed | MigrationPhase::Corrupted
@@ -223,8 +230,8 @@ impl Agent {
 /// destination's ends both count, each on its own host).
 fn record_end(end: &EndedMigration) {
     let role = match end.role {
-        Role::Source => "source",
-        Role::Destination => "destination",
+        MigrationRole::Source => "source",
+        MigrationRole::Destination => "destination",
     };
     if end.state == MigrationPhase::Committed {
         metrics::counter!("migrations_completed_total", "role" => role).increment(1);
@@ -343,7 +350,7 @@ pub(super) fn lost_end(a: &Agent, migration: &str, why: &str) -> EndedMigration 
     EndedMigration {
         migration: migration.into(),
         vm: m.map(|m| m.vm.clone()).unwrap_or_default(),
-        role: m.map_or(Role::Source, |m| m.role),
+        role: m.map_or(MigrationRole::Source, |m| m.role),
         peer: m.map(|m| m.peer.clone()).unwrap_or_default(),
         state: MigrationPhase::RolledBack,
         report: None,

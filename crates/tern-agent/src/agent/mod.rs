@@ -18,10 +18,10 @@ mod vms;
 pub use migrations::MigrateRequest;
 
 use crate::config::AgentConfig;
-use crate::control::{self, GuestState, GuestStatus, OutJob, Request};
+use crate::control::{self, OutJob, ProcState, ProcStatus, Request};
 use crate::keys;
 use crate::peerbook::PeerBook;
-use crate::views::{MigrationView, Role, VmSpec, VmStatus, VmView};
+use crate::views::{MigrationView, VmView};
 use crate::vmdir::{fold, DirFate, EndedMigration, Launch, LaunchRole, VmDir};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tern_migrate::MigrationPhase;
 use tern_migrate::{Policy, Progress};
+use tern_proto::{GuestSpec, GuestStatus, MigrationRole};
 use tern_transport::TlsIdentity;
 use tokio::sync::watch;
 
@@ -74,13 +75,13 @@ pub(super) const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
 
 #[derive(Clone)]
 pub(crate) struct VmEntry {
-    pub(crate) spec: VmSpec,
+    pub(crate) spec: GuestSpec,
     pub(crate) dir: VmDir,
 }
 
 pub(crate) struct MigrationEntry {
     pub(crate) vm: String,
-    pub(crate) role: Role,
+    pub(crate) role: MigrationRole,
     pub(crate) peer: String,
     pub(crate) state: MigrationPhase,
     pub(crate) progress: watch::Receiver<Progress>,

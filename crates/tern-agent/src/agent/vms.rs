@@ -38,7 +38,7 @@ impl Agent {
     }
 
     /// Boots a VM here, in a process of its own, under an id of its own.
-    pub async fn create_vm(&self, spec: VmSpec) -> Result<VmView, AgentError> {
+    pub async fn create_vm(&self, spec: GuestSpec) -> Result<VmView, AgentError> {
         let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         self.create_vm_as(&id, 1, spec).await
     }
@@ -51,7 +51,7 @@ impl Agent {
         &self,
         id: &str,
         epoch: u64,
-        spec: VmSpec,
+        spec: GuestSpec,
     ) -> Result<VmView, AgentError> {
         spec.validate().map_err(AgentError::BadRequest)?;
         crate::vmdir::check_name("VM id", id).map_err(|e| AgentError::BadRequest(e.to_string()))?;
@@ -62,7 +62,9 @@ impl Agent {
         if let Ok(l) = dir.launch() {
             let here = self.vm(id).await.ok();
             return match here {
-                Some(v) if l.epoch == epoch && l.spec == spec && v.status == VmStatus::Running => {
+                Some(v)
+                    if l.epoch == epoch && l.spec == spec && v.status == GuestStatus::Running =>
+                {
                     Ok(v)
                 }
                 _ => Err(AgentError::Conflict(format!(
@@ -182,9 +184,9 @@ pub(super) async fn wait_running(dir: &VmDir) -> Result<(), AgentError> {
     let t = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        match control::call::<GuestStatus>(&dir.control(), &Request::Status, STATUS_TIMEOUT).await {
-            Ok(s) if s.state == GuestState::Running => return Ok(()),
-            Ok(s) if s.state == GuestState::Failed => {
+        match control::call::<ProcStatus>(&dir.control(), &Request::Status, STATUS_TIMEOUT).await {
+            Ok(s) if s.state == ProcState::Running => return Ok(()),
+            Ok(s) if s.state == ProcState::Failed => {
                 return Err(AgentError::Internal(s.detail.unwrap_or_default()))
             }
             _ => {}
@@ -209,14 +211,14 @@ pub(super) async fn wait_running(dir: &VmDir) -> Result<(), AgentError> {
 /// (the journal is read only then, or to name where a guest moved).
 pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
     let status = match e.dir.live_pid() {
-        Some(_) => control::call::<GuestStatus>(&e.dir.control(), &Request::Status, STATUS_TIMEOUT)
+        Some(_) => control::call::<ProcStatus>(&e.dir.control(), &Request::Status, STATUS_TIMEOUT)
             .await
             .map_err(|err| err.to_string()),
         None => Err(String::new()),
     };
     let mut v = VmView {
         id: id.into(),
-        status: VmStatus::Lost,
+        status: GuestStatus::Lost,
         epoch: 1,
         spec: e.spec.clone(),
         counter: None,
@@ -230,20 +232,20 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
             v.epoch = s.epoch;
             v.detail = s.detail.or(s.migration);
             v.status = match s.state {
-                GuestState::Running => {
+                ProcState::Running => {
                     v.counter = s.counter;
                     v.checksum_ok = s.checksum_ok;
-                    VmStatus::Running
+                    GuestStatus::Running
                 }
-                GuestState::Stalled => VmStatus::Stalled,
-                GuestState::Booting => VmStatus::Starting,
-                GuestState::Migrating | GuestState::Receiving => VmStatus::Migrating,
-                GuestState::MovedAway => {
+                ProcState::Stalled => GuestStatus::Stalled,
+                ProcState::Booting => GuestStatus::Starting,
+                ProcState::Migrating | ProcState::Receiving => GuestStatus::Migrating,
+                ProcState::MovedAway => {
                     v.moved_to = fate().moved_to.map(|m| m.0);
-                    VmStatus::MovedAway
+                    GuestStatus::MovedAway
                 }
-                GuestState::Stopped => VmStatus::Stopped,
-                GuestState::Failed => VmStatus::Lost,
+                ProcState::Stopped => GuestStatus::Stopped,
+                ProcState::Failed => GuestStatus::Lost,
             };
         }
         Err(why) => {
@@ -253,14 +255,14 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
                 .or(fate.moved_to.as_ref().map(|m| m.1))
                 .unwrap_or(1);
             v.status = if fate.stopped {
-                VmStatus::Stopped
+                GuestStatus::Stopped
             } else if fate.moved_to.is_some() && fate.in_doubt.is_none() {
                 v.moved_to = fate.moved_to.map(|m| m.0);
-                VmStatus::MovedAway
+                GuestStatus::MovedAway
             } else {
-                VmStatus::Lost
+                GuestStatus::Lost
             };
-            if v.status == VmStatus::Lost {
+            if v.status == GuestStatus::Lost {
                 v.detail = Some(if why.is_empty() {
                     "its guest process ended".into()
                 } else {

@@ -6,13 +6,13 @@
 use super::{lock, read_hello, server::qemu_config, HelloError, Proc, SessionError, Slot};
 use crate::hosted::Hosted;
 use crate::journal::Record;
-use crate::views::{GuestKind, Role};
 use crate::vmdir::EndedMigration;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tern_drivers::qemu::QemuSpec;
 use tern_migrate::protocol::{hello_frame, SessionHello};
 use tern_migrate::{Capacity, DestLink, MigrateError, MigrationPhase, Progress};
+use tern_proto::{GuestKind, MigrationRole};
 use tern_transport::{Listener, Receiver, Sender};
 use tokio::sync::watch;
 
@@ -28,7 +28,7 @@ pub(super) async fn run(p: Arc<Proc>, migration: String, source_host: String, re
     let mut end = EndedMigration {
         migration: migration.clone(),
         vm: p.launch.vm.clone(),
-        role: Role::Destination,
+        role: MigrationRole::Destination,
         peer: source_host.clone(),
         state: MigrationPhase::RolledBack,
         report: None,
@@ -160,7 +160,7 @@ async fn receive(
             qemu: &qemu_config(),
             dir: p.dir.0.join("qemu"),
             spec: qspec,
-            load: spec.load_params(),
+            load: crate::hosted::load_params(&spec),
             progress: progress.clone(),
             refuse,
         };
@@ -187,7 +187,7 @@ async fn receive(
     .map_err(|e| (e, None))
 }
 
-fn empty_qemu_spec(spec: &crate::views::VmSpec) -> QemuSpec {
+fn empty_qemu_spec(spec: &tern_proto::GuestSpec) -> QemuSpec {
     QemuSpec {
         memory_mib: spec.memory_mib,
         vcpus: spec.vcpus,

@@ -7,7 +7,6 @@ use crate::control::{Answer, OutJob};
 use crate::hosted::Hosted;
 use crate::journal::Record;
 use crate::qemu_relay::{self, Compress};
-use crate::views::Role;
 use crate::vmdir::EndedMigration;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use tern_migrate::protocol::{hello_frame, Offer, SessionHello, PROTOCOL_VERSION}
 use tern_migrate::{
     MigrateError, MigrationPhase, Outcome, Progress, Report, SourceGuest, SourceLink,
 };
+use tern_proto::MigrationRole;
 use tern_transport::{HostLimiter, Listener, Receiver, Sender};
 use tokio::sync::watch;
 
@@ -46,7 +46,7 @@ pub(super) struct Controls {
 /// Cancels the outgoing migration `migration` if it has not begun its
 /// switchover (the engine then rolls back and the guest runs on here).
 pub(super) fn cancel(p: &Proc, migration: &str) -> Answer<()> {
-    if p.launch.spec.kind == crate::views::GuestKind::Linux {
+    if p.launch.spec.kind == tern_proto::GuestKind::Linux {
         return Answer::Err("cancelling a Linux guest's migration is not supported yet".into());
     }
     match &*lock(&p.outgoing) {
@@ -136,7 +136,7 @@ async fn run(
     let mut end = EndedMigration {
         migration: job.migration.clone(),
         vm: p.launch.vm.clone(),
-        role: Role::Source,
+        role: MigrationRole::Source,
         peer: job.to.clone(),
         state: MigrationPhase::RolledBack,
         report: None,

@@ -2,14 +2,14 @@
 //! socket, and the boot or receive that fills its slot.
 
 use super::{incoming, lock, outgoing, GuestProcError, Proc, Slot};
-use crate::control::{Answer, GuestState, GuestStatus, Request, WatchEvent};
+use crate::control::{Answer, ProcState, ProcStatus, Request, WatchEvent};
 use crate::hosted::Hosted;
 use crate::journal::Record;
-use crate::views::GuestKind;
 use crate::vmdir::LaunchRole;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_drivers::qemu::{Launch as QemuLaunch, QemuConfig, QemuVm};
+use tern_proto::GuestKind;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -183,36 +183,36 @@ async fn write<T: serde::Serialize>(
     w.write_all(&line).await
 }
 
-fn status(p: &Proc) -> GuestStatus {
+fn status(p: &Proc) -> ProcStatus {
     let epoch = *lock(&p.epoch);
     let migration = lock(&p.track)
         .as_ref()
         .and_then(|t| (t.end.borrow().is_none()).then(|| t.id.clone()));
     let (state, counter, checksum_ok, detail) = match &*lock(&p.slot) {
-        Slot::Booting => (GuestState::Booting, None, None, None),
+        Slot::Booting => (ProcState::Booting, None, None, None),
         Slot::Running(g) => {
             let (c, ok) = g.progress(&p.launch.spec);
             if g.is_stalled() {
                 let why = "alive but not advancing: its QEMU process is stopped";
-                (GuestState::Stalled, Some(c), ok, Some(why.into()))
+                (ProcState::Stalled, Some(c), ok, Some(why.into()))
             } else if g.is_alive() {
-                (GuestState::Running, Some(c), ok, None)
+                (ProcState::Running, Some(c), ok, None)
             } else {
                 (
-                    GuestState::Failed,
+                    ProcState::Failed,
                     None,
                     None,
                     Some("the guest ended".into()),
                 )
             }
         }
-        Slot::Migrating => (GuestState::Migrating, None, None, None),
-        Slot::Receiving => (GuestState::Receiving, None, None, None),
-        Slot::MovedAway => (GuestState::MovedAway, None, None, None),
-        Slot::Stopped => (GuestState::Stopped, None, None, None),
-        Slot::Failed(e) => (GuestState::Failed, None, None, Some(e.clone())),
+        Slot::Migrating => (ProcState::Migrating, None, None, None),
+        Slot::Receiving => (ProcState::Receiving, None, None, None),
+        Slot::MovedAway => (ProcState::MovedAway, None, None, None),
+        Slot::Stopped => (ProcState::Stopped, None, None, None),
+        Slot::Failed(e) => (ProcState::Failed, None, None, Some(e.clone())),
     };
-    GuestStatus {
+    ProcStatus {
         state,
         epoch,
         counter,

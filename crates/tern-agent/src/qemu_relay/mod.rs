@@ -40,13 +40,13 @@ pub use dest::{destination, DestArgs};
 pub use source::{source, SourceArgs};
 pub use tern_migrate::relay::Compress;
 
-use crate::views::VmSpec;
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tern_drivers::qemu::qmp::QmpError;
 use tern_drivers::qemu::{QemuSpec, QemuVm};
 use tern_migrate::{GuestError, MigrateError, Mode};
+use tern_proto::GuestSpec;
 
 fn qmp_err(e: QmpError) -> MigrateError {
     MigrateError::Guest(GuestError(format!("QMP: {e}")))
@@ -95,7 +95,7 @@ fn console_tail(vm: &QemuVm) -> String {
 
 /// The QEMU spec of a Linux VM on this host (its own kernel and initrd).
 pub fn qemu_spec(
-    spec: &VmSpec,
+    spec: &GuestSpec,
     kernel: Option<&Path>,
     initrd: Option<&Path>,
 ) -> Result<QemuSpec, String> {
@@ -107,7 +107,7 @@ pub fn qemu_spec(
         vcpus: spec.vcpus,
         kernel: kernel.to_path_buf(),
         initrd: initrd.map(Path::to_path_buf),
-        cmdline: spec.load_params().cmdline(),
+        cmdline: crate::hosted::load_params(spec).cmdline(),
         disks: Vec::new(),
     })
 }

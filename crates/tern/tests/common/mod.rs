@@ -7,7 +7,8 @@ pub mod up;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tern_agent::{AgentClient, MigrateRequest, MigrationPhase, MigrationView, VmSpec, VmStatus};
+use tern_agent::{AgentClient, MigrateRequest, MigrationPhase, MigrationView};
+use tern_proto::{GuestSpec, GuestStatus};
 use tern_testbed::{self as testbed, AgentProcess, HostPlan, LocalHost};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
@@ -32,8 +33,8 @@ impl AgentProc {
     }
 }
 
-pub fn spec() -> VmSpec {
-    VmSpec {
+pub fn spec() -> GuestSpec {
+    GuestSpec {
         memory_mib: 64,
         ws_pages: 2048,
         pages_per_tick: 16,
@@ -42,9 +43,9 @@ pub fn spec() -> VmSpec {
 }
 
 /// A process workload: it needs no KVM, and it dirties memory all along.
-pub fn process_spec() -> VmSpec {
-    VmSpec {
-        kind: tern_agent::GuestKind::Process,
+pub fn process_spec() -> GuestSpec {
+    GuestSpec {
+        kind: tern_proto::GuestKind::Process,
         memory_mib: 64,
         ws_pages: 256,
         dirty_mib_per_sec: 1,
@@ -86,14 +87,14 @@ pub async fn wait_end(c: &AgentClient, id: &str, limit: Duration) -> MigrationVi
 /// The guest runs on `c`: its counter advances and its working-set checksum is right.
 pub async fn assert_runs(c: &AgentClient, vm: &str, epoch: u64) {
     let a = c.vm(vm).await.unwrap();
-    assert_eq!(a.status, VmStatus::Running, "{a:?}");
+    assert_eq!(a.status, GuestStatus::Running, "{a:?}");
     assert_eq!(a.epoch, epoch);
     let t = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let b = c.vm(vm).await.unwrap();
         // Process workloads make no checksums; their counter is enough.
-        let checked = b.checksum_ok.is_some() || b.spec.kind == tern_agent::GuestKind::Process;
+        let checked = b.checksum_ok.is_some() || b.spec.kind == tern_proto::GuestKind::Process;
         if b.counter > a.counter && checked {
             assert_ne!(
                 b.checksum_ok,
@@ -144,7 +145,7 @@ pub async fn migrate_mode_and_check(a: &AgentClient, b: &AgentClient, mode: &str
     assert_eq!(r.postcopy, mode != "precopy", "{r:?}");
     assert_runs(b, &vm.id, 2).await;
     let gone = a.vm(&vm.id).await.unwrap();
-    assert_eq!(gone.status, VmStatus::MovedAway);
+    assert_eq!(gone.status, GuestStatus::MovedAway);
     assert_eq!(gone.moved_to.as_deref(), Some("host-b"));
     let dest_side = b.migration(&m.id).await.unwrap();
     assert_eq!(dest_side.state, MigrationPhase::Committed);
@@ -205,7 +206,7 @@ impl AgentProc {
 /// Every guest process of `vm` under the agents' data directories that
 /// says its guest runs (asked on its control socket, agents or not).
 pub async fn running_copies(data_dirs: &[&Path], vm: &str) -> Vec<(String, u64, Option<u64>)> {
-    use tern_agent::control::{self, GuestState, GuestStatus, Request};
+    use tern_agent::control::{self, ProcState, ProcStatus, Request};
     let mut out = Vec::new();
     for d in data_dirs {
         let Ok(list) = std::fs::read_dir(d.join("vms")) else {
@@ -217,14 +218,14 @@ pub async fn running_copies(data_dirs: &[&Path], vm: &str) -> Vec<(String, u64, 
             if !(name == vm || name.starts_with(&format!("{vm}."))) || dir.live_pid().is_none() {
                 continue;
             }
-            let st = control::call::<GuestStatus>(
+            let st = control::call::<ProcStatus>(
                 &dir.control(),
                 &Request::Status,
                 Duration::from_secs(3),
             )
             .await;
             if let Ok(s) = st {
-                if s.state == GuestState::Running {
+                if s.state == ProcState::Running {
                     out.push((d.display().to_string(), s.epoch, s.counter));
                 }
             }
