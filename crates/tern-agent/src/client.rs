@@ -3,7 +3,7 @@
 use crate::agent::MigrateRequest;
 use crate::views::{MigrationView, VmView};
 use serde::de::DeserializeOwned;
-use tern_proto::GuestSpec;
+use tern_proto::{GuestSpec, MigrationId, VmId};
 
 /// A request to an agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,7 @@ impl AgentClient {
     /// and spec: the control plane may retry).
     pub async fn put_vm(
         &self,
-        id: &str,
+        id: &VmId,
         epoch: u64,
         spec: &GuestSpec,
     ) -> Result<VmView, ClientError> {
@@ -119,7 +119,7 @@ impl AgentClient {
     /// Keeps a VM's configuration beside it.
     pub async fn set_config(
         &self,
-        id: &str,
+        id: &VmId,
         config: &serde_json::Value,
     ) -> Result<(), ClientError> {
         self.call::<serde_json::Value>(
@@ -132,7 +132,7 @@ impl AgentClient {
     }
 
     /// One VM.
-    pub async fn vm(&self, id: &str) -> Result<VmView, ClientError> {
+    pub async fn vm(&self, id: &VmId) -> Result<VmView, ClientError> {
         self.call(self.http.get(format!("{}/api/v1/vms/{id}", self.base)))
             .await
     }
@@ -144,7 +144,7 @@ impl AgentClient {
     }
 
     /// Stops a VM.
-    pub async fn stop_vm(&self, id: &str) -> Result<(), ClientError> {
+    pub async fn stop_vm(&self, id: &VmId) -> Result<(), ClientError> {
         self.call::<serde_json::Value>(self.http.delete(format!("{}/api/v1/vms/{id}", self.base)))
             .await
             .map(|_| ())
@@ -153,7 +153,7 @@ impl AgentClient {
     /// Starts a migration.
     pub async fn migrate(
         &self,
-        vm: &str,
+        vm: &VmId,
         req: &MigrateRequest,
     ) -> Result<MigrationView, ClientError> {
         self.call(
@@ -165,7 +165,7 @@ impl AgentClient {
     }
 
     /// One migration.
-    pub async fn migration(&self, id: &str) -> Result<MigrationView, ClientError> {
+    pub async fn migration(&self, id: &MigrationId) -> Result<MigrationView, ClientError> {
         self.call(
             self.http
                 .get(format!("{}/api/v1/migrations/{id}", self.base)),
@@ -174,7 +174,7 @@ impl AgentClient {
     }
 
     /// Cancels an outgoing migration before its switchover.
-    pub async fn cancel_migration(&self, id: &str) -> Result<MigrationView, ClientError> {
+    pub async fn cancel_migration(&self, id: &MigrationId) -> Result<MigrationView, ClientError> {
         self.call(
             self.http
                 .delete(format!("{}/api/v1/migrations/{id}", self.base)),
@@ -189,7 +189,7 @@ impl AgentClient {
     }
 
     /// Raw server-sent events of a migration, as the server wrote them.
-    pub async fn events_text(&self, id: &str) -> Result<String, ClientError> {
+    pub async fn events_text(&self, id: &MigrationId) -> Result<String, ClientError> {
         let url = format!("{}/api/v1/migrations/{id}/events", self.base);
         let resp = self
             .http

@@ -343,7 +343,7 @@ async fn beat(
             )
         })
         .map(|v| RunningGuest {
-            id: v.id,
+            id: v.id.to_string(),
             epoch: v.epoch,
         })
         .collect();

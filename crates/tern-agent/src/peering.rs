@@ -188,6 +188,13 @@ impl Agent {
         // Both become the guest directory's name.
         crate::vmdir::check_name("VM id", &o.vm)?;
         crate::vmdir::check_name("migration id", &o.migration)?;
+        if o.vm.parse::<tern_proto::VmId>().is_err() {
+            return Err(crate::vmdir::BadName {
+                kind: "VM id (a UUID)",
+                value: o.vm.chars().take(80).collect(),
+            }
+            .into());
+        }
         let spec: GuestSpec =
             serde_json::from_value(o.spec.clone()).map_err(|e| Refusal::Spec(e.to_string()))?;
         spec.validate().map_err(Refusal::Spec)?;

@@ -2,13 +2,13 @@
 
 use serde::{Deserialize, Serialize};
 use tern_migrate::{MigrationPhase, Progress, Report};
-use tern_proto::{GuestSpec, GuestStatus, MigrationRole};
+use tern_proto::{GuestSpec, GuestStatus, HostId, MigrationId, MigrationRole, VmId};
 
 /// One VM.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmView {
     /// Its id (the same on every host it moves to).
-    pub id: String,
+    pub id: VmId,
     /// Its status here.
     pub status: GuestStatus,
     /// Owner epoch: +1 at every committed migration.
@@ -20,7 +20,7 @@ pub struct VmView {
     /// Whether its last working-set checksum is right (when it made one).
     pub checksum_ok: Option<bool>,
     /// The host it moved to.
-    pub moved_to: Option<String>,
+    pub moved_to: Option<HostId>,
     /// More about the status.
     pub detail: Option<String>,
 }
@@ -29,13 +29,13 @@ pub struct VmView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MigrationView {
     /// Its id.
-    pub id: String,
+    pub id: MigrationId,
     /// The VM.
-    pub vm: String,
+    pub vm: VmId,
     /// This host's end.
     pub role: MigrationRole,
     /// The other host.
-    pub peer: String,
+    pub peer: HostId,
     /// How it stands (the same phases on both ends; `is_final` once ended).
     pub state: MigrationPhase,
     /// The latest progress.

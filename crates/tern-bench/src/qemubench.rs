@@ -333,7 +333,7 @@ async fn tern_run(
         .migrate(
             &vm.id,
             &MigrateRequest {
-                to: "host-b".into(),
+                to: tern_proto::HostId::new("host-b").expect("a host name"),
                 mode: "precopy".into(),
                 max_downtime_ms: Some(a.max_downtime),
                 bandwidth_mbps: None,

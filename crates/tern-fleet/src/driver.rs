@@ -190,7 +190,7 @@ impl VmDriver for AgentsDriver {
     async fn start(&self, req: &StartRequest) -> Result<VmHandle, DriverError> {
         let client = self.client(&req.host).await?;
         let started = client
-            .put_vm(&req.id.to_string(), req.epoch.0, &req.spec.guest_spec())
+            .put_vm(&req.id, req.epoch.0, &req.spec.guest_spec())
             .await;
         lock(&self.pending).remove(&req.id);
         let view = started.map_err(|e| DriverError::StartFailed {
@@ -212,13 +212,13 @@ impl VmDriver for AgentsDriver {
         })?;
         self.owner(id)
             .await?
-            .set_config(&id.to_string(), &value)
+            .set_config(&id, &value)
             .await
             .map_err(|e| agent_err(id, "configure", e))
     }
 
     async fn stop(&self, id: VmId) -> Result<(), DriverError> {
-        match self.owner(id).await?.stop_vm(&id.to_string()).await {
+        match self.owner(id).await?.stop_vm(&id).await {
             // Gone already, or no longer running there: stopped either way.
             Ok(()) | Err(ClientError::Api { status: 404, .. }) => Ok(()),
             Err(ClientError::Api { status: 409, .. }) => Ok(()),
@@ -234,7 +234,7 @@ impl VmDriver for AgentsDriver {
             return Err(DriverError::HostAway(rec.host));
         }
         let client = self.client(&rec.host).await?;
-        match client.vm(&id.to_string()).await {
+        match client.vm(&id).await {
             Ok(v) => Ok(v.status == GuestStatus::Running && v.checksum_ok != Some(false)),
             Err(ClientError::Unreachable { .. }) => Err(DriverError::HostAway(rec.host)),
             Err(e) => Err(agent_err(id, "health check", e)),
@@ -266,7 +266,7 @@ impl VmDriver for AgentsDriver {
                                     | GuestStatus::Migrating
                             )
                         })
-                        .filter_map(|v| v.id.parse::<VmId>().ok()),
+                        .map(|v| v.id),
                 ),
                 Err(e) => tracing::warn!(host = %h.id, error = %e, "cannot list a host's VMs"),
             }

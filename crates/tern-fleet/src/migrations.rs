@@ -246,7 +246,7 @@ impl Migrations {
     /// What the source agent says of `m` now (its progress), if it answers.
     pub async fn live_view(&self, m: &MigrationRecord) -> Option<MigrationView> {
         let src = self.driver.client(&m.from).await.ok()?;
-        src.migration(m.id.as_str()).await.ok()
+        src.migration(&m.id).await.ok()
     }
 
     /// Runs the runner loop until `stop` turns true: one pass every
@@ -437,7 +437,7 @@ impl Migrations {
     /// VM runs there; otherwise it ends, and the VM restarts elsewhere.
     async fn source_down(&self, m: &MigrationRecord) -> Result<(), MigrationError> {
         let dst = self.driver.client(&m.to).await?;
-        match dst.migration(m.id.as_str()).await {
+        match dst.migration(&m.id).await {
             Ok(v) if v.state == MigrationPhase::Committed => self.follow(m, v).await,
             Ok(v) if !v.state.is_final() => Ok(()), // the target settles it first
             _ => {
@@ -507,7 +507,7 @@ impl Migrations {
                 last_moved: None,
             });
             let client = self.driver.client(&to).await?;
-            let id = vm.id.to_string();
+            let id = vm.id;
             let started = client
                 .put_vm(&id, moved.owner_epoch.0, &vm.spec.guest_spec())
                 .await;
@@ -648,7 +648,7 @@ impl Migrations {
     /// its end.
     async fn advance(&self, m: &MigrationRecord) -> Result<(), MigrationError> {
         let src = self.driver.client(&m.from).await?;
-        match src.migration(m.id.as_str()).await {
+        match src.migration(&m.id).await {
             Ok(v) => self.follow(m, v).await,
             // Claimed, but the source never heard of it (the replica that
             // claimed it died first): ask again; the agent answers the
@@ -658,7 +658,7 @@ impl Migrations {
                 // The source is away (down, restarting): the target knows
                 // whether it committed.
                 let dst = self.driver.client(&m.to).await?;
-                match dst.migration(m.id.as_str()).await {
+                match dst.migration(&m.id).await {
                     Ok(v) if v.state == MigrationPhase::Committed => self.follow(m, v).await,
                     _ => {
                         tracing::debug!(migration = %m.id, error = %e, "source not answering; will ask again");
@@ -676,7 +676,7 @@ impl Migrations {
         m: &MigrationRecord,
     ) -> Result<(), MigrationError> {
         let req = start_request(m)?;
-        match src.migrate(&m.vm.to_string(), &req).await {
+        match src.migrate(&m.vm, &req).await {
             Ok(v) => self.follow(m, v).await,
             Err(ClientError::Api { status, message }) if status < 500 => {
                 // The source refused (VM not there, options): the VM stays
@@ -731,7 +731,7 @@ impl Migrations {
         let src = self.driver.client(&m.from).await?;
         // The runner may be handing it to the source right now.
         for _ in 0..25 {
-            match src.cancel_migration(id.as_str()).await {
+            match src.cancel_migration(id).await {
                 Ok(_) => {
                     tracing::info!(migration = %id, "cancelled");
                     return self

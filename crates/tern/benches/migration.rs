@@ -121,7 +121,7 @@ fn main() {
                 // Alternate direction so each run starts from a fresh VM on a.
                 let vm = ca.create_vm(spec).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let src_pid = tern_agent::vmdir::VmDir::new(&bed[0].data_dir, &vm.id)
+                let src_pid = tern_agent::vmdir::VmDir::new(&bed[0].data_dir, &vm.id.to_string())
                     .live_pid()
                     .expect("the source guest's process");
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -130,7 +130,7 @@ fn main() {
                     .migrate(
                         &vm.id,
                         &MigrateRequest {
-                            to: "host-b".into(),
+                            to: tern_proto::HostId::new("host-b").unwrap(),
                             mode: mode.into(),
                             max_downtime_ms: Some(30),
                             bandwidth_mbps: None,

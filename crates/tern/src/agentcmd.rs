@@ -132,6 +132,8 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
         .to
         .clone()
         .context("--to names the destination host (or use --api to let the control plane pick)")?;
+    let to = tern_proto::HostId::new(to)?;
+    let vm: tern_proto::VmId = a.vm.parse()?;
     let client = a.conn.client()?;
     runtime()?.block_on(async {
         let req = MigrateRequest {
@@ -146,7 +148,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             id: None,
             reason: None,
         };
-        let started = client.migrate(&a.vm, &req).await?;
+        let started = client.migrate(&vm, &req).await?;
         let done = follow(&client, &started.id, !a.json).await?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&done)?);
@@ -185,8 +187,12 @@ pub(crate) fn pages_bar(id: &str, show: bool) -> ProgressBar {
 }
 
 /// Polls a migration until it ends, drawing a bar of pages sent.
-async fn follow(client: &AgentClient, id: &str, show: bool) -> anyhow::Result<MigrationView> {
-    let bar = pages_bar(id, show);
+async fn follow(
+    client: &AgentClient,
+    id: &tern_proto::MigrationId,
+    show: bool,
+) -> anyhow::Result<MigrationView> {
+    let bar = pages_bar(id.as_str(), show);
     let mut unreachable_since: Option<std::time::Instant> = None;
     loop {
         // An agent restarting mid-migration is waited for: the migration
@@ -321,10 +327,10 @@ pub fn vm_remote(cmd: RemoteVm) -> anyhow::Result<()> {
                 }
             }
             RemoteVm::Show { id, conn, .. } => {
-                let v = conn.client()?.vm(&id).await?;
+                let v = conn.client()?.vm(&id.parse()?).await?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
-            RemoteVm::Stop { id, conn, .. } => conn.client()?.stop_vm(&id).await?,
+            RemoteVm::Stop { id, conn, .. } => conn.client()?.stop_vm(&id.parse()?).await?,
         }
         Ok(())
     })

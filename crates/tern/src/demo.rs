@@ -122,9 +122,10 @@ pub fn demo() -> anyhow::Result<()> {
         for v in vms.as_array().into_iter().flatten() {
             let id = v["id"].as_str().unwrap_or("?");
             let host = v["host"].as_str().unwrap_or("?");
-            let g = clients[host].vm(id).await?;
+            let vm: tern_proto::VmId = id.parse()?;
+            let g = clients[host].vm(&vm).await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let g2 = clients[host].vm(id).await?;
+            let g2 = clients[host].vm(&vm).await?;
             let how = match moves.get(id) {
                 Some(d) => format!("moved live from host-a, downtime {d:.1} ms"),
                 None => "stayed".into(),

@@ -180,7 +180,7 @@ async fn killing_the_source_after_commit_leaves_one_copy_and_a_restart_does_not_
     let a2 = AgentProc::start(&bed[0], None);
     let after = a2.client().vm(&done.vm).await.unwrap();
     assert_eq!(after.status, GuestStatus::MovedAway, "{after:?}");
-    assert_eq!(after.moved_to.as_deref(), Some("host-b"));
+    assert_eq!(after.moved_to.as_ref().map(|h| h.as_str()), Some("host-b"));
     let running_on_a = a2
         .client()
         .vms()
@@ -254,7 +254,14 @@ async fn the_cli_migrates_with_a_report_and_the_api_streams_progress_events() {
     let vm: tern_agent::VmView = serde_json::from_slice(&out.stdout).unwrap();
     assert_runs(&a.client(), &vm.id, 1).await;
     let out = Command::new(bin)
-        .args(["migrate", &vm.id, "--to", "host-b", "--max-downtime", "40"])
+        .args([
+            "migrate",
+            &vm.id.to_string(),
+            "--to",
+            "host-b",
+            "--max-downtime",
+            "40",
+        ])
         .args(conn)
         .output()
         .unwrap();
@@ -272,7 +279,7 @@ async fn the_cli_migrates_with_a_report_and_the_api_streams_progress_events() {
     assert_runs(&b.client(), &vm.id, 2).await;
     // A bad destination is a clear error, and nothing moves.
     let out = Command::new(bin)
-        .args(["migrate", &vm.id, "--to", "nowhere"])
+        .args(["migrate", &vm.id.to_string(), "--to", "nowhere"])
         .args(["--agent", &bed[1].api_url, "--token-file"])
         .arg(bed[1].data_dir.join("api-token"))
         .output()
@@ -366,7 +373,7 @@ fn cap_host_bandwidth(host: &tern_agent::layout::LocalHost, mbps: u64) {
 /// Polls migration `id` until `ok` holds of it; panics if it ends first.
 async fn wait_view(
     c: &tern_agent::AgentClient,
-    id: &str,
+    id: &tern_proto::MigrationId,
     what: &str,
     ok: impl Fn(&tern_agent::MigrationView) -> bool,
 ) -> tern_agent::MigrationView {

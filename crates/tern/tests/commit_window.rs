@@ -52,7 +52,7 @@ async fn in_commit_window_of(mode: &str) -> Option<Window> {
     assert_runs(&a.client(), &vm, 1).await;
     let token = bed[0].data_dir.join("api-token");
     let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["migrate", &vm, "--to", "host-b", "--mode", mode])
+        .args(["migrate", &vm.to_string(), "--to", "host-b", "--mode", mode])
         .args(["--agent", &bed[0].api_url])
         .arg("--token-file")
         .arg(&token)
@@ -60,7 +60,9 @@ async fn in_commit_window_of(mode: &str) -> Option<Window> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let journal = VmDir::new(&bed[0].data_dir, &vm).0.join("journal.jsonl");
+    let journal = VmDir::new(&bed[0].data_dir, &vm.to_string())
+        .0
+        .join("journal.jsonl");
     let t = Instant::now();
     while !std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("\"commit_decided\"")) {
         assert!(t.elapsed() < Duration::from_secs(60), "no commit record");
@@ -72,7 +74,7 @@ async fn in_commit_window_of(mode: &str) -> Option<Window> {
         bed,
         to_b,
         to_a,
-        vm,
+        vm: vm.to_string(),
         cli,
         _dir: dir,
     })
@@ -114,11 +116,17 @@ async fn one_copy_everyone_agrees(w: Window, expect: MigrationPhase) {
     if expect == MigrationPhase::Committed {
         assert_eq!(dst.state, MigrationPhase::Committed, "{dst:?}");
         assert_runs(&cb, &w.vm, 2).await;
-        assert_eq!(ca.vm(&w.vm).await.unwrap().status, GuestStatus::MovedAway);
+        assert_eq!(
+            ca.vm(&w.vm.parse().unwrap()).await.unwrap().status,
+            GuestStatus::MovedAway
+        );
     } else {
         assert_eq!(dst.state, MigrationPhase::RolledBack, "{dst:?}");
         assert_runs(&ca, &w.vm, 1).await;
-        assert!(cb.vm(&w.vm).await.is_err(), "host-b lists the VM");
+        assert!(
+            cb.vm(&w.vm.parse().unwrap()).await.is_err(),
+            "host-b lists the VM"
+        );
     }
 }
 

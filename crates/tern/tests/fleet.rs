@@ -654,7 +654,7 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
             let there = moved
                 && agents[host_index(host)]
                     .client()
-                    .vm(id)
+                    .vm(&id.parse().unwrap())
                     .await
                     .is_ok_and(|g| g.status == tern_proto::GuestStatus::Running);
             if there {
@@ -681,7 +681,10 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
     let back = start_joining(&hosts[vi], None);
     let views = back.client().vms().await.unwrap();
     for id in &orphans {
-        let v = views.iter().find(|v| &v.id == id).expect("still listed");
+        let v = views
+            .iter()
+            .find(|v| v.id.to_string() == *id)
+            .expect("still listed");
         assert_ne!(
             v.status,
             tern_proto::GuestStatus::Running,
@@ -694,7 +697,7 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
         let mut running = 0;
         for (i, a) in agents.iter().enumerate() {
             let client = if i == vi { back.client() } else { a.client() };
-            if let Ok(g) = client.vm(id).await {
+            if let Ok(g) = client.vm(&id.parse().unwrap()).await {
                 if g.status == tern_proto::GuestStatus::Running {
                     running += 1;
                     assert_eq!(names[i], v["host"].as_str().unwrap());

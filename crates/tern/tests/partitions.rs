@@ -14,7 +14,7 @@ use tern_transport::SILENCE_LIMIT;
 
 /// Starts a pre-copy of a fresh process VM a → b and returns once its
 /// first pages are on the way.
-async fn early_precopy(ca: &AgentClient) -> (String, String) {
+async fn early_precopy(ca: &AgentClient) -> (tern_proto::VmId, tern_proto::MigrationId) {
     let vm = ca.create_vm(&process_spec()).await.unwrap();
     assert_runs(ca, &vm.id, 1).await;
     let m = ca.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tern_agent::{AgentClient, MigrateRequest, MigrationPhase, MigrationView};
 use tern_drivers::qemu::pids_under;
 use tern_drivers::qemu::testing::guest_or_skip;
-use tern_proto::{GuestKind, GuestSpec, GuestStatus};
+use tern_proto::{GuestKind, GuestSpec, GuestStatus, HostId, MigrationId, VmId};
 use tern_testbed::{self as testbed, AgentProcess, HostPlan, LocalHost};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
@@ -73,7 +73,7 @@ fn linux() -> GuestSpec {
 
 fn precopy(bandwidth_mbps: Option<u64>) -> MigrateRequest {
     MigrateRequest {
-        to: "host-b".into(),
+        to: HostId::new("host-b").unwrap(),
         mode: "precopy".into(),
         max_downtime_ms: Some(300),
         bandwidth_mbps,
@@ -86,7 +86,7 @@ fn precopy(bandwidth_mbps: Option<u64>) -> MigrateRequest {
     }
 }
 
-async fn wait_end(c: &AgentClient, id: &str) -> MigrationView {
+async fn wait_end(c: &AgentClient, id: &MigrationId) -> MigrationView {
     let t = Instant::now();
     loop {
         let v = c.migration(id).await.unwrap();
@@ -99,7 +99,7 @@ async fn wait_end(c: &AgentClient, id: &str) -> MigrationView {
 }
 
 /// The guest runs on `c`: its counter passes `beyond` and its checks hold.
-async fn assert_runs(c: &AgentClient, vm: &str, beyond: u64) -> u64 {
+async fn assert_runs(c: &AgentClient, vm: &VmId, beyond: u64) -> u64 {
     let t = Instant::now();
     loop {
         let v = c.vm(vm).await.unwrap();
@@ -146,6 +146,43 @@ async fn a_linux_guest_migrates_between_agents_and_keeps_counting() {
         "the source QEMU still runs"
     );
     assert_eq!(pids_under(&bed.hosts[1].data_dir).len(), 1);
+}
+
+/// A Linux guest's migration cancelled mid pre-copy (a user, or a more
+/// urgent migration preempting it) rolls back: the guest runs on where it
+/// was, counting on, and no QEMU is left on the target.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: Linux guests under QEMU, two agent processes"]
+async fn a_cancelled_linux_guest_migration_rolls_back_and_the_guest_runs_on() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(bed) = bed(0).await else { return };
+    let (ca, cb) = (bed.a.client().unwrap(), bed.b.client().unwrap());
+    let vm = ca.create_vm(&linux()).await.unwrap();
+    let before = assert_runs(&ca, &vm.id, 0).await;
+    // 2 MB/s: seconds of pre-copy to cancel in.
+    let m = ca.migrate(&vm.id, &precopy(Some(2))).await.unwrap();
+    let t = Instant::now();
+    while ca.migration(&m.id).await.unwrap().progress.wire_bytes == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "nothing sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ca.cancel_migration(&m.id).await.unwrap();
+    let done = wait_end(&ca, &m.id).await;
+    assert_eq!(done.state, MigrationPhase::RolledBack, "{done:?}");
+    assert!(
+        done.error.as_deref().unwrap_or("").contains("cancelled"),
+        "{done:?}"
+    );
+    assert_runs(&ca, &vm.id, before).await;
+    let t = Instant::now();
+    while !pids_under(&bed.hosts[1].data_dir).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the target QEMU stays"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cb.vm(&vm.id).await.is_err(), "the target lists the VM");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -345,7 +382,7 @@ async fn kill_agent_at(
         _ => precopy(None),
     };
     let m = ca.migrate(&vm.id, &req).await.unwrap();
-    let journal = tern_agent::vmdir::VmDir::new(&bed.hosts[0].data_dir, &vm.id)
+    let journal = tern_agent::vmdir::VmDir::new(&bed.hosts[0].data_dir, &vm.id.to_string())
         .0
         .join("journal.jsonl");
     let t = Instant::now();
@@ -427,7 +464,7 @@ async fn a_linux_guest_resumes_when_its_destination_dies_in_the_commit_window() 
         .unwrap();
     let before = assert_runs(&ca, &vm.id, 0).await;
     let m = ca.migrate(&vm.id, &precopy(None)).await.unwrap();
-    let journal = tern_agent::vmdir::VmDir::new(&bed.hosts[0].data_dir, &vm.id)
+    let journal = tern_agent::vmdir::VmDir::new(&bed.hosts[0].data_dir, &vm.id.to_string())
         .0
         .join("journal.jsonl");
     let t = Instant::now();
@@ -449,7 +486,7 @@ async fn a_linux_guest_resumes_when_its_destination_dies_in_the_commit_window() 
 
 /// Waits for the end; if it does not come in 120 s, prints the guest
 /// processes' logs of both hosts and fails.
-async fn wait_end_or_dump(c: &AgentClient, id: &str, bed: &Bed) -> MigrationView {
+async fn wait_end_or_dump(c: &AgentClient, id: &MigrationId, bed: &Bed) -> MigrationView {
     let t = Instant::now();
     loop {
         let v = c.migration(id).await.unwrap();
@@ -494,7 +531,7 @@ fn signal_host(bed: &Bed, sig: &str) {
 
 /// Waits until `Commit` reached the destination in post-copy (true) or
 /// the migration ended before it (false).
-async fn reaches_postcopy(ca: &AgentClient, cb: &AgentClient, id: &str) -> bool {
+async fn reaches_postcopy(ca: &AgentClient, cb: &AgentClient, id: &MigrationId) -> bool {
     let t = Instant::now();
     loop {
         if let Ok(v) = cb.migration(id).await {

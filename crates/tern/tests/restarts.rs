@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 use tern_agent::control::{self, ProcState, ProcStatus, Request};
 use tern_agent::vmdir::VmDir;
 use tern_agent::{AgentClient, MigrationPhase};
-use tern_proto::{GuestKind, GuestSpec, GuestStatus};
+use tern_proto::{GuestKind, GuestSpec, GuestStatus, MigrationId, VmId};
 use tern_testbed as testbed;
 
 /// Asks every guest process directly (no agent) and checks that each
 /// advances: nothing paused while its agent was away.
-async fn advance_without_agent(data_dir: &Path, vms: &[String]) {
-    let status = |id: &String| {
-        let sock = VmDir::new(data_dir, id).control();
+async fn advance_without_agent(data_dir: &Path, vms: &[VmId]) {
+    let status = |id: &VmId| {
+        let sock = VmDir::new(data_dir, &id.to_string()).control();
         async move {
             control::call::<ProcStatus>(&sock, &Request::Status, Duration::from_secs(3))
                 .await
@@ -46,10 +46,10 @@ async fn advance_without_agent(data_dir: &Path, vms: &[String]) {
     }
 }
 
-fn pids(data_dir: &Path, vms: &[String]) -> Vec<i32> {
+fn pids(data_dir: &Path, vms: &[VmId]) -> Vec<i32> {
     vms.iter()
         .map(|id| {
-            VmDir::new(data_dir, id)
+            VmDir::new(data_dir, &id.to_string())
                 .live_pid()
                 .expect("a live guest process")
         })
@@ -131,7 +131,8 @@ fn commit_recorded(data_dir: &Path, vm: &str) -> bool {
 }
 
 /// Polls the source's view until the migration is at `phase`.
-async fn reach(c: &AgentClient, mig: &str, phase: Phase, data: &Path, vm: &str) -> bool {
+async fn reach(c: &AgentClient, mig: &MigrationId, phase: Phase, data: &Path, vm: &VmId) -> bool {
+    let vm = &vm.to_string();
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(60) {
         let v = c.migration(mig).await.unwrap();
@@ -220,7 +221,7 @@ async fn an_agent_killed_at_any_phase_of_a_migration_leaves_one_running_copy() {
                     let (ca, cb) = (agents[0].client(), agents[1].client());
                     let src = wait_end(&ca, &m, Duration::from_secs(120)).await;
                     let dst = wait_end(&cb, &m, Duration::from_secs(60)).await;
-                    let copies = running_copies(&[&da, &db], &vm).await;
+                    let copies = running_copies(&[&da, &db], &vm.to_string()).await;
                     assert_eq!(
                         copies.len(),
                         1,

@@ -11,10 +11,10 @@ impl Agent {
             .ok_or_else(|| AgentError::NotFound(format!("migration {id}")))?;
         let progress = m.progress.borrow().clone();
         Ok(MigrationView {
-            id: id.into(),
-            vm: m.vm.clone(),
+            id: typed("migration id", id)?,
+            vm: typed("VM id", &m.vm)?,
             role: m.role,
-            peer: m.peer.clone(),
+            peer: typed("host name", &m.peer)?,
             state: shown_phase(m.state, progress.phase),
             progress,
             report: m.report.clone(),
@@ -46,9 +46,10 @@ impl Agent {
     /// (follow it with [`Agent::migration`] or [`Agent::progress`]). The
     /// guest's own process runs it.
     pub async fn migrate(&self, vm: &str, req: MigrateRequest) -> Result<String, AgentError> {
-        if self.inner.peers.get(&req.to).is_none() {
+        let to = req.to.as_str();
+        if self.inner.peers.get(to).is_none() {
             return Err(AgentError::UnknownPeer {
-                name: req.to.clone(),
+                name: to.to_string(),
                 joined: self.inner.cfg.control_plane.is_some(),
             });
         }
@@ -58,18 +59,16 @@ impl Agent {
             .max_bandwidth_bytes_per_sec
             .max(policy.bandwidth_bytes_per_sec);
         let share = self.share_for(reason, own_cap);
-        let migration = match &req.id {
+        let migration = match req.id.as_ref().map(|id| id.as_str()) {
             Some(id) => {
-                crate::vmdir::check_name("migration id", id)
-                    .map_err(|e| AgentError::BadRequest(e.to_string()))?;
                 if let Some(m) = lock(&self.inner.migrations).get(id) {
                     return if m.vm == vm && m.role == MigrationRole::Source {
-                        Ok(id.clone())
+                        Ok(id.to_string())
                     } else {
                         Err(AgentError::Conflict(format!("migration {id} exists here")))
                     };
                 }
-                id.clone()
+                id.to_string()
             }
             None => format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
         };
@@ -77,7 +76,7 @@ impl Agent {
         lock(&self.inner.routes).insert(migration.clone(), e.dir.clone());
         let job = OutJob {
             migration: migration.clone(),
-            to: req.to.clone(),
+            to: to.to_string(),
             policy,
             compress,
             reply_to: self.reply_addr().to_string(),
@@ -102,7 +101,7 @@ impl Agent {
             });
         }
         metrics::counter!("migrations_initiated_total").increment(1);
-        self.track(&migration, vm, MigrationRole::Source, &req.to, e.dir);
+        self.track(&migration, vm, MigrationRole::Source, to, e.dir);
         self.claim_bandwidth(&migration, reason, own_cap, share);
         Ok(migration)
     }
@@ -250,7 +249,7 @@ fn record_end(end: &EndedMigration) {
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// Destination host (a configured peer).
-    pub to: String,
+    pub to: tern_proto::HostId,
     /// `precopy`, `postcopy` or `hybrid`.
     #[serde(default = "default_mode")]
     pub mode: String,
@@ -278,7 +277,7 @@ pub struct MigrateRequest {
     /// same VM that this host already runs answers that migration, so a
     /// control plane that lost the first answer may retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
+    pub id: Option<tern_proto::MigrationId>,
     /// Why it moves (default `manual`): its class when the host's
     /// bandwidth is shared (`host_bandwidth_mbps`). A control plane sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

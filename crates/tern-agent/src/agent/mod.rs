@@ -92,6 +92,17 @@ pub(crate) struct MigrationEntry {
     pub(crate) bandwidth: Option<bandwidth::Bandwidth>,
 }
 
+/// One of the agent's ids in tern-proto's type. The agent makes and
+/// checks every id it keeps (VMs, migrations, peers), so one that does not
+/// parse is a fault of the agent's own state, not of a caller.
+pub(crate) fn typed<T: std::str::FromStr>(what: &str, s: &str) -> Result<T, AgentError>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse()
+        .map_err(|e: T::Err| AgentError::Internal(format!("{what} `{s}`: {e}")))
+}
+
 /// Migration id → the directory of the guest process that runs it.
 pub(crate) type Routes = Arc<Mutex<HashMap<String, VmDir>>>;
 

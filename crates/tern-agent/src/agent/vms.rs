@@ -39,7 +39,7 @@ impl Agent {
 
     /// Boots a VM here, in a process of its own, under an id of its own.
     pub async fn create_vm(&self, spec: GuestSpec) -> Result<VmView, AgentError> {
-        let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let id = tern_proto::VmId::new().to_string();
         self.create_vm_as(&id, 1, spec).await
     }
 
@@ -54,7 +54,9 @@ impl Agent {
         spec: GuestSpec,
     ) -> Result<VmView, AgentError> {
         spec.validate().map_err(AgentError::BadRequest)?;
-        crate::vmdir::check_name("VM id", id).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        // A VM's id is tern-proto's (a UUID, the same on every host).
+        id.parse::<tern_proto::VmId>()
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
         if epoch == 0 {
             return Err(AgentError::BadRequest("epoch must be at least 1".into()));
         }
@@ -162,7 +164,7 @@ impl Agent {
     /// One VM, as its process (or, when that is gone, its journal) says.
     pub async fn vm(&self, id: &str) -> Result<VmView, AgentError> {
         let e = self.entry(id)?;
-        Ok(view(id, &e).await)
+        view(id, &e).await
     }
 
     /// Every VM this host knows of (running, moved away, lost, stopped).
@@ -173,7 +175,10 @@ impl Agent {
             .collect();
         let mut out = Vec::with_capacity(all.len());
         for (id, e) in &all {
-            out.push(view(id, e).await);
+            match view(id, e).await {
+                Ok(v) => out.push(v),
+                Err(err) => tracing::warn!(vm = %id, error = %err, "a VM that cannot be shown"),
+            }
         }
         out
     }
@@ -209,7 +214,7 @@ pub(super) async fn wait_running(dir: &VmDir) -> Result<(), AgentError> {
 
 /// A VM's view: its process's answer, or its journal's when it has none
 /// (the journal is read only then, or to name where a guest moved).
-pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
+pub(super) async fn view(id: &str, e: &VmEntry) -> Result<VmView, AgentError> {
     let status = match e.dir.live_pid() {
         Some(_) => control::call::<ProcStatus>(&e.dir.control(), &Request::Status, STATUS_TIMEOUT)
             .await
@@ -217,7 +222,7 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
         None => Err(String::new()),
     };
     let mut v = VmView {
-        id: id.into(),
+        id: typed("VM id", id)?,
         status: GuestStatus::Lost,
         epoch: 1,
         spec: e.spec.clone(),
@@ -241,7 +246,7 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
                 ProcState::Booting => GuestStatus::Starting,
                 ProcState::Migrating | ProcState::Receiving => GuestStatus::Migrating,
                 ProcState::MovedAway => {
-                    v.moved_to = fate().moved_to.map(|m| m.0);
+                    v.moved_to = fate().moved_to.and_then(|m| m.0.parse().ok());
                     GuestStatus::MovedAway
                 }
                 ProcState::Stopped => GuestStatus::Stopped,
@@ -257,7 +262,7 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
             v.status = if fate.stopped {
                 GuestStatus::Stopped
             } else if fate.moved_to.is_some() && fate.in_doubt.is_none() {
-                v.moved_to = fate.moved_to.map(|m| m.0);
+                v.moved_to = fate.moved_to.and_then(|m| m.0.parse().ok());
                 GuestStatus::MovedAway
             } else {
                 GuestStatus::Lost
@@ -271,5 +276,5 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> VmView {
             }
         }
     }
-    v
+    Ok(v)
 }

@@ -46,9 +46,6 @@ pub(super) struct Controls {
 /// Cancels the outgoing migration `migration` if it has not begun its
 /// switchover (the engine then rolls back and the guest runs on here).
 pub(super) fn cancel(p: &Proc, migration: &str) -> Answer<()> {
-    if p.launch.spec.kind == tern_proto::GuestKind::Linux {
-        return Answer::Err("cancelling a Linux guest's migration is not supported yet".into());
-    }
     match &*lock(&p.outgoing) {
         Some(c) if c.migration == migration => {
             c.cancel.cancel();

@@ -441,6 +441,12 @@ impl SourceRelay<'_> {
                 m.error_desc.clone().unwrap_or_default()
             ))));
         }
+        // Cancelled (a user, or a more urgent migration preempting this
+        // one): until Commit goes out or post-copy moves the guest, the
+        // source QEMU is whole, and the rollback resumes it.
+        if self.policy.cancel.is_cancelled() && !self.committed && !c.postcopy_started {
+            return Err(MigrateError::Cancelled);
+        }
         let transferred = m.ram.as_ref().map_or(0, |r| r.transferred);
         if transferred > c.transferred {
             c.transferred = transferred;

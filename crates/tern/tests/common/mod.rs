@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tern_agent::{AgentClient, MigrateRequest, MigrationPhase, MigrationView};
-use tern_proto::{GuestSpec, GuestStatus};
+use tern_proto::{GuestSpec, GuestStatus, HostId, MigrationId, VmId};
 use tern_testbed::{self as testbed, AgentProcess, HostPlan, LocalHost};
 use tern_testkit::{LinkConfig, LinkEmulator};
 
@@ -53,13 +53,46 @@ pub fn process_spec() -> GuestSpec {
     }
 }
 
+/// An id given as tern-proto's type or as its text (JSON answers, CLI
+/// output): tests name VMs and migrations both ways.
+pub trait Id<T> {
+    fn id(&self) -> T;
+}
+
+impl<T: Clone> Id<T> for &T {
+    fn id(&self) -> T {
+        (*self).clone()
+    }
+}
+
+impl<T: std::str::FromStr> Id<T> for &str
+where
+    T::Err: std::fmt::Debug,
+{
+    fn id(&self) -> T {
+        self.parse().unwrap()
+    }
+}
+
+impl Id<VmId> for &String {
+    fn id(&self) -> VmId {
+        self.parse().unwrap()
+    }
+}
+
+impl Id<MigrationId> for &String {
+    fn id(&self) -> MigrationId {
+        MigrationId::new(self.as_str()).unwrap()
+    }
+}
+
 pub fn precopy_to(to: &str) -> MigrateRequest {
     mode_to(to, "precopy")
 }
 
 pub fn mode_to(to: &str, mode: &str) -> MigrateRequest {
     MigrateRequest {
-        to: to.into(),
+        to: HostId::new(to).unwrap(),
         mode: mode.into(),
         max_downtime_ms: Some(50),
         bandwidth_mbps: None,
@@ -72,7 +105,8 @@ pub fn mode_to(to: &str, mode: &str) -> MigrateRequest {
     }
 }
 
-pub async fn wait_end(c: &AgentClient, id: &str, limit: Duration) -> MigrationView {
+pub async fn wait_end(c: &AgentClient, id: impl Id<MigrationId>, limit: Duration) -> MigrationView {
+    let id = &id.id();
     let t = Instant::now();
     loop {
         let v = c.migration(id).await.unwrap();
@@ -85,7 +119,8 @@ pub async fn wait_end(c: &AgentClient, id: &str, limit: Duration) -> MigrationVi
 }
 
 /// The guest runs on `c`: its counter advances and its working-set checksum is right.
-pub async fn assert_runs(c: &AgentClient, vm: &str, epoch: u64) {
+pub async fn assert_runs(c: &AgentClient, vm: impl Id<VmId>, epoch: u64) {
+    let vm = &vm.id();
     let a = c.vm(vm).await.unwrap();
     assert_eq!(a.status, GuestStatus::Running, "{a:?}");
     assert_eq!(a.epoch, epoch);
@@ -146,7 +181,7 @@ pub async fn migrate_mode_and_check(a: &AgentClient, b: &AgentClient, mode: &str
     assert_runs(b, &vm.id, 2).await;
     let gone = a.vm(&vm.id).await.unwrap();
     assert_eq!(gone.status, GuestStatus::MovedAway);
-    assert_eq!(gone.moved_to.as_deref(), Some("host-b"));
+    assert_eq!(gone.moved_to.as_ref().map(|h| h.as_str()), Some("host-b"));
     let dest_side = b.migration(&m.id).await.unwrap();
     assert_eq!(dest_side.state, MigrationPhase::Committed);
     done
@@ -205,7 +240,11 @@ impl AgentProc {
 
 /// Every guest process of `vm` under the agents' data directories that
 /// says its guest runs (asked on its control socket, agents or not).
-pub async fn running_copies(data_dirs: &[&Path], vm: &str) -> Vec<(String, u64, Option<u64>)> {
+pub async fn running_copies(
+    data_dirs: &[&Path],
+    vm: impl Id<VmId>,
+) -> Vec<(String, u64, Option<u64>)> {
+    let vm = vm.id().to_string();
     use tern_agent::control::{self, ProcState, ProcStatus, Request};
     let mut out = Vec::new();
     for d in data_dirs {
@@ -215,7 +254,7 @@ pub async fn running_copies(data_dirs: &[&Path], vm: &str) -> Vec<(String, u64, 
         for e in list.flatten() {
             let dir = tern_agent::vmdir::VmDir(e.path());
             let name = e.file_name().to_string_lossy().into_owned();
-            if !(name == vm || name.starts_with(&format!("{vm}."))) || dir.live_pid().is_none() {
+            if !(name == *vm || name.starts_with(&format!("{vm}."))) || dir.live_pid().is_none() {
                 continue;
             }
             let st = control::call::<ProcStatus>(
