@@ -726,9 +726,18 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
     drop(back);
 }
 
+/// The fleet of issue 11's bar, in one run: PostgreSQL, two control-plane
+/// replicas, three agents in network namespaces whose migration streams
+/// cross 20 ms RTT link emulators. VMs made through both replicas land on
+/// every host; a drain moves host-a's VMs live (each checked on arrival)
+/// while the replica running the migrations is killed and the other
+/// finishes; a region=eu VM is never sent to the region=us host; a dead
+/// agent's VMs run again elsewhere and its stale copies stop when it comes
+/// back; the store's owners match where VMs run. (The preemption of a
+/// rebalance by an evacuation is its own test below.)
 #[tokio::test]
 #[ignore = "two tern up replicas on PostgreSQL and three agents; run by .ci/run"]
-async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
+async fn a_fleet_of_two_replicas_drains_through_a_replica_kill_keeps_residency_and_heals() {
     if !common::kvm() {
         return;
     }
@@ -753,6 +762,7 @@ async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
             ("TERN_HOST_ID", id.to_string()),
             // Drains slow enough to kill a replica in the middle of one.
             ("TERN_FLEET_DRAIN_BANDWIDTH_MBPS", "1".to_string()),
+            ("TERN_FLEET_HOST_DOWN_AFTER", "6s".to_string()),
         ]
     };
     let start = |id: &'static str| {
@@ -795,10 +805,13 @@ async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
         links.push(emu);
         plans.push(p);
     }
-    let (_hosts, agents) = join_plans(dir.path(), &urls, &admin, &plans, Some(&ns.names), &|_| {
-        Default::default()
-    })
-    .await;
+    // host-c is in another region.
+    let region = |n: &str| -> tern_proto::Labels {
+        let r = if n == "host-c" { "us" } else { "eu" };
+        [("region".to_string(), r.to_string())].into()
+    };
+    let (hosts, mut agents) =
+        join_plans(dir.path(), &urls, &admin, &plans, Some(&ns.names), &region).await;
     let http = reqwest::Client::new();
     // VMs made through both replicas land on every host.
     for i in 0..6 {
@@ -888,9 +901,90 @@ async fn a_second_replica_finishes_the_drain_of_a_killed_one() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // The hosts kept beating to r2: none of them went down.
-    let hosts = get_json(&http, &format!("{}/api/v1/hosts", r2.base), &admin).await;
-    for h in hosts.as_array().unwrap() {
+    let states = get_json(&http, &format!("{}/api/v1/hosts", r2.base), &admin).await;
+    for h in states.as_array().unwrap() {
         assert_ne!(h["state"], "down", "{h}");
+    }
+
+    // Data residency: a VM pinned to region=eu lands on host-b (host-a
+    // drains) and is never sent to host-c (region=us).
+    let r = http
+        .post(format!("{}/api/v1/vms", r2.base))
+        .bearer_auth(&tenant)
+        .json(
+            &serde_json::json!({"spec": {"image": "test", "memory_mib": 64,
+            "labels": {"region": "eu"}}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let pinned: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(pinned["host"], "host-b", "{pinned}");
+    let r = http
+        .post(format!(
+            "{}/api/v1/vms/{}/migrate",
+            r2.base,
+            pinned["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&tenant)
+        .json(&serde_json::json!({"to": "host-c"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("region=eu"),
+        "{body}"
+    );
+
+    // host-c's agent dies; its guests run on, unmanaged. After the
+    // heartbeat timeout its VMs run again on host-b; when it comes back its
+    // stale copies stop, and exactly one copy of each runs.
+    let vms = get_json(&http, &format!("{}/api/v1/vms", r2.base), &tenant).await;
+    let orphans: Vec<String> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["host"] == "host-c" && v["status"] == "running")
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!orphans.is_empty(), "host-c runs nothing: {vms}");
+    agents[2].0.release_guests();
+    agents[2].kill();
+    let t = Instant::now();
+    for id in &orphans {
+        loop {
+            let v = get_vm(&http, &r2.base, &tenant, id).await;
+            if v["host"] == "host-b" && v["owner_epoch"].as_u64() > Some(1) {
+                let epoch = v["owner_epoch"].as_u64().unwrap();
+                let b = agents[1].client();
+                if b.vm(&id.parse().unwrap())
+                    .await
+                    .is_ok_and(|g| g.status == tern_proto::GuestStatus::Running)
+                {
+                    assert_runs(&b, id, epoch).await;
+                    break;
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "not restarted: {v}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    agents[2] = start_joining_in(&hosts[2], None, Some(&ns.names[2]));
+    for id in &orphans {
+        let v = get_vm(&http, &r2.base, &tenant, id).await;
+        let mut running = Vec::new();
+        for (i, a) in agents.iter().enumerate() {
+            if let Ok(g) = a.client().vm(&id.parse().unwrap()).await {
+                if g.status == tern_proto::GuestStatus::Running {
+                    running.push(names[i]);
+                }
+            }
+        }
+        assert_eq!(running, ["host-b"], "{id}: {v}");
+        assert_eq!(v["host"], "host-b", "{v}");
     }
     drop(agents);
     drop(links);
