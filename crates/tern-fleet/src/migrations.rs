@@ -178,8 +178,25 @@ impl Migrations {
         self
     }
 
-    /// Records a migration (phase `requesting`) for the runner to carry out.
+    /// Records a migration (phase `requesting`) for the runner to carry
+    /// out; a request the fleet refuses counts in `migrations_rejected_total`.
     pub async fn request(&self, ask: Ask) -> Result<MigrationRecord, MigrationError> {
+        let res = self.record(ask).await;
+        if let Err(
+            MigrationError::NotFound(_)
+            | MigrationError::NotRunning { .. }
+            | MigrationError::SameHost { .. }
+            | MigrationError::Refused { .. }
+            | MigrationError::Busy(_)
+            | MigrationError::Options(_),
+        ) = &res
+        {
+            metrics::counter!("migrations_rejected_total").increment(1);
+        }
+        res
+    }
+
+    async fn record(&self, ask: Ask) -> Result<MigrationRecord, MigrationError> {
         let vm = self
             .store
             .get_vm(ask.vm)
@@ -357,6 +374,7 @@ impl Migrations {
                     Ok(())
                 }
                 Step::Refuse { id, error } => {
+                    metrics::counter!("migrations_rejected_total").increment(1);
                     let why = format!("refused: {error}");
                     self.end(
                         find(&open, &id),
@@ -677,8 +695,12 @@ impl Migrations {
     ) -> Result<(), MigrationError> {
         let req = start_request(m)?;
         match src.migrate(&m.vm, &req).await {
-            Ok(v) => self.follow(m, v).await,
+            Ok(v) => {
+                metrics::counter!("migrations_accepted_total").increment(1);
+                self.follow(m, v).await
+            }
             Err(ClientError::Api { status, message }) if status < 500 => {
+                metrics::counter!("migrations_rejected_total").increment(1);
                 // The source refused (VM not there, options): the VM stays
                 // where it is.
                 self.end(m, MigrationPhase::RolledBack, Some(&message), None)

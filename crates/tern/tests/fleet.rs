@@ -527,6 +527,8 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
         .unwrap();
     for name in [
         "migrations_initiated_total",
+        "migrations_accepted_total",
+        "migrations_rejected_total",
         "migrations_completed_total",
         "migration_reason_total{reason=\"maintenance\"}",
         "migrations_active 0",
