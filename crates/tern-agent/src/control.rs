@@ -81,6 +81,8 @@ pub enum ProcState {
     Running,
     /// Alive but not advancing (its QEMU process is stopped): never called running.
     Stalled,
+    /// Paused: the host's lease from the control plane ran out.
+    Fenced,
     /// Being migrated away (runs until switchover; paused while a commit is settled).
     Migrating,
     /// Receiving a migration (not running yet).

@@ -135,6 +135,28 @@ impl Hosted {
         }
     }
 
+    /// Pauses or resumes it where it runs (fencing): the test guest's
+    /// vCPUs, the workload's writer, the QEMU process (SIGSTOP, SIGCONT).
+    pub fn set_paused(&mut self, paused: bool) -> Result<(), String> {
+        match self {
+            Hosted::Kvm(_) | Hosted::Process(_) if paused => {
+                SourceGuest::pause(self).map_err(|e| e.to_string())
+            }
+            Hosted::Kvm(_) | Hosted::Process(_) => {
+                SourceGuest::resume(self).map_err(|e| e.to_string())
+            }
+            Hosted::Qemu(q) => {
+                let pid = rustix::process::Pid::from_raw(q.pid()).ok_or("QEMU has no pid")?;
+                let sig = if paused {
+                    rustix::process::Signal::STOP
+                } else {
+                    rustix::process::Signal::CONT
+                };
+                rustix::process::kill_process(pid, sig).map_err(|e| e.to_string())
+            }
+        }
+    }
+
     /// Ends it.
     pub fn stop(&mut self) {
         match self {

@@ -20,6 +20,7 @@ pub mod hostload;
 pub mod journal;
 pub mod keys;
 pub mod layout;
+pub mod lease;
 pub mod membership;
 pub mod peerbook;
 mod peering;

@@ -339,7 +339,9 @@ async fn beat(
         .filter(|v| {
             matches!(
                 v.status,
-                tern_proto::GuestStatus::Running | tern_proto::GuestStatus::Stalled
+                tern_proto::GuestStatus::Running
+                    | tern_proto::GuestStatus::Stalled
+                    | tern_proto::GuestStatus::Fenced
             )
         })
         .map(|v| RunningGuest {
@@ -356,6 +358,7 @@ async fn beat(
     metrics::gauge!("host_disk_bytes_per_second").set(load.disk_bytes_per_sec as f64);
     let urls: Vec<&String> = std::iter::once(&m.url).chain(&m.replicas).collect();
     let body = Heartbeat { load, running };
+    let sent_ms = crate::lease::now_ms();
     let mut last = None;
     let mut answer = None;
     for i in 0..urls.len() {
@@ -384,6 +387,13 @@ async fn beat(
             }
             Err(e) => tracing::error!(vm = %id, error = %e, "cannot stop a stale copy"),
         }
+    }
+    // Only now, with the stale copies stopped, may the others run on.
+    let data_dir = &agent.config().data_dir;
+    if answer.lease_ms == 0 {
+        crate::lease::clear(data_dir);
+    } else if let Err(e) = crate::lease::grant(data_dir, sent_ms.saturating_add(answer.lease_ms)) {
+        tracing::error!(error = %e, "cannot write the lease: guests will fence");
     }
     let peers = peers_from(&answer.peers)?;
     let names: Vec<String> = peers.iter().map(|p| p.name.clone()).collect();

@@ -42,6 +42,10 @@ pub struct FleetApi {
     pub cert_validity: Duration,
     /// How long a join token is valid.
     pub join_token_ttl: Duration,
+    /// The lease each heartbeat grants its host (`Duration::ZERO`: none):
+    /// shorter than the silence after which the host is down, so a host
+    /// cut off has paused its guests before they run elsewhere.
+    pub host_lease: Duration,
 }
 
 impl FromRef<FleetApi> for Arc<AuthKeys> {
@@ -310,6 +314,7 @@ async fn heartbeat(
         state: h.state,
         peers: peers(&*s.store, Some(&id)).await?,
         fenced,
+        lease_ms: u64::try_from(s.host_lease.as_millis()).unwrap_or(u64::MAX),
     }))
 }
 

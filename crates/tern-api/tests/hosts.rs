@@ -42,6 +42,7 @@ async fn cp() -> Cp {
         ca_dir: ca.path().to_owned(),
         cert_validity: Duration::from_secs(86400),
         join_token_ttl: Duration::from_secs(600),
+        host_lease: Duration::from_secs(10),
     });
     Cp {
         app,

@@ -263,6 +263,7 @@ impl VmDriver for AgentsDriver {
                                 GuestStatus::Running
                                     | GuestStatus::Starting
                                     | GuestStatus::Stalled
+                                    | GuestStatus::Fenced
                                     | GuestStatus::Migrating
                             )
                         })

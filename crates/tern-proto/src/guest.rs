@@ -135,6 +135,11 @@ pub enum GuestStatus {
     Running,
     /// Here and alive, but not advancing (its QEMU process is stopped).
     Stalled,
+    /// Paused by its own host, which lost the control plane for longer
+    /// than its lease (another host may run the VM by now). It runs again
+    /// when the host hears back, unless the control plane moved it on;
+    /// then it is stopped.
+    Fenced,
     /// Being migrated away (it runs until switchover).
     Migrating,
     /// Runs on another host now (see `moved_to`).

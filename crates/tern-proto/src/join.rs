@@ -92,6 +92,13 @@ pub struct HeartbeatResponse {
     /// away) or destroyed them. Running them would make a second copy.
     #[serde(default)]
     pub fenced: Vec<String>,
+    /// How long, from when it sent this heartbeat, the host may run its
+    /// guests without hearing from the control plane again (0: no lease).
+    /// Shorter than the silence after which the control plane declares the
+    /// host down and runs its VMs elsewhere, so a cut-off host has paused
+    /// them by then.
+    #[serde(default)]
+    pub lease_ms: u64,
 }
 
 /// A new join token (shown once).

@@ -111,6 +111,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         ca_dir: cfg.host_ca().context("cannot read or create the host CA")?,
         cert_validity: std::time::Duration::from_secs(365 * 86400),
         join_token_ttl: std::time::Duration::from_secs(3600),
+        // Two thirds of the silence after which a host is down.
+        host_lease: cfg.fleet.host_down_after.0 * 2 / 3,
     };
     let auth = state.auth.clone();
     let mut app = tern_api::router(state).merge(tern_api::hosts_router(fleet));

@@ -644,10 +644,14 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
     agents[vi].kill();
 
     // After the heartbeat timeout they run again elsewhere, same ids,
-    // owner epoch 2, their config kept.
+    // owner epoch 2, their config kept; the stale copies paused themselves
+    // first (their host's lease ran out), so two copies never run at once.
+    let dirs: Vec<&Path> = hosts.iter().map(|h| h.data_dir.as_path()).collect();
     let t = Instant::now();
     for id in &orphans {
         loop {
+            let copies = common::running_copies(&dirs, id).await;
+            assert!(copies.len() <= 1, "two copies of {id} run: {copies:?}");
             let v = get_vm(&http, &up.base, &tenant, id).await;
             let moved = v["host"] != victim.as_str() && v["owner_epoch"] == 2;
             let host = v["host"].as_str().unwrap();
@@ -678,6 +682,21 @@ async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() 
         .unwrap()
         .clone();
     assert_eq!(rec["state"], "down", "{rec}");
+
+    // The stale copies are alive but paused (fenced).
+    for id in &orphans {
+        let copies = common::running_copies(&dirs, id).await;
+        assert_eq!(copies.len(), 1, "{id}: {copies:?}");
+        let stale = tern_agent::vmdir::VmDir::new(&hosts[vi].data_dir, id);
+        let st = tern_agent::control::call::<tern_agent::control::ProcStatus>(
+            &stale.control(),
+            &tern_agent::control::Request::Status,
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+        assert_eq!(st.state, tern_agent::control::ProcState::Fenced, "{st:?}");
+    }
 
     // The host comes back: before its API answers, its stale copies stop.
     let back = start_joining(&hosts[vi], None);

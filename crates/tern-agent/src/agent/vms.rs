@@ -243,6 +243,10 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> Result<VmView, AgentError> {
                     GuestStatus::Running
                 }
                 ProcState::Stalled => GuestStatus::Stalled,
+                ProcState::Fenced => {
+                    v.counter = s.counter;
+                    GuestStatus::Fenced
+                }
                 ProcState::Booting => GuestStatus::Starting,
                 ProcState::Migrating | ProcState::Receiving => GuestStatus::Migrating,
                 ProcState::MovedAway => {

@@ -98,6 +98,8 @@ struct Proc {
     gate: Mutex<CommitGate>,
     /// The outgoing migration under way: what cancels it and what paces it.
     outgoing: Mutex<Option<outgoing::Controls>>,
+    /// Paused because the host's lease ran out (see [`crate::lease`]).
+    fenced: std::sync::atomic::AtomicBool,
     done: Notify,
 }
 
@@ -138,6 +140,7 @@ pub fn main(dir: &Path) -> Result<(), GuestProcError> {
         streams: Mutex::new(None),
         gate: Mutex::default(),
         outgoing: Mutex::default(),
+        fenced: Default::default(),
         done: Notify::new(),
     });
     rt.block_on(server::serve(p))
@@ -215,6 +218,41 @@ impl Proc {
 
     fn record(&self, r: &Record) -> Result<(), JournalError> {
         self.journal.append(r)
+    }
+
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Pauses the running guest when the host's lease has run out, and
+    /// runs it again when a new lease comes (checked every 250 ms).
+    async fn keep_lease(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let run_out = crate::lease::run_out(&self.cfg().data_dir, crate::lease::now_ms());
+            if run_out != self.is_fenced() {
+                self.fence(run_out);
+            }
+        }
+    }
+
+    fn fence(&self, on: bool) {
+        let mut slot = lock(&self.slot);
+        // A migration under way has its own commit protocol; a stopped or
+        // departed guest has nothing to pause.
+        let Slot::Running(g) = &mut *slot else { return };
+        match g.set_paused(on) {
+            Ok(()) => {
+                self.fenced.store(on, std::sync::atomic::Ordering::SeqCst);
+                if on {
+                    tracing::warn!("the host's lease from the control plane ran out: the guest is paused (fenced) so that no second copy runs");
+                } else {
+                    tracing::info!("a new lease: the guest runs again");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, fence = on, "cannot pause or resume the guest"),
+        }
     }
 
     fn set_slot(&self, s: Slot) {

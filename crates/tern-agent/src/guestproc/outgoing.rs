@@ -87,6 +87,12 @@ pub(super) fn start(p: &Arc<Proc>, mut job: OutJob) -> Answer<()> {
         if !matches!(&*slot, Slot::Running(_)) {
             return Answer::Err("the VM is not running here".into());
         }
+        if p.is_fenced() {
+            return Answer::Err(
+                "the VM is fenced: its host lost the control plane, which may run it elsewhere"
+                    .into(),
+            );
+        }
         if let Err(e) = p.record(&Record::MigrationOut {
             migration: job.migration.clone(),
             vm: p.launch.vm.clone(),

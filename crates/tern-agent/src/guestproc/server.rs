@@ -25,6 +25,7 @@ pub(super) async fn serve(p: Arc<Proc>) -> Result<(), GuestProcError> {
     let streams =
         std::os::unix::net::UnixListener::bind(p.dir.streams()).map_err(io("streams socket"))?;
     spawn_stream_intake(p.clone(), streams);
+    tokio::spawn(p.clone().keep_lease());
     let server = p.clone();
     tokio::spawn(async move {
         while let Ok((conn, _)) = control.accept().await {
@@ -192,7 +193,10 @@ fn status(p: &Proc) -> ProcStatus {
         Slot::Booting => (ProcState::Booting, None, None, None),
         Slot::Running(g) => {
             let (c, ok) = g.progress(&p.launch.spec);
-            if g.is_stalled() {
+            if p.is_fenced() {
+                let why = "paused: the host lost the control plane for longer than its lease";
+                (ProcState::Fenced, Some(c), ok, Some(why.into()))
+            } else if g.is_stalled() {
                 let why = "alive but not advancing: its QEMU process is stopped";
                 (ProcState::Stalled, Some(c), ok, Some(why.into()))
             } else if g.is_alive() {
