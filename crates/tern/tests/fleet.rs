@@ -1233,3 +1233,74 @@ async fn hot_host_then_a_second(env: &[(&str, &str)], vms: usize, memory_mib: u3
         http,
     }
 }
+
+/// The warm pool works across the fleet: its VMs are placed on joined
+/// hosts, and a tenant asking for the pool's spec claims one (no boot).
+#[tokio::test]
+#[ignore = "tern up and two agents; run by .ci/run"]
+async fn a_tenant_claims_a_warm_vm_the_pool_placed_on_a_joined_host() {
+    if !common::kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cp = dir.path().join("cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    let admin = admin_token(&cp);
+    let tenant = common::up::token(&cp, "alice");
+    let up = Up::start(
+        &cp,
+        "agents",
+        &[
+            ("TERN_POOL_SIZE", "2"),
+            ("TERN_POOL_RECONCILE_INTERVAL", "1s"),
+        ],
+    );
+    let names = ["host-a", "host-b"];
+    let (_hosts, agents) = joined_fleet(dir.path(), &[up.base.as_str()], &admin, &names, &|_| {
+        Default::default()
+    })
+    .await;
+    // The pool fills on the joined hosts.
+    let t = Instant::now();
+    loop {
+        let mut warm = 0;
+        for a in &agents {
+            warm += a
+                .client()
+                .vms()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|v| v.status == tern_proto::GuestStatus::Running)
+                .count();
+        }
+        if warm == 2 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the pool never filled: {warm}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/api/v1/vms", up.base))
+        .bearer_auth(&tenant)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["provisioned_from"], "warm", "{v}");
+    assert_eq!(v["status"], "running", "{v}");
+    let host = v["host"].as_str().unwrap();
+    let i = names.iter().position(|n| *n == host).unwrap();
+    assert_runs(
+        &agents[i].client(),
+        v["id"].as_str().unwrap(),
+        v["owner_epoch"].as_u64().unwrap(),
+    )
+    .await;
+}
