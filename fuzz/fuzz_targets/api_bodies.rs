@@ -22,12 +22,16 @@ fuzz_target!(|data: &[u8]| {
             assert!(c.settings.len() <= 256);
         }
     }
-    if let Ok(spec) = serde_json::from_slice::<tern_agent::VmSpec>(data) {
+    if let Ok(spec) = serde_json::from_slice::<tern_proto::GuestSpec>(data) {
         if spec.validate().is_ok() {
             // A valid spec's sizes fit the memory it asks for.
             let bytes = u64::from(spec.memory_mib as u32) << 20;
             assert!(bytes > 0);
         }
     }
-    let _ = serde_json::from_slice::<tern_agent::MigrateRequest>(data);
+    if let Ok(req) = serde_json::from_slice::<tern_agent::MigrateRequest>(data) {
+        // Its policy is checked or refused, never a panic.
+        let _ = req.policy();
+    }
+    let _ = serde_json::from_slice::<tern_proto::HeartbeatResponse>(data);
 });
