@@ -31,6 +31,29 @@ async fn join_token(http: &reqwest::Client, base: &str, admin: &str) -> String {
     v["token"].as_str().unwrap().to_owned()
 }
 
+/// A control plane in `dir/cp`: `tern up` with `driver` and `env`, and
+/// tokens of an admin and of tenant alice.
+struct ControlPlane {
+    cp: std::path::PathBuf,
+    admin: String,
+    tenant: String,
+    up: Up,
+}
+
+fn control_plane(dir: &Path, driver: &str, env: &[(&str, &str)]) -> ControlPlane {
+    let cp = dir.join("cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    let admin = admin_token(&cp);
+    let tenant = common::up::token(&cp, "alice");
+    let up = Up::start(&cp, driver, env);
+    ControlPlane {
+        cp,
+        admin,
+        tenant,
+        up,
+    }
+}
+
 async fn joined_fleet(
     dir: &Path,
     urls: &[&str],
@@ -261,11 +284,12 @@ async fn joined_hosts_learn_their_peers_and_a_removed_host_is_refused() {
 #[ignore = "starts tern up and three agents; run by .ci/run"]
 async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = dir.path().join("cp");
-    std::fs::create_dir_all(&cp).unwrap();
-    let admin = admin_token(&cp);
-    let tenant = common::up::token(&cp, "alice");
-    let up = Up::start(&cp, "agents", &[("TERN_POOL_SIZE", "0")]);
+    let ControlPlane {
+        cp,
+        admin,
+        tenant,
+        up,
+    } = control_plane(dir.path(), "agents", &[("TERN_POOL_SIZE", "0")]);
     let region = |n: &str| -> tern_proto::Labels {
         let r = if n == "host-c" { "us" } else { "eu" };
         [("region".to_string(), r.to_string())].into()
@@ -342,19 +366,7 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
         let v: serde_json::Value = r.json().await.unwrap();
         v["id"].as_str().unwrap().to_owned()
     };
-    let r = http
-        .post(format!("{}/api/v1/vms/{us_vm}/migrate", up.base))
-        .bearer_auth(&tenant)
-        .json(&serde_json::json!({"to": "host-a"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().contains("region=us"),
-        "{body}"
-    );
+    refused_for_residency(&http, &up.base, &tenant, &us_vm, "host-a", "region=us").await;
 
     // A user's migration through the control plane: live, verified on
     // arrival, the owner moved in the store at the next epoch.
@@ -540,6 +552,28 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
     drop(agents);
 }
 
+/// Asks to move `vm` to `to` and checks the control plane refuses it,
+/// naming the label `to` lacks.
+async fn refused_for_residency(
+    http: &reqwest::Client,
+    base: &str,
+    tenant: &str,
+    vm: &str,
+    to: &str,
+    label: &str,
+) {
+    let r = http
+        .post(format!("{base}/api/v1/vms/{vm}/migrate"))
+        .bearer_auth(tenant)
+        .json(&serde_json::json!({ "to": to }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains(label), "{body}");
+}
+
 fn host_index(name: &str) -> usize {
     ["host-a", "host-b", "host-c"]
         .iter()
@@ -590,12 +624,13 @@ async fn wait_migration(
 #[ignore = "starts tern up and three agents; run by .ci/run"]
 async fn a_silent_hosts_vms_restart_elsewhere_and_its_stale_copies_are_fenced() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = dir.path().join("cp");
-    std::fs::create_dir_all(&cp).unwrap();
-    let admin = admin_token(&cp);
-    let tenant = common::up::token(&cp, "alice");
-    let up = Up::start(
-        &cp,
+    let ControlPlane {
+        cp: _,
+        admin,
+        tenant,
+        up,
+    } = control_plane(
+        dir.path(),
         "agents",
         &[
             ("TERN_POOL_SIZE", "0"),
@@ -942,23 +977,8 @@ async fn a_fleet_of_two_replicas_drains_through_a_replica_kill_keeps_residency_a
     assert_eq!(r.status(), 201);
     let pinned: serde_json::Value = r.json().await.unwrap();
     assert_eq!(pinned["host"], "host-b", "{pinned}");
-    let r = http
-        .post(format!(
-            "{}/api/v1/vms/{}/migrate",
-            r2.base,
-            pinned["id"].as_str().unwrap()
-        ))
-        .bearer_auth(&tenant)
-        .json(&serde_json::json!({"to": "host-c"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().contains("region=eu"),
-        "{body}"
-    );
+    let pinned_id = pinned["id"].as_str().unwrap();
+    refused_for_residency(&http, &r2.base, &tenant, pinned_id, "host-c", "region=eu").await;
 
     // host-c's agent dies; its guests run on, unmanaged. After the
     // heartbeat timeout its VMs run again on host-b; when it comes back its
@@ -1195,17 +1215,18 @@ struct HotFleet {
 /// process VMs of `memory_mib` each, then host-b joined.
 async fn hot_host_then_a_second(env: &[(&str, &str)], vms: usize, memory_mib: u32) -> HotFleet {
     let dir = tempfile::tempdir().unwrap();
-    let cp = dir.path().join("cp");
-    std::fs::create_dir_all(&cp).unwrap();
-    let admin = admin_token(&cp);
-    let tenant = common::up::token(&cp, "alice");
     let mut all = vec![
         ("TERN_POOL_SIZE", "0"),
         ("TERN_FLEET_REBALANCE_INTERVAL", "1s"),
         ("TERN_LOG", "warn,tern_fleet=info"),
     ];
     all.extend_from_slice(env);
-    let up = Up::start(&cp, "agents", &all);
+    let ControlPlane {
+        cp: _,
+        admin,
+        tenant,
+        up,
+    } = control_plane(dir.path(), "agents", &all);
     let urls = [up.base.as_str()];
     let no_labels = |_: &str| Default::default();
     let a = dir.path().join("a");
@@ -1243,12 +1264,13 @@ async fn a_tenant_claims_a_warm_vm_the_pool_placed_on_a_joined_host() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cp = dir.path().join("cp");
-    std::fs::create_dir_all(&cp).unwrap();
-    let admin = admin_token(&cp);
-    let tenant = common::up::token(&cp, "alice");
-    let up = Up::start(
-        &cp,
+    let ControlPlane {
+        cp: _,
+        admin,
+        tenant,
+        up,
+    } = control_plane(
+        dir.path(),
         "agents",
         &[
             ("TERN_POOL_SIZE", "2"),
