@@ -69,6 +69,9 @@ pub struct Vm {
 /// Why a VM cannot go where asked (or anywhere).
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum PlaceError {
+    /// The fleet has no host (other than the one a VM leaves).
+    #[error("the fleet has no host to run it: join one with `tern agent --join`")]
+    NoHosts,
     /// No host carries the labels the VM requires.
     #[error("no host carries the labels the VM requires ({})", show(.0))]
     NoMatchingHost(Labels),
@@ -278,10 +281,15 @@ impl Fleet {
         exclude: Option<usize>,
         limit: f64,
     ) -> Result<usize, PlaceError> {
+        let mut any = false;
         let mut labelled = false;
         let mut best: Option<(f64, usize)> = None;
         for (i, s) in self.slots.iter().enumerate() {
-            if Some(i) == exclude || !labels_satisfy(&s.host.labels, requires) {
+            if Some(i) == exclude {
+                continue;
+            }
+            any = true;
+            if !labels_satisfy(&s.host.labels, requires) {
                 continue;
             }
             labelled = true;
@@ -295,6 +303,7 @@ impl Fleet {
         }
         match best {
             Some((_, i)) => Ok(i),
+            None if !any => Err(PlaceError::NoHosts),
             None if !labelled => Err(PlaceError::NoMatchingHost(requires.clone())),
             None => Err(PlaceError::NoRoom {
                 memory_mib: demand.memory_mib,
@@ -503,6 +512,18 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("region=mars"), "{e}");
         // Without constraints the big host wins.
         assert_eq!(f.place(d, &Labels::new()).unwrap().as_str(), "c");
+    }
+
+    #[test]
+    fn an_empty_fleet_says_so() {
+        let f = Fleet::new(vec![], vec![]);
+        let d = Demand {
+            memory_mib: 64,
+            vcpus: 1,
+        };
+        let e = f.place(d, &Labels::new()).unwrap_err();
+        assert_eq!(e, PlaceError::NoHosts);
+        assert!(e.to_string().contains("tern agent --join"), "{e}");
     }
 
     #[test]

@@ -889,6 +889,13 @@ async fn a_fleet_of_two_replicas_drains_through_a_replica_kill_keeps_residency_a
         .filter(|v| v["host"] == "host-a")
         .count();
     assert!(on_a >= 1, "{vms}");
+    let used: std::collections::BTreeSet<&str> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["host"].as_str().unwrap())
+        .collect();
+    assert!(used.len() >= 2, "six VMs on one host: {vms}");
 
     // Drain host-a through r2; kill r1, which runs the migrations, once
     // the first is under way. r2 takes the lease over and finishes.
@@ -1026,6 +1033,18 @@ async fn a_fleet_of_two_replicas_drains_through_a_replica_kill_keeps_residency_a
         }
         assert_eq!(running, ["host-b"], "{id}: {v}");
         assert_eq!(v["host"], "host-b", "{v}");
+    }
+    // At the end the store's owners match where every VM really runs.
+    let vms = get_json(&http, &format!("{}/api/v1/vms", r2.base), &tenant).await;
+    for v in vms.as_array().unwrap() {
+        let host = v["host"].as_str().unwrap();
+        let epoch = v["owner_epoch"].as_u64().unwrap();
+        assert_runs(
+            &agents[host_index(host)].client(),
+            v["id"].as_str().unwrap(),
+            epoch,
+        )
+        .await;
     }
     drop(agents);
     drop(links);
