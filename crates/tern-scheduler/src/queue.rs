@@ -284,16 +284,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_evacuation_preempts_a_rebalance_that_holds_its_room() {
-        let mut f = Fleet::new(
+    /// Hosts a and c roomy, b with room for one of the two VMs (on a and c).
+    fn small_b() -> Fleet {
+        Fleet::new(
             vec![
                 host("a", "eu", 65536, 64),
                 host("b", "eu", 4096, 64),
                 host("c", "eu", 65536, 64),
             ],
             vec![vm("a", 3072, 1), vm("c", 3072, 1)],
-        );
+        )
+    }
+
+    #[test]
+    fn an_evacuation_preempts_a_rebalance_that_holds_its_room() {
+        let mut f = small_b();
         let limits = Limits {
             per_host: 4,
             per_link: 4,
@@ -322,14 +327,7 @@ mod tests {
 
     #[test]
     fn a_rebuilt_queue_remembers_what_runs_and_what_was_cancelled() {
-        let mut f = Fleet::new(
-            vec![
-                host("a", "eu", 65536, 64),
-                host("b", "eu", 4096, 64),
-                host("c", "eu", 65536, 64),
-            ],
-            vec![vm("a", 3072, 1), vm("c", 3072, 1)],
-        );
+        let mut f = small_b();
         let rebalance = req(1, &f, 0, "b", MigrationReason::Rebalance);
         f.start_migration(&rebalance.vm, &rebalance.to).unwrap();
         let evacuation = req(2, &f, 1, "b", MigrationReason::Evacuation);

@@ -499,16 +499,7 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
                 );
                 assert_eq!(m["phase"], "committed", "{m}");
             }
-            for v in vms.as_array().unwrap() {
-                let host = v["host"].as_str().unwrap();
-                let epoch = v["owner_epoch"].as_u64().unwrap();
-                assert_runs(
-                    &agents[host_index(host)].client(),
-                    v["id"].as_str().unwrap(),
-                    epoch,
-                )
-                .await;
-            }
+            assert_owners_run(&vms, &agents).await;
             break;
         }
         assert!(
@@ -572,6 +563,21 @@ async fn refused_for_residency(
     assert_eq!(r.status(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains(label), "{body}");
+}
+
+/// Every VM of `vms` (the control plane's list) runs on the host the store
+/// says, at the owner epoch it says, checked on arrival.
+async fn assert_owners_run(vms: &serde_json::Value, agents: &[AgentProc]) {
+    for v in vms.as_array().unwrap() {
+        let host = v["host"].as_str().unwrap();
+        let epoch = v["owner_epoch"].as_u64().unwrap();
+        assert_runs(
+            &agents[host_index(host)].client(),
+            v["id"].as_str().unwrap(),
+            epoch,
+        )
+        .await;
+    }
 }
 
 fn host_index(name: &str) -> usize {
@@ -949,12 +955,7 @@ async fn a_fleet_of_two_replicas_drains_through_a_replica_kill_keeps_residency_a
             }
             assert_eq!(ms.as_array().unwrap().len(), on_a, "{ms}");
             // The store's owners match where the VMs really run.
-            for v in vms.as_array().unwrap() {
-                let host = v["host"].as_str().unwrap();
-                let id = v["id"].as_str().unwrap();
-                let epoch = v["owner_epoch"].as_u64().unwrap();
-                assert_runs(&agents[host_index(host)].client(), id, epoch).await;
-            }
+            assert_owners_run(&vms, &agents).await;
             break;
         }
         assert!(
@@ -1036,16 +1037,7 @@ async fn a_fleet_of_two_replicas_drains_through_a_replica_kill_keeps_residency_a
     }
     // At the end the store's owners match where every VM really runs.
     let vms = get_json(&http, &format!("{}/api/v1/vms", r2.base), &tenant).await;
-    for v in vms.as_array().unwrap() {
-        let host = v["host"].as_str().unwrap();
-        let epoch = v["owner_epoch"].as_u64().unwrap();
-        assert_runs(
-            &agents[host_index(host)].client(),
-            v["id"].as_str().unwrap(),
-            epoch,
-        )
-        .await;
-    }
+    assert_owners_run(&vms, &agents).await;
     drop(agents);
     drop(links);
 }
