@@ -949,11 +949,23 @@ async fn a_fleet_of_two_replicas_drains_through_a_replica_kill_keeps_residency_a
             .filter(|m| !is_final(m))
             .count();
         if left == 0 && open == 0 {
+            let mut moved_off_a = std::collections::BTreeSet::new();
             for m in ms.as_array().unwrap() {
-                eprintln!("{} {} -> {} {}", m["id"], m["from"], m["to"], m["phase"]);
+                eprintln!(
+                    "{} {} -> {} {} {}",
+                    m["id"], m["from"], m["to"], m["reason"], m["phase"]
+                );
+                // A rebalance the pool started may be preempted by the
+                // drain (rolled back); every evacuation commits.
+                if m["reason"] == "rebalance" && m["phase"] == "rolled_back" {
+                    continue;
+                }
                 assert_eq!(m["phase"], "committed", "{m}");
+                if m["from"] == "host-a" {
+                    moved_off_a.insert(m["vm"].as_str().unwrap().to_owned());
+                }
             }
-            assert_eq!(ms.as_array().unwrap().len(), on_a, "{ms}");
+            assert!(moved_off_a.len() >= on_a, "{on_a} VMs on host-a: {ms}");
             // The store's owners match where the VMs really run.
             assert_owners_run(&vms, &agents).await;
             break;
