@@ -165,6 +165,11 @@ pub struct AgentConfig {
     /// The host API's connection limits and timeouts.
     #[serde(default)]
     pub http: tern_httpd::Limits,
+    /// Jail test guests' processes (`[jail]`): a chroot of their own
+    /// directory, a cgroup, an unprivileged uid, a seccomp filter. Off when
+    /// the table is left out.
+    #[serde(default)]
+    pub jail: Option<tern_jail::JailConfig>,
 }
 
 fn default_api() -> SocketAddr {
@@ -206,6 +211,7 @@ impl AgentConfig {
             guest_kernel: None,
             guest_initrd: None,
             http: tern_httpd::Limits::default(),
+            jail: None,
         }
     }
 
@@ -252,6 +258,9 @@ impl AgentConfig {
                 "host_bandwidth_mbps",
                 "must be above 0 (leave it out for no cap)".into(),
             );
+        }
+        if let Some(Err(e)) = self.jail.as_ref().map(tern_jail::JailConfig::validate) {
+            return bad("jail", e);
         }
         if let Some(cp) = &self.control_plane {
             return self.validate_joined(cp);

@@ -49,6 +49,9 @@ pub enum Request {
         /// Bytes/s (above 0).
         bytes_per_sec: u64,
     },
+    /// Test hook (only with `[jail] test_hooks = true`): make a system call
+    /// the jail's seccomp filter forbids, which kills the process.
+    ForbiddenCall,
 }
 
 /// One outgoing migration, as the agent hands it to the guest's process.

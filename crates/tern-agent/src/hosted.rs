@@ -1,7 +1,6 @@
 //! What an agent hosts in a VM slot: a tern-vmm machine or a process
 //! workload, behind the engine's two guest halves.
 
-use std::path::Path;
 use std::time::Duration;
 use tern_drivers::qemu::load::LoadReport;
 use tern_drivers::qemu::QemuVm;
@@ -56,12 +55,8 @@ impl Hosted {
                     vcpus: spec.vcpus,
                     ..Default::default()
                 };
-                let m = tern_vmm::boot_test_guest(
-                    cfg,
-                    &test_guest(spec),
-                    Path::new(tern_vmm::TEST_GUEST_ELF),
-                )
-                .map_err(|e| e.to_string())?;
+                let m = tern_vmm::boot_builtin_test_guest(cfg, &test_guest(spec))
+                    .map_err(|e| e.to_string())?;
                 m.resume().map_err(|e| e.to_string())?;
                 match m.wait_until(Duration::from_secs(60), |d| d.agent.counter >= 1) {
                     WaitOutcome::Satisfied => Ok(Hosted::Kvm(m)),

@@ -6,7 +6,7 @@
 //! on) must not keep running them past that point, or two copies would
 //! run. So each heartbeat's answer grants a lease shorter than
 //! `host_down_after`, counted from when the heartbeat was sent; the agent
-//! writes its end to `<data_dir>/lease.json`, and every guest process
+//! writes its end to `<data_dir>/shared/lease.json`, and every guest process
 //! pauses its guest while the lease has run out (fenced), and runs it again
 //! when a new lease comes. The agent stops stale copies (named in the same
 //! answer) before it writes the new lease, so a copy the control plane has
@@ -26,7 +26,7 @@ pub struct Lease {
 
 /// Where a host's lease is kept.
 pub fn path(data_dir: &Path) -> PathBuf {
-    data_dir.join("lease.json")
+    crate::vmdir::shared_dir(data_dir).join("lease.json")
 }
 
 /// Milliseconds since the Unix epoch now.
@@ -38,7 +38,9 @@ pub fn now_ms() -> u64 {
 
 /// Grants guests until `until_unix_ms` (written whole, then renamed).
 pub fn grant(data_dir: &Path, until_unix_ms: u64) -> std::io::Result<()> {
-    let tmp = data_dir.join("lease.json.tmp");
+    let shared = crate::vmdir::shared_dir(data_dir);
+    std::fs::create_dir_all(&shared)?;
+    let tmp = shared.join("lease.json.tmp");
     let body = serde_json::to_vec(&Lease { until_unix_ms }).expect("a lease serializes");
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, path(data_dir))

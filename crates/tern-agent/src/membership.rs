@@ -103,6 +103,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MembershipError + '_ {
 }
 
 fn write_file(path: &Path, data: &[u8]) -> Result<(), MembershipError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(path))?;
+    }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data).map_err(io(path))?;
     std::fs::rename(&tmp, path).map_err(io(path))

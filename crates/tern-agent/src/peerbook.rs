@@ -2,7 +2,7 @@
 //! for a host that joined a control plane, from the control plane.
 //!
 //! A joined agent keeps the peer list its last heartbeat answered in
-//! `<data_dir>/peers.json` (written whole, then renamed into place) and its
+//! `<data_dir>/shared/peers.json` (written whole, then renamed into place) and its
 //! guest processes read that file whenever they look a peer up, so a peer
 //! the control plane adds or removes is trusted, or refused, by the agent
 //! and by every guest process of the host from the next heartbeat on. The
@@ -17,7 +17,7 @@ use tern_transport::TlsIdentity;
 
 /// The file a joined agent keeps its peers in.
 pub fn peers_file(data_dir: &Path) -> PathBuf {
-    data_dir.join("peers.json")
+    crate::vmdir::shared_dir(data_dir).join("peers.json")
 }
 
 /// The peers of one process (the agent or a guest process).

@@ -48,6 +48,13 @@ pub enum LaunchRole {
     },
 }
 
+/// `<data_dir>/shared/`: what the agent writes for every guest process to
+/// read (the peers file, the host's lease). A jailed guest process sees
+/// this directory (read-only) and its own, nothing else of the data dir.
+pub fn shared_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("shared")
+}
+
 /// A name that becomes a path component (a VM id, a migration id) came
 /// from outside and is not one: 1-64 of `A-Z a-z 0-9 _ -`, so never `..`,
 /// a slash or a dot.

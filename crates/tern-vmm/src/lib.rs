@@ -28,7 +28,9 @@ pub mod uffd;
 pub mod x86;
 
 pub use devices::{AgentReport, Devices};
-pub use machine::{Machine, MachineConfig, MachineShape, RunState, WaitOutcome};
+pub use machine::{
+    set_vcpu_thread_hook, Machine, MachineConfig, MachineShape, RunState, WaitOutcome,
+};
 pub use memory::DirtyBitmap;
 pub use snapshot::{RestoreOptions, SnapshotInfo, SnapshotKind};
 
@@ -37,6 +39,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 /// The test guest ELF built by this crate's build step.
 pub const TEST_GUEST_ELF: &str = env!("TERN_TEST_GUEST_ELF");
+/// The same image, built into this binary: a monitor boots it without
+/// reading the build directory (which a jailed monitor cannot see, and an
+/// installed one does not have).
+pub const TEST_GUEST_IMAGE: &[u8] = include_bytes!(env!("TERN_TEST_GUEST_ELF"));
 /// Where the test guest reads its parameters.
 pub const PARAMS_ADDR: u64 = 0x6000;
 /// Where the test guest's working set starts (guest physical).
@@ -156,6 +162,29 @@ pub fn boot_test_guest(
     guest: &TestGuestConfig,
     elf: &Path,
 ) -> Result<Machine, VmmError> {
+    boot_test_guest_with(cfg, guest, |m| x86::load_elf(m, elf))
+}
+
+/// [`boot_test_guest`] with the test guest built into this binary
+/// ([`TEST_GUEST_IMAGE`]).
+pub fn boot_builtin_test_guest(
+    cfg: MachineConfig,
+    guest: &TestGuestConfig,
+) -> Result<Machine, VmmError> {
+    boot_test_guest_with(cfg, guest, |m| {
+        x86::load_elf_image(
+            m,
+            "built-in test guest",
+            &mut std::io::Cursor::new(TEST_GUEST_IMAGE),
+        )
+    })
+}
+
+fn boot_test_guest_with(
+    cfg: MachineConfig,
+    guest: &TestGuestConfig,
+    load: impl FnOnce(&memory::GuestMem) -> Result<u64, VmmError>,
+) -> Result<Machine, VmmError> {
     let mem_bytes = cfg.memory_mib << 20;
     let ws_end = WORKING_SET_ADDR + guest.ws_pages * 4096;
     if ws_end > mem_bytes || cfg.memory_mib < 32 {
@@ -170,7 +199,7 @@ pub fn boot_test_guest(
     }
     let mem = Machine::fresh_memory(&cfg)?;
     let mut m = Machine::create(cfg, mem)?;
-    let entry = x86::load_elf(m.memory(), elf)?;
+    let entry = load(m.memory())?;
     let params: [u64; 6] = [
         0x7465_726e_6775_6573,
         WORKING_SET_ADDR,

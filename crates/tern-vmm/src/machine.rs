@@ -697,7 +697,29 @@ impl Drop for Machine {
     }
 }
 
+/// What every vCPU thread runs first (a jailed monitor installs its vCPU
+/// seccomp filter there); set once per process, before the first machine.
+static VCPU_THREAD_HOOK: std::sync::OnceLock<fn() -> Result<(), String>> =
+    std::sync::OnceLock::new();
+
+/// Sets the hook every vCPU thread runs before its first `KVM_RUN`. A
+/// hook that fails stops that machine (it must not run unconfined).
+pub fn set_vcpu_thread_hook(hook: fn() -> Result<(), String>) {
+    let _ = VCPU_THREAD_HOOK.set(hook);
+}
+
 fn vcpu_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, shared: Arc<Shared>) {
+    if let Some(hook) = VCPU_THREAD_HOOK.get() {
+        if let Err(e) = hook() {
+            let mut rc = lock(&shared.run);
+            rc.exit_reason = Some(format!("vcpu{idx} thread hook: {e}"));
+            rc.want = Want::Exit;
+            rc.slots[idx].parked = true;
+            rc.slots[idx].done = true;
+            shared.run_cv.notify_all();
+            return;
+        }
+    }
     loop {
         {
             let mut rc = lock(&shared.run);

@@ -59,13 +59,24 @@ pub fn cpuid_for(supported: &CpuId, vcpu: u8, vcpus: u8) -> CpuId {
 
 /// Loads an ELF64 image into guest memory; returns its entry point.
 pub fn load_elf(mem: &GuestMem, path: &Path) -> Result<u64, VmmError> {
-    use linux_loader::loader::{elf::Elf, KernelLoader};
-    let err = |reason: String| VmmError::Load {
+    let mut f = std::fs::File::open(path).map_err(|e| VmmError::Load {
         path: path.display().to_string(),
-        reason,
-    };
-    let mut f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    let res = Elf::load(mem, None, &mut f, None).map_err(|e| err(e.to_string()))?;
+        reason: e.to_string(),
+    })?;
+    load_elf_image(mem, &path.display().to_string(), &mut f)
+}
+
+/// Loads an ELF image read from `image` (`name` names it in errors).
+pub fn load_elf_image<R: std::io::Read + std::io::Seek + vm_memory::ReadVolatile>(
+    mem: &GuestMem,
+    name: &str,
+    image: &mut R,
+) -> Result<u64, VmmError> {
+    use linux_loader::loader::{elf::Elf, KernelLoader};
+    let res = Elf::load(mem, None, image, None).map_err(|e| VmmError::Load {
+        path: name.to_string(),
+        reason: e.to_string(),
+    })?;
     Ok(res.kernel_load.0)
 }
 

@@ -7,6 +7,7 @@ use common::up::{token, Up};
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 /// `root` and every path under it (symlinks not followed).
@@ -419,4 +420,180 @@ async fn refusals_are_logged_without_secrets() {
         !text.contains(metrics_token.trim()),
         "the metrics token reached the log"
     );
+}
+
+/// Gives every host of `hosts` a `[jail]` table (nobody's uid, test hooks on).
+fn jail_hosts(hosts: &[tern_agent::layout::LocalHost]) {
+    for h in hosts {
+        let mut cfg = std::fs::read_to_string(&h.config).unwrap();
+        cfg.push_str("\n[jail]\nuid = 65534\ngid = 65534\ntest_hooks = true\n");
+        std::fs::write(&h.config, cfg).unwrap();
+    }
+}
+
+/// The live guest process of `vm` under `data_dir` (its directory is
+/// `<vm>` where it booted, `<vm>.<migration>` where it arrived): its
+/// directory, pid and `/proc` status.
+async fn guest_proc(data_dir: &Path, vm: &str) -> (PathBuf, u32, String) {
+    for e in std::fs::read_dir(data_dir.join("vms")).unwrap() {
+        let d = e.unwrap().path();
+        if !d.file_name().unwrap().to_string_lossy().starts_with(vm) {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(d.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A moved-away copy's process may linger a while; the one asked for runs.
+        let said = tern_agent::control::call::<serde_json::Value>(
+            &d.join("control.sock"),
+            &tern_agent::control::Request::Status,
+            Duration::from_secs(5),
+        )
+        .await;
+        if !said.is_ok_and(|s| s["state"] == "running") {
+            continue;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            return (d, pid, status);
+        }
+    }
+    panic!("no running process of {vm} under {}", data_dir.display())
+}
+
+fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .trim()
+}
+
+/// Finding 7: a test guest's process runs jailed (an unprivileged uid, no
+/// capabilities, `no_new_privs`, a seccomp filter, a root holding only its
+/// own directory), still migrates both ways (pre-copy, then post-copy
+/// through userfaultfd), and a call outside its filter kills it.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: two agent processes"]
+async fn a_jailed_guest_process_is_unprivileged_filtered_and_still_migrates() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = loopback_pair(dir.path());
+    jail_hosts(&hosts);
+    let a = AgentProc::start(&hosts[0], None);
+    let b = AgentProc::start(&hosts[1], None);
+    let (ac, bc) = (a.client(), b.client());
+    let vm = ac.create_vm(&spec()).await.unwrap();
+    assert_runs(&ac, &vm.id, 1).await;
+    let id = vm.id.to_string();
+    let (vm_dir, pid, status) = guest_proc(&hosts[0].data_dir, &id).await;
+    eprintln!("guest process {pid}:\n{status}");
+    assert_eq!(status_field(&status, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(&status, "Gid"), "65534\t65534\t65534\t65534");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(&status, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    assert_eq!(status_field(&status, "Seccomp"), "2");
+    // Its root is its jail: its own directory, the shared one, two devices.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["dev", "shared", "vms"], "the jail shows more");
+    let vms: Vec<_> = std::fs::read_dir(root.join("vms")).unwrap().collect();
+    assert_eq!(vms.len(), 1, "another VM's directory is visible");
+    assert!(root.join("vms").join(&id).join("journal.jsonl").exists());
+    assert_eq!(vm_dir, hosts[0].data_dir.join("vms").join(&id));
+    assert!(!root.join("etc").exists() && !root.join("shared/host.key").exists());
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroup.contains(&format!("tern/{id}")), "{cgroup}");
+
+    // It migrates, jailed at both ends: pre-copy there, post-copy back.
+    let m = ac.migrate(&vm.id, &precopy_to("host-b")).await.unwrap();
+    let done = wait_end(&ac, &m.id, Duration::from_secs(120)).await;
+    let logs = |d: &Path| {
+        walk(d)
+            .into_iter()
+            .filter(|p| p.ends_with("guest.log"))
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        done.state,
+        tern_agent::MigrationPhase::Committed,
+        "{done:?}\n{}",
+        logs(&hosts[1].data_dir)
+    );
+    assert_runs(&bc, &vm.id, 2).await;
+    let (_, _, on_b) = guest_proc(&hosts[1].data_dir, &id).await;
+    assert_eq!(status_field(&on_b, "Seccomp"), "2");
+    let m = bc
+        .migrate(&vm.id, &mode_to("host-a", "postcopy"))
+        .await
+        .unwrap();
+    let done = wait_end(&bc, &m.id, Duration::from_secs(120)).await;
+    assert_eq!(
+        done.state,
+        tern_agent::MigrationPhase::Committed,
+        "{done:?}"
+    );
+    assert!(done.report.as_ref().unwrap().postcopy);
+    assert_runs(&ac, &vm.id, 3).await;
+
+    // A call outside the filter kills the process (SIGSYS), and the agent
+    // says the guest is gone, not running.
+    let (vm_dir, pid, _) = guest_proc(&hosts[0].data_dir, &id).await;
+    let control = vm_dir.join("control.sock");
+    let r = tern_agent::control::call::<()>(
+        &control,
+        &tern_agent::control::Request::ForbiddenCall,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(r.is_err(), "the process answered: {r:?}");
+    let t = std::time::Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "it still runs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(vm_dir.join("guest.log")).unwrap();
+    assert!(!log.contains("the forbidden call"), "{log}");
+    // The kernel's audit record names the process, the signal (SIGSYS, 31)
+    // and the call (chroot, 161).
+    let dmesg = Command::new("dmesg").output().unwrap();
+    let dmesg = String::from_utf8_lossy(&dmesg.stdout);
+    let killed = dmesg
+        .lines()
+        .filter(|l| l.contains("type=1326") && l.contains(&format!(" pid={pid} ")))
+        .collect::<Vec<_>>();
+    eprintln!("{killed:?}");
+    assert!(
+        killed
+            .iter()
+            .any(|l| l.contains("sig=31") && l.contains("syscall=161")),
+        "no seccomp kill of {pid} in the kernel log"
+    );
+    let v = ac.vm(&vm.id).await.unwrap();
+    assert_ne!(v.status, tern_proto::GuestStatus::Running, "{v:?}");
+    // Its jail and cgroup are gone with it.
+    let t = std::time::Instant::now();
+    let name = vm_dir.file_name().unwrap().to_string_lossy().into_owned();
+    let jail = hosts[0].data_dir.join("jail").join(&name);
+    while jail.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} left",
+            jail.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!Path::new(&format!("/sys/fs/cgroup/memory/tern/{name}")).exists());
 }

@@ -12,7 +12,18 @@ impl Agent {
         let err = log
             .try_clone()
             .map_err(|e| AgentError::Internal(e.to_string()))?;
-        let mut child = std::process::Command::new(&self.inner.exe)
+        let mut cmd = std::process::Command::new(&self.inner.exe);
+        let jail = self.inner.cfg.jail.clone();
+        if jail.is_some() {
+            // A jailed process inherits nothing it was not given.
+            cmd.env_clear();
+            for k in ["PATH", "RUST_LOG", "TERN_LOG_FORMAT"] {
+                if let Ok(v) = std::env::var(k) {
+                    cmd.env(k, v);
+                }
+            }
+        }
+        let mut child = cmd
             .arg("guest")
             .arg(&dir.0)
             .process_group(0)
@@ -31,8 +42,13 @@ impl Agent {
                 AgentError::Internal(format!("cannot start {}: {e}", self.inner.exe.display()))
             })?;
         // Reaped here while this agent lives; after it, by init.
+        let name = dir.0.file_name().map(|n| n.to_string_lossy().into_owned());
+        let data_dir = self.inner.cfg.data_dir.clone();
         std::thread::spawn(move || {
             let _ = child.wait();
+            if let (Some(j), Some(name)) = (jail, name) {
+                tern_jail::clean(&j.root_for(&data_dir, &name), &j.cgroup_root, &name);
+            }
         });
         Ok(())
     }

@@ -10,6 +10,7 @@
 
 mod error;
 mod incoming;
+mod jail;
 mod outgoing;
 mod server;
 
@@ -56,6 +57,12 @@ pub enum GuestProcError {
     /// The host's peer list would not load.
     #[error(transparent)]
     Peers(crate::peerbook::PeerBookError),
+    /// The host key (which signs manifests) would not load.
+    #[error("host key: {0}")]
+    HostKey(#[source] std::io::Error),
+    /// The jail could not be entered; the guest does not start half-jailed.
+    #[error(transparent)]
+    Jail(tern_jail::JailError),
 }
 
 /// What the process holds in its slot.
@@ -90,6 +97,8 @@ struct Proc {
     launch: Launch,
     journal: Journal,
     tls: Option<TlsIdentity>,
+    /// Signs the manifests of its outgoing migrations.
+    host_key: ed25519_dalek::SigningKey,
     peers: PeerBook,
     epoch: Mutex<u64>,
     slot: Mutex<Slot>,
@@ -111,13 +120,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub fn main(dir: &Path) -> Result<(), GuestProcError> {
     let dir = VmDir(dir.to_path_buf());
     let launch = dir.launch().map_err(GuestProcError::Launch)?;
-    let journal = dir.journal().map_err(GuestProcError::Journal)?;
+    // What lies outside a jail is loaded before going in.
     let tls = match &launch.agent.tls {
         Some(t) => {
             Some(TlsIdentity::load(&t.cert, &t.key, &t.ca, &[]).map_err(GuestProcError::Tls)?)
         }
         None => None,
     };
+    let host_key =
+        crate::keys::host_key(&launch.agent.data_dir).map_err(GuestProcError::HostKey)?;
+    let (dir, launch) = match jail::applies(&launch).cloned() {
+        Some(cfg) => jail::enter(dir, launch, &cfg)?,
+        None => (dir, launch),
+    };
+    let journal = dir.journal().map_err(GuestProcError::Journal)?;
     // The book sets the identity's pins; a joined host's are re-read from
     // the agent's peers file at each lookup.
     let peers = PeerBook::open(&launch.agent, tls.clone()).map_err(GuestProcError::Peers)?;
@@ -133,6 +149,7 @@ pub fn main(dir: &Path) -> Result<(), GuestProcError> {
         launch,
         journal,
         tls,
+        host_key,
         peers,
         epoch: Mutex::new(epoch),
         slot: Mutex::new(Slot::Booting),

@@ -319,10 +319,7 @@ async fn transfer(
         hold_after_commit_record();
         Ok(())
     };
-    let key = match crate::keys::host_key(&p.cfg().data_dir) {
-        Ok(k) => k,
-        Err(e) => return not_started(p, MigrateError::Aborted(format!("host key: {e}"))),
-    };
+    let key = p.host_key.clone();
     match guest {
         Hosted::Qemu(q) => {
             let args = qemu_relay::SourceArgs {

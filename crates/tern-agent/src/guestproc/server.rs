@@ -172,7 +172,20 @@ async fn handle(p: Arc<Proc>, conn: UnixStream) {
             bytes_per_sec,
         } => write(&mut w, &outgoing::set_share(&p, &migration, bytes_per_sec)).await,
         Request::Watch { migration } => watch(&p, &migration, &mut w).await,
+        Request::ForbiddenCall => write(&mut w, &forbidden_call(&p)).await,
     };
+}
+
+/// The jail's test hook: a jailed process does not live to answer.
+fn forbidden_call(p: &Proc) -> Answer<()> {
+    if !p.cfg().jail.as_ref().is_some_and(|j| j.test_hooks) {
+        return Answer::Err("test hooks are off (`[jail] test_hooks`)".into());
+    }
+    tracing::warn!("test hook: making a system call the jail forbids");
+    match tern_jail::filter::forbidden_call() {
+        Ok(()) => Answer::Err("the forbidden call succeeded: this process is not filtered".into()),
+        Err(e) => Answer::Err(format!("the forbidden call failed ({e}) but did not kill")),
+    }
 }
 
 async fn write<T: serde::Serialize>(
