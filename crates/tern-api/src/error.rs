@@ -61,7 +61,8 @@ impl From<ManagerError> for ApiError {
             ManagerError::NotFound(_) => ApiError::NotFound(msg),
             ManagerError::WrongStatus { .. }
             | ManagerError::Illegal(_)
-            | ManagerError::Conflict { .. } => ApiError::Conflict(msg),
+            | ManagerError::Conflict { .. }
+            | ManagerError::Busy(_) => ApiError::Conflict(msg),
             ManagerError::Invalid(_) => ApiError::BadRequest(msg),
             ManagerError::Quota(_) => ApiError::Forbidden(msg),
             ManagerError::Driver(_) => ApiError::Driver(msg),

@@ -91,6 +91,9 @@ pub enum ManagerError {
     /// The store failed.
     #[error("store: {0}")]
     Store(StoreError),
+    /// Another replica held what this request needed for too long.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 impl From<StoreError> for ManagerError {
@@ -161,10 +164,17 @@ pub struct Manager {
     driver: Arc<dyn VmDriver>,
     cfg: ManagerConfig,
     /// Held from a tenant's quota check to its new VM's record, so two
-    /// creates cannot both pass on the same headroom (within this process;
-    /// replicas sharing a database do not share it).
+    /// creates of this process cannot both pass on the same headroom.
     admission: tokio::sync::Mutex<()>,
+    /// This manager's name as a holder of the store's per-tenant admission
+    /// lease, which replicas sharing a database take for the same window.
+    holder: String,
 }
+
+/// How long an admission lease lasts if its holder dies holding it.
+const ADMISSION_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a create waits for another replica's admission of its tenant.
+const ADMISSION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Manager {
     /// A manager over a store and a driver.
@@ -174,6 +184,7 @@ impl Manager {
             driver,
             cfg,
             admission: tokio::sync::Mutex::new(()),
+            holder: format!("manager-{}", VmId::new()),
         }
     }
 
@@ -216,10 +227,11 @@ impl Manager {
         if spec == self.cfg.default_spec {
             // A claimed VM that cannot take its config is destroyed and the next tried.
             for _ in 0..3 {
-                let claimed = {
-                    let _admitted = self.admit(tenant, &spec).await?;
-                    self.store.claim_warm(tenant, &config).await?
-                };
+                let claimed = self
+                    .admitted(tenant, &spec, || async {
+                        Ok(self.store.claim_warm(tenant, &config).await?)
+                    })
+                    .await?;
                 let Some(claimed) = claimed else {
                     break;
                 };
@@ -236,21 +248,23 @@ impl Manager {
             }
         }
 
-        let admitted = self.admit(tenant, &spec).await?;
-        let id = VmId::new();
-        let host = self.host_for(id, &spec).await?;
         let rec = self
-            .store
-            .insert_vm(NewVm {
-                id,
-                tenant: Some(tenant.clone()),
-                status: VmStatus::Provisioning,
-                host,
-                spec,
-                config: config.clone(),
+            .admitted(tenant, &spec, || async {
+                let id = VmId::new();
+                let host = self.host_for(id, &spec).await?;
+                Ok(self
+                    .store
+                    .insert_vm(NewVm {
+                        id,
+                        tenant: Some(tenant.clone()),
+                        status: VmStatus::Provisioning,
+                        host,
+                        spec: spec.clone(),
+                        config: config.clone(),
+                    })
+                    .await?)
             })
             .await?;
-        drop(admitted);
         self.boot(&rec).await?;
         match self.finish_provision(&rec, &config).await {
             Ok(rec) => {
@@ -264,20 +278,51 @@ impl Manager {
         }
     }
 
-    /// Checks `tenant`'s quota for one more VM of `spec`; the guard it
-    /// returns must be held until that VM has its record.
-    async fn admit(
-        &self,
-        tenant: &TenantId,
-        spec: &VmSpec,
-    ) -> Result<tokio::sync::MutexGuard<'_, ()>> {
-        let guard = self.admission.lock().await;
-        let live = self.list(Some(tenant)).await?;
-        if let Err(e) = self.cfg.quotas.admit(tenant, &live, spec) {
-            tracing::warn!(tenant = %tenant, error = %e, "create refused: quota");
-            return Err(e.into());
+    /// Checks `tenant`'s quota for one more VM of `spec` and, if it fits,
+    /// runs `record` (which gives that VM its record) before any other
+    /// create of the tenant is checked: in this process (a mutex) and in
+    /// every replica sharing the store (the store's lease `quota:<tenant>`).
+    async fn admitted<T, F, Fut>(&self, tenant: &TenantId, spec: &VmSpec, record: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let _local = self.admission.lock().await;
+        let lease = format!("quota:{tenant}");
+        self.take_lease(&lease).await?;
+        let out = async {
+            let live = self.list(Some(tenant)).await?;
+            if let Err(e) = self.cfg.quotas.admit(tenant, &live, spec) {
+                tracing::warn!(tenant = %tenant, error = %e, "create refused: quota");
+                return Err(e.into());
+            }
+            record().await
         }
-        Ok(guard)
+        .await;
+        if let Err(e) = self.store.release_lease(&lease, &self.holder).await {
+            // It runs out by itself within ADMISSION_LEASE.
+            tracing::warn!(lease, error = %e, "could not release an admission lease");
+        }
+        out
+    }
+
+    /// Takes the store lease `name`, waiting up to [`ADMISSION_WAIT`] for
+    /// another replica to give it up.
+    async fn take_lease(&self, name: &str) -> Result<()> {
+        let until = tokio::time::Instant::now() + ADMISSION_WAIT;
+        while !self
+            .store
+            .try_lease(name, &self.holder, ADMISSION_LEASE)
+            .await?
+        {
+            if tokio::time::Instant::now() >= until {
+                return Err(ManagerError::Busy(format!(
+                    "another replica holds {name}; try again"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// Where a new VM runs: the driver's choice (a fleet of hosts), or this

@@ -486,3 +486,58 @@ async fn postgres_three_strikes_and_restart() {
     );
     assert_eq!(m.list(Some(&tenant("t"))).await.unwrap().len(), 1);
 }
+
+/// Two replicas (two managers, one store) create VMs for one tenant at
+/// once: the quota holds across them, because the admission window is a
+/// store lease, not only a lock in each process.
+async fn replicas_share_the_quota(t: TestStore) {
+    use tern_orchestrator::{Quota, Quotas};
+    let quotas = Quotas {
+        default: Quota {
+            max_vms: 3,
+            ..Quota::default()
+        },
+        tenants: Default::default(),
+    };
+    let replica = || {
+        Arc::new(manager(
+            &t,
+            Arc::new(MockDriver::new(MockFaults::default())),
+            ManagerConfig {
+                quotas: quotas.clone(),
+                ..cfg(0)
+            },
+        ))
+    };
+    let (r1, r2) = (replica(), replica());
+    let alice = tenant("alice");
+    let creates = (0..10).map(|i| {
+        let m = if i % 2 == 0 { r1.clone() } else { r2.clone() };
+        let alice = alice.clone();
+        tokio::spawn(async move { m.provision(&alice, None, VmConfig::default()).await })
+    });
+    let results = futures::future::join_all(creates).await;
+    let made = results
+        .iter()
+        .filter(|r| r.as_ref().unwrap().is_ok())
+        .count();
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r.as_ref().unwrap(), Err(ManagerError::Quota(_))))
+        .count();
+    assert_eq!((made, refused), (3, 7), "{results:?}");
+    let live = r1.list(Some(&alice)).await.unwrap();
+    assert_eq!(live.len(), 3);
+}
+
+#[tokio::test]
+async fn replicas_share_the_quota_on_sqlite() {
+    replicas_share_the_quota(testing::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn replicas_share_the_quota_on_postgres() {
+    if let Some(t) = testing::postgres("replicas_share_the_quota").await {
+        replicas_share_the_quota(t).await;
+    }
+}

@@ -15,10 +15,14 @@ impl Agent {
         let mut cmd = std::process::Command::new(&self.inner.exe);
         let jail = self.inner.cfg.jail.clone();
         if jail.is_some() {
-            // A jailed process inherits nothing it was not given.
+            // A jailed process inherits nothing it was not given: its
+            // logging, and the operator's failure injection.
             cmd.env_clear();
-            for k in ["PATH", "RUST_LOG", "TERN_LOG_FORMAT"] {
-                if let Ok(v) = std::env::var(k) {
+            for (k, v) in std::env::vars_os() {
+                let k_str = k.to_string_lossy();
+                if matches!(&*k_str, "PATH" | "RUST_LOG" | "TERN_LOG_FORMAT")
+                    || k_str.starts_with("TERN_FAULT_")
+                {
                     cmd.env(k, v);
                 }
             }
