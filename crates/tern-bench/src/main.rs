@@ -2,9 +2,11 @@
 //! machine. A development binary (it carries the link emulator), never
 //! part of the shipped `tern`.
 
+mod jailbench;
 mod qemubench;
 
 use clap::{Parser, Subcommand};
+use qemubench::tern_binary;
 
 #[derive(Parser)]
 #[command(
@@ -21,10 +23,14 @@ enum Cmd {
     /// One Linux guest migrated by QEMU itself and by tern, alternately, on
     /// loopback and across an emulated WAN link; prints both and the ratios.
     MigrateQemu(qemubench::QemuBenchArgs),
+    /// Test guests started and migrated by plain and jailed agents, in
+    /// turns; prints medians and the jail's ratios.
+    Jail(jailbench::JailBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::MigrateQemu(a) => qemubench::run(a),
+        Cmd::Jail(a) => jailbench::run(a),
     }
 }

@@ -483,7 +483,7 @@ pub fn run(a: QemuBenchArgs) -> anyhow::Result<()> {
 
 /// The `tern` binary beside this one (`cargo build --release` builds both
 /// into one directory), or `TERN_BIN`.
-fn tern_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn tern_binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("TERN_BIN") {
         return Ok(PathBuf::from(p));
     }

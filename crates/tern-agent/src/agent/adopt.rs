@@ -16,6 +16,9 @@ impl Agent {
             let Ok(launch) = dir.launch() else { continue };
             let fate = dir.records().map(|r| fold(&r)).unwrap_or_default();
             let live = dir.live_pid().is_some();
+            if !live {
+                self.clean_jail(&dir);
+            }
             self.adopt_migrations(&dir, &launch, &fate, live);
             let incoming = !matches!(launch.role, LaunchRole::Boot);
             let was_vm_here =
@@ -37,6 +40,12 @@ impl Agent {
         for (vm, (_, _, e)) in best {
             vms.insert(vm, e);
         }
+    }
+
+    /// Removes the room and cgroups of a jailed guest process that ended
+    /// while no agent was there to reap it.
+    fn clean_jail(&self, dir: &VmDir) {
+        clean_jail(&self.inner.cfg, dir);
     }
 
     pub(super) fn adopt_migrations(
@@ -105,4 +114,14 @@ impl Agent {
         }
         open
     }
+}
+
+/// Removes what the jail of the guest process of `dir` left (its room, its
+/// cgroups), if the agent jails guests; call it once that process ended.
+pub(super) fn clean_jail(cfg: &AgentConfig, dir: &VmDir) {
+    let (Some(j), Some(name)) = (&cfg.jail, dir.0.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    tern_jail::clean(&j.root_for(&cfg.data_dir, &name), &j.cgroup_root, &name);
 }

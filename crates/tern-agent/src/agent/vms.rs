@@ -13,8 +13,7 @@ impl Agent {
             .try_clone()
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         let mut cmd = std::process::Command::new(&self.inner.exe);
-        let jail = self.inner.cfg.jail.clone();
-        if jail.is_some() {
+        if self.inner.cfg.jail.is_some() {
             // A jailed process inherits nothing it was not given: its
             // logging, and the operator's failure injection.
             cmd.env_clear();
@@ -45,14 +44,12 @@ impl Agent {
             .map_err(|e| {
                 AgentError::Internal(format!("cannot start {}: {e}", self.inner.exe.display()))
             })?;
-        // Reaped here while this agent lives; after it, by init.
-        let name = dir.0.file_name().map(|n| n.to_string_lossy().into_owned());
-        let data_dir = self.inner.cfg.data_dir.clone();
+        // Reaped here while this agent lives; after it, by init (and its
+        // jail cleaned at the next agent's start).
+        let (cfg, dir) = (self.inner.cfg.clone(), dir.clone());
         std::thread::spawn(move || {
             let _ = child.wait();
-            if let (Some(j), Some(name)) = (jail, name) {
-                tern_jail::clean(&j.root_for(&data_dir, &name), &j.cgroup_root, &name);
-            }
+            super::adopt::clean_jail(&cfg, &dir);
         });
         Ok(())
     }

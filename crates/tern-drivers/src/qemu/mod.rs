@@ -161,7 +161,14 @@ pub struct QemuConfig {
     /// signal, set by `setpriv`). A host agent that keeps its VMs in its own
     /// lifetime sets this, so a crashed agent leaves no orphan copy running.
     pub die_with_parent: bool,
+    /// QEMU's own seccomp filter (`-sandbox on`, denying obsolete calls,
+    /// privilege changes, process spawning and resource control): a guest
+    /// that escapes into QEMU cannot start programs or change its uid.
+    pub sandbox: bool,
 }
+
+/// QEMU's `-sandbox` argument when [`QemuConfig::sandbox`] is on.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 impl Default for QemuConfig {
     fn default() -> Self {
@@ -172,6 +179,7 @@ impl Default for QemuConfig {
             start_timeout: Duration::from_secs(120),
             qmp_timeout: Duration::from_secs(10),
             die_with_parent: false,
+            sandbox: true,
         }
     }
 }
@@ -278,6 +286,9 @@ impl QemuVm {
             .arg(dir.join("qemu.pid"));
         if let Some(i) = &spec.initrd {
             cmd.arg("-initrd").arg(i);
+        }
+        if cfg.sandbox {
+            cmd.args(["-sandbox", SANDBOX]);
         }
         for (n, d) in spec.disks.iter().enumerate() {
             let fmt = match d.format {
