@@ -106,7 +106,12 @@ async fn migrate_once(s: &Side) -> anyhow::Result<(f64, f64)> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     if done.state != MigrationPhase::Committed {
-        bail!("migration {} ended {:?}: {:?}", m.id, done.state, done.error);
+        bail!(
+            "migration {} ended {:?}: {:?}",
+            m.id,
+            done.state,
+            done.error
+        );
     }
     let r = done.report.context("no report")?;
     s.b.stop_vm(&vm.id).await.context("stop")?;
@@ -152,15 +157,15 @@ pub fn run(a: JailBenchArgs) -> anyhow::Result<()> {
         }
         let row = |name: &str, v: &mut [Vec<f64>; 2]| {
             let (p, j) = (median(&mut v[0]), median(&mut v[1]));
-            println!(
-                "{name:<34} {p:>10.1} {j:>10.1} {:>8.3}",
-                j / p
-            );
+            println!("{name:<34} {p:>10.1} {j:>10.1} {:>8.3}", j / p);
         };
         println!("jail cost: test guests, 64 MiB, cold guest RAM, loopback (medians, ms)");
         println!("{:<34} {:>10} {:>10} {:>8}", "", "plain", "jailed", "ratio");
         row(&format!("start -> guest ready (n={})", a.runs), &mut start);
-        row(&format!("pre-copy downtime (n={})", a.migrations), &mut down);
+        row(
+            &format!("pre-copy downtime (n={})", a.migrations),
+            &mut down,
+        );
         row(&format!("pre-copy total (n={})", a.migrations), &mut total);
         Ok(())
     })

@@ -32,6 +32,8 @@ pub struct KvmDriverConfig {
     pub control_timeout: Duration,
     /// What VMs may boot, by name.
     pub images: ImageCatalogue,
+    /// Jail each monitor (see [`crate::kvmjail`]); `None` runs them as root.
+    pub jail: Option<tern_jail::JailConfig>,
 }
 
 impl KvmDriverConfig {
@@ -44,6 +46,7 @@ impl KvmDriverConfig {
             start_timeout: Duration::from_secs(30),
             control_timeout: Duration::from_secs(30),
             images: ImageCatalogue::builtin(),
+            jail: None,
         }
     }
 }
@@ -93,6 +96,42 @@ impl KvmDriver {
         self.cfg.run_dir.join(id.to_string())
     }
 
+    /// Where a VM's snapshots go when its monitor is jailed (its room shows
+    /// this directory, writable): `<run_dir>/<vm id>.snapshots/`.
+    pub fn snapshot_dir(&self, id: VmId) -> PathBuf {
+        self.cfg.run_dir.join(format!("{id}.snapshots"))
+    }
+
+    /// A jailed monitor's room.
+    fn jail_root(&self, id: VmId) -> PathBuf {
+        self.cfg.run_dir.join(format!("{id}.jail"))
+    }
+
+    /// The jail flags of a monitor started with `args`: its directory and
+    /// snapshot directory writable; the directories of the files it boots
+    /// and the snapshots it restores, read-only.
+    fn jail_flags(&self, id: VmId, cfg: &tern_jail::JailConfig, args: &[String]) -> Vec<String> {
+        let rw = vec![self.vm_dir(id), self.snapshot_dir(id)];
+        let mut ro = Vec::new();
+        let mut it = args.iter().peekable();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--kernel" | "--initrd" | "--guest-elf" => {
+                    if let Some(dir) = it.next().and_then(|p| Path::new(p).parent()) {
+                        ro.push(dir.to_path_buf());
+                    }
+                }
+                "--restore" => {
+                    while let Some(p) = it.next_if(|p| !p.starts_with("--")) {
+                        ro.push(PathBuf::from(p));
+                    }
+                }
+                _ => {}
+            }
+        }
+        crate::kvmjail::MonitorJail::flags(cfg, &self.jail_root(id), &rw, &ro)
+    }
+
     fn socket(&self, id: VmId) -> PathBuf {
         self.vm_dir(id).join("control.sock")
     }
@@ -137,6 +176,11 @@ impl KvmDriver {
         let err =
             std::fs::File::create(dir.join("monitor.err")).map_err(|e| fail(e.to_string()))?;
         let mut cmd = Command::new(&self.cfg.monitor);
+        if let Some(j) = &self.cfg.jail {
+            std::fs::create_dir_all(self.snapshot_dir(id))
+                .map_err(|e| fail(format!("snapshot dir: {e}")))?;
+            cmd.args(self.jail_flags(id, j, &args)).env_clear();
+        }
         cmd.arg("--control")
             .arg(dir.join("control.sock"))
             .arg("--console-log")
@@ -154,8 +198,18 @@ impl KvmDriver {
         })?;
         let pid = child.id();
         std::fs::write(dir.join("pid"), pid.to_string()).map_err(|e| fail(e.to_string()))?;
-        // Reap the monitor when it ends, so it never lingers as a zombie.
-        std::thread::spawn(move || child.wait());
+        // Reap the monitor when it ends, so it never lingers as a zombie,
+        // and remove its jail's room and cgroups.
+        let jail = self.cfg.jail.as_ref().map(|j| {
+            let name = id.to_string();
+            (self.jail_root(id), j.cgroup_root.clone(), name)
+        });
+        std::thread::spawn(move || {
+            let _ = child.wait();
+            if let Some((root, cgroups, name)) = jail {
+                tern_jail::clean(&root, &cgroups, &name);
+            }
+        });
 
         let deadline = Instant::now() + self.cfg.start_timeout;
         loop {

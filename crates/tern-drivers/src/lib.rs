@@ -9,6 +9,7 @@
 
 pub mod images;
 pub mod kvm;
+pub mod kvmjail;
 pub mod mock;
 pub mod qemu;
 

@@ -254,3 +254,114 @@ async fn snapshots_restore_in_a_new_process_and_the_guest_carries_on() {
     assert!(err.contains("checksum mismatch"), "{err}");
     d.cleanup(rid).await.unwrap();
 }
+
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .trim()
+        .to_string()
+}
+
+/// Checks from outside that monitor `pid` is jailed: nobody's uid, no
+/// capabilities, `no_new_privs`, a seccomp filter, a root holding only its
+/// binds and devices.
+fn assert_jailed(pid: u32, vm_dir: &std::path::Path) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&status, "Uid"), "65534\t65534\t65534\t65534");
+    for caps in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(&status, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    assert_eq!(status_field(&status, "Seccomp"), "2");
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    assert!(root.join("dev/kvm").exists());
+    assert!(!root.join("etc").exists() && !root.join("usr").exists());
+    let inside = root.join(vm_dir.strip_prefix("/").unwrap());
+    assert!(inside.join("control.sock").exists(), "{}", inside.display());
+}
+
+fn monitor_pid(d: &KvmDriver, id: VmId) -> u32 {
+    std::fs::read_to_string(d.vm_dir(id).join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Issue 14, finding 7: a jailed monitor boots, snapshots into its
+/// snapshot directory, and a new jailed monitor restores the guest, which
+/// carries on counting.
+#[tokio::test]
+async fn a_jailed_monitor_snapshots_and_restores() {
+    if !kvm_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = KvmDriverConfig::new(tmp.path().join("vms"));
+    cfg.monitor = PathBuf::from(env!("CARGO_BIN_EXE_tern-vmm"));
+    cfg.jail = Some(tern_jail::JailConfig::default());
+    let d = KvmDriver::new(cfg).unwrap();
+    let id = VmId::new();
+    d.start(&StartRequest {
+        id,
+        spec: spec(),
+        vsock_cid: None,
+        host: tern_proto::HostId::new("local").unwrap(),
+        epoch: tern_proto::OwnerEpoch(1),
+    })
+    .await
+    .unwrap();
+    assert_jailed(monitor_pid(&d, id), &d.vm_dir(id));
+    wait_counter(&d, id, 20).await;
+    // A path outside its room is refused, not written.
+    let outside = tmp.path().join("outside");
+    let e = d
+        .control(
+            id,
+            Request::Snapshot {
+                dir: outside.clone(),
+                kind: SnapshotKind::Full,
+            },
+        )
+        .await;
+    assert!(
+        !matches!(e, Ok(Response::Snapshot(_))) && !outside.exists(),
+        "{e:?}"
+    );
+    let snap = d.snapshot_dir(id).join("full");
+    let full = snapshot(&d, id, snap.clone(), SnapshotKind::Full).await;
+    eprintln!("jailed full snapshot {full:?}");
+    let at = tern_vmm::snapshot::read_state_file(&snap)
+        .unwrap()
+        .body
+        .state
+        .get::<tern_vmm::AgentReport>("device.agent")
+        .unwrap()
+        .counter;
+    d.stop(id).await.unwrap();
+    d.cleanup(id).await.unwrap();
+    // A new VM restored from it, in a jail of its own that shows the
+    // snapshot read-only.
+    let rid = VmId::new();
+    d.restore(rid, &[snap], true).await.unwrap();
+    assert_jailed(monitor_pid(&d, rid), &d.vm_dir(rid));
+    assert_eq!(d.status(rid).await.unwrap().agent.counter, at);
+    assert_eq!(d.control(rid, Request::Resume).await.unwrap(), Response::Ok);
+    let after = wait_counter(&d, rid, at + 40).await;
+    let (sum_at, sum) = after.agent.checksum.expect("a checksum report");
+    assert!(sum_at > at);
+    let g = TestGuestConfig::default();
+    assert_eq!(sum, g.expected_checksum(sum_at), "working set intact");
+    d.stop(rid).await.unwrap();
+    d.cleanup(rid).await.unwrap();
+    let t = Instant::now();
+    while tmp.path().join("vms").join(format!("{rid}.jail")).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the jail's room is left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -62,6 +62,8 @@ const PROCESS: &[i64] = &[
     libc::SYS_ftruncate,
     libc::SYS_fallocate,
     libc::SYS_fchmod,
+    libc::SYS_chmod,
+    libc::SYS_fchmodat,
     libc::SYS_flock,
     libc::SYS_fcntl,
     libc::SYS_dup,

@@ -138,20 +138,16 @@ pub fn run(args: MonitorArgs) -> Result<(), VmmError> {
     } else {
         match args.guest {
             GuestKind::Test => {
-                let elf = args
-                    .guest_elf
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from(crate::TEST_GUEST_ELF));
-                crate::boot_test_guest(
-                    cfg,
-                    &TestGuestConfig {
-                        ws_pages: args.ws_pages,
-                        pages_per_tick: args.pages_per_tick,
-                        ticks_per_sum: args.ticks_per_sum,
-                        exit_after: args.exit_after,
-                    },
-                    &elf,
-                )?
+                let guest = TestGuestConfig {
+                    ws_pages: args.ws_pages,
+                    pages_per_tick: args.pages_per_tick,
+                    ticks_per_sum: args.ticks_per_sum,
+                    exit_after: args.exit_after,
+                };
+                match &args.guest_elf {
+                    Some(elf) => crate::boot_test_guest(cfg, &guest, elf)?,
+                    None => crate::boot_builtin_test_guest(cfg, &guest)?,
+                }
             }
             GuestKind::Linux => {
                 let kernel = args

@@ -62,6 +62,9 @@ pub enum DriverKind {
 pub struct KvmConfig {
     /// The `tern-vmm` monitor binary; default: beside `tern`, else on PATH.
     pub monitor: Option<PathBuf>,
+    /// Jail each monitor (`[kvm.jail]`): its own room, a cgroup, an
+    /// unprivileged uid, seccomp. Off when left out.
+    pub jail: Option<tern_jail::JailConfig>,
 }
 
 /// A duration written as `500ms`, `30s`, `10m`, `1h` or a number of seconds.
@@ -386,6 +389,14 @@ fn set(table: &mut toml::Table, dotted: &str, value: toml::Value) {
     t.insert(last.to_owned(), value);
 }
 
+fn parse_table(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.message().to_owned(),
+        })
+}
+
 impl Config {
     /// Loads the configuration from file, environment and flags, and validates it.
     pub fn load(
@@ -404,20 +415,32 @@ impl Config {
                 let p = data_dir_hint.as_ref()?.join("tern.toml");
                 p.exists().then_some(p)
             });
-        let mut table = match &file {
+        let table = match &file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),
                     source,
                 })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Syntax {
-                        path: path.clone(),
-                        message: e.message().to_owned(),
-                    })?
+                parse_table(path, &text)?
             }
             None => toml::Table::new(),
         };
+        Self::from_sources(table, over, env)
+    }
+
+    /// Checks a configuration file's text alone (no environment, no flags),
+    /// as the `configs` fuzz target reads it.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Self::from_sources(parse_table(path, text)?, &Overrides::default(), |_| None)
+    }
+
+    /// The file's table with the environment's and the flags' values laid
+    /// over it, deserialized and validated.
+    fn from_sources(
+        mut table: toml::Table,
+        over: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let mut from_env: Vec<(&str, &str)> = vec![];
         for (var, key, kind) in ENV {
             let Some(raw) = env(var) else { continue };
@@ -482,6 +505,9 @@ impl Config {
             )
         })?;
         HostId::new(self.host_id.clone()).map_err(|e| ("host_id", e.to_string()))?;
+        if let Some(j) = &self.kvm.jail {
+            j.validate().map_err(|e| ("kvm.jail", e))?;
+        }
         let t = self.fleet.rebalance_threshold;
         if !(t > 0.0 && t <= 1.0) {
             return Err((
@@ -815,6 +841,17 @@ mod tests {
         assert!(e.contains("`listen`"), "{e}");
         let e = load(Some("not toml ["), &[]).unwrap_err().to_string();
         assert!(e.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn text_alone_parses_as_the_file_would() {
+        let p = Path::new("tern.toml");
+        let c = Config::parse(p, "[pool]\nsize = 3\n").unwrap();
+        assert_eq!(c.pool.size, 3);
+        let e = Config::parse(p, "[pool]\nsise = 3\n").unwrap_err();
+        assert!(e.to_string().contains("sise"), "{e}");
+        let e = Config::parse(p, "not toml [").unwrap_err();
+        assert!(e.to_string().contains("tern.toml"), "{e}");
     }
 
     #[test]

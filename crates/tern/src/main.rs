@@ -1,16 +1,16 @@
 //! `tern`: run the control plane, mint API tokens, inspect configuration.
 
 mod agentcmd;
-mod config;
+
 mod demo;
 mod fleetcmd;
 mod logging;
 mod up;
 
 use clap::{Parser, Subcommand};
-use config::{Config, Dur, Overrides};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tern::config::{Config, Dur, Overrides};
 use tern_api::{AuthKeys, Permission};
 use tern_proto::TenantId;
 

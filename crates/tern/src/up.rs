@@ -1,8 +1,8 @@
 //! `tern up`: the single-node control plane.
 
-use crate::config::{Config, DriverKind};
 use anyhow::Context;
 use std::sync::Arc;
+use tern::config::{Config, DriverKind};
 use tern_api::{ApiState, AuthKeys, MetricsAccess};
 use tern_drivers::mock::MockDriver;
 use tern_drivers::VmDriver;
@@ -35,6 +35,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             if let Some(m) = &cfg.kvm.monitor {
                 k.monitor = m.clone();
             }
+            k.jail = cfg.kvm.jail.clone();
             tern_drivers::kvm::check_monitor(&k.monitor)?;
             Arc::new(tern_drivers::kvm::KvmDriver::new(k)?)
         }
