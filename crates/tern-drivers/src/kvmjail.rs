@@ -116,6 +116,8 @@ impl MonitorJail {
             uid,
             gid,
             seccomp: !self.jail_no_seccomp,
+            // A monitor talks over its control socket only.
+            own_network: true,
         }))
     }
 }

@@ -278,6 +278,9 @@ fn assert_jailed(pid: u32, vm_dir: &std::path::Path) {
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     assert!(root.join("dev/kvm").exists());
     assert!(!root.join("etc").exists() && !root.join("usr").exists());
+    // No network: a namespace of its own.
+    let net = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    assert_ne!(net(&pid.to_string()), net("self"), "the host's network");
     let inside = root.join(vm_dir.strip_prefix("/").unwrap());
     assert!(inside.join("control.sock").exists(), "{}", inside.display());
 }

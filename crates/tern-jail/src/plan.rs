@@ -110,6 +110,9 @@ pub struct Plan {
     pub gid: u32,
     /// Whether to install the seccomp filter.
     pub seccomp: bool,
+    /// A network namespace of its own (no interfaces but a down loopback):
+    /// for a process that needs no host network.
+    pub own_network: bool,
 }
 
 impl Plan {

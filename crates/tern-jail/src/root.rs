@@ -90,11 +90,14 @@ pub fn pivot(plan: &Plan) -> Result<(), JailError> {
     }
     // `unshare` is deprecated for `unshare_unsafe` because of
     // `UnshareFlags::FILES` (threads could see each other's descriptors go);
-    // a new mount namespace shares no descriptor table, and this crate stays
-    // free of `unsafe` (only the VMM has it).
+    // new mount and network namespaces touch no descriptor table, and this
+    // crate stays free of `unsafe` (only the VMM has it).
+    let mut flags = rustix::thread::UnshareFlags::NEWNS;
+    if plan.own_network {
+        flags |= rustix::thread::UnshareFlags::NEWNET;
+    }
     #[allow(deprecated)]
-    rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)
-        .map_err(errno("unshare the mount namespace"))?;
+    rustix::thread::unshare(flags).map_err(errno("unshare the mount (and network) namespace"))?;
     // Nothing mounted from here on reaches the host's namespace.
     mount_change(
         "/",

@@ -72,6 +72,8 @@ pub(super) fn plan(dir: &VmDir, launch: &Launch, cfg: &JailConfig) -> Result<Pla
         uid: cfg.uid,
         gid: cfg.gid,
         seccomp: cfg.seccomp,
+        // It dials its migration peers itself.
+        own_network: false,
         name,
     })
 }
