@@ -84,3 +84,67 @@ pub fn remove(root: &Path, name: &str) {
         let _ = std::fs::remove_dir(g);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            memory_bytes: 448 << 20,
+            cpus: 2,
+            pids: 512,
+            open_files: 4096,
+        }
+    }
+
+    fn read(p: PathBuf) -> String {
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    // cgroupfs files are plain files in a scratch tree: what `join` writes
+    // where is checked there, for both hierarchies.
+    #[test]
+    fn v1_writes_each_controllers_limit_and_joins_each() {
+        let root = tempfile::tempdir().unwrap();
+        for c in ["memory", "cpu", "pids"] {
+            std::fs::create_dir(root.path().join(c)).unwrap();
+        }
+        join("vm-1", &limits(), root.path()).unwrap();
+        let g = |c: &str| root.path().join(c).join("tern/vm-1");
+        assert_eq!(
+            read(g("memory").join("memory.limit_in_bytes")),
+            (448u64 << 20).to_string()
+        );
+        assert_eq!(read(g("cpu").join("cpu.cfs_quota_us")), "200000");
+        assert_eq!(read(g("pids").join("pids.max")), "512");
+        for c in ["memory", "cpu", "pids"] {
+            assert_eq!(
+                read(g(c).join("cgroup.procs")),
+                std::process::id().to_string()
+            );
+        }
+        assert_eq!(groups(root.path(), "vm-1").len(), 3);
+    }
+
+    #[test]
+    fn v2_writes_one_groups_limits() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        join("vm-2", &limits(), root.path()).unwrap();
+        let g = root.path().join("tern/vm-2");
+        assert_eq!(read(g.join("memory.max")), (448u64 << 20).to_string());
+        assert_eq!(read(g.join("cpu.max")), "200000 100000");
+        assert_eq!(read(g.join("pids.max")), "512");
+        assert_eq!(read(g.join("cgroup.procs")), std::process::id().to_string());
+        assert_eq!(groups(root.path(), "vm-2"), vec![g]);
+    }
+
+    #[test]
+    fn a_missing_controller_is_an_error_not_a_silent_skip() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("memory")).unwrap();
+        let e = join("vm-3", &limits(), root.path()).unwrap_err();
+        assert!(e.to_string().contains("cpu"), "{e}");
+    }
+}

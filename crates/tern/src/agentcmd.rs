@@ -118,6 +118,8 @@ pub fn agent(file: &Path, join: Option<String>, join_token: Option<String>) -> a
 /// Runs one guest process (see `tern_agent::guestproc`), logging to stderr
 /// (the agent points it at the guest's `guest.log`).
 pub fn guest(dir: &Path) -> anyhow::Result<()> {
+    // Nothing the agent had open follows the guest (into its jail).
+    tern_vmm::close_inherited_fds()?;
     crate::logging::init();
     tern_agent::guestproc::main(dir)?;
     Ok(())

@@ -15,6 +15,10 @@ struct Cli {
 }
 
 fn main() {
+    if let Err(e) = tern_vmm::close_inherited_fds() {
+        eprintln!("tern-vmm: closing inherited descriptors: {e}");
+        std::process::exit(1);
+    }
     // Snapshots hold guest memory and the console the guest's output: the
     // monitor's files are its owner's alone.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
