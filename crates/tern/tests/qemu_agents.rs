@@ -28,6 +28,12 @@ struct Bed {
 
 /// Two agents whose migration sessions cross link emulators (no delay, `rate` cap).
 async fn bed(rate: u64) -> Option<Bed> {
+    bed_with(rate, false).await
+}
+
+/// [`bed`], with both agents' guests jailed (`[jail]`: QEMU runs as
+/// nobody, chrooted to its directory) when `jailed`.
+async fn bed_with(rate: u64, jailed: bool) -> Option<Bed> {
     let (kernel, initrd) = guest_or_skip()?;
     let dir = tempfile::tempdir().unwrap();
     let mut a = HostPlan::new("host-a", LO).unwrap();
@@ -48,6 +54,13 @@ async fn bed(rate: u64) -> Option<Bed> {
         h.guest = Some((kernel.clone(), initrd.clone()));
     }
     let hosts = testbed::write(dir.path(), &[a, b]).unwrap();
+    if jailed {
+        for h in &hosts {
+            let mut cfg = std::fs::read_to_string(&h.config).unwrap();
+            cfg.push_str("\n[jail]\nuid = 65534\ngid = 65534\n");
+            std::fs::write(&h.config, cfg).unwrap();
+        }
+    }
     let bin = Path::new(env!("CARGO_BIN_EXE_tern"));
     let pa = AgentProcess::start(bin, &hosts[0], None).unwrap();
     let pb = AgentProcess::start(bin, &hosts[1], None).unwrap();
@@ -125,10 +138,14 @@ async fn assert_runs(c: &AgentClient, vm: &VmId, beyond: u64) -> u64 {
 #[ignore = "slow: Linux guests under QEMU, two agent processes"]
 async fn a_linux_guest_migrates_between_agents_and_keeps_counting() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let Some(bed) = bed(0).await else { return };
+    // On hosts that jail their guests: QEMU is confined at both ends.
+    let Some(bed) = bed_with(0, true).await else {
+        return;
+    };
     let (ca, cb) = (bed.a.client().unwrap(), bed.b.client().unwrap());
     let vm = ca.create_vm(&linux()).await.unwrap();
     let before = assert_runs(&ca, &vm.id, 0).await;
+    assert_confined(&bed.hosts[0].data_dir);
     let m = ca.migrate(&vm.id, &precopy(None)).await.unwrap();
     let done = wait_end(&ca, &m.id).await;
     assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
@@ -146,6 +163,32 @@ async fn a_linux_guest_migrates_between_agents_and_keeps_counting() {
         "the source QEMU still runs"
     );
     assert_eq!(pids_under(&bed.hosts[1].data_dir).len(), 1);
+    assert_confined(&bed.hosts[1].data_dir);
+}
+
+/// The one QEMU under `data_dir` runs as nobody, chrooted to its own
+/// directory, under its seccomp sandbox.
+fn assert_confined(data_dir: &Path) {
+    let pids = pids_under(data_dir);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':')))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(field("Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(field("CapEff"), "0000000000000000");
+    assert_eq!(field("Seccomp"), "2");
+    let root = std::fs::read_link(format!("/proc/{}/root", pids[0])).unwrap();
+    assert!(
+        root.starts_with(data_dir) && root.ends_with("qemu"),
+        "QEMU's root is {}",
+        root.display()
+    );
 }
 
 /// A Linux guest's migration cancelled mid pre-copy (a user, or a more

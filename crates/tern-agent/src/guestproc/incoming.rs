@@ -157,7 +157,7 @@ async fn receive(
             Err(e) => (empty_qemu_spec(&spec), Some(e)),
         };
         let args = crate::qemu_relay::DestArgs {
-            qemu: &qemu_config(),
+            qemu: &qemu_config(p),
             dir: p.dir.0.join("qemu"),
             spec: qspec,
             load: crate::hosted::load_params(&spec),

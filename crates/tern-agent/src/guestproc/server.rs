@@ -117,10 +117,12 @@ async fn boot(p: Arc<Proc>) {
     }
 }
 
-/// QEMU runs as this process's child and dies with it.
-pub(super) fn qemu_config() -> QemuConfig {
+/// QEMU runs as this process's child and dies with it; on a host that
+/// jails its guests, as the jail's uid, chrooted to its own directory.
+pub(super) fn qemu_config(p: &Proc) -> QemuConfig {
     QemuConfig {
         die_with_parent: true,
+        confine: p.cfg().jail.as_ref().map(|j| (j.uid, j.gid)),
         ..QemuConfig::default()
     }
 }
@@ -132,7 +134,7 @@ async fn boot_linux(p: &Proc) -> Result<Hosted, String> {
         p.cfg().guest_initrd.as_deref(),
     )?;
     let vm = QemuVm::launch(
-        &qemu_config(),
+        &qemu_config(p),
         &p.dir.0.join("qemu"),
         &qspec,
         QemuLaunch::Boot,

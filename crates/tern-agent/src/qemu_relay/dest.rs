@@ -233,7 +233,7 @@ impl DestRelay<'_> {
             .await
             .map_err(qmp_err)?;
         let sock = self.vm.dir().join("migrate-in.sock");
-        let uri = format!("unix:{}", sock.display());
+        let uri = format!("unix:{}", self.vm.path_for_qemu("migrate-in.sock"));
         q.run("migrate-incoming", json!({ "uri": uri }))
             .await
             .map_err(qmp_err)?;

@@ -262,7 +262,10 @@ impl SourceRelay<'_> {
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock)
             .map_err(|e| MigrateError::Guest(GuestError(format!("{}: {e}", sock.display()))))?;
-        let uri = format!("unix:{}", sock.display());
+        self.vm
+            .give_to_qemu(&sock)
+            .map_err(|e| MigrateError::Guest(GuestError(format!("{}: {e}", sock.display()))))?;
+        let uri = format!("unix:{}", self.vm.path_for_qemu("migrate-out.sock"));
         q.run("migrate", json!({ "uri": uri }))
             .await
             .map_err(qmp_err)?;

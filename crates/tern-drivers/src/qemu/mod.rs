@@ -165,10 +165,18 @@ pub struct QemuConfig {
     /// privilege changes, process spawning and resource control): a guest
     /// that escapes into QEMU cannot start programs or change its uid.
     pub sandbox: bool,
+    /// Run QEMU as this uid:gid, chrooted to its VM directory (`-runas`,
+    /// `-chroot`: it drops both once its files are open). Paths QEMU is
+    /// told later (migration sockets) are then given inside that root
+    /// ([`QemuVm::path_for_qemu`]).
+    pub confine: Option<(u32, u32)>,
 }
 
 /// QEMU's `-sandbox` argument when [`QemuConfig::sandbox`] is on.
 const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// The same for a confined QEMU, which must change its uid once (`-runas`)
+/// and cannot regain root after.
+const SANDBOX_CONFINED: &str = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
 
 impl Default for QemuConfig {
     fn default() -> Self {
@@ -180,6 +188,7 @@ impl Default for QemuConfig {
             qmp_timeout: Duration::from_secs(10),
             die_with_parent: false,
             sandbox: true,
+            confine: None,
         }
     }
 }
@@ -220,6 +229,7 @@ pub struct QemuVm {
     accel: Accel,
     qmp_timeout: Duration,
     spec: QemuSpec,
+    confine: Option<(u32, u32)>,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -287,8 +297,22 @@ impl QemuVm {
         if let Some(i) = &spec.initrd {
             cmd.arg("-initrd").arg(i);
         }
-        if cfg.sandbox {
-            cmd.args(["-sandbox", SANDBOX]);
+        match (cfg.sandbox, cfg.confine) {
+            (true, None) => {
+                cmd.args(["-sandbox", SANDBOX]);
+            }
+            (true, Some(_)) => {
+                cmd.args(["-sandbox", SANDBOX_CONFINED]);
+            }
+            (false, _) => {}
+        }
+        if let Some((uid, gid)) = cfg.confine {
+            // Its own directory becomes its root; it may write there only.
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+            cmd.args(["-runas", &format!("{uid}:{gid}")])
+                .arg("-chroot")
+                .arg(dir);
         }
         for (n, d) in spec.disks.iter().enumerate() {
             let fmt = match d.format {
@@ -355,6 +379,7 @@ impl QemuVm {
             accel: cfg.accel,
             qmp_timeout: cfg.qmp_timeout,
             spec: spec.clone(),
+            confine: cfg.confine,
         };
         let deadline = Instant::now() + cfg.start_timeout.min(Duration::from_secs(30));
         loop {
@@ -379,6 +404,23 @@ impl QemuVm {
     /// The VM's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// How QEMU names `name` in its directory: inside its root when it is
+    /// confined, else the full path.
+    pub fn path_for_qemu(&self, name: &str) -> String {
+        match self.confine {
+            Some(_) => format!("/{name}"),
+            None => self.dir.join(name).display().to_string(),
+        }
+    }
+
+    /// Lets a confined QEMU use `path` (a socket tern made for it).
+    pub fn give_to_qemu(&self, path: &Path) -> std::io::Result<()> {
+        match self.confine {
+            Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid)),
+            None => Ok(()),
+        }
     }
 
     /// QEMU's process id.
