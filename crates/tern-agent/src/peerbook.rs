@@ -151,6 +151,9 @@ fn write(path: &Path, peers: &[Peer]) -> Result<(), PeerBookError> {
         path: path.into(),
         source,
     };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(peers).expect("peers serialise");
     std::fs::write(&tmp, text).map_err(io)?;
@@ -195,6 +198,7 @@ mod tests {
         let mut cfg = AgentConfig::new("h1");
         cfg.data_dir = dir.path().into();
         cfg.control_plane = Some(crate::config::ControlPlane::new("http://127.0.0.1:1"));
+        std::fs::create_dir_all(crate::vmdir::shared_dir(dir.path())).unwrap();
         std::fs::write(peers_file(dir.path()), "{not json").unwrap();
         assert!(matches!(
             PeerBook::open(&cfg, None),
