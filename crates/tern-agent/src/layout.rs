@@ -27,6 +27,8 @@ pub struct HostPlan {
     /// Kernel and initramfs for Linux guests (default: `TERN_GUEST_KERNEL`
     /// and `TERN_GUEST_INITRD` from the environment).
     pub guest: Option<(PathBuf, PathBuf)>,
+    /// Its `[jail]` (none: guests run unjailed).
+    pub jail: Option<tern_jail::JailConfig>,
 }
 
 impl HostPlan {
@@ -42,6 +44,7 @@ impl HostPlan {
             guest: std::env::var_os("TERN_GUEST_KERNEL")
                 .map(PathBuf::from)
                 .zip(std::env::var_os("TERN_GUEST_INITRD").map(PathBuf::from)),
+            jail: None,
         })
     }
 
@@ -100,6 +103,7 @@ fn base_config(dir: &Path, h: &HostPlan) -> AgentConfig {
         cfg.guest_kernel = Some(k.clone());
         cfg.guest_initrd = Some(i.clone());
     }
+    cfg.jail = h.jail.clone();
     cfg
 }
 

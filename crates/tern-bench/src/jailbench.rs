@@ -37,15 +37,15 @@ struct Side {
 
 fn side(dir: &Path, jail: Option<u32>) -> anyhow::Result<Side> {
     let lo: std::net::IpAddr = [127, 0, 0, 1].into();
-    let plans = [HostPlan::new("host-a", lo)?, HostPlan::new("host-b", lo)?];
-    let bed = testbed::write(dir, &plans).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Some(uid) = jail {
-        for h in &bed {
-            let mut cfg = std::fs::read_to_string(&h.config)?;
-            cfg.push_str(&format!("\n[jail]\nuid = {uid}\ngid = {uid}\n"));
-            std::fs::write(&h.config, cfg)?;
-        }
+    let mut plans = [HostPlan::new("host-a", lo)?, HostPlan::new("host-b", lo)?];
+    for p in &mut plans {
+        p.jail = jail.map(|uid| tern_jail::JailConfig {
+            uid,
+            gid: uid,
+            ..Default::default()
+        });
     }
+    let bed = testbed::write(dir, &plans).map_err(|e| anyhow::anyhow!("{e}"))?;
     let exe = crate::tern_binary()?;
     let pa = AgentProcess::start(&exe, &bed[0], None)?;
     let pb = AgentProcess::start(&exe, &bed[1], None)?;

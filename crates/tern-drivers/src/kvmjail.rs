@@ -6,10 +6,7 @@
 //! directories, kernel, restore chain) means the same inside and out.
 
 use std::path::{Path, PathBuf};
-use tern_jail::{Bind, JailConfig, Limits, Plan};
-
-/// Device nodes a monitor needs, when the host has them.
-const DEVICES: &[&str] = &["/dev/kvm", "/dev/userfaultfd"];
+use tern_jail::{Bind, JailConfig, Plan, VmJail};
 
 /// `tern-vmm`'s jail flags. Without `--jail-uid` the monitor runs unjailed.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -96,29 +93,27 @@ impl MonitorJail {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let mib = memory_mib.saturating_add(self.jail_overhead_mib);
-        Ok(Some(Plan {
+        let cfg = JailConfig {
+            uid,
+            gid,
+            dir: None,
+            cgroup_root: self.jail_cgroup_root.clone(),
+            overhead_mib: self.jail_overhead_mib,
+            pids_max: self.jail_pids_max,
+            max_open_files: self.jail_max_open_files,
+            seccomp: !self.jail_no_seccomp,
+            test_hooks: false,
+        };
+        let vm = VmJail {
             name: name.to_string(),
             root,
             binds,
-            devices: DEVICES
-                .iter()
-                .map(PathBuf::from)
-                .filter(|d| d.exists())
-                .collect(),
-            cgroup_root: self.jail_cgroup_root.clone(),
-            limits: Limits {
-                memory_bytes: mib.saturating_mul(1 << 20),
-                cpus: u32::from(vcpus) + 1,
-                pids: self.jail_pids_max,
-                open_files: self.jail_max_open_files,
-            },
-            uid,
-            gid,
-            seccomp: !self.jail_no_seccomp,
+            memory_mib,
+            vcpus,
             // A monitor talks over its control socket only.
             own_network: true,
-        }))
+        };
+        Ok(Some(Plan::for_vm(vm, &cfg)))
     }
 }
 

@@ -25,6 +25,17 @@ fn spec() -> VmSpec {
     }
 }
 
+/// A start of VM `id` with `spec` on this host, at epoch 1.
+fn start_req(id: VmId, spec: VmSpec) -> StartRequest {
+    StartRequest {
+        id,
+        spec,
+        vsock_cid: None,
+        host: tern_proto::HostId::new("local").unwrap(),
+        epoch: tern_proto::OwnerEpoch(1),
+    }
+}
+
 async fn wait_counter(d: &KvmDriver, id: VmId, at_least: u64) -> StatusReport {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -65,16 +76,7 @@ async fn a_vm_lives_in_its_own_monitor_process() {
     let tmp = tempfile::tempdir().unwrap();
     let d = driver(tmp.path());
     let id = VmId::new();
-    let h = d
-        .start(&StartRequest {
-            id,
-            spec: spec(),
-            vsock_cid: None,
-            host: tern_proto::HostId::new("local").unwrap(),
-            epoch: tern_proto::OwnerEpoch(1),
-        })
-        .await
-        .unwrap();
+    let h = d.start(&start_req(id, spec())).await.unwrap();
     assert!(h.detail.contains("pid"), "{h:?}");
     assert!(d.is_healthy(id).await.unwrap());
     assert_eq!(d.list().await.unwrap(), vec![id]);
@@ -113,30 +115,24 @@ async fn a_vm_lives_in_its_own_monitor_process() {
     // Bad specs fail clearly and leave nothing running.
     let bad = VmId::new();
     let err = d
-        .start(&StartRequest {
-            id: bad,
-            spec: VmSpec {
+        .start(&start_req(
+            bad,
+            VmSpec {
                 image: "windows".into(),
                 ..spec()
             },
-            vsock_cid: None,
-            host: tern_proto::HostId::new("local").unwrap(),
-            epoch: tern_proto::OwnerEpoch(1),
-        })
+        ))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("unknown image"), "{err}");
     let err = d
-        .start(&StartRequest {
-            id: bad,
-            spec: VmSpec {
+        .start(&start_req(
+            bad,
+            VmSpec {
                 memory_mib: 3,
                 ..spec()
             },
-            vsock_cid: None,
-            host: tern_proto::HostId::new("local").unwrap(),
-            epoch: tern_proto::OwnerEpoch(1),
-        })
+        ))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("memory"), "{err}");
@@ -154,15 +150,7 @@ async fn snapshots_restore_in_a_new_process_and_the_guest_carries_on() {
     let tmp = tempfile::tempdir().unwrap();
     let d = driver(tmp.path());
     let id = VmId::new();
-    d.start(&StartRequest {
-        id,
-        spec: spec(),
-        vsock_cid: None,
-        host: tern_proto::HostId::new("local").unwrap(),
-        epoch: tern_proto::OwnerEpoch(1),
-    })
-    .await
-    .unwrap();
+    d.start(&start_req(id, spec())).await.unwrap();
     wait_counter(&d, id, 20).await;
     let (a, b) = (tmp.path().join("snap-a"), tmp.path().join("snap-b"));
     let full = snapshot(&d, id, a.clone(), SnapshotKind::Full).await;
@@ -255,26 +243,11 @@ async fn snapshots_restore_in_a_new_process_and_the_guest_carries_on() {
     d.cleanup(rid).await.unwrap();
 }
 
-fn status_field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
-        .unwrap_or_else(|| panic!("no {key} in {status}"))
-        .trim()
-        .to_string()
-}
-
 /// Checks from outside that monitor `pid` is jailed: nobody's uid, no
 /// capabilities, `no_new_privs`, a seccomp filter, a root holding only its
 /// binds and devices.
 fn assert_jailed(pid: u32, vm_dir: &std::path::Path) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert_eq!(status_field(&status, "Uid"), "65534\t65534\t65534\t65534");
-    for caps in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(status_field(&status, caps), "0000000000000000", "{caps}");
-    }
-    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
-    assert_eq!(status_field(&status, "Seccomp"), "2");
+    tern_testkit::procstatus::assert_jailed(pid, 65534);
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     assert!(root.join("dev/kvm").exists());
     assert!(!root.join("etc").exists() && !root.join("usr").exists());
@@ -307,15 +280,7 @@ async fn a_jailed_monitor_snapshots_and_restores() {
     cfg.jail = Some(tern_jail::JailConfig::default());
     let d = KvmDriver::new(cfg).unwrap();
     let id = VmId::new();
-    d.start(&StartRequest {
-        id,
-        spec: spec(),
-        vsock_cid: None,
-        host: tern_proto::HostId::new("local").unwrap(),
-        epoch: tern_proto::OwnerEpoch(1),
-    })
-    .await
-    .unwrap();
+    d.start(&start_req(id, spec())).await.unwrap();
     assert_jailed(monitor_pid(&d, id), &d.vm_dir(id));
     wait_counter(&d, id, 20).await;
     // A path outside its room is refused, not written.

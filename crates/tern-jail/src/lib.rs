@@ -24,7 +24,7 @@ pub mod filter;
 mod plan;
 pub mod root;
 
-pub use plan::{Bind, JailConfig, Limits, Plan};
+pub use plan::{Bind, JailConfig, Limits, Plan, VmJail};
 
 /// Why a jail could not be entered. The process must not run its guest
 /// then: it is half-jailed.

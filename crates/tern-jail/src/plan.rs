@@ -115,7 +115,54 @@ pub struct Plan {
     pub own_network: bool,
 }
 
+/// Device nodes a VM's process needs, when the host has them.
+const VM_DEVICES: &[&str] = &["/dev/kvm", "/dev/userfaultfd"];
+
+/// What a VM's jail is made of: its own name, room and binds; the rest
+/// follows from the operator's settings and the VM's size.
+pub struct VmJail {
+    /// The jail's name (see [`Plan::check_name`]).
+    pub name: String,
+    /// The host directory that becomes its root.
+    pub root: PathBuf,
+    /// What it shows of the host.
+    pub binds: Vec<Bind>,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// A network namespace of its own (see [`Plan::own_network`]).
+    pub own_network: bool,
+}
+
 impl Plan {
+    /// The jail of a VM's process under `cfg`: the VM's devices, memory of
+    /// its RAM plus the configured overhead, a CPU per vCPU and one more.
+    pub fn for_vm(vm: VmJail, cfg: &JailConfig) -> Plan {
+        let mib = vm.memory_mib.saturating_add(cfg.overhead_mib);
+        Plan {
+            name: vm.name,
+            root: vm.root,
+            binds: vm.binds,
+            devices: VM_DEVICES
+                .iter()
+                .map(PathBuf::from)
+                .filter(|d| d.exists())
+                .collect(),
+            cgroup_root: cfg.cgroup_root.clone(),
+            limits: Limits {
+                memory_bytes: mib.saturating_mul(1 << 20),
+                cpus: u32::from(vm.vcpus) + 1,
+                pids: cfg.pids_max,
+                open_files: cfg.max_open_files,
+            },
+            uid: cfg.uid,
+            gid: cfg.gid,
+            seccomp: cfg.seccomp,
+            own_network: vm.own_network,
+        }
+    }
+
     /// The name becomes a directory and a cgroup: one path component of
     /// `A-Z a-z 0-9 _ - .`, never `.` or `..`.
     pub fn check_name(&self) -> Result<(), crate::JailError> {

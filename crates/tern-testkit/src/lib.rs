@@ -1,4 +1,5 @@
-//! Test support: a TCP link emulator.
+//! Test support: a TCP link emulator, and [`procstatus`] for checking
+//! jailed processes.
 //!
 //! This kernel has no `netem`, so WAN conditions come from a relay of our own:
 //! it accepts connections, connects each to the target, and forwards both
@@ -6,6 +7,8 @@
 //! and can cut every connection (and refuse new ones) for a while, hold all
 //! traffic without resetting anything (a black hole), or flip one byte of a
 //! client-to-server stream to test integrity checks.
+
+pub mod procstatus;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

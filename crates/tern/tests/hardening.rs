@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use tern_testkit::procstatus;
 
 /// `root` and every path under it (symlinks not followed).
 fn walk(root: &Path) -> Vec<PathBuf> {
@@ -422,19 +423,10 @@ async fn refusals_are_logged_without_secrets() {
     );
 }
 
-/// Gives every host of `hosts` a `[jail]` table (nobody's uid, test hooks on).
-fn jail_hosts(hosts: &[tern_agent::layout::LocalHost]) {
-    for h in hosts {
-        let mut cfg = std::fs::read_to_string(&h.config).unwrap();
-        cfg.push_str("\n[jail]\nuid = 65534\ngid = 65534\ntest_hooks = true\n");
-        std::fs::write(&h.config, cfg).unwrap();
-    }
-}
-
 /// The live guest process of `vm` under `data_dir` (its directory is
 /// `<vm>` where it booted, `<vm>.<migration>` where it arrived): its
-/// directory, pid and `/proc` status.
-async fn guest_proc(data_dir: &Path, vm: &str) -> (PathBuf, u32, String) {
+/// directory and pid.
+async fn guest_proc(data_dir: &Path, vm: &str) -> (PathBuf, u32) {
     for e in std::fs::read_dir(data_dir.join("vms")).unwrap() {
         let d = e.unwrap().path();
         if !d.file_name().unwrap().to_string_lossy().starts_with(vm) {
@@ -456,19 +448,11 @@ async fn guest_proc(data_dir: &Path, vm: &str) -> (PathBuf, u32, String) {
         if !said.is_ok_and(|s| s["state"] == "running") {
             continue;
         }
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            return (d, pid, status);
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            return (d, pid);
         }
     }
     panic!("no running process of {vm} under {}", data_dir.display())
-}
-
-fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
-        .unwrap_or_else(|| panic!("no {key} in {status}"))
-        .trim()
 }
 
 /// Finding 7: a test guest's process runs jailed (an unprivileged uid, no
@@ -482,23 +466,20 @@ async fn a_jailed_guest_process_is_unprivileged_filtered_and_still_migrates() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let hosts = loopback_pair(dir.path());
-    jail_hosts(&hosts);
+    // Nobody's uid (the default), test hooks on.
+    let jail = tern_jail::JailConfig {
+        test_hooks: true,
+        ..Default::default()
+    };
+    let hosts = loopback_pair_jailed(dir.path(), Some(jail));
     let a = AgentProc::start(&hosts[0], None);
     let b = AgentProc::start(&hosts[1], None);
     let (ac, bc) = (a.client(), b.client());
     let vm = ac.create_vm(&spec()).await.unwrap();
     assert_runs(&ac, &vm.id, 1).await;
     let id = vm.id.to_string();
-    let (vm_dir, pid, status) = guest_proc(&hosts[0].data_dir, &id).await;
-    eprintln!("guest process {pid}:\n{status}");
-    assert_eq!(status_field(&status, "Uid"), "65534\t65534\t65534\t65534");
-    assert_eq!(status_field(&status, "Gid"), "65534\t65534\t65534\t65534");
-    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(status_field(&status, caps), "0000000000000000", "{caps}");
-    }
-    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
-    assert_eq!(status_field(&status, "Seccomp"), "2");
+    let (vm_dir, pid) = guest_proc(&hosts[0].data_dir, &id).await;
+    procstatus::assert_jailed(pid, 65534);
     // Its root is its jail: its own directory, the shared one, two devices.
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let mut top: Vec<String> = std::fs::read_dir(&root)
@@ -533,8 +514,8 @@ async fn a_jailed_guest_process_is_unprivileged_filtered_and_still_migrates() {
         logs(&hosts[1].data_dir)
     );
     assert_runs(&bc, &vm.id, 2).await;
-    let (_, _, on_b) = guest_proc(&hosts[1].data_dir, &id).await;
-    assert_eq!(status_field(&on_b, "Seccomp"), "2");
+    let (_, on_b) = guest_proc(&hosts[1].data_dir, &id).await;
+    assert_eq!(procstatus::field(on_b, "Seccomp"), "2");
     let m = bc
         .migrate(&vm.id, &mode_to("host-a", "postcopy"))
         .await
@@ -550,7 +531,7 @@ async fn a_jailed_guest_process_is_unprivileged_filtered_and_still_migrates() {
 
     // A call outside the filter kills the process (SIGSYS), and the agent
     // says the guest is gone, not running.
-    let (vm_dir, pid, _) = guest_proc(&hosts[0].data_dir, &id).await;
+    let (vm_dir, pid) = guest_proc(&hosts[0].data_dir, &id).await;
     let control = vm_dir.join("control.sock");
     let r = tern_agent::control::call::<()>(
         &control,

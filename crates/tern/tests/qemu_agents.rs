@@ -52,15 +52,9 @@ async fn bed_with(rate: u64, jailed: bool) -> Option<Bed> {
     b.reached_at = Some(to_b.addr());
     for h in [&mut a, &mut b] {
         h.guest = Some((kernel.clone(), initrd.clone()));
+        h.jail = jailed.then(tern_jail::JailConfig::default);
     }
     let hosts = testbed::write(dir.path(), &[a, b]).unwrap();
-    if jailed {
-        for h in &hosts {
-            let mut cfg = std::fs::read_to_string(&h.config).unwrap();
-            cfg.push_str("\n[jail]\nuid = 65534\ngid = 65534\n");
-            std::fs::write(&h.config, cfg).unwrap();
-        }
-    }
     let bin = Path::new(env!("CARGO_BIN_EXE_tern"));
     let pa = AgentProcess::start(bin, &hosts[0], None).unwrap();
     let pb = AgentProcess::start(bin, &hosts[1], None).unwrap();
@@ -171,15 +165,7 @@ async fn a_linux_guest_migrates_between_agents_and_keeps_counting() {
 fn assert_confined(data_dir: &Path) {
     let pids = pids_under(data_dir);
     assert_eq!(pids.len(), 1, "{pids:?}");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':')))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
+    let field = |k: &str| tern_testkit::procstatus::field(pids[0] as u32, k);
     assert_eq!(field("Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(field("CapEff"), "0000000000000000");
     assert_eq!(field("Seccomp"), "2");

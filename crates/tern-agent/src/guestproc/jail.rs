@@ -14,12 +14,9 @@
 
 use super::GuestProcError;
 use crate::vmdir::{shared_dir, Launch, VmDir};
-use std::path::{Path, PathBuf};
-use tern_jail::{Bind, JailConfig, Limits, Plan};
+use std::path::Path;
+use tern_jail::{Bind, JailConfig, Plan, VmJail};
 use tern_proto::GuestKind;
-
-/// Device nodes a jailed test guest needs, when the host has them.
-const DEVICES: &[&str] = &["/dev/kvm", "/dev/userfaultfd"];
 
 /// The jail settings that apply to `launch`'s guest, if any.
 pub(super) fn applies(launch: &Launch) -> Option<&JailConfig> {
@@ -42,8 +39,7 @@ fn name_of(dir: &VmDir) -> Result<String, GuestProcError> {
 pub(super) fn plan(dir: &VmDir, launch: &Launch, cfg: &JailConfig) -> Result<Plan, GuestProcError> {
     let name = name_of(dir)?;
     let data_dir = &launch.agent.data_dir;
-    let mib = launch.spec.memory_mib.saturating_add(cfg.overhead_mib);
-    Ok(Plan {
+    let vm = VmJail {
         root: cfg.root_for(data_dir, &name),
         binds: vec![
             Bind {
@@ -57,25 +53,13 @@ pub(super) fn plan(dir: &VmDir, launch: &Launch, cfg: &JailConfig) -> Result<Pla
                 writable: false,
             },
         ],
-        devices: DEVICES
-            .iter()
-            .map(PathBuf::from)
-            .filter(|d| d.exists())
-            .collect(),
-        cgroup_root: cfg.cgroup_root.clone(),
-        limits: Limits {
-            memory_bytes: mib.saturating_mul(1 << 20),
-            cpus: u32::from(launch.spec.vcpus) + 1,
-            pids: cfg.pids_max,
-            open_files: cfg.max_open_files,
-        },
-        uid: cfg.uid,
-        gid: cfg.gid,
-        seccomp: cfg.seccomp,
+        memory_mib: launch.spec.memory_mib,
+        vcpus: launch.spec.vcpus,
         // It dials its migration peers itself.
         own_network: false,
         name,
-    })
+    };
+    Ok(Plan::for_vm(vm, cfg))
 }
 
 /// Enters the jail and answers the directory and launch as seen from

@@ -189,10 +189,18 @@ pub async fn migrate_mode_and_check(a: &AgentClient, b: &AgentClient, mode: &str
 
 /// Two loopback agents, peers of each other.
 pub fn loopback_pair(dir: &Path) -> Vec<LocalHost> {
-    let plans = [
+    loopback_pair_jailed(dir, None)
+}
+
+/// [`loopback_pair`] with `jail` as both agents' `[jail]`.
+pub fn loopback_pair_jailed(dir: &Path, jail: Option<tern_jail::JailConfig>) -> Vec<LocalHost> {
+    let mut plans = [
         HostPlan::new("host-a", LO).unwrap(),
         HostPlan::new("host-b", LO).unwrap(),
     ];
+    for p in &mut plans {
+        p.jail = jail.clone();
+    }
     testbed::write(dir, &plans).unwrap()
 }
 
