@@ -4,9 +4,13 @@
 //! It knows nothing of tenants, pools or the store: the orchestrator owns those.
 //! Implementations: [`mock::MockDriver`] (in-memory, with fault injection for
 //! rehearsing failure handling), [`kvm::KvmDriver`] (one `tern-vmm` monitor
-//! process per VM) and [`qemu::QemuDriver`] (one QEMU process per Linux VM,
-//! driven over QMP).
+//! process per VM), [`qemu::QemuDriver`] (one QEMU process per Linux VM,
+//! driven over QMP) and [`docker::DockerDriver`] (one container of the local
+//! Docker Engine per VM).
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+pub mod docker;
 pub mod images;
 pub mod kvm;
 pub mod kvmjail;

@@ -278,6 +278,13 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_mock_keeps_the_driver_contract() {
+        let d = MockDriver::new(MockFaults::default());
+        let make = |id, spec| StartRequest { id, spec, ..req() };
+        crate::conformance::run(&d, VmSpec::default(), make, None).await;
+    }
+
+    #[tokio::test]
     async fn start_fails_after_n() {
         let d = MockDriver::new(MockFaults {
             fail_start_after: Some(2),

@@ -69,6 +69,16 @@ async fn snapshot(
 }
 
 #[tokio::test]
+async fn the_kvm_driver_keeps_the_driver_contract() {
+    if !kvm_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = driver(tmp.path());
+    tern_drivers::conformance::run(&d, spec(), start_req, Some("windows")).await;
+}
+
+#[tokio::test]
 async fn a_vm_lives_in_its_own_monitor_process() {
     if !kvm_available() {
         return;

@@ -26,6 +26,25 @@ fn driver(run_dir: &Path, kernel: &Path, initrd: &Path, cmdline: &str) -> QemuDr
 
 #[tokio::test]
 #[ignore = "slow: boots Linux under QEMU"]
+async fn the_qemu_driver_keeps_the_driver_contract() {
+    let Some((kernel, initrd)) = guest_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cmdline = LoadParams::default().cmdline();
+    let d = driver(dir.path(), &kernel, &initrd, &cmdline);
+    let req = |id, spec| StartRequest {
+        id,
+        spec,
+        vsock_cid: None,
+        host: tern_proto::HostId::new("local").unwrap(),
+        epoch: tern_proto::OwnerEpoch(1),
+    };
+    tern_drivers::conformance::run(&d, vm_spec(), req, Some("windows")).await;
+}
+
+#[tokio::test]
+#[ignore = "slow: boots Linux under QEMU"]
 async fn boots_a_linux_guest_reports_health_and_leaves_nothing_behind() {
     let Some((kernel, initrd)) = guest_or_skip() else {
         return;
