@@ -26,6 +26,11 @@ echo "== setup: QEMU (qemu-system-x86) for the qemu driver's Linux guests"
 bash scripts/qemu-setup.sh
 export TERN_REQUIRE_QEMU=1   # the qemu driver tests must not skip here
 
+echo "== setup: Docker Engine (docker.io) and tern's container image, for the docker driver"
+TERN_DOCKER_SOCKET=$(bash scripts/docker-up.sh)
+export TERN_DOCKER_SOCKET
+export TERN_REQUIRE_DOCKER=1   # the docker driver tests must not skip here
+
 echo "== fmt"
 cargo fmt --all -- --check
 disk

@@ -41,7 +41,10 @@ async fn unknown_vms(d: &dyn VmDriver) {
         d.name()
     );
     assert!(
-        matches!(d.configure(id, &VmConfig::default()).await, Err(DriverError::NotFound(_))),
+        matches!(
+            d.configure(id, &VmConfig::default()).await,
+            Err(DriverError::NotFound(_))
+        ),
         "{}: configuring an unknown VM must be NotFound",
         d.name()
     );
@@ -49,7 +52,9 @@ async fn unknown_vms(d: &dyn VmDriver) {
         Ok(()) | Err(DriverError::NotFound(_)) => {}
         Err(e) => panic!("{}: stopping an unknown VM: {e}", d.name()),
     }
-    d.cleanup(id).await.expect("cleanup of an unknown VM succeeds");
+    d.cleanup(id)
+        .await
+        .expect("cleanup of an unknown VM succeeds");
     assert!(!d.list().await.expect("list").contains(&id));
 }
 
@@ -60,7 +65,10 @@ async fn lifecycle(d: &dyn VmDriver, req: &impl Fn(VmId, VmSpec) -> StartRequest
     let h = d.start(&req(id, spec.clone())).await.expect("start");
     assert_eq!(h.id, id);
     assert_eq!(h.driver, d.name());
-    assert!(d.list().await.expect("list").contains(&id), "a started VM is listed");
+    assert!(
+        d.list().await.expect("list").contains(&id),
+        "a started VM is listed"
+    );
     wait_healthy(d, id).await;
 
     let config = VmConfig {
@@ -77,8 +85,14 @@ async fn lifecycle(d: &dyn VmDriver, req: &impl Fn(VmId, VmSpec) -> StartRequest
     }
     d.cleanup(id).await.expect("cleanup");
     d.cleanup(id).await.expect("a second cleanup succeeds");
-    assert!(!d.list().await.expect("list").contains(&id), "cleaned up, not listed");
-    assert!(matches!(d.is_healthy(id).await, Err(DriverError::NotFound(_))));
+    assert!(
+        !d.list().await.expect("list").contains(&id),
+        "cleaned up, not listed"
+    );
+    assert!(matches!(
+        d.is_healthy(id).await,
+        Err(DriverError::NotFound(_))
+    ));
 }
 
 /// Starts the driver cannot honour fail with `StartFailed` naming the
@@ -100,10 +114,17 @@ async fn refused_starts(
             assert_eq!(i, id);
             assert!(reason.contains(bad_image), "{}: {reason}", d.name());
         }
-        other => panic!("{}: image `{bad_image}` must be refused: {other:?}", d.name()),
+        other => panic!(
+            "{}: image `{bad_image}` must be refused: {other:?}",
+            d.name()
+        ),
     }
     d.cleanup(id).await.expect("cleanup after a refused start");
-    assert_eq!(d.list().await.expect("list"), before, "a refused start leaves nothing");
+    assert_eq!(
+        d.list().await.expect("list"),
+        before,
+        "a refused start leaves nothing"
+    );
 }
 
 async fn wait_healthy(d: &dyn VmDriver, id: VmId) {

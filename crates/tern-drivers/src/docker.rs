@@ -97,12 +97,58 @@ impl DockerConfig {
         })
     }
 
-    fn offered(&self) -> String {
-        let mut names: Vec<&str> = self.images.keys().map(String::as_str).collect();
-        if !names.contains(&crate::images::TEST_IMAGE) {
-            names.insert(0, crate::images::TEST_IMAGE);
+    /// Every image name a tenant may ask for (`test` first).
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.images.keys().cloned().collect();
+        if !self.images.contains_key(crate::images::TEST_IMAGE) {
+            names.insert(0, crate::images::TEST_IMAGE.into());
         }
-        names.join(", ")
+        names
+    }
+
+    fn offered(&self) -> String {
+        self.names().join(", ")
+    }
+
+    /// Refuses settings the engine would misread: an instance label that
+    /// could match another's containers, empty references, a stop timeout
+    /// past an hour, a pids limit below 16.
+    pub fn validate(&self) -> Result<(), String> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !plain(&self.instance) {
+            return Err(format!(
+                "docker.instance `{}` must be 1-64 letters, digits, - or _",
+                self.instance
+            ));
+        }
+        if !plain(&self.network) {
+            return Err(format!(
+                "docker.network `{}` is not a network name",
+                self.network
+            ));
+        }
+        if self.stop_timeout_secs > 3600 {
+            return Err("docker.stop_timeout_secs must be at most 3600".into());
+        }
+        if self.pids_limit < 16 {
+            return Err("docker.pids_limit must be at least 16".into());
+        }
+        for (name, entry) in &self.images {
+            if !plain(name) {
+                return Err(format!("docker.images: `{name}` is not a plain name"));
+            }
+            if entry.image.trim().is_empty() || entry.image.len() > 255 {
+                return Err(format!(
+                    "docker.images.{name}.image must be an image reference"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -293,7 +339,10 @@ impl DockerDriver {
 
     /// Removes the container with its anonymous volumes; gone already is fine.
     async fn remove(&self, id: VmId) -> Result<(), DriverError> {
-        let opts = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        let opts = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
         match self
             .docker
             .remove_container(&self.container_name(id), Some(opts))
@@ -402,16 +451,12 @@ impl VmDriver for DockerDriver {
             .all(true)
             .filters(&filters)
             .build();
-        let found = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| {
-                DriverError::Unavailable(format!(
-                    "the Docker Engine at {}: {e}",
-                    self.cfg.socket.display()
-                ))
-            })?;
+        let found = self.docker.list_containers(Some(opts)).await.map_err(|e| {
+            DriverError::Unavailable(format!(
+                "the Docker Engine at {}: {e}",
+                self.cfg.socket.display()
+            ))
+        })?;
         Ok(found
             .into_iter()
             .filter_map(|c| c.labels?.get(LABEL_VM)?.parse().ok())

@@ -105,7 +105,11 @@ async fn a_container_gets_its_spec_its_config_and_no_privileges() {
         .unwrap();
     let hc = c.host_config.unwrap();
     assert_eq!(hc.memory, Some(96 << 20));
-    assert_eq!(hc.memory_swap, Some(96 << 20), "no swap beyond the spec's memory");
+    assert_eq!(
+        hc.memory_swap,
+        Some(96 << 20),
+        "no swap beyond the spec's memory"
+    );
     assert_eq!(hc.nano_cpus, Some(2_000_000_000));
     assert_eq!(hc.network_mode.as_deref(), Some("none"));
     assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()]));
@@ -138,7 +142,10 @@ async fn a_container_gets_its_spec_its_config_and_no_privileges() {
     assert_eq!(d.list().await.unwrap(), vec![id]);
     d.cleanup(id).await.unwrap();
     assert!(d.list().await.unwrap().is_empty());
-    assert!(matches!(d.is_healthy(id).await, Err(DriverError::NotFound(_))));
+    assert!(matches!(
+        d.is_healthy(id).await,
+        Err(DriverError::NotFound(_))
+    ));
 }
 
 async fn wait_for(d: &DockerDriver, id: VmId, healthy: bool) {

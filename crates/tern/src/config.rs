@@ -54,6 +54,8 @@ pub enum DriverKind {
     /// The hosts that joined this control plane (`tern agent --join`):
     /// each VM is placed by the scheduler and runs under a host's agent.
     Agents,
+    /// Containers of the local Docker Engine (`[docker]`), one per VM.
+    Docker,
 }
 
 /// Settings of the kvm driver.
@@ -232,6 +234,9 @@ pub struct Config {
     pub mock: MockFaults,
     /// The kvm driver.
     pub kvm: KvmConfig,
+    /// The docker driver: the engine's socket and its own image catalogue
+    /// (`[docker.images.NAME]`, container images by name).
+    pub docker: tern_drivers::docker::DockerConfig,
     /// The API's connection limits and timeouts.
     pub http: tern_httpd::Limits,
     /// What each tenant may hold (`[quota.default]`, `[quota.tenants.NAME]`).
@@ -267,6 +272,7 @@ impl Default for Config {
             spec: VmSpec::default(),
             mock: MockFaults::default(),
             kvm: KvmConfig::default(),
+            docker: tern_drivers::docker::DockerConfig::default(),
             image_dir: None,
             ca_dir: None,
             images: BTreeMap::new(),
@@ -288,6 +294,8 @@ enum Kind {
 const ENV: &[(&str, &str, Kind)] = &[
     ("TERN_DRIVER", "driver", Kind::Text),
     ("TERN_KVM_MONITOR", "kvm.monitor", Kind::Text),
+    ("TERN_DOCKER_SOCKET", "docker.socket", Kind::Text),
+    ("TERN_DOCKER_INSTANCE", "docker.instance", Kind::Text),
     ("TERN_IMAGE_DIR", "image_dir", Kind::Text),
     ("TERN_CA_DIR", "ca_dir", Kind::Text),
     ("TERN_LISTEN", "listen", Kind::Text),
@@ -591,17 +599,18 @@ impl Config {
         for name in self.quota.tenants.keys() {
             TenantId::new(name.clone()).map_err(|e| ("quota.tenants", e.to_string()))?;
         }
-        let images = self.catalogue().map_err(|e| ("images", e.to_string()))?;
+        let images = self.image_names().map_err(|e| ("images", e.to_string()))?;
         if !images.contains(&self.spec.image) {
             return Err((
                 "spec.image",
                 format!(
                     "`{}` is not in the image catalogue (offered: {})",
                     self.spec.image,
-                    images.names().join(", ")
+                    images.into_iter().collect::<Vec<_>>().join(", ")
                 ),
             ));
         }
+        self.docker.validate().map_err(|e| ("docker", e))?;
         Ok(())
     }
 
@@ -615,6 +624,23 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("images"));
         ImageCatalogue::new(&dir, self.images.clone())
+    }
+
+    /// The image names tenants may ask for: the docker driver's own
+    /// catalogue, or the file catalogue (with the built-in images for a
+    /// fleet, whose hosts offer them).
+    pub fn image_names(
+        &self,
+    ) -> Result<std::collections::BTreeSet<String>, tern_drivers::images::ImageError> {
+        if self.driver == DriverKind::Docker {
+            return Ok(self.docker.names().into_iter().collect());
+        }
+        let mut names: std::collections::BTreeSet<String> =
+            self.catalogue()?.names().into_iter().collect();
+        if self.driver == DriverKind::Agents {
+            names.extend(tern_proto::BUILT_IN_IMAGES.map(String::from));
+        }
+        Ok(names)
     }
 
     /// The store URL, defaulting to a SQLite file in the data dir.
@@ -636,16 +662,7 @@ impl Config {
             max_consecutive_failures: self.health.max_consecutive_failures,
             default_spec: self.spec.clone(),
             quotas: self.quota.clone(),
-            images: {
-                let mut names: std::collections::BTreeSet<String> = self
-                    .catalogue()
-                    .map(|c| c.names().into_iter().collect())
-                    .unwrap_or_default();
-                if self.driver == DriverKind::Agents {
-                    names.extend(tern_proto::BUILT_IN_IMAGES.map(String::from));
-                }
-                names
-            },
+            images: self.image_names().unwrap_or_default(),
             ..ManagerConfig::default()
         }
     }

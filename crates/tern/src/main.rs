@@ -35,7 +35,7 @@ struct Cli {
 enum Cmd {
     /// Run the control plane: API, orchestrator and host agent in one process.
     Up {
-        /// VM driver: mock or kvm.
+        /// VM driver: mock, kvm, docker or agents (the joined fleet).
         #[arg(long)]
         driver: Option<String>,
         /// API listen address, e.g. 127.0.0.1:7070 (port 0 picks a free port).

@@ -39,6 +39,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tern_drivers::kvm::check_monitor(&k.monitor)?;
             Arc::new(tern_drivers::kvm::KvmDriver::new(k)?)
         }
+        DriverKind::Docker => {
+            Arc::new(tern_drivers::docker::DockerDriver::connect(cfg.docker.clone()).await?)
+        }
         DriverKind::Agents => {
             let d = Arc::new(tern_fleet::AgentsDriver::new(store.clone()));
             agents = Some(d.clone());
