@@ -31,6 +31,12 @@ TERN_DOCKER_SOCKET=$(bash scripts/docker-up.sh)
 export TERN_DOCKER_SOCKET
 export TERN_REQUIRE_DOCKER=1   # the docker driver tests must not skip here
 
+echo "== setup: CRIU (one that passes criu check; built from the vendored 4.2 source otherwise) and the workload rootfs"
+TERN_CRIU=$(bash scripts/criu-setup.sh)
+TERN_WORKLOAD_ROOTFS=$(bash scripts/workload-rootfs.sh)
+export TERN_CRIU TERN_WORKLOAD_ROOTFS
+export TERN_REQUIRE_CRIU=1   # the checkpoint/restore tests must not skip here
+
 echo "== fmt"
 cargo fmt --all -- --check
 disk

@@ -16,6 +16,7 @@ pub mod kvm;
 pub mod kvmjail;
 pub mod mock;
 pub mod qemu;
+pub mod runc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

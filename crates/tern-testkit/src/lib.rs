@@ -1,5 +1,5 @@
-//! Test support: a TCP link emulator, and [`procstatus`] for checking
-//! jailed processes.
+//! Test support: a TCP link emulator, [`netns`] test hosts, and
+//! [`procstatus`] for checking jailed processes.
 //!
 //! This kernel has no `netem`, so WAN conditions come from a relay of our own:
 //! it accepts connections, connects each to the target, and forwards both
@@ -8,6 +8,7 @@
 //! traffic without resetting anything (a black hole), or flip one byte of a
 //! client-to-server stream to test integrity checks.
 
+pub mod netns;
 pub mod procstatus;
 
 use std::net::SocketAddr;

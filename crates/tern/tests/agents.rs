@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tern_agent::MigrationPhase;
 use tern_proto::GuestStatus;
 use tern_testbed::{self as testbed, HostPlan};
+use tern_testkit::netns::Netns;
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "slow: two agent processes"]

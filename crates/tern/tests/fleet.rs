@@ -7,12 +7,13 @@
 mod common;
 
 use common::up::Up;
-use common::{assert_runs, precopy_to, process_spec, wait_end, AgentProc, Netns, LO};
+use common::{assert_runs, precopy_to, process_spec, wait_end, AgentProc, LO};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tern_agent::{AgentClient, MigrationPhase};
 use tern_testbed::{AgentProcess, HostPlan, LocalHost};
+use tern_testkit::netns::Netns;
 use tern_testkit::LinkEmulator;
 
 fn admin_token(data: &Path) -> String {
