@@ -41,6 +41,12 @@ impl Netns {
         if !ok {
             return None;
         }
+        // Where bridged traffic goes through iptables (br_netfilter, as a
+        // Docker Engine with its default settings leaves it, with FORWARD
+        // dropping), let this bridge's own traffic through; undone on drop.
+        Self::sh(&[
+            "iptables", "-I", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+        ]);
         for i in 0..n {
             let name = format!("tern-{tag}-{i}");
             let host_end = format!("tv{net}{pid}{i}");
@@ -78,5 +84,9 @@ impl Drop for Netns {
             Self::sh(&["ip", "netns", "del", ns]);
         }
         Self::sh(&["ip", "link", "del", &self.bridge]);
+        let b = self.bridge.as_str();
+        Self::sh(&[
+            "iptables", "-D", "FORWARD", "-i", b, "-o", b, "-j", "ACCEPT",
+        ]);
     }
 }
