@@ -66,7 +66,8 @@ if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build -O >"$fuzz_log" 2>&1); then
 fi
 rm -f "$fuzz_log"
 for target in page_frame transport_wire snapshot_state migrate_protocol \
-    api_bodies control_socket journal_replay configs guest_output boot_image memory_file transport_receiver; do
+    api_bodies control_socket journal_replay configs guest_output boot_image memory_file transport_receiver \
+    checkpoint_archive; do
     corpus=$(mktemp -d)
     (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus" "seeds/$target" -- \
         -max_total_time="${TERN_FUZZ_SECONDS:-45}" -print_final_stats=1 2>&1 | grep -E "^(Done|stat::number_of_executed_units)|SUMMARY|panicked|ERROR" || true)

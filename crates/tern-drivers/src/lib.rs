@@ -8,6 +8,7 @@
 //! driven over QMP) and [`docker::DockerDriver`] (one container of the local
 //! Docker Engine per VM).
 
+pub mod checkpoint;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod docker;

@@ -155,6 +155,22 @@ impl Bundle {
                 String::from_utf8_lossy(&out.stderr).trim()
             ))));
         }
+        Self::around_rootfs(dir, spec)
+    }
+
+    /// Makes a bundle of `dir` around the root filesystem already in
+    /// `dir/rootfs` (one a checkpoint carried, on a destination host).
+    pub fn around_rootfs(dir: &Path, spec: &BundleSpec) -> Result<Self, RuncError> {
+        let bundle_err = |source| RuncError::Bundle {
+            path: dir.to_path_buf(),
+            source,
+        };
+        if !dir.join("rootfs").is_dir() {
+            return Err(bundle_err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no rootfs directory",
+            )));
+        }
         let _ = std::fs::remove_file(dir.join("config.json"));
         let out = run(Command::new("runc").arg("spec").arg("--bundle").arg(dir))?;
         if !out.status.success() {
@@ -393,16 +409,19 @@ impl Runc {
     }
 }
 
-/// Adds the last lines of CRIU's log to a failure: runc itself only says
-/// that CRIU failed.
+/// Adds CRIU's first errors to a failure (the cause comes first; what
+/// follows is its consequences): runc itself only says that CRIU failed.
+/// The RLIMIT_NOFILE complaint CRIU logs on every run here is left out.
 fn with_log(e: RuncError, log: &Path) -> RuncError {
     let RuncError::Failed { op, id, stderr } = e else {
         return e;
     };
     let tail = std::fs::read_to_string(log)
         .map(|l| {
-            let lines: Vec<&str> = l.lines().filter(|l| l.contains("Error")).collect();
-            lines[lines.len().saturating_sub(3)..].join(" | ")
+            let errors = l
+                .lines()
+                .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"));
+            errors.take(3).collect::<Vec<_>>().join(" | ")
         })
         .unwrap_or_default();
     RuncError::Failed {

@@ -230,3 +230,70 @@ fn an_established_tcp_connection_survives_checkpoint_and_restore() {
     assert_eq!(s.local_addr().unwrap(), local);
     assert_continuous(&bundle);
 }
+
+/// Checkpoints the container (it stops) and packs its images and root
+/// filesystem as a signed archive; returns the archive and its manifest.
+fn checkpoint_archive(
+    runc: &Runc,
+    id: &str,
+    bundle: &Bundle,
+    work: &Path,
+    key: &ed25519_dalek::SigningKey,
+) -> (Vec<u8>, tern_drivers::checkpoint::SignedCheckpoint) {
+    let images = work.join("images");
+    runc.checkpoint(
+        id,
+        &images,
+        &work.join("dump"),
+        &CheckpointOptions::default(),
+    )
+    .unwrap();
+    let mut archive = Vec::new();
+    let parts = [("images", images.as_path()), ("rootfs", &bundle.rootfs())];
+    let signed = tern_drivers::checkpoint::pack(id, &parts, &mut archive, key).unwrap();
+    (archive, signed)
+}
+
+#[test]
+fn a_signed_checkpoint_restores_in_another_bundle_and_a_damaged_one_leaves_the_source_to_resume() {
+    let Some((runc, rootfs)) = setup_or_skip() else {
+        return;
+    };
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("host-a"), dir.path().join("host-b"));
+    let bundle = Bundle::create(&src.join("bundle"), &rootfs, &spec()).unwrap();
+    let id = format!("tern-ct-move-{}", std::process::id());
+    let _gone = Gone(&runc, id.clone());
+    runc.run(&id, &bundle).unwrap();
+    wait_counter(&bundle, 3);
+
+    // Damaged in transit: the destination refuses it, and the source
+    // restores its own images.
+    let (mut archive, signed) = checkpoint_archive(&runc, &id, &bundle, &src.join("try1"), &key);
+    let at_dump = counter(&bundle);
+    let n = archive.len();
+    archive[n / 3] ^= 0x40;
+    let landing = dst.join("try1");
+    let e = tern_drivers::checkpoint::unpack(&archive[..], &signed, &key.verifying_key(), &landing)
+        .unwrap_err();
+    assert!(!landing.exists(), "{e}");
+    let images = src.join("try1/images");
+    runc.restore(&id, &bundle, &images, &src.join("try1/back"), false)
+        .unwrap();
+    wait_counter(&bundle, at_dump + 3);
+
+    // Intact: it lands in a bundle of its own on host-b and carries on there.
+    let (archive, signed) = checkpoint_archive(&runc, &id, &bundle, &src.join("try2"), &key);
+    let at_dump = counter(&bundle);
+    let landing = dst.join("bundle");
+    tern_drivers::checkpoint::unpack(&archive[..], &signed, &key.verifying_key(), &landing)
+        .unwrap();
+    let moved = Bundle::around_rootfs(&landing, &spec()).unwrap();
+    let work = dst.join("work");
+    runc.restore(&id, &moved, &landing.join("images"), &work, false)
+        .unwrap();
+    wait_counter(&moved, at_dump + 3);
+    assert_continuous(&moved);
+    assert_eq!(counter(&bundle), at_dump, "the source's copy stays stopped");
+}
