@@ -7,7 +7,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_drivers::qemu::load::LoadParams;
-use tern_drivers::qemu::qmp::Qmp;
+use tern_drivers::qemu::qmp::{Qmp, QmpError};
 use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
 use tern_migrate::protocol::{frame, msg_frame};
 use tern_migrate::relay::{
@@ -129,7 +129,14 @@ struct Feed {
     /// When the last tick ran (patience counts only time the guest could
     /// use: not while this process or QEMU was stopped).
     last_tick: Instant,
+    /// QMP requests in a row that timed out while loading: a QEMU busy
+    /// loading under load answers late, not never.
+    qmp_timeouts: u32,
 }
+
+/// QMP timeouts in a row (each the driver's QMP timeout, 10 s) tolerated
+/// while the destination QEMU loads; past them it is wedged.
+const MAX_LOAD_QMP_TIMEOUTS: u32 = 3;
 
 impl DestRelay<'_> {
     async fn run(
@@ -181,6 +188,7 @@ impl DestRelay<'_> {
             judged: false,
             failed: None,
             last_tick: Instant::now(),
+            qmp_timeouts: 0,
         };
         // QEMU's return path is carried by a future of its own, polled
         // beside the feeding loop, never from inside it: when both waited in
@@ -333,8 +341,23 @@ impl DestRelay<'_> {
     /// Pre-copy: all loaded, paused (-S). Post-copy: the device state is
     /// in and the guest waits to run. Either way: `Loaded`.
     async fn check_loaded(&mut self, f: &mut Feed) -> Result<(), MigrateError> {
-        let m = f.q.query_migrate().await.map_err(qmp_err)?;
-        let s = f.q.status().await.map_err(qmp_err)?;
+        let answers =
+            async { Ok::<_, QmpError>((f.q.query_migrate().await?, f.q.status().await?)) };
+        let (m, s) = match answers.await {
+            Ok(a) => {
+                f.qmp_timeouts = 0;
+                a
+            }
+            Err(QmpError::Timeout(_)) if f.qmp_timeouts < MAX_LOAD_QMP_TIMEOUTS => {
+                f.qmp_timeouts += 1;
+                tracing::warn!(
+                    timeouts = f.qmp_timeouts,
+                    "the destination QEMU answers QMP late; asking again"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(qmp_err(e)),
+        };
         if m.status == "failed" {
             return Err(MigrateError::DestinationFailed(format!(
                 "the destination QEMU failed to load: {}",

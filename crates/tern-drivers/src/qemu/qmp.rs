@@ -52,6 +52,10 @@ pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     timeout: Duration,
+    /// The id of the last request: every request carries one, and a reply
+    /// to an earlier one (which timed out) is dropped, so a slow answer is
+    /// never taken for the next request's.
+    last_id: u64,
     /// Events read while waiting for answers, oldest first.
     pub events: Vec<Event>,
 }
@@ -166,6 +170,7 @@ impl Qmp {
             reader: BufReader::new(r),
             writer: w,
             timeout,
+            last_id: 0,
             events: Vec::new(),
         };
         let greeting = q.read_message("greeting").await?;
@@ -201,7 +206,9 @@ impl Qmp {
 
     /// Runs `command` with `args` and returns QEMU's `return` value.
     pub async fn execute_value(&mut self, command: &str, args: Value) -> Result<Value, QmpError> {
-        let mut req = json!({ "execute": command });
+        self.last_id += 1;
+        let id = self.last_id;
+        let mut req = json!({ "execute": command, "id": id });
         if args.as_object().is_some_and(|o| !o.is_empty()) {
             req["arguments"] = args;
         }
@@ -215,7 +222,11 @@ impl Qmp {
                 reason: e.to_string(),
             })?;
         loop {
-            match classify(self.read_message(command).await?) {
+            let m = self.read_message(command).await?;
+            if m.get("id").is_some_and(|i| i.as_u64() != Some(id)) {
+                continue; // the late answer to a request that timed out
+            }
+            match classify(m) {
                 Reply::Return(v) => return Ok(v),
                 Reply::Error { class, desc } => {
                     return Err(QmpError::Command {
@@ -370,6 +381,36 @@ mod tests {
         let seen = peer.await.unwrap();
         assert!(seen[0].contains("qmp_capabilities"));
         assert!(seen[2].contains("\"cont\""));
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_is_never_taken_for_the_next_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"{\"QMP\": {}}\n").await.unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap(); // qmp_capabilities, id 1
+            w.write_all(b"{\"return\": {}, \"id\": 1}\n").await.unwrap();
+            r.read_line(&mut line).await.unwrap(); // query-status, id 2: no answer in time
+            r.read_line(&mut line).await.unwrap(); // query-migrate, id 3
+            w.write_all(b"{\"return\": {\"running\": true, \"status\": \"running\"}, \"id\": 2}\n")
+                .await
+                .unwrap();
+            w.write_all(b"{\"return\": {\"status\": \"active\"}, \"id\": 3}\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let mut q = Qmp::connect(&path, Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert!(matches!(q.status().await, Err(QmpError::Timeout(_))));
+        assert_eq!(q.query_migrate().await.unwrap().status, "active");
     }
 
     #[tokio::test]
