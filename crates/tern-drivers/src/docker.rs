@@ -35,6 +35,8 @@ pub const CONFIG_PATH: &str = "/etc/tern/config.json";
 const LABEL_INSTANCE: &str = "tern.instance";
 const LABEL_VM: &str = "tern.vm";
 const MIB: i64 = 1024 * 1024;
+/// Tries at removing a container before cleanup fails.
+const REMOVE_ATTEMPTS: u32 = 3;
 
 /// One catalogue entry: what a tenant's image name runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,16 +345,28 @@ impl DockerDriver {
             .force(true)
             .v(true)
             .build();
-        match self
-            .docker
-            .remove_container(&self.container_name(id), Some(opts))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) => match self.error(id, "cleanup", e) {
-                DriverError::NotFound(_) => Ok(()),
-                other => Err(other),
-            },
+        let name = self.container_name(id);
+        let mut attempt = 1;
+        loop {
+            let err = match self
+                .docker
+                .remove_container(&name, Some(opts.clone()))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => self.error(id, "cleanup", e),
+            };
+            match err {
+                DriverError::NotFound(_) => return Ok(()),
+                // A dropped connection, or an engine busy with the same
+                // container (a removal or a stop in progress): ask again.
+                e if attempt < REMOVE_ATTEMPTS => {
+                    tracing::warn!(vm = %id, attempt, error = %e, "container removal failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                e => return Err(e),
+            }
         }
     }
 }

@@ -411,7 +411,9 @@ impl Manager {
         if let Err(e) = self.driver.stop(id).await {
             tracing::warn!(vm = %id, error = %e, "stop failed; cleaning up anyway");
         }
-        self.driver.cleanup(id).await?;
+        self.driver.cleanup(id).await.inspect_err(|e| {
+            tracing::warn!(vm = %id, error = %e, "cleanup failed; the VM stays destroying");
+        })?;
         match self
             .store
             .transition(id, VmStatus::Destroying, VmStatus::Destroyed)

@@ -145,7 +145,8 @@ async fn tern_up_runs_a_warm_pool_of_containers_heals_and_cleans_up() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 204);
+    let status = r.status();
+    assert_eq!(status, 204, "{}", r.text().await.unwrap_or_default());
     assert!(!containers(&instance).iter().any(|(n, _)| *n == new_name));
     up.stop();
 }
