@@ -13,6 +13,18 @@ use crate::{DriverError, StartRequest, VmDriver};
 use std::time::{Duration, Instant};
 use tern_proto::{VmConfig, VmId, VmSpec};
 
+/// A start of VM `id` with `spec` on this host (`local`), at epoch 1: what
+/// every driver's tests ask for.
+pub fn local_request(id: VmId, spec: VmSpec) -> StartRequest {
+    StartRequest {
+        id,
+        spec,
+        vsock_cid: None,
+        host: tern_proto::HostId::new("local").expect("a valid host id"),
+        epoch: tern_proto::OwnerEpoch(1),
+    }
+}
+
 /// How long a started VM may take to report healthy.
 const READY: Duration = Duration::from_secs(60);
 

@@ -8,8 +8,9 @@
 use futures::TryStreamExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tern_drivers::conformance::local_request as start_req;
 use tern_drivers::docker::{ContainerImage, DockerConfig, DockerDriver, CONFIG_PATH};
-use tern_drivers::{conformance, DriverError, StartRequest, VmDriver};
+use tern_drivers::{conformance, DriverError, VmDriver};
 use tern_proto::{VmConfig, VmId, VmSpec};
 
 /// A driver with its own instance label (tests run side by side on one
@@ -48,16 +49,6 @@ fn spec() -> VmSpec {
         vcpus: 1,
         image: "test".into(),
         ..VmSpec::default()
-    }
-}
-
-fn start_req(id: VmId, spec: VmSpec) -> StartRequest {
-    StartRequest {
-        id,
-        spec,
-        vsock_cid: None,
-        host: tern_proto::HostId::new("local").unwrap(),
-        epoch: tern_proto::OwnerEpoch(1),
     }
 }
 

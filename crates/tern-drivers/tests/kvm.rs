@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tern_drivers::conformance::local_request as start_req;
 use tern_drivers::kvm::{KvmDriver, KvmDriverConfig, Request, Response, StatusReport};
-use tern_drivers::{StartRequest, VmDriver};
+use tern_drivers::VmDriver;
 use tern_proto::{VmConfig, VmId, VmSpec};
 use tern_vmm::{RunState, SnapshotKind, TestGuestConfig};
 
@@ -22,17 +23,6 @@ fn spec() -> VmSpec {
         vcpus: 1,
         image: "test".into(),
         ..VmSpec::default()
-    }
-}
-
-/// A start of VM `id` with `spec` on this host, at epoch 1.
-fn start_req(id: VmId, spec: VmSpec) -> StartRequest {
-    StartRequest {
-        id,
-        spec,
-        vsock_cid: None,
-        host: tern_proto::HostId::new("local").unwrap(),
-        epoch: tern_proto::OwnerEpoch(1),
     }
 }
 

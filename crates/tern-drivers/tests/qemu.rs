@@ -4,10 +4,11 @@
 
 use std::path::Path;
 use std::time::Duration;
+use tern_drivers::conformance::local_request;
 use tern_drivers::images::ImageCatalogue;
 use tern_drivers::qemu::load::{LoadParams, LoadReport};
 use tern_drivers::qemu::{testing::guest_or_skip, Accel, QemuConfig, QemuDriver, QemuVm};
-use tern_drivers::{StartRequest, VmDriver};
+use tern_drivers::VmDriver;
 use tern_proto::{VmId, VmSpec};
 
 fn vm_spec() -> VmSpec {
@@ -33,14 +34,7 @@ async fn the_qemu_driver_keeps_the_driver_contract() {
     let dir = tempfile::tempdir().unwrap();
     let cmdline = LoadParams::default().cmdline();
     let d = driver(dir.path(), &kernel, &initrd, &cmdline);
-    let req = |id, spec| StartRequest {
-        id,
-        spec,
-        vsock_cid: None,
-        host: tern_proto::HostId::new("local").unwrap(),
-        epoch: tern_proto::OwnerEpoch(1),
-    };
-    tern_drivers::conformance::run(&d, vm_spec(), req, Some("windows")).await;
+    tern_drivers::conformance::run(&d, vm_spec(), local_request, Some("windows")).await;
 }
 
 #[tokio::test]
@@ -57,16 +51,7 @@ async fn boots_a_linux_guest_reports_health_and_leaves_nothing_behind() {
     };
     let driver = driver(dir.path(), &kernel, &initrd, &params.cmdline());
     let id = VmId::new();
-    let h = driver
-        .start(&StartRequest {
-            id,
-            spec: vm_spec(),
-            vsock_cid: None,
-            host: tern_proto::HostId::new("local").unwrap(),
-            epoch: tern_proto::OwnerEpoch(1),
-        })
-        .await
-        .unwrap();
+    let h = driver.start(&local_request(id, vm_spec())).await.unwrap();
     let accel = Accel::detect();
     assert!(
         h.detail.contains(&format!(
@@ -131,13 +116,7 @@ async fn an_image_not_in_the_catalogue_is_a_clear_error_and_starts_nothing() {
     };
     let id = VmId::new();
     let e = driver
-        .start(&StartRequest {
-            id,
-            spec: vm_spec(),
-            vsock_cid: None,
-            host: tern_proto::HostId::new("local").unwrap(),
-            epoch: tern_proto::OwnerEpoch(1),
-        })
+        .start(&local_request(id, vm_spec()))
         .await
         .unwrap_err();
     assert!(e.to_string().contains("unknown image `linux`"), "{e}");
