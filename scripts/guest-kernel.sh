@@ -10,6 +10,9 @@
 set -euo pipefail
 exec 3>&1 1>&2
 cache=${TERN_GUEST_CACHE:-/var/cache/tern/guest}
+# Resolved before any cd: $0 may be a relative path.
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+load_src="$repo/guest/tern-load.c"
 mkdir -p "$cache"
 if ! ls "$cache"/root/boot/vmlinuz-* >/dev/null 2>&1 || [ ! -x "$cache/root/bin/busybox" ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -25,8 +28,7 @@ if ! ls "$cache"/root/boot/vmlinuz-* >/dev/null 2>&1 || [ ! -x "$cache/root/bin/
 fi
 kernel=$(ls "$cache"/root/boot/vmlinuz-* | sort -V | tail -1)
 initrd="$cache/initramfs.cpio"
-load_src="$(dirname "$0")/../guest/tern-load.c"
-if [ ! -s "$initrd" ] || [ "$0" -nt "$initrd" ] || [ "$load_src" -nt "$initrd" ]; then
+if [ ! -s "$initrd" ] || [ "$repo/scripts/guest-kernel.sh" -nt "$initrd" ] || [ "$load_src" -nt "$initrd" ]; then
     command -v gcc >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc libc6-dev; }
     tree=$(mktemp -d)
     mkdir -p "$tree"/{bin,proc,sys,dev}

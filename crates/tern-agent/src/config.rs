@@ -170,6 +170,23 @@ pub struct AgentConfig {
     /// the table is left out.
     #[serde(default)]
     pub jail: Option<tern_jail::JailConfig>,
+    /// Containers (`[container]`): the root filesystem they run and the
+    /// CRIU that checkpoints them. Without it the agent hosts no containers.
+    #[serde(default)]
+    pub container: Option<ContainerHost>,
+}
+
+/// What a host needs to run and move containers (`[container]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerHost {
+    /// The root filesystem tarball containers start from (with tern's
+    /// counter: `scripts/workload-rootfs.sh` builds one).
+    pub rootfs: PathBuf,
+    /// A CRIU that passes `criu check` (default: `criu` on PATH, then the
+    /// cached build of `scripts/criu-setup.sh`).
+    #[serde(default)]
+    pub criu: Option<PathBuf>,
 }
 
 fn default_api() -> SocketAddr {
@@ -212,6 +229,7 @@ impl AgentConfig {
             guest_initrd: None,
             http: tern_httpd::Limits::default(),
             jail: None,
+            container: None,
         }
     }
 
@@ -261,6 +279,11 @@ impl AgentConfig {
         }
         if let Some(Err(e)) = self.jail.as_ref().map(tern_jail::JailConfig::validate) {
             return bad("jail", e);
+        }
+        if let Some(c) = &self.container {
+            if !c.rootfs.is_absolute() || c.criu.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return bad("container", "rootfs and criu must be absolute paths".into());
+            }
         }
         if let Some(cp) = &self.control_plane {
             return self.validate_joined(cp);

@@ -21,9 +21,14 @@ pub enum Hosted {
     /// (`crate::qemu_relay`), not through the page engine, so the engine's
     /// guest halves refuse it.
     Qemu(QemuVm),
+    /// A container under runc. It migrates as a CRIU checkpoint
+    /// (`crate::container_relay`), not through the page engine.
+    Container(crate::container::ContainerGuest),
 }
 
 const QEMU_NOT_PAGED: &str = "a QEMU guest migrates by QEMU's own stream, not tern's page engine";
+const CONTAINER_NOT_PAGED: &str =
+    "a container migrates as a CRIU checkpoint, not by tern's page engine";
 
 /// The test guest's settings in `spec`.
 pub(crate) fn test_guest(spec: &GuestSpec) -> TestGuestConfig {
@@ -71,6 +76,9 @@ impl Hosted {
             .map(Hosted::Process)
             .map_err(|e| e.to_string()),
             GuestKind::Linux => Err("linux guests boot through the qemu driver (async)".into()),
+            GuestKind::Container => {
+                Err("containers boot in their guest process's directory".into())
+            }
         }
     }
 
@@ -84,6 +92,7 @@ impl Hosted {
                 .map(Hosted::Process)
                 .map_err(|e| e.to_string()),
             GuestKind::Linux => Err(QEMU_NOT_PAGED.into()),
+            GuestKind::Container => Err(CONTAINER_NOT_PAGED.into()),
         }
     }
 
@@ -105,6 +114,7 @@ impl Hosted {
                     .then_some(r.bad_checks.is_empty() && r.gaps.is_empty());
                 (r.last_tick.unwrap_or(0), ok)
             }
+            Hosted::Container(c) => (c.counter(), Some(c.broken().is_none())),
         }
     }
 
@@ -119,13 +129,16 @@ impl Hosted {
             Hosted::Kvm(m) => m.run_state() == tern_vmm::RunState::Running,
             Hosted::Process(p) => p.is_running(),
             Hosted::Qemu(q) => q.is_alive(),
+            Hosted::Container(c) => c.is_alive(),
         }
     }
 
-    /// Whether it is alive but cannot advance (a stopped QEMU process).
+    /// Whether it is alive but cannot advance (a stopped QEMU process, a
+    /// frozen container).
     pub fn is_stalled(&self) -> bool {
         match self {
             Hosted::Qemu(q) => q.is_alive() && q.is_stopped(),
+            Hosted::Container(c) => c.is_paused(),
             Hosted::Kvm(_) | Hosted::Process(_) => false,
         }
     }
@@ -149,6 +162,7 @@ impl Hosted {
                 };
                 rustix::process::kill_process(pid, sig).map_err(|e| e.to_string())
             }
+            Hosted::Container(c) => c.set_paused(paused),
         }
     }
 
@@ -158,6 +172,7 @@ impl Hosted {
             Hosted::Kvm(m) => m.stop("stopped on request"),
             Hosted::Process(p) => p.discard(),
             Hosted::Qemu(q) => q.kill(),
+            Hosted::Container(c) => c.stop(),
         }
     }
 }
@@ -168,6 +183,7 @@ macro_rules! both {
             Hosted::Kvm($g) => $e,
             Hosted::Process($g) => $e,
             Hosted::Qemu(_) => Err(GuestError(QEMU_NOT_PAGED.into())),
+            Hosted::Container(_) => Err(GuestError(CONTAINER_NOT_PAGED.into())),
         }
     };
 }
@@ -180,6 +196,10 @@ impl SourceGuest for Hosted {
             Hosted::Qemu(q) => GuestShape {
                 memory_bytes: q.spec().memory_mib << 20,
                 vcpus: q.spec().vcpus,
+            },
+            Hosted::Container(_) => GuestShape {
+                memory_bytes: 0,
+                vcpus: 1,
             },
         }
     }
@@ -209,6 +229,7 @@ impl SourceGuest for Hosted {
             Hosted::Kvm(g) => g.discard(),
             Hosted::Process(g) => g.discard(),
             Hosted::Qemu(q) => q.kill(),
+            Hosted::Container(c) => c.discard(),
         }
     }
     fn throttle(&mut self, percent: u8) -> Result<(), GuestError> {

@@ -29,6 +29,9 @@ pub struct HostPlan {
     pub guest: Option<(PathBuf, PathBuf)>,
     /// Its `[jail]` (none: guests run unjailed).
     pub jail: Option<tern_jail::JailConfig>,
+    /// Its `[container]` (default: `TERN_WORKLOAD_ROOTFS` and `TERN_CRIU`
+    /// from the environment, when the rootfs is set).
+    pub container: Option<crate::config::ContainerHost>,
 }
 
 impl HostPlan {
@@ -45,6 +48,12 @@ impl HostPlan {
                 .map(PathBuf::from)
                 .zip(std::env::var_os("TERN_GUEST_INITRD").map(PathBuf::from)),
             jail: None,
+            container: std::env::var_os("TERN_WORKLOAD_ROOTFS").map(|r| {
+                crate::config::ContainerHost {
+                    rootfs: PathBuf::from(r),
+                    criu: std::env::var_os("TERN_CRIU").map(PathBuf::from),
+                }
+            }),
         })
     }
 
@@ -104,6 +113,7 @@ fn base_config(dir: &Path, h: &HostPlan) -> AgentConfig {
         cfg.guest_initrd = Some(i.clone());
     }
     cfg.jail = h.jail.clone();
+    cfg.container = h.container.clone();
     cfg
 }
 

@@ -13,6 +13,8 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod container;
+pub mod container_relay;
 pub mod control;
 pub mod guestproc;
 pub mod hosted;

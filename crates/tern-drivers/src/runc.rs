@@ -399,6 +399,18 @@ impl Runc {
             .map_err(|e| with_log(e, &work.join("restore.log")))
     }
 
+    /// Freezes every process of the container (its cgroup's freezer).
+    pub fn pause(&self, id: &str) -> Result<(), RuncError> {
+        let out = run(self.cmd().args(["pause", id]))?;
+        self.check("pause", id, out).map(drop)
+    }
+
+    /// Thaws a container [`Runc::pause`] froze.
+    pub fn resume(&self, id: &str) -> Result<(), RuncError> {
+        let out = run(self.cmd().args(["resume", id]))?;
+        self.check("resume", id, out).map(drop)
+    }
+
     /// Kills and deletes the container; one that is gone already is fine.
     pub fn delete(&self, id: &str) -> Result<(), RuncError> {
         if self.state(id)?.is_none() {

@@ -84,6 +84,16 @@ pub enum RelaySourceMsg {
         /// Chunk compression.
         compress: Compress,
     },
+    /// A container's checkpoint follows as stream bytes: one archive of
+    /// `bytes` bytes whose entries the signed manifest names (JSON of
+    /// `tern_drivers::checkpoint::SignedCheckpoint`, checked before a byte
+    /// of the archive is kept).
+    Checkpoint {
+        /// The signed manifest, as JSON.
+        manifest: String,
+        /// The archive's length.
+        bytes: u64,
+    },
     /// The source hypervisor closed its stream.
     StreamEnd,
     /// Ownership moves: run the guest.

@@ -22,6 +22,10 @@ pub enum GuestKind {
     /// (`guest/tern-load.c`): boots the agent's `guest_kernel`; migrates as
     /// QEMU's own stream carried over tern's channels.
     Linux,
+    /// A container under runc running tern's counter workload (the agent's
+    /// `[container]` rootfs); migrates as a CRIU checkpoint in one signed
+    /// archive carried over tern's channels.
+    Container,
 }
 
 /// What a host runs in one VM slot: the kind of guest and its workload.
@@ -44,8 +48,11 @@ pub struct GuestSpec {
     pub pages_per_tick: u64,
     /// Ticks between checksums.
     pub ticks_per_sum: u64,
-    /// Linux guests: the workload's working set, MiB.
+    /// Linux guests and containers: the workload's working set, MiB
+    /// (containers write it at `dirty_mib_per_sec`).
     pub ws_mib: u64,
+    /// Containers: the TCP port the counter answers on (0: none).
+    pub listen_port: u16,
 }
 
 impl Default for GuestSpec {
@@ -59,6 +66,7 @@ impl Default for GuestSpec {
             pages_per_tick: 4,
             ticks_per_sum: 16,
             ws_mib: 16,
+            listen_port: 0,
         }
     }
 }
@@ -73,6 +81,7 @@ impl GuestSpec {
             GuestKind::TestGuest => 3072,
             GuestKind::Process => 65536,
             GuestKind::Linux => 65536,
+            GuestKind::Container => 65536,
         };
         if self.memory_mib < 4 || !self.memory_mib.is_multiple_of(2) || self.memory_mib > max {
             return Err(format!(
@@ -86,6 +95,11 @@ impl GuestSpec {
         {
             return Err(format!(
                 "a linux guest needs memory_mib >= 128 and ws_mib in 1..={half_mib}"
+            ));
+        }
+        if self.kind == GuestKind::Container && (self.memory_mib < 16 || self.ws_mib > half_mib) {
+            return Err(format!(
+                "a container needs memory_mib >= 16 and ws_mib in 0..={half_mib}"
             ));
         }
         if self.vcpus == 0 || self.vcpus > 8 {
@@ -156,12 +170,17 @@ pub enum GuestStatus {
 /// a Linux guest, which the host boots with its kernel.
 pub const BUILT_IN_IMAGES: [&str; 2] = ["test", "process"];
 
+/// The image name the control plane maps to a [`GuestKind::Container`]
+/// (hosts with a `[container]` rootfs run it).
+pub const CONTAINER_IMAGE: &str = "container";
+
 impl crate::VmSpec {
     /// What a host runs for this spec.
     pub fn guest_spec(&self) -> GuestSpec {
         let kind = match self.image.as_str() {
             "test" => GuestKind::TestGuest,
             "process" => GuestKind::Process,
+            CONTAINER_IMAGE => GuestKind::Container,
             _ => GuestKind::Linux,
         };
         let memory_mib = u64::from(self.memory_mib);

@@ -11,7 +11,9 @@ pub mod join;
 pub mod migration;
 pub mod vm;
 
-pub use guest::{GuestKind, GuestSpec, GuestStatus, BUILT_IN_IMAGES, MAX_DIRTY_MIB_PER_SEC};
+pub use guest::{
+    GuestKind, GuestSpec, GuestStatus, BUILT_IN_IMAGES, CONTAINER_IMAGE, MAX_DIRTY_MIB_PER_SEC,
+};
 pub use host::{
     labels_satisfy, Capacity, HostLoad, HostRecord, HostState, Labels, MigrationReason,
     MigrationRecord,

@@ -341,15 +341,19 @@ pub fn vm_remote(cmd: RemoteVm) -> anyhow::Result<()> {
 /// The guest to boot on an agent.
 #[derive(clap::Args)]
 pub struct SpecArgs {
-    /// test-guest (KVM), process (a memory workload dirtied by a thread) or
+    /// test-guest (KVM), process (a memory workload dirtied by a thread),
     /// linux (a Linux guest in QEMU running tern's workload; the agent needs
-    /// guest_kernel in its config).
+    /// guest_kernel in its config) or container (tern's counter under runc;
+    /// the agent needs [container] in its config).
     #[arg(long, default_value = "test-guest")]
     kind: String,
-    /// Linux guests: the workload's working set, MiB.
+    /// Linux guests and containers: the workload's working set, MiB.
     #[arg(long, default_value_t = 16)]
     ws_mib: u64,
-    /// Process and Linux workloads: MiB/s written across the working set.
+    /// Containers: the TCP port the counter answers on (0: none).
+    #[arg(long, default_value_t = 0)]
+    listen_port: u16,
+    /// Process, Linux and container workloads: MiB/s written across the working set.
     #[arg(long, default_value_t = 100)]
     dirty_mib_per_sec: u64,
     /// Guest RAM in MiB.
@@ -380,6 +384,7 @@ impl SpecArgs {
             (Some(i), _) => i.clone(),
             (None, "test-guest") => "test".into(),
             (None, "process") => "process".into(),
+            (None, "container") => tern_proto::CONTAINER_IMAGE.into(),
             (None, k) => bail!("--kind {k} through the control plane: name its image with --image"),
         };
         let mut labels = tern_proto::Labels::new();
@@ -405,7 +410,8 @@ impl TryFrom<SpecArgs> for GuestSpec {
             "test-guest" => tern_proto::GuestKind::TestGuest,
             "process" => tern_proto::GuestKind::Process,
             "linux" => tern_proto::GuestKind::Linux,
-            other => bail!("--kind {other}: expected test-guest, process or linux"),
+            "container" => tern_proto::GuestKind::Container,
+            other => bail!("--kind {other}: expected test-guest, process, linux or container"),
         };
         Ok(GuestSpec {
             kind,
@@ -415,6 +421,7 @@ impl TryFrom<SpecArgs> for GuestSpec {
             ws_pages: a.ws_pages,
             pages_per_tick: a.pages_per_tick,
             ws_mib: a.ws_mib,
+            listen_port: a.listen_port,
             ..Default::default()
         })
     }

@@ -172,6 +172,20 @@ async fn receive(
     let setup = |e: Box<dyn std::error::Error + Send + Sync>| (MigrateError::Setup(e), None);
     let peer = p.peer(source_host).map_err(|e| setup(Box::new(e)))?;
     let source_key = crate::keys::parse_public(&peer.key).map_err(|e| setup(e.into()))?;
+    if spec.kind == GuestKind::Container {
+        let args = crate::container_relay::DestArgs {
+            vm_dir: p.dir.0.clone(),
+            vm: &p.launch.vm,
+            spec: &spec,
+            host: p.cfg().container.as_ref(),
+            source_key,
+            progress: progress.clone(),
+        };
+        return crate::container_relay::destination(args, data, replies, &mut on_commit)
+            .await
+            .map(Hosted::Container)
+            .map_err(|(e, g)| (e, g.map(Hosted::Container)));
+    }
     let capacity = Capacity {
         max_memory_bytes: p.cfg().max_memory_mib << 20,
         max_vcpus: p.cfg().max_vcpus,

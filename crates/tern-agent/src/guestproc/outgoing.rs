@@ -205,6 +205,10 @@ async fn roll_back(p: &Proc, mut guest: Box<Hosted>, end: &EndedMigration, in_do
             .await
             .map_err(|e| e.to_string()),
         Hosted::Qemu(_) => Ok(()),
+        // Restored from its images when the migration rolled back before
+        // commit; one in doubt is still dumped.
+        Hosted::Container(c) if in_doubt => c.restore(),
+        Hosted::Container(_) => Ok(()),
         g if !g.is_alive() => SourceGuest::resume(g).map_err(|e| e.to_string()),
         _ => Ok(()),
     };
@@ -329,6 +333,17 @@ async fn transfer(
                 progress,
             };
             qemu_relay::source(args, link.data, link.replies, &mut before_commit).await
+        }
+        Hosted::Container(c) => {
+            let args = crate::container_relay::SourceArgs {
+                vm: &p.launch.vm,
+                policy: &job.policy,
+                compress,
+                key: &key,
+                progress,
+            };
+            crate::container_relay::source(args, c, link.data, link.replies, &mut before_commit)
+                .await
         }
         g => {
             tern_migrate::migrate_observed(

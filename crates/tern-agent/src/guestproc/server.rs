@@ -91,6 +91,20 @@ async fn boot(p: Arc<Proc>) {
     let spec = p.launch.spec.clone();
     let res = if spec.kind == GuestKind::Linux {
         boot_linux(&p).await
+    } else if spec.kind == GuestKind::Container {
+        let p2 = p.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::container::ContainerGuest::boot(
+                &p2.dir.0,
+                &p2.launch.vm,
+                &p2.launch.spec,
+                p2.cfg().container.as_ref(),
+            )
+            .map(Hosted::Container)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
     } else {
         let s = spec.clone();
         tokio::task::spawn_blocking(move || Hosted::boot(&s))

@@ -1,0 +1,252 @@
+//! A container slot: tern's counter workload under runc, kept in the guest
+//! process's own directory, and checkpointed by CRIU when it moves.
+//!
+//! The guest process owns the container the way it owns a QEMU: runc keeps
+//! its state under `<vm dir>/container/runc`, the bundle (root filesystem
+//! and `config.json`) is `<vm dir>/container/bundle`, so containers of two
+//! agents on one machine never meet. The workload publishes its counter in
+//! `/run/tern-counter` and writes `/run/tern-broken` on any break of
+//! continuity (`images/workload/tern-counter.c`), which is what the agent
+//! reports as the guest's progress and check.
+
+use crate::config::ContainerHost;
+use std::path::{Path, PathBuf};
+use tern_drivers::runc::{Bundle, BundleSpec, CheckpointOptions, Criu, Runc};
+use tern_proto::GuestSpec;
+
+/// A container this process runs (or holds dumped, mid-migration).
+pub struct ContainerGuest {
+    runc: Runc,
+    id: String,
+    bundle: Bundle,
+    /// Where its working files go (`<vm dir>/container`).
+    home: PathBuf,
+    /// Set while it is dumped for a migration: the images it is restored
+    /// from here if the migration does not commit.
+    dumped: Option<PathBuf>,
+}
+
+/// The directory of a VM's container files.
+pub fn home(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("container")
+}
+
+/// The container's bundle directory (where a checkpoint lands, too).
+pub fn bundle_dir(vm_dir: &Path) -> PathBuf {
+    home(vm_dir).join("bundle")
+}
+
+/// runc's name for the container of `vm`.
+fn container_id(vm: &str) -> String {
+    format!("tern-{vm}")
+}
+
+/// The workload's command line for `spec`.
+fn args(spec: &GuestSpec) -> Vec<String> {
+    let mut a = vec!["/bin/tern-counter".to_string()];
+    if spec.listen_port > 0 {
+        a.extend(["--listen".into(), spec.listen_port.to_string()]);
+    }
+    if spec.ws_mib > 0 && spec.dirty_mib_per_sec > 0 {
+        a.extend([
+            "--dirty-mib".into(),
+            spec.ws_mib.to_string(),
+            "--rate-mib".into(),
+            spec.dirty_mib_per_sec.to_string(),
+        ]);
+    }
+    a
+}
+
+fn bundle_spec(spec: &GuestSpec) -> BundleSpec {
+    BundleSpec {
+        args: args(spec),
+        memory_mib: u32::try_from(spec.memory_mib).unwrap_or(u32::MAX),
+        netns: None,
+    }
+}
+
+/// runc for the containers of `vm_dir`, with a CRIU that works here.
+pub fn runc(vm_dir: &Path, host: &ContainerHost) -> Result<Runc, String> {
+    let criu = Criu::locate(host.criu.as_deref()).map_err(|e| e.to_string())?;
+    let root = home(vm_dir).join("runc");
+    std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    Ok(Runc::new(&root, criu))
+}
+
+impl ContainerGuest {
+    /// Starts the workload of `spec` from the host's rootfs (blocking).
+    pub fn boot(
+        vm_dir: &Path,
+        vm: &str,
+        spec: &GuestSpec,
+        host: Option<&ContainerHost>,
+    ) -> Result<Self, String> {
+        let host = host.ok_or("this agent hosts no containers (add [container] to its config)")?;
+        let runc = runc(vm_dir, host)?;
+        let bundle = Bundle::create(&bundle_dir(vm_dir), &host.rootfs, &bundle_spec(spec))
+            .map_err(|e| e.to_string())?;
+        let id = container_id(vm);
+        runc.run(&id, &bundle).map_err(|e| e.to_string())?;
+        let g = Self {
+            runc,
+            id,
+            bundle,
+            home: home(vm_dir),
+            dumped: None,
+        };
+        g.wait_counting(std::time::Duration::from_secs(20))?;
+        Ok(g)
+    }
+
+    /// The container of a checkpoint unpacked into [`bundle_dir`], not yet
+    /// restored (blocking).
+    pub fn landed(
+        vm_dir: &Path,
+        vm: &str,
+        spec: &GuestSpec,
+        host: &ContainerHost,
+    ) -> Result<Self, String> {
+        let runc = runc(vm_dir, host)?;
+        let dir = bundle_dir(vm_dir);
+        let bundle = Bundle::around_rootfs(&dir, &bundle_spec(spec)).map_err(|e| e.to_string())?;
+        Ok(Self {
+            runc,
+            id: container_id(vm),
+            bundle,
+            home: home(vm_dir),
+            dumped: Some(dir.join("images")),
+        })
+    }
+
+    fn wait_counting(&self, within: std::time::Duration) -> Result<(), String> {
+        let t = std::time::Instant::now();
+        while self.counter() == 0 {
+            if let Some(why) = self.broken() {
+                return Err(format!("the workload broke: {why}"));
+            }
+            if t.elapsed() > within {
+                return Err(format!("the workload did not start counting in {within:?}"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// The workload's counter (0 before its first tick).
+    pub fn counter(&self) -> u64 {
+        std::fs::read_to_string(self.bundle.rootfs().join("run/tern-counter"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Why the workload found its own state broken, if it did.
+    pub fn broken(&self) -> Option<String> {
+        std::fs::read_to_string(self.bundle.rootfs().join("run/tern-broken")).ok()
+    }
+
+    /// Whether runc reports it running.
+    pub fn is_alive(&self) -> bool {
+        self.dumped.is_none()
+            && matches!(self.runc.state(&self.id), Ok(Some(s)) if s.status == "running")
+    }
+
+    /// Whether it is frozen (fenced or paused by an operator).
+    pub fn is_paused(&self) -> bool {
+        matches!(self.runc.state(&self.id), Ok(Some(s)) if s.status == "paused")
+    }
+
+    /// Freezes or thaws it.
+    pub fn set_paused(&mut self, paused: bool) -> Result<(), String> {
+        let r = if paused {
+            self.runc.pause(&self.id)
+        } else {
+            self.runc.resume(&self.id)
+        };
+        r.map_err(|e| e.to_string())
+    }
+
+    /// Dumps it for a move into `scratch/images` (it stops; its TCP
+    /// connections are saved): returns the images directory.
+    pub fn dump(&mut self, scratch: &Path) -> Result<PathBuf, String> {
+        let _ = std::fs::remove_dir_all(scratch);
+        let images = scratch.join("images");
+        std::fs::create_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
+        let opts = CheckpointOptions {
+            leave_running: false,
+            tcp_established: true,
+        };
+        self.runc
+            .checkpoint(&self.id, &images, &scratch.join("dump-work"), &opts)
+            .map_err(|e| e.to_string())?;
+        self.dumped = Some(images.clone());
+        Ok(images)
+    }
+
+    /// Restores it from the images it was dumped into (a migration that did
+    /// not commit, or one that landed here and committed).
+    pub fn restore(&mut self) -> Result<(), String> {
+        let images = self.dumped.clone().ok_or("the container is not dumped")?;
+        let work = self.home.join(format!(
+            "restore-work-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0)
+        ));
+        self.runc
+            .restore(&self.id, &self.bundle, &images, &work, true)
+            .map_err(|e| e.to_string())?;
+        self.dumped = None;
+        Ok(())
+    }
+
+    /// Its root filesystem (what a checkpoint carries beside the images).
+    pub fn rootfs(&self) -> PathBuf {
+        self.bundle.rootfs()
+    }
+
+    /// Where its working files go.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// Ends it.
+    pub fn stop(&mut self) {
+        if let Err(e) = self.runc.delete(&self.id) {
+            tracing::error!(error = %e, "deleting the container");
+        }
+    }
+
+    /// Ends it and removes its files: it runs on another host now.
+    pub fn discard(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_follows_the_spec() {
+        let spec = GuestSpec {
+            kind: tern_proto::GuestKind::Container,
+            listen_port: 7000,
+            ws_mib: 8,
+            dirty_mib_per_sec: 4,
+            ..GuestSpec::default()
+        };
+        assert_eq!(
+            args(&spec).join(" "),
+            "/bin/tern-counter --listen 7000 --dirty-mib 8 --rate-mib 4"
+        );
+        let quiet = GuestSpec {
+            dirty_mib_per_sec: 0,
+            ..GuestSpec::default()
+        };
+        assert_eq!(args(&quiet), ["/bin/tern-counter"]);
+    }
+}

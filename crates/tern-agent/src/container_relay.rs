@@ -1,0 +1,611 @@
+//! Live migration of containers through tern's channels: a CRIU checkpoint
+//! as one signed archive ([`tern_drivers::checkpoint`]), carried on the
+//! migration's data session, verified, unpacked and restored under the
+//! same commit rule as every guest.
+//!
+//! ```text
+//! source                                    destination
+//!   Start{compress}                   ->    Accept | Reject{reason}
+//!   dump (the container stops: downtime begins)
+//!   Checkpoint{signed manifest, bytes} ->   signer checked before a byte is kept
+//!   archive chunks, StreamEnd         ->    every entry checked, unpacked whole
+//!                                     <-    Loaded (bundle ready, not running)
+//!   journal CommitDecided, Commit{last_tick} -> journal CommitReceived, restore
+//!                                     <-    Running (downtime ends)
+//!                                     <-    Verified{ok, detail} (the counter went on)
+//!   remove the dumped container
+//! ```
+//!
+//! Before `Commit` any failure (a refused archive, a broken link, a
+//! destination that cannot take it) restores the container on the source
+//! from its own images. A destination whose restore fails after `Commit`
+//! journals the guest discarded before it says `Failed`, and the source
+//! restores its own: one copy runs either way. The CRIU images carry the
+//! container's memory, open files, pipes, shared memory and established
+//! TCP connections (`--tcp-established`).
+
+use crate::config::ContainerHost;
+use crate::container::{self, ContainerGuest};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tern_drivers::checkpoint::{self, SignedCheckpoint};
+use tern_migrate::protocol::{frame, msg_frame};
+use tern_migrate::relay::{
+    decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_STREAM,
+};
+use tern_migrate::{
+    CommitHook, GuestError, MigrateError, MigrationPhase, Outcome, Policy, Progress, Report,
+};
+use tern_transport::{Receiver, Sender};
+use tokio::sync::watch;
+
+/// How long the destination may take to check and unpack an archive, and
+/// to restore it, before the source gives up on it.
+const LOAD_WAIT: Duration = Duration::from_secs(300);
+/// How long the destination watches the restored workload for its counter
+/// to pass the source's last value.
+const VERIFY_WAIT: Duration = Duration::from_secs(20);
+/// The most a manifest may take on the wire (it names every file).
+const MAX_MANIFEST: usize = 64 << 20;
+
+fn guest_err(e: impl std::fmt::Display) -> MigrateError {
+    MigrateError::Guest(GuestError(e.to_string()))
+}
+
+/// What the source side needs besides the links.
+pub struct SourceArgs<'a> {
+    /// Its VM id (the archive names it).
+    pub vm: &'a str,
+    /// Timeouts (the reply wait), bandwidth.
+    pub policy: &'a Policy,
+    /// Chunk compression.
+    pub compress: Compress,
+    /// Signs the archive's manifest.
+    pub key: &'a SigningKey,
+    /// Published as it goes.
+    pub progress: watch::Sender<Progress>,
+}
+
+/// Migrates a container away. [`Outcome::Moved`]: the destination runs it;
+/// [`Outcome::Stayed`]: it runs here again (restored from its own images);
+/// [`Outcome::InDoubt`]: it is kept dumped here to be settled.
+pub async fn source(
+    args: SourceArgs<'_>,
+    guest: &mut ContainerGuest,
+    data: Sender,
+    mut replies: Receiver,
+    before_commit: CommitHook<'_>,
+) -> Outcome {
+    if args.policy.bandwidth_bytes_per_sec > 0 {
+        data.set_rate(args.policy.bandwidth_bytes_per_sec);
+    }
+    let mut s = Source {
+        report: Report::default(),
+        committed: false,
+        t0: Instant::now(),
+    };
+    s.report.phase = MigrationPhase::Requesting;
+    args.progress
+        .send_modify(|p| p.phase = MigrationPhase::Requesting);
+    let res = s
+        .run(&args, guest, &data, &mut replies, before_commit)
+        .await;
+    s.report.total_ms = s.t0.elapsed().as_secs_f64() * 1e3;
+    let _ = tokio::time::timeout(Duration::from_secs(5), data.finish()).await;
+    match res {
+        Ok(fault) => {
+            s.report.phase = if fault.is_some() {
+                MigrationPhase::Corrupted
+            } else {
+                MigrationPhase::Committed
+            };
+            Outcome::Moved {
+                report: s.report,
+                fault,
+            }
+        }
+        Err(error) if s.committed => {
+            s.report.phase = MigrationPhase::CommitInDoubt;
+            Outcome::InDoubt {
+                report: s.report,
+                error: MigrateError::CommitUnconfirmed(Box::new(error)),
+            }
+        }
+        Err(error) => {
+            s.report.phase = MigrationPhase::RolledBack;
+            Outcome::Stayed {
+                report: s.report,
+                error,
+            }
+        }
+    }
+}
+
+/// One outgoing container migration.
+struct Source {
+    report: Report,
+    /// `Commit` went out.
+    committed: bool,
+    t0: Instant,
+}
+
+impl Source {
+    /// Returns a fault after commit (the guest's own check failed), if any.
+    async fn run(
+        &mut self,
+        a: &SourceArgs<'_>,
+        guest: &mut ContainerGuest,
+        data: &Sender,
+        replies: &mut Receiver,
+        before_commit: CommitHook<'_>,
+    ) -> Result<Option<MigrateError>, MigrateError> {
+        let start = RelaySourceMsg::Start {
+            mode: "precopy".into(),
+            compress: a.compress,
+        };
+        data.send(msg_frame(&start)).await?;
+        match next_reply(replies, a.policy.reply_timeout, "the destination's accept").await? {
+            RelayDestMsg::Accept => {}
+            RelayDestMsg::Reject { reason } => return Err(MigrateError::Rejected(reason)),
+            other => return Err(unexpected("accept", &other)),
+        }
+        // Everything that can be done with the container running is done:
+        // downtime starts with the dump.
+        let scratch = guest.home().join("out");
+        let frozen = Instant::now();
+        self.report.phase = MigrationPhase::Switchover;
+        a.progress
+            .send_modify(|p| p.phase = MigrationPhase::Switchover);
+        let images = tokio::task::block_in_place(|| guest.dump(&scratch)).map_err(guest_err)?;
+        let last_tick = guest.counter();
+        self.report.switchover.pause_ms = ms(frozen);
+        let sent = Instant::now();
+        let res = self
+            .send_checkpoint(a, guest, data, replies, &scratch, &images)
+            .await;
+        if let Err(e) = res {
+            return Err(self.restore_after(guest, e));
+        }
+        self.report.switchover.send_ms = ms(sent);
+        let loaded = Instant::now();
+        let res =
+            match next_reply(replies, LOAD_WAIT, "the destination to load the checkpoint").await {
+                Ok(RelayDestMsg::Loaded) => Ok(()),
+                Ok(RelayDestMsg::Failed { reason } | RelayDestMsg::Reject { reason }) => {
+                    Err(MigrateError::DestinationFailed(reason))
+                }
+                Ok(other) => Err(unexpected("loaded", &other)),
+                Err(e) => Err(e),
+            };
+        if let Err(e) = res {
+            return Err(self.restore_after(guest, e));
+        }
+        self.report.switchover.ready_ms = ms(loaded);
+        let record = Instant::now();
+        if let Err(e) = before_commit() {
+            return Err(self.restore_after(guest, MigrateError::CommitRecord(e)));
+        }
+        self.report.switchover.commit_record_ms = ms(record);
+        let commit = Instant::now();
+        let msg = RelaySourceMsg::Commit {
+            last_tick: Some(last_tick),
+        };
+        self.committed = true;
+        data.send(msg_frame(&msg)).await?;
+        match next_reply(replies, LOAD_WAIT, "the destination to run the container").await? {
+            RelayDestMsg::Running => {}
+            RelayDestMsg::Failed { reason } => {
+                // It journaled the guest discarded before saying so.
+                self.committed = false;
+                return Err(self.restore_after(guest, MigrateError::DestinationFailed(reason)));
+            }
+            other => return Err(unexpected("running", &other)),
+        }
+        self.report.switchover.running_ms = ms(commit);
+        self.report.downtime_ms = ms(frozen);
+        a.progress
+            .send_modify(|p| p.phase = MigrationPhase::Committed);
+        // The verdict is the destination's to act on; it is reported here.
+        let fault = match next_reply(replies, VERIFY_WAIT * 2, "the restored container's check")
+            .await
+        {
+            Ok(RelayDestMsg::Verified { ok: true, .. }) => None,
+            Ok(RelayDestMsg::Verified { ok: false, detail }) => {
+                Some(MigrateError::Verification(detail))
+            }
+            Ok(other) => Some(unexpected("verified", &other)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no verdict from the destination after it ran the container");
+                None
+            }
+        };
+        Ok(fault)
+    }
+
+    /// Packs the dumped images and rootfs and sends them.
+    async fn send_checkpoint(
+        &mut self,
+        a: &SourceArgs<'_>,
+        guest: &ContainerGuest,
+        data: &Sender,
+        replies: &mut Receiver,
+        scratch: &Path,
+        images: &Path,
+    ) -> Result<(), MigrateError> {
+        let archive = scratch.join("checkpoint.tar");
+        let rootfs = guest.rootfs();
+        let signed = tokio::task::block_in_place(|| pack(a.vm, images, &rootfs, &archive, a.key))?;
+        let bytes = std::fs::metadata(&archive).map_err(guest_err)?.len();
+        self.report.memory_bytes = bytes;
+        a.progress.send_modify(|p| p.memory_bytes = bytes);
+        let manifest = serde_json::to_string(&signed).expect("manifests serialize");
+        data.send(msg_frame(&RelaySourceMsg::Checkpoint { manifest, bytes }))
+            .await?;
+        // A refusal (a manifest the destination would not take) ends the
+        // stream early (`recv` loses nothing when it is dropped).
+        let res = tokio::select! {
+            r = self.stream(a, data, &archive) => r,
+            m = next_reply(replies, LOAD_WAIT * 4, "the destination while sending") => match m {
+                Ok(RelayDestMsg::Failed { reason }) => Err(MigrateError::DestinationFailed(reason)),
+                Ok(other) => Err(unexpected("nothing while sending", &other)),
+                Err(e) => Err(e),
+            },
+        };
+        let _ = std::fs::remove_file(&archive);
+        res
+    }
+
+    /// Sends the archive in chunks, then `StreamEnd`.
+    async fn stream(
+        &mut self,
+        a: &SourceArgs<'_>,
+        data: &Sender,
+        archive: &Path,
+    ) -> Result<(), MigrateError> {
+        let mut file = std::fs::File::open(archive).map_err(guest_err)?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = tokio::task::block_in_place(|| file.read(&mut buf)).map_err(guest_err)?;
+            if n == 0 {
+                break;
+            }
+            let packed = a.compress.pack(&buf[..n]).map_err(guest_err)?;
+            self.report.wire_bytes += packed.len() as u64;
+            data.send(frame(KIND_STREAM, &packed)).await?;
+            let wire = self.report.wire_bytes;
+            a.progress.send_modify(|p| p.wire_bytes = wire);
+        }
+        data.send(msg_frame(&RelaySourceMsg::StreamEnd)).await?;
+        Ok(())
+    }
+
+    /// Runs the container here again after `e` (before commit).
+    fn restore_after(&mut self, guest: &mut ContainerGuest, e: MigrateError) -> MigrateError {
+        match tokio::task::block_in_place(|| guest.restore()) {
+            Ok(()) => e,
+            Err(r) => {
+                tracing::error!(error = %r, "restoring the container on the source failed");
+                MigrateError::Guest(GuestError(format!(
+                    "{e}; and restoring it here failed: {r}"
+                )))
+            }
+        }
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn unexpected(wanted: &str, got: &RelayDestMsg) -> MigrateError {
+    MigrateError::Protocol(format!("expected {wanted}, got {got:?}"))
+}
+
+async fn next_reply(
+    replies: &mut Receiver,
+    within: Duration,
+    waiting_for: &'static str,
+) -> Result<RelayDestMsg, MigrateError> {
+    let (seq, f) = tokio::time::timeout(within, replies.recv())
+        .await
+        .map_err(|_| MigrateError::Timeout {
+            waiting_for,
+            after: within,
+        })?
+        .ok_or(MigrateError::Closed("replies"))??;
+    replies.ack(seq);
+    match decode::<RelayDestMsg>(&f)? {
+        Incoming::Msg(m) => Ok(m),
+        Incoming::Bytes(k, _) => Err(MigrateError::Protocol(format!(
+            "unexpected stream bytes (kind {k}) from the destination"
+        ))),
+    }
+}
+
+/// Packs `images` and `rootfs` into `archive`, signed by `key`. Fault
+/// injection (`TERN_FAULT_CHECKPOINT` in the agent's environment, which its
+/// guest processes inherit): `corrupt` flips a byte of the archive after
+/// signing, `forge` signs with a key no peer knows.
+fn pack(
+    vm: &str,
+    images: &Path,
+    rootfs: &Path,
+    archive: &Path,
+    key: &SigningKey,
+) -> Result<SignedCheckpoint, MigrateError> {
+    let fault = std::env::var("TERN_FAULT_CHECKPOINT").unwrap_or_default();
+    let forged;
+    let key = if fault == "forge" {
+        tracing::warn!("fault injection: signing the checkpoint with a forged key");
+        forged = SigningKey::from_bytes(&rand::random());
+        &forged
+    } else {
+        key
+    };
+    let file = std::fs::File::create(archive).map_err(guest_err)?;
+    let mut out = std::io::BufWriter::new(file);
+    let parts = [("images", images), ("rootfs", rootfs)];
+    let signed = checkpoint::pack(vm, &parts, &mut out, key).map_err(guest_err)?;
+    out.flush().map_err(guest_err)?;
+    drop(out);
+    if fault == "corrupt" {
+        tracing::warn!("fault injection: corrupting the checkpoint after signing it");
+        corrupt_middle(archive).map_err(guest_err)?;
+    }
+    Ok(signed)
+}
+
+fn corrupt_middle(path: &Path) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let len = std::fs::metadata(path)?.len();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    f.seek(SeekFrom::Start(len / 2))?;
+    let mut b = [0u8; 1];
+    f.read_exact(&mut b)?;
+    f.seek(SeekFrom::Start(len / 2))?;
+    f.write_all(&[b[0] ^ 0x20])
+}
+
+/// What the destination side needs besides the links.
+pub struct DestArgs<'a> {
+    /// The guest process's directory.
+    pub vm_dir: PathBuf,
+    /// The VM.
+    pub vm: &'a str,
+    /// What it runs.
+    pub spec: &'a tern_proto::GuestSpec,
+    /// This host's `[container]`, if it hosts containers.
+    pub host: Option<&'a ContainerHost>,
+    /// The source host's manifest key: only an archive it signed is kept.
+    pub source_key: VerifyingKey,
+    /// Published as it goes.
+    pub progress: watch::Sender<Progress>,
+}
+
+/// Receives a container. Returns it running once committed; an error
+/// carries it only when it was committed and restored here.
+pub async fn destination(
+    args: DestArgs<'_>,
+    mut data: Receiver,
+    replies: Sender,
+    on_commit: CommitHook<'_>,
+) -> Result<ContainerGuest, (MigrateError, Option<ContainerGuest>)> {
+    let compress = match read_start(&mut data).await {
+        Ok(c) => c,
+        Err(e) => return Err((e, None)),
+    };
+    let refuse = match args.host {
+        None => Some("this host runs no containers (no [container] in its config)".to_string()),
+        Some(h) => container::runc(&args.vm_dir, h).err(),
+    };
+    if let Some(reason) = refuse {
+        let _ = replies
+            .send(msg_frame(&RelayDestMsg::Reject {
+                reason: reason.clone(),
+            }))
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), replies.finish()).await;
+        return Err((MigrateError::Rejected(reason), None));
+    }
+    let mut d = Dest {
+        args: &args,
+        compress,
+        replies: &replies,
+    };
+    let res = d.run(&mut data, on_commit).await;
+    if let Err(e) = &res {
+        let reason = e.to_string();
+        let _ = replies
+            .send(msg_frame(&RelayDestMsg::Failed { reason }))
+            .await;
+        let _ = std::fs::remove_dir_all(container::home(&args.vm_dir));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), replies.finish()).await;
+    res.map_err(|e| (e, None))
+}
+
+async fn read_start(data: &mut Receiver) -> Result<Compress, MigrateError> {
+    let (seq, f) = data.recv().await.ok_or(MigrateError::Closed("data"))??;
+    data.ack(seq);
+    match decode::<RelaySourceMsg>(&f)? {
+        Incoming::Msg(RelaySourceMsg::Start { compress, .. }) => Ok(compress),
+        other => Err(MigrateError::Protocol(format!(
+            "expected start, got {other:?}"
+        ))),
+    }
+}
+
+/// One incoming container migration.
+struct Dest<'a> {
+    args: &'a DestArgs<'a>,
+    compress: Compress,
+    replies: &'a Sender,
+}
+
+/// The archive as it arrives.
+struct Landing {
+    signed: SignedCheckpoint,
+    bytes: u64,
+    written: u64,
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Dest<'_> {
+    async fn run(
+        &mut self,
+        data: &mut Receiver,
+        on_commit: CommitHook<'_>,
+    ) -> Result<ContainerGuest, MigrateError> {
+        self.replies.send(msg_frame(&RelayDestMsg::Accept)).await?;
+        let mut landing: Option<Landing> = None;
+        let mut guest: Option<ContainerGuest> = None;
+        loop {
+            let (seq, f) = data.recv().await.ok_or(MigrateError::Closed("data"))??;
+            data.ack(seq);
+            match decode::<RelaySourceMsg>(&f)? {
+                Incoming::Msg(RelaySourceMsg::Checkpoint { manifest, bytes })
+                    if landing.is_none() =>
+                {
+                    landing = Some(self.open(&manifest, bytes)?);
+                }
+                Incoming::Bytes(KIND_STREAM, p) => {
+                    let l = landing.as_mut().ok_or_else(|| {
+                        MigrateError::Protocol("archive bytes before its manifest".into())
+                    })?;
+                    let chunk = self.compress.unpack(&p).map_err(MigrateError::Protocol)?;
+                    l.written += chunk.len() as u64;
+                    if l.written > l.bytes {
+                        return Err(MigrateError::Verification(format!(
+                            "the archive runs past the {} bytes announced",
+                            l.bytes
+                        )));
+                    }
+                    tokio::task::block_in_place(|| l.file.write_all(&chunk)).map_err(guest_err)?;
+                    self.args
+                        .progress
+                        .send_modify(|p| p.wire_bytes += chunk.len() as u64);
+                }
+                Incoming::Msg(RelaySourceMsg::StreamEnd) if guest.is_none() => {
+                    let l = landing.take().ok_or_else(|| {
+                        MigrateError::Protocol("stream end before a checkpoint".into())
+                    })?;
+                    guest = Some(tokio::task::block_in_place(|| self.land(l))?);
+                    self.replies.send(msg_frame(&RelayDestMsg::Loaded)).await?;
+                }
+                Incoming::Msg(RelaySourceMsg::Commit { last_tick }) => {
+                    let mut g = guest.take().ok_or_else(|| {
+                        MigrateError::Protocol("commit before the checkpoint landed".into())
+                    })?;
+                    on_commit().map_err(MigrateError::CommitRecord)?;
+                    tokio::task::block_in_place(|| g.restore()).map_err(guest_err)?;
+                    self.args
+                        .progress
+                        .send_modify(|p| p.phase = MigrationPhase::Committed);
+                    self.replies.send(msg_frame(&RelayDestMsg::Running)).await?;
+                    let (ok, detail) = verify(&g, last_tick.unwrap_or(0)).await;
+                    if !ok {
+                        tracing::error!(detail, "the restored container's check failed");
+                    }
+                    let _ = self
+                        .replies
+                        .send(msg_frame(&RelayDestMsg::Verified { ok, detail }))
+                        .await;
+                    return Ok(g);
+                }
+                Incoming::Msg(RelaySourceMsg::Abort { reason }) => {
+                    return Err(MigrateError::Aborted(reason))
+                }
+                other => {
+                    return Err(MigrateError::Protocol(format!(
+                        "unexpected {other:?} in a container migration"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Checks the manifest's signer and size before anything is kept.
+    fn open(&self, manifest: &str, bytes: u64) -> Result<Landing, MigrateError> {
+        if manifest.len() > MAX_MANIFEST {
+            return Err(MigrateError::Verification(
+                "the manifest is too large".into(),
+            ));
+        }
+        let signed: SignedCheckpoint = serde_json::from_str(manifest)
+            .map_err(|e| MigrateError::Protocol(format!("bad checkpoint manifest: {e}")))?;
+        signed
+            .verify(&self.args.source_key)
+            .map_err(|e| MigrateError::Verification(e.to_string()))?;
+        let max = (self.args.spec.memory_mib << 20) + (4 << 30);
+        if bytes > max {
+            return Err(MigrateError::Verification(format!(
+                "a checkpoint of {bytes} bytes is more than a container of {} MiB needs",
+                self.args.spec.memory_mib
+            )));
+        }
+        let home = container::home(&self.args.vm_dir);
+        let _ = std::fs::remove_dir_all(&home);
+        std::fs::create_dir_all(&home).map_err(guest_err)?;
+        let path = home.join("incoming.tar");
+        let file = std::fs::File::create(&path).map_err(guest_err)?;
+        Ok(Landing {
+            signed,
+            bytes,
+            written: 0,
+            file,
+            path,
+        })
+    }
+
+    /// Unpacks the whole archive (every entry checked) into the bundle.
+    fn land(&self, l: Landing) -> Result<ContainerGuest, MigrateError> {
+        if l.written != l.bytes {
+            return Err(MigrateError::Verification(format!(
+                "the archive ended at {} of {} bytes",
+                l.written, l.bytes
+            )));
+        }
+        drop(l.file);
+        let file = std::fs::File::open(&l.path).map_err(guest_err)?;
+        let dest = container::bundle_dir(&self.args.vm_dir);
+        checkpoint::unpack(
+            std::io::BufReader::new(file),
+            &l.signed,
+            &self.args.source_key,
+            &dest,
+        )
+        .map_err(|e| MigrateError::Verification(e.to_string()))?;
+        let _ = std::fs::remove_file(&l.path);
+        let host = self.args.host.expect("checked at start");
+        ContainerGuest::landed(&self.args.vm_dir, self.args.vm, self.args.spec, host)
+            .map_err(guest_err)
+    }
+}
+
+/// Whether the restored workload carries on from `last_tick` with its
+/// continuity intact.
+async fn verify(g: &ContainerGuest, last_tick: u64) -> (bool, String) {
+    let t = Instant::now();
+    loop {
+        if let Some(why) = g.broken() {
+            return (false, format!("the workload broke: {}", why.trim()));
+        }
+        let n = g.counter();
+        if n > last_tick {
+            return (true, format!("counter {last_tick} -> {n}"));
+        }
+        if t.elapsed() > VERIFY_WAIT {
+            return (
+                false,
+                format!("the counter stayed at {n} (the source stopped at {last_tick})"),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

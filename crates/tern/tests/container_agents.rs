@@ -1,0 +1,199 @@
+//! End to end with containers: tern's counter workload under runc, moved
+//! between two `tern agent` processes as a CRIU checkpoint in one signed
+//! archive (CRIU 4.2, built by scripts/criu-setup.sh; the rootfs from
+//! scripts/workload-rootfs.sh).
+//!
+//! Skipped when not root, or without a working CRIU or the rootfs, unless
+//! `TERN_REQUIRE_CRIU=1` (CI).
+
+mod common;
+
+use common::{mode_to, wait_end, AgentProc};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tern_agent::{AgentClient, MigrationPhase};
+use tern_proto::{GuestKind, GuestSpec, GuestStatus, VmId};
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn containers_or_skip() -> bool {
+    let rootfs = std::env::var("TERN_WORKLOAD_ROOTFS")
+        .unwrap_or_else(|_| "/var/cache/tern/workload/rootfs.tar".into());
+    let why = if !rustix::process::geteuid().is_root() {
+        Some("not root".to_string())
+    } else if !Path::new(&rootfs).exists() {
+        Some(format!("{rootfs} missing (scripts/workload-rootfs.sh)"))
+    } else {
+        tern_drivers::runc::Criu::locate(std::env::var_os("TERN_CRIU").as_deref().map(Path::new))
+            .err()
+            .map(|e| e.to_string())
+    };
+    match why {
+        None => {
+            // The test bed's hosts take their [container] from these.
+            std::env::set_var("TERN_WORKLOAD_ROOTFS", &rootfs);
+            true
+        }
+        Some(why) if std::env::var("TERN_REQUIRE_CRIU").as_deref() == Ok("1") => {
+            panic!("TERN_REQUIRE_CRIU=1 but {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+fn container() -> GuestSpec {
+    GuestSpec {
+        kind: GuestKind::Container,
+        memory_mib: 64,
+        ws_mib: 8,
+        dirty_mib_per_sec: 4,
+        ..Default::default()
+    }
+}
+
+/// The container runs on `c` at `epoch`: its counter passes `beyond` and
+/// the workload's own continuity check holds. Returns the counter.
+async fn runs_beyond(c: &AgentClient, vm: &VmId, epoch: u64, beyond: u64) -> u64 {
+    let t = Instant::now();
+    loop {
+        let v = c.vm(vm).await.unwrap();
+        assert_eq!(v.status, GuestStatus::Running, "{v:?}");
+        assert_eq!(v.epoch, epoch, "{v:?}");
+        assert_ne!(v.checksum_ok, Some(false), "the workload broke: {v:?}");
+        let n = v.counter.unwrap_or(0);
+        if n > beyond + 3 {
+            return n;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "not counting: {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Bed {
+    a: AgentProc,
+    b: AgentProc,
+    hosts: Vec<tern_testbed::LocalHost>,
+    _dir: tempfile::TempDir,
+}
+
+fn bed(source_env: &[(&str, &str)]) -> Bed {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = common::loopback_pair(dir.path());
+    let a = AgentProc::start_env(&hosts[0], source_env);
+    let b = AgentProc::start(&hosts[1], None);
+    Bed {
+        a,
+        b,
+        hosts,
+        _dir: dir,
+    }
+}
+
+/// No runc container of `vm` is left under `data_dir`'s VM directories
+/// but those of running guests.
+fn container_dirs(data_dir: &Path, vm: &VmId) -> usize {
+    let Ok(list) = std::fs::read_dir(data_dir.join("vms")) else {
+        return 0;
+    };
+    list.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&vm.to_string()))
+        .filter(|e| e.path().join("container").exists())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: containers checkpointed by CRIU between two agent processes"]
+async fn a_container_migrates_between_agents_and_back_and_keeps_counting() {
+    if !containers_or_skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let bed = bed(&[]);
+    let (ca, cb) = (bed.a.client(), bed.b.client());
+    let vm = ca.create_vm(&container()).await.unwrap();
+    let before = runs_beyond(&ca, &vm.id, 1, 0).await;
+
+    let m = ca
+        .migrate(&vm.id, &mode_to("host-b", "precopy"))
+        .await
+        .unwrap();
+    let done = wait_end(&ca, &m.id, Duration::from_secs(120)).await;
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
+    let r = done.report.as_ref().unwrap();
+    eprintln!(
+        "container a -> b: downtime {:.1} ms (dump {:.1}, send {:.1}, load {:.1}, commit record {:.1}, restore {:.1}), total {:.1} ms, archive {} bytes, {} on the wire",
+        r.downtime_ms,
+        r.switchover.pause_ms,
+        r.switchover.send_ms,
+        r.switchover.ready_ms,
+        r.switchover.commit_record_ms,
+        r.switchover.running_ms,
+        r.total_ms,
+        r.memory_bytes,
+        r.wire_bytes
+    );
+    assert!(r.downtime_ms > 0.0 && r.wire_bytes > 0, "{r:?}");
+    let after = runs_beyond(&cb, &vm.id, 2, before).await;
+    let gone = ca.vm(&vm.id).await.unwrap();
+    assert_eq!(gone.status, GuestStatus::MovedAway, "{gone:?}");
+    assert_eq!(
+        cb.migration(&m.id).await.unwrap().state,
+        MigrationPhase::Committed
+    );
+    assert_eq!(
+        container_dirs(&bed.hosts[0].data_dir, &vm.id),
+        0,
+        "the source kept its container's files"
+    );
+
+    // And back: the same container, on from where it was.
+    let m = cb
+        .migrate(&vm.id, &mode_to("host-a", "precopy"))
+        .await
+        .unwrap();
+    let done = wait_end(&cb, &m.id, Duration::from_secs(120)).await;
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
+    runs_beyond(&ca, &vm.id, 3, after).await;
+    ca.stop_vm(&vm.id).await.unwrap();
+}
+
+/// A checkpoint the destination cannot trust is refused before it is
+/// restored, and the source runs its container on, at the same epoch.
+async fn refused_and_source_runs_on(fault: &str, says: &str) {
+    let bed = bed(&[("TERN_FAULT_CHECKPOINT", fault)]);
+    let (ca, cb) = (bed.a.client(), bed.b.client());
+    let vm = ca.create_vm(&container()).await.unwrap();
+    let before = runs_beyond(&ca, &vm.id, 1, 0).await;
+    let m = ca
+        .migrate(&vm.id, &mode_to("host-b", "precopy"))
+        .await
+        .unwrap();
+    let done = wait_end(&ca, &m.id, Duration::from_secs(120)).await;
+    assert_eq!(done.state, MigrationPhase::RolledBack, "{done:?}");
+    let error = done.error.clone().unwrap_or_default();
+    assert!(error.contains(says), "{fault}: {error}");
+    eprintln!("{fault}: refused: {error}");
+    runs_beyond(&ca, &vm.id, 1, before).await;
+    let there = cb.vm(&vm.id).await;
+    assert!(
+        there
+            .as_ref()
+            .map_or(true, |v| v.status != GuestStatus::Running),
+        "{there:?}"
+    );
+    assert_eq!(container_dirs(&bed.hosts[1].data_dir, &vm.id), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: containers checkpointed by CRIU between two agent processes"]
+async fn a_forged_or_corrupted_checkpoint_is_refused_and_the_source_runs_on() {
+    if !containers_or_skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    refused_and_source_runs_on("forge", "signature").await;
+    refused_and_source_runs_on("corrupt", "").await;
+}
