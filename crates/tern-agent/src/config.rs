@@ -187,6 +187,12 @@ pub struct ContainerHost {
     /// cached build of `scripts/criu-setup.sh`).
     #[serde(default)]
     pub criu: Option<PathBuf>,
+    /// The interface neighbours reach this host on: the host answers ARP
+    /// there for its containers' addresses and announces one that arrives
+    /// (gratuitous ARP with `arping`). None: addresses are routed here
+    /// by the operator's own means.
+    #[serde(default)]
+    pub uplink: Option<String>,
 }
 
 fn default_api() -> SocketAddr {
@@ -281,6 +287,18 @@ impl AgentConfig {
             return bad("jail", e);
         }
         if let Some(c) = &self.container {
+            let bad_if = |i: &String| {
+                i.is_empty()
+                    || i == "."
+                    || i == ".."
+                    || i.len() > 15
+                    || !i
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            };
+            if c.uplink.as_ref().is_some_and(bad_if) {
+                return bad("container", "uplink must be an interface name".into());
+            }
             if !c.rootfs.is_absolute() || c.criu.as_ref().is_some_and(|p| !p.is_absolute()) {
                 return bad("container", "rootfs and criu must be absolute paths".into());
             }

@@ -10,6 +10,7 @@
 //! reports as the guest's progress and check.
 
 use crate::config::ContainerHost;
+use crate::container_net::ContainerNet;
 use std::path::{Path, PathBuf};
 use tern_drivers::runc::{Bundle, BundleSpec, CheckpointOptions, Criu, Runc};
 use tern_proto::GuestSpec;
@@ -24,6 +25,8 @@ pub struct ContainerGuest {
     /// Set while it is dumped for a migration: the images it is restored
     /// from here if the migration does not commit.
     dumped: Option<PathBuf>,
+    /// Its namespace and address, when it has one.
+    net: Option<ContainerNet>,
 }
 
 /// The directory of a VM's container files.
@@ -58,11 +61,31 @@ fn args(spec: &GuestSpec) -> Vec<String> {
     a
 }
 
-fn bundle_spec(spec: &GuestSpec) -> BundleSpec {
+fn bundle_spec(spec: &GuestSpec, net: Option<&ContainerNet>) -> BundleSpec {
     BundleSpec {
         args: args(spec),
         memory_mib: u32::try_from(spec.memory_mib).unwrap_or(u32::MAX),
-        netns: None,
+        netns: net.map(ContainerNet::path),
+    }
+}
+
+/// Who a container is on this host: its VM, the host's name (namespaces
+/// are per host, so two agents on one machine never share one) and the
+/// host's `[container]`.
+pub struct Placement<'a> {
+    /// The VM.
+    pub vm: &'a str,
+    /// This host's name.
+    pub host_name: &'a str,
+    /// This host's `[container]`.
+    pub host: &'a ContainerHost,
+}
+
+impl Placement<'_> {
+    fn net(&self, spec: &GuestSpec) -> Result<Option<ContainerNet>, String> {
+        spec.address
+            .map(|a| ContainerNet::create(self.host_name, self.vm, a, self.host.uplink.as_deref()))
+            .transpose()
     }
 }
 
@@ -76,46 +99,58 @@ pub fn runc(vm_dir: &Path, host: &ContainerHost) -> Result<Runc, String> {
 
 impl ContainerGuest {
     /// Starts the workload of `spec` from the host's rootfs (blocking).
-    pub fn boot(
-        vm_dir: &Path,
-        vm: &str,
-        spec: &GuestSpec,
-        host: Option<&ContainerHost>,
-    ) -> Result<Self, String> {
-        let host = host.ok_or("this agent hosts no containers (add [container] to its config)")?;
-        let runc = runc(vm_dir, host)?;
-        let bundle = Bundle::create(&bundle_dir(vm_dir), &host.rootfs, &bundle_spec(spec))
-            .map_err(|e| e.to_string())?;
-        let id = container_id(vm);
-        runc.run(&id, &bundle).map_err(|e| e.to_string())?;
-        let g = Self {
+    pub fn boot(vm_dir: &Path, at: &Placement<'_>, spec: &GuestSpec) -> Result<Self, String> {
+        let runc = runc(vm_dir, at.host)?;
+        let net = at.net(spec)?;
+        let mut g = Self {
             runc,
-            id,
-            bundle,
+            id: container_id(at.vm),
+            bundle: Bundle::at(&bundle_dir(vm_dir)),
             home: home(vm_dir),
             dumped: None,
+            net,
         };
-        g.wait_counting(std::time::Duration::from_secs(20))?;
+        let started = Bundle::create(
+            &bundle_dir(vm_dir),
+            &at.host.rootfs,
+            &bundle_spec(spec, g.net.as_ref()),
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|b| {
+            g.bundle = b;
+            g.runc.run(&g.id, &g.bundle).map_err(|e| e.to_string())
+        })
+        .and_then(|()| g.net.as_ref().map_or(Ok(()), ContainerNet::route))
+        .and_then(|()| g.wait_counting(std::time::Duration::from_secs(20)));
+        if let Err(e) = started {
+            g.discard();
+            return Err(e);
+        }
         Ok(g)
     }
 
     /// The container of a checkpoint unpacked into [`bundle_dir`], not yet
     /// restored (blocking).
-    pub fn landed(
-        vm_dir: &Path,
-        vm: &str,
-        spec: &GuestSpec,
-        host: &ContainerHost,
-    ) -> Result<Self, String> {
-        let runc = runc(vm_dir, host)?;
+    pub fn landed(vm_dir: &Path, at: &Placement<'_>, spec: &GuestSpec) -> Result<Self, String> {
+        let runc = runc(vm_dir, at.host)?;
         let dir = bundle_dir(vm_dir);
-        let bundle = Bundle::around_rootfs(&dir, &bundle_spec(spec)).map_err(|e| e.to_string())?;
+        let net = at.net(spec)?;
+        let bundle = match Bundle::around_rootfs(&dir, &bundle_spec(spec, net.as_ref())) {
+            Ok(b) => b,
+            Err(e) => {
+                if let Some(n) = &net {
+                    n.remove();
+                }
+                return Err(e.to_string());
+            }
+        };
         Ok(Self {
             runc,
-            id: container_id(vm),
+            id: container_id(at.vm),
             bundle,
             home: home(vm_dir),
             dumped: Some(dir.join("images")),
+            net,
         })
     }
 
@@ -199,6 +234,10 @@ impl ContainerGuest {
             .restore(&self.id, &self.bundle, &images, &work, true)
             .map_err(|e| e.to_string())?;
         self.dumped = None;
+        if let Some(n) = &self.net {
+            n.route()?;
+            n.announce();
+        }
         Ok(())
     }
 
@@ -219,9 +258,13 @@ impl ContainerGuest {
         }
     }
 
-    /// Ends it and removes its files: it runs on another host now.
+    /// Ends it and removes its files and its namespace: it runs on
+    /// another host now (or never ran here).
     pub fn discard(&mut self) {
         self.stop();
+        if let Some(n) = &self.net {
+            n.remove();
+        }
         let _ = std::fs::remove_dir_all(&self.home);
     }
 }

@@ -381,6 +381,8 @@ pub struct DestArgs<'a> {
     pub spec: &'a tern_proto::GuestSpec,
     /// This host's `[container]`, if it hosts containers.
     pub host: Option<&'a ContainerHost>,
+    /// This host's name.
+    pub host_name: &'a str,
     /// The source host's manifest key: only an archive it signed is kept.
     pub source_key: VerifyingKey,
     /// Published as it goes.
@@ -582,9 +584,12 @@ impl Dest<'_> {
         )
         .map_err(|e| MigrateError::Verification(e.to_string()))?;
         let _ = std::fs::remove_file(&l.path);
-        let host = self.args.host.expect("checked at start");
-        ContainerGuest::landed(&self.args.vm_dir, self.args.vm, self.args.spec, host)
-            .map_err(guest_err)
+        let at = container::Placement {
+            vm: self.args.vm,
+            host_name: self.args.host_name,
+            host: self.args.host.expect("checked at start"),
+        };
+        ContainerGuest::landed(&self.args.vm_dir, &at, self.args.spec).map_err(guest_err)
     }
 }
 

@@ -52,6 +52,7 @@ impl HostPlan {
                 crate::config::ContainerHost {
                     rootfs: PathBuf::from(r),
                     criu: std::env::var_os("TERN_CRIU").map(PathBuf::from),
+                    uplink: None,
                 }
             }),
         })

@@ -14,6 +14,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod container;
+pub mod container_net;
 pub mod container_relay;
 pub mod control;
 pub mod guestproc;

@@ -192,6 +192,13 @@ impl Bundle {
         })
     }
 
+    /// The bundle in `dir`, as it is (nothing is read or written).
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
     /// The bundle directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -53,6 +53,9 @@ pub struct GuestSpec {
     pub ws_mib: u64,
     /// Containers: the TCP port the counter answers on (0: none).
     pub listen_port: u16,
+    /// Containers: an IPv4 address the container keeps wherever it runs
+    /// (its host answers for it on its uplink); none: no network.
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for GuestSpec {
@@ -67,6 +70,7 @@ impl Default for GuestSpec {
             ticks_per_sum: 16,
             ws_mib: 16,
             listen_port: 0,
+            address: None,
         }
     }
 }
@@ -101,6 +105,14 @@ impl GuestSpec {
             return Err(format!(
                 "a container needs memory_mib >= 16 and ws_mib in 0..={half_mib}"
             ));
+        }
+        if let Some(a) = self.address {
+            if self.kind != GuestKind::Container {
+                return Err("only containers take an address".into());
+            }
+            if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
+                return Err(format!("address {a} cannot be a container's own"));
+            }
         }
         if self.vcpus == 0 || self.vcpus > 8 {
             return Err(format!("vcpus {} must be in 1..=8", self.vcpus));

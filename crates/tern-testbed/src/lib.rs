@@ -36,9 +36,11 @@ impl AgentProcess {
         env: &[(&str, &str)],
     ) -> std::io::Result<Self> {
         let mut cmd = match netns {
+            // Only the network namespace changes (`ip netns exec` would
+            // also remount /sys, hiding the cgroup mounts runc needs).
             Some(ns) => {
-                let mut c = std::process::Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin);
+                let mut c = std::process::Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg(bin);
                 c
             }
             None => std::process::Command::new(bin),

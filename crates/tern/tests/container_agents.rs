@@ -197,3 +197,130 @@ async fn a_forged_or_corrupted_checkpoint_is_refused_and_the_source_runs_on() {
     refused_and_source_runs_on("forge", "signature").await;
     refused_and_source_runs_on("corrupt", "").await;
 }
+
+/// A client outside both hosts that keeps one connection to the container
+/// and asks for the count every 10 ms: every answer, in order.
+struct Client {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<(Duration, u64)>, String>>,
+}
+
+impl Client {
+    fn start(addr: std::net::SocketAddr) -> (Client, std::net::SocketAddr) {
+        use std::io::{BufRead, Write};
+        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        let local = s.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // A request may wait out the downtime and the address's move,
+            // never fail.
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(s);
+            let t0 = Instant::now();
+            let mut seen = Vec::new();
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                let asked = Instant::now();
+                w.write_all(b"?\n").map_err(|e| format!("write: {e}"))?;
+                let mut line = String::new();
+                let n = r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+                if n == 0 {
+                    return Err(format!(
+                        "the connection closed after {} answers",
+                        seen.len()
+                    ));
+                }
+                let count = line
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("answer {line:?}"))?;
+                seen.push((asked.duration_since(t0), count));
+                std::thread::sleep(Duration::from_millis(10).saturating_sub(asked.elapsed()));
+            }
+            Ok(seen)
+        });
+        (Client { stop, thread }, local)
+    }
+
+    fn finish(self) -> Vec<(Duration, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap().unwrap()
+    }
+}
+
+/// Two agents, each in a network namespace on one bridge (the root
+/// namespace, where the client is, holds the bridge's `.1`), with the
+/// container's address `.100` of the same subnet: whichever host runs it
+/// answers for it.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: containers checkpointed by CRIU between two agent processes"]
+async fn a_clients_tcp_connection_follows_the_container_to_its_new_host() {
+    if !containers_or_skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(ns) = tern_testkit::netns::Netns::create("ctm", 234, 2) else {
+        panic!("cannot make network namespaces as root");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut plans = Vec::new();
+    for (i, name) in ["host-a", "host-b"].into_iter().enumerate() {
+        let mut p = tern_testbed::HostPlan::new(name, ns.ips[i]).unwrap();
+        if let Some(c) = p.container.as_mut() {
+            c.uplink = Some("eth0".into());
+        }
+        plans.push(p);
+    }
+    let hosts = tern_testbed::write(dir.path(), &plans).unwrap();
+    let a = AgentProc::start(&hosts[0], Some(&ns.names[0]));
+    let b = AgentProc::start(&hosts[1], Some(&ns.names[1]));
+    let (ca, cb) = (a.client(), b.client());
+    let address = std::net::Ipv4Addr::new(10, 234, 0, 100);
+    let spec = GuestSpec {
+        listen_port: 7000,
+        address: Some(address),
+        ..container()
+    };
+    let vm = ca.create_vm(&spec).await.unwrap();
+    runs_beyond(&ca, &vm.id, 1, 0).await;
+
+    let (client, local) = Client::start((address, 7000).into());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m = ca
+        .migrate(&vm.id, &mode_to("host-b", "precopy"))
+        .await
+        .unwrap();
+    let done = wait_end(&ca, &m.id, Duration::from_secs(120)).await;
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
+    let moved = runs_beyond(&cb, &vm.id, 2, 0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = client.finish();
+
+    let r = done.report.unwrap();
+    let longest = seen
+        .windows(2)
+        .map(|w| w[1].0.saturating_sub(w[0].0))
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{} answers over one connection ({local}); longest wait {:.0} ms; downtime {:.1} ms",
+        seen.len(),
+        longest.as_secs_f64() * 1e3,
+        r.downtime_ms
+    );
+    assert!(
+        seen.windows(2).all(|w| w[1].1 >= w[0].1),
+        "the count went back"
+    );
+    let last = seen.last().unwrap().1;
+    assert!(
+        last >= moved.saturating_sub(5),
+        "answers stopped at {last}, the container is at {moved}"
+    );
+    assert!(seen.len() > 100, "{} answers", seen.len());
+    ca.vm(&vm.id)
+        .await
+        .map(|v| assert_eq!(v.status, GuestStatus::MovedAway))
+        .unwrap();
+}

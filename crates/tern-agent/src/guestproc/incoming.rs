@@ -178,6 +178,7 @@ async fn receive(
             vm: &p.launch.vm,
             spec: &spec,
             host: p.cfg().container.as_ref(),
+            host_name: &p.cfg().name,
             source_key,
             progress: progress.clone(),
         };

@@ -94,13 +94,16 @@ async fn boot(p: Arc<Proc>) {
     } else if spec.kind == GuestKind::Container {
         let p2 = p.clone();
         tokio::task::spawn_blocking(move || {
-            crate::container::ContainerGuest::boot(
-                &p2.dir.0,
-                &p2.launch.vm,
-                &p2.launch.spec,
-                p2.cfg().container.as_ref(),
-            )
-            .map(Hosted::Container)
+            let host = p2.cfg().container.as_ref().ok_or(
+                "this agent hosts no containers (add [container] to its config)".to_string(),
+            )?;
+            let at = crate::container::Placement {
+                vm: &p2.launch.vm,
+                host_name: &p2.cfg().name,
+                host,
+            };
+            crate::container::ContainerGuest::boot(&p2.dir.0, &at, &p2.launch.spec)
+                .map(Hosted::Container)
         })
         .await
         .map_err(|e| e.to_string())
