@@ -36,6 +36,8 @@ TERN_CRIU=$(bash scripts/criu-setup.sh)
 TERN_WORKLOAD_ROOTFS=$(bash scripts/workload-rootfs.sh)
 export TERN_CRIU TERN_WORKLOAD_ROOTFS
 export TERN_REQUIRE_CRIU=1   # the checkpoint/restore tests must not skip here
+# A container's new host announces its address with gratuitous ARP.
+command -v arping >/dev/null || { apt-get update -qq && apt-get install -y -qq iputils-arping >/dev/null; }
 
 echo "== fmt"
 cargo fmt --all -- --check

@@ -82,10 +82,42 @@ pub struct Placement<'a> {
 }
 
 impl Placement<'_> {
-    fn net(&self, spec: &GuestSpec) -> Result<Option<ContainerNet>, String> {
-        spec.address
-            .map(|a| ContainerNet::create(self.host_name, self.vm, a, self.host.uplink.as_deref()))
-            .transpose()
+    fn net(&self, vm_dir: &Path, spec: &GuestSpec) -> Result<Option<ContainerNet>, String> {
+        let Some(a) = spec.address else {
+            return Ok(None);
+        };
+        let net = ContainerNet::create(self.host_name, self.vm, a, self.host.uplink.as_deref())?;
+        let file = home(vm_dir).join("net");
+        if let Err(e) = std::fs::write(&file, net.record()) {
+            net.remove();
+            return Err(format!("{}: {e}", file.display()));
+        }
+        Ok(Some(net))
+    }
+}
+
+/// Ends whatever container and namespace a VM directory still holds: a
+/// guest process that died (killed, crashed) leaves its container running
+/// under runc, which must not run on as a copy nobody owns. Idempotent;
+/// a directory without a container is left alone.
+pub fn reap(vm_dir: &Path) {
+    let home = home(vm_dir);
+    let root = home.join("runc");
+    if let Ok(list) = std::fs::read_dir(&root) {
+        for e in list.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let _ = std::process::Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["delete", "--force", &id])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    if let Ok(record) = std::fs::read_to_string(home.join("net")) {
+        ContainerNet::remove_named(&record);
     }
 }
 
@@ -101,7 +133,7 @@ impl ContainerGuest {
     /// Starts the workload of `spec` from the host's rootfs (blocking).
     pub fn boot(vm_dir: &Path, at: &Placement<'_>, spec: &GuestSpec) -> Result<Self, String> {
         let runc = runc(vm_dir, at.host)?;
-        let net = at.net(spec)?;
+        let net = at.net(vm_dir, spec)?;
         let mut g = Self {
             runc,
             id: container_id(at.vm),
@@ -134,7 +166,7 @@ impl ContainerGuest {
     pub fn landed(vm_dir: &Path, at: &Placement<'_>, spec: &GuestSpec) -> Result<Self, String> {
         let runc = runc(vm_dir, at.host)?;
         let dir = bundle_dir(vm_dir);
-        let net = at.net(spec)?;
+        let net = at.net(vm_dir, spec)?;
         let bundle = match Bundle::around_rootfs(&dir, &bundle_spec(spec, net.as_ref())) {
             Ok(b) => b,
             Err(e) => {

@@ -89,6 +89,21 @@ impl ContainerNet {
         Ok(net)
     }
 
+    /// Its names, as [`ContainerNet::remove_named`] takes them (kept in the
+    /// VM's directory, so a guest process that died can be cleaned up after).
+    pub fn record(&self) -> String {
+        format!("{} {}", self.ns, self.host_if)
+    }
+
+    /// Removes a namespace and link [`ContainerNet::record`] named.
+    pub fn remove_named(record: &str) {
+        let mut it = record.split_whitespace();
+        if let (Some(ns), Some(hif)) = (it.next(), it.next()) {
+            let _ = sh(&["ip", "netns", "del", ns]);
+            let _ = sh(&["ip", "link", "del", hif]);
+        }
+    }
+
     fn build(&self) -> Result<(), String> {
         let (ns, hif) = (self.ns.as_str(), self.host_if.as_str());
         let addr = format!("{}/32", self.addr);

@@ -19,8 +19,9 @@
 //! Before `Commit` any failure (a refused archive, a broken link, a
 //! destination that cannot take it) restores the container on the source
 //! from its own images. A destination whose restore fails after `Commit`
-//! journals the guest discarded before it says `Failed`, and the source
-//! restores its own: one copy runs either way. The CRIU images carry the
+//! runs nothing (CRIU ends what it half restored, and the container is
+//! reaped) before it says `Failed`, and the source restores its own: one
+//! copy runs either way. The CRIU images carry the
 //! container's memory, open files, pipes, shared memory and established
 //! TCP connections (`--tcp-established`).
 
@@ -197,7 +198,7 @@ impl Source {
         match next_reply(replies, LOAD_WAIT, "the destination to run the container").await? {
             RelayDestMsg::Running => {}
             RelayDestMsg::Failed { reason } => {
-                // It journaled the guest discarded before saying so.
+                // Nothing runs there: it reaped its container before saying so.
                 self.committed = false;
                 return Err(self.restore_after(guest, MigrateError::DestinationFailed(reason)));
             }
@@ -425,6 +426,7 @@ pub async fn destination(
         let _ = replies
             .send(msg_frame(&RelayDestMsg::Failed { reason }))
             .await;
+        tokio::task::block_in_place(|| container::reap(&args.vm_dir));
         let _ = std::fs::remove_dir_all(container::home(&args.vm_dir));
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), replies.finish()).await;

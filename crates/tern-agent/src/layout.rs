@@ -291,6 +291,12 @@ pub fn kill_guests(data_dir: &Path) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
+    // Containers run under runc, beside their guest process: end them too.
+    if let Ok(list) = std::fs::read_dir(data_dir.join("vms")) {
+        for d in list.flatten() {
+            crate::container::reap(&d.path());
+        }
+    }
 }
 
 /// The live guest processes under `data_dir`.

@@ -324,3 +324,50 @@ async fn a_clients_tcp_connection_follows_the_container_to_its_new_host() {
         .map(|v| assert_eq!(v.status, GuestStatus::MovedAway))
         .unwrap();
 }
+
+/// A guest process killed outright leaves its container under runc; the
+/// agent reports the guest lost and ends the container, so no copy runs
+/// on that nobody owns.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: containers under runc in an agent process"]
+async fn a_container_whose_guest_process_dies_is_lost_and_ended() {
+    if !containers_or_skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let bed = bed(&[]);
+    let ca = bed.a.client();
+    let vm = ca.create_vm(&container()).await.unwrap();
+    runs_beyond(&ca, &vm.id, 1, 0).await;
+    let pids = tern_testbed::guest_pids(&bed.hosts[0].data_dir);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let pid = rustix::process::Pid::from_raw(pids[0]).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    let t = Instant::now();
+    while !tern_testbed::guest_pids(&bed.hosts[0].data_dir).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the guest process lives on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = ca.vm(&vm.id).await.unwrap();
+    assert_eq!(v.status, GuestStatus::Lost, "{v:?}");
+    let root = bed.hosts[0]
+        .data_dir
+        .join("vms")
+        .join(vm.id.to_string())
+        .join("container/runc");
+    assert!(root.is_dir(), "{} missing", root.display());
+    let state = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&root)
+        .args(["state", &format!("tern-{}", vm.id)])
+        .output()
+        .unwrap();
+    assert!(
+        !state.status.success(),
+        "the container still runs: {}",
+        String::from_utf8_lossy(&state.stdout)
+    );
+}

@@ -289,6 +289,12 @@ pub(super) async fn view(id: &str, e: &VmEntry) -> Result<VmView, AgentError> {
                 GuestStatus::Lost
             };
             if v.status == GuestStatus::Lost {
+                // A container outlives a guest process that was killed:
+                // it must not run on as a copy nobody owns.
+                if e.dir.live_pid().is_none() {
+                    let dir = e.dir.0.clone();
+                    let _ = tokio::task::spawn_blocking(move || crate::container::reap(&dir)).await;
+                }
                 v.detail = Some(if why.is_empty() {
                     "its guest process ended".into()
                 } else {
