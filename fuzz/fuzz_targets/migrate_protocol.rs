@@ -1,7 +1,8 @@
 //! Every decoder of the migration protocol on arbitrary bytes, as a peer agent
 //! could send them: the kind-byte framing, the JSON control messages of a
 //! native migration (both directions, the session hello, signed manifests and
-//! stale-page runs) and of a relayed one (QEMU's stream), and the bounded
+//! stale-page runs) and of a relayed one (QEMU's stream, a container
+//! checkpoint's signed manifest), and the bounded
 //! unpacking of relayed chunks. Refusing is fine; panicking, accepting a
 //! forged manifest, or expanding a chunk past its bound is not.
 #![no_main]
@@ -20,6 +21,16 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(out) = c.unpack(&p) {
                 assert!(c == Compress::None || out.len() <= CHUNK, "{c:?} expanded past CHUNK");
             }
+        }
+    }
+    if let Ok(Incoming::Msg(RelaySourceMsg::Checkpoint { manifest, .. })) =
+        decode::<RelaySourceMsg>(&frame)
+    {
+        // A container checkpoint's manifest: nobody without the key signs.
+        if let Ok(signed) =
+            serde_json::from_str::<tern_drivers::checkpoint::SignedCheckpoint>(&manifest)
+        {
+            assert!(signed.verify(&key).is_err(), "forged checkpoint verified");
         }
     }
     let _ = decode::<RelayDestMsg>(&frame);
