@@ -2,6 +2,7 @@
 //! machine. A development binary (it carries the link emulator), never
 //! part of the shipped `tern`.
 
+mod containerbench;
 mod jailbench;
 mod qemubench;
 
@@ -26,11 +27,15 @@ enum Cmd {
     /// Test guests started and migrated by plain and jailed agents, in
     /// turns; prints medians and the jail's ratios.
     Jail(jailbench::JailBenchArgs),
+    /// A container moved by tern between two agents against a plain CRIU
+    /// dump + copy + restore of the same workload; prints both and the ratio.
+    MigrateContainer(containerbench::ContainerBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::MigrateQemu(a) => qemubench::run(a),
         Cmd::Jail(a) => jailbench::run(a),
+        Cmd::MigrateContainer(a) => containerbench::run(a),
     }
 }
