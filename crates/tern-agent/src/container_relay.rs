@@ -163,9 +163,7 @@ impl Source {
         let last_tick = guest.counter();
         self.report.switchover.pause_ms = ms(frozen);
         let sent = Instant::now();
-        let res = self
-            .send_checkpoint(a, guest, data, replies, &scratch, &images)
-            .await;
+        let res = self.send_checkpoint(a, guest, data, replies, &images).await;
         if let Err(e) = res {
             return Err(self.restore_after(guest, e));
         }
@@ -225,59 +223,78 @@ impl Source {
         Ok(fault)
     }
 
-    /// Packs the dumped images and rootfs and sends them.
+    /// Sends the signed manifest of the dumped images and rootfs, then the
+    /// archive itself, written straight into the session (no file between).
     async fn send_checkpoint(
         &mut self,
         a: &SourceArgs<'_>,
         guest: &ContainerGuest,
         data: &Sender,
         replies: &mut Receiver,
-        scratch: &Path,
         images: &Path,
     ) -> Result<(), MigrateError> {
-        let archive = scratch.join("checkpoint.tar");
-        let rootfs = guest.rootfs();
-        let signed = tokio::task::block_in_place(|| pack(a.vm, images, &rootfs, &archive, a.key))?;
-        let bytes = std::fs::metadata(&archive).map_err(guest_err)?.len();
+        let parts = [images.to_path_buf(), guest.rootfs()];
+        let manifest = tokio::task::block_in_place(|| {
+            checkpoint::manifest(a.vm, &[("images", &parts[0]), ("rootfs", &parts[1])])
+        })
+        .map_err(guest_err)?;
+        let bytes = checkpoint::archive_bound(&manifest);
+        let fault = Fault::from_env();
+        let signed = fault.sign(manifest.clone(), a.key);
         self.report.memory_bytes = bytes;
         a.progress.send_modify(|p| p.memory_bytes = bytes);
-        let manifest = serde_json::to_string(&signed).expect("manifests serialize");
-        data.send(msg_frame(&RelaySourceMsg::Checkpoint { manifest, bytes }))
-            .await?;
+        let manifest_json = serde_json::to_string(&signed).expect("manifests serialize");
+        let msg = RelaySourceMsg::Checkpoint {
+            manifest: manifest_json,
+            bytes,
+        };
+        data.send(msg_frame(&msg)).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let corrupt_at = fault.corrupt_at(bytes);
+        let writer = tokio::task::spawn_blocking(move || {
+            let out = ChunkWriter {
+                tx,
+                buf: Vec::with_capacity(CHUNK),
+                offset: 0,
+                corrupt_at,
+            };
+            let parts = [
+                ("images", parts[0].as_path()),
+                ("rootfs", parts[1].as_path()),
+            ];
+            checkpoint::write_archive(&parts, &manifest, out)
+        });
         // A refusal (a manifest the destination would not take) ends the
         // stream early (`recv` loses nothing when it is dropped).
-        let res = tokio::select! {
-            r = self.stream(a, data, &archive) => r,
+        tokio::select! {
+            r = self.stream(a, data, rx, writer) => r,
             m = next_reply(replies, LOAD_WAIT * 4, "the destination while sending") => match m {
                 Ok(RelayDestMsg::Failed { reason }) => Err(MigrateError::DestinationFailed(reason)),
                 Ok(other) => Err(unexpected("nothing while sending", &other)),
                 Err(e) => Err(e),
             },
-        };
-        let _ = std::fs::remove_file(&archive);
-        res
+        }
     }
 
-    /// Sends the archive in chunks, then `StreamEnd`.
+    /// Sends the archive's chunks as the writer makes them, then `StreamEnd`.
     async fn stream(
         &mut self,
         a: &SourceArgs<'_>,
         data: &Sender,
-        archive: &Path,
+        mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        writer: tokio::task::JoinHandle<Result<(), checkpoint::CheckpointError>>,
     ) -> Result<(), MigrateError> {
-        let mut file = std::fs::File::open(archive).map_err(guest_err)?;
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = tokio::task::block_in_place(|| file.read(&mut buf)).map_err(guest_err)?;
-            if n == 0 {
-                break;
-            }
-            let packed = a.compress.pack(&buf[..n]).map_err(guest_err)?;
+        while let Some(chunk) = rx.recv().await {
+            let packed = a.compress.pack(&chunk).map_err(guest_err)?;
             self.report.wire_bytes += packed.len() as u64;
             data.send(frame(KIND_STREAM, &packed)).await?;
             let wire = self.report.wire_bytes;
             a.progress.send_modify(|p| p.wire_bytes = wire);
         }
+        writer
+            .await
+            .map_err(|e| guest_err(format!("the archive writer: {e}")))?
+            .map_err(guest_err)?;
         data.send(msg_frame(&RelaySourceMsg::StreamEnd)).await?;
         Ok(())
     }
@@ -325,51 +342,82 @@ async fn next_reply(
     }
 }
 
-/// Packs `images` and `rootfs` into `archive`, signed by `key`. Fault
-/// injection (`TERN_FAULT_CHECKPOINT` in the agent's environment, which its
-/// guest processes inherit): `corrupt` flips a byte of the archive after
-/// signing, `forge` signs with a key no peer knows.
-fn pack(
-    vm: &str,
-    images: &Path,
-    rootfs: &Path,
-    archive: &Path,
-    key: &SigningKey,
-) -> Result<SignedCheckpoint, MigrateError> {
-    let fault = std::env::var("TERN_FAULT_CHECKPOINT").unwrap_or_default();
-    let forged;
-    let key = if fault == "forge" {
-        tracing::warn!("fault injection: signing the checkpoint with a forged key");
-        forged = SigningKey::from_bytes(&rand::random());
-        &forged
-    } else {
-        key
-    };
-    let file = std::fs::File::create(archive).map_err(guest_err)?;
-    let mut out = std::io::BufWriter::new(file);
-    let parts = [("images", images), ("rootfs", rootfs)];
-    let signed = checkpoint::pack(vm, &parts, &mut out, key).map_err(guest_err)?;
-    out.flush().map_err(guest_err)?;
-    drop(out);
-    if fault == "corrupt" {
-        tracing::warn!("fault injection: corrupting the checkpoint after signing it");
-        corrupt_middle(archive).map_err(guest_err)?;
-    }
-    Ok(signed)
+/// Failure injection (`TERN_FAULT_CHECKPOINT` in the agent's environment,
+/// which its guest processes inherit): `forge` signs the checkpoint with a
+/// key no peer knows, `corrupt` flips a byte of the archive after signing.
+enum Fault {
+    None,
+    Forge,
+    Corrupt,
 }
 
-fn corrupt_middle(path: &Path) -> std::io::Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let len = std::fs::metadata(path)?.len();
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)?;
-    f.seek(SeekFrom::Start(len / 2))?;
-    let mut b = [0u8; 1];
-    f.read_exact(&mut b)?;
-    f.seek(SeekFrom::Start(len / 2))?;
-    f.write_all(&[b[0] ^ 0x20])
+impl Fault {
+    fn from_env() -> Self {
+        match std::env::var("TERN_FAULT_CHECKPOINT").as_deref() {
+            Ok("forge") => Fault::Forge,
+            Ok("corrupt") => Fault::Corrupt,
+            _ => Fault::None,
+        }
+    }
+
+    fn sign(&self, m: checkpoint::CheckpointManifest, key: &SigningKey) -> SignedCheckpoint {
+        if let Fault::Forge = self {
+            tracing::warn!("fault injection: signing the checkpoint with a forged key");
+            return m.sign(&SigningKey::from_bytes(&rand::random()));
+        }
+        m.sign(key)
+    }
+
+    /// Where to flip a byte of an archive of at most `bound` bytes.
+    fn corrupt_at(&self, bound: u64) -> Option<u64> {
+        matches!(self, Fault::Corrupt).then(|| {
+            tracing::warn!("fault injection: corrupting the checkpoint after signing it");
+            bound / 3
+        })
+    }
+}
+
+/// The archive writer's output: chunks of at most [`CHUNK`] bytes handed to
+/// the task that sends them (a full channel holds the writer back).
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+    offset: u64,
+    corrupt_at: Option<u64>,
+}
+
+impl ChunkWriter {
+    fn ship(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the send ended"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = b.len().min(CHUNK - self.buf.len());
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&b[..n]);
+        if let Some(at) = self.corrupt_at {
+            if (self.offset..self.offset + n as u64).contains(&at) {
+                self.buf[start + (at - self.offset) as usize] ^= 0x20;
+            }
+        }
+        self.offset += n as u64;
+        if self.buf.len() == CHUNK {
+            self.ship()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.ship()
+    }
 }
 
 /// What the destination side needs besides the links.
@@ -451,13 +499,39 @@ struct Dest<'a> {
     replies: &'a Sender,
 }
 
-/// The archive as it arrives.
+/// The archive as it arrives: its chunks go to the unpacker (a blocking
+/// task that checks every entry as it writes it), nothing is kept whole.
 struct Landing {
-    signed: SignedCheckpoint,
     bytes: u64,
     written: u64,
-    file: std::fs::File,
-    path: PathBuf,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    unpacker: tokio::task::JoinHandle<Result<(), checkpoint::CheckpointError>>,
+}
+
+/// The unpacker's input: the chunks the session delivered, in order; the
+/// end of the stream once the sender is dropped.
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.chunk = c;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len() - self.pos);
+        out[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 impl Dest<'_> {
@@ -483,23 +557,29 @@ impl Dest<'_> {
                         MigrateError::Protocol("archive bytes before its manifest".into())
                     })?;
                     let chunk = self.compress.unpack(&p).map_err(MigrateError::Protocol)?;
-                    l.written += chunk.len() as u64;
+                    let len = chunk.len() as u64;
+                    l.written += len;
                     if l.written > l.bytes {
                         return Err(MigrateError::Verification(format!(
                             "the archive runs past the {} bytes announced",
                             l.bytes
                         )));
                     }
-                    tokio::task::block_in_place(|| l.file.write_all(&chunk)).map_err(guest_err)?;
-                    self.args
-                        .progress
-                        .send_modify(|p| p.wire_bytes += chunk.len() as u64);
+                    if tokio::task::block_in_place(|| l.tx.send(chunk)).is_err() {
+                        // The unpacker stopped: it found something wrong.
+                        let l = landing.take().expect("checked above");
+                        return Err(finish(l).await.err().unwrap_or_else(|| {
+                            MigrateError::Verification("the archive ended early".into())
+                        }));
+                    }
+                    self.args.progress.send_modify(|p| p.wire_bytes += len);
                 }
                 Incoming::Msg(RelaySourceMsg::StreamEnd) if guest.is_none() => {
                     let l = landing.take().ok_or_else(|| {
                         MigrateError::Protocol("stream end before a checkpoint".into())
                     })?;
-                    guest = Some(tokio::task::block_in_place(|| self.land(l))?);
+                    finish(l).await?;
+                    guest = Some(tokio::task::block_in_place(|| self.land())?);
                     self.replies.send(msg_frame(&RelayDestMsg::Loaded)).await?;
                 }
                 Incoming::Msg(RelaySourceMsg::Commit { last_tick }) => {
@@ -556,36 +636,27 @@ impl Dest<'_> {
         let home = container::home(&self.args.vm_dir);
         let _ = std::fs::remove_dir_all(&home);
         std::fs::create_dir_all(&home).map_err(guest_err)?;
-        let path = home.join("incoming.tar");
-        let file = std::fs::File::create(&path).map_err(guest_err)?;
+        let dest = container::bundle_dir(&self.args.vm_dir);
+        let key = self.args.source_key;
+        let (tx, rx) = std::sync::mpsc::sync_channel(8);
+        let unpacker = tokio::task::spawn_blocking(move || {
+            let reader = ChunkReader {
+                rx,
+                chunk: Vec::new(),
+                pos: 0,
+            };
+            checkpoint::unpack(std::io::BufReader::new(reader), &signed, &key, &dest)
+        });
         Ok(Landing {
-            signed,
             bytes,
             written: 0,
-            file,
-            path,
+            tx,
+            unpacker,
         })
     }
 
-    /// Unpacks the whole archive (every entry checked) into the bundle.
-    fn land(&self, l: Landing) -> Result<ContainerGuest, MigrateError> {
-        if l.written != l.bytes {
-            return Err(MigrateError::Verification(format!(
-                "the archive ended at {} of {} bytes",
-                l.written, l.bytes
-            )));
-        }
-        drop(l.file);
-        let file = std::fs::File::open(&l.path).map_err(guest_err)?;
-        let dest = container::bundle_dir(&self.args.vm_dir);
-        checkpoint::unpack(
-            std::io::BufReader::new(file),
-            &l.signed,
-            &self.args.source_key,
-            &dest,
-        )
-        .map_err(|e| MigrateError::Verification(e.to_string()))?;
-        let _ = std::fs::remove_file(&l.path);
+    /// The container of the bundle the archive became.
+    fn land(&self) -> Result<ContainerGuest, MigrateError> {
         let at = container::Placement {
             vm: self.args.vm,
             host_name: self.args.host_name,
@@ -593,6 +664,15 @@ impl Dest<'_> {
         };
         ContainerGuest::landed(&self.args.vm_dir, &at, self.args.spec).map_err(guest_err)
     }
+}
+
+/// Ends the archive's stream and waits for the unpacker's verdict.
+async fn finish(l: Landing) -> Result<(), MigrateError> {
+    drop(l.tx);
+    l.unpacker
+        .await
+        .map_err(|e| guest_err(format!("the unpacker: {e}")))?
+        .map_err(|e| MigrateError::Verification(e.to_string()))
 }
 
 /// Whether the restored workload carries on from `last_tick` with its

@@ -182,6 +182,11 @@ async fn tern_once(a: &ContainerBenchArgs, ca: &AgentClient) -> anyhow::Result<(
         );
     }
     let r = done.report.context("no report")?;
+    let s = &r.switchover;
+    println!(
+        "  tern: dump {:.0} ms, pack and send {:.0} ms, destination unpacks {:.0} ms, commit record {:.1} ms, restore {:.0} ms",
+        s.pause_ms, s.send_ms, s.ready_ms, s.commit_record_ms, s.running_ms
+    );
     Ok((r.downtime_ms, r.memory_bytes as f64 / 1e6))
 }
 

@@ -168,25 +168,44 @@ fn walk(
     Ok(())
 }
 
-/// Writes the directories `parts` (archive prefix, directory) as one tar
-/// stream to `out`, and returns the manifest of what was written, signed by
-/// `key`. Sockets, devices and FIFOs are left out (a container's rootfs has
-/// none that a restore needs; CRIU recreates what it saved).
-pub fn pack(
-    container: &str,
-    parts: &[(&str, &Path)],
-    out: impl Write,
-    key: &SigningKey,
-) -> Result<SignedCheckpoint, CheckpointError> {
+/// Every file of `parts` (archive prefix, directory), in archive order.
+fn listing(parts: &[(&str, &Path)]) -> Result<Vec<(PathBuf, String)>, CheckpointError> {
     let mut files = Vec::new();
     for (prefix, dir) in parts {
         files.push((dir.to_path_buf(), (*prefix).to_string()));
         walk(dir, prefix, &mut files)?;
     }
-    let mut tar = tar::Builder::new(out);
-    tar.follow_symlinks(false);
+    Ok(files)
+}
+
+/// BLAKE3 of a file, read in blocks (never whole into memory).
+fn hash_file(path: &Path, rel: &str) -> Result<(u64, String), CheckpointError> {
+    let mut f = std::fs::File::open(path).map_err(io(format!("open {rel}")))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io(format!("read {rel}")))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, h.finalize().to_hex().to_string()))
+}
+
+/// The manifest of `parts` (archive prefix, directory) as
+/// [`write_archive`] will write them: every entry's kind, size, hash, mode
+/// and owner. Sockets, devices and FIFOs are left out (a container's rootfs
+/// has none that a restore needs; CRIU recreates what it saved).
+pub fn manifest(
+    container: &str,
+    parts: &[(&str, &Path)],
+) -> Result<CheckpointManifest, CheckpointError> {
+    use std::os::unix::fs::MetadataExt;
     let mut entries = BTreeMap::new();
-    for (path, rel) in files {
+    for (path, rel) in listing(parts)? {
         let meta = std::fs::symlink_metadata(&path).map_err(io(format!("stat {rel}")))?;
         let kind = if meta.is_dir() {
             EntryKind::Dir
@@ -196,17 +215,11 @@ pub fn pack(
                 target: target.to_string_lossy().into_owned(),
             }
         } else if meta.is_file() {
-            let bytes = std::fs::read(&path).map_err(io(format!("read {rel}")))?;
-            EntryKind::File {
-                size: bytes.len() as u64,
-                blake3: blake3::hash(&bytes).to_hex().to_string(),
-            }
+            let (size, blake3) = hash_file(&path, &rel)?;
+            EntryKind::File { size, blake3 }
         } else {
             continue;
         };
-        tar.append_path_with_name(&path, &rel)
-            .map_err(io(format!("archive {rel}")))?;
-        use std::os::unix::fs::MetadataExt;
         let entry = Entry {
             kind,
             mode: meta.mode() & 0o7777,
@@ -215,12 +228,70 @@ pub fn pack(
         };
         entries.insert(rel, entry);
     }
-    tar.finish().map_err(io("finish the archive"))?;
     Ok(CheckpointManifest {
         container: container.to_string(),
         entries,
+    })
+}
+
+/// The most bytes the archive of `manifest` takes (headers, long-name
+/// extensions and padding included): what a receiver may bound it by.
+pub fn archive_bound(manifest: &CheckpointManifest) -> u64 {
+    let per_entry: u64 = manifest
+        .entries
+        .iter()
+        .map(|(rel, e)| {
+            let body = match &e.kind {
+                EntryKind::File { size, .. } => size.div_ceil(512) * 512,
+                _ => 0,
+            };
+            // A header, and for long names or link targets a GNU extension
+            // header with the name in blocks of its own.
+            let long = match &e.kind {
+                EntryKind::Symlink { target } => target.len() as u64,
+                _ => 0,
+            } + rel.len() as u64;
+            512 + 2 * (512 + long.div_ceil(512) * 512) + body
+        })
+        .sum();
+    per_entry + 10240
+}
+
+/// Writes the entries of `manifest` from `parts` as one tar stream to
+/// `out` (the files must not change between [`manifest`] and this: the
+/// receiver checks every one against it).
+pub fn write_archive(
+    parts: &[(&str, &Path)],
+    manifest: &CheckpointManifest,
+    out: impl Write,
+) -> Result<(), CheckpointError> {
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    for (path, rel) in listing(parts)? {
+        if !manifest.entries.contains_key(&rel) {
+            continue;
+        }
+        tar.append_path_with_name(&path, &rel)
+            .map_err(io(format!("archive {rel}")))?;
     }
-    .sign(key))
+    tar.into_inner()
+        .map_err(io("finish the archive"))?
+        .flush()
+        .map_err(io("flush the archive"))
+}
+
+/// Writes the directories `parts` (archive prefix, directory) as one tar
+/// stream to `out`, and returns the manifest of what was written, signed by
+/// `key` ([`manifest`], then [`write_archive`]).
+pub fn pack(
+    container: &str,
+    parts: &[(&str, &Path)],
+    out: impl Write,
+    key: &SigningKey,
+) -> Result<SignedCheckpoint, CheckpointError> {
+    let m = manifest(container, parts)?;
+    write_archive(parts, &m, out)?;
+    Ok(m.sign(key))
 }
 
 /// Unpacks an archive into `dest` (which must not exist yet) after checking
@@ -537,6 +608,22 @@ mod tests {
         let e = refused(&bytes, &signed, 1, dir.path());
         assert!(e.contains("under something else"), "{e}");
         assert!(!dir.path().join("planted").exists());
+    }
+
+    #[test]
+    fn the_archive_stays_within_its_bound_with_long_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        tree(&src);
+        let deep = src.join("d".repeat(120)).join("e".repeat(120));
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("f".repeat(200)), vec![7u8; 5000]).unwrap();
+        std::os::unix::fs::symlink("t".repeat(300), deep.join("link")).unwrap();
+        let mut bytes = Vec::new();
+        let signed = pack("vm-1", &[("images", src.as_path())], &mut bytes, &key(1)).unwrap();
+        assert!(bytes.len() as u64 <= archive_bound(&signed.manifest));
+        let out = dir.path().join("out");
+        unpack(&bytes[..], &signed, &key(1).verifying_key(), &out).unwrap();
     }
 
     #[test]
