@@ -639,6 +639,8 @@ impl Config {
             self.catalogue()?.names().into_iter().collect();
         if self.driver == DriverKind::Agents {
             names.extend(tern_proto::BUILT_IN_IMAGES.map(String::from));
+            // Hosts with a [container] run it; others refuse it at start.
+            names.insert(tern_proto::CONTAINER_IMAGE.to_string());
         }
         Ok(names)
     }
@@ -808,6 +810,17 @@ mod tests {
         assert_eq!(c.health.concurrency, 10);
         assert_eq!(c.health.max_consecutive_failures, 3);
         assert_eq!(c.driver, DriverKind::Mock);
+    }
+
+    #[test]
+    fn a_fleet_offers_the_built_in_images_and_containers() {
+        let c = load(Some("driver = \"agents\"\n"), &[]).unwrap();
+        let names = c.image_names().unwrap();
+        for n in ["test", "process", "container"] {
+            assert!(names.contains(n), "{names:?}");
+        }
+        let mock = load(None, &[]).unwrap().image_names().unwrap();
+        assert!(!mock.contains("container"), "{mock:?}");
     }
 
     #[test]
