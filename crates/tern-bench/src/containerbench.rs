@@ -21,7 +21,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tern_agent::{AgentClient, MigrateRequest, MigrationPhase};
+use tern_agent::AgentClient;
 use tern_drivers::runc::{Bundle, BundleSpec, CheckpointOptions, Criu, Runc};
 use tern_proto::{GuestKind, GuestSpec};
 use tern_testbed::{self as testbed, AgentProcess, HostPlan};
@@ -149,39 +149,9 @@ fn copy_over_tcp(parts: &[(&Path, &str)], dst: &Path) -> anyhow::Result<()> {
 async fn tern_once(a: &ContainerBenchArgs, ca: &AgentClient) -> anyhow::Result<(f64, f64)> {
     let vm = ca.create_vm(&spec(a)).await.context("create")?;
     tokio::time::sleep(warm_up(a)).await;
-    let req = MigrateRequest {
-        to: tern_proto::HostId::new("host-b")?,
-        mode: "precopy".into(),
-        max_downtime_ms: None,
-        bandwidth_mbps: None,
-        deadline_secs: None,
-        max_bandwidth_mbps: None,
-        auto_converge: None,
-        compress: None,
-        id: None,
-        reason: None,
-    };
-    let m = ca.migrate(&vm.id, &req).await.context("migrate")?;
-    let t = Instant::now();
-    let done = loop {
-        let v = ca.migration(&m.id).await?;
-        if v.state.is_final() {
-            break v;
-        }
-        if t.elapsed() > Duration::from_secs(300) {
-            bail!("migration {} did not end", m.id);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    if done.state != MigrationPhase::Committed {
-        bail!(
-            "migration {} ended {:?}: {:?}",
-            m.id,
-            done.state,
-            done.error
-        );
-    }
-    let r = done.report.context("no report")?;
+    let r =
+        crate::agentrun::migrate_committed(ca, &vm.id, "host-b", None, Duration::from_secs(300))
+            .await?;
     let s = &r.switchover;
     println!(
         "  tern: dump {:.0} ms, pack and send {:.0} ms, destination unpacks {:.0} ms, commit record {:.1} ms, restore {:.0} ms",

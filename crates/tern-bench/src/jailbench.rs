@@ -7,10 +7,10 @@
 //!
 //! Memory: each VM is fresh (cold guest RAM, first touch in the guest).
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tern_agent::{AgentClient, MigrateRequest, MigrationPhase};
+use tern_agent::AgentClient;
 use tern_proto::GuestSpec;
 use tern_testbed::{self as testbed, AgentProcess, HostPlan};
 
@@ -78,42 +78,14 @@ async fn start_once(s: &Side) -> anyhow::Result<f64> {
 /// total) in ms.
 async fn migrate_once(s: &Side) -> anyhow::Result<(f64, f64)> {
     let vm = s.a.create_vm(&spec()).await.context("create")?;
-    let req = MigrateRequest {
-        to: tern_proto::HostId::new("host-b")?,
-        mode: "precopy".into(),
-        max_downtime_ms: Some(50),
-        bandwidth_mbps: None,
-        deadline_secs: None,
-        max_bandwidth_mbps: None,
-        auto_converge: None,
-        compress: None,
-        id: None,
-        reason: None,
-    };
-    let m = s.a.migrate(&vm.id, &req).await.context("migrate")?;
-    let t = Instant::now();
-    let done = loop {
-        let v = s.a.migration(&m.id).await?;
-        if matches!(
-            v.state,
-            MigrationPhase::Committed | MigrationPhase::RolledBack | MigrationPhase::Corrupted
-        ) {
-            break v;
-        }
-        if t.elapsed() > Duration::from_secs(120) {
-            bail!("migration {} did not end", m.id);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    if done.state != MigrationPhase::Committed {
-        bail!(
-            "migration {} ended {:?}: {:?}",
-            m.id,
-            done.state,
-            done.error
-        );
-    }
-    let r = done.report.context("no report")?;
+    let r = crate::agentrun::migrate_committed(
+        &s.a,
+        &vm.id,
+        "host-b",
+        Some(50),
+        Duration::from_secs(120),
+    )
+    .await?;
     s.b.stop_vm(&vm.id).await.context("stop")?;
     Ok((r.downtime_ms, r.total_ms))
 }

@@ -2,6 +2,7 @@
 //! machine. A development binary (it carries the link emulator), never
 //! part of the shipped `tern`.
 
+mod agentrun;
 mod containerbench;
 mod jailbench;
 mod qemubench;

@@ -72,6 +72,12 @@ async fn runs_beyond(c: &AgentClient, vm: &VmId, epoch: u64, beyond: u64) -> u64
     }
 }
 
+/// Migrates `vm` from `c` to `to` by pre-copy and waits for the end.
+async fn move_to(c: &AgentClient, vm: &VmId, to: &str) -> tern_agent::MigrationView {
+    let m = c.migrate(vm, &mode_to(to, "precopy")).await.unwrap();
+    wait_end(c, &m.id, Duration::from_secs(120)).await
+}
+
 struct Bed {
     a: AgentProc,
     b: AgentProc,
@@ -116,11 +122,7 @@ async fn a_container_migrates_between_agents_and_back_and_keeps_counting() {
     let vm = ca.create_vm(&container()).await.unwrap();
     let before = runs_beyond(&ca, &vm.id, 1, 0).await;
 
-    let m = ca
-        .migrate(&vm.id, &mode_to("host-b", "precopy"))
-        .await
-        .unwrap();
-    let done = wait_end(&ca, &m.id, Duration::from_secs(120)).await;
+    let done = move_to(&ca, &vm.id, "host-b").await;
     assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     let r = done.report.as_ref().unwrap();
     eprintln!(
@@ -140,7 +142,7 @@ async fn a_container_migrates_between_agents_and_back_and_keeps_counting() {
     let gone = ca.vm(&vm.id).await.unwrap();
     assert_eq!(gone.status, GuestStatus::MovedAway, "{gone:?}");
     assert_eq!(
-        cb.migration(&m.id).await.unwrap().state,
+        cb.migration(&done.id).await.unwrap().state,
         MigrationPhase::Committed
     );
     assert_eq!(
@@ -150,11 +152,7 @@ async fn a_container_migrates_between_agents_and_back_and_keeps_counting() {
     );
 
     // And back: the same container, on from where it was.
-    let m = cb
-        .migrate(&vm.id, &mode_to("host-a", "precopy"))
-        .await
-        .unwrap();
-    let done = wait_end(&cb, &m.id, Duration::from_secs(120)).await;
+    let done = move_to(&cb, &vm.id, "host-a").await;
     assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     runs_beyond(&ca, &vm.id, 3, after).await;
     ca.stop_vm(&vm.id).await.unwrap();
@@ -167,11 +165,7 @@ async fn refused_and_source_runs_on(fault: &str, says: &str) {
     let (ca, cb) = (bed.a.client(), bed.b.client());
     let vm = ca.create_vm(&container()).await.unwrap();
     let before = runs_beyond(&ca, &vm.id, 1, 0).await;
-    let m = ca
-        .migrate(&vm.id, &mode_to("host-b", "precopy"))
-        .await
-        .unwrap();
-    let done = wait_end(&ca, &m.id, Duration::from_secs(120)).await;
+    let done = move_to(&ca, &vm.id, "host-b").await;
     assert_eq!(done.state, MigrationPhase::RolledBack, "{done:?}");
     let error = done.error.clone().unwrap_or_default();
     assert!(error.contains(says), "{fault}: {error}");
@@ -287,11 +281,7 @@ async fn a_clients_tcp_connection_follows_the_container_to_its_new_host() {
 
     let (client, local) = Client::start((address, 7000).into());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let m = ca
-        .migrate(&vm.id, &mode_to("host-b", "precopy"))
-        .await
-        .unwrap();
-    let done = wait_end(&ca, &m.id, Duration::from_secs(120)).await;
+    let done = move_to(&ca, &vm.id, "host-b").await;
     assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     let moved = runs_beyond(&cb, &vm.id, 2, 0).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
