@@ -11,41 +11,67 @@ cd "$(dirname "$0")/.."
 export CARGO_INCREMENTAL=0
 disk() { echo "   (disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target $(du -sh target 2>/dev/null | cut -f1))"; }
 
+# Setup is mostly downloads, dpkg and daemons starting: it runs in the background
+# while fmt, clippy and the test build use the CPUs, and its log is printed when
+# the tests need what it made. Each stage line says the minutes since the start.
+t0=$SECONDS
+stage() { echo "== $* (at $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s)"; }
+setup_env=$(mktemp)
+setup_log=$(mktemp)
+setup() {
+    set -euo pipefail
+    echo "== setup: PostgreSQL"
+    local v
+    v=$(bash scripts/postgres-up.sh); echo "TERN_TEST_POSTGRES_URL=$v" >>"$setup_env"
+    echo "== setup: guest kernel and initramfs (Debian's linux-image-amd64, busybox-static)"
+    local kernel initrd
+    read -r kernel initrd < <(bash scripts/guest-kernel.sh)
+    [ -n "$kernel" ] && [ -n "$initrd" ]
+    echo "TERN_GUEST_KERNEL=$kernel" >>"$setup_env"
+    echo "TERN_GUEST_INITRD=$initrd" >>"$setup_env"
+    echo "== setup: QEMU (qemu-system-x86) for the qemu driver's Linux guests"
+    bash scripts/qemu-setup.sh
+    echo "== setup: Docker Engine (docker.io) and tern's container image, for the docker driver"
+    v=$(bash scripts/docker-up.sh); echo "TERN_DOCKER_SOCKET=$v" >>"$setup_env"
+    echo "== setup: CRIU (one that passes criu check; built from the vendored 4.2 source otherwise) and the workload rootfs"
+    v=$(bash scripts/criu-setup.sh); echo "TERN_CRIU=$v" >>"$setup_env"
+    v=$(bash scripts/workload-rootfs.sh); echo "TERN_WORKLOAD_ROOTFS=$v" >>"$setup_env"
+    # (A failing command substitution stops the setup only as an assignment, hence v.)
+    # A container's new host announces its address with gratuitous ARP.
+    command -v arping >/dev/null || { apt-get update -qq && apt-get install -y -qq iputils-arping >/dev/null; }
+    echo "== setup: cargo-fuzz"
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
+    echo "== setup: done"
+}
 disk
-echo "== setup: PostgreSQL"
-TERN_TEST_POSTGRES_URL=$(bash scripts/postgres-up.sh)
-export TERN_TEST_POSTGRES_URL
-export TERN_REQUIRE_POSTGRES=1   # store tests must not skip here
+stage "setup starts in the background (log follows before the tests)"
+( setup ) >"$setup_log" 2>&1 </dev/null &
+setup_pid=$!
 
-echo "== setup: guest kernel and initramfs (Debian's linux-image-amd64, busybox-static)"
-read -r TERN_GUEST_KERNEL TERN_GUEST_INITRD < <(bash scripts/guest-kernel.sh)
-export TERN_GUEST_KERNEL TERN_GUEST_INITRD
-export TERN_REQUIRE_GUEST_KERNEL=1   # the loader tests must not skip here
-
-echo "== setup: QEMU (qemu-system-x86) for the qemu driver's Linux guests"
-bash scripts/qemu-setup.sh
-export TERN_REQUIRE_QEMU=1   # the qemu driver tests must not skip here
-
-echo "== setup: Docker Engine (docker.io) and tern's container image, for the docker driver"
-TERN_DOCKER_SOCKET=$(bash scripts/docker-up.sh)
-export TERN_DOCKER_SOCKET
-export TERN_REQUIRE_DOCKER=1   # the docker driver tests must not skip here
-
-echo "== setup: CRIU (one that passes criu check; built from the vendored 4.2 source otherwise) and the workload rootfs"
-TERN_CRIU=$(bash scripts/criu-setup.sh)
-TERN_WORKLOAD_ROOTFS=$(bash scripts/workload-rootfs.sh)
-export TERN_CRIU TERN_WORKLOAD_ROOTFS
-export TERN_REQUIRE_CRIU=1   # the checkpoint/restore tests must not skip here
-# A container's new host announces its address with gratuitous ARP.
-command -v arping >/dev/null || { apt-get update -qq && apt-get install -y -qq iputils-arping >/dev/null; }
-
-echo "== fmt"
+stage "fmt"
 cargo fmt --all -- --check
-disk
-echo "== clippy"
+stage "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 disk
-echo "== tests (including slow ones)"
+stage "test build"
+cargo test --workspace --locked --no-run
+disk
+stage "waiting for setup"
+if ! wait "$setup_pid"; then
+    cat "$setup_log"; echo "setup failed"; exit 1
+fi
+cat "$setup_log"
+set -a
+# shellcheck disable=SC1090
+source "$setup_env"
+set +a
+rm -f "$setup_env" "$setup_log"
+export TERN_REQUIRE_POSTGRES=1      # store tests must not skip here
+export TERN_REQUIRE_GUEST_KERNEL=1  # the loader tests must not skip here
+export TERN_REQUIRE_QEMU=1          # the qemu driver tests must not skip here
+export TERN_REQUIRE_DOCKER=1        # the docker driver tests must not skip here
+export TERN_REQUIRE_CRIU=1          # the checkpoint/restore tests must not skip here
+stage "tests (including slow ones)"
 cargo test --workspace --locked --no-fail-fast -- --include-ignored
 disk
 # The fuzz build is a second tree (~1 GB); on a nearly full disk the test build
@@ -54,9 +80,9 @@ if [ "$(df --output=avail -k . | tail -1)" -lt 4000000 ]; then
     echo "   (under 4 GB free: removing target/debug before the fuzz build)"
     rm -rf target/debug
 fi
-echo "== fuzz: every decoder of network input, ${TERN_FUZZ_SECONDS:-45} s each"
-# Stable toolchain only here: RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z flags.
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
+stage "fuzz: every decoder of network input, ${TERN_FUZZ_SECONDS:-25} s each"
+# Stable toolchain only here: RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z flags
+# (cargo-fuzz itself was installed by the setup).
 # Build every target first: a target that does not compile fails the run here
 # (the run loop below only filters the fuzzer's output).
 # (Not a pipeline into grep: under `set -e -o pipefail` a grep that finds no
@@ -72,7 +98,7 @@ for target in page_frame transport_wire snapshot_state migrate_protocol \
     checkpoint_archive; do
     corpus=$(mktemp -d)
     (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus" "seeds/$target" -- \
-        -max_total_time="${TERN_FUZZ_SECONDS:-45}" -print_final_stats=1 2>&1 | grep -E "^(Done|stat::number_of_executed_units)|SUMMARY|panicked|ERROR" || true)
+        -max_total_time="${TERN_FUZZ_SECONDS:-25}" -print_final_stats=1 2>&1 | grep -E "^(Done|stat::number_of_executed_units)|SUMMARY|panicked|ERROR" || true)
     # cargo fuzz exits non-zero on a crash; re-check for artifacts to fail loudly.
     if ls fuzz/artifacts/"$target"/crash-* >/dev/null 2>&1; then
         echo "fuzz target $target found a crash: fuzz/artifacts/$target"; exit 1
@@ -80,4 +106,4 @@ for target in page_frame transport_wire snapshot_state migrate_protocol \
     rm -rf "$corpus"
 done
 disk
-echo "== all tests passed"
+stage "all tests passed"
