@@ -826,3 +826,62 @@ async fn a_black_hole_past_the_deadline_ends_both_sides() {
         "{send_done:?} {recv_done:?}"
     );
 }
+
+/// Acknowledgements lost with a dropped connection are sent again on the
+/// resumed one. The sender's window is full and the receiver has applied
+/// every frame in it, its acks written into a black hole: without the
+/// current ack on the new connection the sender waits for room forever
+/// while the receiver waits for frames (seen as a post-copy migration
+/// that stopped after its destination was frozen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: waits out a black hole"]
+async fn acks_lost_in_a_black_hole_are_resent_on_the_resumed_stream() {
+    let p = pki();
+    let mut l = listen(Some(&p.dst)).await;
+    let link = LinkEmulator::start(l.local_addr(), LinkConfig::default())
+        .await
+        .unwrap();
+    let cfg = SessionConfig {
+        streams: 2,
+        window_bytes: 4 << 20,
+        resume_deadline: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let tx = Sender::connect(link.addr(), tls(&p.src), cfg, None)
+        .await
+        .unwrap();
+    let mut rx = l.accept().await.unwrap();
+    // Fill the window; the receiver holds every frame but applies none yet.
+    for seq in 0..4 {
+        tx.send(frame(seq, 1 << 20)).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(rx.recv().await.unwrap().unwrap().0);
+    }
+    // Now the link holds everything, and the acks go into the hole.
+    link.hold(SILENCE_LIMIT + Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for seq in got {
+        rx.ack(seq);
+    }
+    // Room for the next frame comes only from an ack on a new connection.
+    let t = Instant::now();
+    let sent = tokio::time::timeout(Duration::from_secs(30), tx.send(frame(4, 1 << 20))).await;
+    assert!(
+        sent.is_ok(),
+        "the window never opened again: the lost acks were not resent ({:?})",
+        tx.metrics()
+    );
+    let (seq, data) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("the frame after the hole arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!((seq, data), (4, frame(4, 1 << 20)));
+    eprintln!(
+        "window reopened {:.1} s after the hole began, {} reconnects",
+        t.elapsed().as_secs_f64(),
+        tx.metrics().reconnects
+    );
+}

@@ -579,10 +579,12 @@ async fn reaches_postcopy(ca: &AgentClient, cb: &AgentClient, id: &MigrationId) 
 }
 
 /// The destination host frozen (SIGSTOP: its agent, guest process and
-/// QEMU) for 10 s just after the commit of a post-copy migration: the
-/// source keeps serving pages until the destination has them all, the
-/// destination's guest check waits for the guest to be able to advance,
-/// and the guest ends up running on host-b, its checks holding.
+/// QEMU) for 10 s just after the commit of a post-copy migration, with
+/// pages still to send: the source keeps serving pages until the
+/// destination has them all (its QEMU, its stream blocked, answers QMP
+/// late meanwhile), the destination's guest check waits for the guest to
+/// be able to advance, and the guest ends up running on host-b, its
+/// checks holding.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "slow: Linux guests under QEMU, two agent processes"]
 async fn a_linux_guest_survives_its_destination_frozen_after_a_postcopy_commit() {
@@ -613,13 +615,22 @@ async fn a_linux_guest_survives_its_destination_frozen_after_a_postcopy_commit()
         assert!(tries < 3, "no post-copy commit in {tries} tries");
         assert_runs(&ca, &vm.id, before).await;
     };
+    // A slow link from the commit on keeps pages to send while host-b is
+    // frozen: the source fills its window and its acks are lost with the
+    // dropped streams (unthrottled, post-copy often ended before the freeze).
+    bed.to_b.set_rate(8 << 20);
     signal_host(&bed, "-STOP");
     let at = ca.migration(&m.id).await.unwrap().progress;
     eprintln!(
         "froze host-b in post-copy: {} pages sent, {} remaining",
         at.pages_sent, at.pages_remaining
     );
+    assert!(
+        at.pages_remaining > 0,
+        "post-copy ended before the freeze: {at:?}"
+    );
     tokio::time::sleep(Duration::from_secs(10)).await;
+    bed.to_b.set_rate(0);
     signal_host(&bed, "-CONT");
     let done = wait_end_or_dump(&ca, &m.id, &bed).await;
     eprintln!(

@@ -19,8 +19,10 @@ impl Agent {
             cmd.env_clear();
             for (k, v) in std::env::vars_os() {
                 let k_str = k.to_string_lossy();
-                if matches!(&*k_str, "PATH" | "RUST_LOG" | "TERN_LOG_FORMAT")
-                    || k_str.starts_with("TERN_FAULT_")
+                if matches!(
+                    &*k_str,
+                    "PATH" | "RUST_LOG" | "TERN_LOG" | "TERN_LOG_FORMAT"
+                ) || k_str.starts_with("TERN_FAULT_")
                 {
                     cmd.env(k, v);
                 }

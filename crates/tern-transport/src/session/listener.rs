@@ -438,7 +438,18 @@ pub(super) async fn control_writer(
     mut acks: watch::Receiver<u64>,
     mut nacks: mpsc::UnboundedReceiver<Control>,
 ) {
-    let mut last_sent = 0u64;
+    // A new connection (a resumed stream) starts with what is applied so
+    // far: the acks written on the dead one may be lost, and a sender whose
+    // window they filled would wait for room forever while this end waits
+    // for frames (seen: a post-copy migration stopped after its destination
+    // was frozen with the window full).
+    let mut last_sent = *acks.borrow_and_update();
+    if last_sent > 0 {
+        let msg = Control::Ack(last_sent).encode();
+        if w.write_all(&msg).await.is_err() || w.flush().await.is_err() {
+            return;
+        }
+    }
     loop {
         let msg = tokio::select! {
             r = acks.changed() => {
