@@ -558,6 +558,50 @@ fn signal_host(bed: &Bed, sig: &str) {
     signal(&pids, sig);
 }
 
+/// `tern migrate VM --to host-b --mode MODE` against host-a's agent, and
+/// the migration it started.
+async fn cli_migrate(bed: &Bed, vm: &VmId, mode: &str) -> (MigrationView, tokio::process::Child) {
+    let host = &bed.hosts[0];
+    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["migrate", &vm.to_string(), "--to", "host-b", "--mode", mode])
+        .args(["--max-downtime", "300", "--agent", &host.api_url])
+        .arg("--token-file")
+        .arg(host.data_dir.join("api-token"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let ca = bed.a.client().unwrap();
+    let t = Instant::now();
+    loop {
+        let started = ca.migrations_list().await.unwrap().into_iter();
+        if let Some(m) = started
+            .filter(|m| m.vm == *vm)
+            .find(|m| !m.state.is_final())
+        {
+            return (m, cli);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the CLI started no migration"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What the CLI printed when its migration ended; it succeeds only on a commit.
+async fn cli_verdict(cli: tokio::process::Child) -> String {
+    let out = tokio::time::timeout(Duration::from_secs(120), cli.wait_with_output())
+        .await
+        .expect("the CLI ended")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.success(), text.contains("Committed"), "{text}");
+    text
+}
+
 /// Waits until `Commit` reached the destination in post-copy (true) or
 /// the migration ended before it (false).
 async fn reaches_postcopy(ca: &AgentClient, cb: &AgentClient, id: &MigrationId) -> bool {
@@ -598,20 +642,18 @@ async fn a_linux_guest_survives_its_destination_frozen_after_a_postcopy_commit()
     let (ca, cb) = (bed.a.client().unwrap(), bed.b.client().unwrap());
     let vm = ca.create_vm(&linux()).await.unwrap();
     let before = assert_runs(&ca, &vm.id, 0).await;
-    let req = MigrateRequest {
-        mode: "postcopy".into(),
-        ..precopy(None)
-    };
     // Before the commit a slow destination may make the migration roll back
     // (its QEMU, loading over a slow link, can miss a QMP deadline): that is
     // allowed, so try again; this test is about what follows a commit.
     let mut tries = 0;
-    let m = loop {
+    let (m, cli) = loop {
         tries += 1;
-        let m = ca.migrate(&vm.id, &req).await.unwrap();
+        let (m, cli) = cli_migrate(&bed, &vm.id, "postcopy").await;
         if reaches_postcopy(&ca, &cb, &m.id).await {
-            break m;
+            break (m, cli);
         }
+        let said = cli_verdict(cli).await;
+        assert!(said.contains("RolledBack"), "the CLI said: {said}");
         assert!(tries < 3, "no post-copy commit in {tries} tries");
         assert_runs(&ca, &vm.id, before).await;
     };
@@ -640,6 +682,8 @@ async fn a_linux_guest_survives_its_destination_frozen_after_a_postcopy_commit()
     );
     assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     assert_eq!(wait_end(&cb, &m.id).await.state, MigrationPhase::Committed);
+    let said = cli_verdict(cli).await;
+    assert!(said.contains("Committed"), "the CLI said: {said}");
     let now = assert_runs(&cb, &vm.id, before).await;
     assert!(pids_under(&bed.hosts[0].data_dir).is_empty());
     // A guest that cannot advance is never listed as running.
