@@ -212,6 +212,9 @@ impl SourceGuest for Hosted {
     fn stop_dirty_tracking(&mut self) -> Result<(), GuestError> {
         both!(self, g => g.stop_dirty_tracking())
     }
+    fn populated(&self) -> Result<Option<DirtyBitmap>, GuestError> {
+        both!(self, g => g.populated())
+    }
     fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), GuestError> {
         both!(self, g => SourceGuest::read(g, addr, out))
     }

@@ -37,6 +37,15 @@ pub trait SourceGuest: Send {
     fn take_dirty(&mut self) -> Result<DirtyBitmap, GuestError>;
     /// Stops tracking.
     fn stop_dirty_tracking(&mut self) -> Result<(), GuestError>;
+    /// The pages that may hold anything but zeros: every page ever written
+    /// (in memory or swapped out). The first round sends only these; the
+    /// rest read as zeros, which a destination's fresh RAM already holds.
+    /// Asked after dirty tracking started, so a page first written after
+    /// the answer is in the dirty log. `None` (the default): not known,
+    /// every page is sent.
+    fn populated(&self) -> Result<Option<DirtyBitmap>, GuestError> {
+        Ok(None)
+    }
     /// Copies `out.len()` bytes of guest RAM from `addr` (a consistent copy
     /// of each page as it was at some moment; the dirty log catches changes).
     fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), GuestError>;

@@ -1,6 +1,6 @@
 //! The receiving side.
 
-use crate::{zrle, Tag, FRAME_MAGIC, MAX_PAGES_PER_FRAME, PAGE_SIZE};
+use crate::{is_zero_page, zrle, Tag, FRAME_MAGIC, MAX_PAGES_PER_FRAME, PAGE_SIZE};
 use std::collections::HashMap;
 
 /// Why a frame was refused. Guest memory is untouched when any of these is returned.
@@ -171,10 +171,18 @@ impl Decoder {
             });
         }
         let stats = self.stage(frame, Some(mem))?;
-        // The frame is good: commit.
+        // The frame is good: commit. A zero page over a page that already
+        // reads as zero is not written: in fresh RAM that read maps the
+        // kernel's shared zero page, where the write would allocate and
+        // clear a page of its own (first touch runs at 0.4-1.4 GB/s here,
+        // and most of a first round is zero pages).
         for (i, &page) in self.staged.iter().enumerate() {
-            mem[page as usize * PAGE_SIZE..][..PAGE_SIZE]
-                .copy_from_slice(&self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+            let new = &self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            let old = &mut mem[page as usize * PAGE_SIZE..][..PAGE_SIZE];
+            if is_zero_page(new) && is_zero_page(old) {
+                continue;
+            }
+            old.copy_from_slice(new);
         }
         Ok(stats)
     }

@@ -38,6 +38,9 @@ impl SourceGuest for Machine {
     fn stop_dirty_tracking(&mut self) -> Result<(), GuestError> {
         Ok(self.stop_dirty_log()?)
     }
+    fn populated(&self) -> Result<Option<DirtyBitmap>, GuestError> {
+        Ok(self.populated_pages()?)
+    }
     fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), GuestError> {
         Ok(self.read_memory(addr, out)?)
     }

@@ -260,6 +260,9 @@ pub struct Machine {
     dirty_logging: bool,
     /// The last snapshot taken, which an incremental snapshot builds on.
     pub(crate) snapshot_parent: Option<String>,
+    /// RAM is a private mapping of a snapshot's file: an untouched page
+    /// holds the file's bytes, so the page map cannot say which are zero.
+    pub(crate) ram_from_file: bool,
     created: Instant,
 }
 
@@ -330,6 +333,7 @@ impl Machine {
             serial_irq,
             dirty_logging: false,
             snapshot_parent: None,
+            ram_from_file: false,
             created,
         };
         machine.register_memory(0)?;
@@ -673,6 +677,15 @@ impl Machine {
             }
         }
         Ok(out)
+    }
+
+    /// The pages of RAM ever written ([`memory::populated`]); `None` when
+    /// RAM maps a snapshot's file (then every page may hold data).
+    pub fn populated_pages(&self) -> Result<Option<DirtyBitmap>, VmmError> {
+        if self.ram_from_file {
+            return Ok(None);
+        }
+        memory::populated(&self.mem).map(Some)
     }
 
     /// Reads guest memory (checksums and tests).

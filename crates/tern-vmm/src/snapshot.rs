@@ -550,6 +550,7 @@ pub fn restore(dirs: &[PathBuf], opts: RestoreOptions) -> Result<Machine, VmmErr
     cfg.memory_mib = shape.memory_bytes >> 20;
     cfg.vcpus = shape.vcpus;
     let mut m = Machine::create(cfg, mem)?;
+    m.ram_from_file = true;
     m.load_state(&last.body.state)?;
     // Writes are not tracked across processes: the next snapshot of the
     // restored machine starts a new chain with a full one.

@@ -279,6 +279,12 @@ pub(crate) fn print_report_body(r: &tern_agent::Report) {
             r.throttle_percent
         );
     }
+    if r.pages_never_written > 0 {
+        println!(
+            "  {} pages never written by the guest: not sent (zeros on both sides)",
+            r.pages_never_written
+        );
+    }
     if r.postcopy {
         println!(
                 "  post-copy: {:.1} ms after the guest started on the target, {} page faults served first",

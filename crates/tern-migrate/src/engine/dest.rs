@@ -1,7 +1,7 @@
 //! The destination side: accept or refuse, take pages in, verify
 //! everything against the signed manifest, load, commit, run.
 
-use super::pages::pages_root;
+use super::pages::{page_hash, pages_root, zero_page_hash};
 use super::postcopy::{self, Incoming};
 use super::replies::{next, next_msg, parse_msg};
 use super::{CommitHook, DestLink, MigrateError, PAGE};
@@ -166,7 +166,7 @@ struct Dest<'a, G> {
 impl<'a, G: DestinationGuest> Dest<'a, G> {
     fn new(req: &MigrationRequest, guest: G, source_key: &'a VerifyingKey) -> Self {
         let n_pages = req.shape.memory_bytes / PAGE as u64;
-        let zero_hash = *blake3::hash(&[0u8; PAGE]).as_bytes();
+        let zero_hash = zero_page_hash();
         Self {
             guest,
             migration: req.migration.clone(),
@@ -214,7 +214,7 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
             .decode_frame(p, self.guest.ram_mut()?)
             .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
         for (page, bytes) in self.decoder.last_frame_pages() {
-            self.page_hashes[page as usize] = *blake3::hash(bytes).as_bytes();
+            self.page_hashes[page as usize] = page_hash(bytes);
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 //! requests and places pages as they land. Both ends end with a root over
 //! every page's hash, signed by the source.
 
-use super::pages::pages_root;
+use super::pages::{page_hash, pages_root};
 use super::replies::{next, parse_msg, poll_reply};
 use super::source::Source;
 use super::{ms_since, MigrateError, MigrationPhase, PAGE};
@@ -288,7 +288,7 @@ impl Incoming<'_> {
                         )));
                     }
                     mem.fill(page, bytes)?;
-                    self.page_hashes[i] = *blake3::hash(bytes).as_bytes();
+                    self.page_hashes[i] = page_hash(bytes);
                 }
                 Ok(false)
             }

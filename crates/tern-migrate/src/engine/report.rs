@@ -72,6 +72,9 @@ pub struct Report {
     /// Post-copy: guest started on the destination → last page acknowledged.
     #[serde(default)]
     pub postcopy_ms: f64,
+    /// Pages the guest never wrote: zeros on both sides, not sent at all.
+    #[serde(default)]
+    pub pages_never_written: u64,
     /// Auto-converge: the most the guest was throttled, percent.
     #[serde(default)]
     pub throttle_percent: u8,

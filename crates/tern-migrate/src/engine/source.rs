@@ -225,7 +225,7 @@ impl<G: SourceGuest> Source<'_, G> {
         let mut model = Model::new(root_t.elapsed().as_secs_f64());
         self.guest.start_dirty_tracking()?;
         self.tracking = true;
-        let mut todo: Vec<u64> = (0..n_pages).collect();
+        let mut todo = self.first_round_pages(n_pages)?;
         if self.policy.cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }
@@ -286,6 +286,30 @@ impl<G: SourceGuest> Source<'_, G> {
         // Not converged: hybrid moves on to post-copy; pre-copy stops the
         // guest anyway (its downtime exceeds the budget).
         Ok((todo, self.policy.mode == Mode::Hybrid))
+    }
+
+    /// What the first round sends: the pages the guest ever wrote where it
+    /// can say (asked after tracking started, so later writes are in the
+    /// dirty log), else every page. Pre-copy only: a post-copy destination
+    /// treats every page it never received as missing and would wait for
+    /// the skipped ones (zeros) until its post-copy ends.
+    fn first_round_pages(&mut self, n_pages: u64) -> Result<Vec<u64>, MigrateError> {
+        let populated = match self.policy.mode {
+            Mode::Precopy => self.guest.populated()?,
+            Mode::Postcopy | Mode::Hybrid => None,
+        };
+        let Some(populated) = populated else {
+            return Ok((0..n_pages).collect());
+        };
+        let todo: Vec<u64> = populated.pages().filter(|&p| p < n_pages).collect();
+        tracing::debug!(
+            migration = self.migration,
+            populated = todo.len(),
+            skipped = n_pages - todo.len() as u64,
+            "first round: pages never written are zeros on both sides"
+        );
+        self.report.pages_never_written = n_pages - todo.len() as u64;
+        Ok(todo)
     }
 
     /// Sends one round; returns its figures and the pages dirtied meanwhile.
