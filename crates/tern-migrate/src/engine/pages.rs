@@ -2,7 +2,7 @@
 //! every page's hash as last sent (the manifest's root), and publishing
 //! progress as frames go out.
 
-use super::{MigrateError, Progress, PAGE};
+use super::{Cancel, MigrateError, Progress, PAGE};
 use crate::guest::SourceGuest;
 use crate::protocol::KIND_PAGES;
 use bytes::Bytes;
@@ -137,11 +137,20 @@ impl PageSender {
 
 /// Waits until the destination has acknowledged everything sent, so a
 /// round's time is the time its bytes took to arrive, not to be queued.
-pub(super) async fn drain(tx: &Sender, timeout: Duration) -> Result<(), MigrateError> {
+/// A cancel ends the wait: on a slow link most of a round (small frames of
+/// zero pages) is queued at once and then waits here for seconds.
+pub(super) async fn drain(
+    tx: &Sender,
+    timeout: Duration,
+    cancel: &Cancel,
+) -> Result<(), MigrateError> {
     let deadline = Instant::now() + timeout;
     while tx.unacked_bytes() > 0 {
         if let Some(e) = tx.error() {
             return Err(e.into());
+        }
+        if cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled);
         }
         if Instant::now() > deadline {
             return Err(MigrateError::Timeout {

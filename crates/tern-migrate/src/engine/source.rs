@@ -344,7 +344,7 @@ impl<G: SourceGuest> Source<'_, G> {
             pages: pending,
         };
         self.ps.send(self.data, msg_frame(&end)).await?;
-        drain(self.data, self.policy.reply_timeout).await?;
+        drain(self.data, self.policy.reply_timeout, &self.policy.cancel).await?;
         let secs = t.elapsed().as_secs_f64().max(1e-6);
         let scan_t = Instant::now();
         let dirty = self.guest.take_dirty()?;
