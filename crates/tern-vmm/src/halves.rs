@@ -39,7 +39,7 @@ impl SourceGuest for Machine {
         Ok(self.stop_dirty_log()?)
     }
     fn populated(&self) -> Result<Option<DirtyBitmap>, GuestError> {
-        Ok(self.populated_pages()?)
+        Ok(self.populated_pages())
     }
     fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), GuestError> {
         Ok(self.read_memory(addr, out)?)

@@ -680,12 +680,13 @@ impl Machine {
     }
 
     /// The pages of RAM ever written ([`memory::populated`]); `None` when
-    /// RAM maps a snapshot's file (then every page may hold data).
-    pub fn populated_pages(&self) -> Result<Option<DirtyBitmap>, VmmError> {
+    /// RAM maps a snapshot's file (then every page may hold data) or the
+    /// page map cannot be read.
+    pub fn populated_pages(&self) -> Option<DirtyBitmap> {
         if self.ram_from_file {
-            return Ok(None);
+            return None;
         }
-        memory::populated(&self.mem).map(Some)
+        memory::populated(&self.mem)
     }
 
     /// Reads guest memory (checksums and tests).

@@ -104,13 +104,25 @@ pub fn take_monitor_writes(mem: &GuestMem) -> DirtyBitmap {
 /// out), from this process's page map: a page never touched is not mapped
 /// at all and reads as zeros. Only for anonymous RAM: an untouched page of
 /// a file mapping is not mapped either, yet holds the file's bytes.
-pub fn populated(mem: &GuestMem) -> Result<DirtyBitmap, VmmError> {
+/// `None` when the page map cannot be read (a jailed process does not see
+/// `/proc`): then every page counts as written.
+pub fn populated(mem: &GuestMem) -> Option<DirtyBitmap> {
+    match read_populated(mem) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::debug!(error = %e, "no page map: every page counts as written");
+            None
+        }
+    }
+}
+
+fn read_populated(mem: &GuestMem) -> std::io::Result<DirtyBitmap> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     /// Entries read at once: 512 KiB of page map, 256 MiB of RAM.
     const BATCH: usize = 64 << 10;
-    let map = File::open("/proc/self/pagemap").map_err(mem_err)?;
+    let map = File::open("/proc/self/pagemap")?;
     let mut out = DirtyBitmap::with_pages(total_bytes(mem) / PAGE_SIZE);
     let mut buf = vec![0u8; BATCH * 8];
     for r in mem.iter() {
@@ -121,8 +133,7 @@ pub fn populated(mem: &GuestMem) -> Result<DirtyBitmap, VmmError> {
         while done < pages {
             let n = (pages - done).min(BATCH as u64) as usize;
             let chunk = &mut buf[..n * 8];
-            map.read_exact_at(chunk, (host_page + done) * 8)
-                .map_err(mem_err)?;
+            map.read_exact_at(chunk, (host_page + done) * 8)?;
             for (i, e) in chunk.chunks_exact(8).enumerate() {
                 let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
                 if e & (PRESENT | SWAPPED) != 0 {
