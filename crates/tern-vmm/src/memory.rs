@@ -107,7 +107,27 @@ pub fn take_monitor_writes(mem: &GuestMem) -> DirtyBitmap {
 /// `None` when the page map cannot be read (a jailed process does not see
 /// `/proc`): then every page counts as written.
 pub fn populated(mem: &GuestMem) -> Option<DirtyBitmap> {
-    match read_populated(mem) {
+    let regions = mem.iter().map(|r| {
+        (
+            r.start_addr().0 / PAGE_SIZE,
+            r.as_ptr() as usize,
+            r.len() as usize,
+        )
+    });
+    or_every_page(read_populated(total_bytes(mem) / PAGE_SIZE, regions))
+}
+
+/// [`populated`] for one anonymous mapping of this process at
+/// `base..base+len` (page 0 at `base`).
+pub fn populated_range(base: usize, len: usize) -> Option<DirtyBitmap> {
+    or_every_page(read_populated(
+        (len / PAGE_SIZE as usize) as u64,
+        std::iter::once((0, base, len)),
+    ))
+}
+
+fn or_every_page(read: std::io::Result<DirtyBitmap>) -> Option<DirtyBitmap> {
+    match read {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::debug!(error = %e, "no page map: every page counts as written");
@@ -116,19 +136,28 @@ pub fn populated(mem: &GuestMem) -> Option<DirtyBitmap> {
     }
 }
 
-fn read_populated(mem: &GuestMem) -> std::io::Result<DirtyBitmap> {
+/// Reads the page map for `regions` (first guest page, host address,
+/// bytes) into a set of `pages` pages.
+fn read_populated(
+    pages: u64,
+    regions: impl Iterator<Item = (u64, usize, usize)>,
+) -> std::io::Result<DirtyBitmap> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
+    /// A swap entry's type (bits 0-4, shown to root). The last type marks
+    /// a PTE marker, not a page: userfaultfd write-protect (the process
+    /// workload's dirty tracking) leaves one on every page never touched.
+    const SWAP_TYPE: u64 = 0x1f;
+    const MARKER: u64 = 0x1f;
     /// Entries read at once: 512 KiB of page map, 256 MiB of RAM.
     const BATCH: usize = 64 << 10;
     let map = File::open("/proc/self/pagemap")?;
-    let mut out = DirtyBitmap::with_pages(total_bytes(mem) / PAGE_SIZE);
+    let mut out = DirtyBitmap::with_pages(pages);
     let mut buf = vec![0u8; BATCH * 8];
-    for r in mem.iter() {
-        let first = r.start_addr().0 / PAGE_SIZE;
-        let host_page = r.as_ptr() as u64 / PAGE_SIZE;
-        let pages = r.len() / PAGE_SIZE;
+    for (first, host, len) in regions {
+        let host_page = host as u64 / PAGE_SIZE;
+        let pages = len as u64 / PAGE_SIZE;
         let mut done = 0u64;
         while done < pages {
             let n = (pages - done).min(BATCH as u64) as usize;
@@ -136,7 +165,7 @@ fn read_populated(mem: &GuestMem) -> std::io::Result<DirtyBitmap> {
             map.read_exact_at(chunk, (host_page + done) * 8)?;
             for (i, e) in chunk.chunks_exact(8).enumerate() {
                 let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
-                if e & (PRESENT | SWAPPED) != 0 {
+                if e & PRESENT != 0 || (e & SWAPPED != 0 && e & SWAP_TYPE != MARKER) {
                     out.insert(first + done + i as u64);
                 }
             }

@@ -38,7 +38,19 @@ impl ProcessGuest {
         ws_pages: u64,
         dirty_bytes_per_sec: u64,
     ) -> Result<Self, GuestError> {
-        let region = Arc::new(Region::new(memory_bytes as usize, true)?);
+        Self::start_with(memory_bytes, ws_pages, dirty_bytes_per_sec, true)
+    }
+
+    /// [`ProcessGuest::start`], with the memory outside the working set
+    /// pre-faulted or left untouched (as in most real processes: never
+    /// written, so never mapped).
+    pub fn start_with(
+        memory_bytes: u64,
+        ws_pages: u64,
+        dirty_bytes_per_sec: u64,
+        prefault: bool,
+    ) -> Result<Self, GuestError> {
+        let region = Arc::new(Region::new(memory_bytes as usize, prefault)?);
         region.fill_random(ws_pages, 0x7465_726e);
         let state = ProcessState {
             ws_pages,
@@ -77,6 +89,11 @@ impl ProcessGuest {
             .map_or(self.state.writes, |d| d.writes())
     }
 
+    /// Its memory (tests read it as the guest would).
+    pub fn memory(&self) -> Arc<Region> {
+        self.region.clone()
+    }
+
     /// Whether it is writing.
     pub fn is_running(&self) -> bool {
         self.dirtier.is_some()
@@ -93,6 +110,9 @@ impl SourceGuest for ProcessGuest {
     fn start_dirty_tracking(&mut self) -> Result<(), GuestError> {
         self.tracker = Some(self.region.track_writes()?);
         Ok(())
+    }
+    fn populated(&self) -> Result<Option<DirtyBitmap>, GuestError> {
+        Ok(self.region.populated())
     }
     fn take_dirty(&mut self) -> Result<DirtyBitmap, GuestError> {
         let mut bits = DirtyBitmap::with_pages((self.region.len() / 4096) as u64);

@@ -89,6 +89,12 @@ impl Region {
         unsafe { std::slice::from_raw_parts_mut(self.base as *mut u8, self.len) }
     }
 
+    /// The pages ever written (or read as zeros), from the page map; `None`
+    /// where the page map cannot be read.
+    pub fn populated(&self) -> Option<crate::DirtyBitmap> {
+        crate::memory::populated_range(self.base, self.len)
+    }
+
     /// Starts kernel write tracking of the region.
     pub fn track_writes(&self) -> Result<WriteTracker, VmmError> {
         WriteTracker::start(self.base, self.len)

@@ -28,6 +28,8 @@ const POSTCOPY_INFLIGHT_BYTES: usize = 2 << 20;
 /// the guest faulted on twice as many pages (bench: busy 1 GiB post-copy
 /// total 1.5 → 2.0 s).
 const POSTCOPY_PUSH_PAGES: usize = 1024;
+/// What a page the source never wrote holds.
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 fn failed(e: MigrateError) -> MigrateError {
     MigrateError::PostcopyFailed(Box::new(e))
@@ -211,13 +213,19 @@ pub(super) async fn serve(
     for &p in stale {
         need[p as usize] = true;
     }
+    // Pages the source will send; any other page the guest faults on was
+    // never written there (zeros) and never sent.
+    let was_stale = need.clone();
     let mut requested = vec![false; inc.page_hashes.len()];
+    let mut zero_filled = 0u64;
     let res: Result<(), MigrateError> = async {
         loop {
             tokio::select! {
                 Some(page) = faults.recv() => {
                     let i = page as usize;
-                    if need[i] && !std::mem::replace(&mut requested[i], true) {
+                    if !was_stale[i] {
+                        zero_filled += u64::from(mem.fill(page, &ZERO_PAGE)?);
+                    } else if need[i] && !std::mem::replace(&mut requested[i], true) {
                         inc.replies.send(msg_frame(&DestMsg::PageRequest { page })).await?;
                     }
                 }
@@ -234,6 +242,10 @@ pub(super) async fn serve(
     .await;
     stop.store(true, Relaxed);
     let _ = faulter.join();
+    tracing::debug!(
+        zero_filled,
+        "post-copy: pages never written at the source, zero-filled here on first touch"
+    );
     res?;
     inc.replies.send(msg_frame(&DestMsg::Done)).await?;
     Ok(())

@@ -288,17 +288,13 @@ impl<G: SourceGuest> Source<'_, G> {
         Ok((todo, self.policy.mode == Mode::Hybrid))
     }
 
-    /// What the first round sends: the pages the guest ever wrote where it
-    /// can say (asked after tracking started, so later writes are in the
-    /// dirty log), else every page. Pre-copy only: a post-copy destination
-    /// treats every page it never received as missing and would wait for
-    /// the skipped ones (zeros) until its post-copy ends.
+    /// What the first round sends (or, in post-copy, what the destination
+    /// lacks): the pages the guest ever wrote where it can say (asked after
+    /// tracking started, so later writes are in the dirty log), else every
+    /// page. The others are zeros on both sides; a post-copy destination
+    /// zero-fills them when its guest touches one.
     fn first_round_pages(&mut self, n_pages: u64) -> Result<Vec<u64>, MigrateError> {
-        let populated = match self.policy.mode {
-            Mode::Precopy => self.guest.populated()?,
-            Mode::Postcopy | Mode::Hybrid => None,
-        };
-        let Some(populated) = populated else {
+        let Some(populated) = self.guest.populated()? else {
             return Ok((0..n_pages).collect());
         };
         let todo: Vec<u64> = populated.pages().filter(|&p| p < n_pages).collect();
