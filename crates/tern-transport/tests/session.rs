@@ -51,6 +51,17 @@ fn tls(id: &TlsIdentity) -> Security {
     }
 }
 
+/// Host identities, a TLS listener for the destination, and a link
+/// emulator in front of it (connect to `link.addr()`).
+async fn tls_behind_a_link() -> (Pki, Listener, LinkEmulator) {
+    let p = pki();
+    let l = listen(Some(&p.dst)).await;
+    let link = LinkEmulator::start(l.local_addr(), LinkConfig::default())
+        .await
+        .unwrap();
+    (p, l, link)
+}
+
 async fn listen(id: Option<&TlsIdentity>) -> Listener {
     Listener::bind(
         "127.0.0.1:0".parse().unwrap(),
@@ -248,11 +259,7 @@ async fn cut_links_resume_and_replay_at_most_the_window() {
         .with_env_filter(std::env::var("TERN_TEST_LOG").unwrap_or_default())
         .with_test_writer()
         .try_init();
-    let p = pki();
-    let mut l = listen(Some(&p.dst)).await;
-    let link = LinkEmulator::start(l.local_addr(), LinkConfig::default())
-        .await
-        .unwrap();
+    let (p, mut l, link) = tls_behind_a_link().await;
     let window = 8 << 20;
     let cfg = SessionConfig {
         window_bytes: window,
@@ -715,11 +722,7 @@ async fn silent_connections_cannot_hold_the_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: waits out a black hole"]
 async fn a_black_hole_within_the_deadline_is_resumed() {
-    let p = pki();
-    let mut l = listen(Some(&p.dst)).await;
-    let link = LinkEmulator::start(l.local_addr(), LinkConfig::default())
-        .await
-        .unwrap();
+    let (p, mut l, link) = tls_behind_a_link().await;
     let cfg = SessionConfig {
         window_bytes: 8 << 20,
         rate_bytes_per_sec: 20 * MB,
@@ -836,11 +839,7 @@ async fn a_black_hole_past_the_deadline_ends_both_sides() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: waits out a black hole"]
 async fn acks_lost_in_a_black_hole_are_resent_on_the_resumed_stream() {
-    let p = pki();
-    let mut l = listen(Some(&p.dst)).await;
-    let link = LinkEmulator::start(l.local_addr(), LinkConfig::default())
-        .await
-        .unwrap();
+    let (p, mut l, link) = tls_behind_a_link().await;
     let cfg = SessionConfig {
         streams: 2,
         window_bytes: 4 << 20,

@@ -6,7 +6,8 @@
 //!
 //! `cargo bench -p tern --bench migration` (needs /dev/kvm for the test guest;
 //! `TERN_BENCH_MIB` changes the 1 GiB; `TERN_BENCH_ROUNDS=1` prints every
-//! pre-copy round).
+//! pre-copy round; `TERN_BENCH_RUNS=N` migrates each row N times, in turn,
+//! and adds each row's median).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -116,7 +117,12 @@ fn main() {
         for (name, spec) in &workloads {
             let modes = std::env::var("TERN_BENCH_MODES")
                 .unwrap_or_else(|_| "precopy,postcopy,hybrid".into());
-            for mode in modes.split(',').map(|m| m.trim().to_string()) {
+            let runs: usize = std::env::var("TERN_BENCH_RUNS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let modes: Vec<String> = modes.split(',').map(|m| m.trim().to_string()).collect();
+            for mode in (0..runs).flat_map(|_| modes.iter()) {
                 let mode = mode.as_str();
                 // Alternate direction so each run starts from a fresh VM on a.
                 let vm = ca.create_vm(spec).await.unwrap();
@@ -208,6 +214,7 @@ fn main() {
             r.faults
         );
     }
+    print_medians(&rows);
     println!("\npeak resident memory of the source guest's process during the migration (VmHWM; at rest: when it began)");
     for r in &rows {
         println!(
@@ -226,6 +233,45 @@ fn main() {
         println!(
             "{:<48} {:<9} {:>6.1} | {:>6.1} | {:>6.1} | {:>6.1} | {:>6.1}",
             r.workload, r.mode, s.pause_ms, s.send_ms, s.ready_ms, s.commit_record_ms, s.running_ms
+        );
+    }
+}
+
+/// With `TERN_BENCH_RUNS` > 1: each row's median downtime and total time,
+/// with the spread of its runs (this machine's run-to-run spread is wide).
+fn print_medians(rows: &[Row]) {
+    let mut keys: Vec<(&str, &str)> = Vec::new();
+    for r in rows {
+        if !keys.contains(&(r.workload.as_str(), r.mode.as_str())) {
+            keys.push((&r.workload, &r.mode));
+        }
+    }
+    if keys.len() == rows.len() {
+        return;
+    }
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1], v.len())
+    };
+    println!("\nmedians (min-max) over the runs, ms");
+    println!(
+        "{:<48} {:<9} {:>24} {:>28}",
+        "workload", "mode", "downtime", "total"
+    );
+    for (w, m) in keys {
+        let of = |f: fn(&Row) -> f64| {
+            stats(
+                rows.iter()
+                    .filter(|r| r.workload == w && r.mode == m)
+                    .map(f)
+                    .collect(),
+            )
+        };
+        let (d, dl, dh, n) = of(|r| r.downtime_ms);
+        let (t, tl, th, _) = of(|r| r.total_ms);
+        println!(
+            "{:<48} {:<9} {:>9.1} ({:>5.1}-{:>5.1}) {:>10.0} ({:>6.0}-{:>6.0})  {n} runs",
+            w, m, d, dl, dh, t, tl, th
         );
     }
 }
