@@ -142,7 +142,7 @@ async fn a_container_migrates_between_agents_and_back_and_keeps_counting() {
     let gone = ca.vm(&vm.id).await.unwrap();
     assert_eq!(gone.status, GuestStatus::MovedAway, "{gone:?}");
     assert_eq!(
-        cb.migration(&done.id).await.unwrap().state,
+        wait_end(&cb, &done.id, Duration::from_secs(30)).await.state,
         MigrationPhase::Committed
     );
     assert_eq!(
