@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use libfuzzer_sys::fuzz_target;
-use tern_migrate::protocol::{from_runs, DestMsg, SessionHello, SourceMsg};
+use tern_migrate::protocol::{check_runs, DestMsg, SessionHello, SourceMsg};
 use tern_migrate::relay::{decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK};
 
 fuzz_target!(|data: &[u8]| {
@@ -42,9 +42,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(sm.verify(&key).is_err(), "forged manifest verified");
             }
             SourceMsg::Postcopy { stale } => {
-                if let Ok(pages) = from_runs(&stale, 1 << 20) {
-                    assert!(pages.len() <= 1 << 20);
-                    assert!(pages.windows(2).all(|w| w[0] < w[1]));
+                if let Ok(pages) = check_runs(&stale, 1 << 20) {
+                    assert!(pages <= 1 << 20);
+                    assert!(stale.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+                    assert!(stale.iter().all(|&(f, n)| n > 0 && f + n <= 1 << 20));
                 }
             }
             _ => {}

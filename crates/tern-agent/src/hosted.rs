@@ -250,7 +250,10 @@ impl DestinationGuest for Hosted {
     fn start(&mut self) -> Result<(), GuestError> {
         both!(self, g => DestinationGuest::start(g))
     }
-    fn enter_postcopy(&mut self, stale: &[u64]) -> Result<Box<dyn PostcopyMemory>, GuestError> {
+    fn enter_postcopy(
+        &mut self,
+        stale: &[(u64, u64)],
+    ) -> Result<Box<dyn PostcopyMemory>, GuestError> {
         both!(self, g => g.enter_postcopy(stale))
     }
 }

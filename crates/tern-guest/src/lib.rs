@@ -79,9 +79,13 @@ pub trait DestinationGuest: Send {
     /// Starts the guest.
     fn start(&mut self) -> Result<(), GuestError>;
     /// Post-copy: before [`DestinationGuest::start`], forget the `stale`
-    /// pages (and any never filled) and serve the guest's accesses to them
-    /// through the returned memory. Bulk writes through `ram_mut` end here.
-    fn enter_postcopy(&mut self, stale: &[u64]) -> Result<Box<dyn PostcopyMemory>, GuestError>;
+    /// pages (runs of `(first page, count)`, in order; and any never
+    /// filled) and serve the guest's accesses to them through the returned
+    /// memory. Bulk writes through `ram_mut` end here.
+    fn enter_postcopy(
+        &mut self,
+        stale: &[(u64, u64)],
+    ) -> Result<Box<dyn PostcopyMemory>, GuestError>;
 }
 
 /// A set of guest pages (one bit per 4 KiB page from guest physical 0).

@@ -76,8 +76,11 @@ impl DestinationGuest for Machine {
         self.start_vcpus()?;
         Ok(Machine::resume(self)?)
     }
-    fn enter_postcopy(&mut self, stale: &[u64]) -> Result<Box<dyn PostcopyMemory>, GuestError> {
-        Ok(Box::new(self.postcopy_ram(stale.iter().copied())?))
+    fn enter_postcopy(
+        &mut self,
+        stale: &[(u64, u64)],
+    ) -> Result<Box<dyn PostcopyMemory>, GuestError> {
+        Ok(Box::new(self.postcopy_ram(stale)?))
     }
 }
 

@@ -586,7 +586,7 @@ impl Machine {
     /// Pages never filled in this machine are missing too (fresh RAM).
     pub fn postcopy_ram(
         &mut self,
-        stale: impl IntoIterator<Item = u64>,
+        stale: &[(u64, u64)],
     ) -> Result<crate::uffd::MissingPages, VmmError> {
         let ram = self.ram_mut()?;
         let (base, len) = (ram.as_mut_ptr() as usize, ram.len());

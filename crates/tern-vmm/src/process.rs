@@ -185,8 +185,11 @@ impl DestinationGuest for ProcessGuest {
         ));
         Ok(())
     }
-    fn enter_postcopy(&mut self, stale: &[u64]) -> Result<Box<dyn PostcopyMemory>, GuestError> {
-        Ok(Box::new(self.region.missing_pages(stale.iter().copied())?))
+    fn enter_postcopy(
+        &mut self,
+        stale: &[(u64, u64)],
+    ) -> Result<Box<dyn PostcopyMemory>, GuestError> {
+        Ok(Box::new(self.region.missing_pages(stale)?))
     }
 }
 

@@ -101,10 +101,7 @@ impl Region {
     }
 
     /// Drops `stale` pages and serves later accesses through userfaultfd.
-    pub fn missing_pages(
-        &self,
-        stale: impl IntoIterator<Item = u64>,
-    ) -> Result<MissingPages, VmmError> {
+    pub fn missing_pages(&self, stale: &[(u64, u64)]) -> Result<MissingPages, VmmError> {
         MissingPages::register(self.base, self.len, stale)
     }
 

@@ -254,33 +254,27 @@ pub struct MissingPages {
 }
 
 impl MissingPages {
-    /// Drops `stale` pages of the mapping at `base..base+len` (so they read
-    /// as missing) and registers the whole range for missing-page faults.
-    /// The mapping must be private anonymous memory of this process that
-    /// stays mapped while this lives (fills into an unmapped range fail).
-    pub fn register(
-        base: usize,
-        len: usize,
-        stale: impl IntoIterator<Item = u64>,
-    ) -> Result<Self, VmmError> {
+    /// Drops the `stale` runs of pages (`(first, count)`) of the mapping at
+    /// `base..base+len` (so they read as missing) and registers the whole
+    /// range for missing-page faults. The mapping must be private anonymous
+    /// memory of this process that stays mapped while this lives (fills
+    /// into an unmapped range fail).
+    pub fn register(base: usize, len: usize, stale: &[(u64, u64)]) -> Result<Self, VmmError> {
         if !base.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
             return Err(VmmError::Memory(
                 "post-copy range is not page aligned".into(),
             ));
         }
-        // Runs of consecutive pages, checked against the mapping first.
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        for p in stale {
-            let p = p as usize;
-            if p >= len / PAGE {
+        // Checked against the mapping first.
+        let pages = (len / PAGE) as u64;
+        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(stale.len());
+        for &(first, n) in stale {
+            if first.checked_add(n).is_none_or(|end| end > pages) {
                 return Err(VmmError::Memory(format!(
-                    "stale page {p} is outside guest RAM"
+                    "stale pages {first}+{n} are outside guest RAM"
                 )));
             }
-            match runs.last_mut() {
-                Some((first, n)) if *first + *n == p => *n += 1,
-                _ => runs.push((p, 1)),
-            }
+            runs.push((first as usize, n as usize));
         }
         drop_runs(base, &runs)?;
         let uffd = Uffd::open(0)?;
@@ -529,7 +523,7 @@ mod tests {
         let base = anon(len);
         // SAFETY: inside the mapping made above.
         unsafe { *((base + 2 * PAGE) as *mut u8) = 9 };
-        let mp = match MissingPages::register(base, len, [2u64]) {
+        let mp = match MissingPages::register(base, len, &[(2, 1)]) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("SKIPPED: userfaultfd not available here: {e}");

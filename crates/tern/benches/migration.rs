@@ -7,7 +7,8 @@
 //! `cargo bench -p tern --bench migration` (needs /dev/kvm for the test guest;
 //! `TERN_BENCH_MIB` changes the 1 GiB; `TERN_BENCH_ROUNDS=1` prints every
 //! pre-copy round; `TERN_BENCH_RUNS=N` migrates each row N times, in turn,
-//! and adds each row's median).
+//! and adds each row's median; `TERN_BENCH_KEEP=1` keeps the agents' data
+//! dirs, with each guest process's log).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -215,6 +216,10 @@ fn main() {
         );
     }
     print_medians(&rows);
+    if std::env::var_os("TERN_BENCH_KEEP").is_some() {
+        // The guests' own logs (vms/<id>/guest.log under each data dir).
+        eprintln!("kept the agents' data dirs in {}", dir.keep().display());
+    }
     println!("\npeak resident memory of the source guest's process during the migration (VmHWM; at rest: when it began)");
     for r in &rows {
         println!(

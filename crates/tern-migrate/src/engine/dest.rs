@@ -156,8 +156,9 @@ struct Dest<'a, G> {
     /// switchover verifies a root, not all of RAM (fresh RAM is zero).
     page_hashes: Vec<[u8; 32]>,
     state: Option<Bytes>,
-    /// Post-copy: the pages the source still has to send.
-    stale: Option<Vec<u64>>,
+    /// Post-copy: the pages the source still has to send, as runs, and
+    /// how many.
+    stale: Option<(Vec<(u64, u64)>, u64)>,
     signed: Option<SignedManifest>,
     /// Frames received (the request counts).
     frames: u64,
@@ -192,8 +193,8 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
                 KIND_MSG => match parse_msg(&p)? {
                     SourceMsg::RoundEnd { .. } => {}
                     SourceMsg::Postcopy { stale: runs } => {
-                        self.stale =
-                            Some(from_runs(&runs, n_pages).map_err(MigrateError::Protocol)?)
+                        let n = check_runs(&runs, n_pages).map_err(MigrateError::Protocol)?;
+                        self.stale = Some((runs, n));
                     }
                     SourceMsg::Manifest(m) => {
                         self.signed = Some(m);
@@ -254,7 +255,7 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
                     "guest RAM here differs from the source's (page hash root mismatch)".into(),
                 ))
             }
-            (Some(st), n) if st.len() as u64 == n => Some(self.guest.enter_postcopy(st)?),
+            (Some((runs, pages)), n) if *pages == n => Some(self.guest.enter_postcopy(runs)?),
             _ => {
                 return Err(MigrateError::Verification(
                     "the manifest and the post-copy page list disagree".into(),
@@ -272,7 +273,7 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
         replies: &Sender,
         mem: Box<dyn PostcopyMemory>,
     ) -> Result<(), MigrateError> {
-        let stale = self.stale.take().unwrap_or_default();
+        let (stale, _) = self.stale.take().unwrap_or_default();
         let inc = Incoming {
             data,
             replies,

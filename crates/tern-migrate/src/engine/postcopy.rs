@@ -204,14 +204,14 @@ pub(super) struct Incoming<'a> {
 pub(super) async fn serve(
     mut inc: Incoming<'_>,
     mem: Arc<dyn PostcopyMemory>,
-    stale: &[u64],
+    stale: &[(u64, u64)],
 ) -> Result<(), MigrateError> {
     let stop = Arc::new(AtomicBool::new(false));
     let (fault_tx, mut faults) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let faulter = spawn_fault_reader(mem.clone(), stop.clone(), fault_tx)?;
     let mut need = vec![false; inc.page_hashes.len()];
-    for &p in stale {
-        need[p as usize] = true;
+    for &(first, n) in stale {
+        need[first as usize..(first + n) as usize].fill(true);
     }
     // Pages the source will send; any other page the guest faults on was
     // never written there (zeros) and never sent.

@@ -378,7 +378,10 @@ impl<G: SourceGuest> Source<'_, G> {
     /// when it stopped and every page the destination does not hold as it
     /// is now (`todo` left over from the last round plus what was dirtied
     /// since).
-    pub(super) fn pause(&mut self, todo: Vec<u64>) -> Result<(Instant, Vec<u64>), MigrateError> {
+    pub(super) fn pause(
+        &mut self,
+        mut todo: Vec<u64>,
+    ) -> Result<(Instant, Vec<u64>), MigrateError> {
         let n_pages = self.report.memory_bytes / PAGE as u64;
         self.report.phase = MigrationPhase::Switchover;
         self.ps.publish(|p| p.phase = MigrationPhase::Switchover);
@@ -386,11 +389,15 @@ impl<G: SourceGuest> Source<'_, G> {
         self.guest.pause()?;
         self.paused = true;
         let mut left = self.guest.take_dirty()?;
-        for p in todo {
+        for &p in &todo {
             left.insert(p);
         }
+        // Into `todo`'s own memory: a new list of a 1 GiB guest's pages
+        // (post-copy) is 2 MiB touched for the first time while paused.
+        todo.clear();
+        todo.extend(left.pages().filter(|&p| p < n_pages));
         self.report.switchover.pause_ms = ms_since(pause_at);
-        Ok((pause_at, left.pages().filter(|&p| p < n_pages).collect()))
+        Ok((pause_at, todo))
     }
 
     /// Pre-copy switchover: stop the guest, send the rest, commit.
