@@ -94,7 +94,8 @@ pub fn hello_frame(h: &SessionHello) -> Bytes {
 }
 
 /// The version of the migration handshake this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: the pages root is BLAKE3 over digests of 128-page groups.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Why a migration is asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,7 +144,8 @@ pub struct Manifest {
     pub frames: u64,
     /// Guest RAM size.
     pub memory_bytes: u64,
-    /// BLAKE3 over the concatenated per-page BLAKE3 hashes, hex.
+    /// BLAKE3 over the group digests (each BLAKE3 over the BLAKE3 hashes
+    /// of 128 consecutive pages; the last group may be shorter), hex.
     pub pages_root: String,
     /// BLAKE3 of the device state, hex.
     pub device_state: String,

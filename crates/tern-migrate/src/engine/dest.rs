@@ -1,7 +1,8 @@
 //! The destination side: accept or refuse, take pages in, verify
 //! everything against the signed manifest, load, commit, run.
 
-use super::pages::{page_hash, pages_root, zero_page_hash};
+use super::digests::PageDigests;
+use super::pages::page_hash;
 use super::postcopy::{self, Incoming};
 use super::replies::{next, next_msg, parse_msg};
 use super::{CommitHook, DestLink, MigrateError, PAGE};
@@ -154,7 +155,7 @@ struct Dest<'a, G> {
     decoder: Decoder,
     /// Each page's hash as it now stands here, updated as frames land so
     /// switchover verifies a root, not all of RAM (fresh RAM is zero).
-    page_hashes: Vec<[u8; 32]>,
+    digests: PageDigests,
     state: Option<Bytes>,
     /// Post-copy: the pages the source still has to send, as runs, and
     /// how many.
@@ -167,14 +168,13 @@ struct Dest<'a, G> {
 impl<'a, G: DestinationGuest> Dest<'a, G> {
     fn new(req: &MigrationRequest, guest: G, source_key: &'a VerifyingKey) -> Self {
         let n_pages = req.shape.memory_bytes / PAGE as u64;
-        let zero_hash = zero_page_hash();
         Self {
             guest,
             migration: req.migration.clone(),
             memory_bytes: req.shape.memory_bytes,
             source_key,
             decoder: Decoder::new(n_pages),
-            page_hashes: vec![zero_hash; n_pages as usize],
+            digests: PageDigests::new(n_pages),
             state: None,
             stale: None,
             signed: None,
@@ -184,14 +184,16 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
 
     /// Takes frames in until the switchover manifest.
     async fn take_in(&mut self, data: &mut Receiver) -> Result<(), MigrateError> {
-        let n_pages = self.page_hashes.len() as u64;
+        let n_pages = self.digests.len() as u64;
         loop {
             let (kind, p) = next(data).await?;
             match kind {
                 KIND_PAGES => self.land(&p)?,
                 KIND_DEVICE_STATE => self.state = Some(p),
                 KIND_MSG => match parse_msg(&p)? {
-                    SourceMsg::RoundEnd { .. } => {}
+                    // The source sends on: fold this round into the
+                    // digests now, not at switchover.
+                    SourceMsg::RoundEnd { .. } => self.digests.refresh(),
                     SourceMsg::Postcopy { stale: runs } => {
                         let n = check_runs(&runs, n_pages).map_err(MigrateError::Protocol)?;
                         self.stale = Some((runs, n));
@@ -215,7 +217,7 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
             .decode_frame(p, self.guest.ram_mut()?)
             .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
         for (page, bytes) in self.decoder.last_frame_pages() {
-            self.page_hashes[page as usize] = page_hash(bytes);
+            self.digests.set(page, page_hash(bytes));
         }
         Ok(())
     }
@@ -249,7 +251,7 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
             ));
         }
         let postcopy = match (&self.stale, m.postcopy_pages) {
-            (None, 0) if pages_root(&self.page_hashes) == m.pages_root => None,
+            (None, 0) if self.digests.root() == m.pages_root => None,
             (None, 0) => {
                 return Err(MigrateError::Verification(
                     "guest RAM here differs from the source's (page hash root mismatch)".into(),
@@ -278,7 +280,7 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
             data,
             replies,
             decoder: &mut self.decoder,
-            page_hashes: &mut self.page_hashes,
+            digests: &mut self.digests,
             source_key: self.source_key,
             migration: &self.migration,
             frames: self.frames + 1,

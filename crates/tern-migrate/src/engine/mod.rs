@@ -22,6 +22,7 @@
 
 mod convergence;
 mod dest;
+mod digests;
 mod pages;
 mod policy;
 mod postcopy;

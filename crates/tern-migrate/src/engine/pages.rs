@@ -2,6 +2,7 @@
 //! every page's hash as last sent (the manifest's root), and publishing
 //! progress as frames go out.
 
+use super::digests::PageDigests;
 use super::{Cancel, MigrateError, Progress, PAGE};
 use crate::guest::SourceGuest;
 use crate::protocol::KIND_PAGES;
@@ -15,7 +16,7 @@ use tokio::sync::watch;
 pub(super) struct PageSender {
     pub(super) encoder: Encoder,
     /// Each page's BLAKE3 hash as last sent (zero pages before).
-    pub(super) hashes: Vec<[u8; 32]>,
+    pub(super) digests: PageDigests,
     buf: Vec<u8>,
     /// Frames sent, all kinds (the manifest counts them).
     pub(super) frames: u64,
@@ -31,7 +32,7 @@ impl PageSender {
     pub(super) fn new(n_pages: u64, progress: watch::Sender<Progress>) -> Self {
         Self {
             encoder: Encoder::new(encoder_config(n_pages)),
-            hashes: vec![zero_page_hash(); n_pages as usize],
+            digests: PageDigests::new(n_pages),
             buf: Vec::new(),
             frames: 0,
             pages: 0,
@@ -82,7 +83,7 @@ impl PageSender {
         for (i, &p) in chunk.iter().enumerate() {
             let slot = &mut self.buf[i * PAGE..(i + 1) * PAGE];
             guest.read(p * PAGE as u64, slot)?;
-            self.hashes[p as usize] = page_hash(slot);
+            self.digests.set(p, page_hash(slot));
         }
         let mut out = Vec::with_capacity(1 + chunk.len() * (PAGE + 64) + 64);
         out.push(KIND_PAGES);
@@ -130,8 +131,8 @@ impl PageSender {
     }
 
     /// The root over every page's hash as last sent.
-    pub(super) fn root(&self) -> String {
-        pages_root(&self.hashes)
+    pub(super) fn root(&mut self) -> String {
+        self.digests.root()
     }
 }
 
@@ -192,12 +193,4 @@ pub(crate) fn page_hash(page: &[u8]) -> [u8; 32] {
 pub(crate) fn zero_page_hash() -> [u8; 32] {
     static ZERO: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
     *ZERO.get_or_init(|| *blake3::hash(&[0u8; PAGE]).as_bytes())
-}
-
-/// BLAKE3 over the concatenated per-page hashes, hex: what the manifest signs.
-/// Both sides compute it while the guest is paused, so it is one update over
-/// the whole table (8 MiB for 1 GiB of RAM): BLAKE3 then hashes many chunks
-/// at once in SIMD lanes, where 32-byte updates went one chunk at a time.
-pub(super) fn pages_root(hashes: &[[u8; 32]]) -> String {
-    blake3::hash(hashes.as_flattened()).to_hex().to_string()
 }

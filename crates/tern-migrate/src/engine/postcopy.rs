@@ -4,7 +4,8 @@
 //! requests and places pages as they land. Both ends end with a root over
 //! every page's hash, signed by the source.
 
-use super::pages::{page_hash, pages_root};
+use super::digests::PageDigests;
+use super::pages::page_hash;
 use super::replies::{next, parse_msg, poll_reply};
 use super::source::Source;
 use super::{ms_since, MigrateError, MigrationPhase, PAGE};
@@ -190,7 +191,7 @@ pub(super) struct Incoming<'a> {
     pub data: &'a mut Receiver,
     pub replies: &'a Sender,
     pub decoder: &'a mut Decoder,
-    pub page_hashes: &'a mut [[u8; 32]],
+    pub digests: &'a mut PageDigests,
     pub source_key: &'a VerifyingKey,
     pub migration: &'a str,
     /// Frames received so far.
@@ -209,14 +210,14 @@ pub(super) async fn serve(
     let stop = Arc::new(AtomicBool::new(false));
     let (fault_tx, mut faults) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let faulter = spawn_fault_reader(mem.clone(), stop.clone(), fault_tx)?;
-    let mut need = vec![false; inc.page_hashes.len()];
+    let mut need = vec![false; inc.digests.len()];
     for &(first, n) in stale {
         need[first as usize..(first + n) as usize].fill(true);
     }
     // Pages the source will send; any other page the guest faults on was
     // never written there (zeros) and never sent.
     let was_stale = need.clone();
-    let mut requested = vec![false; inc.page_hashes.len()];
+    let mut requested = vec![false; inc.digests.len()];
     let mut zero_filled = 0u64;
     let res: Result<(), MigrateError> = async {
         loop {
@@ -300,7 +301,7 @@ impl Incoming<'_> {
                         )));
                     }
                     mem.fill(page, bytes)?;
-                    self.page_hashes[i] = page_hash(bytes);
+                    self.digests.set(page, page_hash(bytes));
                 }
                 Ok(false)
             }
@@ -319,7 +320,7 @@ impl Incoming<'_> {
         }
     }
 
-    fn verify_final(&self, signed: &SignedManifest, need: &[bool]) -> Result<(), MigrateError> {
+    fn verify_final(&mut self, signed: &SignedManifest, need: &[bool]) -> Result<(), MigrateError> {
         signed
             .verify(self.source_key)
             .map_err(MigrateError::Verification)?;
@@ -334,7 +335,7 @@ impl Incoming<'_> {
                 "post-copy ended with pages missing".into(),
             ));
         }
-        if pages_root(self.page_hashes) != m.pages_root {
+        if self.digests.root() != m.pages_root {
             return Err(MigrateError::Verification(
                 "guest RAM here differs from the source's (page hash root mismatch)".into(),
             ));

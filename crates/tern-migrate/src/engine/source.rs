@@ -1,7 +1,7 @@
 //! The source side: request, pre-copy rounds, switchover, commit.
 
 use super::convergence::{decide, Decision, Model, RoundFigures, Standing};
-use super::pages::{drain, pages_root, PageSender};
+use super::pages::{drain, PageSender};
 use super::replies::reply;
 use super::{
     ms_since, CommitHook, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress, Report,
@@ -218,10 +218,10 @@ impl<G: SourceGuest> Source<'_, G> {
     /// go on in post-copy.
     async fn precopy(&mut self) -> Result<(Vec<u64>, bool), MigrateError> {
         let n_pages = self.report.memory_bytes / PAGE as u64;
-        // Switchover hashes the page table into a root on both sides while
+        // Switchover folds the page digests into a root on both sides while
         // the guest is paused: time it once here so predictions include it.
         let root_t = Instant::now();
-        let _ = pages_root(&self.ps.hashes);
+        let _ = self.ps.root();
         let mut model = Model::new(root_t.elapsed().as_secs_f64());
         self.guest.start_dirty_tracking()?;
         self.tracking = true;
@@ -344,12 +344,15 @@ impl<G: SourceGuest> Source<'_, G> {
         let secs = t.elapsed().as_secs_f64().max(1e-6);
         let scan_t = Instant::now();
         let dirty = self.guest.take_dirty()?;
+        let scan_secs = scan_t.elapsed().as_secs_f64();
+        // The destination refreshes at `RoundEnd` too: while the guest runs.
+        self.ps.digests.refresh();
         let figures = RoundFigures {
             secs,
             wire,
             sent: pending,
             dirtied: dirty.count(),
-            scan_secs: scan_t.elapsed().as_secs_f64(),
+            scan_secs,
             min_rtt: self.data.metrics().min_rtt.as_secs_f64(),
         };
         Ok((figures, dirty.pages().filter(|&p| p < n_pages).collect()))
