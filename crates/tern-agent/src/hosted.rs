@@ -250,6 +250,9 @@ impl DestinationGuest for Hosted {
     fn start(&mut self) -> Result<(), GuestError> {
         both!(self, g => DestinationGuest::start(g))
     }
+    fn prepare_to_start(&mut self) -> Result<(), GuestError> {
+        both!(self, g => g.prepare_to_start())
+    }
     fn enter_postcopy(
         &mut self,
         stale: &[(u64, u64)],

@@ -78,6 +78,13 @@ pub trait DestinationGuest: Send {
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), GuestError>;
     /// Starts the guest.
     fn start(&mut self) -> Result<(), GuestError>;
+    /// Called after `Ready` went out, while the source journals its commit
+    /// and `Commit` travels: work done here (a monitor's vCPU threads,
+    /// created parked) is off the downtime. The guest must not run yet,
+    /// and [`DestinationGuest::start`] must work whether this ran or not.
+    fn prepare_to_start(&mut self) -> Result<(), GuestError> {
+        Ok(())
+    }
     /// Post-copy: before [`DestinationGuest::start`], forget the `stale`
     /// pages (runs of `(first page, count)`, in order; and any never
     /// filled) and serve the guest's accesses to them through the returned

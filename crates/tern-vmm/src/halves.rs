@@ -73,8 +73,15 @@ impl DestinationGuest for Machine {
         Ok(self.load_state(&st)?)
     }
     fn start(&mut self) -> Result<(), GuestError> {
-        self.start_vcpus()?;
+        if !self.vcpus_started() {
+            self.start_vcpus()?;
+        }
         Ok(Machine::resume(self)?)
+    }
+    fn prepare_to_start(&mut self) -> Result<(), GuestError> {
+        // Spawning the threads (each installs its seccomp filter) took
+        // ~0.2 ms of the downtime after `Commit`; parked, they touch nothing.
+        Ok(self.start_vcpus()?)
     }
     fn enter_postcopy(
         &mut self,

@@ -593,6 +593,11 @@ impl Machine {
         crate::uffd::MissingPages::register(base, len, stale)
     }
 
+    /// Whether the vCPU threads exist (parked or running).
+    pub fn vcpus_started(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
     /// Creates the vCPU threads (paused) of a machine built by
     /// [`crate::incoming`] once its RAM and state are in place.
     pub fn start_vcpus(&mut self) -> Result<(), VmmError> {

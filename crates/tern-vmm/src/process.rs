@@ -31,19 +31,20 @@ pub struct ProcessGuest {
 }
 
 impl ProcessGuest {
-    /// A running workload of `memory_bytes` (pre-faulted: warm memory) whose
-    /// working set starts as incompressible data; the rest is zero.
+    /// A running workload of `memory_bytes` whose working set starts as
+    /// incompressible data (written, so warm); the rest was never written,
+    /// as in most real processes, and is not mapped.
     pub fn start(
         memory_bytes: u64,
         ws_pages: u64,
         dirty_bytes_per_sec: u64,
     ) -> Result<Self, GuestError> {
-        Self::start_with(memory_bytes, ws_pages, dirty_bytes_per_sec, true)
+        Self::start_with(memory_bytes, ws_pages, dirty_bytes_per_sec, false)
     }
 
     /// [`ProcessGuest::start`], with the memory outside the working set
-    /// pre-faulted or left untouched (as in most real processes: never
-    /// written, so never mapped).
+    /// pre-faulted (mapped, holding zeros: every page counts as written)
+    /// or left untouched.
     pub fn start_with(
         memory_bytes: u64,
         ws_pages: u64,

@@ -1,6 +1,7 @@
 //! Live-migration benchmark: two `tern agent` processes on loopback with
 //! mutual TLS; each guest in its own process, which runs its migration. For each mode it migrates (1) a 1 GiB process-memory workload
-//! dirtying 100 MiB/s of a 256 MiB working set (memory pre-faulted: warm),
+//! dirtying 100 MiB/s of a 256 MiB working set (written at start, so warm;
+//! the other three quarters never written, as in most processes),
 //! (2) the same workload idle, and (3) tern-vmm's test guest at its own pace,
 //! and prints downtime, total time and bytes on the wire as a table.
 //!
@@ -188,7 +189,7 @@ fn main() {
             }
         }
     });
-    println!("\nlive migration between two agent processes, loopback, mutual TLS (memory warm: pre-faulted)");
+    println!("\nlive migration between two agent processes, loopback, mutual TLS (working sets warm; process memory outside them never written)");
     println!(
         "{:<48} {:<9} {:>12} {:>10} {:>10} {:>10} {:>9} {:>6} {:>7}",
         "workload",

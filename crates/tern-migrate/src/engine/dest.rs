@@ -57,6 +57,7 @@ where
         dest.take_in(&mut data).await?;
         let postcopy = dest.verify_and_load()?;
         replies.send(msg_frame(&DestMsg::Ready)).await?;
+        dest.guest.prepare_to_start()?;
         await_commit(&mut data).await?;
         on_commit().map_err(MigrateError::CommitRecord)?;
         dest.guest.start()?;
