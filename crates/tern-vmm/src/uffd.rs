@@ -186,19 +186,16 @@ impl Uffd {
 /// guest are scattered: one `madvise` per run cost 23 ms for 16,000 runs
 /// here, so runs go 1,024 at a time through `process_madvise` on our own
 /// pidfd (9 ms), with `madvise` per run where the kernel lacks it.
-fn drop_runs(base: usize, runs: &[(usize, usize)]) -> Result<(), VmmError> {
-    let madvise_each = |runs: &[(usize, usize)]| -> Result<(), VmmError> {
-        for &(first, n) in runs {
+fn drop_runs(base: usize, runs: &[(u64, u64)]) -> Result<(), VmmError> {
+    // A run's address and length (its pages were checked against the mapping).
+    let span = |(first, n): (u64, u64)| (base + first as usize * PAGE, n as usize * PAGE);
+    let madvise_each = |runs: &[(u64, u64)]| -> Result<(), VmmError> {
+        for &run in runs {
+            let (addr, len) = span(run);
             // SAFETY: the run lies inside the caller's private anonymous
             // mapping (checked when built); MADV_DONTNEED only discards
             // contents the caller wants refetched; no reference to them is held.
-            let rc = unsafe {
-                libc::madvise(
-                    (base + first * PAGE) as *mut libc::c_void,
-                    n * PAGE,
-                    libc::MADV_DONTNEED,
-                )
-            };
+            let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
             if rc != 0 {
                 return Err(os_err("madvise(MADV_DONTNEED)"));
             }
@@ -216,12 +213,15 @@ fn drop_runs(base: usize, runs: &[(usize, usize)]) -> Result<(), VmmError> {
     for batch in runs.chunks(1024) {
         let iov: Vec<libc::iovec> = batch
             .iter()
-            .map(|&(first, n)| libc::iovec {
-                iov_base: (base + first * PAGE) as *mut libc::c_void,
-                iov_len: n * PAGE,
+            .map(|&run| {
+                let (addr, len) = span(run);
+                libc::iovec {
+                    iov_base: addr as *mut libc::c_void,
+                    iov_len: len,
+                }
             })
             .collect();
-        let want: usize = batch.iter().map(|&(_, n)| n * PAGE).sum();
+        let want: usize = iov.iter().map(|v| v.iov_len).sum();
         // SAFETY: process_madvise reads `iov.len()` iovecs from `iov`, which
         // lives across the call; they name runs of the caller's mapping as
         // above, and MADV_DONTNEED only discards their contents.
@@ -267,16 +267,15 @@ impl MissingPages {
         }
         // Checked against the mapping first.
         let pages = (len / PAGE) as u64;
-        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(stale.len());
-        for &(first, n) in stale {
-            if first.checked_add(n).is_none_or(|end| end > pages) {
-                return Err(VmmError::Memory(format!(
-                    "stale pages {first}+{n} are outside guest RAM"
-                )));
-            }
-            runs.push((first as usize, n as usize));
+        if let Some(&(first, n)) = stale
+            .iter()
+            .find(|&&(first, n)| first.checked_add(n).is_none_or(|end| end > pages))
+        {
+            return Err(VmmError::Memory(format!(
+                "stale pages {first}+{n} are outside guest RAM"
+            )));
         }
-        drop_runs(base, &runs)?;
+        drop_runs(base, stale)?;
         let uffd = Uffd::open(0)?;
         uffd.register(base, len, UFFDIO_REGISTER_MODE_MISSING)?;
         Ok(Self { uffd, base, len })
@@ -506,7 +505,7 @@ mod tests {
             // SAFETY: inside the mapping made above.
             unsafe { *((base + p * PAGE) as *mut u8) = 7 };
         }
-        let runs: Vec<(usize, usize)> = (0..pages / 2).map(|i| (i * 2, 1)).collect();
+        let runs: Vec<(u64, u64)> = (0..pages as u64 / 2).map(|i| (i * 2, 1)).collect();
         drop_runs(base, &runs).unwrap();
         for p in 0..pages {
             // SAFETY: inside the mapping made above.
