@@ -6,7 +6,7 @@ use ed25519_dalek::SigningKey;
 use std::path::Path;
 use std::time::Duration;
 use tern_migrate::{
-    migrate, receive, Capacity, DestLink, MigrateError, MigrationPhase, Policy, SourceLink,
+    migrate, receive, Capacity, Codec, DestLink, MigrateError, MigrationPhase, Policy, SourceLink,
 };
 use tern_transport::{certs, Listener, Security, Sender, SessionConfig, TlsIdentity};
 use tern_vmm::halves::incoming_machine;
@@ -217,6 +217,54 @@ async fn precopy_round_trip(tls: Option<&Hosts>) {
         steps.iter().sum::<f64>() <= report.downtime_ms + 1e-6,
         "{s:?} vs {report:?}"
     );
+}
+
+/// Moves a fresh test guest under `policy`; returns how its pages were
+/// encoded, after checking the guest carried on intact.
+async fn encodings_under(policy: Policy) -> tern_migrate::Encodings {
+    let mut src = boot();
+    let (sl, dl) = links().await;
+    let key = SigningKey::from_bytes(&rand::random());
+    let dest = spawn_dest(dl, key.verifying_key(), capacity());
+    let report = migrate(&mut src, sl, &key, &policy, "m-codec")
+        .await
+        .committed()
+        .unwrap();
+    let dst: Machine = dest.await.unwrap().unwrap();
+    let at_switch = dst.with_devices(|d| d.agent.counter);
+    let out = dst.wait_until(WAIT, |d| {
+        d.agent.checksum.is_some_and(|(at, _)| at > at_switch + 16)
+    });
+    assert_eq!(out, WaitOutcome::Satisfied);
+    let (at, sum) = dst.with_devices(|d| d.agent.checksum).unwrap();
+    assert_eq!(sum, guest().expected_checksum(at), "intact at counter {at}");
+    eprintln!("{:?}: {:?}", policy.compression, report.encodings);
+    report.encodings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_is_chosen_from_the_link_unless_one_is_asked_for() {
+    if !kvm_available() {
+        return;
+    }
+    // A 4 MB/s cap: bytes cost more than CPU, and the test guest's pages
+    // compress, so `auto` picks zstd.
+    let slow = |compression| Policy {
+        bandwidth_bytes_per_sec: 4_000_000,
+        compression,
+        ..Policy::default()
+    };
+    let auto = encodings_under(slow(Codec::Auto)).await;
+    assert!(auto.zstd > 0 && auto.lz4 == 0, "{auto:?}");
+    // What the operator asks for is used as it is.
+    let none = encodings_under(slow(Codec::None)).await;
+    assert!(none.zstd == 0 && none.lz4 == 0 && none.raw > 0, "{none:?}");
+    let lz4 = encodings_under(slow(Codec::Lz4)).await;
+    assert!(lz4.zstd == 0 && lz4.lz4 > 0, "{lz4:?}");
+    // Unlimited loopback: the link is fast, so no zstd, and LZ4 (probed
+    // first) pays on these pages.
+    let fast = encodings_under(Policy::default()).await;
+    assert!(fast.zstd == 0 && fast.lz4 > 0, "{fast:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,11 @@ pub struct EncodeStats {
     pub bytes_in: u64,
     /// Frame bytes out.
     pub bytes_out: u64,
+    /// Page bytes that went to the configured compression (sent compressed
+    /// or, when it did not pay, raw): what an adaptive policy learns from.
+    pub packed_in: u64,
+    /// Their payload bytes out.
+    pub packed_out: u64,
 }
 
 impl EncodeStats {
@@ -65,6 +70,8 @@ impl EncodeStats {
         }
         self.bytes_in += o.bytes_in;
         self.bytes_out += o.bytes_out;
+        self.packed_in += o.packed_in;
+        self.packed_out += o.packed_out;
     }
 }
 
@@ -181,8 +188,15 @@ impl Encoder {
                 (count as usize) < MAX_PAGES_PER_FRAME,
                 "too many pages in one frame"
             );
+            let before = out.len();
             let tag = self.encode_page(index, data, out);
             stats.pages_by_tag[tag as usize] += 1;
+            if matches!(tag, Tag::Lz4 | Tag::Zstd | Tag::Raw) {
+                stats.packed_in += PAGE_SIZE as u64;
+                // Less the page index and tag (and the length of a compressed one).
+                let header = if tag == Tag::Raw { 9 } else { 11 };
+                stats.packed_out += (out.len() - before - header) as u64;
+            }
             count += 1;
         }
         out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());

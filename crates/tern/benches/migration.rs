@@ -9,7 +9,8 @@
 //! `TERN_BENCH_MIB` changes the 1 GiB; `TERN_BENCH_ROUNDS=1` prints every
 //! pre-copy round; `TERN_BENCH_RUNS=N` migrates each row N times, in turn,
 //! and adds each row's median; `TERN_BENCH_KEEP=1` keeps the agents' data
-//! dirs, with each guest process's log).
+//! dirs, with each guest process's log; `TERN_BENCH_COMPRESS=none|lz4|zstd`
+//! fixes the compression, which is `auto` otherwise).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -145,7 +146,7 @@ fn main() {
                             deadline_secs: None,
                             max_bandwidth_mbps: None,
                             auto_converge: None,
-                            compress: None,
+                            compress: std::env::var("TERN_BENCH_COMPRESS").ok(),
                             id: None,
                             reason: None,
                         },
@@ -233,12 +234,20 @@ fn main() {
             r.source_peak_mb - r.source_rest_mb
         );
     }
-    println!("\nwhere the downtime went, ms: pause + final scan | last pages, state, manifest | until Ready | source commit record | Commit -> Running");
+    println!("\nwhere the downtime went, ms: pause + final scan | last pages, state, manifest (of it: pages, state) | until Ready | source commit record | Commit -> Running");
     for r in &rows {
         let s = &r.steps;
         println!(
-            "{:<48} {:<9} {:>6.1} | {:>6.1} | {:>6.1} | {:>6.1} | {:>6.1}",
-            r.workload, r.mode, s.pause_ms, s.send_ms, s.ready_ms, s.commit_record_ms, s.running_ms
+            "{:<48} {:<9} {:>6.1} | {:>6.1} ({:>4.1}, {:>4.1}) | {:>6.1} | {:>6.1} | {:>6.1}",
+            r.workload,
+            r.mode,
+            s.pause_ms,
+            s.send_ms,
+            s.last_pages_ms,
+            s.device_state_ms,
+            s.ready_ms,
+            s.commit_record_ms,
+            s.running_ms
         );
     }
 }

@@ -70,8 +70,9 @@ pub struct MigrateArgs {
     /// Do not throttle a guest whose pre-copy does not converge.
     #[arg(long)]
     pub no_auto_converge: bool,
-    /// Linux (QEMU) guests: compress QEMU's stream on the wire (none, lz4,
-    /// zstd; default zstd under --bandwidth, else none).
+    /// Compression on the wire: auto (default), none, lz4, zstd. Native
+    /// guests: auto picks per frame from the link rate and the pages; Linux
+    /// guests and containers: auto is zstd under --bandwidth, else none.
     #[arg(long)]
     pub compress: Option<String>,
     /// Print the final report as JSON instead of a table.

@@ -268,8 +268,10 @@ pub struct MigrateRequest {
     /// Throttle a guest whose pre-copy does not converge (default true).
     #[serde(default)]
     pub auto_converge: Option<bool>,
-    /// Linux (QEMU) guests: compress the stream on the wire: `none`, `lz4`
-    /// or `zstd` (default: zstd under a bandwidth cap, else none).
+    /// Compression on the wire: `auto` (the default), `none`, `lz4` or
+    /// `zstd`. Native guests: `auto` picks per frame from the measured link
+    /// rate and what each codec achieves on the guest's pages. Linux guests
+    /// and containers: `auto` is zstd under a bandwidth cap, else none.
     #[serde(default)]
     pub compress: Option<String>,
     /// The migration's id, when a control plane names it (default: one of
@@ -308,14 +310,17 @@ impl MigrateRequest {
         policy.deadline = self.deadline_secs.map(Duration::from_secs);
         policy.max_bandwidth_bytes_per_sec = mbps(self.max_bandwidth_mbps);
         policy.auto_converge = self.auto_converge.unwrap_or(true);
-        let compress = match &self.compress {
-            Some(c) => {
-                c.parse::<crate::qemu_relay::Compress>()
-                    .map_err(AgentError::BadRequest)?;
-                c.clone()
-            }
-            None if policy.bandwidth_bytes_per_sec > 0 => "zstd".into(),
-            None => "none".into(),
+        // Native guests: the engine's page compression. Linux guests and
+        // containers: their relay's stream compression, which has no `auto`
+        // (it stands for zstd under a cap, else none, as when not given).
+        let asked = self.compress.as_deref().unwrap_or("auto");
+        policy.compression = asked
+            .parse::<tern_migrate::Codec>()
+            .map_err(AgentError::BadRequest)?;
+        let compress = match asked {
+            "auto" if policy.bandwidth_bytes_per_sec > 0 => "zstd".into(),
+            "auto" => "none".into(),
+            c => c.to_string(),
         };
         Ok((policy, compress))
     }

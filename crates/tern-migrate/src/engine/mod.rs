@@ -20,6 +20,7 @@
 //! hashes, [`replies`] reading the peer's messages, [`report`] what a
 //! migration publishes and reports, [`policy`] how the source runs it.
 
+mod codec;
 mod convergence;
 mod dest;
 mod digests;
@@ -31,8 +32,8 @@ mod report;
 mod source;
 
 pub use dest::{receive, receive_observed, Capacity};
-pub use policy::{Cancel, Mode, Policy};
-pub use report::{Progress, Report, RoundStats, SwitchoverTimes};
+pub use policy::{Cancel, Codec, Mode, Policy};
+pub use report::{Encodings, Progress, Report, RoundStats, SwitchoverTimes};
 pub use source::{migrate, migrate_observed};
 pub use tern_proto::MigrationPhase;
 

@@ -2,19 +2,24 @@
 //! every page's hash as last sent (the manifest's root), and publishing
 //! progress as frames go out.
 
+use super::codec::CodecChooser;
 use super::digests::PageDigests;
-use super::{Cancel, MigrateError, Progress, PAGE};
+use super::{Cancel, Codec, MigrateError, Progress, PAGE};
 use crate::guest::SourceGuest;
 use crate::protocol::KIND_PAGES;
 use bytes::Bytes;
 use std::time::{Duration, Instant};
-use tern_pagecodec::{Encoder, EncoderConfig};
+use tern_pagecodec::{EncodeStats, Encoder, EncoderConfig};
 use tern_transport::Sender;
 use tokio::sync::watch;
 
 /// Encodes and sends pages, tracking what went out.
 pub(super) struct PageSender {
     pub(super) encoder: Encoder,
+    /// The compression of each frame.
+    codec: CodecChooser,
+    /// What every frame so far held, by encoding.
+    pub(super) encoded: EncodeStats,
     /// Each page's BLAKE3 hash as last sent (zero pages before).
     pub(super) digests: PageDigests,
     buf: Vec<u8>,
@@ -29,9 +34,11 @@ pub(super) struct PageSender {
 
 impl PageSender {
     /// A sender for a guest of `n_pages`, publishing on `progress`.
-    pub(super) fn new(n_pages: u64, progress: watch::Sender<Progress>) -> Self {
+    pub(super) fn new(n_pages: u64, codec: Codec, progress: watch::Sender<Progress>) -> Self {
         Self {
             encoder: Encoder::new(encoder_config(n_pages)),
+            codec: CodecChooser::new(codec),
+            encoded: EncodeStats::default(),
             digests: PageDigests::new(n_pages),
             buf: Vec::new(),
             frames: 0,
@@ -60,7 +67,7 @@ impl PageSender {
     ) -> Result<u64, MigrateError> {
         let mut wire = 0;
         for chunk in pages.chunks(per_frame.max(1)) {
-            let (f, bytes) = self.encode(guest, chunk)?;
+            let (f, bytes) = self.encode(guest, chunk, tx)?;
             wire += bytes;
             self.send(tx, f).await?;
             self.pages += chunk.len() as u64;
@@ -78,6 +85,7 @@ impl PageSender {
         &mut self,
         guest: &G,
         chunk: &[u64],
+        tx: &Sender,
     ) -> Result<(Bytes, u64), MigrateError> {
         self.buf.resize(chunk.len() * PAGE, 0);
         for (i, &p) in chunk.iter().enumerate() {
@@ -87,6 +95,9 @@ impl PageSender {
         }
         let mut out = Vec::with_capacity(1 + chunk.len() * (PAGE + 64) + 64);
         out.push(KIND_PAGES);
+        let compression = self.codec.next(&tx.metrics());
+        self.encoder.set_compression(compression);
+        let t = Instant::now();
         let stats = self.encoder.encode_frame(
             chunk
                 .iter()
@@ -94,6 +105,9 @@ impl PageSender {
                 .map(|(i, &p)| (p, &self.buf[i * PAGE..(i + 1) * PAGE])),
             &mut out,
         );
+        self.codec
+            .observe(compression, &stats, t.elapsed().as_secs_f64());
+        self.encoded.add(&stats);
         // A frame of zero or repeated pages is small: do not keep the room
         // reserved for raw pages while it waits in the window.
         if out.len() < out.capacity() / 2 {

@@ -51,6 +51,36 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// How pages that are not zero, duplicate or a small delta are compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Codec {
+    /// Chosen as pages go, from the measured link rate and what each codec
+    /// achieves on this guest's pages (`engine/codec.rs`): none on a fast
+    /// link or incompressible memory, LZ4 or zstd on slower links.
+    #[default]
+    Auto,
+    /// Never compressed.
+    None,
+    /// Always LZ4.
+    Lz4,
+    /// Always zstd (level 3).
+    Zstd,
+}
+
+impl std::str::FromStr for Codec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Codec::Auto),
+            "none" => Ok(Codec::None),
+            "lz4" => Ok(Codec::Lz4),
+            "zstd" => Ok(Codec::Zstd),
+            other => Err(format!("compress `{other}`: use auto, none, lz4 or zstd")),
+        }
+    }
+}
+
 /// How the source runs a migration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default)]
@@ -80,6 +110,8 @@ pub struct Policy {
     pub max_bandwidth_bytes_per_sec: u64,
     /// Why the migration is asked for (sent to the destination, logged there).
     pub reason: String,
+    /// Page compression (default: adaptive).
+    pub compression: Codec,
     /// Stops it before switchover (not sent anywhere: the process that
     /// runs the migration holds it).
     #[serde(skip)]
@@ -100,6 +132,7 @@ impl Default for Policy {
             bandwidth_bytes_per_sec: 0,
             max_bandwidth_bytes_per_sec: 0,
             reason: "operator".into(),
+            compression: Codec::Auto,
             cancel: Cancel::default(),
         }
     }

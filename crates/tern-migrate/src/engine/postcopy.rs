@@ -42,7 +42,9 @@ impl<G: SourceGuest> Source<'_, G> {
     pub(super) async fn postcopy_switchover(&mut self, todo: Vec<u64>) -> Result<(), MigrateError> {
         self.report.postcopy = true;
         let (pause_at, stale) = self.pause(todo)?;
+        let t = Instant::now();
         let state = self.guest.device_state()?;
+        self.report.switchover.device_state_ms = ms_since(t);
         self.ps
             .send(self.data, frame(KIND_DEVICE_STATE, &state))
             .await?;

@@ -84,6 +84,41 @@ pub struct Report {
     /// Where the downtime went, step by step.
     #[serde(default)]
     pub switchover: SwitchoverTimes,
+    /// Pages sent, by how each was encoded (the compression `auto` chose
+    /// shows in `lz4`, `zstd` and `raw`).
+    #[serde(default)]
+    pub encodings: Encodings,
+}
+
+/// Pages sent, by encoding.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encodings {
+    /// All zeros (a tag, no payload).
+    pub zero: u64,
+    /// Same as a page the destination holds.
+    pub duplicate: u64,
+    /// XOR delta against the copy sent before.
+    pub delta: u64,
+    /// LZ4-compressed.
+    pub lz4: u64,
+    /// zstd-compressed.
+    pub zstd: u64,
+    /// As they are (compression off, or it did not pay).
+    pub raw: u64,
+}
+
+impl From<&tern_pagecodec::EncodeStats> for Encodings {
+    fn from(s: &tern_pagecodec::EncodeStats) -> Self {
+        use tern_pagecodec::Tag;
+        Self {
+            zero: s.count(Tag::Zero),
+            duplicate: s.count(Tag::Duplicate),
+            delta: s.count(Tag::XorDelta),
+            lz4: s.count(Tag::Lz4),
+            zstd: s.count(Tag::Zstd),
+            raw: s.count(Tag::Raw),
+        }
+    }
 }
 
 /// The steps of a switchover, in ms, in the order they happen: they add up
@@ -94,6 +129,12 @@ pub struct SwitchoverTimes {
     pub pause_ms: f64,
     /// Sending the last pages, the device state and the signed manifest.
     pub send_ms: f64,
+    /// Of `send_ms`: reading, hashing, encoding and queueing the last pages.
+    #[serde(default)]
+    pub last_pages_ms: f64,
+    /// Of `send_ms`: saving the device state (vCPU registers, devices).
+    #[serde(default)]
+    pub device_state_ms: f64,
     /// Until the destination said `Ready` (it drained the link, checked the
     /// manifest and loaded the guest).
     pub ready_ms: f64,

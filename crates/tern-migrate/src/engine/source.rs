@@ -70,11 +70,16 @@ pub async fn migrate_observed<G: SourceGuest>(
         report: Report::new(memory_bytes),
         paused: false,
         tracking: false,
-        ps: PageSender::new(memory_bytes / PAGE as u64, progress.clone()),
+        ps: PageSender::new(
+            memory_bytes / PAGE as u64,
+            policy.compression,
+            progress.clone(),
+        ),
         before_commit,
     };
     let res = src.run().await;
     src.report.total_ms = ms_since(t0);
+    src.report.encodings = (&src.ps.encoded).into();
     let outcome = src.conclude(res).await;
     progress.send_modify(|p| {
         p.phase = outcome.report().phase;
@@ -407,10 +412,14 @@ impl<G: SourceGuest> Source<'_, G> {
     async fn switchover(&mut self, todo: Vec<u64>) -> Result<(), MigrateError> {
         let (pause_at, last) = self.pause(todo)?;
         let frame_pages = self.policy.frame_pages;
+        let t = Instant::now();
         self.ps
             .send_pages(self.guest, self.data, &last, frame_pages)
             .await?;
+        self.report.switchover.last_pages_ms = ms_since(t);
+        let t = Instant::now();
         let state = self.guest.device_state()?;
+        self.report.switchover.device_state_ms = ms_since(t);
         self.ps
             .send(self.data, frame(KIND_DEVICE_STATE, &state))
             .await?;
