@@ -14,9 +14,17 @@ struct Counters {
     disk_bytes: u64,
 }
 
+/// How long the CPU busy share is averaged over (like the 1-minute load
+/// average): the balancer sheds VMs off hosts that stay busy, and a burst
+/// (a migration, a build, a boot) must not make a host look hot.
+const CPU_AVERAGE_SECS: f64 = 60.0;
+
 /// Turns successive `/proc` readings into rates.
 pub struct Sampler {
     last: Option<(Instant, Counters)>,
+    /// The CPU busy share, averaged exponentially over `CPU_AVERAGE_SECS`
+    /// from 0 at start (a new host is not judged by its first seconds).
+    cpu: f64,
 }
 
 impl Default for Sampler {
@@ -28,7 +36,10 @@ impl Default for Sampler {
 impl Sampler {
     /// A sampler with no reading yet (the first sample reports no rates).
     pub fn new() -> Self {
-        Self { last: None }
+        Self {
+            last: None,
+            cpu: 0.0,
+        }
     }
 
     /// The load now; `vms` and `migrations` come from the agent.
@@ -47,8 +58,10 @@ impl Sampler {
             let secs = now.duration_since(at).as_secs_f64().max(1e-3);
             let d_total = c.cpu_total.saturating_sub(prev.cpu_total);
             if d_total > 0 {
-                load.cpu = c.cpu_busy.saturating_sub(prev.cpu_busy) as f64 / d_total as f64;
+                let busy = c.cpu_busy.saturating_sub(prev.cpu_busy) as f64 / d_total as f64;
+                self.cpu = average(self.cpu, busy.clamp(0.0, 1.0), secs);
             }
+            load.cpu = self.cpu;
             load.net_bytes_per_sec =
                 (c.net_bytes.saturating_sub(prev.net_bytes) as f64 / secs) as u64;
             load.disk_bytes_per_sec =
@@ -57,6 +70,13 @@ impl Sampler {
         self.last = Some((now, c));
         load
     }
+}
+
+/// `avg` moved toward `now`, a rate measured over the last `secs`, as an
+/// exponential average with time constant `CPU_AVERAGE_SECS`.
+fn average(avg: f64, now: f64, secs: f64) -> f64 {
+    let keep = (-secs / CPU_AVERAGE_SECS).exp();
+    avg * keep + now * (1.0 - keep)
 }
 
 /// What this host offers when its configuration does not say: its memory
@@ -176,5 +196,23 @@ mod tests {
         assert!(first.memory_free_mib > 0);
         let second = s.sample(2, 0);
         assert!((0.0..=1.0).contains(&second.cpu));
+    }
+
+    #[test]
+    fn a_burst_does_not_make_a_host_busy_but_a_steady_load_does() {
+        // Three seconds at 100 % after an idle start: under 6 %.
+        let mut avg = 0.0;
+        for _ in 0..3 {
+            avg = average(avg, 1.0, 1.0);
+        }
+        assert!(avg < 0.06, "{avg}");
+        // Three minutes at 100 %: above 0.9 whatever the sampling step.
+        for step in [1.0, 5.0, 30.0] {
+            let mut avg = 0.0;
+            for _ in 0..(180.0 / step) as usize {
+                avg = average(avg, 1.0, step);
+            }
+            assert!(avg > 0.9, "{step}: {avg}");
+        }
     }
 }

@@ -62,7 +62,8 @@ pub struct Capacity {
 /// A host's load, from its heartbeats.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostLoad {
-    /// Busy fraction of all its cores, 0..=1.
+    /// Busy fraction of all its cores, 0..=1, averaged over about a
+    /// minute (a burst does not make a host hot).
     pub cpu: f64,
     /// Memory in use, MiB.
     pub memory_used_mib: u64,
