@@ -11,6 +11,9 @@ pub enum IdError {
     /// The text is not a UUID (VM ids are UUIDs so they never collide across hosts).
     #[error("`{0}` is not a valid VM id (expected a UUID)")]
     BadVmId(String),
+    /// The text is not a UUID (actor ids are UUIDs, like VM ids).
+    #[error("`{0}` is not a valid actor id (expected a UUID)")]
+    BadActorId(String),
     /// Names (tenants, hosts) must be short and printable so they are safe in logs, URLs and SQL.
     #[error("`{value}` is not a valid {kind}: use 1-64 characters from [A-Za-z0-9._-]")]
     BadName {
@@ -54,6 +57,50 @@ impl FromStr for VmId {
         Uuid::parse_str(s)
             .map(Self)
             .map_err(|_| IdError::BadVmId(s.to_owned()))
+    }
+}
+
+/// A WebAssembly actor's identity for its whole life, across executors,
+/// migrations and restores from checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ActorId(Uuid);
+
+impl ActorId {
+    /// A fresh random id.
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+
+    /// The id's 16 bytes, as checkpoints carry it.
+    pub fn to_bytes(self) -> [u8; 16] {
+        *self.0.as_bytes()
+    }
+
+    /// The id from its 16 bytes.
+    pub fn from_bytes(b: [u8; 16]) -> Self {
+        Self(Uuid::from_bytes(b))
+    }
+}
+
+impl Default for ActorId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for ActorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for ActorId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s)
+            .map(Self)
+            .map_err(|_| IdError::BadActorId(s.to_owned()))
     }
 }
 
@@ -125,6 +172,12 @@ name_newtype!(
     /// A host (agent) that runs VMs; owner records name one.
     HostId,
     "host id"
+);
+name_newtype!(
+    /// An actor executor (one per host, run by its agent or `tern executor`);
+    /// it owns actors and signs their checkpoints.
+    ExecutorId,
+    "executor id"
 );
 name_newtype!(
     /// A migration, the same on both hosts and in the control plane's store.

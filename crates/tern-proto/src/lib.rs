@@ -18,7 +18,9 @@ pub use host::{
     labels_satisfy, Capacity, HostLoad, HostRecord, HostState, Labels, MigrationReason,
     MigrationRecord,
 };
-pub use ids::{HostId, IdError, MigrationId, OwnerEpoch, TenantId, VmId, VsockCid};
+pub use ids::{
+    ActorId, ExecutorId, HostId, IdError, MigrationId, OwnerEpoch, TenantId, VmId, VsockCid,
+};
 pub use join::{
     Heartbeat, HeartbeatResponse, JoinRequest, JoinResponse, JoinToken, PeerView, RunningGuest,
 };

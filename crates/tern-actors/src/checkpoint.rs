@@ -1,0 +1,331 @@
+//! Signed actor checkpoints and their wire form.
+//!
+//! `ActorCheckpoint {actor_id, sequence, state_hash, state, signer,
+//! signature}`: the state (whole, or the pages written since checkpoint
+//! `base`), the BLAKE3 tree hash of the whole state after it (see
+//! [`crate::state`]), and an Ed25519 signature by the executor that owns the
+//! actor over every other field. The wire form is a fixed binary layout so
+//! that the signature covers exact bytes, and so that every length is
+//! checked against the input and the state limit before anything is
+//! allocated: checkpoints come from other hosts.
+
+use crate::state::{Digest, StateDelta, StateError, MAX_GLOBALS, PAGE};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use tern_proto::ActorId;
+use thiserror::Error;
+
+const MAGIC: &[u8; 4] = b"TACK";
+const VERSION: u8 = 1;
+const SIGNATURE_LEN: usize = 64;
+
+/// A signed checkpoint of one actor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActorCheckpoint {
+    /// The actor.
+    pub actor_id: ActorId,
+    /// Increases with every checkpoint of the actor, across executors.
+    pub sequence: u64,
+    /// The tree hash of the whole state once `state` is applied.
+    pub state_hash: Digest,
+    /// The state, whole or as a delta.
+    pub state: StateDelta,
+    /// The signing executor's Ed25519 public key.
+    pub signer: [u8; 32],
+    /// Ed25519 over the encoded record up to this field.
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+/// Why a checkpoint was refused. Each cause has its own variant so callers
+/// (and metrics) tell a forgery from a replay without reading text.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    /// The bytes are not a checkpoint.
+    #[error("malformed checkpoint: {0}")]
+    Malformed(&'static str),
+    /// The state does not fit its own description or the size limit.
+    #[error("checkpoint state: {0}")]
+    State(#[from] StateError),
+    /// The signer is not an executor this one trusts.
+    #[error("checkpoint signed by an unknown executor")]
+    UnknownSigner,
+    /// The signature does not verify: forged or altered.
+    #[error("checkpoint signature does not verify")]
+    BadSignature,
+    /// The state does not hash to the signed hash: corrupted.
+    #[error("checkpoint state does not match its signed hash")]
+    HashMismatch,
+    /// Not newer than the last checkpoint seen for the actor.
+    #[error("checkpoint {got} of actor is not newer than {last}: a replay")]
+    Replay {
+        /// The newest sequence already held.
+        last: u64,
+        /// The sequence offered.
+        got: u64,
+    },
+    /// A delta whose base is not the checkpoint held.
+    #[error("delta on checkpoint {base} but the store holds {held:?}")]
+    MissingBase {
+        /// The base the delta needs.
+        base: u64,
+        /// The newest sequence held, if any.
+        held: Option<u64>,
+    },
+    /// The store holds no checkpoint of the actor.
+    #[error("no checkpoint of actor {0} is held")]
+    NotHeld(ActorId),
+    /// The store could not read or write its files.
+    #[error("checkpoint store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ActorCheckpoint {
+    /// Builds and signs a checkpoint.
+    pub fn sign(
+        actor_id: ActorId,
+        sequence: u64,
+        state_hash: Digest,
+        state: StateDelta,
+        key: &SigningKey,
+    ) -> Self {
+        let mut c = Self {
+            actor_id,
+            sequence,
+            state_hash,
+            state,
+            signer: key.verifying_key().to_bytes(),
+            signature: [0; SIGNATURE_LEN],
+        };
+        let body = c.encode_body();
+        c.signature = key.sign(&body).to_bytes();
+        c
+    }
+
+    /// Checks the signature against the record's own signer key (whether
+    /// that signer is trusted is the store's question).
+    pub fn verify_signature(&self) -> Result<(), CheckpointError> {
+        let key =
+            VerifyingKey::from_bytes(&self.signer).map_err(|_| CheckpointError::BadSignature)?;
+        key.verify_strict(&self.encode_body(), &Signature::from_bytes(&self.signature))
+            .map_err(|_| CheckpointError::BadSignature)
+    }
+
+    /// The bytes on the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.encode_body();
+        out.extend_from_slice(&self.signature);
+        out
+    }
+
+    fn encode_body(&self) -> Vec<u8> {
+        let s = &self.state;
+        let mut out =
+            Vec::with_capacity(128 + s.globals.len() * 8 + s.pages.len() * 4 + s.data.len());
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&self.actor_id.to_bytes());
+        out.extend_from_slice(&self.sequence.to_le_bytes());
+        out.extend_from_slice(&self.state_hash);
+        match s.base {
+            None => out.push(0),
+            Some(b) => {
+                out.push(1);
+                out.extend_from_slice(&b.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&s.memory_bytes.to_le_bytes());
+        out.extend_from_slice(&(s.globals.len() as u32).to_le_bytes());
+        for g in &s.globals {
+            out.extend_from_slice(&g.to_le_bytes());
+        }
+        out.extend_from_slice(&(s.pages.len() as u32).to_le_bytes());
+        for p in &s.pages {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+        out.extend_from_slice(&s.data);
+        out.extend_from_slice(&self.signer);
+        out
+    }
+
+    /// Parses a record, refusing anything that does not fit `max_state_bytes`
+    /// before allocating for it. The signature is not checked here.
+    pub fn decode(bytes: &[u8], max_state_bytes: u64) -> Result<Self, CheckpointError> {
+        let mut r = Reader(bytes);
+        if r.take(4)? != MAGIC {
+            return Err(CheckpointError::Malformed("not a tern actor checkpoint"));
+        }
+        if r.u8()? != VERSION {
+            return Err(CheckpointError::Malformed("unknown checkpoint version"));
+        }
+        let actor_id = ActorId::from_bytes(r.array()?);
+        let sequence = r.u64()?;
+        let state_hash = r.array()?;
+        let base = match r.u8()? {
+            0 => None,
+            1 => Some(r.u64()?),
+            _ => return Err(CheckpointError::Malformed("bad base flag")),
+        };
+        let memory_bytes = r.u64()?;
+        if memory_bytes > max_state_bytes {
+            return Err(StateError::TooLarge {
+                bytes: memory_bytes,
+                max: max_state_bytes,
+            }
+            .into());
+        }
+        let n_globals = r.u32()? as usize;
+        if n_globals > MAX_GLOBALS {
+            return Err(StateError::TooManyGlobals(n_globals).into());
+        }
+        let globals = r.counted(n_globals, 8)?.chunks(8).map(le_u64).collect();
+        let n_pages = r.u32()? as usize;
+        if n_pages as u64 > memory_bytes / PAGE as u64 {
+            return Err(CheckpointError::Malformed(
+                "more pages than the memory holds",
+            ));
+        }
+        let pages = r
+            .counted(n_pages, 4)?
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        let data = r.counted(n_pages, PAGE)?.to_vec();
+        let signer = r.array()?;
+        let signature = r.array()?;
+        if !r.0.is_empty() {
+            return Err(CheckpointError::Malformed("trailing bytes"));
+        }
+        let state = StateDelta {
+            base,
+            memory_bytes,
+            globals,
+            pages,
+            data,
+        };
+        state.check(max_state_bytes)?;
+        Ok(Self {
+            actor_id,
+            sequence,
+            state_hash,
+            state,
+            signer,
+            signature,
+        })
+    }
+}
+
+fn le_u64(c: &[u8]) -> u64 {
+    u64::from_le_bytes(c.try_into().expect("8 bytes"))
+}
+
+/// A cursor that refuses to read past the input.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CheckpointError> {
+        if n > self.0.len() {
+            return Err(CheckpointError::Malformed("truncated"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    /// `count` items of `size` bytes, checked against the input first.
+    fn counted(&mut self, count: usize, size: usize) -> Result<&'a [u8], CheckpointError> {
+        let n = count
+            .checked_mul(size)
+            .ok_or(CheckpointError::Malformed("length overflows"))?;
+        self.take(n)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], CheckpointError> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
+
+    fn u8(&mut self) -> Result<u8, CheckpointError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, CheckpointError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, CheckpointError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{StateHashes, WASM_PAGE};
+    use proptest::prelude::*;
+
+    const MAX: u64 = 1 << 30;
+
+    fn key(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    fn sample(seq: u64) -> ActorCheckpoint {
+        let mut m = vec![0u8; WASM_PAGE as usize];
+        m[10] = 1;
+        m[9000] = 2;
+        let state = StateDelta::full(&m, vec![7, 8]);
+        let hash = StateHashes::of(&m, &[7, 8]).root();
+        ActorCheckpoint::sign(ActorId::new(), seq, hash, state, &key(1))
+    }
+
+    #[test]
+    fn a_checkpoint_round_trips_and_verifies() {
+        let c = sample(3);
+        let back = ActorCheckpoint::decode(&c.encode(), MAX).unwrap();
+        assert_eq!(back, c);
+        back.verify_signature().unwrap();
+    }
+
+    #[test]
+    fn an_altered_field_breaks_the_signature() {
+        let mut c = sample(3);
+        c.sequence = 4;
+        assert!(matches!(
+            c.verify_signature(),
+            Err(CheckpointError::BadSignature)
+        ));
+        let mut c = sample(3);
+        c.state.data[0] ^= 1;
+        assert!(matches!(
+            c.verify_signature(),
+            Err(CheckpointError::BadSignature)
+        ));
+    }
+
+    #[test]
+    fn oversized_states_are_refused_before_allocation() {
+        let c = sample(1);
+        let err = ActorCheckpoint::decode(&c.encode(), 1024).unwrap_err();
+        assert!(matches!(
+            err,
+            CheckpointError::State(StateError::TooLarge { .. })
+        ));
+        // A page count far past the input is refused without allocating it.
+        let mut bytes = c.encode();
+        let at = 4 + 1 + 16 + 8 + 32 + 1 + 8 + 4 + 16;
+        bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(ActorCheckpoint::decode(&bytes, u64::MAX).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = ActorCheckpoint::decode(&bytes, MAX);
+        }
+
+        #[test]
+        fn every_truncation_is_refused(cut in 0usize..200) {
+            let bytes = sample(1).encode();
+            let cut = cut.min(bytes.len() - 1);
+            prop_assert!(ActorCheckpoint::decode(&bytes[..cut], MAX).is_err());
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The example actors shipped with tern (WebAssembly text, compiled when an
+//! actor is deployed) and builders for their messages.
+
+/// Adds each message (a little-endian i64) to a total; replies the total.
+pub const COUNTER: &str = include_str!("../actors/counter.wat");
+/// A key-value table that can also grow and write patterns (see the file).
+pub const KV: &str = include_str!("../actors/kv.wat");
+
+/// Messages of the [`KV`] actor.
+pub mod kv {
+    fn op(code: u8, len: usize) -> Vec<u8> {
+        let mut m = vec![0u8; len];
+        m[0] = code;
+        m
+    }
+
+    /// Sets `key` (not 0) to `value`.
+    pub fn put(key: u64, value: u64) -> Vec<u8> {
+        let mut m = op(1, 24);
+        m[8..16].copy_from_slice(&key.to_le_bytes());
+        m[16..24].copy_from_slice(&value.to_le_bytes());
+        m
+    }
+
+    /// Reads `key`; the reply is its value.
+    pub fn get(key: u64) -> Vec<u8> {
+        let mut m = op(2, 16);
+        m[8..16].copy_from_slice(&key.to_le_bytes());
+        m
+    }
+
+    /// Grows linear memory by `pages` of 64 KiB.
+    pub fn grow(pages: u32) -> Vec<u8> {
+        let mut m = op(3, 8);
+        m[4..8].copy_from_slice(&pages.to_le_bytes());
+        m
+    }
+
+    /// Writes `byte` at `offset`, then `count - 1` more times `stride` apart.
+    pub fn touch(offset: u32, count: u32, stride: u32, byte: u8) -> Vec<u8> {
+        let mut m = op(4, 17);
+        m[4..8].copy_from_slice(&offset.to_le_bytes());
+        m[8..12].copy_from_slice(&count.to_le_bytes());
+        m[12..16].copy_from_slice(&stride.to_le_bytes());
+        m[16] = byte;
+        m
+    }
+
+    /// Reads the byte at `offset`.
+    pub fn peek(offset: u32) -> Vec<u8> {
+        let mut m = op(5, 8);
+        m[4..8].copy_from_slice(&offset.to_le_bytes());
+        m
+    }
+}

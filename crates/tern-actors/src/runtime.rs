@@ -1,0 +1,523 @@
+//! The actor runtime: WebAssembly modules run by wasmtime, one store per
+//! actor, each message on a fuel budget so a runaway actor traps instead of
+//! starving its executor, a bounded mailbox, and real pause and resume.
+//!
+//! # The actor ABI
+//! A module exports `memory`, `tern_inbox() -> i32` (where the runtime
+//! writes a message, at most [`MAX_MESSAGE`] bytes) and `tern_handle(len:
+//! i32) -> i32`, which handles the message and returns the length of the
+//! reply it left at the same address (a negative value is the actor's own
+//! error code). An actor's state is its linear memory and its exported
+//! mutable globals; between messages nothing else may hold state (a C
+//! module's stack pointer is back where it started).
+//!
+//! # Incremental checkpoints
+//! The kernel tracks which pages of linear memory the actor writes
+//! (userfaultfd write-protect in async mode, see [`tern_vmm::uffd::WriteTracker`]),
+//! so a checkpoint after the first carries only those pages and costs what
+//! changed. Where the kernel cannot track writes, every checkpoint is full.
+
+use crate::checkpoint::ActorCheckpoint;
+use crate::state::{StateDelta, StateHashes, StateImage, PAGE};
+use ed25519_dalek::SigningKey;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tern_proto::ActorId;
+use tern_vmm::uffd::WriteTracker;
+use thiserror::Error;
+use wasmtime::{
+    Config, Engine, Global, Instance, Linker, Memory, Module, Mutability, Store, StoreLimits,
+    StoreLimitsBuilder, Trap, TypedFunc, Val,
+};
+
+/// The largest message (and reply) an actor takes.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Whether an actor keeps state across restarts and moves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActorMode {
+    /// No checkpoints: a restart or a move starts the actor afresh.
+    Ephemeral,
+    /// Checkpointed every `checkpoint_interval`, its state bounded.
+    Stateful {
+        /// How often the executor checkpoints the actor.
+        checkpoint_interval: Duration,
+        /// The most linear memory the actor may have.
+        max_state_size_bytes: u64,
+    },
+}
+
+/// How an actor runs.
+#[derive(Clone, Debug)]
+pub struct ActorConfig {
+    /// Ephemeral or stateful.
+    pub mode: ActorMode,
+    /// Fuel (roughly wasm instructions) one message may burn.
+    pub fuel_per_message: u64,
+    /// Messages queued before senders are refused.
+    pub mailbox_capacity: usize,
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        Self {
+            mode: ActorMode::Stateful {
+                checkpoint_interval: Duration::from_secs(10),
+                max_state_size_bytes: 256 << 20,
+            },
+            fuel_per_message: 100_000_000,
+            mailbox_capacity: 1024,
+        }
+    }
+}
+
+impl ActorConfig {
+    /// The memory limit: the stateful bound, or 256 MiB for ephemeral actors.
+    pub fn max_memory(&self) -> u64 {
+        match self.mode {
+            ActorMode::Stateful {
+                max_state_size_bytes,
+                ..
+            } => max_state_size_bytes,
+            ActorMode::Ephemeral => 256 << 20,
+        }
+    }
+}
+
+/// What went wrong running an actor.
+#[derive(Debug, Error)]
+pub enum ActorError {
+    /// The module does not compile or lacks the actor ABI.
+    #[error("actor module: {0}")]
+    Module(String),
+    /// Instantiating or calling into wasm failed for a reason not listed below.
+    #[error("wasm: {0}")]
+    Wasm(#[source] wasmtime::Error),
+    /// The message burnt its fuel budget: a runaway actor, stopped.
+    #[error("the actor ran out of fuel handling a message")]
+    OutOfFuel,
+    /// The actor trapped (a bug in the actor, not the executor).
+    #[error("the actor trapped: {0}")]
+    Trapped(Trap),
+    /// The mailbox is full; the sender should retry later.
+    #[error("mailbox full ({0} messages)")]
+    MailboxFull(usize),
+    /// A message or reply over [`MAX_MESSAGE`], or outside linear memory.
+    #[error("message of {0} bytes does not fit the actor's inbox")]
+    MessageSize(usize),
+    /// The actor returned an error code.
+    #[error("the actor refused the message (code {0})")]
+    Refused(i32),
+    /// A state does not fit this module (size or globals).
+    #[error("state does not fit the module: {0}")]
+    State(String),
+}
+
+fn wasm_error(e: wasmtime::Error) -> ActorError {
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => ActorError::OutOfFuel,
+        Some(t) => ActorError::Trapped(*t),
+        None => ActorError::Wasm(e),
+    }
+}
+
+/// The wasm engine an executor shares among its actors.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+}
+
+/// A compiled actor module.
+#[derive(Clone)]
+pub struct ActorModule {
+    module: Module,
+    /// Names of the exported mutable globals, in export order: the globals
+    /// that are part of the state.
+    globals: Vec<String>,
+}
+
+impl Runtime {
+    /// An engine with fuel metering and plain anonymous linear memory (no
+    /// copy-on-write images, so the kernel can track writes to it).
+    pub fn new() -> Result<Self, ActorError> {
+        let mut config = Config::new();
+        config.consume_fuel(true);
+        config.memory_init_cow(false);
+        let engine = Engine::new(&config).map_err(ActorError::Wasm)?;
+        Ok(Self { engine })
+    }
+
+    /// Compiles a module (binary or text) and checks it has the actor ABI.
+    pub fn compile(&self, wasm: &[u8]) -> Result<ActorModule, ActorError> {
+        let module =
+            Module::new(&self.engine, wasm).map_err(|e| ActorError::Module(format!("{e:#}")))?;
+        let mut globals = Vec::new();
+        let mut abi = [false; 3];
+        for export in module.exports() {
+            let ty = export.ty();
+            match (export.name(), &ty) {
+                ("memory", wasmtime::ExternType::Memory(_)) => abi[0] = true,
+                ("tern_inbox", wasmtime::ExternType::Func(_)) => abi[1] = true,
+                ("tern_handle", wasmtime::ExternType::Func(_)) => abi[2] = true,
+                (name, wasmtime::ExternType::Global(g)) if g.mutability() == Mutability::Var => {
+                    if !g.content().is_i32()
+                        && !g.content().is_i64()
+                        && !g.content().is_f32()
+                        && !g.content().is_f64()
+                    {
+                        return Err(ActorError::Module(format!(
+                            "exported mutable global `{name}` is not a number"
+                        )));
+                    }
+                    globals.push(name.to_owned());
+                }
+                _ => {}
+            }
+        }
+        if abi != [true; 3] {
+            return Err(ActorError::Module(
+                "an actor exports `memory`, `tern_inbox` and `tern_handle`".into(),
+            ));
+        }
+        Ok(ActorModule { module, globals })
+    }
+}
+
+/// Which pages the actor wrote since the last checkpoint: one kernel
+/// tracker per stretch of memory (memory that grows gets a new one).
+enum Tracking {
+    /// Not checkpointed yet, or the kernel cannot track: the next checkpoint is full.
+    None,
+    /// Tracking `tracked_bytes` of memory at `base` since checkpoint `since`.
+    Kernel {
+        base: usize,
+        since: u64,
+        trackers: Vec<(usize, WriteTracker)>,
+        tracked_bytes: usize,
+    },
+}
+
+/// One live actor.
+pub struct Actor {
+    id: ActorId,
+    config: ActorConfig,
+    store: Store<StoreLimits>,
+    memory: Memory,
+    inbox: usize,
+    handle: TypedFunc<i32, i32>,
+    globals: Vec<Global>,
+    mailbox: VecDeque<Vec<u8>>,
+    paused: bool,
+    sequence: u64,
+    hashes: StateHashes,
+    tracking: Tracking,
+}
+
+impl Actor {
+    /// Starts a fresh actor.
+    pub fn start(
+        rt: &Runtime,
+        module: &ActorModule,
+        id: ActorId,
+        config: ActorConfig,
+    ) -> Result<Self, ActorError> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(config.max_memory() as usize)
+            .instances(1)
+            .build();
+        let mut store = Store::new(&rt.engine, limits);
+        store.limiter(|l| l);
+        store
+            .set_fuel(config.fuel_per_message)
+            .map_err(ActorError::Wasm)?;
+        let linker = Linker::new(&rt.engine);
+        let instance = linker
+            .instantiate(&mut store, &module.module)
+            .map_err(wasm_error)?;
+        Self::wire(store, instance, module, id, config)
+    }
+
+    fn wire(
+        mut store: Store<StoreLimits>,
+        instance: Instance,
+        module: &ActorModule,
+        id: ActorId,
+        config: ActorConfig,
+    ) -> Result<Self, ActorError> {
+        let abi = |e: wasmtime::Error| ActorError::Module(format!("{e:#}"));
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| ActorError::Module("no memory".into()))?;
+        let inbox_fn = instance
+            .get_typed_func::<(), i32>(&mut store, "tern_inbox")
+            .map_err(abi)?;
+        let handle = instance
+            .get_typed_func::<i32, i32>(&mut store, "tern_handle")
+            .map_err(abi)?;
+        let globals = module
+            .globals
+            .iter()
+            .map(|n| {
+                instance
+                    .get_global(&mut store, n)
+                    .expect("checked at compile")
+            })
+            .collect();
+        let inbox = inbox_fn.call(&mut store, ()).map_err(wasm_error)? as u32 as usize;
+        let actor = Self {
+            id,
+            config,
+            store,
+            memory,
+            inbox,
+            handle,
+            globals,
+            mailbox: VecDeque::new(),
+            paused: false,
+            sequence: 0,
+            hashes: StateHashes::default(),
+            tracking: Tracking::None,
+        };
+        actor.check_inbox(0)?;
+        Ok(actor)
+    }
+
+    /// Starts an actor from a checkpointed state; its next checkpoint
+    /// follows `sequence` (and is a delta on it where writes are tracked).
+    pub fn restore(
+        rt: &Runtime,
+        module: &ActorModule,
+        id: ActorId,
+        config: ActorConfig,
+        sequence: u64,
+        image: &StateImage,
+    ) -> Result<Self, ActorError> {
+        let mut actor = Self::start(rt, module, id, config)?;
+        if image.globals.len() != actor.globals.len() {
+            return Err(ActorError::State(format!(
+                "{} globals for a module with {}",
+                image.globals.len(),
+                actor.globals.len()
+            )));
+        }
+        let have = actor.memory.data_size(&actor.store);
+        if image.memory.len() < have {
+            return Err(ActorError::State("memory smaller than the module's".into()));
+        }
+        let grow = ((image.memory.len() - have) as u64).div_ceil(crate::state::WASM_PAGE);
+        actor
+            .memory
+            .grow(&mut actor.store, grow)
+            .map_err(|e| ActorError::State(format!("{e:#}")))?;
+        actor.memory.data_mut(&mut actor.store)[..image.memory.len()]
+            .copy_from_slice(&image.memory);
+        for (g, bits) in actor.globals.clone().iter().zip(&image.globals) {
+            let val = match g.ty(&actor.store).content() {
+                t if t.is_i32() => Val::I32(*bits as u32 as i32),
+                t if t.is_i64() => Val::I64(*bits as i64),
+                t if t.is_f32() => Val::F32(*bits as u32),
+                _ => Val::F64(*bits),
+            };
+            g.set(&mut actor.store, val).map_err(ActorError::Wasm)?;
+        }
+        actor.sequence = sequence;
+        actor.hashes = StateHashes::of(actor.memory.data(&actor.store), &image.globals);
+        actor.start_tracking();
+        Ok(actor)
+    }
+
+    /// The actor's id.
+    pub fn id(&self) -> ActorId {
+        self.id
+    }
+
+    /// The sequence of its last checkpoint (0 before the first).
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// Bytes of linear memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory.data_size(&self.store)
+    }
+
+    /// Queues a message; refused when the mailbox is full.
+    pub fn deliver(&mut self, message: Vec<u8>) -> Result<(), ActorError> {
+        if message.len() > MAX_MESSAGE {
+            return Err(ActorError::MessageSize(message.len()));
+        }
+        if self.mailbox.len() >= self.config.mailbox_capacity {
+            return Err(ActorError::MailboxFull(self.mailbox.len()));
+        }
+        self.mailbox.push_back(message);
+        Ok(())
+    }
+
+    /// Messages waiting.
+    pub fn queued(&self) -> usize {
+        self.mailbox.len()
+    }
+
+    /// Stops handling messages (between two); the mailbox keeps filling.
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Handles messages again.
+    pub fn resume(&mut self) {
+        self.paused = false;
+    }
+
+    /// Whether the actor is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Handles the next queued message, unless paused or idle.
+    pub fn step(&mut self) -> Option<Result<Vec<u8>, ActorError>> {
+        if self.paused {
+            return None;
+        }
+        let message = self.mailbox.pop_front()?;
+        Some(self.call(&message))
+    }
+
+    /// Runs one message through the actor now.
+    pub fn call(&mut self, message: &[u8]) -> Result<Vec<u8>, ActorError> {
+        self.check_inbox(message.len())?;
+        self.memory.data_mut(&mut self.store)[self.inbox..self.inbox + message.len()]
+            .copy_from_slice(message);
+        self.store
+            .set_fuel(self.config.fuel_per_message)
+            .map_err(ActorError::Wasm)?;
+        let n = self
+            .handle
+            .call(&mut self.store, message.len() as i32)
+            .map_err(wasm_error)?;
+        if n < 0 {
+            return Err(ActorError::Refused(n));
+        }
+        self.check_inbox(n as usize)?;
+        Ok(self.memory.data(&self.store)[self.inbox..self.inbox + n as usize].to_vec())
+    }
+
+    fn check_inbox(&self, len: usize) -> Result<(), ActorError> {
+        let size = self.memory.data_size(&self.store);
+        if len > MAX_MESSAGE || self.inbox.saturating_add(len) > size {
+            return Err(ActorError::MessageSize(len));
+        }
+        Ok(())
+    }
+
+    fn global_bits(&mut self) -> Vec<u64> {
+        self.globals
+            .iter()
+            .map(|g| match g.get(&mut self.store) {
+                Val::I32(v) => v as u32 as u64,
+                Val::I64(v) => v as u64,
+                Val::F32(v) => u64::from(v),
+                Val::F64(v) => v,
+                _ => 0,
+            })
+            .collect()
+    }
+
+    /// (Re)starts kernel write tracking over all of memory.
+    fn start_tracking(&mut self) {
+        let base = self.memory.data_ptr(&self.store) as usize;
+        let len = self.memory.data_size(&self.store);
+        self.tracking = match WriteTracker::start(base, len) {
+            Ok(t) => Tracking::Kernel {
+                base,
+                since: self.sequence,
+                trackers: vec![(0, t)],
+                tracked_bytes: len,
+            },
+            Err(e) => {
+                tracing::warn!(actor = %self.id, error = %e, "no kernel write tracking: checkpoints will be full");
+                Tracking::None
+            }
+        };
+    }
+
+    /// The state since the last checkpoint: the written pages where the
+    /// kernel tracked them, else all of it.
+    fn capture(&mut self) -> Result<StateDelta, ActorError> {
+        let globals = self.global_bits();
+        let size = self.memory.data_size(&self.store);
+        let now_at = self.memory.data_ptr(&self.store) as usize;
+        let moved = matches!(self.tracking, Tracking::Kernel { base, .. } if base != now_at);
+        if moved {
+            // Growth moved linear memory: the trackers watch the old mapping.
+            self.tracking = Tracking::None;
+        }
+        let Tracking::Kernel {
+            since,
+            trackers,
+            tracked_bytes,
+            ..
+        } = &mut self.tracking
+        else {
+            let full = StateDelta::full(self.memory.data(&self.store), globals);
+            self.start_tracking();
+            return Ok(full);
+        };
+        let mut written = Vec::new();
+        for (offset, t) in trackers.iter_mut() {
+            let first = (*offset / PAGE) as u32;
+            t.take_written(|p| written.push(first + p as u32))
+                .map_err(|e| ActorError::State(e.to_string()))?;
+        }
+        written.sort_unstable();
+        let mut delta = StateDelta {
+            base: Some(*since),
+            memory_bytes: size as u64,
+            globals,
+            ..Default::default()
+        };
+        let memory = self.memory.data(&self.store);
+        for p in written {
+            let at = p as usize * PAGE;
+            delta.push_page(p, &memory[at..at + PAGE]);
+        }
+        // Memory grown since the last checkpoint: its non-zero pages, then track it too.
+        if size > *tracked_bytes {
+            for (i, page) in memory[*tracked_bytes..].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    delta.push_page((*tracked_bytes / PAGE + i) as u32, page);
+                }
+            }
+            let t = WriteTracker::start(now_at + *tracked_bytes, size - *tracked_bytes)
+                .map_err(|e| ActorError::State(e.to_string()))?;
+            trackers.push((*tracked_bytes, t));
+            *tracked_bytes = size;
+        }
+        Ok(delta)
+    }
+
+    /// Takes a signed checkpoint: the pages written since the last one (all
+    /// of them the first time). The actor must be between messages, which
+    /// `&mut self` guarantees.
+    pub fn checkpoint(&mut self, key: &SigningKey) -> Result<ActorCheckpoint, ActorError> {
+        let delta = self.capture()?;
+        let hashes = self
+            .hashes
+            .after(&delta, self.config.max_memory())
+            .map_err(|e| ActorError::State(e.to_string()))?;
+        self.sequence += 1;
+        if let Tracking::Kernel { since, .. } = &mut self.tracking {
+            *since = self.sequence;
+        }
+        let c = ActorCheckpoint::sign(self.id, self.sequence, hashes.root(), delta, key);
+        self.hashes = hashes;
+        Ok(c)
+    }
+
+    /// The whole state now (for tests and for restores on this executor).
+    pub fn image(&mut self) -> StateImage {
+        StateImage {
+            memory: self.memory.data(&self.store).to_vec(),
+            globals: self.global_bits(),
+        }
+    }
+}
