@@ -98,7 +98,7 @@ fi
 rm -f "$fuzz_log"
 for target in page_frame transport_wire snapshot_state migrate_protocol \
     api_bodies control_socket journal_replay configs guest_output boot_image memory_file transport_receiver \
-    checkpoint_archive; do
+    checkpoint_archive actor_checkpoint actor_protocol; do
     corpus=$(mktemp -d)
     (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus" "seeds/$target" -- \
         -max_total_time="${TERN_FUZZ_SECONDS:-25}" -print_final_stats=1 2>&1 | grep -E "^(Done|stat::number_of_executed_units)|SUMMARY|panicked|ERROR" || true)

@@ -1,5 +1,5 @@
 //! Configuration text on arbitrary bytes: the agent's TOML file (with its
-//! `[jail]` table), `tern up`'s (`tern::config::Config`: store, fleet,
+//! `[jail]` table), `tern up`'s (`tern_config::Config`: store, fleet,
 //! quotas, images) and the `[http]` table both daemons share. Refusing is
 //! fine; panicking, or accepting what validation should refuse, is not.
 #![no_main]
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(j.uid != 0 && j.gid != 0, "a jail that runs as root");
         }
     }
-    if let Ok(cfg) = tern::config::Config::parse(Path::new("tern.toml"), text) {
+    if let Ok(cfg) = tern_config::Config::parse(Path::new("tern.toml"), text) {
         assert!(cfg.listen.parse::<std::net::SocketAddr>().is_ok());
         let t = cfg.fleet.rebalance_threshold;
         assert!(t > 0.0 && t <= 1.0);

@@ -1,17 +1,19 @@
 //! Signed actor checkpoints and their wire form.
 //!
-//! `ActorCheckpoint {actor_id, sequence, state_hash, state, signer,
+//! `ActorCheckpoint {actor_id, sequence, state_hash, state, cursors, signer,
 //! signature}`: the state (whole, or the pages written since checkpoint
 //! `base`), the BLAKE3 tree hash of the whole state after it (see
-//! [`crate::state`]), and an Ed25519 signature by the executor that owns the
-//! actor over every other field. The wire form is a fixed binary layout so
+//! [`crate::state`]), what the actor had handled from each sender (see
+//! [`crate::delivery`]), and an Ed25519 signature by the executor that owns
+//! the actor over every other field. The wire form is a fixed binary layout so
 //! that the signature covers exact bytes, and so that every length is
 //! checked against the input and the state limit before anything is
 //! allocated: checkpoints come from other hosts.
 
+use crate::delivery::{Cursors, MAX_SENDERS};
 use crate::state::{Digest, StateDelta, StateError, MAX_GLOBALS, PAGE};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use tern_proto::ActorId;
+use tern_proto::{ActorId, SenderId};
 use thiserror::Error;
 
 const MAGIC: &[u8; 4] = b"TACK";
@@ -29,6 +31,8 @@ pub struct ActorCheckpoint {
     pub state_hash: Digest,
     /// The state, whole or as a delta.
     pub state: StateDelta,
+    /// The last message handled from each sender (always whole).
+    pub cursors: Cursors,
     /// The signing executor's Ed25519 public key.
     pub signer: [u8; 32],
     /// Ed25519 over the encoded record up to this field.
@@ -85,6 +89,7 @@ impl ActorCheckpoint {
         sequence: u64,
         state_hash: Digest,
         state: StateDelta,
+        cursors: Cursors,
         key: &SigningKey,
     ) -> Self {
         let mut c = Self {
@@ -92,6 +97,7 @@ impl ActorCheckpoint {
             sequence,
             state_hash,
             state,
+            cursors,
             signer: key.verifying_key().to_bytes(),
             signature: [0; SIGNATURE_LEN],
         };
@@ -142,6 +148,12 @@ impl ActorCheckpoint {
             out.extend_from_slice(&p.to_le_bytes());
         }
         out.extend_from_slice(&s.data);
+        out.extend_from_slice(&(self.cursors.len() as u32).to_le_bytes());
+        for (sender, seq) in self.cursors.iter() {
+            out.push(sender.as_str().len() as u8);
+            out.extend_from_slice(sender.as_str().as_bytes());
+            out.extend_from_slice(&seq.to_le_bytes());
+        }
         out.extend_from_slice(&self.signer);
         out
     }
@@ -189,6 +201,7 @@ impl ActorCheckpoint {
             .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
         let data = r.counted(n_pages, PAGE)?.to_vec();
+        let cursors = r.cursors()?;
         let signer = r.array()?;
         let signature = r.array()?;
         if !r.0.is_empty() {
@@ -207,6 +220,7 @@ impl ActorCheckpoint {
             sequence,
             state_hash,
             state,
+            cursors,
             signer,
             signature,
         })
@@ -253,6 +267,32 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, CheckpointError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
+
+    /// The cursors: a count, then (name length, name, sequence) each, in
+    /// increasing name order so that one set of cursors has one encoding.
+    fn cursors(&mut self) -> Result<Cursors, CheckpointError> {
+        let n = self.u32()? as usize;
+        // Each entry takes at least 10 bytes: refuse a count the input cannot hold.
+        if n > MAX_SENDERS || n.saturating_mul(10) > self.0.len() {
+            return Err(CheckpointError::Malformed("too many senders"));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = self.u8()? as usize;
+            let name = std::str::from_utf8(self.take(len)?)
+                .map_err(|_| CheckpointError::Malformed("sender is not UTF-8"))?;
+            let sender =
+                SenderId::new(name).map_err(|_| CheckpointError::Malformed("bad sender name"))?;
+            if out
+                .last()
+                .is_some_and(|(last, _): &(SenderId, u64)| *last >= sender)
+            {
+                return Err(CheckpointError::Malformed("senders out of order"));
+            }
+            out.push((sender, self.u64()?));
+        }
+        Ok(out.into_iter().collect())
+    }
 }
 
 #[cfg(test)]
@@ -273,7 +313,14 @@ mod tests {
         m[9000] = 2;
         let state = StateDelta::full(&m, vec![7, 8]);
         let hash = StateHashes::of(&m, &[7, 8]).root();
-        ActorCheckpoint::sign(ActorId::new(), seq, hash, state, &key(1))
+        ActorCheckpoint::sign(
+            ActorId::new(),
+            seq,
+            hash,
+            state,
+            Cursors::default(),
+            &key(1),
+        )
     }
 
     #[test]

@@ -6,6 +6,37 @@ pub const COUNTER: &str = include_str!("../actors/counter.wat");
 /// A key-value table that can also grow and write patterns (see the file).
 pub const KV: &str = include_str!("../actors/kv.wat");
 
+/// Appends each 16-byte message to a log it can be asked for (see the file).
+pub const LOG: &str = include_str!("../actors/log.wat");
+
+/// Messages of the [`LOG`] actor.
+pub mod log {
+    /// Appends `(a, b)` to the log; the reply is the number of entries.
+    pub fn append(a: u64, b: u64) -> Vec<u8> {
+        let mut m = a.to_le_bytes().to_vec();
+        m.extend_from_slice(&b.to_le_bytes());
+        m
+    }
+
+    /// Asks for up to `count` entries (at most 4000) from `start`.
+    pub fn read(start: u32, count: u32) -> Vec<u8> {
+        let mut m = start.to_le_bytes().to_vec();
+        m.extend_from_slice(&count.to_le_bytes());
+        m
+    }
+
+    /// The entries of a reply to [`read`].
+    pub fn entries(reply: &[u8]) -> Vec<(u64, u64)> {
+        reply
+            .chunks_exact(16)
+            .map(|c| {
+                let n = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                (n(&c[..8]), n(&c[8..]))
+            })
+            .collect()
+    }
+}
+
 /// Messages of the [`KV`] actor.
 pub mod kv {
     fn op(code: u8, len: usize) -> Vec<u8> {

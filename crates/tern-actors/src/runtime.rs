@@ -18,7 +18,9 @@
 //! changed. Where the kernel cannot track writes, every checkpoint is full.
 
 use crate::checkpoint::ActorCheckpoint;
+use crate::delivery::{Admission, Cursors, Delivery, Envelope, OutOfOrder};
 use crate::state::{StateDelta, StateHashes, StateImage, PAGE};
+use crate::store::LoadedState;
 use ed25519_dalek::SigningKey;
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -108,6 +110,9 @@ pub enum ActorError {
     /// The actor returned an error code.
     #[error("the actor refused the message (code {0})")]
     Refused(i32),
+    /// A message ahead of its sender's order.
+    #[error(transparent)]
+    OutOfOrder(#[from] OutOfOrder),
     /// A state does not fit this module (size or globals).
     #[error("state does not fit the module: {0}")]
     State(String),
@@ -206,7 +211,8 @@ pub struct Actor {
     inbox: usize,
     handle: TypedFunc<i32, i32>,
     globals: Vec<Global>,
-    mailbox: VecDeque<Vec<u8>>,
+    mailbox: VecDeque<Envelope>,
+    admission: Admission,
     paused: bool,
     sequence: u64,
     hashes: StateHashes,
@@ -273,6 +279,7 @@ impl Actor {
             handle,
             globals,
             mailbox: VecDeque::new(),
+            admission: Admission::default(),
             paused: false,
             sequence: 0,
             hashes: StateHashes::default(),
@@ -283,16 +290,18 @@ impl Actor {
     }
 
     /// Starts an actor from a checkpointed state; its next checkpoint
-    /// follows `sequence` (and is a delta on it where writes are tracked).
+    /// follows the state's sequence (and is a delta on it where writes are
+    /// tracked), and it goes on from the messages the state had handled.
     pub fn restore(
         rt: &Runtime,
         module: &ActorModule,
         id: ActorId,
         config: ActorConfig,
-        sequence: u64,
-        image: &StateImage,
+        from: &LoadedState,
     ) -> Result<Self, ActorError> {
+        let (sequence, image) = (from.sequence, &from.image);
         let mut actor = Self::start(rt, module, id, config)?;
+        actor.admission = Admission::from_cursors(from.cursors.clone());
         if image.globals.len() != actor.globals.len() {
             return Err(ActorError::State(format!(
                 "{} globals for a module with {}",
@@ -311,7 +320,7 @@ impl Actor {
             .map_err(|e| ActorError::State(format!("{e:#}")))?;
         actor.memory.data_mut(&mut actor.store)[..image.memory.len()]
             .copy_from_slice(&image.memory);
-        for (g, bits) in actor.globals.clone().iter().zip(&image.globals) {
+        for (g, bits) in actor.globals.iter().zip(&image.globals) {
             let val = match g.ty(&actor.store).content() {
                 t if t.is_i32() => Val::I32(*bits as u32 as i32),
                 t if t.is_i64() => Val::I64(*bits as i64),
@@ -341,16 +350,32 @@ impl Actor {
         self.memory.data_size(&self.store)
     }
 
-    /// Queues a message; refused when the mailbox is full.
-    pub fn deliver(&mut self, message: Vec<u8>) -> Result<(), ActorError> {
-        if message.len() > MAX_MESSAGE {
-            return Err(ActorError::MessageSize(message.len()));
+    /// Queues a message if it is its sender's next; a duplicate is
+    /// acknowledged without being queued again (see [`crate::delivery`]).
+    /// Refused when the mailbox is full or the message is out of order.
+    pub fn deliver(&mut self, message: Envelope) -> Result<Delivery, ActorError> {
+        if message.payload.len() > MAX_MESSAGE {
+            return Err(ActorError::MessageSize(message.payload.len()));
         }
         if self.mailbox.len() >= self.config.mailbox_capacity {
             return Err(ActorError::MailboxFull(self.mailbox.len()));
         }
-        self.mailbox.push_back(message);
-        Ok(())
+        let d = self.admission.admit(&message)?;
+        if d == Delivery::Queued {
+            self.mailbox.push_back(message);
+        }
+        Ok(d)
+    }
+
+    /// Takes the queued messages out (a paused actor that migrates carries
+    /// them to its new executor).
+    pub fn take_mailbox(&mut self) -> Vec<Envelope> {
+        self.mailbox.drain(..).collect()
+    }
+
+    /// The last message handled from each sender.
+    pub fn cursors(&self) -> &Cursors {
+        self.admission.cursors()
     }
 
     /// Messages waiting.
@@ -373,16 +398,21 @@ impl Actor {
         self.paused
     }
 
-    /// Handles the next queued message, unless paused or idle.
-    pub fn step(&mut self) -> Option<Result<Vec<u8>, ActorError>> {
+    /// Handles the next queued message, unless paused or idle, and gives it
+    /// back with its answer. A message that traps counts as handled: the
+    /// trap is its answer, and running it again would trap again.
+    pub fn step(&mut self) -> Option<(Envelope, Result<Vec<u8>, ActorError>)> {
         if self.paused {
             return None;
         }
         let message = self.mailbox.pop_front()?;
-        Some(self.call(&message))
+        let reply = self.call(&message.payload);
+        self.admission.handled(&message);
+        Some((message, reply))
     }
 
-    /// Runs one message through the actor now.
+    /// Runs one message through the actor now, outside any sender's order
+    /// (the executor's own reads, and tests).
     pub fn call(&mut self, message: &[u8]) -> Result<Vec<u8>, ActorError> {
         self.check_inbox(message.len())?;
         self.memory.data_mut(&mut self.store)[self.inbox..self.inbox + message.len()]
@@ -508,9 +538,18 @@ impl Actor {
         if let Tracking::Kernel { since, .. } = &mut self.tracking {
             *since = self.sequence;
         }
-        let c = ActorCheckpoint::sign(self.id, self.sequence, hashes.root(), delta, key);
+        let cursors = self.admission.cursors().clone();
+        let c = ActorCheckpoint::sign(self.id, self.sequence, hashes.root(), delta, cursors, key);
         self.hashes = hashes;
         Ok(c)
+    }
+
+    /// Takes a signed checkpoint of the whole state, whatever was tracked:
+    /// what a migration starts with, since the target may hold an older
+    /// chain of this actor's checkpoints than the one here.
+    pub fn checkpoint_full(&mut self, key: &SigningKey) -> Result<ActorCheckpoint, ActorError> {
+        self.tracking = Tracking::None;
+        self.checkpoint(key)
     }
 
     /// The whole state now (for tests and for restores on this executor).

@@ -13,12 +13,13 @@
 //! 4 KiB). The state itself is rebuilt from the log when an actor is restored.
 
 use crate::checkpoint::{ActorCheckpoint, CheckpointError};
+use crate::delivery::Cursors;
 use crate::state::{StateHashes, StateImage};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tern_proto::{ActorId, ExecutorId};
 
 /// What the store holds for one actor.
@@ -26,7 +27,20 @@ use tern_proto::{ActorId, ExecutorId};
 struct Held {
     sequence: u64,
     signer: [u8; 32],
-    hashes: StateHashes,
+    /// Shared so a verification can take it out of the lock without copying
+    /// 32 bytes per page of state.
+    hashes: Arc<StateHashes>,
+}
+
+/// An actor's whole state at a checkpoint, ready to restore.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadedState {
+    /// The checkpoint's sequence.
+    pub sequence: u64,
+    /// Linear memory and globals.
+    pub image: StateImage,
+    /// What the actor had handled from each sender.
+    pub cursors: Cursors,
 }
 
 /// The latest checkpoint the store holds for an actor.
@@ -43,7 +57,7 @@ pub struct Latest {
 /// A checkpoint that passed [`CheckpointStore::verify`], with the state
 /// hashes it leads to.
 pub struct Verified {
-    hashes: StateHashes,
+    hashes: Arc<StateHashes>,
 }
 
 /// Durable, verified storage of actor checkpoints.
@@ -121,35 +135,40 @@ impl CheckpointStore {
             .lock()
             .expect("store lock")
             .get(&c.actor_id)
-            .cloned();
-        Self::check_against(held.as_ref(), c, self.max_state_bytes)
+            .map(|h| (h.sequence, Arc::clone(&h.hashes)));
+        let held = held.as_ref().map(|(s, h)| (*s, h.as_ref()));
+        Self::check_against(held, c, self.max_state_bytes)
     }
 
+    /// Whether `c` may follow the checkpoint held (`held`, its sequence):
+    /// newer, and on it if a delta.
+    fn check_order(held: Option<u64>, c: &ActorCheckpoint) -> Result<(), CheckpointError> {
+        if let Some(last) = held.filter(|&last| c.sequence <= last) {
+            return Err(CheckpointError::Replay {
+                last,
+                got: c.sequence,
+            });
+        }
+        match c.state.base {
+            Some(base) if Some(base) != held => Err(CheckpointError::MissingBase { base, held }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Verifies `c` against the checkpoint held: its sequence and page hashes.
     fn check_against(
-        held: Option<&Held>,
+        held: Option<(u64, &StateHashes)>,
         c: &ActorCheckpoint,
         max_state_bytes: u64,
     ) -> Result<Verified, CheckpointError> {
         c.verify_signature()?;
-        if let Some(h) = held {
-            if c.sequence <= h.sequence {
-                return Err(CheckpointError::Replay {
-                    last: h.sequence,
-                    got: c.sequence,
-                });
-            }
-        }
+        Self::check_order(held.map(|(s, _)| s), c)?;
+        let empty = StateHashes::default();
         let base = match (c.state.base, held) {
-            (None, _) => StateHashes::default(),
-            (Some(b), Some(h)) if b == h.sequence => h.hashes.clone(),
-            (Some(b), h) => {
-                return Err(CheckpointError::MissingBase {
-                    base: b,
-                    held: h.map(|h| h.sequence),
-                })
-            }
+            (Some(_), Some((_, hashes))) => hashes,
+            _ => &empty,
         };
-        let hashes = base.after(&c.state, max_state_bytes)?;
+        let hashes = Arc::new(base.after(&c.state, max_state_bytes)?);
         if hashes.root() != c.state_hash {
             return Err(CheckpointError::HashMismatch);
         }
@@ -166,14 +185,7 @@ impl CheckpointStore {
     pub fn commit(&self, c: &ActorCheckpoint, v: Verified) -> Result<(), CheckpointError> {
         let mut held = self.held.lock().expect("store lock");
         // Re-check under the lock: another checkpoint may have landed since.
-        if let Some(h) = held.get(&c.actor_id) {
-            if c.sequence <= h.sequence || c.state.base.is_some_and(|b| b != h.sequence) {
-                return Err(CheckpointError::Replay {
-                    last: h.sequence,
-                    got: c.sequence,
-                });
-            }
-        }
+        Self::check_order(held.get(&c.actor_id).map(|h| h.sequence), c)?;
         let record = frame(&c.encode());
         let path = self.log_path(c.actor_id);
         if c.state.base.is_none() {
@@ -234,16 +246,20 @@ impl CheckpointStore {
     }
 
     /// Rebuilds the whole state of `actor` at its latest checkpoint.
-    pub fn load(&self, actor: ActorId) -> Result<(u64, StateImage), CheckpointError> {
+    pub fn load(&self, actor: ActorId) -> Result<LoadedState, CheckpointError> {
         let mut image = StateImage::default();
-        let mut sequence = None;
+        let mut last = None;
         self.read_log(&self.log_path(actor), |c| {
             image.apply(&c.state);
-            sequence = Some(c.sequence);
+            last = Some((c.sequence, c.cursors.clone()));
             Ok(())
         })?;
-        let sequence = sequence.ok_or(CheckpointError::NotHeld(actor))?;
-        Ok((sequence, image))
+        let (sequence, cursors) = last.ok_or(CheckpointError::NotHeld(actor))?;
+        Ok(LoadedState {
+            sequence,
+            image,
+            cursors,
+        })
     }
 
     /// Replays one log, keeping the records that chain and verify, and cuts
@@ -251,7 +267,11 @@ impl CheckpointStore {
     fn replay(&self, path: &Path) -> Result<Option<Held>, CheckpointError> {
         let mut held: Option<Held> = None;
         let good_len = self.read_log(path, |c| {
-            let v = Self::check_against(held.as_ref(), c, self.max_state_bytes)?;
+            let v = Self::check_against(
+                held.as_ref().map(|h| (h.sequence, h.hashes.as_ref())),
+                c,
+                self.max_state_bytes,
+            )?;
             held = Some(Held {
                 sequence: c.sequence,
                 signer: c.signer,
@@ -349,7 +369,7 @@ mod tests {
         fn full(&self, seq: u64) -> ActorCheckpoint {
             let hash = StateHashes::of(&self.memory, &[seq]).root();
             let state = StateDelta::full(&self.memory, vec![seq]);
-            ActorCheckpoint::sign(self.actor, seq, hash, state, &self.key)
+            ActorCheckpoint::sign(self.actor, seq, hash, state, Default::default(), &self.key)
         }
 
         /// Writes `value` at `at` and checkpoints the one page as a delta.
@@ -365,7 +385,7 @@ mod tests {
             let p = crate::state::PAGE;
             state.push_page(page as u32, &self.memory[page * p..(page + 1) * p]);
             let hash = StateHashes::of(&self.memory, &[seq]).root();
-            ActorCheckpoint::sign(self.actor, seq, hash, state, &self.key)
+            ActorCheckpoint::sign(self.actor, seq, hash, state, Default::default(), &self.key)
         }
     }
 
@@ -379,7 +399,11 @@ mod tests {
         drop(store);
         let store = f.open();
         assert_eq!(store.latest(f.actor).unwrap().sequence, 3);
-        let (seq, image) = store.load(f.actor).unwrap();
+        let LoadedState {
+            sequence: seq,
+            image,
+            ..
+        } = store.load(f.actor).unwrap();
         assert_eq!(seq, 3);
         assert_eq!(image.memory, f.memory);
         assert_eq!(image.globals, vec![3]);
@@ -403,6 +427,7 @@ mod tests {
             2,
             stranger.state_hash,
             stranger.state,
+            stranger.cursors,
             &other,
         );
         assert!(matches!(
@@ -418,7 +443,14 @@ mod tests {
         ));
 
         let good = f.full(2);
-        let corrupt = ActorCheckpoint::sign(f.actor, 2, [0; 32], good.state.clone(), &f.key);
+        let corrupt = ActorCheckpoint::sign(
+            f.actor,
+            2,
+            [0; 32],
+            good.state.clone(),
+            Default::default(),
+            &f.key,
+        );
         assert!(matches!(
             store.store(&corrupt),
             Err(CheckpointError::HashMismatch)
@@ -458,6 +490,6 @@ mod tests {
         // The cut log takes the next delta on the surviving checkpoint.
         f.memory[5] = 0;
         store.store(&f.delta(3, 1, 5, 8)).unwrap();
-        assert_eq!(store.load(f.actor).unwrap().1.memory, f.memory);
+        assert_eq!(store.load(f.actor).unwrap().image.memory, f.memory);
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tern_actors::examples::{self, kv};
 use tern_actors::runtime::{Actor, ActorConfig, ActorError, ActorMode, Runtime};
 use tern_actors::state::{PAGE, WASM_PAGE};
-use tern_actors::{CheckpointStore, StateImage};
-use tern_proto::{ActorId, ExecutorId};
+use tern_actors::{CheckpointStore, Delivery, Envelope, LoadedState};
+use tern_proto::{ActorId, ExecutorId, SenderId};
 
 fn key() -> SigningKey {
     SigningKey::from_bytes(&[4; 32])
@@ -66,20 +66,59 @@ fn a_paused_actor_keeps_its_mailbox_filling_up_to_its_bound() {
     let mut a = start(&rt, examples::COUNTER);
     a.pause();
     for n in 1..=4i64 {
-        a.deliver(n.to_le_bytes().to_vec()).unwrap();
+        assert_eq!(a.deliver(msg("s", n as u64, n)).unwrap(), Delivery::Queued);
     }
     assert!(matches!(
-        a.deliver(9i64.to_le_bytes().to_vec()),
+        a.deliver(msg("s", 5, 9)),
         Err(ActorError::MailboxFull(4))
     ));
     assert!(a.step().is_none(), "a paused actor handles nothing");
     assert_eq!(a.queued(), 4);
     a.resume();
     let mut last = 0;
-    while let Some(reply) = a.step() {
+    while let Some((_, reply)) = a.step() {
         last = total(&reply.unwrap());
     }
     assert_eq!(last, 10);
+}
+
+fn msg(sender: &str, seq: u64, n: i64) -> Envelope {
+    Envelope {
+        sender: SenderId::new(sender).unwrap(),
+        seq,
+        payload: n.to_le_bytes().to_vec(),
+    }
+}
+
+/// Each message is handled once, in its sender's order, and what was handled
+/// survives a checkpoint and restore: a retried message is not run again.
+#[test]
+fn messages_are_handled_once_each_across_a_restore() {
+    let rt = Runtime::new().unwrap();
+    let module = rt.compile(examples::COUNTER.as_bytes()).unwrap();
+    let id = ActorId::new();
+    let mut a = Actor::start(&rt, &module, id, ActorConfig::default()).unwrap();
+    assert_eq!(a.deliver(msg("x", 1, 5)).unwrap(), Delivery::Queued);
+    assert_eq!(a.deliver(msg("x", 1, 5)).unwrap(), Delivery::Duplicate);
+    assert!(matches!(
+        a.deliver(msg("x", 3, 5)),
+        Err(ActorError::OutOfOrder(o)) if o.expected == 2
+    ));
+    assert_eq!(a.deliver(msg("y", 1, 7)).unwrap(), Delivery::Queued);
+    while a.step().is_some() {}
+    let c = a.checkpoint(&key()).unwrap();
+    let handled = |s: &str| c.cursors.handled(&SenderId::new(s).unwrap());
+    assert_eq!((handled("x"), handled("y")), (1, 1));
+    let state = LoadedState {
+        sequence: c.sequence,
+        image: a.image(),
+        cursors: c.cursors.clone(),
+    };
+    let mut b = Actor::restore(&rt, &module, id, ActorConfig::default(), &state).unwrap();
+    assert_eq!(b.deliver(msg("x", 1, 5)).unwrap(), Delivery::Duplicate);
+    assert_eq!(b.deliver(msg("x", 2, 100)).unwrap(), Delivery::Queued);
+    let (e, reply) = b.step().unwrap();
+    assert_eq!((e.seq, total(&reply.unwrap())), (2, 112));
 }
 
 #[test]
@@ -152,10 +191,10 @@ fn grown_memory_and_globals_survive_checkpoint_store_and_restore() {
     drop(store);
 
     let store = CheckpointStore::open(dir.path(), 64 << 20).unwrap();
-    let (sequence, image): (u64, StateImage) = store.load(id).unwrap();
-    assert_eq!(sequence, 2);
-    assert_eq!(image, expected);
-    let mut b = Actor::restore(&rt, &module, id, config(64 << 20), sequence, &image).unwrap();
+    let state: LoadedState = store.load(id).unwrap();
+    assert_eq!(state.sequence, 2);
+    assert_eq!(state.image, expected);
+    let mut b = Actor::restore(&rt, &module, id, config(64 << 20), &state).unwrap();
     assert_eq!(b.call(&kv::get(7)).unwrap(), 777u64.to_le_bytes());
     assert_eq!(b.call(&kv::get(50)).unwrap(), 500u64.to_le_bytes());
     assert_eq!(b.call(&kv::peek(end)).unwrap(), vec![0x5a]);

@@ -11,7 +11,9 @@
 //! to two tenants.
 
 mod manager;
-pub mod quota;
+/// Quotas live in `tern-proto`, where configuration parsing can reach them
+/// without the store.
+pub use tern_proto::quota;
 
 pub use manager::{
     HealthReport, Manager, ManagerConfig, ManagerError, PoolReport, ProvisionSource, StartupReport,

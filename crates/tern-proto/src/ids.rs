@@ -27,82 +27,67 @@ pub enum IdError {
     ReservedCid(u32),
 }
 
-/// A VM's identity for its whole life, across hosts and migrations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct VmId(Uuid);
+/// A random UUID id: `new`, its 16 bytes, `Display` and `FromStr` (refusing
+/// with the given `IdError` variant).
+macro_rules! uuid_newtype {
+    ($(#[$doc:meta])* $name:ident, $err:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Uuid);
 
-impl VmId {
-    /// A fresh random id.
-    pub fn new() -> Self {
-        Self(Uuid::new_v4())
-    }
+        impl $name {
+            /// A fresh random id.
+            pub fn new() -> Self {
+                Self(Uuid::new_v4())
+            }
+
+            /// The id's 16 bytes, as binary records carry it.
+            pub fn to_bytes(self) -> [u8; 16] {
+                *self.0.as_bytes()
+            }
+
+            /// The id from its 16 bytes.
+            pub fn from_bytes(b: [u8; 16]) -> Self {
+                Self(Uuid::from_bytes(b))
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s)
+                    .map(Self)
+                    .map_err(|_| IdError::$err(s.to_owned()))
+            }
+        }
+    };
 }
 
-impl Default for VmId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+uuid_newtype!(
+    /// A VM's identity for its whole life, across hosts and migrations.
+    VmId,
+    BadVmId
+);
 
-impl fmt::Display for VmId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for VmId {
-    type Err = IdError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s)
-            .map(Self)
-            .map_err(|_| IdError::BadVmId(s.to_owned()))
-    }
-}
-
-/// A WebAssembly actor's identity for its whole life, across executors,
-/// migrations and restores from checkpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ActorId(Uuid);
-
-impl ActorId {
-    /// A fresh random id.
-    pub fn new() -> Self {
-        Self(Uuid::new_v4())
-    }
-
-    /// The id's 16 bytes, as checkpoints carry it.
-    pub fn to_bytes(self) -> [u8; 16] {
-        *self.0.as_bytes()
-    }
-
-    /// The id from its 16 bytes.
-    pub fn from_bytes(b: [u8; 16]) -> Self {
-        Self(Uuid::from_bytes(b))
-    }
-}
-
-impl Default for ActorId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl fmt::Display for ActorId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for ActorId {
-    type Err = IdError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s)
-            .map(Self)
-            .map_err(|_| IdError::BadActorId(s.to_owned()))
-    }
-}
+uuid_newtype!(
+    /// A WebAssembly actor's identity for its whole life, across executors,
+    /// migrations and restores from checkpoints.
+    ActorId,
+    BadActorId
+);
 
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
@@ -178,6 +163,12 @@ name_newtype!(
     /// it owns actors and signs their checkpoints.
     ExecutorId,
     "executor id"
+);
+name_newtype!(
+    /// Who sends messages to actors (a client, an executor, another actor):
+    /// actors handle each sender's messages once each, in its order.
+    SenderId,
+    "sender id"
 );
 name_newtype!(
     /// A migration, the same on both hosts and in the control plane's store.

@@ -9,6 +9,7 @@ pub mod host;
 pub mod ids;
 pub mod join;
 pub mod migration;
+pub mod quota;
 pub mod vm;
 
 pub use guest::{
@@ -19,12 +20,14 @@ pub use host::{
     MigrationRecord,
 };
 pub use ids::{
-    ActorId, ExecutorId, HostId, IdError, MigrationId, OwnerEpoch, TenantId, VmId, VsockCid,
+    ActorId, ExecutorId, HostId, IdError, MigrationId, OwnerEpoch, SenderId, TenantId, VmId,
+    VsockCid,
 };
 pub use join::{
     Heartbeat, HeartbeatResponse, JoinRequest, JoinResponse, JoinToken, PeerView, RunningGuest,
 };
 pub use migration::{MigrationPhase, MigrationRole};
+pub use quota::{Quota, QuotaExceeded, Quotas};
 pub use vm::{
     is_image_name, CreateVmRequest, IllegalTransition, VmConfig, VmRecord, VmSpec, VmStatus,
 };

@@ -10,8 +10,8 @@ mod up;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tern::config::{Config, Dur, Overrides};
 use tern_api::{AuthKeys, Permission};
+use tern_config::{Config, Dur, Overrides};
 use tern_proto::TenantId;
 
 #[derive(Parser)]

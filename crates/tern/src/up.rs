@@ -2,11 +2,11 @@
 
 use anyhow::Context;
 use std::sync::Arc;
-use tern::config::{Config, DriverKind};
 use tern_api::{ApiState, AuthKeys, MetricsAccess};
+use tern_config::{Config, DriverKind};
 use tern_drivers::mock::MockDriver;
 use tern_drivers::VmDriver;
-use tern_orchestrator::Manager;
+use tern_orchestrator::{Manager, ManagerConfig};
 
 /// Runs until SIGINT or SIGTERM. VMs keep running after it exits.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -51,7 +51,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let secret = cfg
         .jwt_secret()
         .context("cannot read or create the JWT secret")?;
-    let manager = Arc::new(Manager::new(store.clone(), driver.clone(), cfg.manager()));
+    let manager = Arc::new(Manager::new(
+        store.clone(),
+        driver.clone(),
+        manager_config(&cfg),
+    ));
 
     let report = manager
         .reconcile_startup()
@@ -159,5 +163,22 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// The manager's settings, from the configuration.
+fn manager_config(cfg: &Config) -> ManagerConfig {
+    ManagerConfig {
+        host: tern_proto::HostId::new(cfg.host_id.clone()).expect("validated"),
+        warm_pool_size: cfg.pool.size,
+        warm_idle_ttl: cfg.pool.idle_ttl.0,
+        reconcile_interval: cfg.pool.reconcile_interval.0,
+        health_interval: cfg.health.interval.0,
+        health_concurrency: cfg.health.concurrency,
+        max_consecutive_failures: cfg.health.max_consecutive_failures,
+        default_spec: cfg.spec.clone(),
+        quotas: cfg.quota.clone(),
+        images: cfg.image_names().unwrap_or_default(),
+        ..ManagerConfig::default()
     }
 }

@@ -1,9 +1,9 @@
 //! Per-tenant quotas: how many VMs, how much memory and how many vCPUs a
 //! tenant may hold at once, checked when a VM is created.
 
+use crate::{TenantId, VmRecord, VmSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use tern_proto::{TenantId, VmRecord, VmSpec};
 
 /// One tenant's limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tern_drivers::images::{ImageCatalogue, ImageDef};
 use tern_drivers::mock::MockFaults;
-use tern_orchestrator::{ManagerConfig, Quotas};
-use tern_proto::{HostId, TenantId, VmSpec};
+use tern_proto::{HostId, Quotas, TenantId, VmSpec};
 
 /// A configuration problem, naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -652,23 +651,6 @@ impl Config {
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("tern.db").display()))
     }
 
-    /// The manager's settings.
-    pub fn manager(&self) -> ManagerConfig {
-        ManagerConfig {
-            host: HostId::new(self.host_id.clone()).expect("validated"),
-            warm_pool_size: self.pool.size,
-            warm_idle_ttl: self.pool.idle_ttl.0,
-            reconcile_interval: self.pool.reconcile_interval.0,
-            health_interval: self.health.interval.0,
-            health_concurrency: self.health.concurrency,
-            max_consecutive_failures: self.health.max_consecutive_failures,
-            default_spec: self.spec.clone(),
-            quotas: self.quota.clone(),
-            images: self.image_names().unwrap_or_default(),
-            ..ManagerConfig::default()
-        }
-    }
-
     /// The API token secret: configured, or read from (created once in) the data dir.
     pub fn jwt_secret(&self) -> std::io::Result<Vec<u8>> {
         match &self.jwt_secret {
@@ -775,7 +757,7 @@ mod tests {
             )
         };
         let c = load(Some(&cfg("vmlinuz")), &[]).unwrap();
-        assert_eq!(c.manager().images.len(), 2);
+        assert_eq!(c.image_names().unwrap().len(), 2);
         for bad in ["../jwt-secret", "/etc/passwd", "missing"] {
             let e = load(Some(&cfg(bad)), &[]).unwrap_err().to_string();
             assert!(e.contains("config key `images`"), "{bad}: {e}");

@@ -1,0 +1,357 @@
+//! The messages executors exchange, point to point, to move actors and
+//! their messages.
+//!
+//! Names follow the seed design (`MigrationRequest`, `MigrationAccept`,
+//! `MigrationReject`, `MigrationComplete`, `CheckpointAnnounce`,
+//! `CheckpointQuery`, `CheckpointResponse`); `MigrationCompleted` (the
+//! target's acknowledgement), `MigrationAbort` and the delivery messages are
+//! tern's additions. A migration:
+//!
+//! 1. source → target `MigrationRequest`: the module, and a full checkpoint
+//!    taken while the actor keeps running;
+//! 2. target → source `MigrationAccept` (checkpoint verified and stored,
+//!    policy agrees) or `MigrationReject {reason}`;
+//! 3. source pauses the actor and sends `MigrationComplete`: the final
+//!    incremental checkpoint and the messages queued for it;
+//! 4. target verifies, stores, restores, resumes and answers
+//!    `MigrationCompleted`; the source then drops its copy and forwards what
+//!    arrived meanwhile. Without an answer the source asks with
+//!    `CheckpointQuery`; a target that has not completed gives the migration
+//!    up for good before answering, so the actor runs on exactly one side.
+//!
+//! Checkpoints travel in their own signed binary form; the rest is encoded
+//! with postcard under [`MAX_FRAME`], checked before decoding.
+
+use crate::delivery::Envelope;
+use crate::policy::{ExecutorLoad, MigrationReason, RejectReason};
+use serde::{Deserialize, Serialize};
+use tern_proto::{ActorId, ExecutorId, MigrationId, OwnerEpoch, SenderId};
+use thiserror::Error;
+
+/// The largest protocol message: a 256 MiB state plus its module.
+pub const MAX_FRAME: usize = 320 << 20;
+
+/// An actor's settings as they travel with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActorSettings {
+    /// Whether it keeps state (and its checkpoint interval, ms).
+    pub checkpoint_interval_ms: Option<u64>,
+    /// Its memory limit.
+    pub max_state_size_bytes: u64,
+    /// Fuel per message.
+    pub fuel_per_message: u64,
+    /// Mailbox bound.
+    pub mailbox_capacity: u32,
+}
+
+/// A message queued for an actor, as it travels.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEnvelope {
+    /// Sender.
+    pub sender: SenderId,
+    /// Its number.
+    pub seq: u64,
+    /// Contents.
+    #[serde(with = "serde_bytes_vec")]
+    pub payload: Vec<u8>,
+}
+
+impl From<Envelope> for WireEnvelope {
+    fn from(e: Envelope) -> Self {
+        Self {
+            sender: e.sender,
+            seq: e.seq,
+            payload: e.payload,
+        }
+    }
+}
+
+impl From<WireEnvelope> for Envelope {
+    fn from(e: WireEnvelope) -> Self {
+        Self {
+            sender: e.sender,
+            seq: e.seq,
+            payload: e.payload,
+        }
+    }
+}
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ActorMessage {
+    /// Asks the target to take an actor.
+    MigrationRequest {
+        /// The migration.
+        migration: MigrationId,
+        /// The actor.
+        actor: ActorId,
+        /// Its ownership epoch on the source.
+        epoch: OwnerEpoch,
+        /// Why it moves.
+        reason: MigrationReason,
+        /// Its settings.
+        settings: ActorSettings,
+        /// Its wasm module.
+        #[serde(with = "serde_bytes_vec")]
+        module: Vec<u8>,
+        /// A full signed checkpoint.
+        #[serde(with = "serde_bytes_vec")]
+        checkpoint: Vec<u8>,
+    },
+    /// The target took the checkpoint and will take the actor.
+    MigrationAccept {
+        /// The migration.
+        migration: MigrationId,
+    },
+    /// The target will not take the actor.
+    MigrationReject {
+        /// The migration.
+        migration: MigrationId,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// The actor is paused on the source: its last changes and mailbox.
+    MigrationComplete {
+        /// The migration.
+        migration: MigrationId,
+        /// The final incremental checkpoint.
+        #[serde(with = "serde_bytes_vec")]
+        checkpoint: Vec<u8>,
+        /// Messages queued and not yet handled, in order.
+        mailbox: Vec<WireEnvelope>,
+    },
+    /// The actor runs on the target now.
+    MigrationCompleted {
+        /// The migration.
+        migration: MigrationId,
+    },
+    /// The source gave the migration up (timed out before completing).
+    MigrationAbort {
+        /// The migration.
+        migration: MigrationId,
+    },
+    /// The owner took a checkpoint.
+    CheckpointAnnounce {
+        /// The actor.
+        actor: ActorId,
+        /// Its sequence.
+        sequence: u64,
+    },
+    /// Does the receiver run `actor`, and at which checkpoint? Asked about a
+    /// migration, it also gives that migration up if it has not completed.
+    CheckpointQuery {
+        /// The actor.
+        actor: ActorId,
+        /// The migration in doubt, if any.
+        migration: Option<MigrationId>,
+    },
+    /// The answer to a query.
+    CheckpointResponse {
+        /// The actor.
+        actor: ActorId,
+        /// The migration asked about.
+        migration: Option<MigrationId>,
+        /// Whether the receiver runs the actor.
+        running: bool,
+        /// Its latest checkpoint held, if any.
+        sequence: Option<u64>,
+    },
+    /// A message for an actor (from a sender, or forwarded by its old executor).
+    Deliver {
+        /// The actor.
+        actor: ActorId,
+        /// The message.
+        envelope: WireEnvelope,
+    },
+    /// The actor lives elsewhere now; send there.
+    Moved {
+        /// The actor.
+        actor: ActorId,
+        /// Its executor.
+        to: ExecutorId,
+    },
+    /// What an executor says about itself (where gossip does not carry it).
+    Load(ExecutorLoad),
+}
+
+impl ActorMessage {
+    /// The migration a message belongs to.
+    pub fn migration(&self) -> Option<&MigrationId> {
+        match self {
+            Self::MigrationRequest { migration, .. }
+            | Self::MigrationAccept { migration }
+            | Self::MigrationReject { migration, .. }
+            | Self::MigrationComplete { migration, .. }
+            | Self::MigrationCompleted { migration }
+            | Self::MigrationAbort { migration } => Some(migration),
+            Self::CheckpointQuery { migration, .. }
+            | Self::CheckpointResponse { migration, .. } => migration.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The bytes on the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("actor messages serialize")
+    }
+
+    /// Parses a message, refusing one over [`MAX_FRAME`] before reading it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        if bytes.len() > MAX_FRAME {
+            return Err(ProtocolError::TooLarge(bytes.len()));
+        }
+        let (msg, rest) = postcard::take_from_bytes(bytes)
+            .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(ProtocolError::Malformed("trailing bytes".into()));
+        }
+        if let Self::Load(l) = &msg {
+            if !(0.0..=1.0).contains(&l.load) {
+                return Err(ProtocolError::Malformed(format!(
+                    "load {} is not in 0..=1",
+                    l.load
+                )));
+            }
+        }
+        Ok(msg)
+    }
+}
+
+/// A message that cannot be read.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// Over [`MAX_FRAME`].
+    #[error("actor protocol message of {0} bytes is too large")]
+    TooLarge(usize),
+    /// Not a message.
+    #[error("malformed actor protocol message: {0}")]
+    Malformed(String),
+}
+
+/// Byte vectors as one length and the bytes (serde's default for `Vec<u8>`
+/// is a sequence of numbers).
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{MigrationReason, RejectReason};
+
+    #[test]
+    fn messages_round_trip_and_bad_bytes_are_refused() {
+        let m = ActorMessage::MigrationComplete {
+            migration: MigrationId::new("m-1").unwrap(),
+            checkpoint: vec![1, 2, 3],
+            mailbox: vec![WireEnvelope {
+                sender: SenderId::new("s").unwrap(),
+                seq: 4,
+                payload: vec![9; 100],
+            }],
+        };
+        let bytes = m.encode();
+        assert!(bytes.len() < 150, "bytes travel as bytes: {}", bytes.len());
+        assert_eq!(ActorMessage::decode(&bytes).unwrap(), m);
+        assert!(ActorMessage::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(ActorMessage::decode(&long).is_err());
+        assert!(ActorMessage::decode(&[200, 1]).is_err());
+    }
+
+    /// Found by the fuzzer: a peer's NaN load would make policies compare
+    /// nothing; loads outside 0..=1 are refused.
+    #[test]
+    fn a_load_that_is_not_a_share_is_refused() {
+        for load in [f64::NAN, -0.5, 1.5, f64::INFINITY] {
+            let m = ActorMessage::Load(ExecutorLoad {
+                executor: ExecutorId::new("e").unwrap(),
+                load,
+                queue_depth: 0,
+                actors: 0,
+                capacity: 1,
+            });
+            assert!(matches!(
+                ActorMessage::decode(&m.encode()),
+                Err(ProtocolError::Malformed(_))
+            ));
+        }
+    }
+
+    /// The fuzz target's seeds are messages of today's format (with
+    /// `TERN_WRITE_SEEDS=1` the test writes them anew).
+    #[test]
+    fn the_fuzz_seeds_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/seeds/actor_protocol");
+        let m = MigrationId::new("am-1").unwrap();
+        let actor = ActorId::from_bytes([7; 16]);
+        let seeds = [
+            ActorMessage::MigrationRequest {
+                migration: m.clone(),
+                actor,
+                epoch: OwnerEpoch(3),
+                reason: MigrationReason::LoadBalancing,
+                settings: ActorSettings {
+                    checkpoint_interval_ms: Some(1000),
+                    max_state_size_bytes: 1 << 20,
+                    fuel_per_message: 1000,
+                    mailbox_capacity: 16,
+                },
+                module: b"\0asm\x01\0\0\0".to_vec(),
+                checkpoint: b"TACK\x01".to_vec(),
+            },
+            ActorMessage::MigrationReject {
+                migration: m.clone(),
+                reason: RejectReason::QueueDepth { depth: 5, max: 4 },
+            },
+            ActorMessage::CheckpointQuery {
+                actor,
+                migration: Some(m.clone()),
+            },
+            ActorMessage::Deliver {
+                actor,
+                envelope: WireEnvelope {
+                    sender: SenderId::new("s").unwrap(),
+                    seq: 1,
+                    payload: vec![1, 2, 3],
+                },
+            },
+        ];
+        for (i, msg) in seeds.iter().enumerate() {
+            let path = dir.join(format!("seed-{i}"));
+            if std::env::var_os("TERN_WRITE_SEEDS").is_some() {
+                std::fs::write(&path, msg.encode()).unwrap();
+            }
+            let stored = std::fs::read(&path).unwrap();
+            assert_eq!(
+                &ActorMessage::decode(&stored).unwrap(),
+                msg,
+                "{}",
+                path.display()
+            );
+        }
+    }
+}
