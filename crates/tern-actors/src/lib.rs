@@ -11,6 +11,7 @@
 //! - [`store`]: each executor's durable [`CheckpointStore`].
 //! - [`protocol`]: what executors send each other to move actors.
 //! - [`manager`]: the `ActorMigrationManager`, one per executor.
+//! - [`net`]: an executor on the network, its peers over mutual TLS.
 //! - [`policy`]: when actors move ([`policy::MigrationPolicy`]).
 
 pub mod checkpoint;
@@ -18,6 +19,8 @@ pub mod delivery;
 pub mod examples;
 #[cfg(feature = "runtime")]
 pub mod manager;
+#[cfg(feature = "runtime")]
+pub mod net;
 pub mod policy;
 pub mod protocol;
 #[cfg(feature = "runtime")]

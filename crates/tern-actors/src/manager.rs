@@ -119,6 +119,21 @@ pub struct Migration {
     deadline: Instant,
     /// Source: how many queued messages went with the final checkpoint.
     sent_mailbox: usize,
+    /// Source: when the actor was paused for the final checkpoint.
+    paused_at: Option<Instant>,
+}
+
+impl Migration {
+    /// How long the actor was paused (source side, once complete): from
+    /// the pause for the final checkpoint to the target's confirmation.
+    pub fn pause(&self) -> Option<Duration> {
+        Some(self.ended?.saturating_duration_since(self.paused_at?))
+    }
+
+    /// From the request to the end (once ended).
+    pub fn total(&self) -> Option<Duration> {
+        Some(self.ended?.saturating_duration_since(self.started))
+    }
 }
 
 /// An operation the manager refused.
@@ -509,6 +524,7 @@ impl ActorMigrationManager {
                 checkpoint_bytes: bytes,
                 deadline: now + self.cfg.step_timeout,
                 sent_mailbox: 0,
+                paused_at: None,
             },
         );
         metrics::counter!("migrations_initiated_total", "workload" => "actor").increment(1);
@@ -692,6 +708,7 @@ impl ActorMigrationManager {
                 checkpoint_bytes: r.checkpoint.len() as u64,
                 deadline: now + self.cfg.step_timeout,
                 sent_mailbox: 0,
+                paused_at: None,
             },
         );
         metrics::counter!("migrations_accepted_total", "workload" => "actor").increment(1);
@@ -773,6 +790,7 @@ impl ActorMigrationManager {
         mig.checkpoint_bytes += checkpoint.len() as u64;
         mig.state = MigrationState::Completing;
         mig.sent_mailbox = mailbox_len;
+        mig.paused_at = Some(now);
         mig.deadline = now + self.cfg.step_timeout;
         self.outbox.push((
             from.clone(),
