@@ -20,8 +20,9 @@ use crate::policy::{
     ActorStats, Cooldown, ExecutorLoad, MigrationPolicy, MigrationReason, RejectReason,
 };
 use crate::protocol::{ActorMessage, ActorSettings, WireEnvelope};
-use crate::runtime::{Actor, ActorConfig, ActorError, ActorMode, ActorModule, Runtime};
-use crate::store::CheckpointStore;
+use crate::runtime::{Actor, ActorConfig, ActorError, ActorMode, Runtime};
+use crate::state::StateImage;
+use crate::store::{CheckpointStore, LoadedState};
 use ed25519_dalek::SigningKey;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -195,10 +196,11 @@ struct Hosted {
     carried: Vec<Envelope>,
 }
 
-/// Target side: an actor whose first checkpoint is stored, awaiting its last.
+/// Target side: an actor whose first checkpoint is stored and restored
+/// (paused), awaiting its last.
 struct Incoming {
     migration: MigrationId,
-    module: Arc<ActorModule>,
+    actor: Actor,
     wasm: Arc<Vec<u8>>,
     config: ActorConfig,
     epoch: OwnerEpoch,
@@ -685,11 +687,23 @@ impl ActorMigrationManager {
         self.store
             .store(&c)
             .map_err(|e| RejectReason::BadCheckpoint(e.to_string()))?;
+        // Restored now, while the actor still runs on the source: the pause
+        // then costs only the final delta.
+        let mut image = StateImage::default();
+        image.apply(&c.state);
+        let state = LoadedState {
+            sequence: c.sequence,
+            image,
+            cursors: c.cursors,
+        };
+        let mut actor = Actor::restore(&self.runtime, &module, r.actor, config.clone(), &state)
+            .map_err(|e| RejectReason::BadModule(e.to_string()))?;
+        actor.pause();
         self.incoming.insert(
             r.actor,
             Incoming {
                 migration: r.migration.clone(),
-                module: Arc::new(module),
+                actor,
                 wasm: Arc::new(r.module),
                 config,
                 epoch: r.epoch,
@@ -892,20 +906,17 @@ impl ActorMigrationManager {
                 "another actor's checkpoint".into(),
             ));
         }
-        self.store.store(&c).map_err(bad)?;
+        let verified = self.store.verify(&c).map_err(bad)?;
+        let hashes = verified.hashes().clone();
+        self.store.commit(&c, verified).map_err(bad)?;
         let inc = self
             .incoming
             .remove(&actor)
             .expect("accepted migrations have one");
-        let state = self.store.load(actor).map_err(bad)?;
-        let mut a = Actor::restore(
-            &self.runtime,
-            &inc.module,
-            actor,
-            inc.config.clone(),
-            &state,
-        )
-        .map_err(|e| RejectReason::BadModule(e.to_string()))?;
+        let mut a = inc.actor;
+        a.apply(&c, hashes)
+            .map_err(|e| RejectReason::BadCheckpoint(e.to_string()))?;
+        a.resume();
         for e in mailbox {
             a.deliver(e.into())
                 .map_err(|e| RejectReason::BadCheckpoint(format!("carried message: {e}")))?;

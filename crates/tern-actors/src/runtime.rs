@@ -313,22 +313,10 @@ impl Actor {
         if image.memory.len() < have {
             return Err(ActorError::State("memory smaller than the module's".into()));
         }
-        let grow = ((image.memory.len() - have) as u64).div_ceil(crate::state::WASM_PAGE);
-        actor
-            .memory
-            .grow(&mut actor.store, grow)
-            .map_err(|e| ActorError::State(format!("{e:#}")))?;
+        actor.grow_to(image.memory.len())?;
         actor.memory.data_mut(&mut actor.store)[..image.memory.len()]
             .copy_from_slice(&image.memory);
-        for (g, bits) in actor.globals.iter().zip(&image.globals) {
-            let val = match g.ty(&actor.store).content() {
-                t if t.is_i32() => Val::I32(*bits as u32 as i32),
-                t if t.is_i64() => Val::I64(*bits as i64),
-                t if t.is_f32() => Val::F32(*bits as u32),
-                _ => Val::F64(*bits),
-            };
-            g.set(&mut actor.store, val).map_err(ActorError::Wasm)?;
-        }
+        actor.set_globals(&image.globals)?;
         actor.sequence = sequence;
         actor.hashes = StateHashes::of(actor.memory.data(&actor.store), &image.globals);
         actor.start_tracking();
@@ -348,6 +336,71 @@ impl Actor {
     /// Bytes of linear memory.
     pub fn memory_bytes(&self) -> usize {
         self.memory.data_size(&self.store)
+    }
+
+    /// Brings a restored, paused actor forward by one verified checkpoint
+    /// (`hashes`: the state hashes the store computed for it) without
+    /// copying what it already has: a migration's target applies the final
+    /// delta this way, so the pause costs the pages that changed.
+    pub fn apply(&mut self, c: &ActorCheckpoint, hashes: StateHashes) -> Result<(), ActorError> {
+        let delta = &c.state;
+        if delta.base != Some(self.sequence) || c.actor_id != self.id {
+            return Err(ActorError::State(format!(
+                "checkpoint {} on {:?} does not follow {}",
+                c.sequence, delta.base, self.sequence
+            )));
+        }
+        if delta.globals.len() != self.globals.len() {
+            return Err(ActorError::State("globals do not fit the module".into()));
+        }
+        let size = usize::try_from(delta.memory_bytes)
+            .map_err(|_| ActorError::State("memory size".into()))?;
+        if size < self.memory.data_size(&self.store) {
+            return Err(ActorError::State("memory shrinks".into()));
+        }
+        self.grow_to(size)?;
+        let memory = self.memory.data_mut(&mut self.store);
+        for (i, page) in delta.iter_pages() {
+            let at = i as usize * PAGE;
+            memory[at..at + PAGE].copy_from_slice(page);
+        }
+        self.set_globals(&delta.globals)?;
+        self.sequence = c.sequence;
+        self.hashes = hashes;
+        self.admission = Admission::from_cursors(c.cursors.clone());
+        if let Tracking::Kernel { since, .. } = &mut self.tracking {
+            // The pages just written count as written since this checkpoint:
+            // the next delta carries them again, which is redundant, not wrong.
+            *since = c.sequence;
+        }
+        Ok(())
+    }
+
+    /// Grows linear memory to at least `bytes`.
+    fn grow_to(&mut self, bytes: usize) -> Result<(), ActorError> {
+        let have = self.memory.data_size(&self.store);
+        if bytes <= have {
+            return Ok(());
+        }
+        let grow = ((bytes - have) as u64).div_ceil(crate::state::WASM_PAGE);
+        self.memory
+            .grow(&mut self.store, grow)
+            .map_err(|e| ActorError::State(format!("{e:#}")))?;
+        Ok(())
+    }
+
+    /// Sets the exported mutable globals from their bits.
+    fn set_globals(&mut self, bits: &[u64]) -> Result<(), ActorError> {
+        for (g, bits) in self.globals.iter().zip(bits) {
+            let val = match g.ty(&self.store).content() {
+                t if t.is_i32() => Val::I32(*bits as u32 as i32),
+                t if t.is_i64() => Val::I64(*bits as i64),
+                t if t.is_f32() => Val::F32(*bits as u32),
+                _ => Val::F64(*bits),
+            };
+            g.set(&mut self.store, val).map_err(ActorError::Wasm)?;
+        }
+        Ok(())
     }
 
     /// Queues a message if it is its sender's next; a duplicate is

@@ -60,6 +60,13 @@ pub struct Verified {
     hashes: Arc<StateHashes>,
 }
 
+impl Verified {
+    /// The state hashes after the checkpoint (what its owner keeps).
+    pub fn hashes(&self) -> &StateHashes {
+        &self.hashes
+    }
+}
+
 /// Durable, verified storage of actor checkpoints.
 pub struct CheckpointStore {
     dir: PathBuf,
