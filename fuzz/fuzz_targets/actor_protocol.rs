@@ -16,7 +16,8 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(again, msg);
     match &msg {
         ActorMessage::MigrationRequest { checkpoint, .. }
-        | ActorMessage::MigrationComplete { checkpoint, .. } => {
+        | ActorMessage::MigrationComplete { checkpoint, .. }
+        | ActorMessage::MigrationRound { checkpoint, .. } => {
             let _ = ActorCheckpoint::decode(checkpoint, 1 << 24);
         }
         _ => {}

@@ -30,6 +30,17 @@ use std::time::{Duration, Instant};
 use tern_proto::{ActorId, ExecutorId, MigrationId, OwnerEpoch};
 use thiserror::Error;
 
+/// Pre-copy rounds after the first checkpoint, at most.
+const MAX_ROUNDS: u32 = 4;
+/// A first checkpoint that went over faster than this needs no round.
+const ROUND_TARGET: Duration = Duration::from_millis(5);
+/// A round of at most this many pages ends pre-copy: what the actor wrote
+/// meanwhile goes in the pause.
+const SMALL_ROUND_PAGES: usize = 64;
+/// The slowest rate a checkpoint is expected to travel and be stored at: a
+/// step's timeout grows by its size over this rate.
+const MIN_RATE: u64 = 10 << 20;
+
 /// How an executor runs migrations.
 #[derive(Clone, Debug)]
 pub struct ManagerConfig {
@@ -122,6 +133,12 @@ pub struct Migration {
     sent_mailbox: usize,
     /// Source: when the actor was paused for the final checkpoint.
     paused_at: Option<Instant>,
+    /// Source: pre-copy rounds sent after the first checkpoint.
+    pub rounds: u32,
+    /// Source: when the checkpoint now with the target was sent.
+    round_sent: Instant,
+    /// Source: pages in the last round sent.
+    round_pages: usize,
 }
 
 impl Migration {
@@ -466,6 +483,11 @@ impl ActorMigrationManager {
         started
     }
 
+    /// A step's timeout for a checkpoint of `bytes`.
+    fn step_timeout(&self, bytes: u64) -> Duration {
+        self.cfg.step_timeout + Duration::from_secs(bytes / MIN_RATE)
+    }
+
     fn active(&self) -> usize {
         self.migrations
             .values()
@@ -524,9 +546,12 @@ impl ActorMigrationManager {
                 started: now,
                 ended: None,
                 checkpoint_bytes: bytes,
-                deadline: now + self.cfg.step_timeout,
+                deadline: now + self.step_timeout(bytes),
                 sent_mailbox: 0,
                 paused_at: None,
+                rounds: 0,
+                round_sent: now,
+                round_pages: usize::MAX,
             },
         );
         metrics::counter!("migrations_initiated_total", "workload" => "actor").increment(1);
@@ -608,6 +633,10 @@ impl ActorMigrationManager {
                 }
             }
             ActorMessage::Load(load) => self.peer_load(load),
+            ActorMessage::MigrationRound {
+                migration,
+                checkpoint,
+            } => self.handle_migration_round(from, &migration, &checkpoint, now),
         }
     }
 
@@ -720,9 +749,12 @@ impl ActorMigrationManager {
                 started: now,
                 ended: None,
                 checkpoint_bytes: r.checkpoint.len() as u64,
-                deadline: now + self.cfg.step_timeout,
+                deadline: now + self.step_timeout(r.checkpoint.len() as u64),
                 sent_mailbox: 0,
                 paused_at: None,
+                rounds: 0,
+                round_sent: now,
+                round_pages: usize::MAX,
             },
         );
         metrics::counter!("migrations_accepted_total", "workload" => "actor").increment(1);
@@ -767,7 +799,19 @@ impl ActorMigrationManager {
             ));
             return;
         }
-        let actor = self.migrations[m].actor;
+        let mig = &self.migrations[m];
+        let actor = mig.actor;
+        // Pre-copy: a round that took long let the actor write much; send
+        // that without stopping it, until rounds are short.
+        let another = if mig.rounds == 0 {
+            now.saturating_duration_since(mig.round_sent) > ROUND_TARGET
+        } else {
+            mig.rounds < MAX_ROUNDS && mig.round_pages > SMALL_ROUND_PAGES
+        };
+        if another {
+            self.send_round(from, m, now);
+            return;
+        }
         let h = self
             .actors
             .get_mut(&actor)
@@ -814,6 +858,110 @@ impl ActorMigrationManager {
                 mailbox,
             },
         ));
+    }
+
+    /// Source: one pre-copy round, the actor running.
+    fn send_round(&mut self, to: &ExecutorId, m: &MigrationId, now: Instant) {
+        let actor = self.migrations[m].actor;
+        let h = self
+            .actors
+            .get_mut(&actor)
+            .expect("a migrating actor is hosted");
+        let c = match h.actor.checkpoint(&self.key) {
+            Ok(c) => c,
+            Err(e) => {
+                h.migrating = None;
+                self.outbox.push((
+                    to.clone(),
+                    ActorMessage::MigrationAbort {
+                        migration: m.clone(),
+                    },
+                ));
+                self.finish(
+                    m,
+                    MigrationState::Failed(format!("pre-copy round: {e}")),
+                    now,
+                );
+                return;
+            }
+        };
+        if let Err(e) = self.store.store(&c) {
+            tracing::warn!(actor = %actor, error = %e, "cannot keep a pre-copy checkpoint here");
+        }
+        let checkpoint = c.encode();
+        let mig = self.migrations.get_mut(m).expect("checked");
+        mig.checkpoint_bytes += checkpoint.len() as u64;
+        mig.rounds += 1;
+        mig.round_sent = now;
+        mig.round_pages = c.state.pages.len();
+        mig.deadline =
+            now + self.cfg.step_timeout + Duration::from_secs(checkpoint.len() as u64 / MIN_RATE);
+        self.outbox.push((
+            to.clone(),
+            ActorMessage::MigrationRound {
+                migration: m.clone(),
+                checkpoint,
+            },
+        ));
+    }
+
+    /// Target: a pre-copy round goes into the paused copy.
+    fn handle_migration_round(
+        &mut self,
+        from: &ExecutorId,
+        m: &MigrationId,
+        checkpoint: &[u8],
+        now: Instant,
+    ) {
+        let reply = if !self.is_step(m, from, Side::Target, &MigrationState::Accepted) {
+            ActorMessage::MigrationReject {
+                migration: m.clone(),
+                reason: RejectReason::Abandoned,
+            }
+        } else {
+            match self.apply_incoming(m, checkpoint) {
+                Ok(()) => {
+                    let mig = self.migrations.get_mut(m).expect("checked");
+                    mig.checkpoint_bytes += checkpoint.len() as u64;
+                    mig.deadline = now + self.cfg.step_timeout;
+                    ActorMessage::MigrationAccept {
+                        migration: m.clone(),
+                    }
+                }
+                Err(reason) => {
+                    self.abandon_incoming(from, m, now);
+                    ActorMessage::MigrationReject {
+                        migration: m.clone(),
+                        reason,
+                    }
+                }
+            }
+        };
+        self.outbox.push((from.clone(), reply));
+    }
+
+    /// Target: verifies and stores an incremental checkpoint of an incoming
+    /// actor and writes its pages into the paused copy.
+    fn apply_incoming(&mut self, m: &MigrationId, checkpoint: &[u8]) -> Result<(), RejectReason> {
+        let actor = self.migrations[m].actor;
+        let bad =
+            |e: crate::checkpoint::CheckpointError| RejectReason::BadCheckpoint(e.to_string());
+        let c = ActorCheckpoint::decode(checkpoint, self.cfg.max_state_bytes).map_err(bad)?;
+        if c.actor_id != actor {
+            return Err(RejectReason::BadCheckpoint(
+                "another actor's checkpoint".into(),
+            ));
+        }
+        let verified = self.store.verify(&c).map_err(bad)?;
+        let hashes = verified.hashes().clone();
+        self.store.commit(&c, verified).map_err(bad)?;
+        let inc = self
+            .incoming
+            .get_mut(&actor)
+            .expect("accepted migrations have one");
+        inc.actor
+            .apply(&c, hashes)
+            .map_err(|e| RejectReason::BadCheckpoint(e.to_string()))
     }
 
     /// Source: refused (before or at completion); the actor runs here again.
@@ -897,25 +1045,13 @@ impl ActorMigrationManager {
         mailbox: Vec<WireEnvelope>,
         now: Instant,
     ) -> Result<(), RejectReason> {
+        self.apply_incoming(m, checkpoint)?;
         let actor = self.migrations[m].actor;
-        let bad =
-            |e: crate::checkpoint::CheckpointError| RejectReason::BadCheckpoint(e.to_string());
-        let c = ActorCheckpoint::decode(checkpoint, self.cfg.max_state_bytes).map_err(bad)?;
-        if c.actor_id != actor {
-            return Err(RejectReason::BadCheckpoint(
-                "another actor's checkpoint".into(),
-            ));
-        }
-        let verified = self.store.verify(&c).map_err(bad)?;
-        let hashes = verified.hashes().clone();
-        self.store.commit(&c, verified).map_err(bad)?;
         let inc = self
             .incoming
             .remove(&actor)
             .expect("accepted migrations have one");
         let mut a = inc.actor;
-        a.apply(&c, hashes)
-            .map_err(|e| RejectReason::BadCheckpoint(e.to_string()))?;
         a.resume();
         for e in mailbox {
             a.deliver(e.into())

@@ -11,9 +11,12 @@
 //!    taken while the actor keeps running;
 //! 2. target → source `MigrationAccept` (checkpoint verified and stored,
 //!    policy agrees) or `MigrationReject {reason}`;
-//! 3. source pauses the actor and sends `MigrationComplete`: the final
+//! 3. while the last round took long (so the actor wrote much meanwhile),
+//!    the source sends another incremental checkpoint (`MigrationRound`)
+//!    without stopping the actor, and the target accepts again: pre-copy;
+//! 4. source pauses the actor and sends `MigrationComplete`: the final
 //!    incremental checkpoint and the messages queued for it;
-//! 4. target verifies, stores, restores, resumes and answers
+//! 5. target verifies, stores, applies, resumes and answers
 //!    `MigrationCompleted`; the source then drops its copy and forwards what
 //!    arrived meanwhile. Without an answer the source asks with
 //!    `CheckpointQuery`; a target that has not completed gives the migration
@@ -172,6 +175,17 @@ pub enum ActorMessage {
     },
     /// What an executor says about itself (where gossip does not carry it).
     Load(ExecutorLoad),
+    /// A pre-copy round: the pages written since the last checkpoint sent,
+    /// while the actor keeps running; the target applies it to the paused
+    /// copy and answers `MigrationAccept` again. (Last, so that the other
+    /// messages keep their wire tags.)
+    MigrationRound {
+        /// The migration.
+        migration: MigrationId,
+        /// An incremental checkpoint.
+        #[serde(with = "serde_bytes_vec")]
+        checkpoint: Vec<u8>,
+    },
 }
 
 impl ActorMessage {
@@ -182,6 +196,7 @@ impl ActorMessage {
             | Self::MigrationAccept { migration }
             | Self::MigrationReject { migration, .. }
             | Self::MigrationComplete { migration, .. }
+            | Self::MigrationRound { migration, .. }
             | Self::MigrationCompleted { migration }
             | Self::MigrationAbort { migration } => Some(migration),
             Self::CheckpointQuery { migration, .. }

@@ -365,3 +365,39 @@ fn a_lost_completion_leaves_one_copy_on_the_source() {
     assert!(!net.execs[1].runs(actor), "the late completion was refused");
     assert!(net.execs[0].runs(actor));
 }
+
+/// Writes made while the first checkpoint travels go over in a pre-copy
+/// round with the actor running, and arrive intact.
+#[test]
+fn writes_during_the_first_round_go_over_in_a_pre_copy_round() {
+    let mut net = Net::new(&["exec-a", "exec-b"]);
+    let actor = net.execs[0]
+        .deploy(examples::KV.as_bytes(), ActorConfig::default())
+        .unwrap();
+    let m = net.execs[0]
+        .initiate_migration(
+            actor,
+            ExecutorId::new("exec-b").unwrap(),
+            MigrationReason::Operator,
+            Instant::now(),
+        )
+        .unwrap();
+    net.deliver(1); // the request: B stores and accepts
+    for k in 1..=50u64 {
+        net.execs[0]
+            .send(actor, env("c", k, kv::put(k, k + 1000)), None)
+            .unwrap();
+    }
+    assert_eq!(net.execs[0].run(100, Instant::now()).len(), 50);
+    std::thread::sleep(Duration::from_millis(10));
+    net.settle();
+    let mig = net.execs[0].get_state(&m).unwrap();
+    assert_eq!(mig.state, MigrationState::Complete);
+    assert!(mig.rounds >= 1, "a round went while the actor ran");
+    for k in [1u64, 25, 50] {
+        assert_eq!(
+            net.execs[1].call(actor, &kv::get(k)).unwrap(),
+            (k + 1000).to_le_bytes()
+        );
+    }
+}
