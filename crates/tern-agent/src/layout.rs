@@ -72,10 +72,16 @@ impl HostPlan {
 /// A free TCP port on loopback, below the kernel's ephemeral range
 /// (32768-60999): a port probed there could be handed to some outgoing
 /// connection before the agent binds it (CI saw `Address already in use`).
+/// Never the same port twice in one process: hosts are planned before their
+/// agents bind, so a probe cannot see a port another plan already holds
+/// (CI saw two hosts of one test given the same API port).
 pub fn free_port() -> std::io::Result<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     for _ in 0..1000 {
         let port = rand::Rng::gen_range(&mut rand::thread_rng(), 20000..32000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return Ok(port);
         }
     }
