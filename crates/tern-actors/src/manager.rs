@@ -817,28 +817,10 @@ impl ActorMigrationManager {
             .get_mut(&actor)
             .expect("a migrating actor is hosted");
         h.actor.pause();
-        let c = match h.actor.checkpoint(&self.key) {
-            Ok(c) => c,
-            Err(e) => {
-                h.actor.resume();
-                h.migrating = None;
-                self.outbox.push((
-                    from.clone(),
-                    ActorMessage::MigrationAbort {
-                        migration: m.clone(),
-                    },
-                ));
-                self.finish(
-                    m,
-                    MigrationState::Failed(format!("final checkpoint: {e}")),
-                    now,
-                );
-                return;
-            }
+        let Some(c) = self.checkpoint_for_move(from, m, "final checkpoint", now) else {
+            return;
         };
-        if let Err(e) = self.store.store(&c) {
-            tracing::warn!(actor = %actor, error = %e, "cannot keep the final checkpoint here");
-        }
+        let h = self.actors.get_mut(&actor).expect("hosted");
         h.carried = h.actor.take_mailbox();
         let mailbox: Vec<WireEnvelope> =
             h.carried.iter().cloned().map(WireEnvelope::from).collect();
@@ -860,16 +842,30 @@ impl ActorMigrationManager {
         ));
     }
 
-    /// Source: one pre-copy round, the actor running.
-    fn send_round(&mut self, to: &ExecutorId, m: &MigrationId, now: Instant) {
+    /// Source: a checkpoint of a migrating actor, kept here too. If it
+    /// cannot be taken the migration fails (the target is told) and the
+    /// actor runs on here.
+    fn checkpoint_for_move(
+        &mut self,
+        to: &ExecutorId,
+        m: &MigrationId,
+        what: &str,
+        now: Instant,
+    ) -> Option<ActorCheckpoint> {
         let actor = self.migrations[m].actor;
         let h = self
             .actors
             .get_mut(&actor)
             .expect("a migrating actor is hosted");
-        let c = match h.actor.checkpoint(&self.key) {
-            Ok(c) => c,
+        match h.actor.checkpoint(&self.key) {
+            Ok(c) => {
+                if let Err(e) = self.store.store(&c) {
+                    tracing::warn!(actor = %actor, error = %e, "cannot keep a {what} here");
+                }
+                Some(c)
+            }
             Err(e) => {
+                h.actor.resume();
                 h.migrating = None;
                 self.outbox.push((
                     to.clone(),
@@ -877,17 +873,17 @@ impl ActorMigrationManager {
                         migration: m.clone(),
                     },
                 ));
-                self.finish(
-                    m,
-                    MigrationState::Failed(format!("pre-copy round: {e}")),
-                    now,
-                );
-                return;
+                self.finish(m, MigrationState::Failed(format!("{what}: {e}")), now);
+                None
             }
-        };
-        if let Err(e) = self.store.store(&c) {
-            tracing::warn!(actor = %actor, error = %e, "cannot keep a pre-copy checkpoint here");
         }
+    }
+
+    /// Source: one pre-copy round, the actor running.
+    fn send_round(&mut self, to: &ExecutorId, m: &MigrationId, now: Instant) {
+        let Some(c) = self.checkpoint_for_move(to, m, "pre-copy round", now) else {
+            return;
+        };
         let checkpoint = c.encode();
         let mig = self.migrations.get_mut(m).expect("checked");
         mig.checkpoint_bytes += checkpoint.len() as u64;
