@@ -110,6 +110,29 @@ impl Net {
     }
 }
 
+/// Two executors; an actor of `wat` deployed on A, `prepare` run, and a
+/// move to B started for `reason` (nothing delivered yet).
+fn start_move(
+    wat: &str,
+    reason: MigrationReason,
+    prepare: impl FnOnce(&mut Net),
+) -> (Net, ActorId, MigrationId) {
+    let mut net = Net::new(&["exec-a", "exec-b"]);
+    let actor = net.execs[0]
+        .deploy(wat.as_bytes(), ActorConfig::default())
+        .unwrap();
+    prepare(&mut net);
+    let m = net.execs[0]
+        .initiate_migration(
+            actor,
+            ExecutorId::new("exec-b").unwrap(),
+            reason,
+            Instant::now(),
+        )
+        .unwrap();
+    (net, actor, m)
+}
+
 fn env(sender: &str, seq: u64, payload: Vec<u8>) -> Envelope {
     Envelope {
         sender: SenderId::new(sender).unwrap(),
@@ -177,19 +200,10 @@ fn an_overloaded_executor_sheds_an_actor_that_keeps_its_state() {
 /// and all.
 #[test]
 fn a_rejected_migration_leaves_the_actor_where_it_was() {
-    let mut net = Net::new(&["exec-a", "exec-b"]);
-    let actor = net.execs[0]
-        .deploy(examples::COUNTER.as_bytes(), ActorConfig::default())
-        .unwrap();
-    net.execs[1].set_load(0.95);
-    let m = net.execs[0]
-        .initiate_migration(
-            actor,
-            ExecutorId::new("exec-b").unwrap(),
-            MigrationReason::LoadBalancing,
-            Instant::now(),
-        )
-        .unwrap();
+    let (mut net, actor, m) =
+        start_move(examples::COUNTER, MigrationReason::LoadBalancing, |net| {
+            net.execs[1].set_load(0.95)
+        });
     net.settle();
     assert!(matches!(net.state(0, &m), MigrationState::Rejected(_)));
     assert!(net.execs[0].runs(actor));
@@ -304,18 +318,7 @@ fn messages_are_handled_once_in_order_across_twenty_migrations() {
 /// timeout, asks; the target runs the actor, so the move completes.
 #[test]
 fn a_lost_confirmation_is_resolved_by_asking() {
-    let mut net = Net::new(&["exec-a", "exec-b"]);
-    let actor = net.execs[0]
-        .deploy(examples::COUNTER.as_bytes(), ActorConfig::default())
-        .unwrap();
-    let m = net.execs[0]
-        .initiate_migration(
-            actor,
-            ExecutorId::new("exec-b").unwrap(),
-            MigrationReason::Operator,
-            Instant::now(),
-        )
-        .unwrap();
+    let (mut net, actor, m) = start_move(examples::COUNTER, MigrationReason::Operator, |_| {});
     let lost = net.settle_losing(|m| matches!(m, ActorMessage::MigrationCompleted { .. }));
     assert_eq!(lost.len(), 1);
     assert_eq!(net.state(0, &m), MigrationState::Completing);
@@ -331,18 +334,7 @@ fn a_lost_confirmation_is_resolved_by_asking() {
 /// the final checkpoint arriving late is refused. One copy throughout.
 #[test]
 fn a_lost_completion_leaves_one_copy_on_the_source() {
-    let mut net = Net::new(&["exec-a", "exec-b"]);
-    let actor = net.execs[0]
-        .deploy(examples::COUNTER.as_bytes(), ActorConfig::default())
-        .unwrap();
-    let m = net.execs[0]
-        .initiate_migration(
-            actor,
-            ExecutorId::new("exec-b").unwrap(),
-            MigrationReason::Operator,
-            Instant::now(),
-        )
-        .unwrap();
+    let (mut net, actor, m) = start_move(examples::COUNTER, MigrationReason::Operator, |_| {});
     let lost = net.settle_losing(|m| matches!(m, ActorMessage::MigrationComplete { .. }));
     assert_eq!(lost.len(), 1);
     net.execs[0]
@@ -370,18 +362,7 @@ fn a_lost_completion_leaves_one_copy_on_the_source() {
 /// round with the actor running, and arrive intact.
 #[test]
 fn writes_during_the_first_round_go_over_in_a_pre_copy_round() {
-    let mut net = Net::new(&["exec-a", "exec-b"]);
-    let actor = net.execs[0]
-        .deploy(examples::KV.as_bytes(), ActorConfig::default())
-        .unwrap();
-    let m = net.execs[0]
-        .initiate_migration(
-            actor,
-            ExecutorId::new("exec-b").unwrap(),
-            MigrationReason::Operator,
-            Instant::now(),
-        )
-        .unwrap();
+    let (mut net, actor, m) = start_move(examples::KV, MigrationReason::Operator, |_| {});
     net.deliver(1); // the request: B stores and accepts
     for k in 1..=50u64 {
         net.execs[0]
