@@ -30,6 +30,10 @@ use std::time::{Duration, Instant};
 use tern_proto::{ActorId, ExecutorId, MigrationId, OwnerEpoch};
 use thiserror::Error;
 
+mod failover;
+pub use failover::FailoverConfig;
+use failover::{Failover, ReplicaMsg};
+
 /// Pre-copy rounds after the first checkpoint, at most.
 const MAX_ROUNDS: u32 = 4;
 /// A first checkpoint that went over faster than this needs no round.
@@ -58,6 +62,9 @@ pub struct ManagerConfig {
     pub max_state_bytes: u64,
     /// The largest module an incoming actor may bring.
     pub max_module_bytes: usize,
+    /// Replication, leases and restores after a fault; without it an
+    /// executor's actors die with it.
+    pub failover: Option<FailoverConfig>,
 }
 
 impl ManagerConfig {
@@ -71,6 +78,7 @@ impl ManagerConfig {
             cooldown: Duration::from_secs(60),
             max_state_bytes: 256 << 20,
             max_module_bytes: 16 << 20,
+            failover: None,
         }
     }
 }
@@ -175,6 +183,12 @@ pub enum ManagerError {
     /// The store failed.
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// A replicated actor was refused: what was wrong with it.
+    #[error("replica refused: {0}")]
+    Replica(&'static str),
+    /// A replicated actor's settings do not fit this executor.
+    #[error(transparent)]
+    Settings(#[from] RejectReason),
 }
 
 /// What became of a message handed to [`ActorMigrationManager::send`].
@@ -241,6 +255,7 @@ pub struct ActorMigrationManager {
     peers: BTreeMap<ExecutorId, ExecutorLoad>,
     load: f64,
     outbox: Vec<(ExecutorId, ActorMessage)>,
+    failover: Option<Failover>,
 }
 
 impl ActorMigrationManager {
@@ -252,6 +267,7 @@ impl ActorMigrationManager {
         policy: Box<dyn MigrationPolicy>,
     ) -> Result<Self, ManagerError> {
         store.trust(key.verifying_key().to_bytes(), cfg.executor.clone());
+        let cfg_failover = cfg.failover.clone();
         Ok(Self {
             cooldown: Cooldown::new(cfg.cooldown),
             cfg,
@@ -267,6 +283,7 @@ impl ActorMigrationManager {
             peers: BTreeMap::new(),
             load: 0.0,
             outbox: Vec::new(),
+            failover: cfg_failover.map(|c| Failover::new(c, Instant::now())),
         })
     }
 
@@ -400,6 +417,10 @@ impl ActorMigrationManager {
     /// stateful actors whose interval has passed.
     pub fn run(&mut self, budget: usize, now: Instant) -> Vec<Handled> {
         let mut out = Vec::new();
+        if !self.leased(now) {
+            // Cut off from the majority: others may be taking these actors.
+            return out;
+        }
         let ids: Vec<ActorId> = self.actors.keys().copied().collect();
         for id in ids {
             let h = self.actors.get_mut(&id).expect("listed");
@@ -441,6 +462,7 @@ impl ActorMigrationManager {
         let c = h.actor.checkpoint(&self.key)?;
         h.last_checkpoint = Some(now);
         self.store.store(&c)?;
+        self.replicate(id, &c);
         Ok(())
     }
 
@@ -456,6 +478,9 @@ impl ActorMigrationManager {
     /// The seed's `evaluate_migration`: asks the policy about every actor
     /// that is not migrating or cooling down, and starts what it picks.
     pub fn evaluate_migration(&mut self, now: Instant) -> Vec<MigrationId> {
+        if !self.leased(now) {
+            return Vec::new();
+        }
         let local = self.local_load();
         let peers: Vec<ExecutorLoad> = self.peers.values().cloned().collect();
         let mut ids: Vec<ActorId> = self.actors.keys().copied().collect();
@@ -567,6 +592,7 @@ impl ActorMigrationManager {
 
     /// Handles one protocol message from executor `from`.
     pub fn handle(&mut self, from: &ExecutorId, msg: ActorMessage, now: Instant) {
+        self.heard_from(from, now);
         match msg {
             ActorMessage::MigrationRequest {
                 migration,
@@ -614,7 +640,13 @@ impl ActorMigrationManager {
                 running,
                 ..
             } => self.handle_doubt_resolved(from, &migration, running, now),
-            ActorMessage::CheckpointResponse { .. } | ActorMessage::CheckpointAnnounce { .. } => {}
+            ActorMessage::CheckpointResponse {
+                actor,
+                migration: None,
+                sequence,
+                ..
+            } => self.handle_replica_ack(from, actor, sequence),
+            ActorMessage::CheckpointAnnounce { .. } => {}
             ActorMessage::Deliver { actor, envelope } => {
                 match self.send(actor, envelope.into(), Some(from)) {
                     Ok(SendOutcome::Moved(to)) => {
@@ -637,6 +669,36 @@ impl ActorMigrationManager {
                 migration,
                 checkpoint,
             } => self.handle_migration_round(from, &migration, &checkpoint, now),
+            ActorMessage::CheckpointReplica {
+                actor,
+                epoch,
+                settings,
+                module,
+                records,
+            } => self.handle_replica(
+                from,
+                ReplicaMsg {
+                    actor,
+                    epoch,
+                    settings,
+                    module,
+                    records,
+                },
+            ),
+            ActorMessage::Heartbeat { nonce } => self.handle_heartbeat(from, nonce),
+            ActorMessage::HeartbeatAck { nonce, taken } => {
+                self.handle_heartbeat_ack(from, nonce, taken)
+            }
+            ActorMessage::Claim {
+                actor,
+                epoch,
+                owner,
+            } => self.handle_claim(from, actor, epoch, owner, now),
+            ActorMessage::ClaimReply {
+                actor,
+                epoch,
+                granted,
+            } => self.handle_claim_reply(from, actor, epoch, granted, now),
         }
     }
 
@@ -1157,6 +1219,7 @@ impl ActorMigrationManager {
     /// (the actor never stopped); one waiting for the target's confirmation
     /// asks again; a target waiting for the final checkpoint gives up.
     pub fn tick(&mut self, now: Instant) {
+        self.failover_tick(now);
         let due: Vec<MigrationId> = self
             .migrations
             .iter()

@@ -186,6 +186,71 @@ pub enum ActorMessage {
         #[serde(with = "serde_bytes_vec")]
         checkpoint: Vec<u8>,
     },
+    /// Owner → every live peer after each periodic checkpoint: what a peer
+    /// needs to run the actor if the owner dies. `records` is the new
+    /// checkpoint alone when the peer acknowledged its base, else the whole
+    /// chain from a full checkpoint (with the module). Acknowledged with a
+    /// `CheckpointResponse` without a migration.
+    CheckpointReplica {
+        /// The actor.
+        actor: ActorId,
+        /// Its ownership epoch on the sender.
+        epoch: OwnerEpoch,
+        /// Its settings.
+        settings: ActorSettings,
+        /// Its wasm module, or empty when the peer has it.
+        #[serde(with = "serde_bytes_vec")]
+        module: Vec<u8>,
+        /// Signed checkpoints, in order.
+        records: Vec<WireRecord>,
+    },
+    /// Owner → peers, every heartbeat interval: acknowledged by a majority,
+    /// it extends the owner's lease to run its actors.
+    Heartbeat {
+        /// Matches the acknowledgement.
+        nonce: u64,
+    },
+    /// The answer to a heartbeat, with the actors the answering executor
+    /// let others take from the heartbeat's sender (which must drop them).
+    HeartbeatAck {
+        /// The heartbeat's.
+        nonce: u64,
+        /// Actors restored elsewhere.
+        taken: Vec<Taken>,
+    },
+    /// A survivor asks to run `actor` of the silent `owner` at `epoch`.
+    Claim {
+        /// The actor.
+        actor: ActorId,
+        /// The epoch it would run at.
+        epoch: OwnerEpoch,
+        /// The executor that owned it.
+        owner: ExecutorId,
+    },
+    /// The answer to a claim.
+    ClaimReply {
+        /// The actor.
+        actor: ActorId,
+        /// The claim's epoch.
+        epoch: OwnerEpoch,
+        /// Whether the claim has this executor's vote.
+        granted: bool,
+    },
+}
+
+/// One encoded checkpoint in a message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRecord(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
+
+/// An actor a claim took from an executor thought dead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taken {
+    /// The actor.
+    pub actor: ActorId,
+    /// Who claimed it.
+    pub by: ExecutorId,
+    /// At which epoch: a copy at an older one must stop.
+    pub epoch: OwnerEpoch,
 }
 
 impl ActorMessage {

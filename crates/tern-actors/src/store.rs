@@ -182,6 +182,26 @@ impl CheckpointStore {
         Ok(Verified { hashes })
     }
 
+    /// Checks a chain that starts with a full checkpoint, as a store holding
+    /// nothing of the actor would: what may replace what is held.
+    pub fn verify_chain(&self, chain: &[ActorCheckpoint]) -> Result<(), CheckpointError> {
+        let mut held: Option<(u64, Arc<StateHashes>)> = None;
+        for c in chain {
+            if !self
+                .trusted
+                .lock()
+                .expect("store lock")
+                .contains_key(&c.signer)
+            {
+                return Err(CheckpointError::UnknownSigner);
+            }
+            let before = held.as_ref().map(|(s, h)| (*s, h.as_ref()));
+            let v = Self::check_against(before, c, self.max_state_bytes)?;
+            held = Some((c.sequence, v.hashes));
+        }
+        Ok(())
+    }
+
     /// Verifies and durably stores a checkpoint; on any error nothing changes.
     pub fn store(&self, c: &ActorCheckpoint) -> Result<(), CheckpointError> {
         let verified = self.verify(c)?;
@@ -215,6 +235,19 @@ impl CheckpointStore {
                 hashes: v.hashes,
             },
         );
+        Ok(())
+    }
+
+    /// Drops all that is held of `actor`, its log too: a new owner's chain
+    /// replaces it (its sequence may restart below the old one's).
+    pub fn forget(&self, actor: ActorId) -> Result<(), CheckpointError> {
+        let mut held = self.held.lock().expect("store lock");
+        match fs::remove_file(self.log_path(actor)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        held.remove(&actor);
         Ok(())
     }
 
