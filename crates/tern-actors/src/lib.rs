@@ -12,11 +12,14 @@
 //! - [`protocol`]: what executors send each other to move actors.
 //! - [`manager`]: the `ActorMigrationManager`, one per executor.
 //! - [`net`]: an executor on the network, its peers over mutual TLS.
+//! - [`gossip`]: membership, loads and owners by gossip (chitchat).
 //! - [`policy`]: when actors move ([`policy::MigrationPolicy`]).
 
 pub mod checkpoint;
 pub mod delivery;
 pub mod examples;
+#[cfg(feature = "runtime")]
+pub mod gossip;
 #[cfg(feature = "runtime")]
 pub mod manager;
 #[cfg(feature = "runtime")]

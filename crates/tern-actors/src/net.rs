@@ -11,13 +11,14 @@
 //! failure; a message lost with a connection is the protocol's business
 //! (every step times out and is resolved, see [`crate::manager`]).
 
+use crate::gossip::{GossipConfig, GossipError, Membership};
 use crate::manager::{ActorMigrationManager, Handled};
 use crate::protocol::{ActorMessage, MAX_FRAME};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tern_proto::ExecutorId;
+use tern_proto::{ActorId, ExecutorId};
 use tern_transport::tls::{spki_sha256, TlsIdentity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,8 +31,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 pub struct Peer {
     /// Its name.
     pub executor: ExecutorId,
-    /// Where it listens.
-    pub addr: SocketAddr,
+    /// Where it listens, if known before gossip says.
+    pub addr: Option<SocketAddr>,
     /// SHA-256 of its certificate's SubjectPublicKeyInfo.
     pub pin: [u8; 32],
 }
@@ -42,8 +43,11 @@ pub struct NodeConfig {
     pub tls: TlsIdentity,
     /// Where to listen.
     pub listen: SocketAddr,
-    /// The other executors.
+    /// The other executors: the only ones this one talks to, whatever
+    /// gossip says.
     pub peers: Vec<Peer>,
+    /// Membership by gossip; without it every peer counts as alive.
+    pub gossip: Option<GossipConfig>,
     /// How often timeouts and periodic checkpoints are looked at.
     pub tick: Duration,
     /// Messages run per actor between two looks at the network.
@@ -59,6 +63,9 @@ pub enum NodeError {
     /// The TLS identity is unusable.
     #[error(transparent)]
     Tls(#[from] tern_transport::tls::TlsSetupError),
+    /// Gossip did not start.
+    #[error(transparent)]
+    Gossip(#[from] GossipError),
 }
 
 /// A running executor.
@@ -67,12 +74,16 @@ pub struct ExecutorNode {
     poke: Arc<Notify>,
     addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    membership: Option<Arc<Membership>>,
 }
 
 /// What the driver task shares with the connection tasks.
 struct Shared {
     manager: Arc<Mutex<ActorMigrationManager>>,
-    peers: HashMap<ExecutorId, Peer>,
+    peers: Mutex<HashMap<ExecutorId, Peer>>,
+    /// Where gossip says each actor runs.
+    owners: Mutex<HashMap<ActorId, ExecutorId>>,
     connector: TlsConnector,
     links: Mutex<HashMap<ExecutorId, mpsc::UnboundedSender<Vec<u8>>>>,
 }
@@ -90,32 +101,59 @@ impl ExecutorNode {
         let manager = Arc::new(Mutex::new(manager));
         let shared = Arc::new(Shared {
             manager: manager.clone(),
-            peers: cfg
-                .peers
-                .into_iter()
-                .map(|p| (p.executor.clone(), p))
-                .collect(),
+            peers: Mutex::new(
+                cfg.peers
+                    .into_iter()
+                    .map(|p| (p.executor.clone(), p))
+                    .collect(),
+            ),
+            owners: Mutex::default(),
             connector: TlsConnector::from(cfg.tls.client_config()?),
             links: Mutex::new(HashMap::new()),
         });
+        let me = manager.lock().expect("manager lock").id().clone();
+        let membership = match &cfg.gossip {
+            Some(g) => Some(Arc::new(Membership::start(&me, addr, g).await?)),
+            None => {
+                let all: Vec<ExecutorId> = shared
+                    .peers
+                    .lock()
+                    .expect("peers lock")
+                    .keys()
+                    .cloned()
+                    .collect();
+                manager.lock().expect("manager lock").set_live(all);
+                None
+            }
+        };
         let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
         let (handled_tx, handled_rx) = mpsc::unbounded_channel();
         let poke = Arc::new(Notify::new());
         let accept = tokio::spawn(accept_loop(listener, acceptor, shared.clone(), inbound_tx));
         let drive = tokio::spawn(drive(
-            shared,
+            shared.clone(),
             inbound_rx,
             handled_tx,
             poke.clone(),
             cfg.tick,
             cfg.budget,
         ));
+        let mut tasks = vec![accept, drive];
+        if let (Some(m), Some(g)) = (&membership, &cfg.gossip) {
+            tasks.push(tokio::spawn(gossip_loop(
+                shared.clone(),
+                m.clone(),
+                g.interval,
+            )));
+        }
         Ok((
             Self {
                 manager,
                 poke,
                 addr,
-                tasks: vec![accept, drive],
+                tasks,
+                shared,
+                membership,
             },
             handled_rx,
         ))
@@ -133,10 +171,26 @@ impl ExecutorNode {
         r
     }
 
+    /// Where gossip says `actor` runs (this executor included).
+    pub fn locate(&self, actor: ActorId) -> Option<ExecutorId> {
+        if self.with(|m| m.runs(actor)) {
+            return Some(self.with(|m| m.id().clone()));
+        }
+        self.shared
+            .owners
+            .lock()
+            .expect("owners lock")
+            .get(&actor)
+            .cloned()
+    }
+
     /// Stops the node (its actors stop with it).
     pub fn shutdown(&self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(m) = &self.membership {
+            m.shutdown();
         }
     }
 }
@@ -196,7 +250,7 @@ fn send_to(shared: &Arc<Shared>, to: &ExecutorId, frame: Vec<u8>) {
             return;
         }
     }
-    let Some(peer) = shared.peers.get(to).cloned() else {
+    let Some(peer) = shared.peers.lock().expect("peers lock").get(to).cloned() else {
         tracing::warn!(executor = %to, "a message for an executor this one does not know");
         return;
     };
@@ -209,7 +263,10 @@ fn send_to(shared: &Arc<Shared>, to: &ExecutorId, frame: Vec<u8>) {
 /// One outgoing connection: frames in order until it fails.
 async fn write_loop(shared: Arc<Shared>, peer: Peer, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
     let result: std::io::Result<()> = async {
-        let tcp = TcpStream::connect(peer.addr).await?;
+        let addr = peer
+            .addr
+            .ok_or_else(|| std::io::Error::other("no address known yet"))?;
+        let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::try_from("localhost").expect("a valid name");
         let mut tls = shared.connector.connect(name, tcp).await?;
@@ -269,6 +326,8 @@ async fn read_loop(
         .and_then(|c| spki_sha256(c));
     let Some(from) = shared
         .peers
+        .lock()
+        .expect("peers lock")
         .values()
         .find(|p| Some(p.pin) == pin)
         .map(|p| p.executor.clone())
@@ -297,6 +356,40 @@ async fn read_loop(
                 }
             }
             Err(e) => return Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// Publishes this executor's load and actors, and takes in what gossip says
+/// of the others: addresses, loads, owners, and who is alive.
+async fn gossip_loop(shared: Arc<Shared>, g: Arc<Membership>, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let (load, owns) = {
+            let m = shared.manager.lock().expect("manager lock");
+            (m.local_load(), m.actors())
+        };
+        g.publish(&load, &owns).await;
+        let mut live = g.live().await;
+        {
+            let mut peers = shared.peers.lock().expect("peers lock");
+            live.retain(|e, _| peers.contains_key(e));
+            for (e, member) in &live {
+                if let Some(p) = peers.get_mut(e) {
+                    p.addr = Some(member.addr);
+                }
+            }
+        }
+        *shared.owners.lock().expect("owners lock") = live
+            .iter()
+            .flat_map(|(e, m)| m.owns.iter().map(move |a| (*a, e.clone())))
+            .collect();
+        let mut m = shared.manager.lock().expect("manager lock");
+        m.set_live(live.keys().cloned());
+        for member in live.into_values() {
+            m.peer_load(member.load);
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tern_actors::examples::{self, kv};
 use tern_actors::manager::{MigrationState, SendOutcome};
 use tern_actors::policy::MigrationReason;
-use tern_actors::runtime::ActorConfig;
+use tern_actors::runtime::{ActorConfig, ActorMode};
 use tern_actors::Envelope;
 use tern_proto::SenderId;
 
@@ -86,4 +86,76 @@ async fn the_seed_scenario_over_mutual_tls() {
         .unwrap()
         .unwrap();
     assert_eq!(h.reply.unwrap(), 700u64.to_le_bytes());
+}
+
+/// Three executors that gossip: the one running a stateful actor stops
+/// (its tasks end, as when its process dies); the actor runs again on one
+/// of the others from its latest checkpoint, with its state, and gossip
+/// tells where.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_executors_actor_runs_again_on_a_survivor() {
+    let mut c = support::cluster_with(3, 64 << 20, true).await;
+    let config = ActorConfig {
+        mode: ActorMode::Stateful {
+            checkpoint_interval: Duration::from_millis(100),
+            max_state_size_bytes: 16 << 20,
+        },
+        ..ActorConfig::default()
+    };
+    // Gossip first: everyone alive, leases granted.
+    let start = Instant::now();
+    while !c.nodes.iter().all(|n| n.with(|m| m.leased(Instant::now()))) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no leases");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let actor = c.nodes[0]
+        .with(|m| m.deploy(examples::KV.as_bytes(), config))
+        .unwrap();
+    for k in 1..=20u64 {
+        c.nodes[0]
+            .with(|m| m.send(actor, env(k, kv::put(k, k * 100)), None))
+            .unwrap();
+    }
+    for _ in 0..20 {
+        c.handled[0].recv().await.unwrap().reply.unwrap();
+    }
+    let start = Instant::now();
+    while !(1..3).all(|i| c.nodes[i].with(|m| m.replicas() == [actor])) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no replicas");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = c.nodes[1].locate(actor);
+    assert_eq!(seen.as_ref().map(|e| e.as_str()), Some("exec-0"));
+
+    c.nodes[0].shutdown();
+    let died = Instant::now();
+    let at = loop {
+        let running: Vec<usize> = (1..3)
+            .filter(|&i| c.nodes[i].with(|m| m.runs(actor)))
+            .collect();
+        assert!(running.len() <= 1, "two copies: {running:?}");
+        if let [i] = running[..] {
+            break i;
+        }
+        assert!(
+            died.elapsed() < Duration::from_secs(10),
+            "not restored within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!("restored on exec-{at} after {:?}", died.elapsed());
+    assert_eq!(
+        c.nodes[at].with(|m| m.call(actor, &kv::get(7))).unwrap(),
+        700u64.to_le_bytes()
+    );
+    let other = 3 - at;
+    let start = Instant::now();
+    while c.nodes[other].locate(actor).map(|e| e.as_str().to_string()) != Some(format!("exec-{at}"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "gossip does not tell"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

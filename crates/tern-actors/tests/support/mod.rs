@@ -4,7 +4,8 @@
 
 use ed25519_dalek::SigningKey;
 use std::time::Duration;
-use tern_actors::manager::{ActorMigrationManager, Handled, ManagerConfig};
+use tern_actors::gossip::GossipConfig;
+use tern_actors::manager::{ActorMigrationManager, FailoverConfig, Handled, ManagerConfig};
 use tern_actors::net::{ExecutorNode, NodeConfig, Peer};
 use tern_actors::policy::DefaultMigrationPolicy;
 use tern_actors::CheckpointStore;
@@ -22,6 +23,12 @@ pub struct Cluster {
 
 /// Starts `n` executors named `exec-0`.. on loopback, each with `state_limit`.
 pub async fn cluster(n: usize, state_limit: u64) -> Cluster {
+    cluster_with(n, state_limit, false).await
+}
+
+/// Like [`cluster`]; with `failover`, the executors gossip and replicate
+/// their actors' checkpoints to restore them after a fault.
+pub async fn cluster_with(n: usize, state_limit: u64, failover: bool) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     certs::init_ca(&d.join("ca")).unwrap();
@@ -44,6 +51,16 @@ pub async fn cluster(n: usize, state_limit: u64) -> Cluster {
             l.local_addr().unwrap()
         })
         .collect();
+    let gossip_addrs: Vec<std::net::SocketAddr> = (0..n)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        })
+        .collect();
+    let ids: Vec<ExecutorId> = names
+        .iter()
+        .map(|n| ExecutorId::new(n.as_str()).unwrap())
+        .collect();
     let key = |i: usize| SigningKey::from_bytes(&[i as u8 + 1; 32]);
     let mut nodes = Vec::new();
     let mut handled = Vec::new();
@@ -56,6 +73,9 @@ pub async fn cluster(n: usize, state_limit: u64) -> Cluster {
         let store = CheckpointStore::open(&store_dir, state_limit).unwrap();
         let mut cfg = ManagerConfig::new(ExecutorId::new(names[i].as_str()).unwrap());
         cfg.max_state_bytes = state_limit;
+        if failover {
+            cfg.failover = Some(FailoverConfig::new(ids.clone()));
+        }
         let m = ActorMigrationManager::new(
             cfg,
             key(i),
@@ -73,7 +93,7 @@ pub async fn cluster(n: usize, state_limit: u64) -> Cluster {
             .iter()
             .map(|&j| Peer {
                 executor: ExecutorId::new(names[j].as_str()).unwrap(),
-                addr: ports[j],
+                addr: Some(ports[j]),
                 pin: pins[j],
             })
             .collect();
@@ -85,6 +105,11 @@ pub async fn cluster(n: usize, state_limit: u64) -> Cluster {
                 peers,
                 tick: Duration::from_millis(10),
                 budget: 64,
+                gossip: failover.then(|| GossipConfig {
+                    listen: gossip_addrs[i],
+                    seeds: others.iter().map(|&j| gossip_addrs[j]).collect(),
+                    interval: Duration::from_millis(100),
+                }),
             },
         )
         .await
