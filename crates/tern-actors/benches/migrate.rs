@@ -34,6 +34,7 @@ fn config(limit: u64) -> ActorConfig {
         },
         fuel_per_message: 1 << 32,
         mailbox_capacity: 4096,
+        tenant: None,
     }
 }
 

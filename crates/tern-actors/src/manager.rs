@@ -846,6 +846,7 @@ impl ActorMigrationManager {
             },
             fuel_per_message: s.fuel_per_message,
             mailbox_capacity: (s.mailbox_capacity as usize).clamp(1, 1 << 16),
+            tenant: s.tenant.clone(),
         })
     }
 
@@ -1315,6 +1316,7 @@ fn settings_of(c: &ActorConfig) -> ActorSettings {
         max_state_size_bytes: max,
         fuel_per_message: c.fuel_per_message,
         mailbox_capacity: c.mailbox_capacity.min(u32::MAX as usize) as u32,
+        tenant: c.tenant.clone(),
     }
 }
 

@@ -28,7 +28,7 @@
 use crate::delivery::Envelope;
 use crate::policy::{ExecutorLoad, MigrationReason, RejectReason};
 use serde::{Deserialize, Serialize};
-use tern_proto::{ActorId, ExecutorId, MigrationId, OwnerEpoch, SenderId};
+use tern_proto::{ActorId, ExecutorId, MigrationId, OwnerEpoch, SenderId, TenantId};
 use thiserror::Error;
 
 /// The largest protocol message: a 256 MiB state plus its module.
@@ -45,6 +45,8 @@ pub struct ActorSettings {
     pub fuel_per_message: u64,
     /// Mailbox bound.
     pub mailbox_capacity: u32,
+    /// Its tenant.
+    pub tenant: Option<TenantId>,
 }
 
 /// A message queued for an actor, as it travels.
@@ -399,6 +401,7 @@ mod tests {
                     max_state_size_bytes: 1 << 20,
                     fuel_per_message: 1000,
                     mailbox_capacity: 16,
+                    tenant: Some(TenantId::new("acme").unwrap()),
                 },
                 module: b"\0asm\x01\0\0\0".to_vec(),
                 checkpoint: b"TACK\x01".to_vec(),
@@ -418,6 +421,32 @@ mod tests {
                     seq: 1,
                     payload: vec![1, 2, 3],
                 },
+            },
+            ActorMessage::CheckpointReplica {
+                actor,
+                epoch: OwnerEpoch(2),
+                settings: ActorSettings {
+                    checkpoint_interval_ms: Some(100),
+                    max_state_size_bytes: 1 << 20,
+                    fuel_per_message: 1000,
+                    mailbox_capacity: 16,
+                    tenant: None,
+                },
+                module: b"\0asm\x01\0\0\0".to_vec(),
+                records: vec![WireRecord(b"TACK\x01".to_vec())],
+            },
+            ActorMessage::HeartbeatAck {
+                nonce: 9,
+                taken: vec![Taken {
+                    actor,
+                    by: ExecutorId::new("exec-b").unwrap(),
+                    epoch: OwnerEpoch(4),
+                }],
+            },
+            ActorMessage::Claim {
+                actor,
+                epoch: OwnerEpoch(4),
+                owner: ExecutorId::new("exec-a").unwrap(),
             },
         ];
         for (i, msg) in seeds.iter().enumerate() {

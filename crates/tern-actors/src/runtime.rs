@@ -24,7 +24,7 @@ use crate::store::LoadedState;
 use ed25519_dalek::SigningKey;
 use std::collections::VecDeque;
 use std::time::Duration;
-use tern_proto::ActorId;
+use tern_proto::{ActorId, TenantId};
 use tern_vmm::uffd::WriteTracker;
 use thiserror::Error;
 use wasmtime::{
@@ -58,6 +58,9 @@ pub struct ActorConfig {
     pub fuel_per_message: u64,
     /// Messages queued before senders are refused.
     pub mailbox_capacity: usize,
+    /// The tenant it belongs to (`None`: the operator's); it travels with
+    /// the actor and the API shows the actor to that tenant alone.
+    pub tenant: Option<TenantId>,
 }
 
 impl Default for ActorConfig {
@@ -69,6 +72,7 @@ impl Default for ActorConfig {
             },
             fuel_per_message: 100_000_000,
             mailbox_capacity: 1024,
+            tenant: None,
         }
     }
 }

@@ -267,6 +267,7 @@ fn a_replica_from_an_unknown_signer_or_an_old_owner_is_refused() {
                 max_state_size_bytes: 16 << 20,
                 fuel_per_message: 1000,
                 mailbox_capacity: 16,
+                tenant: None,
             },
             module: Vec::new(),
             records: vec![tern_actors::protocol::WireRecord(forged.encode())],

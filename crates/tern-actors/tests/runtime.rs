@@ -21,6 +21,7 @@ fn config(max_state: u64) -> ActorConfig {
         },
         fuel_per_message: 10_000_000,
         mailbox_capacity: 4,
+        tenant: None,
     }
 }
 
