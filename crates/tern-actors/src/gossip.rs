@@ -25,6 +25,7 @@ const KEY_QUEUE: &str = "queue_depth";
 const KEY_ACTORS: &str = "actors";
 const KEY_CAPACITY: &str = "capacity";
 const KEY_OWNS: &str = "owns";
+const KEY_API: &str = "api";
 
 /// Where this executor gossips, and with whom it starts.
 #[derive(Clone, Debug)]
@@ -35,6 +36,9 @@ pub struct GossipConfig {
     pub seeds: Vec<SocketAddr>,
     /// How often to gossip; failures are noticed after some 20 intervals.
     pub interval: Duration,
+    /// This executor's REST API, told to the others (and so to clients
+    /// asking them where an actor runs).
+    pub api: Option<SocketAddr>,
 }
 
 /// Another executor as gossip sees it.
@@ -46,6 +50,8 @@ pub struct Member {
     pub load: ExecutorLoad,
     /// The actors it runs.
     pub owns: Vec<ActorId>,
+    /// Its REST API, if it has one.
+    pub api: Option<SocketAddr>,
 }
 
 /// This executor's gossip.
@@ -90,7 +96,10 @@ impl Membership {
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,
         };
-        let initial = vec![(KEY_ADDR.to_string(), addr.to_string())];
+        let mut initial = vec![(KEY_ADDR.to_string(), addr.to_string())];
+        if let Some(api) = cfg.api {
+            initial.push((KEY_API.to_string(), api.to_string()));
+        }
         let handle = spawn_chitchat(config, initial, &UdpTransport)
             .await
             .map_err(|e| GossipError {
@@ -173,6 +182,10 @@ fn member<'a>(node: &str, get: impl Fn(&str) -> Option<&'a str>) -> Option<(Exec
             capacity: get(KEY_CAPACITY)?.parse().ok()?,
         },
         owns,
+        api: match get(KEY_API) {
+            Some(a) => Some(a.parse().ok()?),
+            None => None,
+        },
     };
     Some((executor, m))
 }

@@ -191,6 +191,27 @@ pub enum ManagerError {
     Settings(#[from] RejectReason),
 }
 
+/// An actor hosted here, as the API shows it.
+#[derive(Clone, Debug)]
+pub struct ActorInfo {
+    /// Its ownership epoch (grows with each move and restore).
+    pub epoch: OwnerEpoch,
+    /// Its latest checkpoint's sequence (0: none yet).
+    pub sequence: u64,
+    /// Messages waiting.
+    pub queued: usize,
+    /// Paused (for a move completing).
+    pub paused: bool,
+    /// A migration of it is under way.
+    pub migrating: bool,
+    /// Checkpointed (else ephemeral).
+    pub stateful: bool,
+    /// Its tenant.
+    pub tenant: Option<tern_proto::TenantId>,
+    /// Its linear memory.
+    pub memory_bytes: usize,
+}
+
 /// What became of a message handed to [`ActorMigrationManager::send`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
@@ -376,6 +397,21 @@ impl ActorMigrationManager {
         self.actors
             .get(&actor)
             .is_some_and(|h| !h.actor.is_paused())
+    }
+
+    /// What an operator or tenant sees of an actor hosted here.
+    pub fn info(&self, actor: ActorId) -> Option<ActorInfo> {
+        let h = self.actors.get(&actor)?;
+        Some(ActorInfo {
+            epoch: h.epoch,
+            sequence: h.actor.sequence(),
+            queued: h.actor.queued(),
+            paused: h.actor.is_paused(),
+            migrating: h.migrating.is_some(),
+            stateful: matches!(h.config.mode, ActorMode::Stateful { .. }),
+            tenant: h.config.tenant.clone(),
+            memory_bytes: h.actor.memory_bytes(),
+        })
     }
 
     /// Where `actor` went, if it left.

@@ -84,6 +84,10 @@ struct Shared {
     peers: Mutex<HashMap<ExecutorId, Peer>>,
     /// Where gossip says each actor runs.
     owners: Mutex<HashMap<ActorId, ExecutorId>>,
+    /// The REST APIs gossip tells of.
+    apis: Mutex<HashMap<ExecutorId, SocketAddr>>,
+    /// The peers gossip says are alive.
+    members: Mutex<Vec<ExecutorId>>,
     connector: TlsConnector,
     links: Mutex<HashMap<ExecutorId, mpsc::UnboundedSender<Vec<u8>>>>,
 }
@@ -108,6 +112,8 @@ impl ExecutorNode {
                     .collect(),
             ),
             owners: Mutex::default(),
+            apis: Mutex::default(),
+            members: Mutex::default(),
             connector: TlsConnector::from(cfg.tls.client_config()?),
             links: Mutex::new(HashMap::new()),
         });
@@ -182,6 +188,21 @@ impl ExecutorNode {
             .expect("owners lock")
             .get(&actor)
             .cloned()
+    }
+
+    /// The REST API of `executor`, as gossip tells.
+    pub fn api_of(&self, executor: &ExecutorId) -> Option<SocketAddr> {
+        self.shared
+            .apis
+            .lock()
+            .expect("apis lock")
+            .get(executor)
+            .copied()
+    }
+
+    /// The peers gossip says are alive.
+    pub fn members(&self) -> Vec<ExecutorId> {
+        self.shared.members.lock().expect("members lock").clone()
     }
 
     /// Stops the node (its actors stop with it).
@@ -382,6 +403,11 @@ async fn gossip_loop(shared: Arc<Shared>, g: Arc<Membership>, every: Duration) {
                 }
             }
         }
+        *shared.apis.lock().expect("apis lock") = live
+            .iter()
+            .filter_map(|(e, m)| Some((e.clone(), m.api?)))
+            .collect();
+        *shared.members.lock().expect("members lock") = live.keys().cloned().collect();
         *shared.owners.lock().expect("owners lock") = live
             .iter()
             .flat_map(|(e, m)| m.owns.iter().map(move |a| (*a, e.clone())))

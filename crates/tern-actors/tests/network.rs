@@ -124,8 +124,14 @@ async fn a_dead_executors_actor_runs_again_on_a_survivor() {
         assert!(start.elapsed() < Duration::from_secs(10), "no replicas");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let seen = c.nodes[1].locate(actor);
-    assert_eq!(seen.as_ref().map(|e| e.as_str()), Some("exec-0"));
+    let start = Instant::now();
+    while c.nodes[1].locate(actor).map(|e| e.as_str().to_string()) != Some("exec-0".into()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "gossip does not tell"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     c.nodes[0].shutdown();
     let died = Instant::now();

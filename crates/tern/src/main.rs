@@ -1,8 +1,10 @@
 //! `tern`: run the control plane, mint API tokens, inspect configuration.
 
+mod actorcmd;
 mod agentcmd;
 
 mod demo;
+mod executor;
 mod fleetcmd;
 mod logging;
 mod up;
@@ -95,6 +97,21 @@ enum Cmd {
     Host {
         #[command(subcommand)]
         cmd: fleetcmd::HostCmd,
+    },
+    /// Run this host's actor executor: WebAssembly actors, their moves,
+    /// gossip with its peers, restores after a peer dies, the actor API.
+    Executor {
+        /// The executor's configuration (TOML; see the README).
+        file: PathBuf,
+        /// Print this executor's public checkpoint key (for its peers'
+        /// configs) and exit.
+        #[arg(long)]
+        print_key: bool,
+    },
+    /// WebAssembly actors, through an executor's API.
+    Actor {
+        #[command(subcommand)]
+        cmd: actorcmd::ActorCmd,
     },
     /// Make the host CA and host certificates for migration channels (mTLS).
     Certs {
@@ -193,6 +210,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Vm {
             cmd: VmCmd::Remote(r),
         } => agentcmd::vm_remote(r),
+        Cmd::Executor { file, print_key } => {
+            if print_key {
+                executor::print_key(&file)
+            } else {
+                executor::run(&file)
+            }
+        }
+        Cmd::Actor { cmd } => actorcmd::run(cmd),
         Cmd::Agent {
             file,
             join,

@@ -194,7 +194,9 @@ impl ActorMigrationManager {
             let lease = f.cfg.lease;
             f.pending
                 .retain(|_, (sent, _)| now.saturating_duration_since(*sent) < lease);
-            for peer in f.cfg.cluster.iter().filter(|p| **p != me) {
+            // Only to peers gossip says are alive: a dead one would not
+            // answer, and the lease needs answers.
+            for peer in &f.live {
                 self.outbox
                     .push((peer.clone(), ActorMessage::Heartbeat { nonce: f.nonce }));
             }

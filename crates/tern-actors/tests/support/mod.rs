@@ -109,6 +109,7 @@ pub async fn cluster_with(n: usize, state_limit: u64, failover: bool) -> Cluster
                     listen: gossip_addrs[i],
                     seeds: others.iter().map(|&j| gossip_addrs[j]).collect(),
                     interval: Duration::from_millis(100),
+                    api: None,
                 }),
             },
         )
