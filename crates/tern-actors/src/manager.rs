@@ -497,7 +497,7 @@ impl ActorMigrationManager {
         }
         let c = h.actor.checkpoint(&self.key)?;
         h.last_checkpoint = Some(now);
-        self.store.store(&c)?;
+        self.store.store_own(&c, h.actor.hashes())?;
         self.replicate(id, &c);
         Ok(())
     }
@@ -581,7 +581,7 @@ impl ActorMigrationManager {
         }
         let c = h.actor.checkpoint_full(&self.key)?;
         h.last_checkpoint = Some(now);
-        self.store.store(&c)?;
+        self.store.store_own(&c, h.actor.hashes())?;
         let migration = new_migration_id();
         h.migrating = Some(migration.clone());
         let checkpoint = c.encode();
@@ -811,9 +811,11 @@ impl ActorMigrationManager {
                 "not a full checkpoint of this actor".into(),
             ));
         }
-        self.store
-            .store(&c)
-            .map_err(|e| RejectReason::BadCheckpoint(e.to_string()))?;
+        let bad =
+            |e: crate::checkpoint::CheckpointError| RejectReason::BadCheckpoint(e.to_string());
+        let verified = self.store.verify(&c).map_err(bad)?;
+        let hashes = verified.hashes().clone();
+        self.store.commit(&c, verified).map_err(bad)?;
         // Restored now, while the actor still runs on the source: the pause
         // then costs only the final delta.
         let mut image = StateImage::default();
@@ -823,8 +825,15 @@ impl ActorMigrationManager {
             image,
             cursors: c.cursors,
         };
-        let mut actor = Actor::restore(&self.runtime, &module, r.actor, config.clone(), &state)
-            .map_err(|e| RejectReason::BadModule(e.to_string()))?;
+        let mut actor = Actor::restore_hashed(
+            &self.runtime,
+            &module,
+            r.actor,
+            config.clone(),
+            &state,
+            Some(hashes),
+        )
+        .map_err(|e| RejectReason::BadModule(e.to_string()))?;
         actor.pause();
         self.incoming.insert(
             r.actor,
@@ -958,7 +967,7 @@ impl ActorMigrationManager {
             .expect("a migrating actor is hosted");
         match h.actor.checkpoint(&self.key) {
             Ok(c) => {
-                if let Err(e) = self.store.store(&c) {
+                if let Err(e) = self.store.store_own(&c, h.actor.hashes()) {
                     tracing::warn!(actor = %actor, error = %e, "cannot keep a {what} here");
                 }
                 Some(c)

@@ -22,7 +22,7 @@ use crate::delivery::{Admission, Cursors, Delivery, Envelope, OutOfOrder};
 use crate::state::{StateDelta, StateHashes, StateImage, PAGE};
 use crate::store::LoadedState;
 use ed25519_dalek::SigningKey;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 use tern_proto::{ActorId, TenantId};
 use tern_vmm::uffd::WriteTracker;
@@ -134,7 +134,14 @@ fn wasm_error(e: wasmtime::Error) -> ActorError {
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
+    /// Modules compiled, by the BLAKE3 of their bytes: an actor that comes
+    /// back, or another actor of the same module, is not compiled again
+    /// (cranelift takes milliseconds, more than moving a small actor).
+    compiled: std::sync::Arc<std::sync::Mutex<HashMap<[u8; 32], ActorModule>>>,
 }
+
+/// Modules kept compiled, at most.
+const COMPILED_CACHE: usize = 64;
 
 /// A compiled actor module.
 #[derive(Clone)]
@@ -153,11 +160,29 @@ impl Runtime {
         config.consume_fuel(true);
         config.memory_init_cow(false);
         let engine = Engine::new(&config).map_err(ActorError::Wasm)?;
-        Ok(Self { engine })
+        Ok(Self {
+            engine,
+            compiled: std::sync::Arc::default(),
+        })
     }
 
-    /// Compiles a module (binary or text) and checks it has the actor ABI.
+    /// Compiles a module (binary or text) and checks it has the actor ABI;
+    /// a module compiled before comes from the cache.
     pub fn compile(&self, wasm: &[u8]) -> Result<ActorModule, ActorError> {
+        let key = *blake3::hash(wasm).as_bytes();
+        if let Some(m) = self.compiled.lock().expect("cache lock").get(&key) {
+            return Ok(m.clone());
+        }
+        let m = self.compile_new(wasm)?;
+        let mut cache = self.compiled.lock().expect("cache lock");
+        if cache.len() >= COMPILED_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, m.clone());
+        Ok(m)
+    }
+
+    fn compile_new(&self, wasm: &[u8]) -> Result<ActorModule, ActorError> {
         let module =
             Module::new(&self.engine, wasm).map_err(|e| ActorError::Module(format!("{e:#}")))?;
         let mut globals = Vec::new();
@@ -303,6 +328,19 @@ impl Actor {
         config: ActorConfig,
         from: &LoadedState,
     ) -> Result<Self, ActorError> {
+        Self::restore_hashed(rt, module, id, config, from, None)
+    }
+
+    /// [`Self::restore`] with the state's hashes when the caller has them
+    /// already (a store that just verified the state): not hashed again.
+    pub fn restore_hashed(
+        rt: &Runtime,
+        module: &ActorModule,
+        id: ActorId,
+        config: ActorConfig,
+        from: &LoadedState,
+        hashes: Option<StateHashes>,
+    ) -> Result<Self, ActorError> {
         let (sequence, image) = (from.sequence, &from.image);
         let mut actor = Self::start(rt, module, id, config)?;
         actor.admission = Admission::from_cursors(from.cursors.clone());
@@ -322,9 +360,15 @@ impl Actor {
             .copy_from_slice(&image.memory);
         actor.set_globals(&image.globals)?;
         actor.sequence = sequence;
-        actor.hashes = StateHashes::of(actor.memory.data(&actor.store), &image.globals);
+        actor.hashes = hashes
+            .unwrap_or_else(|| StateHashes::of(actor.memory.data(&actor.store), &image.globals));
         actor.start_tracking();
         Ok(actor)
+    }
+
+    /// The hashes of the state at its latest checkpoint.
+    pub fn hashes(&self) -> &StateHashes {
+        &self.hashes
     }
 
     /// The actor's id.
