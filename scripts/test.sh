@@ -36,6 +36,9 @@ setup() {
     echo "== setup: CRIU (one that passes criu check; built from the vendored 4.2 source otherwise) and the workload rootfs"
     v=$(bash scripts/criu-setup.sh); echo "TERN_CRIU=$v" >>"$setup_env"
     v=$(bash scripts/workload-rootfs.sh); echo "TERN_WORKLOAD_ROOTFS=$v" >>"$setup_env"
+    echo "== setup: the C example actors (clang --target=wasm32, lld)"
+    bash scripts/build-actors.sh "$PWD/target/actors"
+    echo "TERN_ACTORS_WASM_DIR=$PWD/target/actors" >>"$setup_env"
     # (A failing command substitution stops the setup only as an assignment, hence v.)
     # A container's new host announces its address with gratuitous ARP.
     command -v arping >/dev/null || { apt-get update -qq && apt-get install -y -qq iputils-arping >/dev/null; }
@@ -71,6 +74,7 @@ export TERN_REQUIRE_GUEST_KERNEL=1  # the loader tests must not skip here
 export TERN_REQUIRE_QEMU=1          # the qemu driver tests must not skip here
 export TERN_REQUIRE_DOCKER=1        # the docker driver tests must not skip here
 export TERN_REQUIRE_CRIU=1          # the checkpoint/restore tests must not skip here
+export TERN_REQUIRE_C_ACTORS=1      # the C actor tests must not skip here
 stage "tests (including slow ones)"
 cargo test --workspace --locked --no-fail-fast -- --include-ignored
 disk

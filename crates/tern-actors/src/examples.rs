@@ -84,3 +84,54 @@ pub mod kv {
         m
     }
 }
+
+/// The bank ledger actor, written in C (`actors/ledger.c`): it is built by
+/// `scripts/build-actors.sh` (clang for wasm32), so it is found, not
+/// embedded: in `$TERN_ACTORS_WASM_DIR`, else `target/actors` of the
+/// workspace. `None` where it has not been built.
+pub fn ledger_wasm() -> Option<Vec<u8>> {
+    let dir = std::env::var_os("TERN_ACTORS_WASM_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/actors")
+        });
+    std::fs::read(dir.join("ledger.wasm")).ok()
+}
+
+/// Messages of the ledger actor (see `actors/ledger.c`).
+pub mod ledger {
+    fn op(code: u8, words: &[u64]) -> Vec<u8> {
+        let mut m = vec![0u8; 8];
+        m[0] = code;
+        for w in words {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        m
+    }
+
+    /// Adds `amount` to `account` (1 to 1024); the reply is its balance.
+    pub fn deposit(account: u64, amount: i64) -> Vec<u8> {
+        op(1, &[account, amount as u64])
+    }
+
+    /// Moves `amount` from one account to another; the reply is the
+    /// payer's balance, or the actor's error -2 when it has too little.
+    pub fn transfer(from: u64, to: u64, amount: i64) -> Vec<u8> {
+        op(2, &[from, to, amount as u64])
+    }
+
+    /// The balance of `account`.
+    pub fn balance(account: u64) -> Vec<u8> {
+        op(3, &[account])
+    }
+
+    /// The sum of all balances and the number of transfers made.
+    pub fn audit() -> Vec<u8> {
+        vec![4]
+    }
+
+    /// An `i64` reply.
+    pub fn amount(reply: &[u8]) -> i64 {
+        i64::from_le_bytes(reply[..8].try_into().expect("8 bytes"))
+    }
+}

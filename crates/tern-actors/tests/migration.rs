@@ -6,7 +6,7 @@
 use ed25519_dalek::SigningKey;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use tern_actors::examples::{self, kv, log};
+use tern_actors::examples::{self, kv, ledger, log};
 use tern_actors::manager::{ActorMigrationManager, ManagerConfig, MigrationState, SendOutcome};
 use tern_actors::policy::{DefaultMigrationPolicy, MigrationReason};
 use tern_actors::protocol::ActorMessage;
@@ -381,4 +381,61 @@ fn writes_during_the_first_round_go_over_in_a_pre_copy_round() {
             (k + 1000).to_le_bytes()
         );
     }
+}
+
+/// The bank ledger, written in C and built for wasm32 by the project's
+/// script: deposits, transfers, three moves between executors with
+/// transfers in between; no money made or lost, every transfer counted,
+/// and an overdraft refused by the actor itself.
+#[test]
+fn the_c_ledger_keeps_its_books_across_moves() {
+    let Some(wasm) = examples::ledger_wasm() else {
+        assert!(
+            std::env::var_os("TERN_REQUIRE_C_ACTORS").is_none(),
+            "ledger.wasm is not built (scripts/build-actors.sh)"
+        );
+        eprintln!("SKIPPED: ledger.wasm is not built (run scripts/build-actors.sh)");
+        return;
+    };
+    let mut net = Net::new(&["exec-a", "exec-b"]);
+    let actor = net.execs[0].deploy(&wasm, ActorConfig::default()).unwrap();
+    let mut seq = 0u64;
+    let mut at = 0usize;
+    let mut ask = |net: &mut Net, at: usize, msg: Vec<u8>| {
+        seq += 1;
+        net.execs[at]
+            .send(actor, env("bank", seq, msg), None)
+            .unwrap();
+        let h = net.execs[at].run(1, Instant::now());
+        h.into_iter().next().unwrap().reply
+    };
+    for account in 1..=10u64 {
+        ask(&mut net, at, ledger::deposit(account, 1000)).unwrap();
+    }
+    let mut made = 0u64;
+    for round in 0..4u64 {
+        for i in 0..50u64 {
+            let (from, to) = ((i + round) % 10 + 1, (i * 7 + round) % 10 + 1);
+            if ask(&mut net, at, ledger::transfer(from, to, 37)).is_ok() {
+                made += 1;
+            }
+        }
+        if round < 3 {
+            let to = net.execs[1 - at].id().clone();
+            net.execs[at]
+                .initiate_migration(actor, to, MigrationReason::Operator, Instant::now())
+                .unwrap();
+            net.settle();
+            at = 1 - at;
+            assert!(net.execs[at].runs(actor));
+        }
+    }
+    assert!(matches!(
+        ask(&mut net, at, ledger::transfer(1, 2, 1_000_000)),
+        Err(ActorError::Refused(-2))
+    ));
+    let audit = ask(&mut net, at, ledger::audit()).unwrap();
+    assert_eq!(ledger::amount(&audit), 10 * 1000, "money made or lost");
+    assert_eq!(u64::from_le_bytes(audit[8..16].try_into().unwrap()), made);
+    assert!(made > 150, "{made} transfers");
 }
