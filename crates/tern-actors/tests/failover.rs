@@ -284,3 +284,36 @@ fn a_replica_from_an_unknown_signer_or_an_old_owner_is_refused() {
         [(_, ActorMessage::CheckpointResponse { sequence: None, .. })]
     ));
 }
+
+/// The survivors last heard the owner at different times: a claim the
+/// later one refuses is tried again soon, and wins once its silence is
+/// long enough too (not after the claim's 10 s timeout).
+#[test]
+fn a_refused_claim_is_retried_until_every_voter_agrees() {
+    let (mut c, actor) = cluster_with_actor();
+    c.up[0] = false;
+    c.gossip();
+    // The survivor that will claim (rendezvous hashing, as the manager
+    // does) and the voter, which hears a last heartbeat 200 ms later.
+    let rank = |i: usize| {
+        let mut h = blake3::Hasher::new();
+        h.update(&actor.to_bytes());
+        h.update(NAMES[i].as_bytes());
+        *h.finalize().as_bytes()
+    };
+    let claimant = if rank(1) < rank(2) { 1 } else { 2 };
+    let voter = 3 - claimant;
+    let a = c.execs[0].id().clone();
+    let later = c.now + Duration::from_millis(200);
+    c.execs[voter].handle(&a, ActorMessage::Heartbeat { nonce: 0 }, later);
+    let (at, after) = c.until_moved(actor, 0, Duration::from_secs(5));
+    assert_eq!(at, claimant);
+    assert!(
+        after >= Duration::from_millis(750),
+        "restored after {after:?}"
+    );
+    assert!(
+        after <= Duration::from_millis(1200),
+        "restored after {after:?}"
+    );
+}

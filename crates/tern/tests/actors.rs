@@ -349,6 +349,17 @@ async fn a_killed_executors_actor_runs_again_on_one_survivor_within_10_s() {
     );
     assert!(out.contains("Complete"), "{out}");
     assert!(api.here(&urls[other], &actor).await && !api.here(&urls[owner], &actor).await);
+    let metrics = reqwest::get(format!("{}/metrics", urls[owner]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("migrations_completed_total{workload=\"actor\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reason=\"Operator\""), "{metrics}");
     let out = tern(&["actor", "list", "--api", &urls[other]], &api.token);
     assert!(out.contains(&actor), "{out}");
     let (s, v) = api.send(&urls[other], &actor, 23, kv::get(7)).await;

@@ -311,13 +311,18 @@ impl ActorMigrationManager {
         let Some(f) = &mut self.failover else {
             return;
         };
-        if let Some(c) = f
-            .claims
-            .get_mut(&actor)
-            .filter(|c| c.epoch == epoch && granted)
-        {
+        let retry = now + f.cfg.heartbeat;
+        let Some(c) = f.claims.get_mut(&actor).filter(|c| c.epoch == epoch) else {
+            return;
+        };
+        if granted {
             c.votes.insert(from.clone());
             self.count_votes(actor, now);
+        } else {
+            // Refused (the voter heard the owner a little later than this
+            // executor, or voted for another claim): try again soon, at a
+            // higher epoch, instead of waiting for the claim to time out.
+            c.deadline = c.deadline.min(retry);
         }
     }
 

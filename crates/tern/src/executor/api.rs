@@ -379,8 +379,6 @@ async fn migrate(
             m.initiate_migration(actor, to.clone(), MigrationReason::Operator, Instant::now())
         })
         .map_err(manager_error)?;
-    metrics::counter!("migration_reason_total", "workload" => "actor", "reason" => "Operator")
-        .increment(1);
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"migration": m.as_str(), "actor": id, "to": to.as_str()})),

@@ -59,6 +59,8 @@ pub fn run(file: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: ExecutorConfig) -> anyhow::Result<()> {
+    // The recorder first: what the manager counts from now on is kept.
+    let _ = tern_api::prometheus();
     let key = signing_key(&cfg.data_dir)?;
     let store = CheckpointStore::open(&cfg.data_dir.join("checkpoints"), cfg.max_state_bytes)
         .context("opening the checkpoint store")?;
