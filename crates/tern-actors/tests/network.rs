@@ -165,3 +165,134 @@ async fn a_dead_executors_actor_runs_again_on_a_survivor() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// 10,000 messages from 4 senders (tasks of their own) while the actor
+/// moves back and forth 20 times between two executors over mutual TLS:
+/// each handled exactly once, in its sender's order, as the actor's own log
+/// shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_once_in_order_across_twenty_moves_over_mtls() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tern_actors::examples::log;
+    use tern_actors::manager::ManagerError;
+    use tern_actors::runtime::ActorError;
+    const PER_SENDER: u64 = 2_500;
+    let mut c = support::cluster(2, 256 << 20).await;
+    for mut rx in std::mem::take(&mut c.handled) {
+        tokio::spawn(async move {
+            while let Some(h) = rx.recv().await {
+                h.reply.unwrap();
+            }
+        });
+    }
+    let c = Arc::new(c);
+    let actor = c.nodes[0]
+        .with(|m| m.deploy(examples::LOG.as_bytes(), ActorConfig::default()))
+        .unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..4u64)
+        .map(|n| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let sender = SenderId::new(format!("sender-{n}")).unwrap();
+                let (mut next, mut at, mut redirects) = (1u64, 0usize, 0u32);
+                while next <= PER_SENDER {
+                    let e = Envelope {
+                        sender: sender.clone(),
+                        seq: next,
+                        payload: log::append(n, next),
+                    };
+                    match c.nodes[at].with(|m| m.send(actor, e, None)) {
+                        Ok(SendOutcome::Accepted(_)) => next += 1,
+                        Ok(SendOutcome::Moved(to)) => {
+                            redirects += 1;
+                            at = if to.as_str() == "exec-0" { 0 } else { 1 };
+                        }
+                        Ok(SendOutcome::Unknown) => at = 1 - at,
+                        Err(ManagerError::Actor(ActorError::OutOfOrder(o))) => next = o.expected,
+                        Err(ManagerError::Actor(ActorError::MailboxFull(_))) => {
+                            tokio::time::sleep(Duration::from_millis(1)).await
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                    if next % 64 == 0 {
+                        tokio::time::sleep(Duration::from_micros(500)).await;
+                    }
+                }
+                redirects
+            })
+        })
+        .collect();
+    let mover = {
+        let (c, done) = (c.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut moves = 0;
+            while moves < 20 {
+                let src = (0..2).find(|&i| c.nodes[i].with(|m| m.runs(actor)));
+                let Some(src) = src else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                let to = c.nodes[1 - src].with(|m| m.id().clone());
+                let Ok(m) = c.nodes[src].with(|m| {
+                    m.initiate_migration(actor, to, MigrationReason::Operator, Instant::now())
+                }) else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                loop {
+                    let s = c.nodes[src].with(|mm| mm.get_state(&m).unwrap().state.clone());
+                    if s.is_final() {
+                        assert_eq!(s, MigrationState::Complete);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                moves += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            done.store(true, Ordering::Relaxed);
+        })
+    };
+    let mut redirects = 0;
+    for s in senders {
+        redirects += s.await.unwrap();
+    }
+    mover.await.unwrap();
+    assert!(done.load(Ordering::Relaxed));
+    // Everything sent is handled (forwarded messages included).
+    let start = Instant::now();
+    let entries = loop {
+        let at = (0..2).find(|&i| c.nodes[i].with(|m| m.runs(actor)));
+        let mut entries = Vec::new();
+        if let Some(at) = at {
+            loop {
+                let reply = c.nodes[at]
+                    .with(|m| m.call(actor, &log::read(entries.len() as u32, 4000)))
+                    .unwrap();
+                if reply.is_empty() {
+                    break;
+                }
+                entries.extend(log::entries(&reply));
+            }
+        }
+        if entries.len() as u64 == 4 * PER_SENDER {
+            break entries;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} of {} handled",
+            entries.len(),
+            4 * PER_SENDER
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("{redirects} redirects");
+    let mut last = [0u64; 4];
+    for (sender, seq) in entries {
+        assert_eq!(seq, last[sender as usize] + 1, "sender {sender}'s order");
+        last[sender as usize] = seq;
+    }
+    assert_eq!(last, [PER_SENDER; 4]);
+}
