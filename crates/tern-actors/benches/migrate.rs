@@ -64,7 +64,12 @@ async fn run() {
         "{:>8} {:>12} {:>12} {:>12} {:>12}",
         "state", "total p50", "total p99", "pause p50", "pause p99"
     );
-    for mb in [1u32, 10, 100] {
+    // TERN_BENCH_SIZES=1,10 runs only those sizes (MB).
+    let sizes: Vec<u32> = std::env::var("TERN_BENCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 10, 100]);
+    for mb in sizes {
         let (mut totals, mut pauses) = migrate_runs(&c, mb).await;
         println!(
             "{:>5} MB {:>12.2?} {:>12.2?} {:>12.2?} {:>12.2?}",

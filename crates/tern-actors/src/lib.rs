@@ -34,4 +34,4 @@ pub mod store;
 pub use checkpoint::{ActorCheckpoint, CheckpointError};
 pub use delivery::{Cursors, Delivery, Envelope};
 pub use state::{StateDelta, StateHashes, StateImage};
-pub use store::{CheckpointStore, LoadedState};
+pub use store::{CheckpointStore, Durability, LoadedState};

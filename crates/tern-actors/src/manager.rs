@@ -22,7 +22,7 @@ use crate::policy::{
 use crate::protocol::{ActorMessage, ActorSettings, WireEnvelope};
 use crate::runtime::{Actor, ActorConfig, ActorError, ActorMode, Runtime};
 use crate::state::StateImage;
-use crate::store::{CheckpointStore, LoadedState};
+use crate::store::{CheckpointStore, Durability, LoadedState};
 use ed25519_dalek::SigningKey;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -497,7 +497,8 @@ impl ActorMigrationManager {
         }
         let c = h.actor.checkpoint(&self.key)?;
         h.last_checkpoint = Some(now);
-        self.store.store_own(&c, h.actor.hashes())?;
+        self.store
+            .store_own(&c, h.actor.hashes(), Durability::Synced)?;
         self.replicate(id, &c);
         Ok(())
     }
@@ -581,7 +582,8 @@ impl ActorMigrationManager {
         }
         let c = h.actor.checkpoint_full(&self.key)?;
         h.last_checkpoint = Some(now);
-        self.store.store_own(&c, h.actor.hashes())?;
+        self.store
+            .store_own(&c, h.actor.hashes(), Durability::Unsynced)?;
         let migration = new_migration_id();
         h.migrating = Some(migration.clone());
         let checkpoint = c.encode();
@@ -815,7 +817,9 @@ impl ActorMigrationManager {
             |e: crate::checkpoint::CheckpointError| RejectReason::BadCheckpoint(e.to_string());
         let verified = self.store.verify(&c).map_err(bad)?;
         let hashes = verified.hashes().clone();
-        self.store.commit(&c, verified).map_err(bad)?;
+        self.store
+            .commit(&c, verified, Durability::Unsynced)
+            .map_err(bad)?;
         // Restored now, while the actor still runs on the source: the pause
         // then costs only the final delta.
         let mut image = StateImage::default();
@@ -967,7 +971,10 @@ impl ActorMigrationManager {
             .expect("a migrating actor is hosted");
         match h.actor.checkpoint(&self.key) {
             Ok(c) => {
-                if let Err(e) = self.store.store_own(&c, h.actor.hashes()) {
+                if let Err(e) = self
+                    .store
+                    .store_own(&c, h.actor.hashes(), Durability::Unsynced)
+                {
                     tracing::warn!(actor = %actor, error = %e, "cannot keep a {what} here");
                 }
                 Some(c)
@@ -1058,7 +1065,9 @@ impl ActorMigrationManager {
         }
         let verified = self.store.verify(&c).map_err(bad)?;
         let hashes = verified.hashes().clone();
-        self.store.commit(&c, verified).map_err(bad)?;
+        self.store
+            .commit(&c, verified, Durability::Unsynced)
+            .map_err(bad)?;
         let inc = self
             .incoming
             .get_mut(&actor)
@@ -1163,7 +1172,10 @@ impl ActorMigrationManager {
         }
         self.host(actor, a, inc.wasm, inc.config, inc.epoch.next());
         let h = self.actors.get_mut(&actor).expect("just hosted");
-        h.last_checkpoint = Some(now);
+        // With failover, checkpoint (durably) and replicate at once: the
+        // peers' replicas name the old owner until then, and would not be
+        // restored if this executor died now.
+        h.last_checkpoint = self.failover.is_none().then_some(now);
         self.cooldown.moved(actor, now);
         if let Some(mig) = self.migrations.get_mut(m) {
             mig.checkpoint_bytes += checkpoint.len() as u64;

@@ -67,6 +67,18 @@ impl Verified {
     }
 }
 
+/// Whether a stored checkpoint must be on disk before `commit` returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync'd: what a restart or a peer's restore starts from.
+    Synced,
+    /// Written, flushed by the kernel or the next synced record. For a
+    /// migration's checkpoints, which matter only while both ends hold the
+    /// actor in memory: a crash ends the migration anyway, and a torn tail
+    /// is cut at replay.
+    Unsynced,
+}
+
 /// Durable, verified storage of actor checkpoints.
 pub struct CheckpointStore {
     dir: PathBuf,
@@ -205,7 +217,7 @@ impl CheckpointStore {
     /// Verifies and durably stores a checkpoint; on any error nothing changes.
     pub fn store(&self, c: &ActorCheckpoint) -> Result<(), CheckpointError> {
         let verified = self.verify(c)?;
-        self.commit(c, verified)
+        self.commit(c, verified, Durability::Synced)
     }
 
     /// Stores a checkpoint this executor took of its own actor, whose state
@@ -215,17 +227,25 @@ impl CheckpointStore {
         &self,
         c: &ActorCheckpoint,
         hashes: &StateHashes,
+        durability: Durability,
     ) -> Result<(), CheckpointError> {
         self.commit(
             c,
             Verified {
                 hashes: Arc::new(hashes.clone()),
             },
+            durability,
         )
     }
 
     /// Stores a checkpoint [`Self::verify`] accepted.
-    pub fn commit(&self, c: &ActorCheckpoint, v: Verified) -> Result<(), CheckpointError> {
+    pub fn commit(
+        &self,
+        c: &ActorCheckpoint,
+        v: Verified,
+        durability: Durability,
+    ) -> Result<(), CheckpointError> {
+        let sync = durability == Durability::Synced;
         let mut held = self.held.lock().expect("store lock");
         // Re-check under the lock: another checkpoint may have landed since.
         Self::check_order(held.get(&c.actor_id).map(|h| h.sequence), c)?;
@@ -235,13 +255,20 @@ impl CheckpointStore {
             let tmp = path.with_extension("tmp");
             let mut f = File::create(&tmp)?;
             f.write_all(&record)?;
-            f.sync_all()?;
+            if sync {
+                f.sync_all()?;
+            }
             fs::rename(&tmp, &path)?;
-            File::open(&self.dir)?.sync_all()?;
+            if sync {
+                File::open(&self.dir)?.sync_all()?;
+            }
         } else {
             let mut f = OpenOptions::new().append(true).open(&path)?;
             f.write_all(&record)?;
-            f.sync_data()?;
+            if sync {
+                // Also flushes earlier unsynced records of this log.
+                f.sync_data()?;
+            }
         }
         held.insert(
             c.actor_id,
