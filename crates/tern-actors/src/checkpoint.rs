@@ -87,12 +87,21 @@ pub enum CheckpointError {
     Io(#[from] std::io::Error),
 }
 
-/// What a checkpoint's signature covers: the BLAKE3 of its encoded body,
-/// domain-separated from every other use of BLAKE3 in tern.
-fn signed_digest(body: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key(SIGNED_CONTEXT);
-    h.update(body);
-    *h.finalize().as_bytes()
+/// Where a record's body is written: a buffer, or a hasher.
+trait BodySink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl BodySink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl BodySink for blake3::Hasher {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
 }
 
 impl ActorCheckpoint {
@@ -114,8 +123,7 @@ impl ActorCheckpoint {
             signer: key.verifying_key().to_bytes(),
             signature: [0; SIGNATURE_LEN],
         };
-        let digest = signed_digest(&c.encode_body());
-        c.signature = key.sign(&digest).to_bytes();
+        c.signature = key.sign(&c.signed_digest()).to_bytes();
         c
     }
 
@@ -124,52 +132,65 @@ impl ActorCheckpoint {
     pub fn verify_signature(&self) -> Result<(), CheckpointError> {
         let key =
             VerifyingKey::from_bytes(&self.signer).map_err(|_| CheckpointError::BadSignature)?;
-        let digest = signed_digest(&self.encode_body());
-        key.verify_strict(&digest, &Signature::from_bytes(&self.signature))
-            .map_err(|_| CheckpointError::BadSignature)
+        key.verify_strict(
+            &self.signed_digest(),
+            &Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| CheckpointError::BadSignature)
     }
 
     /// The bytes on the wire.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = self.encode_body();
+        let s = &self.state;
+        let mut out = Vec::with_capacity(
+            160 + s.globals.len() * 8 + s.pages.len() * 4 + s.data.len() + self.cursors.len() * 80,
+        );
+        self.write_body(&mut out);
         out.extend_from_slice(&self.signature);
         out
     }
 
-    fn encode_body(&self) -> Vec<u8> {
+    /// The record up to the signature, into `out` (a buffer, or a hasher).
+    fn write_body(&self, out: &mut impl BodySink) {
         let s = &self.state;
-        let mut out =
-            Vec::with_capacity(128 + s.globals.len() * 8 + s.pages.len() * 4 + s.data.len());
-        out.extend_from_slice(MAGIC);
-        out.push(VERSION);
-        out.extend_from_slice(&self.actor_id.to_bytes());
-        out.extend_from_slice(&self.sequence.to_le_bytes());
-        out.extend_from_slice(&self.state_hash);
+        out.put(MAGIC);
+        out.put(&[VERSION]);
+        out.put(&self.actor_id.to_bytes());
+        out.put(&self.sequence.to_le_bytes());
+        out.put(&self.state_hash);
         match s.base {
-            None => out.push(0),
+            None => out.put(&[0]),
             Some(b) => {
-                out.push(1);
-                out.extend_from_slice(&b.to_le_bytes());
+                out.put(&[1]);
+                out.put(&b.to_le_bytes());
             }
         }
-        out.extend_from_slice(&s.memory_bytes.to_le_bytes());
-        out.extend_from_slice(&(s.globals.len() as u32).to_le_bytes());
+        out.put(&s.memory_bytes.to_le_bytes());
+        out.put(&(s.globals.len() as u32).to_le_bytes());
         for g in &s.globals {
-            out.extend_from_slice(&g.to_le_bytes());
+            out.put(&g.to_le_bytes());
         }
-        out.extend_from_slice(&(s.pages.len() as u32).to_le_bytes());
+        out.put(&(s.pages.len() as u32).to_le_bytes());
         for p in &s.pages {
-            out.extend_from_slice(&p.to_le_bytes());
+            out.put(&p.to_le_bytes());
         }
-        out.extend_from_slice(&s.data);
-        out.extend_from_slice(&(self.cursors.len() as u32).to_le_bytes());
+        out.put(&s.data);
+        out.put(&(self.cursors.len() as u32).to_le_bytes());
         for (sender, seq) in self.cursors.iter() {
-            out.push(sender.as_str().len() as u8);
-            out.extend_from_slice(sender.as_str().as_bytes());
-            out.extend_from_slice(&seq.to_le_bytes());
+            out.put(&[sender.as_str().len() as u8]);
+            out.put(sender.as_str().as_bytes());
+            out.put(&seq.to_le_bytes());
         }
-        out.extend_from_slice(&self.signer);
-        out
+        out.put(&self.signer);
+    }
+
+    /// What the signature covers: the BLAKE3 of the body, hashed as it is
+    /// written (no copy of the state), domain-separated from every other
+    /// use of BLAKE3 in tern.
+    fn signed_digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key(SIGNED_CONTEXT);
+        self.write_body(&mut h);
+        *h.finalize().as_bytes()
     }
 
     /// Parses a record, refusing anything that does not fit `max_state_bytes`

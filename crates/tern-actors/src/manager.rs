@@ -497,9 +497,10 @@ impl ActorMigrationManager {
         }
         let c = h.actor.checkpoint(&self.key)?;
         h.last_checkpoint = Some(now);
+        let encoded = c.encode();
         self.store
-            .store_own(&c, h.actor.hashes(), Durability::Synced)?;
-        self.replicate(id, &c);
+            .store_own(&c, &encoded, h.actor.hashes(), Durability::Synced)?;
+        self.replicate(id, &c, encoded);
         Ok(())
     }
 
@@ -582,11 +583,11 @@ impl ActorMigrationManager {
         }
         let c = h.actor.checkpoint_full(&self.key)?;
         h.last_checkpoint = Some(now);
+        let checkpoint = c.encode();
         self.store
-            .store_own(&c, h.actor.hashes(), Durability::Unsynced)?;
+            .store_own(&c, &checkpoint, h.actor.hashes(), Durability::Unsynced)?;
         let migration = new_migration_id();
         h.migrating = Some(migration.clone());
-        let checkpoint = c.encode();
         let bytes = checkpoint.len() as u64;
         let msg = ActorMessage::MigrationRequest {
             migration: migration.clone(),
@@ -818,7 +819,7 @@ impl ActorMigrationManager {
         let verified = self.store.verify(&c).map_err(bad)?;
         let hashes = verified.hashes().clone();
         self.store
-            .commit(&c, verified, Durability::Unsynced)
+            .commit(&c, &r.checkpoint, verified, Durability::Unsynced)
             .map_err(bad)?;
         // Restored now, while the actor still runs on the source: the pause
         // then costs only the final delta.
@@ -929,7 +930,8 @@ impl ActorMigrationManager {
             .get_mut(&actor)
             .expect("a migrating actor is hosted");
         h.actor.pause();
-        let Some(c) = self.checkpoint_for_move(from, m, "final checkpoint", now) else {
+        let Some((_, checkpoint)) = self.checkpoint_for_move(from, m, "final checkpoint", now)
+        else {
             return;
         };
         let h = self.actors.get_mut(&actor).expect("hosted");
@@ -937,7 +939,6 @@ impl ActorMigrationManager {
         let mailbox: Vec<WireEnvelope> =
             h.carried.iter().cloned().map(WireEnvelope::from).collect();
         let mailbox_len = mailbox.len();
-        let checkpoint = c.encode();
         let mig = self.migrations.get_mut(m).expect("checked");
         mig.checkpoint_bytes += checkpoint.len() as u64;
         mig.state = MigrationState::Completing;
@@ -963,7 +964,7 @@ impl ActorMigrationManager {
         m: &MigrationId,
         what: &str,
         now: Instant,
-    ) -> Option<ActorCheckpoint> {
+    ) -> Option<(ActorCheckpoint, Vec<u8>)> {
         let actor = self.migrations[m].actor;
         let h = self
             .actors
@@ -971,13 +972,14 @@ impl ActorMigrationManager {
             .expect("a migrating actor is hosted");
         match h.actor.checkpoint(&self.key) {
             Ok(c) => {
-                if let Err(e) = self
-                    .store
-                    .store_own(&c, h.actor.hashes(), Durability::Unsynced)
+                let encoded = c.encode();
+                if let Err(e) =
+                    self.store
+                        .store_own(&c, &encoded, h.actor.hashes(), Durability::Unsynced)
                 {
                     tracing::warn!(actor = %actor, error = %e, "cannot keep a {what} here");
                 }
-                Some(c)
+                Some((c, encoded))
             }
             Err(e) => {
                 h.actor.resume();
@@ -996,10 +998,9 @@ impl ActorMigrationManager {
 
     /// Source: one pre-copy round, the actor running.
     fn send_round(&mut self, to: &ExecutorId, m: &MigrationId, now: Instant) {
-        let Some(c) = self.checkpoint_for_move(to, m, "pre-copy round", now) else {
+        let Some((c, checkpoint)) = self.checkpoint_for_move(to, m, "pre-copy round", now) else {
             return;
         };
-        let checkpoint = c.encode();
         let mig = self.migrations.get_mut(m).expect("checked");
         mig.checkpoint_bytes += checkpoint.len() as u64;
         mig.rounds += 1;
@@ -1066,7 +1067,7 @@ impl ActorMigrationManager {
         let verified = self.store.verify(&c).map_err(bad)?;
         let hashes = verified.hashes().clone();
         self.store
-            .commit(&c, verified, Durability::Unsynced)
+            .commit(&c, checkpoint, verified, Durability::Unsynced)
             .map_err(bad)?;
         let inc = self
             .incoming

@@ -217,7 +217,7 @@ impl CheckpointStore {
     /// Verifies and durably stores a checkpoint; on any error nothing changes.
     pub fn store(&self, c: &ActorCheckpoint) -> Result<(), CheckpointError> {
         let verified = self.verify(c)?;
-        self.commit(c, verified, Durability::Synced)
+        self.commit(c, &c.encode(), verified, Durability::Synced)
     }
 
     /// Stores a checkpoint this executor took of its own actor, whose state
@@ -226,11 +226,13 @@ impl CheckpointStore {
     pub fn store_own(
         &self,
         c: &ActorCheckpoint,
+        encoded: &[u8],
         hashes: &StateHashes,
         durability: Durability,
     ) -> Result<(), CheckpointError> {
         self.commit(
             c,
+            encoded,
             Verified {
                 hashes: Arc::new(hashes.clone()),
             },
@@ -238,10 +240,12 @@ impl CheckpointStore {
         )
     }
 
-    /// Stores a checkpoint [`Self::verify`] accepted.
+    /// Stores a checkpoint [`Self::verify`] accepted; `encoded` is its wire
+    /// form (the caller has it already: sent or received).
     pub fn commit(
         &self,
         c: &ActorCheckpoint,
+        encoded: &[u8],
         v: Verified,
         durability: Durability,
     ) -> Result<(), CheckpointError> {
@@ -249,12 +253,13 @@ impl CheckpointStore {
         let mut held = self.held.lock().expect("store lock");
         // Re-check under the lock: another checkpoint may have landed since.
         Self::check_order(held.get(&c.actor_id).map(|h| h.sequence), c)?;
-        let record = frame(&c.encode());
+        let len = (encoded.len() as u64).to_le_bytes();
         let path = self.log_path(c.actor_id);
         if c.state.base.is_none() {
             let tmp = path.with_extension("tmp");
             let mut f = File::create(&tmp)?;
-            f.write_all(&record)?;
+            f.write_all(&len)?;
+            f.write_all(encoded)?;
             if sync {
                 f.sync_all()?;
             }
@@ -264,7 +269,8 @@ impl CheckpointStore {
             }
         } else {
             let mut f = OpenOptions::new().append(true).open(&path)?;
-            f.write_all(&record)?;
+            f.write_all(&len)?;
+            f.write_all(encoded)?;
             if sync {
                 // Also flushes earlier unsynced records of this log.
                 f.sync_data()?;
@@ -404,13 +410,6 @@ impl CheckpointStore {
         }
         Ok(good)
     }
-}
-
-fn frame(record: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(record.len() + 8);
-    out.extend_from_slice(&(record.len() as u64).to_le_bytes());
-    out.extend_from_slice(record);
-    out
 }
 
 #[cfg(test)]

@@ -411,7 +411,7 @@ impl ActorMigrationManager {
     }
 
     /// After a periodic checkpoint: send it to every live peer.
-    pub(super) fn replicate(&mut self, actor: ActorId, c: &ActorCheckpoint) {
+    pub(super) fn replicate(&mut self, actor: ActorId, c: &ActorCheckpoint, encoded: Vec<u8>) {
         let Some(f) = &self.failover else {
             return;
         };
@@ -424,7 +424,7 @@ impl ActorMigrationManager {
             let in_sync = c.state.base.is_some()
                 && f.acked.get(&(actor, peer.clone())).copied() == c.state.base;
             let (module, records) = if in_sync {
-                (Vec::new(), vec![WireRecord(c.encode())])
+                (Vec::new(), vec![WireRecord(encoded.clone())])
             } else {
                 let chain = match &mut chain {
                     Some(ch) => ch.clone(),
