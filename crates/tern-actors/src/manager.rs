@@ -21,8 +21,7 @@ use crate::policy::{
 };
 use crate::protocol::{ActorMessage, ActorSettings, WireEnvelope};
 use crate::runtime::{Actor, ActorConfig, ActorError, ActorMode, Runtime};
-use crate::state::StateImage;
-use crate::store::{CheckpointStore, Durability, LoadedState};
+use crate::store::{CheckpointStore, Durability};
 use ed25519_dalek::SigningKey;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -823,22 +822,9 @@ impl ActorMigrationManager {
             .map_err(bad)?;
         // Restored now, while the actor still runs on the source: the pause
         // then costs only the final delta.
-        let mut image = StateImage::default();
-        image.apply(&c.state);
-        let state = LoadedState {
-            sequence: c.sequence,
-            image,
-            cursors: c.cursors,
-        };
-        let mut actor = Actor::restore_hashed(
-            &self.runtime,
-            &module,
-            r.actor,
-            config.clone(),
-            &state,
-            Some(hashes),
-        )
-        .map_err(|e| RejectReason::BadModule(e.to_string()))?;
+        let mut actor =
+            Actor::restore_checkpoint(&self.runtime, &module, r.actor, config.clone(), &c, hashes)
+                .map_err(|e| RejectReason::BadModule(e.to_string()))?;
         actor.pause();
         self.incoming.insert(
             r.actor,

@@ -19,7 +19,7 @@
 
 use crate::checkpoint::ActorCheckpoint;
 use crate::delivery::{Admission, Cursors, Delivery, Envelope, OutOfOrder};
-use crate::state::{StateDelta, StateHashes, StateImage, PAGE};
+use crate::state::{is_zero, StateDelta, StateHashes, StateImage, PAGE};
 use crate::store::LoadedState;
 use ed25519_dalek::SigningKey;
 use std::collections::{HashMap, VecDeque};
@@ -341,29 +341,97 @@ impl Actor {
         from: &LoadedState,
         hashes: Option<StateHashes>,
     ) -> Result<Self, ActorError> {
-        let (sequence, image) = (from.sequence, &from.image);
+        let image = &from.image;
+        let mut actor = Self::blank(
+            rt,
+            module,
+            id,
+            config,
+            &from.cursors,
+            image.globals.len(),
+            image.memory.len(),
+        )?;
+        actor.memory.data_mut(&mut actor.store)[..image.memory.len()]
+            .copy_from_slice(&image.memory);
+        let hashes = hashes
+            .unwrap_or_else(|| StateHashes::of(actor.memory.data(&actor.store), &image.globals));
+        actor.finish_restore(from.sequence, &image.globals, hashes)?;
+        Ok(actor)
+    }
+
+    /// Starts an actor from a full checkpoint its store verified (`hashes`:
+    /// what the store computed), writing only the pages it carries: no
+    /// intermediate image, and untouched memory stays untouched.
+    pub fn restore_checkpoint(
+        rt: &Runtime,
+        module: &ActorModule,
+        id: ActorId,
+        config: ActorConfig,
+        c: &ActorCheckpoint,
+        hashes: StateHashes,
+    ) -> Result<Self, ActorError> {
+        let s = &c.state;
+        if s.base.is_some() {
+            return Err(ActorError::State("a delta is not a whole state".into()));
+        }
+        let bytes = s.memory_bytes as usize;
+        let mut actor = Self::blank(rt, module, id, config, &c.cursors, s.globals.len(), bytes)?;
+        // Pages are listed in increasing order (checked on decoding); those
+        // not listed are zero in the state, and may hold the module's data
+        // segments here.
+        let mut listed = s.iter_pages().peekable();
+        let memory = &mut actor.memory.data_mut(&mut actor.store)[..bytes];
+        for (i, page) in memory.chunks_mut(PAGE).enumerate() {
+            match listed.peek() {
+                Some(&(p, data)) if p as usize == i => {
+                    page.copy_from_slice(data);
+                    listed.next();
+                }
+                _ if !is_zero(page) => page.fill(0),
+                _ => {}
+            }
+        }
+        actor.finish_restore(c.sequence, &s.globals, hashes)?;
+        Ok(actor)
+    }
+
+    /// A new instance ready to take a state of `memory_bytes` and
+    /// `globals` globals, with the senders' cursors.
+    fn blank(
+        rt: &Runtime,
+        module: &ActorModule,
+        id: ActorId,
+        config: ActorConfig,
+        cursors: &Cursors,
+        globals: usize,
+        memory_bytes: usize,
+    ) -> Result<Self, ActorError> {
         let mut actor = Self::start(rt, module, id, config)?;
-        actor.admission = Admission::from_cursors(from.cursors.clone());
-        if image.globals.len() != actor.globals.len() {
+        actor.admission = Admission::from_cursors(cursors.clone());
+        if globals != actor.globals.len() {
             return Err(ActorError::State(format!(
-                "{} globals for a module with {}",
-                image.globals.len(),
+                "{globals} globals for a module with {}",
                 actor.globals.len()
             )));
         }
-        let have = actor.memory.data_size(&actor.store);
-        if image.memory.len() < have {
+        if memory_bytes < actor.memory.data_size(&actor.store) {
             return Err(ActorError::State("memory smaller than the module's".into()));
         }
-        actor.grow_to(image.memory.len())?;
-        actor.memory.data_mut(&mut actor.store)[..image.memory.len()]
-            .copy_from_slice(&image.memory);
-        actor.set_globals(&image.globals)?;
-        actor.sequence = sequence;
-        actor.hashes = hashes
-            .unwrap_or_else(|| StateHashes::of(actor.memory.data(&actor.store), &image.globals));
-        actor.start_tracking();
+        actor.grow_to(memory_bytes)?;
         Ok(actor)
+    }
+
+    fn finish_restore(
+        &mut self,
+        sequence: u64,
+        globals: &[u64],
+        hashes: StateHashes,
+    ) -> Result<(), ActorError> {
+        self.set_globals(globals)?;
+        self.sequence = sequence;
+        self.hashes = hashes;
+        self.start_tracking();
+        Ok(())
     }
 
     /// The hashes of the state at its latest checkpoint.
