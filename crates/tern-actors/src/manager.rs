@@ -498,7 +498,7 @@ impl ActorMigrationManager {
         h.last_checkpoint = Some(now);
         let encoded = c.encode();
         self.store
-            .store_own(&c, &encoded, h.actor.hashes(), Durability::Synced)?;
+            .store_own(&c, encoded.clone(), h.actor.hashes(), Durability::Synced)?;
         self.replicate(id, &c, encoded);
         Ok(())
     }
@@ -583,8 +583,12 @@ impl ActorMigrationManager {
         let c = h.actor.checkpoint_full(&self.key)?;
         h.last_checkpoint = Some(now);
         let checkpoint = c.encode();
-        self.store
-            .store_own(&c, &checkpoint, h.actor.hashes(), Durability::Unsynced)?;
+        self.store.store_own(
+            &c,
+            checkpoint.clone(),
+            h.actor.hashes(),
+            Durability::Unsynced,
+        )?;
         let migration = new_migration_id();
         h.migrating = Some(migration.clone());
         let bytes = checkpoint.len() as u64;
@@ -788,7 +792,7 @@ impl ActorMigrationManager {
     fn admit_request(
         &mut self,
         from: &ExecutorId,
-        r: Request,
+        mut r: Request,
         now: Instant,
     ) -> Result<(), RejectReason> {
         if self.abandoned.contains_key(&r.migration) {
@@ -806,6 +810,7 @@ impl ActorMigrationManager {
             .runtime
             .compile(&r.module)
             .map_err(|e| RejectReason::BadModule(e.to_string()))?;
+        let ckpt_len = r.checkpoint.len() as u64;
         let c = ActorCheckpoint::decode(&r.checkpoint, self.cfg.max_state_bytes)
             .map_err(|e| RejectReason::BadCheckpoint(e.to_string()))?;
         if c.actor_id != r.actor || c.state.base.is_some() {
@@ -818,7 +823,12 @@ impl ActorMigrationManager {
         let verified = self.store.verify(&c).map_err(bad)?;
         let hashes = verified.hashes().clone();
         self.store
-            .commit(&c, &r.checkpoint, verified, Durability::Unsynced)
+            .commit(
+                &c,
+                std::mem::take(&mut r.checkpoint),
+                verified,
+                Durability::Unsynced,
+            )
             .map_err(bad)?;
         // Restored now, while the actor still runs on the source: the pause
         // then costs only the final delta.
@@ -846,8 +856,8 @@ impl ActorMigrationManager {
                 state: MigrationState::Accepted,
                 started: now,
                 ended: None,
-                checkpoint_bytes: r.checkpoint.len() as u64,
-                deadline: now + self.step_timeout(r.checkpoint.len() as u64),
+                checkpoint_bytes: ckpt_len,
+                deadline: now + self.step_timeout(ckpt_len),
                 sent_mailbox: 0,
                 paused_at: None,
                 rounds: 0,
@@ -959,10 +969,12 @@ impl ActorMigrationManager {
         match h.actor.checkpoint(&self.key) {
             Ok(c) => {
                 let encoded = c.encode();
-                if let Err(e) =
-                    self.store
-                        .store_own(&c, &encoded, h.actor.hashes(), Durability::Unsynced)
-                {
+                if let Err(e) = self.store.store_own(
+                    &c,
+                    encoded.clone(),
+                    h.actor.hashes(),
+                    Durability::Unsynced,
+                ) {
                     tracing::warn!(actor = %actor, error = %e, "cannot keep a {what} here");
                 }
                 Some((c, encoded))
@@ -1053,7 +1065,7 @@ impl ActorMigrationManager {
         let verified = self.store.verify(&c).map_err(bad)?;
         let hashes = verified.hashes().clone();
         self.store
-            .commit(&c, checkpoint, verified, Durability::Unsynced)
+            .commit(&c, checkpoint.to_vec(), verified, Durability::Unsynced)
             .map_err(bad)?;
         let inc = self
             .incoming

@@ -26,6 +26,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+/// The most a frame's buffer takes before its bytes arrive.
+const RESERVE_AHEAD: usize = 16 << 20;
+
 /// Another executor: where it listens and the pin of its certificate.
 #[derive(Clone, Debug)]
 pub struct Peer {
@@ -364,8 +367,10 @@ async fn read_loop(
         if len > MAX_FRAME {
             return Err(std::io::Error::other(format!("a frame of {len} bytes")));
         }
-        // Grows with what arrives instead of trusting the length up front.
-        let mut frame = Vec::new();
+        // Room for up to 16 MiB at once (a peer's frame, authenticated and
+        // under MAX_FRAME); beyond that it grows with what arrives instead of
+        // trusting the length up front.
+        let mut frame = Vec::with_capacity(len.min(RESERVE_AHEAD));
         (&mut tls).take(len as u64).read_to_end(&mut frame).await?;
         if frame.len() != len {
             return Err(std::io::ErrorKind::UnexpectedEof.into());

@@ -272,9 +272,32 @@ impl ActorMessage {
         }
     }
 
-    /// The bytes on the wire.
+    /// The bytes on the wire, in a buffer sized up front (a checkpoint of
+    /// 100 MB would otherwise be copied through every doubling).
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("actor messages serialize")
+        let buf = Vec::with_capacity(self.size_hint());
+        postcard::to_extend(self, buf).expect("actor messages serialize")
+    }
+
+    /// Roughly the encoded size: the large fields and room for the rest.
+    fn size_hint(&self) -> usize {
+        let big = match self {
+            Self::MigrationRequest {
+                module, checkpoint, ..
+            } => module.len() + checkpoint.len(),
+            Self::MigrationComplete {
+                checkpoint,
+                mailbox,
+                ..
+            } => checkpoint.len() + mailbox.iter().map(|e| e.payload.len() + 48).sum::<usize>(),
+            Self::MigrationRound { checkpoint, .. } => checkpoint.len(),
+            Self::CheckpointReplica {
+                module, records, ..
+            } => module.len() + records.iter().map(|r| r.0.len() + 8).sum::<usize>(),
+            Self::Deliver { envelope, .. } => envelope.payload.len(),
+            _ => 0,
+        };
+        big + 256
     }
 
     /// Parses a message, refusing one over [`MAX_FRAME`] before reading it.

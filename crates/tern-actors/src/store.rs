@@ -2,8 +2,9 @@
 //! checkpoints of the actors it owns or may have to restore.
 //!
 //! One append-only log per actor (`<actor>.log`): a full checkpoint, then the
-//! deltas on it, each record length-prefixed and flushed to disk before the
-//! store answers. A new full checkpoint replaces the log (written aside and
+//! deltas on it, each record length-prefixed. A writer thread writes them in
+//! the order they were committed; a [`Durability::Synced`] commit waits until
+//! its record is on disk, an unsynced one (a migration's) returns at once. A new full checkpoint replaces the log (written aside and
 //! renamed), so the log never holds more than one state and its deltas.
 //! Opening the store replays every log, checking each record's signature and
 //! hash chain again, and cuts off a record torn by a crash mid-write.
@@ -17,10 +18,13 @@ use crate::delivery::Cursors;
 use crate::state::{StateHashes, StateImage};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tern_proto::{ActorId, ExecutorId};
+
+mod writer;
+use writer::Writer;
 
 /// What the store holds for one actor.
 #[derive(Clone, Debug)]
@@ -85,6 +89,7 @@ pub struct CheckpointStore {
     max_state_bytes: u64,
     trusted: Mutex<HashMap<[u8; 32], ExecutorId>>,
     held: Mutex<HashMap<ActorId, Held>>,
+    writer: Writer,
 }
 
 const LOG_SUFFIX: &str = "log";
@@ -100,6 +105,7 @@ impl CheckpointStore {
             max_state_bytes,
             trusted: Mutex::default(),
             held: Mutex::default(),
+            writer: Writer::start(dir.to_owned())?,
         };
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
@@ -217,7 +223,7 @@ impl CheckpointStore {
     /// Verifies and durably stores a checkpoint; on any error nothing changes.
     pub fn store(&self, c: &ActorCheckpoint) -> Result<(), CheckpointError> {
         let verified = self.verify(c)?;
-        self.commit(c, &c.encode(), verified, Durability::Synced)
+        self.commit(c, c.encode(), verified, Durability::Synced)
     }
 
     /// Stores a checkpoint this executor took of its own actor, whose state
@@ -226,7 +232,7 @@ impl CheckpointStore {
     pub fn store_own(
         &self,
         c: &ActorCheckpoint,
-        encoded: &[u8],
+        encoded: Vec<u8>,
         hashes: &StateHashes,
         durability: Durability,
     ) -> Result<(), CheckpointError> {
@@ -245,7 +251,7 @@ impl CheckpointStore {
     pub fn commit(
         &self,
         c: &ActorCheckpoint,
-        encoded: &[u8],
+        encoded: Vec<u8>,
         v: Verified,
         durability: Durability,
     ) -> Result<(), CheckpointError> {
@@ -253,29 +259,10 @@ impl CheckpointStore {
         let mut held = self.held.lock().expect("store lock");
         // Re-check under the lock: another checkpoint may have landed since.
         Self::check_order(held.get(&c.actor_id).map(|h| h.sequence), c)?;
-        let len = (encoded.len() as u64).to_le_bytes();
         let path = self.log_path(c.actor_id);
-        if c.state.base.is_none() {
-            let tmp = path.with_extension("tmp");
-            let mut f = File::create(&tmp)?;
-            f.write_all(&len)?;
-            f.write_all(encoded)?;
-            if sync {
-                f.sync_all()?;
-            }
-            fs::rename(&tmp, &path)?;
-            if sync {
-                File::open(&self.dir)?.sync_all()?;
-            }
-        } else {
-            let mut f = OpenOptions::new().append(true).open(&path)?;
-            f.write_all(&len)?;
-            f.write_all(encoded)?;
-            if sync {
-                // Also flushes earlier unsynced records of this log.
-                f.sync_data()?;
-            }
-        }
+        // Queued under the lock, so the writer sees the order of `held`.
+        self.writer
+            .write(path, c.state.base.is_none(), encoded, sync)?;
         held.insert(
             c.actor_id,
             Held {
@@ -291,11 +278,7 @@ impl CheckpointStore {
     /// replaces it (its sequence may restart below the old one's).
     pub fn forget(&self, actor: ActorId) -> Result<(), CheckpointError> {
         let mut held = self.held.lock().expect("store lock");
-        match fs::remove_file(self.log_path(actor)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
-        }
+        self.writer.remove(self.log_path(actor))?;
         held.remove(&actor);
         Ok(())
     }
@@ -326,6 +309,7 @@ impl CheckpointStore {
     /// The records of `actor`'s log (a full checkpoint and its deltas), as
     /// another executor needs them to restore the actor.
     pub fn records(&self, actor: ActorId) -> Result<Vec<ActorCheckpoint>, CheckpointError> {
+        self.writer.barrier()?;
         let mut out = Vec::new();
         self.read_log(&self.log_path(actor), |c| {
             out.push(c.clone());
@@ -336,6 +320,7 @@ impl CheckpointStore {
 
     /// Rebuilds the whole state of `actor` at its latest checkpoint.
     pub fn load(&self, actor: ActorId) -> Result<LoadedState, CheckpointError> {
+        self.writer.barrier()?;
         let mut image = StateImage::default();
         let mut last = None;
         self.read_log(&self.log_path(actor), |c| {

@@ -119,8 +119,19 @@ async fn a_dead_executors_actor_runs_again_on_a_survivor() {
     for _ in 0..20 {
         c.handled[0].recv().await.unwrap().reply.unwrap();
     }
+    // A checkpoint taken after the last put (one interval later), and
+    // replicas on both others at least as new.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let wanted = c.nodes[0].with(|m| m.info(actor).unwrap().sequence);
     let start = Instant::now();
-    while !(1..3).all(|i| c.nodes[i].with(|m| m.replicas() == [actor])) {
+    while !(1..3).all(|i| {
+        c.nodes[i].with(|m| {
+            m.replicas() == [actor]
+                && m.store()
+                    .latest(actor)
+                    .is_some_and(|l| l.sequence >= wanted)
+        })
+    }) {
         assert!(start.elapsed() < Duration::from_secs(10), "no replicas");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
