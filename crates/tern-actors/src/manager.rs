@@ -398,6 +398,20 @@ impl ActorMigrationManager {
             .is_some_and(|h| !h.actor.is_paused())
     }
 
+    /// Stops and removes an actor hosted here (its checkpoints stay in the
+    /// store). Refused while it migrates.
+    pub fn remove(&mut self, actor: ActorId) -> Result<(), ManagerError> {
+        match self.actors.get(&actor) {
+            None => Err(ManagerError::NotHere(actor)),
+            Some(h) if h.migrating.is_some() => Err(ManagerError::Migrating(actor)),
+            Some(_) => {
+                let h = self.actors.remove(&actor).expect("just seen");
+                self.retire(actor, h.epoch);
+                Ok(())
+            }
+        }
+    }
+
     /// What an operator or tenant sees of an actor hosted here.
     pub fn info(&self, actor: ActorId) -> Option<ActorInfo> {
         let h = self.actors.get(&actor)?;
@@ -741,6 +755,7 @@ impl ActorMigrationManager {
                 epoch,
                 granted,
             } => self.handle_claim_reply(from, actor, epoch, granted, now),
+            ActorMessage::Retired { actor, epoch } => self.handle_retired(from, actor, epoch),
         }
     }
 

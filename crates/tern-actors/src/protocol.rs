@@ -238,6 +238,14 @@ pub enum ActorMessage {
         /// Whether the claim has this executor's vote.
         granted: bool,
     },
+    /// Owner → peers: the actor was stopped; drop its replica (a stopped
+    /// actor must not come back when its executor dies).
+    Retired {
+        /// The actor.
+        actor: ActorId,
+        /// Its epoch when stopped.
+        epoch: OwnerEpoch,
+    },
 }
 
 /// One encoded checkpoint in a message.

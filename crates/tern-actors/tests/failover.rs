@@ -317,3 +317,20 @@ fn a_refused_claim_is_retried_until_every_voter_agrees() {
         "restored after {after:?}"
     );
 }
+
+/// A stopped actor's replicas go with it: when its executor dies later,
+/// nobody brings it back.
+#[test]
+fn a_stopped_actor_is_not_restored_when_its_executor_dies() {
+    let (mut c, actor) = cluster_with_actor();
+    c.execs[0].remove(actor).unwrap();
+    c.run_for(Duration::from_millis(50), actor);
+    for i in [1, 2] {
+        assert!(c.execs[i].replicas().is_empty(), "{} dropped it", NAMES[i]);
+        assert!(c.execs[i].store().latest(actor).is_none());
+    }
+    c.up[0] = false;
+    c.gossip();
+    c.run_for(Duration::from_secs(2), actor);
+    assert!(c.running(actor).is_empty());
+}

@@ -68,6 +68,13 @@ pub enum ActorCmd {
         #[command(flatten)]
         api: ExecConn,
     },
+    /// Stop an actor (its checkpoints stay on the executor).
+    Stop {
+        /// The actor.
+        id: String,
+        #[command(flatten)]
+        api: ExecConn,
+    },
     /// Your actors on an executor.
     List {
         #[command(flatten)]
@@ -214,6 +221,16 @@ async fn run_async(cmd: ActorCmd) -> anyhow::Result<()> {
             }
         }
         ActorCmd::Migrate { id, to, api } => migrate(&Client::new(&api), &id, &to).await?,
+        ActorCmd::Stop { id, api } => {
+            Client::new(&api)
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/api/v1/actors/{id}"),
+                    None,
+                )
+                .await?;
+            println!("{id} stopped");
+        }
         ActorCmd::List { api } => {
             let v = Client::new(&api)
                 .call(reqwest::Method::GET, "/api/v1/actors", None)

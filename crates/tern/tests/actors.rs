@@ -368,7 +368,7 @@ async fn a_killed_executors_actor_runs_again_on_one_survivor_within_10_s() {
         (200, &json!(hex::encode(700u64.to_le_bytes()))),
         "{v}"
     );
-    // Another tenant sees nothing of it.
+    // Another tenant sees nothing of it, and cannot stop it.
     let stranger = keys
         .issue(
             &TenantId::new("other").unwrap(),
@@ -383,4 +383,25 @@ async fn a_killed_executors_actor_runs_again_on_one_survivor_within_10_s() {
         .await
         .unwrap();
     assert_ne!(r.status().as_u16(), 200);
+    let stranger2 = keys
+        .issue(
+            &TenantId::new("other").unwrap(),
+            &[Permission::VmsWrite],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let r = reqwest::Client::new()
+        .delete(format!("{}/api/v1/actors/{actor}", urls[other]))
+        .bearer_auth(stranger2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    // Its tenant stops it.
+    let out = tern(
+        &["actor", "stop", &actor, "--api", &urls[other]],
+        &api.token,
+    );
+    assert!(out.contains("stopped"), "{out}");
+    assert!(!api.here(&urls[other], &actor).await);
 }

@@ -535,6 +535,34 @@ impl ActorMigrationManager {
         Ok(last)
     }
 
+    /// Tells the live peers an actor stopped, so they drop its replica.
+    pub(super) fn retire(&mut self, actor: ActorId, epoch: OwnerEpoch) {
+        let Some(f) = &mut self.failover else {
+            return;
+        };
+        f.acked.retain(|(a, _), _| *a != actor);
+        for peer in &f.live {
+            self.outbox
+                .push((peer.clone(), ActorMessage::Retired { actor, epoch }));
+        }
+    }
+
+    /// The owner stopped an actor: its replica goes (checkpoints too).
+    pub(super) fn handle_retired(&mut self, from: &ExecutorId, actor: ActorId, epoch: OwnerEpoch) {
+        let Some(f) = &mut self.failover else {
+            return;
+        };
+        if f.replicas
+            .get(&actor)
+            .is_some_and(|r| &r.owner == from && r.epoch <= epoch)
+        {
+            f.replicas.remove(&actor);
+            if let Err(e) = self.store.forget(actor) {
+                tracing::warn!(actor = %actor, error = %e, "cannot drop a retired actor's checkpoints");
+            }
+        }
+    }
+
     /// A peer acknowledged a replica up to `sequence` (or refused it).
     pub(super) fn handle_replica_ack(
         &mut self,

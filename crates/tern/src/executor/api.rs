@@ -4,6 +4,7 @@
 //! - `POST /api/v1/actors`: deploy a module (`wat` text or `module_hex`).
 //! - `GET /api/v1/actors`: the caller's actors on this executor.
 //! - `GET /api/v1/actors/{id}`: one actor, or where gossip says it runs.
+//! - `DELETE /api/v1/actors/{id}`: stop it (its checkpoints stay).
 //! - `POST /api/v1/actors/{id}/messages`: send; waits for the reply unless
 //!   `wait` is false. An actor that runs elsewhere answers 409 naming the
 //!   executor and its API, so the client can go there.
@@ -80,7 +81,7 @@ impl State {
 pub fn router(state: State) -> Router {
     Router::new()
         .route("/api/v1/actors", post(deploy).get(list))
-        .route("/api/v1/actors/{id}", get(show))
+        .route("/api/v1/actors/{id}", get(show).delete(remove))
         .route("/api/v1/actors/{id}/messages", post(send))
         .route("/api/v1/actors/{id}/migrate", post(migrate))
         .route("/api/v1/actor-migrations/{id}", get(migration))
@@ -257,6 +258,23 @@ async fn show(
         )),
         None => Err(ApiError::NotFound(format!("no actor {id} is known here"))),
     }
+}
+
+async fn remove(
+    s: axum::extract::State<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Permission::VmsWrite)?;
+    let actor: ActorId = id.parse().map_err(|_| bad_id(&id))?;
+    match s.node.with(|m| m.info(actor)) {
+        Some(i) if caller.can_see(i.tenant.as_ref()) => {}
+        Some(_) => return Err(ApiError::NotFound(format!("no actor {id} is known here"))),
+        None => return Ok(not_here(&s, actor)),
+    }
+    s.node.with(|m| m.remove(actor)).map_err(manager_error)?;
+    tracing::info!(actor = %actor, tenant = %caller.tenant, "actor stopped");
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]
