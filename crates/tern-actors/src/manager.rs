@@ -702,7 +702,11 @@ impl ActorMigrationManager {
                 sequence,
                 ..
             } => self.handle_replica_ack(from, actor, sequence),
-            ActorMessage::CheckpointAnnounce { .. } => {}
+            ActorMessage::CheckpointAnnounce { actor, .. } => {
+                if !self.actors.contains_key(&actor) && from != &self.cfg.executor {
+                    self.moved.insert(actor, from.clone());
+                }
+            }
             ActorMessage::Deliver { actor, envelope } => {
                 match self.send(actor, envelope.into(), Some(from)) {
                     Ok(SendOutcome::Moved(to)) => {

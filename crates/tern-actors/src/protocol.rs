@@ -135,7 +135,9 @@ pub enum ActorMessage {
         /// The migration.
         migration: MigrationId,
     },
-    /// The owner took a checkpoint.
+    /// An executor holds `actor` from checkpoint `sequence` on: sent by an
+    /// executor that restored a dead peer's actor, so that the others send
+    /// its messages there (gossip tells too, later).
     CheckpointAnnounce {
         /// The actor.
         actor: ActorId,

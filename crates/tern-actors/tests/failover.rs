@@ -209,6 +209,9 @@ fn a_dead_executors_actor_runs_again_on_one_survivor_with_its_state() {
     );
     assert_eq!(get(&mut c, at, actor, 7), 70);
     assert_eq!(get(&mut c, at, actor, 20), 200);
+    // The other survivor was told where it runs now.
+    let other = 3 - at;
+    assert_eq!(c.execs[other].moved_to(actor), Some(c.execs[at].id()));
     // It goes on: new messages, and checkpoints now replicated to the other.
     c.execs[at]
         .send(actor, env(21, kv::put(21, 210)), None)
@@ -216,7 +219,6 @@ fn a_dead_executors_actor_runs_again_on_one_survivor_with_its_state() {
     c.run_for(Duration::from_secs(1), actor);
     assert_eq!(c.running(actor), [at]);
     assert_eq!(get(&mut c, at, actor, 21), 210);
-    let other = 3 - at;
     assert_eq!(c.execs[other].replicas(), [actor]);
 }
 

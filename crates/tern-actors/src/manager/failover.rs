@@ -364,6 +364,17 @@ impl ActorMigrationManager {
             .get_mut(&actor)
             .expect("just hosted")
             .last_checkpoint = Some(now);
+        if let Some(f) = &self.failover {
+            for peer in &f.live {
+                self.outbox.push((
+                    peer.clone(),
+                    ActorMessage::CheckpointAnnounce {
+                        actor,
+                        sequence: state.sequence,
+                    },
+                ));
+            }
+        }
         metrics::counter!("migration_reason_total", "workload" => "actor", "reason" => MigrationReason::FaultTolerance.as_str()).increment(1);
         tracing::info!(actor = %actor, from = %r.owner, sequence = state.sequence, epoch = %epoch, "restored an actor of a dead executor");
         Ok(())
