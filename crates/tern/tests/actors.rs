@@ -397,11 +397,38 @@ async fn a_killed_executors_actor_runs_again_on_one_survivor_within_10_s() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
+    // A move through the API, followed as server-sent events to its end.
+    let (s, v) = api
+        .call(
+            false,
+            reqwest::Method::POST,
+            format!("{}/api/v1/actors/{actor}/migrate", urls[other]),
+            Some(json!({"to": format!("exec-{owner}")})),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let m = v["migration"].as_str().unwrap();
+    let events = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v1/actor-migrations/{m}/events",
+            urls[other]
+        ))
+        .bearer_auth(&api.token)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(events.contains("event: end"), "{events}");
+    assert!(events.contains("\"state\":\"Complete\""), "{events}");
+    assert!(api.here(&urls[owner], &actor).await);
     // Its tenant stops it.
     let out = tern(
-        &["actor", "stop", &actor, "--api", &urls[other]],
+        &["actor", "stop", &actor, "--api", &urls[owner]],
         &api.token,
     );
     assert!(out.contains("stopped"), "{out}");
-    assert!(!api.here(&urls[other], &actor).await);
+    assert!(!api.here(&urls[owner], &actor).await);
 }

@@ -9,17 +9,21 @@
 //!   `wait` is false. An actor that runs elsewhere answers 409 naming the
 //!   executor and its API, so the client can go there.
 //! - `POST /api/v1/actors/{id}/migrate`: move it to another executor.
-//! - `GET /api/v1/actor-migrations/{id}`: a migration's progress.
+//! - `GET /api/v1/actor-migrations/{id}`: a migration's progress, and
+//!   `.../{id}/events` the same as server-sent events until it ends.
 //! - `GET /metrics`: Prometheus (`migrations_*_total{workload="actor"}`...).
 
 use axum::extract::{FromRef, Path};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::Stream;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tern_actors::manager::{Handled, ManagerError, SendOutcome};
@@ -85,6 +89,10 @@ pub fn router(state: State) -> Router {
         .route("/api/v1/actors/{id}/messages", post(send))
         .route("/api/v1/actors/{id}/migrate", post(migrate))
         .route("/api/v1/actor-migrations/{id}", get(migration))
+        .route(
+            "/api/v1/actor-migrations/{id}/events",
+            get(migration_events),
+        )
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(2 * MAX_MODULE + 4096))
         .with_state(state)
@@ -404,20 +412,12 @@ async fn migrate(
         .into_response())
 }
 
-async fn migration(
-    s: axum::extract::State<State>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    caller.require(Permission::VmsRead)?;
-    let mid = MigrationId::new(id.as_str()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let m = s
-        .node
-        .with(|m| m.get_state(&mid).cloned())
-        .ok_or_else(|| ApiError::NotFound(format!("no migration {id} here")))?;
+/// A migration as JSON, if this executor knows it.
+fn migration_view(s: &State, id: &MigrationId) -> Option<Value> {
+    let m = s.node.with(|m| m.get_state(id).cloned())?;
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
-    Ok(Json(json!({
-        "migration": id,
+    Some(json!({
+        "migration": id.as_str(),
         "actor": m.actor.to_string(),
         "side": format!("{:?}", m.side),
         "peer": m.peer.as_str(),
@@ -428,7 +428,53 @@ async fn migration(
         "rounds": m.rounds,
         "pause_ms": ms(m.pause()),
         "total_ms": ms(m.total()),
-    })))
+    }))
+}
+
+fn migration_id(id: &str) -> Result<MigrationId, ApiError> {
+    MigrationId::new(id).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+async fn migration(
+    s: axum::extract::State<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::VmsRead)?;
+    migration_view(&s, &migration_id(&id)?)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no migration {id} here")))
+}
+
+/// Progress as server-sent events: a `progress` event each time the
+/// migration changes (state, rounds, bytes), then `end` with the outcome.
+async fn migration_events(
+    s: axum::extract::State<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    caller.require(Permission::VmsRead)?;
+    let mid = migration_id(&id)?;
+    let first = migration_view(&s, &mid)
+        .ok_or_else(|| ApiError::NotFound(format!("no migration {id} here")))?;
+    let stream = futures::stream::unfold(
+        (s.0, mid, Some(first), Value::Null),
+        |(s, mid, next, last)| async move {
+            let mut view = next?;
+            while view == last && view["done"] != json!(true) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                view = migration_view(&s, &mid)?;
+            }
+            let done = view["done"] == json!(true);
+            let ev = Event::default()
+                .event(if done { "end" } else { "progress" })
+                .json_data(&view)
+                .ok()?;
+            let next = if done { None } else { migration_view(&s, &mid) };
+            Some((Ok(ev), (s, mid, next, view)))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn metrics() -> impl IntoResponse {
