@@ -703,7 +703,9 @@ impl ActorMigrationManager {
                 ..
             } => self.handle_replica_ack(from, actor, sequence),
             ActorMessage::CheckpointAnnounce { actor, .. } => {
-                if !self.actors.contains_key(&actor) && from != &self.cfg.executor {
+                if from != &self.cfg.executor
+                    && (!self.actors.contains_key(&actor) || self.drop_in_doubt(from, actor, now))
+                {
                     self.moved.insert(actor, from.clone());
                 }
             }
@@ -1323,6 +1325,12 @@ impl ActorMigrationManager {
                     );
                 }
                 (Side::Source, MigrationState::Completing) => {
+                    if self.claim_in_doubt(&id, now) {
+                        // The target is dead: a vote decides, not its answer.
+                        self.migrations.get_mut(&id).expect("listed").deadline =
+                            now + self.cfg.step_timeout;
+                        continue;
+                    }
                     self.outbox.push((
                         peer,
                         ActorMessage::CheckpointQuery {

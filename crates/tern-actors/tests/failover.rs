@@ -6,8 +6,9 @@
 use ed25519_dalek::SigningKey;
 use std::time::{Duration, Instant};
 use tern_actors::examples::{self, kv};
-use tern_actors::manager::{ActorMigrationManager, FailoverConfig, ManagerConfig};
+use tern_actors::manager::{ActorMigrationManager, FailoverConfig, ManagerConfig, MigrationState};
 use tern_actors::policy::DefaultMigrationPolicy;
+use tern_actors::policy::MigrationReason;
 use tern_actors::protocol::ActorMessage;
 use tern_actors::runtime::{ActorConfig, ActorMode};
 use tern_actors::{CheckpointStore, Envelope};
@@ -23,6 +24,8 @@ struct Cluster {
     /// Executors whose links work (a cut-off one runs, alone).
     linked: [bool; 3],
     now: Instant,
+    /// Messages lost on the wire.
+    lose: fn(&ActorMessage) -> bool,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -55,6 +58,7 @@ impl Cluster {
             up: [true; 3],
             linked: [true; 3],
             now: Instant::now(),
+            lose: |_| false,
             _dirs: dirs,
         };
         c.gossip();
@@ -96,8 +100,13 @@ impl Cluster {
             }
             for (from, to, bytes) in wire {
                 let (i, j) = (self.index(&from), self.index(&to));
-                if self.up[i] && self.up[j] && self.linked[i] && self.linked[j] {
-                    let msg = ActorMessage::decode(&bytes).unwrap();
+                let msg = ActorMessage::decode(&bytes).unwrap();
+                if self.up[i]
+                    && self.up[j]
+                    && self.linked[i]
+                    && self.linked[j]
+                    && !(self.lose)(&msg)
+                {
                     self.execs[j].handle(&from, msg, self.now);
                 }
             }
@@ -335,4 +344,74 @@ fn a_stopped_actor_is_not_restored_when_its_executor_dies() {
     c.gossip();
     c.run_for(Duration::from_secs(2), actor);
     assert!(c.running(actor).is_empty());
+}
+
+/// The target of a move dies after the source paused the actor and sent
+/// its last checkpoint, before confirming: once the target is surely gone,
+/// a majority's vote lets the source resume its paused copy (instead of
+/// keeping it paused for ever).
+#[test]
+fn a_source_in_doubt_resumes_when_its_target_died() {
+    let (mut c, actor) = cluster_with_actor();
+    c.lose = |m| matches!(m, ActorMessage::MigrationComplete { .. });
+    let b = c.execs[1].id().clone();
+    let m = c.execs[0]
+        .initiate_migration(actor, b, MigrationReason::Operator, c.now)
+        .unwrap();
+    c.run_for(Duration::from_millis(100), actor);
+    assert_eq!(
+        c.execs[0].get_state(&m).unwrap().state,
+        MigrationState::Completing
+    );
+    assert!(c.running(actor).is_empty(), "paused while in doubt");
+    c.up[1] = false;
+    c.lose = |_| false;
+    c.gossip();
+    let (at, after) = c.until_moved(actor, 1, Duration::from_secs(20));
+    assert_eq!(at, 0, "the source runs it again");
+    assert!(
+        after >= Duration::from_secs(9),
+        "after the step timeout: {after:?}"
+    );
+    assert!(matches!(
+        c.execs[0].get_state(&m).unwrap().state,
+        MigrationState::Failed(_)
+    ));
+    assert_eq!(get(&mut c, 0, actor, 7), 70);
+    // It goes on, and the remaining peer keeps its replica up to date.
+    c.execs[0]
+        .send(actor, env(21, kv::put(21, 210)), None)
+        .unwrap();
+    c.run_for(Duration::from_millis(500), actor);
+    assert_eq!(get(&mut c, 0, actor, 21), 210);
+    assert_eq!(c.execs[2].replicas(), [actor]);
+}
+
+/// The target completed the move, ran the actor and replicated it, then
+/// died before its confirmation reached the source: the actor is restored
+/// from the target's replica or resumed on the source, on exactly one.
+#[test]
+fn a_target_that_completed_and_died_leaves_exactly_one_copy() {
+    let (mut c, actor) = cluster_with_actor();
+    c.lose = |m| matches!(m, ActorMessage::MigrationCompleted { .. });
+    let b = c.execs[1].id().clone();
+    let m = c.execs[0]
+        .initiate_migration(actor, b, MigrationReason::Operator, c.now)
+        .unwrap();
+    c.run_for(Duration::from_millis(300), actor);
+    assert_eq!(c.running(actor), [1], "the target runs it");
+    assert_eq!(
+        c.execs[0].get_state(&m).unwrap().state,
+        MigrationState::Completing
+    );
+    c.up[1] = false;
+    c.lose = |_| false;
+    c.gossip();
+    let (at, after) = c.until_moved(actor, 1, Duration::from_secs(20));
+    assert_ne!(at, 1);
+    eprintln!("{} runs it after {after:?}", NAMES[at]);
+    c.run_for(Duration::from_secs(12), actor);
+    assert_eq!(c.running(actor), [at], "one copy, still");
+    assert!(c.execs[0].get_state(&m).unwrap().state.is_final());
+    assert_eq!(get(&mut c, at, actor, 7), 70);
 }

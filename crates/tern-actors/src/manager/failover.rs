@@ -34,7 +34,7 @@ use crate::runtime::Actor;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_proto::{ActorId, ExecutorId, OwnerEpoch};
+use tern_proto::{ActorId, ExecutorId, MigrationId, OwnerEpoch};
 
 /// How an executor takes part in fault tolerance.
 #[derive(Clone, Debug)]
@@ -82,6 +82,9 @@ struct Claim {
     epoch: OwnerEpoch,
     votes: BTreeSet<ExecutorId>,
     deadline: Instant,
+    /// A migration in doubt whose paused actor a won claim resumes here
+    /// (else the claim restores a replica).
+    resume: Option<MigrationId>,
 }
 
 /// The fault-tolerance state of one executor.
@@ -98,8 +101,8 @@ pub(super) struct Failover {
     pending: BTreeMap<u64, (Instant, BTreeSet<ExecutorId>)>,
     lease_until: Option<Instant>,
     replicas: HashMap<ActorId, Replica>,
-    /// The highest epoch this executor voted for, per actor.
-    voted: HashMap<ActorId, OwnerEpoch>,
+    /// The highest epoch this executor voted for, per actor, and for whom.
+    voted: HashMap<ActorId, (OwnerEpoch, ExecutorId)>,
     /// Per old owner: the actors voted away from it.
     taken: HashMap<ExecutorId, BTreeMap<ActorId, Taken>>,
     claims: HashMap<ActorId, Claim>,
@@ -224,41 +227,59 @@ impl ActorMigrationManager {
             if chosen(*actor, candidates) != Some(&me) {
                 continue;
             }
-            let floor = f.voted.get(actor).copied().unwrap_or(r.epoch).max(r.epoch);
-            due.push((*actor, r.owner.clone(), floor.next()));
+            let floor = f.voted.get(actor).map_or(r.epoch, |v| v.0).max(r.epoch);
+            due.push((*actor, r.owner.clone(), floor.next(), None));
         }
-        for (actor, owner, epoch) in due {
-            let f = self.failover.as_mut().expect("checked above");
-            tracing::info!(actor = %actor, owner = %owner, epoch = %epoch, "claiming an actor of a silent executor");
-            f.voted.insert(actor, epoch);
-            f.taken.entry(owner.clone()).or_default().insert(
+        for (actor, owner, epoch, resume) in due {
+            self.claim(actor, owner, epoch, resume, now);
+        }
+    }
+
+    /// Asks the live peers (the owner aside) to vote for this executor
+    /// running `actor` at `epoch`: from its replica, or (`resume`) by
+    /// resuming the copy it holds paused for that migration.
+    fn claim(
+        &mut self,
+        actor: ActorId,
+        owner: ExecutorId,
+        epoch: OwnerEpoch,
+        resume: Option<MigrationId>,
+        now: Instant,
+    ) {
+        let me = self.cfg.executor.clone();
+        let Some(f) = &mut self.failover else {
+            return;
+        };
+        tracing::info!(actor = %actor, owner = %owner, epoch = %epoch, "claiming an actor of a silent executor");
+        f.voted.insert(actor, (epoch, me.clone()));
+        f.taken.entry(owner.clone()).or_default().insert(
+            actor,
+            Taken {
                 actor,
-                Taken {
+                by: me.clone(),
+                epoch,
+            },
+        );
+        f.claims.insert(
+            actor,
+            Claim {
+                epoch,
+                votes: BTreeSet::from([me.clone()]),
+                deadline: now + self.cfg.step_timeout,
+                resume,
+            },
+        );
+        for peer in f.live.iter().filter(|p| **p != owner) {
+            self.outbox.push((
+                peer.clone(),
+                ActorMessage::Claim {
                     actor,
-                    by: me.clone(),
                     epoch,
+                    owner: owner.clone(),
                 },
-            );
-            f.claims.insert(
-                actor,
-                Claim {
-                    epoch,
-                    votes: BTreeSet::from([me.clone()]),
-                    deadline: now + self.cfg.step_timeout,
-                },
-            );
-            for peer in f.live.iter().filter(|p| **p != owner) {
-                self.outbox.push((
-                    peer.clone(),
-                    ActorMessage::Claim {
-                        actor,
-                        epoch,
-                        owner: owner.clone(),
-                    },
-                ));
-            }
-            self.count_votes(actor, now);
+            ));
         }
+        self.count_votes(actor, now);
     }
 
     /// Votes on a claim: once per epoch, and only for an owner silent here too.
@@ -271,16 +292,27 @@ impl ActorMigrationManager {
         now: Instant,
     ) {
         let me = self.cfg.executor.clone();
-        let hosted = self.actors.contains_key(&actor);
+        // A copy held paused for a move to `owner` that is in doubt does not
+        // count: a claim on the owner's replica means the move completed.
+        let hosted = self.actors.contains_key(&actor) && !self.in_doubt_with(actor, &owner);
         let Some(f) = &mut self.failover else {
             return;
         };
-        let granted = owner != me
-            && !hosted
-            && f.voted.get(&actor).is_none_or(|v| epoch > *v)
-            && f.silent(&owner, now);
+        // A vote for another claimant before stands while that claimant
+        // speaks: its claim may have won, and it runs the actor under its
+        // own lease. This executor's own earlier claim stands while it runs.
+        let earlier_stands = f.voted.get(&actor).is_some_and(|(v, by)| {
+            epoch <= *v
+                || (by != from
+                    && if *by == me {
+                        f.claims.contains_key(&actor)
+                    } else {
+                        !f.silent(by, now)
+                    })
+        });
+        let granted = owner != me && !hosted && !earlier_stands && f.silent(&owner, now);
         if granted {
-            f.voted.insert(actor, epoch);
+            f.voted.insert(actor, (epoch, from.clone()));
             f.taken.entry(owner).or_default().insert(
                 actor,
                 Taken {
@@ -337,8 +369,15 @@ impl ActorMigrationManager {
         if c.votes.len() < f.cfg.majority() {
             return;
         }
-        let epoch = c.epoch;
+        let (epoch, resume) = (c.epoch, c.resume.clone());
         f.claims.remove(&actor);
+        if let Some(m) = resume {
+            self.resume_in_doubt(actor, &m, epoch, now);
+            return;
+        }
+        let Some(f) = &mut self.failover else {
+            return;
+        };
         let Some(r) = f.replicas.remove(&actor) else {
             return;
         };
@@ -469,7 +508,7 @@ impl ActorMigrationManager {
         let Some(f) = &self.failover else {
             return;
         };
-        let stale = f.voted.get(&msg.actor).is_some_and(|v| msg.epoch < *v)
+        let stale = f.voted.get(&msg.actor).is_some_and(|v| msg.epoch < v.0)
             || f.replicas
                 .get(&msg.actor)
                 .is_some_and(|r| msg.epoch < r.epoch)
@@ -572,6 +611,115 @@ impl ActorMigrationManager {
                 tracing::warn!(actor = %actor, error = %e, "cannot drop a retired actor's checkpoints");
             }
         }
+    }
+
+    /// Source of a migration in doubt whose target went silent: once gossip
+    /// calls the target dead and its lease is surely over, claim the actor
+    /// (at an epoch above any the target could have run it at) to resume
+    /// the paused copy here. Returns whether a claim is (now) under way.
+    pub(super) fn claim_in_doubt(&mut self, m: &MigrationId, now: Instant) -> bool {
+        let Some(mig) = self.migrations.get(m) else {
+            return false;
+        };
+        let (actor, target) = (mig.actor, mig.peer.clone());
+        let Some(h) = self.actors.get(&actor) else {
+            return false;
+        };
+        let Some(f) = &self.failover else {
+            return false;
+        };
+        if f.claims.contains_key(&actor) {
+            return true;
+        }
+        if f.live.contains(&target) || !f.silent(&target, now) {
+            return false;
+        }
+        if f.voted
+            .get(&actor)
+            .is_some_and(|(_, by)| *by != self.cfg.executor && !f.silent(by, now))
+        {
+            // This executor voted for another's claim on the target's copy:
+            // that one restores it, and its announcement drops the copy here.
+            return true;
+        }
+        let floor = f
+            .voted
+            .get(&actor)
+            .map_or(h.epoch, |v| v.0)
+            .max(h.epoch.next());
+        self.claim(actor, target, floor.next(), Some(m.clone()), now);
+        true
+    }
+
+    /// Whether `actor` is held here paused for a move to `target` that is
+    /// in doubt.
+    fn in_doubt_with(&self, actor: ActorId, target: &ExecutorId) -> bool {
+        self.actors
+            .get(&actor)
+            .and_then(|h| h.migrating.as_ref())
+            .and_then(|m| self.migrations.get(m))
+            .is_some_and(|mig| {
+                mig.state == super::MigrationState::Completing && &mig.peer == target
+            })
+    }
+
+    /// A won claim on a migration in doubt: the actor runs here again.
+    fn resume_in_doubt(
+        &mut self,
+        actor: ActorId,
+        m: &MigrationId,
+        epoch: OwnerEpoch,
+        now: Instant,
+    ) {
+        let completing = self
+            .migrations
+            .get(m)
+            .is_some_and(|mig| mig.state == super::MigrationState::Completing);
+        if !completing {
+            return;
+        }
+        self.resume_here(m);
+        if let Some(h) = self.actors.get_mut(&actor) {
+            h.epoch = epoch;
+            // Checkpoint and replicate at once: the peers' replicas may be
+            // the dead target's.
+            h.last_checkpoint = None;
+        }
+        tracing::warn!(actor = %actor, migration = %m.as_str(), "the target died before confirming; the actor runs here again by a majority's vote");
+        self.finish(
+            m,
+            super::MigrationState::Failed(
+                "the target died before confirming; resumed on the source by a majority's vote"
+                    .into(),
+            ),
+            now,
+        );
+    }
+
+    /// Another executor restored `actor` from the dead target's replica: a
+    /// copy held paused here for a migration in doubt goes (the target had
+    /// completed the move).
+    pub(super) fn drop_in_doubt(
+        &mut self,
+        from: &ExecutorId,
+        actor: ActorId,
+        now: Instant,
+    ) -> bool {
+        let Some(m) = self.actors.get(&actor).and_then(|h| h.migrating.clone()) else {
+            return false;
+        };
+        let completing = self
+            .migrations
+            .get(&m)
+            .is_some_and(|mig| mig.state == super::MigrationState::Completing);
+        if !completing {
+            return false;
+        }
+        tracing::warn!(actor = %actor, by = %from, "the actor runs elsewhere after its target died; dropping the paused copy");
+        self.actors.remove(&actor);
+        self.moved.insert(actor, from.clone());
+        self.finish(&m, super::MigrationState::Complete, now);
+        true
     }
 
     /// A peer acknowledged a replica up to `sequence` (or refused it).
