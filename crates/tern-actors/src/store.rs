@@ -143,18 +143,21 @@ impl CheckpointStore {
         self.trusted.lock().expect("store lock").get(key).cloned()
     }
 
+    /// Whether `c`'s signer is trusted (its signature is checked later).
+    fn check_signer(&self, c: &ActorCheckpoint) -> Result<(), CheckpointError> {
+        let trusted = self.trusted.lock().expect("store lock");
+        if trusted.contains_key(&c.signer) {
+            Ok(())
+        } else {
+            Err(CheckpointError::UnknownSigner)
+        }
+    }
+
     /// Checks a checkpoint without storing it: a trusted signer, a valid
     /// signature, newer than what is held, on the held base if a delta, and
     /// a state that hashes to the signed hash.
     pub fn verify(&self, c: &ActorCheckpoint) -> Result<Verified, CheckpointError> {
-        if !self
-            .trusted
-            .lock()
-            .expect("store lock")
-            .contains_key(&c.signer)
-        {
-            return Err(CheckpointError::UnknownSigner);
-        }
+        self.check_signer(c)?;
         let held = self
             .held
             .lock()
@@ -205,14 +208,7 @@ impl CheckpointStore {
     pub fn verify_chain(&self, chain: &[ActorCheckpoint]) -> Result<(), CheckpointError> {
         let mut held: Option<(u64, Arc<StateHashes>)> = None;
         for c in chain {
-            if !self
-                .trusted
-                .lock()
-                .expect("store lock")
-                .contains_key(&c.signer)
-            {
-                return Err(CheckpointError::UnknownSigner);
-            }
+            self.check_signer(c)?;
             let before = held.as_ref().map(|(s, h)| (*s, h.as_ref()));
             let v = Self::check_against(before, c, self.max_state_bytes)?;
             held = Some((c.sequence, v.hashes));

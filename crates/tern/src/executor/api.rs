@@ -274,12 +274,10 @@ async fn remove(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::VmsWrite)?;
-    let actor: ActorId = id.parse().map_err(|_| bad_id(&id))?;
-    match s.node.with(|m| m.info(actor)) {
-        Some(i) if caller.can_see(i.tenant.as_ref()) => {}
-        Some(_) => return Err(ApiError::NotFound(format!("no actor {id} is known here"))),
-        None => return Ok(not_here(&s, actor)),
-    }
+    let actor = match here_for(&s, &caller, &id) {
+        Ok(a) => a,
+        Err(answer) => return Ok(*answer),
+    };
     s.node.with(|m| m.remove(actor)).map_err(manager_error)?;
     tracing::info!(actor = %actor, tenant = %caller.tenant, "actor stopped");
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -293,6 +291,22 @@ struct SendRequest {
     payload_hex: String,
     #[serde(default = "yes")]
     wait: bool,
+}
+
+/// Where a request for actor `id` goes: the actor, when it runs here and
+/// the caller may see it; else the answer to give (409 naming where it
+/// runs, 404, or 400 for an id that is not one).
+fn here_for(s: &State, caller: &Caller, id: &str) -> Result<ActorId, Box<Response>> {
+    let actor: ActorId = id
+        .parse()
+        .map_err(|_| Box::new(bad_id(id).into_response()))?;
+    match s.node.with(|m| m.info(actor)) {
+        Some(i) if caller.can_see(i.tenant.as_ref()) => Ok(actor),
+        Some(_) => Err(Box::new(
+            ApiError::NotFound(format!("no actor {id} is known here")).into_response(),
+        )),
+        None => Err(Box::new(not_here(s, actor))),
+    }
 }
 
 /// 409 naming where the actor runs, or 404.
@@ -314,16 +328,14 @@ async fn send(
     Json(r): Json<SendRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::VmsWrite)?;
-    let actor: ActorId = id.parse().map_err(|_| bad_id(&id))?;
     let sender =
         SenderId::new(r.sender).map_err(|e| ApiError::BadRequest(format!("sender: {e}")))?;
     let payload = hex::decode(r.payload_hex.trim())
         .map_err(|e| ApiError::BadRequest(format!("payload_hex: {e}")))?;
-    match s.node.with(|m| m.info(actor)) {
-        Some(i) if caller.can_see(i.tenant.as_ref()) => {}
-        Some(_) => return Err(ApiError::NotFound(format!("no actor {id} is known here"))),
-        None => return Ok(not_here(&s, actor)),
-    }
+    let actor = match here_for(&s, &caller, &id) {
+        Ok(a) => a,
+        Err(answer) => return Ok(*answer),
+    };
     let key = (actor, sender.clone(), r.seq);
     let (tx, rx) = oneshot::channel();
     if r.wait {
@@ -386,12 +398,10 @@ async fn migrate(
     Json(r): Json<MigrateRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::VmsWrite)?;
-    let actor: ActorId = id.parse().map_err(|_| bad_id(&id))?;
-    match s.node.with(|m| m.info(actor)) {
-        Some(i) if caller.can_see(i.tenant.as_ref()) => {}
-        Some(_) => return Err(ApiError::NotFound(format!("no actor {id} is known here"))),
-        None => return Ok(not_here(&s, actor)),
-    }
+    let actor = match here_for(&s, &caller, &id) {
+        Ok(a) => a,
+        Err(answer) => return Ok(*answer),
+    };
     let to =
         ExecutorId::new(r.to.as_str()).map_err(|e| ApiError::BadRequest(format!("to: {e}")))?;
     if !s.node.members().contains(&to) {
