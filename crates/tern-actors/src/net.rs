@@ -182,9 +182,11 @@ impl ExecutorNode {
 
     /// Where gossip says `actor` runs (this executor included).
     pub fn locate(&self, actor: ActorId) -> Option<ExecutorId> {
-        if self.with(|m| m.runs(actor)) {
-            return Some(self.with(|m| m.id().clone()));
+        let here = self.manager.lock().expect("manager lock");
+        if here.runs(actor) {
+            return Some(here.id().clone());
         }
+        drop(here);
         self.shared
             .owners
             .lock()

@@ -328,19 +328,6 @@ impl Actor {
         config: ActorConfig,
         from: &LoadedState,
     ) -> Result<Self, ActorError> {
-        Self::restore_hashed(rt, module, id, config, from, None)
-    }
-
-    /// [`Self::restore`] with the state's hashes when the caller has them
-    /// already (a store that just verified the state): not hashed again.
-    pub fn restore_hashed(
-        rt: &Runtime,
-        module: &ActorModule,
-        id: ActorId,
-        config: ActorConfig,
-        from: &LoadedState,
-        hashes: Option<StateHashes>,
-    ) -> Result<Self, ActorError> {
         let image = &from.image;
         let mut actor = Self::blank(
             rt,
@@ -353,8 +340,7 @@ impl Actor {
         )?;
         actor.memory.data_mut(&mut actor.store)[..image.memory.len()]
             .copy_from_slice(&image.memory);
-        let hashes = hashes
-            .unwrap_or_else(|| StateHashes::of(actor.memory.data(&actor.store), &image.globals));
+        let hashes = StateHashes::of(actor.memory.data(&actor.store), &image.globals);
         actor.finish_restore(from.sequence, &image.globals, hashes)?;
         Ok(actor)
     }

@@ -651,16 +651,20 @@ impl ActorMigrationManager {
         true
     }
 
+    /// Whether migration `m` is waiting for its target's confirmation.
+    fn completing(&self, m: &MigrationId) -> bool {
+        self.migrations
+            .get(m)
+            .is_some_and(|mig| mig.state == super::MigrationState::Completing)
+    }
+
     /// Whether `actor` is held here paused for a move to `target` that is
     /// in doubt.
     fn in_doubt_with(&self, actor: ActorId, target: &ExecutorId) -> bool {
         self.actors
             .get(&actor)
             .and_then(|h| h.migrating.as_ref())
-            .and_then(|m| self.migrations.get(m))
-            .is_some_and(|mig| {
-                mig.state == super::MigrationState::Completing && &mig.peer == target
-            })
+            .is_some_and(|m| self.completing(m) && &self.migrations[m].peer == target)
     }
 
     /// A won claim on a migration in doubt: the actor runs here again.
@@ -671,11 +675,7 @@ impl ActorMigrationManager {
         epoch: OwnerEpoch,
         now: Instant,
     ) {
-        let completing = self
-            .migrations
-            .get(m)
-            .is_some_and(|mig| mig.state == super::MigrationState::Completing);
-        if !completing {
+        if !self.completing(m) {
             return;
         }
         self.resume_here(m);
@@ -708,11 +708,7 @@ impl ActorMigrationManager {
         let Some(m) = self.actors.get(&actor).and_then(|h| h.migrating.clone()) else {
             return false;
         };
-        let completing = self
-            .migrations
-            .get(&m)
-            .is_some_and(|mig| mig.state == super::MigrationState::Completing);
-        if !completing {
+        if !self.completing(&m) {
             return false;
         }
         tracing::warn!(actor = %actor, by = %from, "the actor runs elsewhere after its target died; dropping the paused copy");

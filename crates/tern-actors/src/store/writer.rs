@@ -50,10 +50,9 @@ impl Writer {
         &self,
         path: PathBuf,
         full: bool,
-        encoded: Vec<u8>,
+        record: Vec<u8>,
         sync: bool,
     ) -> io::Result<()> {
-        let record = encoded;
         if !sync {
             return self.send(Job::Write {
                 path,
