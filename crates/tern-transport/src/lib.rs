@@ -22,7 +22,8 @@ pub mod wire;
 
 pub use ratelimit::{weighted_shares, Claim, HostLimiter, TokenBucket};
 pub use session::{
-    Listener, Receiver, Router, Security, Sender, SessionConfig, SessionMetrics, TransportError,
-    HEARTBEAT, MAX_PENDING, MAX_REORDER_BYTES, MAX_SESSIONS, ROUTE_TIMEOUT, SILENCE_LIMIT,
+    Listener, Receiver, Redirector, Router, Security, Sender, SessionConfig, SessionMetrics,
+    TransportError, HEARTBEAT, MAX_PENDING, MAX_REORDER_BYTES, MAX_SESSIONS, RESUME_FOREVER,
+    ROUTE_TIMEOUT, SILENCE_LIMIT,
 };
 pub use tls::TlsIdentity;

@@ -10,7 +10,9 @@
 //! pre-copy round; `TERN_BENCH_RUNS=N` migrates each row N times, in turn,
 //! and adds each row's median; `TERN_BENCH_KEEP=1` keeps the agents' data
 //! dirs, with each guest process's log; `TERN_BENCH_COMPRESS=none|lz4|zstd`
-//! fixes the compression, which is `auto` otherwise).
+//! fixes the compression, which is `auto` otherwise;
+//! `TERN_BENCH_WORKLOADS=busy,idle,guest` picks the rows;
+//! `TERN_BENCH_MODES=precopy,postcopy,hybrid` the modes).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -114,6 +116,15 @@ fn main() {
         ));
     } else {
         eprintln!("SKIPPED: the tern-vmm test-guest rows (no /dev/kvm)");
+    }
+    // `TERN_BENCH_WORKLOADS=busy,idle,guest` picks rows (all by default).
+    if let Ok(only) = std::env::var("TERN_BENCH_WORKLOADS") {
+        let keys: Vec<&str> = only.split(',').map(str::trim).collect();
+        let mut i = 0;
+        workloads.retain(|_| {
+            i += 1;
+            keys.contains(&["busy", "idle", "guest"][i - 1])
+        });
     }
     let mut rows = Vec::new();
     rt.block_on(async {

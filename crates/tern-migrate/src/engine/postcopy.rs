@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_pagecodec::Decoder;
-use tern_transport::{Receiver, Sender};
+use tern_transport::{Receiver, Sender, RESUME_FOREVER};
 
 /// Pages prefetched after each faulting page (the guest tends to read on).
 const PREFETCH_PAGES: u64 = 15;
@@ -63,6 +63,11 @@ impl<G: SourceGuest> Source<'_, G> {
         self.send_manifest(manifest).await?;
         self.report.switchover.send_ms = ms_since(pause_at) - self.report.switchover.pause_ms;
         self.commit_exchange().await?;
+        // The guest now runs at the destination and needs these pages: a
+        // link that fails from here is waited for, however long (see
+        // `push_pages`), never given up on.
+        self.data.set_resume_deadline(RESUME_FOREVER);
+        self.replies.set_resume_deadline(RESUME_FOREVER);
         self.report.downtime_ms = ms_since(pause_at);
         // From here the destination owns the guest: failures are reported,
         // the source never resumes.
@@ -85,6 +90,10 @@ impl<G: SourceGuest> Source<'_, G> {
 
     /// Sends every `stale` page once, those asked for first, then the
     /// signed final manifest; returns when the destination says `Done`.
+    /// While the link is down it waits for it to come back (or for an
+    /// operator to point the session at a new address); only a cancel
+    /// ends it then, and the guest, which runs at the destination without
+    /// these pages, is lost with it.
     async fn push_pages(&mut self, stale: &[u64]) -> Result<(), MigrateError> {
         let n_pages = self.report.memory_bytes / PAGE as u64;
         let mut need = vec![false; n_pages as usize];
@@ -98,7 +107,18 @@ impl<G: SourceGuest> Source<'_, G> {
         };
         let mut cursor = 0usize;
         let mut final_sent = false;
+        let mut down = false;
         loop {
+            let link_down = !self.replies.is_connected();
+            if link_down != down {
+                down = link_down;
+                self.report_link(down);
+            }
+            // With the link up post-copy ends on its own; a cancel only
+            // ends a stalled one.
+            if down && self.policy.cancel.is_cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
             // Requests first: the guest is waiting on them.
             let wait = if cursor >= stale.len() && final_sent {
                 self.policy.reply_timeout
@@ -125,6 +145,8 @@ impl<G: SourceGuest> Source<'_, G> {
             } else if !final_sent {
                 self.send_final_manifest().await?;
                 final_sent = true;
+            } else if down || self.data.unacked_bytes() > 0 {
+                // `Done` cannot come before the destination has it all.
             } else {
                 return Err(MigrateError::Timeout {
                     waiting_for: "post-copy done",
@@ -132,6 +154,20 @@ impl<G: SourceGuest> Source<'_, G> {
                 });
             }
         }
+    }
+
+    /// Says that the link went down (or came back) in post-copy.
+    fn report_link(&mut self, down: bool) {
+        if down {
+            self.report.postcopy_link_losses += 1;
+            tracing::warn!(
+                migration = self.migration,
+                "post-copy: the link is down; waiting for it (the guest waits on its missing pages; only a cancel ends the migration, and loses the guest)"
+            );
+        } else {
+            tracing::info!(migration = self.migration, "post-copy: the link is back");
+        }
+        self.ps.publish(|p| p.link_down = down);
     }
 
     /// The guest faulted on `page`: send it and the next few still needed.
@@ -209,6 +245,10 @@ pub(super) async fn serve(
     mem: Arc<dyn PostcopyMemory>,
     stale: &[(u64, u64)],
 ) -> Result<(), MigrateError> {
+    // The guest runs here and needs the source's pages: wait for a failed
+    // link however long it takes (the source decides when to give up).
+    inc.data.set_resume_deadline(RESUME_FOREVER);
+    inc.replies.set_resume_deadline(RESUME_FOREVER);
     let stop = Arc::new(AtomicBool::new(false));
     let (fault_tx, mut faults) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let faulter = spawn_fault_reader(mem.clone(), stop.clone(), fault_tx)?;

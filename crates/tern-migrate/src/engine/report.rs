@@ -27,6 +27,10 @@ pub struct Progress {
     pub eta_seconds: f64,
     /// Guest RAM.
     pub memory_bytes: u64,
+    /// Post-copy only: the link is down and the migration waits for it
+    /// (the destination guest waits on its missing pages meanwhile).
+    #[serde(default)]
+    pub link_down: bool,
 }
 
 /// One round's figures.
@@ -72,6 +76,9 @@ pub struct Report {
     /// Post-copy: guest started on the destination → last page acknowledged.
     #[serde(default)]
     pub postcopy_ms: f64,
+    /// Times the link went down during post-copy and was waited for.
+    #[serde(default)]
+    pub postcopy_link_losses: u64,
     /// Pages the guest never wrote: zeros on both sides, not sent at all.
     #[serde(default)]
     pub pages_never_written: u64,

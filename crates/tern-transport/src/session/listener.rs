@@ -329,7 +329,7 @@ fn join_session(
                 }),
                 arrived: Notify::new(),
                 acks: watch::channel(0).0,
-                resume_deadline,
+                resume_deadline_ms: AtomicU64::new(duration_ms(resume_deadline)),
                 peer_pin,
             });
             map.insert(hello.session, s.clone());

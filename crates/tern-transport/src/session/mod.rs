@@ -13,8 +13,8 @@ use listener::*;
 pub use listener::{Listener, Router, MAX_PENDING, MAX_ROUTE_LEN, MAX_SESSIONS, ROUTE_TIMEOUT};
 use receiver::*;
 pub use receiver::{Receiver, ReceiverMetrics, MAX_REORDER_BYTES};
-pub use sender::Sender;
 use sender::*;
+pub use sender::{Redirector, Sender, RESUME_FOREVER};
 use writer::*;
 
 use crate::ratelimit::{min_rate, HostLimiter, TokenBucket, UNLIMITED};

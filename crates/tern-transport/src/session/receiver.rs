@@ -28,7 +28,8 @@ pub(super) struct RecvShared {
     pub(super) state: Mutex<RecvState>,
     pub(super) arrived: Notify,
     pub(super) acks: watch::Sender<u64>,
-    pub(super) resume_deadline: Duration,
+    /// How long every stream may stay down (ms) before `recv` fails.
+    pub(super) resume_deadline_ms: AtomicU64,
     /// SHA-256 of the peer certificate's public key (TLS sessions): who
     /// opened the session. Every later stream must come from the same key.
     pub(super) peer_pin: Option<[u8; 32]>,
@@ -88,13 +89,27 @@ impl Receiver {
                     return None;
                 }
                 if let Some(t) = st.down_since {
-                    if st.live_streams == 0 && t.elapsed() > sh.resume_deadline {
-                        return Some(Err(TransportError::LinkLost(sh.resume_deadline)));
+                    let deadline = Duration::from_millis(sh.resume_deadline_ms.load(Relaxed));
+                    if st.live_streams == 0 && t.elapsed() > deadline {
+                        return Some(Err(TransportError::LinkLost(deadline)));
                     }
                 }
             }
             let _ = tokio::time::timeout(Duration::from_millis(250), arrived).await;
         }
+    }
+
+    /// How long every stream may stay down before [`Receiver::recv`]
+    /// fails, from now on (see [`Sender::set_resume_deadline`]).
+    pub fn set_resume_deadline(&self, d: Duration) {
+        self.shared
+            .resume_deadline_ms
+            .store(duration_ms(d), Relaxed);
+    }
+
+    /// Whether at least one stream is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.state.lock().expect("recv state").live_streams > 0
     }
 
     /// Acknowledges that every frame up to and including `seq` is durably

@@ -39,7 +39,11 @@ pub(super) const TLS_READ_BUFFER: usize = 1 << 20;
 pub(super) const TLS_SEND_BUFFER: usize = 1 << 20;
 
 pub(super) struct SenderShared {
-    pub(super) addr: SocketAddr,
+    /// Where streams (re)connect; [`Sender::redirect`] changes it.
+    pub(super) addr: Mutex<SocketAddr>,
+    /// How long the streams may stay down (ms); starts as
+    /// `cfg.resume_deadline`, [`Sender::set_resume_deadline`] changes it.
+    pub(super) resume_deadline_ms: AtomicU64,
     pub(super) security: Security,
     pub(super) cfg: SessionConfig,
     pub(super) session: SessionId,
@@ -69,7 +73,7 @@ pub(super) async fn open_stream(
     index: u16,
     resume: bool,
 ) -> Result<(BoxRead, BoxWrite, u64), TransportError> {
-    let addr = sh.addr;
+    let addr = *sh.addr.lock().expect("addr");
     let fail = |reason: String| TransportError::Connect { addr, reason };
     let attempt = async {
         let t0 = Instant::now();
@@ -165,6 +169,10 @@ pub(super) fn is_fatal(e: &TransportError, resume: bool) -> bool {
 }
 
 impl SenderShared {
+    pub(super) fn resume_deadline(&self) -> Duration {
+        Duration::from_millis(self.resume_deadline_ms.load(Relaxed))
+    }
+
     /// The most this session may send: its cap, under its fair share of the host.
     pub(super) fn ceiling(&self) -> u64 {
         let cap = self.cap.load(Relaxed);
@@ -306,7 +314,8 @@ impl Sender {
             h.register(&bucket);
         }
         let shared = Arc::new(SenderShared {
-            addr,
+            addr: Mutex::new(addr),
+            resume_deadline_ms: AtomicU64::new(duration_ms(cfg.resume_deadline)),
             security,
             session: rand::random(),
             token: rand::random(),
@@ -421,6 +430,28 @@ impl Sender {
         self.shared.bucket.set_rate(self.shared.ceiling());
     }
 
+    /// How long the streams may stay down before the session fails, from
+    /// now on. Post-copy sets it to [`RESUME_FOREVER`]: the guest already
+    /// runs at the destination, so giving up loses it.
+    pub fn set_resume_deadline(&self, d: Duration) {
+        self.shared
+            .resume_deadline_ms
+            .store(duration_ms(d), Relaxed);
+    }
+
+    /// Streams reconnect to `addr` from now on (the peer moved, or an
+    /// operator points a stalled session at a new route to it); live
+    /// streams stay where they are. The peer must be the same session's
+    /// listener: the resume token and the pin still have to match.
+    pub fn redirect(&self, addr: SocketAddr) {
+        *self.shared.addr.lock().expect("addr") = addr;
+    }
+
+    /// A handle that can redirect this session after it was moved away.
+    pub fn redirector(&self) -> Redirector {
+        Redirector(self.shared.clone())
+    }
+
     /// Why the session failed, if it has (e.g. the link stayed down past the
     /// resume deadline). Lets a caller waiting on acknowledgements stop at once.
     pub fn error(&self) -> Option<TransportError> {
@@ -508,9 +539,10 @@ pub(super) async fn reconnect(sh: &Arc<SenderShared>, index: u16) -> Option<(Box
                 return None;
             }
             Err(e) => {
-                if since.elapsed() > sh.cfg.resume_deadline {
+                let deadline = sh.resume_deadline();
+                if since.elapsed() > deadline {
                     tracing::warn!(stream = index, error = %e, "giving up reconnecting");
-                    sh.fail(TransportError::LinkLost(sh.cfg.resume_deadline));
+                    sh.fail(TransportError::LinkLost(deadline));
                     return None;
                 }
                 tracing::debug!(stream = index, error = %e, ?backoff, "reconnect failed; retrying");
@@ -519,4 +551,22 @@ pub(super) async fn reconnect(sh: &Arc<SenderShared>, index: u16) -> Option<(Box
             }
         }
     }
+}
+
+/// Redirects a [`Sender`] held elsewhere (see [`Sender::redirect`]).
+#[derive(Clone)]
+pub struct Redirector(Arc<SenderShared>);
+
+impl Redirector {
+    /// See [`Sender::redirect`].
+    pub fn redirect(&self, addr: SocketAddr) {
+        *self.0.addr.lock().expect("addr") = addr;
+    }
+}
+
+/// A resume deadline that never passes in practice (about 31 years).
+pub const RESUME_FOREVER: Duration = Duration::from_secs(1 << 30);
+
+pub(super) fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
