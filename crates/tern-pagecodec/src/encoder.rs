@@ -137,6 +137,8 @@ pub struct Encoder {
     holder_of: HashMap<u128, u64>,
     /// Page -> the hash of what the destination holds for it.
     hash_of: HashMap<u64, u128>,
+    /// Whether pages sent now are kept for later deltas.
+    caching: bool,
     scratch_delta: Vec<u8>,
     scratch_comp: Vec<u8>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -150,6 +152,7 @@ impl Encoder {
             cache: XorCache::new(cfg.xor_cache_pages),
             holder_of: HashMap::new(),
             hash_of: HashMap::new(),
+            caching: true,
             scratch_delta: vec![0; PAGE_SIZE],
             scratch_comp: vec![0; zstd::zstd_safe::compress_bound(PAGE_SIZE).max(PAGE_SIZE * 2)],
             zstd: None,
@@ -161,6 +164,14 @@ impl Encoder {
     /// The current configuration.
     pub fn config(&self) -> &EncoderConfig {
         &self.cfg
+    }
+
+    /// Whether the pages of the following frames are kept as XOR-delta
+    /// bases (on by default). A first pass over all of memory turns it off:
+    /// the bounded cache would keep only its last pages, at the price of a
+    /// copy of every page, while a page sent again is likely sent again.
+    pub fn set_caching(&mut self, on: bool) {
+        self.caching = on;
     }
 
     /// Switches compression for the following frames (the adaptive policy calls this).
@@ -235,8 +246,7 @@ impl Encoder {
                 out.push(Tag::Duplicate as u8);
                 out.extend_from_slice(&holder.to_le_bytes());
                 if holder != index {
-                    self.remember_content(index, Some(h));
-                    self.cache.put(index, data);
+                    self.finish(index, data, Some(h));
                 }
                 return Tag::Duplicate;
             }
@@ -293,6 +303,11 @@ impl Encoder {
 
     fn finish(&mut self, index: u64, data: &[u8], hash: Option<u128>) {
         self.remember_content(index, hash);
-        self.cache.put(index, data);
+        if self.caching {
+            self.cache.put(index, data);
+        } else {
+            // Its cached copy, if any, is stale now.
+            self.cache.forget(index);
+        }
     }
 }

@@ -284,3 +284,39 @@ fn encodings_are_chosen_as_documented() {
     dec.decode_frame(&f, &mut dst).unwrap();
     assert_eq!(src, dst);
 }
+
+#[test]
+fn pages_sent_without_caching_are_no_delta_base_and_forget_an_old_one() {
+    let mut enc = Encoder::new(EncoderConfig {
+        compression: Compression::None,
+        ..EncoderConfig::default()
+    });
+    let mut dec = Decoder::new(1);
+    let mut dst = vec![0u8; PAGE_SIZE];
+    let mut page = vec![0u8; PAGE_SIZE];
+    fill_random(&mut page, 9);
+    let mut send = |enc: &mut Encoder, page: &[u8]| {
+        let mut f = Vec::new();
+        let s = enc.encode_frame([(0u64, page)], &mut f);
+        dec.decode_frame(&f, &mut dst).unwrap();
+        assert_eq!(dst, page);
+        s
+    };
+    // Sent once with caching on: the next change is a delta.
+    send(&mut enc, &page);
+    page[7] ^= 1;
+    assert_eq!(send(&mut enc, &page).count(Tag::XorDelta), 1);
+    // With caching off the cached copy still serves once, then is stale
+    // and dropped: the next change goes whole (a delta against it would
+    // be wrong).
+    enc.set_caching(false);
+    page[8] ^= 1;
+    assert_eq!(send(&mut enc, &page).count(Tag::XorDelta), 1);
+    page[11] ^= 1;
+    assert_eq!(send(&mut enc, &page).count(Tag::Raw), 1);
+    enc.set_caching(true);
+    page[9] ^= 1;
+    assert_eq!(send(&mut enc, &page).count(Tag::Raw), 1);
+    page[10] ^= 1;
+    assert_eq!(send(&mut enc, &page).count(Tag::XorDelta), 1);
+}

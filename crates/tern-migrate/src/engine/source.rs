@@ -321,6 +321,8 @@ impl<G: SourceGuest> Source<'_, G> {
     ) -> Result<(RoundFigures, Vec<u64>), MigrateError> {
         let n_pages = self.report.memory_bytes / PAGE as u64;
         self.report.phase = MigrationPhase::Precopy;
+        // Round 1 sends each page for the first time: no delta bases yet.
+        self.ps.encoder.set_caching(round > 1);
         let pending = todo.len() as u64;
         self.ps.publish(|p| {
             p.phase = MigrationPhase::Precopy;
