@@ -85,6 +85,7 @@ pub fn router(agent: Agent, token: &str) -> Router {
             get(get_migration).delete(cancel_migration),
         )
         .route("/api/v1/migrations/{id}/events", get(events))
+        .route("/api/v1/migrations/{id}/redirect", post(redirect_migration))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), auth))
         .with_state(ctx)
 }
@@ -214,6 +215,22 @@ async fn cancel_migration(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
     c.agent.cancel_migration(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(c.agent.migration(&id)?)))
+}
+
+/// Body of `POST /api/v1/migrations/{id}/redirect`.
+#[derive(serde::Deserialize, serde::Serialize)]
+pub struct RedirectRequest {
+    /// The destination agent's migration address (`ip:port`).
+    pub addr: std::net::SocketAddr,
+}
+
+async fn redirect_migration(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+    Json(r): Json<RedirectRequest>,
+) -> Result<impl IntoResponse, AgentError> {
+    c.agent.redirect_migration(&id, r.addr).await?;
     Ok((StatusCode::ACCEPTED, Json(c.agent.migration(&id)?)))
 }
 

@@ -182,6 +182,21 @@ impl AgentClient {
         .await
     }
 
+    /// Points an outgoing migration at the destination's new migration
+    /// address (a post-copy whose old route is gone).
+    pub async fn redirect_migration(
+        &self,
+        id: &MigrationId,
+        addr: std::net::SocketAddr,
+    ) -> Result<MigrationView, ClientError> {
+        self.call(
+            self.http
+                .post(format!("{}/api/v1/migrations/{id}/redirect", self.base))
+                .json(&crate::api::RedirectRequest { addr }),
+        )
+        .await
+    }
+
     /// Every migration the agent ran since it started.
     pub async fn migrations_list(&self) -> Result<Vec<MigrationView>, ClientError> {
         self.call(self.http.get(format!("{}/api/v1/migrations", self.base)))

@@ -49,6 +49,14 @@ pub enum Request {
         /// Bytes/s (above 0).
         bytes_per_sec: u64,
     },
+    /// Source: the destination is now reached at `addr` (a post-copy
+    /// stalled on a route that is gone); the data session reconnects there.
+    Redirect {
+        /// The migration.
+        migration: String,
+        /// The destination agent's migration address.
+        addr: std::net::SocketAddr,
+    },
     /// Test hook (only with `[jail] test_hooks = true`): make a system call
     /// the jail's seccomp filter forbids, which kills the process.
     ForbiddenCall,

@@ -109,6 +109,35 @@ impl Agent {
     /// Cancels an outgoing migration before its switchover: it rolls back
     /// and the guest runs on here (follow it to its end as usual).
     pub async fn cancel_migration(&self, id: &str) -> Result<(), AgentError> {
+        self.tell_source(
+            id,
+            &Request::Cancel {
+                migration: id.into(),
+            },
+        )
+        .await
+    }
+
+    /// Points an outgoing migration's data session at the destination's
+    /// new migration address `addr` (its old route is gone and post-copy
+    /// waits): the streams reconnect there and the migration goes on.
+    pub async fn redirect_migration(
+        &self,
+        id: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), AgentError> {
+        self.tell_source(
+            id,
+            &Request::Redirect {
+                migration: id.into(),
+                addr,
+            },
+        )
+        .await
+    }
+
+    /// Passes `req` to the guest process that runs outgoing migration `id`.
+    async fn tell_source(&self, id: &str, req: &Request) -> Result<(), AgentError> {
         let view = self.migration(id)?;
         if view.role != MigrationRole::Source || view.state.is_final() {
             return Err(AgentError::Conflict(format!(
@@ -119,15 +148,7 @@ impl Agent {
             .get(id)
             .cloned()
             .ok_or_else(|| AgentError::Conflict(format!("migration {id} has ended")))?;
-        match control::call::<()>(
-            &dir.control(),
-            &Request::Cancel {
-                migration: id.into(),
-            },
-            STATUS_TIMEOUT,
-        )
-        .await
-        {
+        match control::call::<()>(&dir.control(), req, STATUS_TIMEOUT).await {
             Ok(()) => Ok(()),
             Err(control::ControlError::Refused(why)) => Err(AgentError::Conflict(why)),
             Err(e) => Err(e.into()),

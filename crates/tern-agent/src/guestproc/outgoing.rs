@@ -8,14 +8,14 @@ use crate::hosted::Hosted;
 use crate::journal::Record;
 use crate::qemu_relay::{self, Compress};
 use crate::vmdir::EndedMigration;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tern_migrate::protocol::{hello_frame, Offer, SessionHello, PROTOCOL_VERSION};
 use tern_migrate::{
     MigrateError, MigrationPhase, Outcome, Progress, Report, SourceGuest, SourceLink,
 };
 use tern_proto::MigrationRole;
-use tern_transport::{HostLimiter, Listener, Receiver, Sender};
+use tern_transport::{HostLimiter, Listener, Receiver, Redirector, Sender};
 use tokio::sync::watch;
 
 /// In-flight bytes of a QEMU guest's data session: QEMU paces itself by how
@@ -41,6 +41,8 @@ pub(super) struct Controls {
     /// Its share of the host's bandwidth, as the data session's host
     /// limiter (`None`: the host has no cap).
     share: Option<Arc<HostLimiter>>,
+    /// Points the data session elsewhere, once it is open.
+    redirect: Arc<Mutex<Option<Redirector>>>,
 }
 
 /// Cancels the outgoing migration `migration` if it has not begun its
@@ -52,6 +54,23 @@ pub(super) fn cancel(p: &Proc, migration: &str) -> Answer<()> {
             tracing::info!(migration, "cancel asked");
             Answer::Ok(())
         }
+        _ => Answer::Err(format!("no outgoing migration {migration} runs here")),
+    }
+}
+
+/// Points the outgoing migration's data session at `addr` (the
+/// destination agent's migration address moved): its streams reconnect
+/// there, resuming the same session.
+pub(super) fn redirect(p: &Proc, migration: &str, addr: std::net::SocketAddr) -> Answer<()> {
+    match &*lock(&p.outgoing) {
+        Some(c) if c.migration == migration => match &*lock(&c.redirect) {
+            Some(r) => {
+                r.redirect(addr);
+                tracing::warn!(migration, %addr, "data session redirected");
+                Answer::Ok(())
+            }
+            None => Answer::Err(format!("migration {migration} has no data session yet")),
+        },
         _ => Answer::Err(format!("no outgoing migration {migration} runs here")),
     }
 }
@@ -107,15 +126,17 @@ pub(super) fn start(p: &Arc<Proc>, mut job: OutJob) -> Answer<()> {
     };
     job.policy.cancel = tern_migrate::Cancel::default();
     let share = (job.share_bytes_per_sec > 0).then(|| HostLimiter::new(job.share_bytes_per_sec));
+    let redirect = Arc::new(Mutex::new(None));
     *lock(&p.outgoing) = Some(Controls {
         migration: job.migration.clone(),
         cancel: job.policy.cancel.clone(),
         share: share.clone(),
+        redirect: redirect.clone(),
     });
     let (ptx, etx) = p.track(&job.migration, Progress::default());
     let p = p.clone();
     tokio::spawn(async move {
-        let end = run(&p, guest, &job, compress, ptx, share).await;
+        let end = run(&p, guest, &job, compress, ptx, share, redirect).await;
         *lock(&p.outgoing) = None;
         p.end(end, &etx);
     });
@@ -135,6 +156,7 @@ async fn run(
     compress: Compress,
     progress: watch::Sender<Progress>,
     share: Option<Arc<HostLimiter>>,
+    redirect: Arc<Mutex<Option<Redirector>>>,
 ) -> EndedMigration {
     let mut end = EndedMigration {
         migration: job.migration.clone(),
@@ -147,6 +169,7 @@ async fn run(
     };
     let (outcome, listener) = match open(p, job, guest.is_qemu(), share).await {
         Ok(Links { link, listener }) => {
+            *lock(&redirect) = Some(link.data.redirector());
             let o = transfer(p, &mut guest, job, compress, link, progress.clone()).await;
             (o, Some(listener))
         }

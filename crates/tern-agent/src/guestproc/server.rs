@@ -186,6 +186,9 @@ async fn handle(p: Arc<Proc>, conn: UnixStream) {
         Request::MigrateOut(job) => write(&mut w, &outgoing::start(&p, *job)).await,
         Request::Settle { migration } => write(&mut w, &settle(&p, &migration)).await,
         Request::Cancel { migration } => write(&mut w, &outgoing::cancel(&p, &migration)).await,
+        Request::Redirect { migration, addr } => {
+            write(&mut w, &outgoing::redirect(&p, &migration, addr)).await
+        }
         Request::SetShare {
             migration,
             bytes_per_sec,

@@ -222,6 +222,21 @@ pub async fn pair_via_emulator(
     rate: u64,
     resume: u64,
 ) -> (Vec<LocalHost>, LinkEmulator, LinkEmulator) {
+    let (bed, to_b, to_a, _) = pair_via_emulator_at(dir, rate, resume).await;
+    (bed, to_b, to_a)
+}
+
+/// [`pair_via_emulator`], with host-b's own migration address (behind `to_b`).
+pub async fn pair_via_emulator_at(
+    dir: &Path,
+    rate: u64,
+    resume: u64,
+) -> (
+    Vec<LocalHost>,
+    LinkEmulator,
+    LinkEmulator,
+    std::net::SocketAddr,
+) {
     let mut a = HostPlan::new("host-a", LO).unwrap();
     let mut b = HostPlan::new("host-b", LO).unwrap();
     let to_b = LinkEmulator::start(b.migrate_addr(), link(rate))
@@ -234,7 +249,8 @@ pub async fn pair_via_emulator(
     b.reached_at = Some(to_b.addr());
     a.resume_deadline_secs = resume;
     b.resume_deadline_secs = resume;
-    (testbed::write(dir, &[a, b]).unwrap(), to_b, to_a)
+    let b_addr = b.migrate_addr();
+    (testbed::write(dir, &[a, b]).unwrap(), to_b, to_a, b_addr)
 }
 
 /// Agent processes started with extra environment (fault injection).
