@@ -1,6 +1,6 @@
 //! The bodies both HTTP APIs decode, on arbitrary bytes: `tern up`'s create
 //! and configure bodies (the `tern-proto` types its extractor decodes) and
-//! the host agent's VM specs and migrate requests. Refusing is fine;
+//! the host agent's VM specs, migrate and redirect requests. Refusing is fine;
 //! panicking, or passing validation with a size past its limit, is not.
 #![no_main]
 
@@ -34,4 +34,5 @@ fuzz_target!(|data: &[u8]| {
         let _ = req.policy();
     }
     let _ = serde_json::from_slice::<tern_proto::HeartbeatResponse>(data);
+    let _ = serde_json::from_slice::<tern_agent::api::RedirectRequest>(data);
 });
