@@ -8,7 +8,7 @@ use crate::hosted::Hosted;
 use crate::journal::Record;
 use crate::qemu_relay::{self, Compress};
 use crate::vmdir::EndedMigration;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tern_migrate::protocol::{hello_frame, Offer, SessionHello, PROTOCOL_VERSION};
 use tern_migrate::{
@@ -42,7 +42,7 @@ pub(super) struct Controls {
     /// limiter (`None`: the host has no cap).
     share: Option<Arc<HostLimiter>>,
     /// Points the data session elsewhere, once it is open.
-    redirect: Arc<Mutex<Option<Redirector>>>,
+    redirect: Option<Redirector>,
 }
 
 /// Cancels the outgoing migration `migration` if it has not begun its
@@ -63,7 +63,7 @@ pub(super) fn cancel(p: &Proc, migration: &str) -> Answer<()> {
 /// there, resuming the same session.
 pub(super) fn redirect(p: &Proc, migration: &str, addr: std::net::SocketAddr) -> Answer<()> {
     match &*lock(&p.outgoing) {
-        Some(c) if c.migration == migration => match &*lock(&c.redirect) {
+        Some(c) if c.migration == migration => match &c.redirect {
             Some(r) => {
                 r.redirect(addr);
                 tracing::warn!(migration, %addr, "data session redirected");
@@ -126,17 +126,16 @@ pub(super) fn start(p: &Arc<Proc>, mut job: OutJob) -> Answer<()> {
     };
     job.policy.cancel = tern_migrate::Cancel::default();
     let share = (job.share_bytes_per_sec > 0).then(|| HostLimiter::new(job.share_bytes_per_sec));
-    let redirect = Arc::new(Mutex::new(None));
     *lock(&p.outgoing) = Some(Controls {
         migration: job.migration.clone(),
         cancel: job.policy.cancel.clone(),
         share: share.clone(),
-        redirect: redirect.clone(),
+        redirect: None,
     });
     let (ptx, etx) = p.track(&job.migration, Progress::default());
     let p = p.clone();
     tokio::spawn(async move {
-        let end = run(&p, guest, &job, compress, ptx, share, redirect).await;
+        let end = run(&p, guest, &job, compress, ptx, share).await;
         *lock(&p.outgoing) = None;
         p.end(end, &etx);
     });
@@ -156,7 +155,6 @@ async fn run(
     compress: Compress,
     progress: watch::Sender<Progress>,
     share: Option<Arc<HostLimiter>>,
-    redirect: Arc<Mutex<Option<Redirector>>>,
 ) -> EndedMigration {
     let mut end = EndedMigration {
         migration: job.migration.clone(),
@@ -169,7 +167,9 @@ async fn run(
     };
     let (outcome, listener) = match open(p, job, guest.is_qemu(), share).await {
         Ok(Links { link, listener }) => {
-            *lock(&redirect) = Some(link.data.redirector());
+            if let Some(c) = lock(&p.outgoing).as_mut() {
+                c.redirect = Some(link.data.redirector());
+            }
             let o = transfer(p, &mut guest, job, compress, link, progress.clone()).await;
             (o, Some(listener))
         }

@@ -444,7 +444,7 @@ impl Sender {
     /// streams stay where they are. The peer must be the same session's
     /// listener: the resume token and the pin still have to match.
     pub fn redirect(&self, addr: SocketAddr) {
-        *self.shared.addr.lock().expect("addr") = addr;
+        self.redirector().redirect(addr);
     }
 
     /// A handle that can redirect this session after it was moved away.
