@@ -661,6 +661,17 @@ async fn a_linux_guest_survives_its_destination_frozen_after_a_postcopy_commit()
     // frozen: the source fills its window and its acks are lost with the
     // dropped streams (unthrottled, post-copy often ended before the freeze).
     bed.to_b.set_rate(8 << 20);
+    // The source publishes QEMU's RAM figures on its 100 ms ticks (QMP can
+    // answer late under TCG): wait for figures from post-copy itself, or
+    // the reading below may still be the one taken before any page moved.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        let p = ca.migration(&m.id).await.unwrap().progress;
+        if p.phase == MigrationPhase::Postcopy && (p.pages_sent > 0 || p.pages_remaining > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     signal_host(&bed, "-STOP");
     let at = ca.migration(&m.id).await.unwrap().progress;
     eprintln!(
