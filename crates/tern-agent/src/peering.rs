@@ -238,6 +238,7 @@ impl Agent {
             MigrationRole::Destination,
             &o.source_host,
             dir,
+            None,
         );
         Ok(())
     }

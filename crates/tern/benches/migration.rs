@@ -3,7 +3,10 @@
 //! dirtying 100 MiB/s of a 256 MiB working set (written at start, so warm;
 //! the other three quarters never written, as in most processes),
 //! (2) the same workload idle, and (3) tern-vmm's test guest at its own pace,
-//! and prints downtime, total time and bytes on the wire as a table.
+//! and prints downtime, total time and bytes on the wire as a table, and
+//! the ETA the source agent gave at 25 % of each run's bytes against the
+//! time really left (the agents keep an ETA history, so later runs use the
+//! earlier ones).
 //!
 //! `cargo bench -p tern --bench migration` (needs /dev/kvm for the test guest;
 //! `TERN_BENCH_MIB` changes the 1 GiB; `TERN_BENCH_ROUNDS=1` prints every
@@ -37,6 +40,18 @@ struct Row {
     source_peak_mb: f64,
     /// Its VmHWM when the migration began (the guest at rest), MB.
     source_rest_mb: f64,
+    /// The ETA the source agent gave at 25 % of the bytes, and the time
+    /// that was really left then, seconds.
+    eta: Option<(f64, f64)>,
+}
+
+/// The first ETA given once a quarter of the migration's `wire` bytes
+/// went out, and the time really left then (until `ended`, when the
+/// agent said it ended).
+fn eta_at_quarter(seen: &[(Instant, u64, f64)], wire: u64, ended: Instant) -> Option<(f64, f64)> {
+    seen.iter()
+        .find(|&&(_, w, eta)| w >= wire / 4 && eta > 0.0)
+        .map(|&(t, _, eta)| (eta, ended.duration_since(t).as_secs_f64()))
 }
 
 /// Follows a process's peak resident memory (VmHWM) until it exits or
@@ -78,14 +93,21 @@ fn main() {
         ],
     )
     .unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_tern"));
-    let a = AgentProcess::start(bin, &bed[0], None).unwrap();
-    let b = AgentProcess::start(bin, &bed[1], None).unwrap();
-    let (ca, cb) = (a.client().unwrap(), b.client().unwrap());
     let mib: u64 = std::env::var("TERN_BENCH_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
+    // Agents admit guests up to 4 GiB by default: make room for bigger ones.
+    for h in &bed {
+        let cfg = std::fs::read_to_string(&h.config).unwrap();
+        let room = format!("max_memory_mib = {}", (mib + 256).max(4096));
+        assert!(cfg.contains("max_memory_mib = 4096"), "{cfg}");
+        std::fs::write(&h.config, cfg.replace("max_memory_mib = 4096", &room)).unwrap();
+    }
+    let bin = Path::new(env!("CARGO_BIN_EXE_tern"));
+    let a = AgentProcess::start(bin, &bed[0], None).unwrap();
+    let b = AgentProcess::start(bin, &bed[1], None).unwrap();
+    let (ca, cb) = (a.client().unwrap(), b.client().unwrap());
     let busy = GuestSpec {
         kind: GuestKind::Process,
         memory_mib: mib,
@@ -165,19 +187,25 @@ fn main() {
                     .await
                     .unwrap();
                 let t = Instant::now();
+                // When, the bytes sent by then, and the ETA the agent gave.
+                let mut seen: Vec<(Instant, u64, f64)> = Vec::new();
                 let done = loop {
                     let v = ca.migration(&m.id).await.unwrap();
                     if v.state.is_final() {
                         break v;
                     }
+                    let p = &v.progress;
+                    seen.push((Instant::now(), p.wire_bytes, p.eta_seconds));
                     assert!(t.elapsed() < Duration::from_secs(300), "stuck: {v:?}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 };
+                let ended = Instant::now();
                 assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 let (rest, peak) = sampler.join().unwrap();
                 let (source_rest_mb, source_peak_mb) = (rest as f64 / 1e6, peak as f64 / 1e6);
                 let r = done.report.unwrap();
+                let eta = eta_at_quarter(&seen, r.wire_bytes, ended);
                 if std::env::var_os("TERN_BENCH_ROUNDS").is_some() {
                     for x in &r.rounds {
                         eprintln!("{name} {mode}: {x:?}");
@@ -196,6 +224,7 @@ fn main() {
                     steps: r.switchover.clone(),
                     source_peak_mb,
                     source_rest_mb,
+                    eta,
                 });
                 cb.stop_vm(&vm.id).await.unwrap();
             }
@@ -229,6 +258,10 @@ fn main() {
         );
     }
     print_medians(&rows);
+    print_etas(&rows);
+    if let Ok(h) = std::fs::read_to_string(bed[0].data_dir.join("eta-history.json")) {
+        println!("the source agent's ETA history (truth ÷ estimate, per destination/mode): {h}");
+    }
     if std::env::var_os("TERN_BENCH_KEEP").is_some() {
         // The guests' own logs (vms/<id>/guest.log under each data dir).
         eprintln!("kept the agents' data dirs in {}", dir.keep().display());
@@ -300,4 +333,36 @@ fn print_medians(rows: &[Row]) {
             w, m, d, dl, dh, t, tl, th
         );
     }
+}
+
+/// The ETA at a quarter of each run's bytes against the time really left,
+/// run by run (each later run of a mode has the earlier ones as history),
+/// and how many landed within ±25 %.
+fn print_etas(rows: &[Row]) {
+    println!("\nETA at 25 % of the bytes on the wire vs the time really left (the agents' history grows run by run)");
+    println!(
+        "{:<48} {:<9} {:>8} {:>8} {:>8}",
+        "workload", "mode", "ETA s", "left s", "error"
+    );
+    let (mut within, mut all) = (0, 0);
+    for r in rows {
+        let Some((eta, left)) = r.eta else {
+            println!("{:<48} {:<9} {:>8}", r.workload, r.mode, "-");
+            continue;
+        };
+        let err = (eta - left) / left;
+        all += 1;
+        if err.abs() <= 0.25 {
+            within += 1;
+        }
+        println!(
+            "{:<48} {:<9} {:>8.3} {:>8.3} {:>+7.0}%",
+            r.workload,
+            r.mode,
+            eta,
+            left,
+            err * 100.0
+        );
+    }
+    println!("ETA within ±25 % of the time left: {within} of {all} runs");
 }

@@ -91,7 +91,7 @@ impl Agent {
         };
         if let (Some((m, role, peer)), true) = (open, live) {
             lock(&self.inner.routes).insert(m.clone(), dir.clone());
-            self.track(&m, &launch.vm, role, &peer, dir.clone());
+            self.track(&m, &launch.vm, role, &peer, dir.clone(), None);
         }
     }
 

@@ -101,7 +101,8 @@ impl Agent {
             });
         }
         metrics::counter!("migrations_initiated_total").increment(1);
-        self.track(&migration, vm, MigrationRole::Source, to, e.dir);
+        let eta = eta::EtaHistory::key(to, &req.mode);
+        self.track(&migration, vm, MigrationRole::Source, to, e.dir, Some(eta));
         self.claim_bandwidth(&migration, reason, own_cap, share);
         Ok(migration)
     }
@@ -155,7 +156,8 @@ impl Agent {
         }
     }
 
-    /// Lists a migration under way and follows it to its end.
+    /// Lists a migration under way and follows it to its end (with the
+    /// key of its ETA history, if its estimates are corrected by one).
     pub(crate) fn track(
         &self,
         migration: &str,
@@ -163,6 +165,7 @@ impl Agent {
         role: MigrationRole,
         peer: &str,
         dir: VmDir,
+        eta: Option<String>,
     ) {
         let (tx, rx) = watch::channel(Progress {
             phase: MigrationPhase::Requesting,
@@ -183,15 +186,28 @@ impl Agent {
         );
         let a = self.clone();
         let migration = migration.to_string();
-        tokio::spawn(async move { a.follow(migration, dir, tx).await });
+        tokio::spawn(async move { a.follow(migration, dir, tx, eta).await });
     }
 
     /// Follows a migration on its process's control socket; when the
-    /// process is gone, its journal says how the migration ended.
-    pub(super) async fn follow(self, migration: String, dir: VmDir, tx: watch::Sender<Progress>) {
+    /// process is gone, its journal says how the migration ended. Its
+    /// time-left estimates are corrected by the history under `eta`, which
+    /// learns from how this one ends.
+    async fn follow(
+        self,
+        migration: String,
+        dir: VmDir,
+        tx: watch::Sender<Progress>,
+        eta: Option<String>,
+    ) {
         let started = Instant::now();
+        let correction = eta
+            .as_ref()
+            .map_or(eta::Correction::NONE, |k| self.inner.eta.correction(k));
+        let mut estimates = eta::EtaTracker::new(correction);
         let end = loop {
-            let res = control::watch(&dir.control(), &migration, |p| {
+            let res = control::watch(&dir.control(), &migration, |mut p| {
+                estimates.observe(&mut p, Instant::now());
                 let _ = tx.send(p);
             })
             .await;
@@ -211,6 +227,13 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        let ended = Instant::now();
+        if let (Some(key), Some(r)) = (&eta, &end.report) {
+            let learned = estimates.learned(ended, r.wire_bytes);
+            if let Some(c) = learned.filter(|_| end.state == MigrationPhase::Committed) {
+                self.inner.eta.record(key, c);
+            }
+        }
         self.apply_end(end, &dir);
     }
 

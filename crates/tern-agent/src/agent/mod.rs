@@ -12,6 +12,7 @@
 
 mod adopt;
 mod bandwidth;
+mod eta;
 mod migrations;
 mod vms;
 
@@ -115,6 +116,8 @@ pub(crate) struct Inner {
     pub(crate) vms: Mutex<BTreeMap<String, VmEntry>>,
     pub(crate) migrations: Mutex<BTreeMap<String, MigrationEntry>>,
     pub(crate) routes: Routes,
+    /// How far earlier migrations' estimates were from the truth.
+    pub(crate) eta: eta::EtaHistory,
 }
 
 /// A running agent. Cloning shares it.
@@ -146,7 +149,9 @@ impl Agent {
         // The book sets the identity's pins, now and at every change.
         let peers = PeerBook::open(&cfg, tls.clone()).map_err(|e| internal(&e))?;
         let exe = std::env::current_exe().map_err(|e| internal(&e))?;
+        let eta = eta::EtaHistory::load(cfg.data_dir.join("eta-history.json"));
         let inner = Arc::new(Inner {
+            eta,
             public_key: hex::encode(key.verifying_key().to_bytes()),
             cfg,
             tls,

@@ -24,6 +24,7 @@ mod codec;
 mod convergence;
 mod dest;
 mod digests;
+mod eta;
 mod pages;
 mod policy;
 mod postcopy;

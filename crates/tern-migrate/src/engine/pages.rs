@@ -4,6 +4,7 @@
 
 use super::codec::CodecChooser;
 use super::digests::PageDigests;
+use super::eta::{EtaPlan, RoundEta};
 use super::{Cancel, Codec, MigrateError, Progress, PAGE};
 use crate::guest::SourceGuest;
 use crate::protocol::KIND_PAGES;
@@ -32,6 +33,8 @@ pub(super) struct PageSender {
     pub(super) pages: u64,
     /// Encoded page bytes sent.
     pub(super) wire: u64,
+    /// The round under way, for the time left (none before the first).
+    pub(super) eta: Option<RoundEta>,
     progress: watch::Sender<Progress>,
 }
 
@@ -48,6 +51,7 @@ impl PageSender {
             frames: 0,
             pages: 0,
             wire: 0,
+            eta: None,
             progress,
         }
     }
@@ -122,14 +126,20 @@ impl PageSender {
     }
 
     fn published_sent(&self, n: u64) {
+        let eta = self.eta.as_ref().and_then(|e| e.eta(self.pages));
         self.publish(|p| {
             p.pages_remaining = p.pages_remaining.saturating_sub(n);
-            if p.throughput_bytes_per_sec > 0.0 && self.pages > 0 {
-                let per_page = self.wire as f64 / self.pages as f64;
-                p.eta_seconds = p.pages_remaining as f64 * per_page / p.throughput_bytes_per_sec
-                    + p.predicted_downtime_ms / 1e3;
+            if let Some(eta) = eta {
+                p.eta_seconds = eta;
             }
         });
+    }
+
+    /// Starts the time-left estimate of a round of `pages` (its pace is
+    /// the last round's until it has its own).
+    pub(super) fn start_eta(&mut self, pages: u64, plan: &EtaPlan) {
+        let last_pace = self.eta.as_ref().and_then(|e| e.pace(self.pages));
+        self.eta = Some(RoundEta::new(pages, self.pages, plan, last_pace));
     }
 
     /// Sends one frame of any kind, counting it.

@@ -5,6 +5,7 @@
 //! every page's hash, signed by the source.
 
 use super::digests::PageDigests;
+use super::eta::EtaPlan;
 use super::pages::page_hash;
 use super::replies::{next, parse_msg, poll_reply};
 use super::source::Source;
@@ -74,6 +75,14 @@ impl<G: SourceGuest> Source<'_, G> {
         self.report.phase = MigrationPhase::Postcopy;
         let started = Instant::now();
         let n = stale.len() as u64;
+        // What is left goes out once, at the pace pre-copy had (if any).
+        let plan = EtaPlan {
+            rounds_after: 0,
+            cap: n,
+            budget_secs: 0.0,
+            fixed_secs: 0.0,
+        };
+        self.ps.start_eta(n, &plan);
         self.ps.publish(|p| {
             p.phase = MigrationPhase::Postcopy;
             p.pages_remaining = n;

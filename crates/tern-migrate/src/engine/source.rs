@@ -1,13 +1,14 @@
 //! The source side: request, pre-copy rounds, switchover, commit.
 
 use super::convergence::{decide, Decision, Model, RoundFigures, Standing};
+use super::eta::EtaPlan;
 use super::pages::{drain, PageSender};
 use super::replies::reply;
 use super::{
     ms_since, CommitHook, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress, Report,
     RoundStats, SourceLink, SwitchoverTimes, PAGE,
 };
-use crate::guest::SourceGuest;
+use crate::guest::{DirtyBitmap, SourceGuest};
 use crate::protocol::*;
 use ed25519_dalek::SigningKey;
 use std::time::{Duration, Instant};
@@ -100,6 +101,10 @@ pub async fn migrate_observed<G: SourceGuest>(
     }
     outcome
 }
+
+/// How often a round reads the dirty log while it sends (for the dirty
+/// rate the time-left estimate needs from round 1 on).
+const DIRTY_LOOK: Duration = Duration::from_millis(200);
 
 /// One outgoing migration in progress.
 pub(super) struct Source<'a, G> {
@@ -227,10 +232,18 @@ impl<G: SourceGuest> Source<'_, G> {
         // the guest is paused: time it once here so predictions include it.
         let root_t = Instant::now();
         let _ = self.ps.root();
-        let mut model = Model::new(root_t.elapsed().as_secs_f64());
+        let root_secs = root_t.elapsed().as_secs_f64();
+        let mut model = Model::new(root_secs);
         self.guest.start_dirty_tracking()?;
         self.tracking = true;
         let mut todo = self.first_round_pages(n_pages)?;
+        // The time-left estimate's view of what follows each round.
+        let mut plan = EtaPlan {
+            rounds_after: 0,
+            cap: todo.len() as u64,
+            budget_secs: self.policy.max_downtime.as_secs_f64() / 2.0,
+            fixed_secs: 2.0 * root_secs,
+        };
         if self.policy.cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }
@@ -247,7 +260,8 @@ impl<G: SourceGuest> Source<'_, G> {
             if let Some(d) = self.policy.deadline.filter(|&d| started.elapsed() > d) {
                 return Err(MigrateError::NotConverged(d));
             }
-            let (figures, next) = self.round(round, &todo).await?;
+            plan.rounds_after = rounds_allowed - round;
+            let (figures, next) = self.round(round, &todo, &plan).await?;
             let sent = todo.len() as u64;
             todo = next;
             let prediction = model.predict(&figures);
@@ -318,6 +332,7 @@ impl<G: SourceGuest> Source<'_, G> {
         &mut self,
         round: u32,
         todo: &[u64],
+        plan: &EtaPlan,
     ) -> Result<(RoundFigures, Vec<u64>), MigrateError> {
         let n_pages = self.report.memory_bytes / PAGE as u64;
         self.report.phase = MigrationPhase::Precopy;
@@ -329,9 +344,14 @@ impl<G: SourceGuest> Source<'_, G> {
             p.round = round;
             p.pages_remaining = pending;
         });
+        self.ps.start_eta(pending, plan);
         let t = Instant::now();
         let frame_pages = self.policy.frame_pages;
         let mut wire = 0;
+        // The dirty log read during the round (for the dirty rate), merged
+        // into what it says at the end: the next round's pages are the same.
+        let mut seen: Option<DirtyBitmap> = None;
+        let mut looked = Instant::now();
         // A cancel is looked at every 16 frames (16 MiB at the default).
         for part in todo.chunks(frame_pages.max(1) * 16) {
             if self.policy.cancel.is_cancelled() {
@@ -341,6 +361,20 @@ impl<G: SourceGuest> Source<'_, G> {
                 .ps
                 .send_pages(self.guest, self.data, part, frame_pages)
                 .await?;
+            if looked.elapsed() >= DIRTY_LOOK {
+                let d = self.guest.take_dirty()?;
+                let seen = match &mut seen {
+                    Some(s) => {
+                        s.merge(&d);
+                        s
+                    }
+                    None => seen.insert(d),
+                };
+                if let Some(e) = &mut self.ps.eta {
+                    e.dirtied(seen.count());
+                }
+                looked = Instant::now();
+            }
         }
         let end = SourceMsg::RoundEnd {
             round,
@@ -350,8 +384,11 @@ impl<G: SourceGuest> Source<'_, G> {
         drain(self.data, self.policy.reply_timeout, &self.policy.cancel).await?;
         let secs = t.elapsed().as_secs_f64().max(1e-6);
         let scan_t = Instant::now();
-        let dirty = self.guest.take_dirty()?;
+        let mut dirty = self.guest.take_dirty()?;
         let scan_secs = scan_t.elapsed().as_secs_f64();
+        if let Some(s) = &seen {
+            dirty.merge(s);
+        }
         // The destination refreshes at `RoundEnd` too: while the guest runs.
         self.ps.digests.refresh();
         let figures = RoundFigures {
@@ -380,7 +417,6 @@ impl<G: SourceGuest> Source<'_, G> {
             p.dirty_pages_per_sec = f.dirtied as f64 / f.secs;
             p.throughput_bytes_per_sec = throughput;
             p.predicted_downtime_ms = predicted * 1e3;
-            p.eta_seconds = predicted;
         });
     }
 
