@@ -8,11 +8,18 @@
 //!   TLS, compressed with zstd on the WAN, with tern's commit and the guest's
 //!   own check after switchover.
 //!
+//! With `--tern-guest process` the tern path moves a process guest of the
+//! same shape instead (memory, working set, write rate) with tern's own
+//! engine (compression `auto`): the side-by-side of tern's engine and
+//! QEMU's. A TCG guest dirties memory slower than a process asked for the
+//! same rate, so both guests' measured dirty rates are printed (QEMU's from
+//! its `dirty-pages-rate`, tern's from its progress), each the highest seen.
+//!
 //! Downtime is the source's STOP event to the destination running (QEMU:
 //! its RESUME event; tern: `Running` back at the source), wall clock.
 //! Bytes are what crossed the link emulator towards the destination. CPU is
 //! user+system time of the processes involved (QEMUs; for tern also both
-//! agents) over the migration, sampled from /proc. A run whose guest fails
+//! agents and the guest processes) over the migration, sampled from /proc. A run whose guest fails
 //! its own check after switchover counts as corrupted: a result, not a crash.
 
 use anyhow::{bail, Context};
@@ -58,11 +65,37 @@ pub struct QemuBenchArgs {
     /// the script's).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// What tern moves: the same Linux guest through its QEMU relay, or a
+    /// process guest of the same shape through tern's own engine.
+    #[arg(long, value_enum, default_value_t = TernGuest::Linux)]
+    pub tern_guest: TernGuest,
+    /// Throttle a guest that pre-copy cannot catch up with, on both paths
+    /// (QEMU's `auto-converge`; tern's own).
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// The links to run on.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Link::Loopback, Link::Wan])]
+    pub links: Vec<Link>,
+    /// The paths to run (`qemu`: QEMU's own migration; `tern`).
+    #[arg(long, value_delimiter = ',', default_values_t = ["qemu".to_string(), "tern".to_string()])]
+    pub paths: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Link {
+/// The guest on tern's path.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum TernGuest {
+    /// The same Linux guest under QEMU, through tern's relay.
+    Linux,
+    /// A process guest of the same shape, through tern's engine.
+    Process,
+}
+
+/// A link between the two hosts.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum Link {
+    /// Loopback through the link emulator (it only forwards).
     Loopback,
+    /// `--wan-rtt-ms` and `--wan-mbit`.
     Wan,
 }
 
@@ -73,8 +106,15 @@ struct Row {
     downtime_ms: f64,
     wire_mb: f64,
     cpu_s: f64,
+    /// The highest dirty rate measured during the migration, MiB/s.
+    dirty_mib_s: f64,
     verdict: String,
     ok: bool,
+}
+
+/// Pages per second as MiB/s.
+fn mib_s(pages_per_sec: f64) -> f64 {
+    pages_per_sec * 4096.0 / f64::from(1u32 << 20)
 }
 
 fn guest_files(a: &QemuBenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
@@ -189,7 +229,8 @@ async fn native_run(
     let emu =
         LinkEmulator::start(format!("127.0.0.1:{port}").parse()?, link_config(link, a)).await?;
     let mut qs = src.qmp().await?;
-    qs.set_capabilities(&[("events", true)]).await?;
+    qs.set_capabilities(&[("events", true), ("auto-converge", a.auto_converge)])
+        .await?;
     qs.set_parameters(json!({
         "downtime-limit": a.max_downtime,
         "max-bandwidth": 1u64 << 40,
@@ -201,10 +242,14 @@ async fn native_run(
     let t0 = Instant::now();
     qs.run("migrate", json!({ "uri": format!("tcp:{}", emu.addr()) }))
         .await?;
+    let mut dirty = 0.0f64;
     let info = loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         cpu.sample(&pids);
         let m = qs.query_migrate().await?;
+        if let Some(r) = &m.ram {
+            dirty = dirty.max(mib_s(r.dirty_pages_rate as f64));
+        }
         match m.status.as_str() {
             "completed" => break m,
             "failed" | "cancelled" => bail!(
@@ -256,6 +301,7 @@ async fn native_run(
         downtime_ms,
         wire_mb: wire as f64 / 1e6,
         cpu_s: cpu.total(),
+        dirty_mib_s: dirty,
         verdict,
         ok,
     })
@@ -302,27 +348,51 @@ async fn tern_run(
     let pa = AgentProcess::start(&exe, &bed[0], None)?;
     let pb = AgentProcess::start(&exe, &bed[1], None)?;
     let ca = pa.client()?;
-    let spec = GuestSpec {
-        kind: GuestKind::Linux,
-        memory_mib: a.memory,
-        ws_mib: a.ws_mib,
-        dirty_mib_per_sec: a.dirty_mib,
-        ..Default::default()
+    let spec = match a.tern_guest {
+        TernGuest::Linux => GuestSpec {
+            kind: GuestKind::Linux,
+            memory_mib: a.memory,
+            ws_mib: a.ws_mib,
+            dirty_mib_per_sec: a.dirty_mib,
+            ..Default::default()
+        },
+        TernGuest::Process => GuestSpec {
+            kind: GuestKind::Process,
+            memory_mib: a.memory,
+            ws_pages: a.ws_mib * 256,
+            dirty_mib_per_sec: a.dirty_mib,
+            ..Default::default()
+        },
     };
     let vm = ca.create_vm(&spec).await?;
     let t = Instant::now();
-    while ca.vm(&vm.id).await?.counter.unwrap_or(0) < 10 {
+    // The Linux guest counts once its workload runs; a process guest has
+    // written its working set when it is listed (a second to settle).
+    let ticks = match a.tern_guest {
+        TernGuest::Linux => 10,
+        TernGuest::Process => 0,
+    };
+    if a.tern_guest == TernGuest::Process {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    while ca.vm(&vm.id).await?.counter.unwrap_or(0) < ticks {
         if t.elapsed() > Duration::from_secs(60) {
             bail!("the guest on host-a does not count");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let agents = [pa.pid(), pb.pid()];
+    let id = vm.id.to_string();
+    // QEMUs, and each host's guest process (which runs a process guest
+    // and its migration; it is where tern's engine spends its CPU).
     let pids = |d: &[PathBuf]| -> Vec<i32> {
         let mut p: Vec<i32> = agents.to_vec();
         for x in d {
             p.extend(tern_drivers::qemu::pids_under(x));
+            p.extend(tern_agent::vmdir::VmDir::new(x, &id).live_pid());
         }
+        p.sort_unstable();
+        p.dedup();
         p
     };
     let dirs = [bed[0].data_dir.clone(), bed[1].data_dir.clone()];
@@ -339,13 +409,21 @@ async fn tern_run(
                 bandwidth_mbps: None,
                 deadline_secs: None,
                 max_bandwidth_mbps: None,
-                auto_converge: Some(false),
-                compress: Some(if link == Link::Wan { "zstd" } else { "none" }.into()),
+                auto_converge: Some(a.auto_converge),
+                compress: Some(
+                    match (a.tern_guest, link) {
+                        (TernGuest::Process, _) => "auto",
+                        (_, Link::Wan) => "zstd",
+                        _ => "none",
+                    }
+                    .into(),
+                ),
                 id: None,
                 reason: None,
             },
         )
         .await?;
+    let mut dirty = 0.0f64;
     let done = loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         cpu.sample(&pids(&dirs));
@@ -353,12 +431,18 @@ async fn tern_run(
         if v.state.is_final() {
             break v;
         }
+        dirty = dirty.max(mib_s(v.progress.dirty_pages_per_sec));
         if t.elapsed() > Duration::from_secs(400) {
             bail!("tern's migration did not end");
         }
     };
     let wire = to_b.bytes_up() - before;
     let r = done.report.clone();
+    if let Some(r) = &r {
+        for x in r.rounds.iter().filter(|x| x.seconds > 0.0) {
+            dirty = dirty.max(mib_s(x.dirtied as f64 / x.seconds));
+        }
+    }
     let (ok, verdict) = match done.state {
         MigrationPhase::Committed => (true, "counter continued, checksum matches".to_string()),
         s => (false, format!("{s:?}: {}", done.error.unwrap_or_default())),
@@ -370,6 +454,7 @@ async fn tern_run(
         downtime_ms: r.as_ref().map_or(0.0, |r| r.downtime_ms),
         wire_mb: wire as f64 / 1e6,
         cpu_s: cpu.total(),
+        dirty_mib_s: dirty,
         verdict,
         ok,
     })
@@ -394,14 +479,22 @@ pub fn run(a: QemuBenchArgs) -> anyhow::Result<()> {
     };
     let accel = QemuConfig::default().accel;
     println!(
-        "migrate-qemu: {} MiB Linux guest (Debian kernel + tern-load, {} MiB working set, {} MiB/s), accel {:?}, {} runs per path per link, downtime budget {} ms",
-        a.memory, a.ws_mib, a.dirty_mib, accel, a.runs, a.max_downtime
+        "migrate-qemu: {} MiB Linux guest (Debian kernel + tern-load, {} MiB working set, {} MiB/s), accel {:?}, {} runs per path per link, downtime budget {} ms, auto-converge {}",
+        a.memory, a.ws_mib, a.dirty_mib, accel, a.runs, a.max_downtime, a.auto_converge
     );
+    if a.tern_guest == TernGuest::Process {
+        println!(
+            "tern's path: a process guest of the same shape, tern's own engine (compression auto)"
+        );
+    }
     let rt = tokio::runtime::Runtime::new()?;
     let mut rows = Vec::new();
-    for link in [Link::Loopback, Link::Wan] {
+    for &link in &a.links {
         for i in 0..a.runs {
-            for path in ["qemu", "tern"] {
+            for path in ["qemu", "tern"]
+                .into_iter()
+                .filter(|p| a.paths.iter().any(|x| x == p))
+            {
                 let r = rt.block_on(async {
                     match path {
                         "qemu" => native_run(&a, link, &spec, &load).await,
@@ -411,8 +504,8 @@ pub fn run(a: QemuBenchArgs) -> anyhow::Result<()> {
                 match r {
                     Ok(row) => {
                         println!(
-                            "  {:?} run {} {:<4}: total {:>7.0} ms, downtime {:>6.1} ms, wire {:>7.1} MB, cpu {:>5.2} s, {}",
-                            link, i + 1, path, row.total_ms, row.downtime_ms, row.wire_mb, row.cpu_s,
+                            "  {:?} run {} {:<4}: total {:>7.0} ms, downtime {:>6.1} ms, wire {:>7.1} MB, cpu {:>5.2} s, dirtied up to {:>5.1} MiB/s, {}",
+                            link, i + 1, path, row.total_ms, row.downtime_ms, row.wire_mb, row.cpu_s, row.dirty_mib_s,
                             if row.ok { "ok".to_string() } else { format!("CORRUPTED/FAILED: {}", row.verdict) }
                         );
                         rows.push(row);
@@ -425,8 +518,16 @@ pub fn run(a: QemuBenchArgs) -> anyhow::Result<()> {
     let wan = format!("wan ({} ms RTT, {} Mbit/s)", a.wan_rtt_ms, a.wan_mbit);
     println!();
     println!(
-        "{:<28} {:<5} {:>5} {:>10} {:>12} {:>9} {:>7} {:>10}",
-        "link", "path", "runs", "total ms", "downtime ms", "wire MB", "cpu s", "corrupted"
+        "{:<28} {:<5} {:>5} {:>10} {:>12} {:>9} {:>7} {:>10} {:>10}",
+        "link",
+        "path",
+        "runs",
+        "total ms",
+        "downtime ms",
+        "wire MB",
+        "cpu s",
+        "dirty MiB/s",
+        "corrupted"
     );
     for link in [Link::Loopback, Link::Wan] {
         let mut means = Vec::new();
@@ -444,8 +545,9 @@ pub fn run(a: QemuBenchArgs) -> anyhow::Result<()> {
                 mean(|r| r.wire_mb),
                 mean(|r| r.cpu_s),
             );
+            let dirty = mean(|r| r.dirty_mib_s);
             println!(
-                "{:<28} {:<5} {:>5} {:>10.0} {:>12.1} {:>9.1} {:>7.2} {:>10}",
+                "{:<28} {:<5} {:>5} {:>10.0} {:>12.1} {:>9.1} {:>7.2} {:>10.1} {:>10}",
                 if link == Link::Wan {
                     wan.as_str()
                 } else {
@@ -457,6 +559,7 @@ pub fn run(a: QemuBenchArgs) -> anyhow::Result<()> {
                 m.1,
                 m.2,
                 m.3,
+                dirty,
                 rs.len() - good.len()
             );
             means.push(m);

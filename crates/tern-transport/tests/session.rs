@@ -884,3 +884,55 @@ async fn acks_lost_in_a_black_hole_are_resent_on_the_resumed_stream() {
         tx.metrics().reconnects
     );
 }
+
+/// What an agent's migration session does on a 20 ms, 200 Mbit/s link:
+/// adaptive once the RTT shows a WAN, two streams, 1 MiB page frames. Its
+/// rate must climb to most of the link (measured before the judged window
+/// grew with the frame size: 2.5-3 MB/s of 25).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: 12 s on an emulated WAN link"]
+async fn megabyte_frames_fill_most_of_a_wan_link() {
+    let p = pki();
+    let mut l = listen(Some(&p.dst)).await;
+    let link_rate = 25_000_000; // 200 Mbit/s
+    let link = LinkEmulator::start(
+        l.local_addr(),
+        LinkConfig {
+            one_way_delay: Duration::from_millis(10),
+            rate_bytes_per_sec: link_rate,
+            queue_bytes: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let cfg = SessionConfig {
+        streams: 2,
+        adaptive_above_rtt: Some(Duration::from_millis(5)),
+        ..Default::default()
+    };
+    let tx = Sender::connect(link.addr(), tls(&p.src), cfg, None)
+        .await
+        .unwrap();
+    let rx = l.accept().await.unwrap();
+    let recv = tokio::spawn(counting_receiver(rx));
+    run_for(&tx, 12.0, 1 << 20).await;
+    let m = tx.metrics();
+    tx.finish().await.unwrap();
+    let (_, marks) = recv.await.unwrap();
+    let goodput = rate_between(&marks, 4.0, 11.0);
+    eprintln!(
+        "WAN 20 ms RTT, 200 Mbit/s, 1 MiB frames: goodput {:.2} MB/s ({:.0}% of link), limiter {:.2} MB/s, adaptive {}, srtt {:?}, min rtt {:?}",
+        goodput / 1e6,
+        goodput / link_rate as f64 * 100.0,
+        m.rate_bytes_per_sec as f64 / 1e6,
+        m.adaptive,
+        m.srtt,
+        m.min_rtt
+    );
+    assert!(
+        goodput >= 0.5 * link_rate as f64,
+        "{:.2} MB/s",
+        goodput / 1e6
+    );
+}

@@ -258,11 +258,18 @@ pub(super) async fn control_reader(sh: Arc<SenderShared>, mut r: BoxRead, dead: 
 /// queue building or throughput stalls; probe upwards while the path is clear.
 pub(super) async fn rate_task(sh: std::sync::Weak<SenderShared>) {
     const TICK: Duration = Duration::from_millis(100);
+    // Bytes the judged window must be long enough to carry at the current
+    // rate (with 5 ticks, 0.5 s, at least, and 5 s at most). Acks come a
+    // frame at a time: with 1 MiB page frames at a few MB/s, 5 ticks held
+    // one or two frames, a window that saw one read as a stall, each
+    // back-off lowered the rate and the next window held fewer: measured,
+    // a native migration settled at 2.5 MB/s on a 25 MB/s, 20 ms link.
+    const JUDGED_BYTES: f64 = 8.0 * 1024.0 * 1024.0;
     let mut last_acked = 0u64;
     let mut last = Instant::now();
     let mut hold_until = Instant::now();
-    // (seconds, bytes delivered, limiter rate) per tick, last 5 ticks: one tick
-    // holds too few frames at low rates to judge by.
+    // (seconds, bytes delivered, limiter rate) per tick, over the judged
+    // window: one tick holds too few frames at low rates to judge by.
     let mut history: std::collections::VecDeque<(f64, f64, f64)> = Default::default();
     loop {
         tokio::time::sleep(TICK).await;
@@ -274,7 +281,8 @@ pub(super) async fn rate_task(sh: std::sync::Weak<SenderShared>) {
         let acked = sh.counters.bytes_acked.load(Relaxed);
         let dt = last.elapsed().as_secs_f64();
         history.push_back((dt, (acked - last_acked) as f64, sh.bucket.rate() as f64));
-        if history.len() > 5 {
+        let need = (JUDGED_BYTES / sh.bucket.rate().max(1) as f64).clamp(0.5, 5.0);
+        while history.len() > 5 && history.iter().skip(1).map(|h| h.0).sum::<f64>() >= need {
             history.pop_front();
         }
         last_acked = acked;
@@ -306,13 +314,27 @@ pub(super) async fn rate_task(sh: std::sync::Weak<SenderShared>) {
         // trip, and comparing with the mean made a clear path look stalled
         // (the rate then stuck near its start; seen in CI).
         let lowest_rate = history.iter().map(|h| h.2).fold(f64::MAX, f64::min);
-        let stalled = backlog && history.len() == 5 && delivered < lowest_rate.min(mean_rate) * 0.8;
-        let heavy_queue = min_rtt > 0.0 && srtt > 2.0 * min_rtt + 10_000.0;
+        let judged = history.len() >= 5 && span >= need * 0.95;
+        let stalled = backlog && judged && delivered < lowest_rate.min(mean_rate) * 0.8;
+        // A frame's round trip is timed from when it was written, so it
+        // includes the frame's own time on the wire: allow for it (a 1 MiB
+        // frame is 42 ms at 200 Mbit/s; without this every frame looked
+        // queued and the rate sank to a tenth of such a link).
+        let frames = sh.counters.frames_sent.load(Relaxed).max(1);
+        let frame_bytes = sh.counters.bytes_sent.load(Relaxed) as f64 / frames as f64;
+        let on_wire_us = frame_bytes / rate.max(delivered).max(1.0) * 1e6;
+        let heavy_queue = min_rtt > 0.0 && srtt > 2.0 * min_rtt + 10_000.0 + on_wire_us;
         let next = if (stalled || heavy_queue) && delivered > 0.0 {
             hold_until = Instant::now()
                 + Duration::from_micros((srtt * 2.0) as u64).max(Duration::from_millis(200));
             history.clear();
-            (delivered * 0.95).min(rate)
+            if judged {
+                (delivered * 0.95).min(rate)
+            } else {
+                // A queue seen before the window is long enough to say
+                // what gets through: step down, not to a lumpy reading.
+                rate * 0.85
+            }
         } else if backlog {
             rate * 1.1
         } else {
