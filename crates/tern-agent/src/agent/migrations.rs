@@ -228,9 +228,8 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let ended = Instant::now();
-        if let (Some(key), Some(r)) = (&eta, &end.report) {
-            let learned = estimates.learned(ended, r.wire_bytes);
-            if let Some(c) = learned.filter(|_| end.state == MigrationPhase::Committed) {
+        if let (Some(key), Some(r), MigrationPhase::Committed) = (&eta, &end.report, end.state) {
+            if let Some(c) = estimates.learned(ended, r.wire_bytes) {
                 self.inner.eta.record(key, c);
             }
         }

@@ -22,8 +22,8 @@
 
 use std::time::Instant;
 
-/// Pages a round must have sent before its own pace counts (256 KiB-frames
-/// at the start carry the link's slow start).
+/// Pages a round must have sent before its own pace counts (its first
+/// frames carry the link's slow start).
 const MIN_PAGES: u64 = 1024;
 /// Rounds that stop shrinking are projected this many more times (then
 /// auto-converge has slowed the guest, or the round limit stops them).
@@ -41,15 +41,8 @@ pub(super) struct RoundEta {
     /// seconds after its start that look was.
     dirtied: u64,
     dirtied_secs: f64,
-    /// Rounds pre-copy may still run after this one (0: what is left
-    /// goes out in this one, as in post-copy).
-    rounds_after: u32,
-    /// Pages the guest has written: no round resends more.
-    cap: u64,
-    /// What the budget allows to be sent paused, seconds.
-    budget_secs: f64,
-    /// The switchover's fixed cost, seconds.
-    fixed_secs: f64,
+    /// What follows this round.
+    plan: EtaPlan,
     /// The last round's pace, seconds per page (used until this round
     /// has its own).
     last_pace: Option<f64>,
@@ -64,10 +57,7 @@ impl RoundEta {
             sent_before,
             dirtied: 0,
             dirtied_secs: 0.0,
-            rounds_after: plan.rounds_after,
-            cap: plan.cap,
-            budget_secs: plan.budget_secs,
-            fixed_secs: plan.fixed_secs,
+            plan: *plan,
             last_pace,
         }
     }
@@ -100,10 +90,7 @@ impl RoundEta {
             left: self.pages - done,
             dirtied: self.dirtied,
             dirty_rate: rate,
-            rounds_after: self.rounds_after,
-            cap: self.cap,
-            budget_secs: self.budget_secs,
-            fixed_secs: self.fixed_secs,
+            plan: self.plan,
         }))
     }
 }
@@ -111,7 +98,8 @@ impl RoundEta {
 /// What the policy and the guest say about the rounds to come.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct EtaPlan {
-    /// Pre-copy rounds allowed after the current one.
+    /// Pre-copy rounds allowed after the current one (0: what is left
+    /// goes out in this one and the switchover, as in post-copy).
     pub rounds_after: u32,
     /// Pages the guest has written (the most a round resends).
     pub cap: u64,
@@ -132,28 +120,23 @@ pub(super) struct Projection {
     pub dirtied: u64,
     /// Pages dirtied per second.
     pub dirty_rate: f64,
-    /// Pre-copy rounds allowed after this one.
-    pub rounds_after: u32,
-    /// The most pages a round resends.
-    pub cap: u64,
-    /// Seconds of sending that fit the downtime budget.
-    pub budget_secs: f64,
-    /// The switchover's fixed cost, seconds.
-    pub fixed_secs: f64,
+    /// What follows this round.
+    pub plan: EtaPlan,
 }
 
 /// Seconds left: this round, the rounds pre-copy would run after it, and
 /// the switchover (what is left then, sent at the same pace, plus its
 /// fixed cost).
 pub(super) fn project(p: &Projection) -> f64 {
-    let cap = p.cap.max(1) as f64;
+    let plan = &p.plan;
+    let cap = plan.cap.max(1) as f64;
     let this_round = p.left as f64 * p.pace;
     let mut total = this_round;
     // Dirtied by the end of this round (each page at most once).
     let mut next = (p.dirtied as f64 + p.dirty_rate * this_round).min(cap);
-    let mut rounds = p.rounds_after;
+    let mut rounds = plan.rounds_after;
     let mut stalled = 0;
-    while rounds > 0 && next * p.pace > p.budget_secs {
+    while rounds > 0 && next * p.pace > plan.budget_secs {
         let secs = next * p.pace;
         total += secs;
         let after = (p.dirty_rate * secs).min(cap);
@@ -167,7 +150,7 @@ pub(super) fn project(p: &Projection) -> f64 {
         next = after;
         rounds -= 1;
     }
-    total + next * p.pace + p.fixed_secs
+    total + next * p.pace + plan.fixed_secs
 }
 
 #[cfg(test)]
@@ -181,10 +164,12 @@ mod tests {
             left: 100_000,
             dirtied: 0,
             dirty_rate: 0.0,
-            rounds_after: 29,
-            cap: 200_000,
-            budget_secs: 0.015,
-            fixed_secs: 0.005,
+            plan: EtaPlan {
+                rounds_after: 29,
+                cap: 200_000,
+                budget_secs: 0.015,
+                fixed_secs: 0.005,
+            },
         }
     }
 
@@ -211,7 +196,10 @@ mod tests {
     fn rounds_that_do_not_shrink_end_after_a_few() {
         let p = Projection {
             dirty_rate: 1e6,
-            cap: 50_000,
+            plan: EtaPlan {
+                cap: 50_000,
+                ..idle().plan
+            },
             ..idle()
         };
         let t = project(&p);
@@ -224,7 +212,10 @@ mod tests {
         let p = Projection {
             dirty_rate: 20_000.0,
             dirtied: 1_000,
-            rounds_after: 0,
+            plan: EtaPlan {
+                rounds_after: 0,
+                ..idle().plan
+            },
             ..idle()
         };
         let t = project(&p);
@@ -257,7 +248,8 @@ mod tests {
             rounds in 0u32..40,
             pace in 1e-7f64..1e-3,
         ) {
-            let p = Projection { pace, left, dirty_rate: rate, rounds_after: rounds, ..idle() };
+            let plan = EtaPlan { rounds_after: rounds, ..idle().plan };
+            let p = Projection { pace, left, dirty_rate: rate, plan, ..idle() };
             let t = project(&p);
             prop_assert!(t.is_finite());
             prop_assert!(t >= left as f64 * pace);

@@ -350,7 +350,7 @@ impl<G: SourceGuest> Source<'_, G> {
         let mut wire = 0;
         // The dirty log read during the round (for the dirty rate), merged
         // into what it says at the end: the next round's pages are the same.
-        let mut seen: Option<DirtyBitmap> = None;
+        let mut seen = DirtyBitmap::with_pages(n_pages);
         let mut looked = Instant::now();
         // A cancel is looked at every 16 frames (16 MiB at the default).
         for part in todo.chunks(frame_pages.max(1) * 16) {
@@ -362,14 +362,7 @@ impl<G: SourceGuest> Source<'_, G> {
                 .send_pages(self.guest, self.data, part, frame_pages)
                 .await?;
             if looked.elapsed() >= DIRTY_LOOK {
-                let d = self.guest.take_dirty()?;
-                let seen = match &mut seen {
-                    Some(s) => {
-                        s.merge(&d);
-                        s
-                    }
-                    None => seen.insert(d),
-                };
+                seen.merge(&self.guest.take_dirty()?);
                 if let Some(e) = &mut self.ps.eta {
                     e.dirtied(seen.count());
                 }
@@ -386,9 +379,7 @@ impl<G: SourceGuest> Source<'_, G> {
         let scan_t = Instant::now();
         let mut dirty = self.guest.take_dirty()?;
         let scan_secs = scan_t.elapsed().as_secs_f64();
-        if let Some(s) = &seen {
-            dirty.merge(s);
-        }
+        dirty.merge(&seen);
         // The destination refreshes at `RoundEnd` too: while the guest runs.
         self.ps.digests.refresh();
         let figures = RoundFigures {
