@@ -37,7 +37,8 @@ use tern_migrate::relay::{
     decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_STREAM,
 };
 use tern_migrate::{
-    CommitHook, GuestError, MigrateError, MigrationPhase, Outcome, Policy, Progress, Report,
+    commit_at_once, CommitHook, GuestError, MigrateError, MigrationPhase, Outcome, Policy,
+    Progress, Report, SourceCommitHook,
 };
 use tern_transport::{Receiver, Sender};
 use tokio::sync::watch;
@@ -77,7 +78,7 @@ pub async fn source(
     guest: &mut ContainerGuest,
     data: Sender,
     mut replies: Receiver,
-    before_commit: CommitHook<'_>,
+    before_commit: SourceCommitHook<'_>,
 ) -> Outcome {
     if args.policy.bandwidth_bytes_per_sec > 0 {
         data.set_rate(args.policy.bandwidth_bytes_per_sec);
@@ -140,7 +141,7 @@ impl Source {
         guest: &mut ContainerGuest,
         data: &Sender,
         replies: &mut Receiver,
-        before_commit: CommitHook<'_>,
+        before_commit: SourceCommitHook<'_>,
     ) -> Result<Option<MigrateError>, MigrateError> {
         let start = RelaySourceMsg::Start {
             mode: "precopy".into(),
@@ -182,8 +183,9 @@ impl Source {
             return Err(self.restore_after(guest, e));
         }
         self.report.switchover.ready_ms = ms(loaded);
+        a.progress.send_modify(|p| p.destination_ready = true);
         let record = Instant::now();
-        if let Err(e) = before_commit() {
+        if let Err(e) = commit_at_once(before_commit) {
             return Err(self.restore_after(guest, MigrateError::CommitRecord(e)));
         }
         self.report.switchover.commit_record_ms = ms(record);

@@ -16,9 +16,9 @@ pub mod protocol;
 pub mod relay;
 
 pub use engine::{
-    migrate, migrate_observed, receive, receive_observed, Cancel, Capacity, Codec, CommitHook,
-    DestLink, Encodings, HookError, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress,
-    Report, RoundStats, SourceLink, SwitchoverTimes,
+    commit_at_once, migrate, migrate_observed, receive, receive_observed, Cancel, Capacity, Codec,
+    CommitHook, CommitStep, DestLink, Encodings, HookError, MigrateError, MigrationPhase, Mode,
+    Outcome, Policy, Progress, Report, RoundStats, SourceCommitHook, SourceLink, SwitchoverTimes,
 };
 /// The guest halves the engine drives (a leaf crate: guests implement them beside themselves).
 pub use tern_guest as guest;

@@ -108,7 +108,7 @@ async fn start() -> Bed {
             &policy,
             "m-recover",
             tx,
-            &mut || Ok(()),
+            &mut |_| Ok(()),
         )
         .await
     });

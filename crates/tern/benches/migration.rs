@@ -278,11 +278,11 @@ fn main() {
             r.source_peak_mb - r.source_rest_mb
         );
     }
-    println!("\nwhere the downtime went, ms: pause + final scan | last pages, state, manifest (of it: pages, state) | until Ready | source commit record | Commit -> Running");
+    println!("\nwhere the downtime went, ms: pause + final scan | last pages, state, manifest (of it: pages, state) | until Ready | Commit -> Running || the source's commit record (written before the pause, not in the downtime)");
     for r in &rows {
         let s = &r.steps;
         println!(
-            "{:<48} {:<9} {:>6.1} | {:>6.1} ({:>4.1}, {:>4.1}) | {:>6.1} | {:>6.1} | {:>6.1}",
+            "{:<48} {:<9} {:>6.1} | {:>6.1} ({:>4.1}, {:>4.1}) | {:>6.1} | {:>6.1} || {:>6.1}",
             r.workload,
             r.mode,
             s.pause_ms,
@@ -290,8 +290,8 @@ fn main() {
             s.last_pages_ms,
             s.device_state_ms,
             s.ready_ms,
-            s.commit_record_ms,
-            s.running_ms
+            s.running_ms,
+            s.commit_record_ms
         );
     }
 }

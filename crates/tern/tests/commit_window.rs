@@ -68,6 +68,20 @@ async fn in_commit_window_of(mode: &str) -> Option<Window> {
         assert!(t.elapsed() < Duration::from_secs(60), "no commit record");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The record is written as switchover begins; the window opens when
+    // the destination is ready and `Commit` is held back.
+    let ca = a.client();
+    loop {
+        let ms = ca.migrations_list().await.unwrap();
+        if ms.iter().any(|m| m.progress.destination_ready) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the destination never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     Some(Window {
         a,
         b,

@@ -145,10 +145,11 @@ async fn reach(c: &AgentClient, mig: &MigrationId, phase: Phase, data: &Path, vm
                 p.phase == MigrationPhase::Precopy && p.round == 1 && p.pages_sent > 0
             }
             Phase::LaterRound => p.phase == MigrationPhase::Precopy && p.round >= 2,
-            Phase::Switchover => {
-                p.phase == MigrationPhase::Switchover && !commit_recorded(data, vm)
-            }
-            Phase::AfterCommitRecord => commit_recorded(data, vm),
+            // Paused, the last pages on their way (the commit record is
+            // written as switchover begins, before the pause).
+            Phase::Switchover => p.phase == MigrationPhase::Switchover && !p.destination_ready,
+            // The destination is ready, `Commit` is held back.
+            Phase::AfterCommitRecord => p.destination_ready && commit_recorded(data, vm),
             Phase::MidPostcopy => p.phase == MigrationPhase::Postcopy,
         };
         if at {

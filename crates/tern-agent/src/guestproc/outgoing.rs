@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tern_migrate::protocol::{hello_frame, Offer, SessionHello, PROTOCOL_VERSION};
 use tern_migrate::{
-    MigrateError, MigrationPhase, Outcome, Progress, Report, SourceGuest, SourceLink,
+    CommitStep, MigrateError, MigrationPhase, Outcome, Progress, Report, SourceGuest, SourceLink,
 };
 use tern_proto::MigrationRole;
 use tern_transport::{HostLimiter, Listener, Receiver, Redirector, Sender};
@@ -336,14 +336,16 @@ async fn transfer(
     progress: watch::Sender<Progress>,
 ) -> Outcome {
     let epoch = *lock(&p.epoch);
-    let mut before_commit = || {
-        p.record(&Record::CommitDecided {
-            migration: job.migration.clone(),
-            vm: p.launch.vm.clone(),
-            to: job.to.clone(),
-            epoch: epoch + 1,
-        })?;
-        hold_after_commit_record();
+    let mut before_commit = |step| {
+        match step {
+            CommitStep::Switchover => p.record(&Record::CommitDecided {
+                migration: job.migration.clone(),
+                vm: p.launch.vm.clone(),
+                to: job.to.clone(),
+                epoch: epoch + 1,
+            })?,
+            CommitStep::Commit => hold_after_commit_record(),
+        }
         Ok(())
     };
     let key = p.host_key.clone();

@@ -15,8 +15,8 @@ use tern_migrate::relay::{
     decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_RETURN, KIND_STREAM,
 };
 use tern_migrate::{
-    CommitHook, GuestError, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress, Report,
-    RoundStats,
+    commit_at_once, GuestError, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress,
+    Report, RoundStats, SourceCommitHook,
 };
 use tern_transport::{Receiver, Sender};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,7 +44,7 @@ pub async fn source(
     args: SourceArgs<'_>,
     data: Sender,
     replies: Receiver,
-    before_commit: CommitHook<'_>,
+    before_commit: SourceCommitHook<'_>,
 ) -> Outcome {
     let memory_bytes = args.vm.spec().memory_mib << 20;
     if args.policy.bandwidth_bytes_per_sec > 0 {
@@ -95,7 +95,7 @@ struct SourceRelay<'a> {
     progress: watch::Sender<Progress>,
     data: Arc<Sender>,
     replies: Receiver,
-    before_commit: CommitHook<'a>,
+    before_commit: SourceCommitHook<'a>,
     report: Report,
     /// `Commit` went out.
     committed: bool,
@@ -391,7 +391,7 @@ impl SourceRelay<'_> {
     async fn commit(&mut self, c: &mut Carry) -> Result<(), MigrateError> {
         self.report.phase = MigrationPhase::Switchover;
         let last_tick = workload_tick(&self.vm.console());
-        (self.before_commit)().map_err(MigrateError::CommitRecord)?;
+        commit_at_once(self.before_commit).map_err(MigrateError::CommitRecord)?;
         // A failed send queued nothing: `Commit` never left, so this rolls back.
         self.data
             .send(msg_frame(&RelaySourceMsg::Commit { last_tick }))

@@ -179,11 +179,36 @@ impl Outcome {
     }
 }
 
-/// Runs just before a side commits: the source calls it before sending
-/// `Commit`, the destination before starting the guest. The agent writes its
-/// durable commit record here; an error stops the commit (before it is sent,
-/// the migration rolls back).
+/// Runs just before the destination commits (after `Commit` arrived, before
+/// the guest starts): the agent writes its durable commit record here; an
+/// error stops the commit.
 pub type CommitHook<'a> = &'a mut (dyn FnMut() -> Result<(), HookError> + Send);
+
+/// Where the source stands when it calls its [`SourceCommitHook`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitStep {
+    /// Switchover begins: the guest is about to pause, and from here on
+    /// `Commit` may leave. The agent makes its commit record durable now,
+    /// while the guest still runs, so the disk's flush (0.5 ms, and a
+    /// 177 ms stall seen under other writers) is not part of the downtime.
+    /// A restart that finds this record asks the destination before it
+    /// resumes; a migration that ends before `Commit` left records its
+    /// rollback after it.
+    Switchover,
+    /// `Ready` arrived: `Commit` is sent next (fault injection holds here).
+    Commit,
+}
+
+/// The source's commit hook, called at each [`CommitStep`]; an error stops
+/// the migration before `Commit` is sent, so it rolls back.
+pub type SourceCommitHook<'a> = &'a mut (dyn FnMut(CommitStep) -> Result<(), HookError> + Send);
+
+/// Calls `hook` at both steps in a row: for a relay whose guest is stopped
+/// by its own hypervisor (QEMU, CRIU) and commits as soon as it is.
+pub fn commit_at_once(hook: SourceCommitHook<'_>) -> Result<(), HookError> {
+    hook(CommitStep::Switchover)?;
+    hook(CommitStep::Commit)
+}
 
 /// The source's ends of the two sessions.
 pub struct SourceLink {

@@ -31,6 +31,10 @@ pub struct Progress {
     /// (the destination guest waits on its missing pages meanwhile).
     #[serde(default)]
     pub link_down: bool,
+    /// Switchover: the destination verified everything it received and is
+    /// ready to run the guest; `Commit` goes next.
+    #[serde(default)]
+    pub destination_ready: bool,
 }
 
 /// One round's figures.
@@ -145,7 +149,9 @@ pub struct SwitchoverTimes {
     /// Until the destination said `Ready` (it drained the link, checked the
     /// manifest and loaded the guest).
     pub ready_ms: f64,
-    /// The source's durable commit record.
+    /// The source's durable commit record. The native engine writes it
+    /// just before the pause, so it is not part of the downtime; the relays
+    /// write it after `Ready`.
     pub commit_record_ms: f64,
     /// `Commit` → `Running` (the destination's record and its guest start).
     pub running_ms: f64,

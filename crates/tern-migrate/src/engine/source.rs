@@ -5,8 +5,8 @@ use super::eta::EtaPlan;
 use super::pages::{drain, PageSender};
 use super::replies::reply;
 use super::{
-    ms_since, CommitHook, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress, Report,
-    RoundStats, SourceLink, SwitchoverTimes, PAGE,
+    ms_since, CommitStep, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress, Report,
+    RoundStats, SourceCommitHook, SourceLink, SwitchoverTimes, PAGE,
 };
 use crate::guest::{DirtyBitmap, SourceGuest};
 use crate::protocol::*;
@@ -27,21 +27,15 @@ pub async fn migrate<G: SourceGuest>(
     migration: &str,
 ) -> Outcome {
     let progress = watch::channel(Progress::default()).0;
-    migrate_observed(
-        guest,
-        link,
-        key,
-        policy,
-        migration,
-        progress,
-        &mut || Ok(()),
-    )
+    migrate_observed(guest, link, key, policy, migration, progress, &mut |_| {
+        Ok(())
+    })
     .await
 }
 
 /// [`migrate`], publishing a [`Progress`] on `progress` as it goes (the
 /// agent's progress bar and server-sent events read it) and calling
-/// `before_commit` at the commit point.
+/// `before_commit` at each [`CommitStep`].
 pub async fn migrate_observed<G: SourceGuest>(
     guest: &mut G,
     link: SourceLink,
@@ -49,7 +43,7 @@ pub async fn migrate_observed<G: SourceGuest>(
     policy: &Policy,
     migration: &str,
     progress: watch::Sender<Progress>,
-    before_commit: CommitHook<'_>,
+    before_commit: SourceCommitHook<'_>,
 ) -> Outcome {
     let SourceLink { data, mut replies } = link;
     if policy.bandwidth_bytes_per_sec > 0 {
@@ -120,7 +114,7 @@ pub(super) struct Source<'a, G> {
     /// Dirty tracking is on.
     tracking: bool,
     pub(super) ps: PageSender,
-    before_commit: CommitHook<'a>,
+    before_commit: SourceCommitHook<'a>,
 }
 
 impl<G: SourceGuest> Source<'_, G> {
@@ -422,6 +416,9 @@ impl<G: SourceGuest> Source<'_, G> {
         let n_pages = self.report.memory_bytes / PAGE as u64;
         self.report.phase = MigrationPhase::Switchover;
         self.ps.publish(|p| p.phase = MigrationPhase::Switchover);
+        let t = Instant::now();
+        (self.before_commit)(CommitStep::Switchover).map_err(MigrateError::CommitRecord)?;
+        self.report.switchover.commit_record_ms = ms_since(t);
         let pause_at = Instant::now();
         self.guest.pause()?;
         self.paused = true;
@@ -505,10 +502,9 @@ impl<G: SourceGuest> Source<'_, G> {
             }
         }
         times.ready_ms = ms_since(t);
+        self.ps.publish(|p| p.destination_ready = true);
         let t = Instant::now();
-        (self.before_commit)().map_err(MigrateError::CommitRecord)?;
-        times.commit_record_ms = ms_since(t);
-        let t = Instant::now();
+        (self.before_commit)(CommitStep::Commit).map_err(MigrateError::CommitRecord)?;
         let unconfirmed = |e| MigrateError::CommitUnconfirmed(Box::new(e));
         // A failed send queued nothing: `Commit` never left, so this rolls back.
         self.data.send(msg_frame(&SourceMsg::Commit)).await?;
