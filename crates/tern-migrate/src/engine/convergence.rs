@@ -32,6 +32,8 @@ pub(super) struct Prediction {
     pub throughput: f64,
     /// The downtime of switching over now, seconds.
     pub downtime: f64,
+    /// Of it, sending what is left (scaled by the overrun), seconds.
+    pub transfer: f64,
 }
 
 /// The downtime model, learning the link and the CPUs round by round.
@@ -93,6 +95,7 @@ impl Model {
         Prediction {
             throughput,
             downtime: transfer * self.overrun + fixed,
+            transfer: transfer * self.overrun,
         }
     }
 }
@@ -120,18 +123,30 @@ pub(super) struct Standing {
     pub dirtied: u64,
     /// Predicted downtime, seconds.
     pub downtime: f64,
+    /// Of it, sending what is left, seconds.
+    pub transfer: f64,
+    /// No round may follow this one (hybrid then goes to post-copy).
+    pub last: bool,
     /// The data session's rate cap now (0: none).
     pub rate: u64,
     /// The guest's throttle now, percent.
     pub throttle: u8,
 }
 
+/// Below this, the pages left are not worth another round: their send is
+/// no larger than the switchover's fixed costs (pause and scan, root, two
+/// round trips, commit: 2-3 ms on loopback), seconds.
+const WORTH_A_ROUND: f64 = 0.002;
+
 /// Switch over once the prediction fits half the budget, or fits at all
 /// and another round would not shrink what is left by much. The half is
 /// room for the model's error: the last pages have gone at half a round's
 /// pace (bench: 2,400 pages predicted at 19 ms took 30), and one more short
-/// round costs only milliseconds of total time. When rounds stop shrinking,
-/// raise a capped link's rate first, then throttle the guest.
+/// round costs only milliseconds of total time. So while rounds at least
+/// halve what is left, they go on until the rest would send in
+/// [`WORTH_A_ROUND`], however roomy the budget: the budget is a ceiling,
+/// not an aim. When rounds stop shrinking, raise a capped link's rate
+/// first, then throttle the guest.
 pub(super) fn decide(s: &Standing, policy: &Policy) -> Decision {
     let budget = policy.max_downtime.as_secs_f64();
     let shrinking = (s.dirtied as f64) < 0.8 * s.sent as f64;
@@ -142,6 +157,9 @@ pub(super) fn decide(s: &Standing, policy: &Policy) -> Decision {
     let fast = (s.dirtied as f64) < 0.5 * s.sent as f64;
     let aim = if fast { 0.25 } else { 0.5 };
     if s.downtime <= aim * budget || (s.downtime <= budget && !shrinking) {
+        if fast && !s.last && s.transfer > WORTH_A_ROUND {
+            return Decision::Continue;
+        }
         return Decision::SwitchOver;
     }
     let stalled = s.round > 1 && !shrinking;
@@ -178,9 +196,31 @@ mod tests {
             sent: 1000,
             dirtied,
             downtime,
+            transfer: 0.001,
+            last: false,
             rate: 0,
             throttle: 0,
         }
+    }
+
+    #[test]
+    fn halving_rounds_go_on_while_the_rest_is_worth_a_round() {
+        let p = Policy {
+            max_downtime: Duration::from_millis(50),
+            ..Policy::default()
+        };
+        // Fits a quarter of the budget, but 5 ms of pages would be left
+        // and rounds halve them: one more round.
+        let mut s = standing(100, 0.008);
+        s.transfer = 0.005;
+        assert_eq!(decide(&s, &p), Decision::Continue);
+        // Not when no round may follow (hybrid would go to post-copy).
+        s.last = true;
+        assert_eq!(decide(&s, &p), Decision::SwitchOver);
+        // Nor when rounds no longer halve what is left.
+        s.last = false;
+        s.dirtied = 600;
+        assert_eq!(decide(&s, &p), Decision::SwitchOver);
     }
 
     #[test]

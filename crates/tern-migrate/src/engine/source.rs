@@ -265,6 +265,8 @@ impl<G: SourceGuest> Source<'_, G> {
                 sent,
                 dirtied: figures.dirtied,
                 downtime: prediction.downtime,
+                transfer: prediction.transfer,
+                last: round == rounds_allowed,
                 rate: match self.report.bandwidth_raised_to {
                     0 => self.policy.bandwidth_bytes_per_sec,
                     raised => raised,
