@@ -11,8 +11,10 @@
 
 use crate::config::ContainerHost;
 use crate::container_net::ContainerNet;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use tern_drivers::runc::{Bundle, BundleSpec, CheckpointOptions, Criu, Runc};
+use std::process::Child;
+use tern_drivers::runc::{Bundle, BundleSpec, CheckpointOptions, Criu, LazyDump, Runc};
 use tern_proto::GuestSpec;
 
 /// A container this process runs (or holds dumped, mid-migration).
@@ -61,11 +63,18 @@ fn args(spec: &GuestSpec) -> Vec<String> {
     a
 }
 
-fn bundle_spec(spec: &GuestSpec, net: Option<&ContainerNet>) -> BundleSpec {
+fn bundle_spec(spec: &GuestSpec, net: Option<&ContainerNet>, at: &Placement<'_>) -> BundleSpec {
     BundleSpec {
         args: args(spec),
         memory_mib: u32::try_from(spec.memory_mib).unwrap_or(u32::MAX),
         netns: net.map(ContainerNet::path),
+        // Per host: a lazy migration restores the container on the
+        // destination while the source holds it frozen in its own cgroup.
+        cgroup: Some(format!(
+            "/tern-containers/{}/{}",
+            at.host_name,
+            container_id(at.vm)
+        )),
     }
 }
 
@@ -145,7 +154,7 @@ impl ContainerGuest {
         let started = Bundle::create(
             &bundle_dir(vm_dir),
             &at.host.rootfs,
-            &bundle_spec(spec, g.net.as_ref()),
+            &bundle_spec(spec, g.net.as_ref(), at),
         )
         .map_err(|e| e.to_string())
         .and_then(|b| {
@@ -167,7 +176,7 @@ impl ContainerGuest {
         let runc = runc(vm_dir, at.host)?;
         let dir = bundle_dir(vm_dir);
         let net = at.net(vm_dir, spec)?;
-        let bundle = match Bundle::around_rootfs(&dir, &bundle_spec(spec, net.as_ref())) {
+        let bundle = match Bundle::around_rootfs(&dir, &bundle_spec(spec, net.as_ref(), at)) {
             Ok(b) => b,
             Err(e) => {
                 if let Some(n) = &net {
@@ -251,20 +260,88 @@ impl ContainerGuest {
         Ok(images)
     }
 
+    /// Dumps it lazily for a move into `scratch/images`: everything but
+    /// its memory, which CRIU then serves from the returned dump's page
+    /// server while the container stays frozen here (blocking).
+    pub fn dump_lazy(&mut self, scratch: &Path) -> Result<(PathBuf, LazyDump), String> {
+        let _ = std::fs::remove_dir_all(scratch);
+        let images = scratch.join("images");
+        std::fs::create_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
+        let dump = self
+            .runc
+            .checkpoint_lazy(&self.id, &images, &scratch.join("dump-work"), true)
+            .map_err(|e| e.to_string())?;
+        self.dumped = Some(images.clone());
+        Ok((images, dump))
+    }
+
+    /// Lets a lazily dumped container run on here: the migration did not
+    /// commit and no restore took a page (blocking). CRIU leaves the
+    /// connections it locked for the dump locked when a lazy transfer
+    /// fails; the container's namespace is tern's own, so its filter rules
+    /// are cleared.
+    ///
+    /// `open` is the connection to the dump's page server, if one was made.
+    pub fn resume_lazy(&mut self, dump: LazyDump, open: Option<TcpStream>) -> Result<(), String> {
+        dump.cancel(open).map_err(|e| e.to_string())?;
+        self.dumped = None;
+        if let Some(n) = &self.net {
+            n.unlock_filters();
+        }
+        Ok(())
+    }
+
+    /// Keeps a lazily dumped container whole and frozen here while a
+    /// committed migration is in doubt (blocking): frozen by its cgroup
+    /// first, so that the end of the dump lets nothing run. [`Self::restore`]
+    /// thaws it; [`Self::discard`] ends it.
+    pub fn hold_lazy(&mut self, dump: LazyDump, open: Option<TcpStream>) -> Result<(), String> {
+        self.set_paused(true)?;
+        self.resume_lazy(dump, open)
+    }
+
     /// Restores it from the images it was dumped into (a migration that did
     /// not commit, or one that landed here and committed).
+    /// A container held frozen ([`Self::hold_lazy`]) is thawed.
     pub fn restore(&mut self) -> Result<(), String> {
+        let Some(images) = self.dumped.clone() else {
+            if self.is_paused() {
+                return self.set_paused(false);
+            }
+            return Err("the container is neither dumped nor held".into());
+        };
+        let work = self.restore_work();
+        self.runc
+            .restore(&self.id, &self.bundle, &images, &work, true)
+            .map_err(|e| e.to_string())?;
+        self.restored()
+    }
+
+    /// Restores a lazily dumped container that landed here, its memory
+    /// pulled through `page_server` (a relay of the source's) by the
+    /// returned `criu lazy-pages` daemon (blocking).
+    pub fn restore_lazy(&mut self, page_server: SocketAddr) -> Result<Child, String> {
         let images = self.dumped.clone().ok_or("the container is not dumped")?;
-        let work = self.home.join(format!(
+        let work = self.restore_work();
+        let daemon = self
+            .runc
+            .restore_lazy(&self.id, &self.bundle, &images, &work, page_server)
+            .map_err(|e| e.to_string())?;
+        self.restored()?;
+        Ok(daemon)
+    }
+
+    fn restore_work(&self) -> PathBuf {
+        self.home.join(format!(
             "restore-work-{}",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_micros())
                 .unwrap_or(0)
-        ));
-        self.runc
-            .restore(&self.id, &self.bundle, &images, &work, true)
-            .map_err(|e| e.to_string())?;
+        ))
+    }
+
+    fn restored(&mut self) -> Result<(), String> {
         self.dumped = None;
         if let Some(n) = &self.net {
             n.route()?;

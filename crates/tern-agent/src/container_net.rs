@@ -173,6 +173,19 @@ impl ContainerNet {
         }
     }
 
+    /// Clears the namespace's filter rules: what CRIU added to lock the
+    /// container's connections for a dump that did not end in a restore
+    /// (tern adds no rules of its own there). Best effort.
+    pub fn unlock_filters(&self) {
+        for tool in ["iptables", "ip6tables"] {
+            for chain in ["INPUT", "OUTPUT"] {
+                if let Err(e) = in_ns(&self.ns, &[tool, "-F", chain]) {
+                    tracing::warn!(error = %e, "clearing the container's locked connections");
+                }
+            }
+        }
+    }
+
     /// Removes the namespace (and with it the link and its route).
     pub fn remove(&self) {
         let _ = sh(&["ip", "netns", "del", &self.ns]);

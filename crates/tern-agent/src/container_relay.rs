@@ -16,9 +16,17 @@
 //!   remove the dumped container
 //! ```
 //!
+//! In post-copy (and hybrid) mode the dump is lazy ([`lazy`]): the
+//! archive carries everything but the memory, which CRIU's page server
+//! keeps on the source; after `Commit` the destination restores at once
+//! and pulls the pages through the same sessions (its page requests as
+//! return-path bytes, the pages as stream bytes), so the downtime carries
+//! no memory.
+//!
 //! Before `Commit` any failure (a refused archive, a broken link, a
 //! destination that cannot take it) restores the container on the source
-//! from its own images. A destination whose restore fails after `Commit`
+//! from its own images (or, for a lazy dump, lets the frozen container
+//! run on). A destination whose restore fails after `Commit`
 //! runs nothing (CRIU ends what it half restored, and the container is
 //! reaped) before it says `Failed`, and the source restores its own: one
 //! copy runs either way. The CRIU images carry the
@@ -32,14 +40,17 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_drivers::checkpoint::{self, SignedCheckpoint};
+use tern_drivers::runc::LazyDump;
 use tern_migrate::protocol::{frame, msg_frame};
 use tern_migrate::relay::{
     decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_STREAM,
 };
 use tern_migrate::{
-    commit_at_once, CommitHook, GuestError, MigrateError, MigrationPhase, Outcome, Policy,
+    commit_at_once, CommitHook, GuestError, MigrateError, MigrationPhase, Mode, Outcome, Policy,
     Progress, Report, SourceCommitHook,
 };
+
+mod lazy;
 use tern_transport::{Receiver, Sender};
 use tokio::sync::watch;
 
@@ -87,6 +98,7 @@ pub async fn source(
         report: Report::default(),
         committed: false,
         t0: Instant::now(),
+        lazy: None,
     };
     s.report.phase = MigrationPhase::Requesting;
     args.progress
@@ -131,6 +143,8 @@ struct Source {
     /// `Commit` went out.
     committed: bool,
     t0: Instant,
+    /// A lazy dump's page server, while it holds the container's memory.
+    lazy: Option<LazyDump>,
 }
 
 impl Source {
@@ -143,8 +157,9 @@ impl Source {
         replies: &mut Receiver,
         before_commit: SourceCommitHook<'_>,
     ) -> Result<Option<MigrateError>, MigrateError> {
+        let lazily = a.policy.mode != Mode::Precopy;
         let start = RelaySourceMsg::Start {
-            mode: "precopy".into(),
+            mode: if lazily { "postcopy" } else { "precopy" }.into(),
             compress: a.compress,
         };
         data.send(msg_frame(&start)).await?;
@@ -160,7 +175,14 @@ impl Source {
         self.report.phase = MigrationPhase::Switchover;
         a.progress
             .send_modify(|p| p.phase = MigrationPhase::Switchover);
-        let images = tokio::task::block_in_place(|| guest.dump(&scratch)).map_err(guest_err)?;
+        let images = if lazily {
+            let (images, dump) =
+                tokio::task::block_in_place(|| guest.dump_lazy(&scratch)).map_err(guest_err)?;
+            self.lazy = Some(dump);
+            images
+        } else {
+            tokio::task::block_in_place(|| guest.dump(&scratch)).map_err(guest_err)?
+        };
         let last_tick = guest.counter();
         self.report.switchover.pause_ms = ms(frozen);
         let sent = Instant::now();
@@ -195,6 +217,10 @@ impl Source {
         };
         self.committed = true;
         data.send(msg_frame(&msg)).await?;
+        if let Some(dump) = self.lazy.take() {
+            let mut serve = lazy::Serve::new(dump, commit, frozen);
+            return serve.run(self, a, guest, data, replies).await;
+        }
         match next_reply(replies, LOAD_WAIT, "the destination to run the container").await? {
             RelayDestMsg::Running => {}
             RelayDestMsg::Failed { reason } => {
@@ -303,7 +329,12 @@ impl Source {
 
     /// Runs the container here again after `e` (before commit).
     fn restore_after(&mut self, guest: &mut ContainerGuest, e: MigrateError) -> MigrateError {
-        match tokio::task::block_in_place(|| guest.restore()) {
+        let lazy = self.lazy.take();
+        let again = tokio::task::block_in_place(|| match lazy {
+            Some(dump) => guest.resume_lazy(dump, None),
+            None => guest.restore(),
+        });
+        match again {
             Ok(()) => e,
             Err(r) => {
                 tracing::error!(error = %r, "restoring the container on the source failed");
@@ -328,6 +359,20 @@ async fn next_reply(
     within: Duration,
     waiting_for: &'static str,
 ) -> Result<RelayDestMsg, MigrateError> {
+    match next_incoming(replies, within, waiting_for).await? {
+        Incoming::Msg(m) => Ok(m),
+        Incoming::Bytes(k, _) => Err(MigrateError::Protocol(format!(
+            "unexpected stream bytes (kind {k}) from the destination"
+        ))),
+    }
+}
+
+/// The destination's next frame, message or return-path bytes.
+async fn next_incoming(
+    replies: &mut Receiver,
+    within: Duration,
+    waiting_for: &'static str,
+) -> Result<Incoming<RelayDestMsg>, MigrateError> {
     let (seq, f) = tokio::time::timeout(within, replies.recv())
         .await
         .map_err(|_| MigrateError::Timeout {
@@ -336,12 +381,7 @@ async fn next_reply(
         })?
         .ok_or(MigrateError::Closed("replies"))??;
     replies.ack(seq);
-    match decode::<RelayDestMsg>(&f)? {
-        Incoming::Msg(m) => Ok(m),
-        Incoming::Bytes(k, _) => Err(MigrateError::Protocol(format!(
-            "unexpected stream bytes (kind {k}) from the destination"
-        ))),
-    }
+    decode::<RelayDestMsg>(&f)
 }
 
 /// Failure injection (`TERN_FAULT_CHECKPOINT` in the agent's environment,
@@ -448,7 +488,7 @@ pub async fn destination(
     replies: Sender,
     on_commit: CommitHook<'_>,
 ) -> Result<ContainerGuest, (MigrateError, Option<ContainerGuest>)> {
-    let compress = match read_start(&mut data).await {
+    let (compress, lazily) = match read_start(&mut data).await {
         Ok(c) => c,
         Err(e) => return Err((e, None)),
     };
@@ -468,6 +508,7 @@ pub async fn destination(
     let mut d = Dest {
         args: &args,
         compress,
+        lazily,
         replies: &replies,
     };
     let res = d.run(&mut data, on_commit).await;
@@ -483,11 +524,13 @@ pub async fn destination(
     res.map_err(|e| (e, None))
 }
 
-async fn read_start(data: &mut Receiver) -> Result<Compress, MigrateError> {
+/// The source's `Start`: its chunk compression, and whether its dump is
+/// lazy (post-copy and hybrid).
+async fn read_start(data: &mut Receiver) -> Result<(Compress, bool), MigrateError> {
     let (seq, f) = data.recv().await.ok_or(MigrateError::Closed("data"))??;
     data.ack(seq);
     match decode::<RelaySourceMsg>(&f)? {
-        Incoming::Msg(RelaySourceMsg::Start { compress, .. }) => Ok(compress),
+        Incoming::Msg(RelaySourceMsg::Start { compress, mode }) => Ok((compress, mode != "precopy")),
         other => Err(MigrateError::Protocol(format!(
             "expected start, got {other:?}"
         ))),
@@ -498,6 +541,8 @@ async fn read_start(data: &mut Receiver) -> Result<Compress, MigrateError> {
 struct Dest<'a> {
     args: &'a DestArgs<'a>,
     compress: Compress,
+    /// The source's dump is lazy: its memory follows the restore.
+    lazily: bool,
     replies: &'a Sender,
 }
 
@@ -589,6 +634,10 @@ impl Dest<'_> {
                         MigrateError::Protocol("commit before the checkpoint landed".into())
                     })?;
                     on_commit().map_err(MigrateError::CommitRecord)?;
+                    if self.lazily {
+                        let last = last_tick.unwrap_or(0);
+                        return lazy::Land::new(self, last).run(g, data).await;
+                    }
                     tokio::task::block_in_place(|| g.restore()).map_err(guest_err)?;
                     self.args
                         .progress

@@ -15,9 +15,21 @@ pub async fn migrate_committed(
     max_downtime_ms: Option<u64>,
     limit: Duration,
 ) -> anyhow::Result<Report> {
+    migrate_committed_in(c, vm, to, "precopy", max_downtime_ms, limit).await
+}
+
+/// [`migrate_committed`] in `mode` (`precopy`, `postcopy` or `hybrid`).
+pub async fn migrate_committed_in(
+    c: &AgentClient,
+    vm: &VmId,
+    to: &str,
+    mode: &str,
+    max_downtime_ms: Option<u64>,
+    limit: Duration,
+) -> anyhow::Result<Report> {
     let req = MigrateRequest {
         to: tern_proto::HostId::new(to)?,
-        mode: "precopy".into(),
+        mode: mode.into(),
         max_downtime_ms,
         bandwidth_mbps: None,
         deadline_secs: None,

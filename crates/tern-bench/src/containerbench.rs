@@ -14,7 +14,10 @@
 //!   restore returned (the container runs).
 //! - tern: `POST /migrate` between two agents on loopback: the report's
 //!   downtime (dump start → the destination's `Running`), which adds the
-//!   signed manifest, the hashes and the journal records.
+//!   signed manifest, the hashes and the journal records. Per mode
+//!   (`--modes`): `precopy` dumps everything while frozen; `postcopy` dumps
+//!   lazily, so the memory moves after the container runs again (its
+//!   total time is printed too).
 
 use anyhow::{bail, Context};
 use std::io::Write;
@@ -38,6 +41,9 @@ pub struct ContainerBenchArgs {
     /// Runs per side.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// tern's modes, each measured in turn with the plain move.
+    #[arg(long, value_delimiter = ',', default_value = "precopy,postcopy")]
+    modes: Vec<String>,
 }
 
 fn spec(a: &ContainerBenchArgs) -> GuestSpec {
@@ -75,6 +81,7 @@ fn plain_once(a: &ContainerBenchArgs, dir: &Path, i: usize) -> anyhow::Result<(f
         ],
         memory_mib: u32::try_from(spec(a).memory_mib)?,
         netns: None,
+        cgroup: None,
     };
     let src = Bundle::create(&dir.join(format!("src-{i}")), &rootfs(), &bs)?;
     let id = format!("tern-bench-{}-{i}", std::process::id());
@@ -145,19 +152,23 @@ fn copy_over_tcp(parts: &[(&Path, &str)], dst: &Path) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("receiver panicked"))?
 }
 
-/// One tern move between the agents: the report's downtime, ms.
-async fn tern_once(a: &ContainerBenchArgs, ca: &AgentClient) -> anyhow::Result<(f64, f64)> {
+/// One tern move between the agents in `mode`: the report's downtime and
+/// total, ms, and the archive's size, MB.
+async fn tern_once(
+    a: &ContainerBenchArgs,
+    ca: &AgentClient,
+    mode: &str,
+) -> anyhow::Result<(f64, f64, f64)> {
     let vm = ca.create_vm(&spec(a)).await.context("create")?;
     tokio::time::sleep(warm_up(a)).await;
-    let r =
-        crate::agentrun::migrate_committed(ca, &vm.id, "host-b", None, Duration::from_secs(300))
-            .await?;
+    let limit = Duration::from_secs(300);
+    let r = crate::agentrun::migrate_committed_in(ca, &vm.id, "host-b", mode, None, limit).await?;
     let s = &r.switchover;
     println!(
-        "  tern: dump {:.0} ms, pack and send {:.0} ms, destination unpacks {:.0} ms, commit record {:.1} ms, restore {:.0} ms",
-        s.pause_ms, s.send_ms, s.ready_ms, s.commit_record_ms, s.running_ms
+        "  tern {mode}: dump {:.0} ms, pack and send {:.0} ms, destination unpacks {:.0} ms, commit record {:.1} ms, restore {:.0} ms; total {:.0} ms",
+        s.pause_ms, s.send_ms, s.ready_ms, s.commit_record_ms, s.running_ms, r.total_ms
     );
-    Ok((r.downtime_ms, r.memory_bytes as f64 / 1e6))
+    Ok((r.downtime_ms, r.total_ms, r.memory_bytes as f64 / 1e6))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -179,33 +190,47 @@ pub fn run(a: ContainerBenchArgs) -> anyhow::Result<()> {
     let pa = AgentProcess::start(&exe, &bed[0], None)?;
     let _pb = AgentProcess::start(&exe, &bed[1], None)?;
     let ca = pa.client()?;
-    let (mut plain, mut tern, mut parts) = (Vec::new(), Vec::new(), Vec::new());
-    let mut archive_mb = 0.0;
+    let mut plain = Vec::new();
+    let mut tern: Vec<(Vec<f64>, Vec<f64>, f64)> =
+        a.modes.iter().map(|_| (Vec::new(), Vec::new(), 0.0)).collect();
     for i in 0..a.runs {
         let (d, c, r) = plain_once(&a, &dir.path().join("plain"), i)?;
         println!("plain run {i}: dump {d:.0} ms, copy {c:.0} ms, restore {r:.0} ms");
         plain.push(d + c + r);
-        parts.push((d, c, r));
-        let (t, mb) = rt.block_on(tern_once(&a, &ca))?;
-        println!("tern run {i}: downtime {t:.0} ms ({mb:.0} MB archive)");
-        tern.push(t);
-        archive_mb = mb;
+        for (mode, row) in a.modes.iter().zip(tern.iter_mut()) {
+            let (t, total, mb) = rt.block_on(tern_once(&a, &ca, mode))?;
+            println!("tern {mode} run {i}: downtime {t:.0} ms ({mb:.0} MB archive)");
+            row.0.push(t);
+            row.1.push(total);
+            row.2 = mb;
+        }
     }
-    let (p, t) = (median(&mut plain), median(&mut tern));
+    let p = median(&mut plain);
     println!(
-        "container move: {} MiB written at {} MiB/s (source memory warm, destination cold), {archive_mb:.0} MB checkpoint, loopback; medians of {} runs, ms",
+        "container move: {} MiB written at {} MiB/s (source memory warm, destination cold), loopback; medians of {} runs, ms",
         a.ws_mib, a.rate_mib, a.runs
     );
     println!(
-        "{:<44} {:>10}",
-        "plain criu dump + copy + criu restore",
-        format!("{p:.0}")
+        "{:<52} {:>10} {:>10} {:>8}",
+        "", "downtime", "total", "ratio"
     );
     println!(
-        "{:<44} {:>10}",
-        "tern migration downtime",
-        format!("{t:.0}")
+        "{:<52} {:>10} {:>10} {:>8}",
+        "plain criu dump + copy + criu restore",
+        format!("{p:.0}"),
+        format!("{p:.0}"),
+        "1.00"
     );
-    println!("{:<44} {:>10.2}", "ratio tern / plain", t / p);
+    for (mode, (mut down, mut total, mb)) in a.modes.iter().zip(tern) {
+        let (t, tt) = (median(&mut down), median(&mut total));
+        println!(
+            "{:<52} {:>10} {:>10} {:>8.2}",
+            format!("tern {mode} ({mb:.0} MB archive)"),
+            format!("{t:.0}"),
+            format!("{tt:.0}"),
+            t / p
+        );
+    }
+    println!("ratio: tern's downtime / plain's");
     Ok(())
 }

@@ -15,6 +15,9 @@
 //! the project's cached 4.2 build (`scripts/criu-setup.sh`) are each tried,
 //! and only one that passes `criu check` is used.
 
+mod lazy;
+
+pub use lazy::{ensure_pipe_size, LazyDump};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -128,6 +131,11 @@ pub struct BundleSpec {
     /// An existing network namespace to join (`/var/run/netns/NAME`);
     /// `None` gives the container one of its own.
     pub netns: Option<PathBuf>,
+    /// The container's cgroup path (runc's `cgroupsPath`); `None` leaves
+    /// runc's default, named after the container. Two hosts on one machine
+    /// need their own: a lazy migration restores the container on the
+    /// destination while the source still holds it, frozen.
+    pub cgroup: Option<String>,
 }
 
 /// An OCI bundle: `rootfs/` and `config.json` in one directory.
@@ -224,6 +232,9 @@ fn adjust(config: &mut Value, spec: &BundleSpec) {
     config["root"]["readonly"] = json!(false);
     let bytes = u64::from(spec.memory_mib) << 20;
     config["linux"]["resources"]["memory"] = json!({ "limit": bytes, "swap": bytes });
+    if let Some(cg) = &spec.cgroup {
+        config["linux"]["cgroupsPath"] = json!(cg);
+    }
     if let Some(ns) = &spec.netns {
         if let Some(list) = config["linux"]["namespaces"].as_array_mut() {
             for n in list.iter_mut() {
@@ -469,6 +480,7 @@ mod tests {
             args: vec!["/bin/tern-counter".into()],
             memory_mib: 64,
             netns: Some(PathBuf::from("/var/run/netns/h1")),
+            cgroup: None,
         };
         adjust(&mut c, &spec);
         assert_eq!(c["process"]["terminal"], json!(false));

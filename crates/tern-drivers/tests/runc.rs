@@ -83,6 +83,7 @@ fn spec() -> BundleSpec {
         args: vec!["/bin/tern-counter".into()],
         memory_mib: 64,
         netns: None,
+        cgroup: None,
     }
 }
 
@@ -199,6 +200,7 @@ fn an_established_tcp_connection_survives_checkpoint_and_restore() {
         args: vec!["/bin/tern-counter".into(), "--listen".into(), "7000".into()],
         memory_mib: 64,
         netns: Some(PathBuf::from(format!("/var/run/netns/{}", ns.names[0]))),
+        cgroup: None,
     };
     let bundle = Bundle::create(&dir.path().join("bundle"), &rootfs, &spec).unwrap();
     let id = format!("tern-ct-tcp-{}", std::process::id());
@@ -296,4 +298,128 @@ fn a_signed_checkpoint_restores_in_another_bundle_and_a_damaged_one_leaves_the_s
     wait_counter(&moved, at_dump + 3);
     assert_continuous(&moved);
     assert_eq!(counter(&bundle), at_dump, "the source's copy stays stopped");
+}
+
+fn writer_spec(cgroup: &str) -> BundleSpec {
+    BundleSpec {
+        args: ["/bin/tern-counter", "--dirty-mib", "32", "--rate-mib", "20"]
+            .map(String::from)
+            .to_vec(),
+        memory_mib: 128,
+        netns: None,
+        cgroup: Some(cgroup.into()),
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp -a {} {}", from.display(), to.display());
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// CRIU's post-copy for containers, as a migration uses it: the source's
+/// lazy dump leaves the memory to its page server, a restore on another
+/// runc root (another cgroup, as another host) runs the container at once
+/// and pulls the memory, and the source's container ends with the
+/// transfer.
+#[test]
+fn a_lazy_checkpoint_runs_the_container_elsewhere_before_its_memory_moved() {
+    let Some((runc, rootfs)) = setup_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let id = format!("tern-lazy-{}", std::process::id());
+    let a = Bundle::create(
+        &dir.path().join("a"),
+        &rootfs,
+        &writer_spec(&format!("/tern-test/a/{id}")),
+    )
+    .unwrap();
+    let _gone = Gone(&runc, id.clone());
+    runc.run(&id, &a).unwrap();
+    wait_counter(&a, 20);
+
+    let t = Instant::now();
+    let dump = runc
+        .checkpoint_lazy(&id, &dir.path().join("images"), &dir.path().join("work"), false)
+        .unwrap();
+    let dump_ms = ms(t);
+    let at_dump = counter(&a);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(counter(&a), at_dump, "the dumped container is frozen");
+
+    // The destination: its own copy of the rootfs and images, its own
+    // runc state and cgroup.
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    copy_dir(&a.rootfs(), &b_dir.join("rootfs"));
+    copy_dir(&dir.path().join("images"), &dir.path().join("images-b"));
+    let b = Bundle::around_rootfs(&b_dir, &writer_spec(&format!("/tern-test/b/{id}"))).unwrap();
+    let state_b = tempfile::tempdir().unwrap();
+    let runc_b = Runc::new(state_b.path(), runc_criu());
+    let _gone_b = Gone(&runc_b, id.clone());
+    let t = Instant::now();
+    let mut daemon = runc_b
+        .restore_lazy(
+            &id,
+            &b,
+            &dir.path().join("images-b"),
+            &dir.path().join("work-b"),
+            dump.page_server(),
+        )
+        .unwrap();
+    let restore_ms = ms(t);
+    assert_eq!(runc_b.state(&id).unwrap().unwrap().status, "running");
+    let t = Instant::now();
+    dump.finish().expect("every page went over");
+    let transfer_ms = ms(t);
+    assert!(daemon.wait().unwrap().success(), "the lazy-pages daemon");
+    assert!(runc.state(&id).unwrap().is_none(), "the source's container ended");
+    wait_counter(&b, at_dump + 5);
+    assert_continuous(&b);
+    eprintln!(
+        "lazy move of a 128 MiB container writing 20 MiB/s over 32 MiB: dump {dump_ms:.0} ms, \
+         restore {restore_ms:.0} ms (frozen until then), rest of the memory {transfer_ms:.0} ms later"
+    );
+}
+
+/// A lazy dump given up before any restore pulled a page lets the
+/// container run on where it was, its state intact.
+#[test]
+fn a_cancelled_lazy_checkpoint_lets_the_container_run_on() {
+    let Some((runc, rootfs)) = setup_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let id = format!("tern-lazy-cancel-{}", std::process::id());
+    let a = Bundle::create(
+        &dir.path().join("a"),
+        &rootfs,
+        &writer_spec(&format!("/tern-test/a/{id}")),
+    )
+    .unwrap();
+    let _gone = Gone(&runc, id.clone());
+    runc.run(&id, &a).unwrap();
+    wait_counter(&a, 20);
+    let dump = runc
+        .checkpoint_lazy(&id, &dir.path().join("images"), &dir.path().join("work"), false)
+        .unwrap();
+    let at_dump = counter(&a);
+    dump.cancel(None).unwrap();
+    assert_eq!(runc.state(&id).unwrap().unwrap().status, "running");
+    wait_counter(&a, at_dump + 5);
+    assert_continuous(&a);
+}
+
+fn runc_criu() -> Criu {
+    Criu::locate(std::env::var_os("TERN_CRIU").as_deref().map(Path::new)).unwrap()
 }

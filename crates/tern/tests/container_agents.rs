@@ -74,7 +74,13 @@ async fn runs_beyond(c: &AgentClient, vm: &VmId, epoch: u64, beyond: u64) -> u64
 
 /// Migrates `vm` from `c` to `to` by pre-copy and waits for the end.
 async fn move_to(c: &AgentClient, vm: &VmId, to: &str) -> tern_agent::MigrationView {
-    let m = c.migrate(vm, &mode_to(to, "precopy")).await.unwrap();
+    move_in(c, vm, to, "precopy").await
+}
+
+/// Migrates `vm` from `c` to `to` in `mode` (`postcopy`: a lazy dump, the
+/// memory moving after the container runs again) and waits for the end.
+async fn move_in(c: &AgentClient, vm: &VmId, to: &str, mode: &str) -> tern_agent::MigrationView {
+    let m = c.migrate(vm, &mode_to(to, mode)).await.unwrap();
     wait_end(c, &m.id, Duration::from_secs(120)).await
 }
 
@@ -151,21 +157,41 @@ async fn a_container_migrates_between_agents_and_back_and_keeps_counting() {
         "the source kept its container's files"
     );
 
-    // And back: the same container, on from where it was.
-    let done = move_to(&cb, &vm.id, "host-a").await;
+    // And back, lazily: the same container runs on from where it was
+    // before its memory followed.
+    let done = move_in(&cb, &vm.id, "host-a", "postcopy").await;
     assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
-    runs_beyond(&ca, &vm.id, 3, after).await;
-    ca.stop_vm(&vm.id).await.unwrap();
+    let r = done.report.as_ref().unwrap();
+    eprintln!(
+        "container b -> a, lazy: downtime {:.1} ms (dump {:.1}, send {:.1}, load {:.1}, restore {:.1}), total {:.1} ms, {} on the wire",
+        r.downtime_ms,
+        r.switchover.pause_ms,
+        r.switchover.send_ms,
+        r.switchover.ready_ms,
+        r.switchover.running_ms,
+        r.total_ms,
+        r.wire_bytes
+    );
+    assert!(r.downtime_ms > 0.0, "{r:?}");
+    let back = runs_beyond(&ca, &vm.id, 3, after).await;
+    assert_eq!(cb.vm(&vm.id).await.unwrap().status, GuestStatus::MovedAway);
+    assert_eq!(container_dirs(&bed.hosts[1].data_dir, &vm.id), 0);
+
+    // And there again, lazily, from the host it came back to.
+    let done = move_in(&ca, &vm.id, "host-b", "postcopy").await;
+    assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
+    runs_beyond(&cb, &vm.id, 4, back).await;
+    cb.stop_vm(&vm.id).await.unwrap();
 }
 
 /// A checkpoint the destination cannot trust is refused before it is
 /// restored, and the source runs its container on, at the same epoch.
-async fn refused_and_source_runs_on(fault: &str, says: &str) {
+async fn refused_and_source_runs_on(fault: &str, says: &str, mode: &str) {
     let bed = bed(&[("TERN_FAULT_CHECKPOINT", fault)]);
     let (ca, cb) = (bed.a.client(), bed.b.client());
     let vm = ca.create_vm(&container()).await.unwrap();
     let before = runs_beyond(&ca, &vm.id, 1, 0).await;
-    let done = move_to(&ca, &vm.id, "host-b").await;
+    let done = move_in(&ca, &vm.id, "host-b", mode).await;
     assert_eq!(done.state, MigrationPhase::RolledBack, "{done:?}");
     let error = done.error.clone().unwrap_or_default();
     assert!(error.contains(says), "{fault}: {error}");
@@ -188,8 +214,10 @@ async fn a_forged_or_corrupted_checkpoint_is_refused_and_the_source_runs_on() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().await;
-    refused_and_source_runs_on("forge", "signature").await;
-    refused_and_source_runs_on("corrupt", "").await;
+    refused_and_source_runs_on("forge", "signature", "precopy").await;
+    refused_and_source_runs_on("corrupt", "", "precopy").await;
+    // A lazy dump given up: the frozen container runs on where it was.
+    refused_and_source_runs_on("forge", "signature", "postcopy").await;
 }
 
 /// A client outside both hosts that keeps one connection to the container
@@ -254,6 +282,22 @@ async fn a_clients_tcp_connection_follows_the_container_to_its_new_host() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().await;
+    tcp_follows("precopy").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: containers checkpointed by CRIU between two agent processes"]
+async fn a_clients_tcp_connection_follows_a_lazily_moved_container() {
+    if !containers_or_skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    tcp_follows("postcopy").await;
+}
+
+/// A client keeps one connection to a container served on its own address
+/// while it moves in `mode`: every answer comes, in order.
+async fn tcp_follows(mode: &str) {
     let Some(ns) = tern_testkit::netns::Netns::create("ctm", 234, 2) else {
         panic!("cannot make network namespaces as root");
     };
@@ -281,7 +325,7 @@ async fn a_clients_tcp_connection_follows_the_container_to_its_new_host() {
 
     let (client, local) = Client::start((address, 7000).into());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let done = move_to(&ca, &vm.id, "host-b").await;
+    let done = move_in(&ca, &vm.id, "host-b", mode).await;
     assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
     let moved = runs_beyond(&cb, &vm.id, 2, 0).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -294,7 +338,7 @@ async fn a_clients_tcp_connection_follows_the_container_to_its_new_host() {
         .max()
         .unwrap_or_default();
     eprintln!(
-        "{} answers over one connection ({local}); longest wait {:.0} ms; downtime {:.1} ms",
+        "{mode}: {} answers over one connection ({local}); longest wait {:.0} ms; downtime {:.1} ms",
         seen.len(),
         longest.as_secs_f64() * 1e3,
         r.downtime_ms
