@@ -6,11 +6,12 @@
 //! ```text
 //! source                                    destination
 //!   Start{compress}                   ->    Accept | Reject{reason}
+//!   journal CommitDecided (before the downtime, as for VMs)
 //!   dump (the container stops: downtime begins)
 //!   Checkpoint{signed manifest, bytes} ->   signer checked before a byte is kept
 //!   archive chunks, StreamEnd         ->    every entry checked, unpacked whole
 //!                                     <-    Loaded (bundle ready, not running)
-//!   journal CommitDecided, Commit{last_tick} -> journal CommitReceived, restore
+//!   Commit{last_tick}                 ->    journal CommitReceived, restore
 //!                                     <-    Running (downtime ends)
 //!                                     <-    Verified{ok, detail} (the counter went on)
 //!   remove the dumped container
@@ -46,7 +47,7 @@ use tern_migrate::relay::{
     decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_STREAM,
 };
 use tern_migrate::{
-    commit_at_once, CommitHook, GuestError, MigrateError, MigrationPhase, Mode, Outcome, Policy,
+    CommitHook, CommitStep, GuestError, MigrateError, MigrationPhase, Mode, Outcome, Policy,
     Progress, Report, SourceCommitHook,
 };
 
@@ -168,8 +169,12 @@ impl Source {
             RelayDestMsg::Reject { reason } => return Err(MigrateError::Rejected(reason)),
             other => return Err(unexpected("accept", &other)),
         }
-        // Everything that can be done with the container running is done:
-        // downtime starts with the dump.
+        // Everything that can be done with the container running is done,
+        // the commit record among them (its disk flush is no part of the
+        // downtime, as for VMs): downtime starts with the dump.
+        let record = Instant::now();
+        before_commit(CommitStep::Switchover).map_err(MigrateError::CommitRecord)?;
+        self.report.switchover.commit_record_ms = ms(record);
         let scratch = guest.home().join("out");
         let frozen = Instant::now();
         self.report.phase = MigrationPhase::Switchover;
@@ -206,11 +211,9 @@ impl Source {
         }
         self.report.switchover.ready_ms = ms(loaded);
         a.progress.send_modify(|p| p.destination_ready = true);
-        let record = Instant::now();
-        if let Err(e) = commit_at_once(before_commit) {
+        if let Err(e) = before_commit(CommitStep::Commit) {
             return Err(self.restore_after(guest, MigrateError::CommitRecord(e)));
         }
-        self.report.switchover.commit_record_ms = ms(record);
         let commit = Instant::now();
         let msg = RelaySourceMsg::Commit {
             last_tick: Some(last_tick),
