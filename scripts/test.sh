@@ -78,6 +78,13 @@ export TERN_REQUIRE_C_ACTORS=1      # the C actor tests must not skip here
 stage "tests (including slow ones)"
 cargo test --workspace --locked --no-fail-fast -- --include-ignored
 disk
+stage "container move figures (short: one run per side)"
+# Downtime of a container writing 50 MiB/s over 512 MiB, moved by tern
+# (precopy, and postcopy's lazy dump) against a plain CRIU dump + copy +
+# restore in the same run; the full benchmark takes --runs 5.
+cargo build --locked -q -p tern-bench
+target/debug/tern-bench migrate-container --runs 1 2>&1 | grep -v " INFO \| WARN "
+disk
 # The fuzz build is a second tree (~1 GB); on a nearly full disk the test build
 # makes room for it.
 if [ "$(df --output=avail -k . | tail -1)" -lt 4000000 ]; then

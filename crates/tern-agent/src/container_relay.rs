@@ -533,7 +533,9 @@ async fn read_start(data: &mut Receiver) -> Result<(Compress, bool), MigrateErro
     let (seq, f) = data.recv().await.ok_or(MigrateError::Closed("data"))??;
     data.ack(seq);
     match decode::<RelaySourceMsg>(&f)? {
-        Incoming::Msg(RelaySourceMsg::Start { compress, mode }) => Ok((compress, mode != "precopy")),
+        Incoming::Msg(RelaySourceMsg::Start { compress, mode }) => {
+            Ok((compress, mode != "precopy"))
+        }
         other => Err(MigrateError::Protocol(format!(
             "expected start, got {other:?}"
         ))),

@@ -156,13 +156,15 @@ fn copy_over_tcp(parts: &[(&Path, &str)], dst: &Path) -> anyhow::Result<()> {
 /// total, ms, and the archive's size, MB.
 async fn tern_once(
     a: &ContainerBenchArgs,
-    ca: &AgentClient,
+    (ca, cb): (&AgentClient, &AgentClient),
     mode: &str,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let vm = ca.create_vm(&spec(a)).await.context("create")?;
     tokio::time::sleep(warm_up(a)).await;
     let limit = Duration::from_secs(300);
     let r = crate::agentrun::migrate_committed_in(ca, &vm.id, "host-b", mode, None, limit).await?;
+    // Ended, so that no run shares the CPUs with the writers of earlier ones.
+    cb.stop_vm(&vm.id).await.context("stop")?;
     let s = &r.switchover;
     println!(
         "  tern {mode}: dump {:.0} ms, pack and send {:.0} ms, destination unpacks {:.0} ms, commit record {:.1} ms, restore {:.0} ms; total {:.0} ms",
@@ -188,17 +190,20 @@ pub fn run(a: ContainerBenchArgs) -> anyhow::Result<()> {
         testbed::write(&dir.path().join("bed"), &plans).map_err(|e| anyhow::anyhow!("{e}"))?;
     let exe = crate::tern_binary()?;
     let pa = AgentProcess::start(&exe, &bed[0], None)?;
-    let _pb = AgentProcess::start(&exe, &bed[1], None)?;
-    let ca = pa.client()?;
+    let pb = AgentProcess::start(&exe, &bed[1], None)?;
+    let (ca, cb) = (pa.client()?, pb.client()?);
     let mut plain = Vec::new();
-    let mut tern: Vec<(Vec<f64>, Vec<f64>, f64)> =
-        a.modes.iter().map(|_| (Vec::new(), Vec::new(), 0.0)).collect();
+    let mut tern: Vec<(Vec<f64>, Vec<f64>, f64)> = a
+        .modes
+        .iter()
+        .map(|_| (Vec::new(), Vec::new(), 0.0))
+        .collect();
     for i in 0..a.runs {
         let (d, c, r) = plain_once(&a, &dir.path().join("plain"), i)?;
         println!("plain run {i}: dump {d:.0} ms, copy {c:.0} ms, restore {r:.0} ms");
         plain.push(d + c + r);
         for (mode, row) in a.modes.iter().zip(tern.iter_mut()) {
-            let (t, total, mb) = rt.block_on(tern_once(&a, &ca, mode))?;
+            let (t, total, mb) = rt.block_on(tern_once(&a, (&ca, &cb), mode))?;
             println!("tern {mode} run {i}: downtime {t:.0} ms ({mb:.0} MB archive)");
             row.0.push(t);
             row.1.push(total);

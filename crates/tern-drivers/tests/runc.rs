@@ -350,7 +350,12 @@ fn a_lazy_checkpoint_runs_the_container_elsewhere_before_its_memory_moved() {
 
     let t = Instant::now();
     let dump = runc
-        .checkpoint_lazy(&id, &dir.path().join("images"), &dir.path().join("work"), false)
+        .checkpoint_lazy(
+            &id,
+            &dir.path().join("images"),
+            &dir.path().join("work"),
+            false,
+        )
         .unwrap();
     let dump_ms = ms(t);
     let at_dump = counter(&a);
@@ -383,7 +388,10 @@ fn a_lazy_checkpoint_runs_the_container_elsewhere_before_its_memory_moved() {
     dump.finish().expect("every page went over");
     let transfer_ms = ms(t);
     assert!(daemon.wait().unwrap().success(), "the lazy-pages daemon");
-    assert!(runc.state(&id).unwrap().is_none(), "the source's container ended");
+    assert!(
+        runc.state(&id).unwrap().is_none(),
+        "the source's container ended"
+    );
     wait_counter(&b, at_dump + 5);
     assert_continuous(&b);
     eprintln!(
@@ -411,7 +419,12 @@ fn a_cancelled_lazy_checkpoint_lets_the_container_run_on() {
     runc.run(&id, &a).unwrap();
     wait_counter(&a, 20);
     let dump = runc
-        .checkpoint_lazy(&id, &dir.path().join("images"), &dir.path().join("work"), false)
+        .checkpoint_lazy(
+            &id,
+            &dir.path().join("images"),
+            &dir.path().join("work"),
+            false,
+        )
         .unwrap();
     let at_dump = counter(&a);
     dump.cancel(None).unwrap();

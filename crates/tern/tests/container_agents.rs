@@ -8,41 +8,13 @@
 
 mod common;
 
-use common::{mode_to, wait_end, AgentProc};
+use common::{containers_or_skip, mode_to, wait_end, AgentProc};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tern_agent::{AgentClient, MigrationPhase};
 use tern_proto::{GuestKind, GuestSpec, GuestStatus, VmId};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn containers_or_skip() -> bool {
-    let rootfs = std::env::var("TERN_WORKLOAD_ROOTFS")
-        .unwrap_or_else(|_| "/var/cache/tern/workload/rootfs.tar".into());
-    let why = if !rustix::process::geteuid().is_root() {
-        Some("not root".to_string())
-    } else if !Path::new(&rootfs).exists() {
-        Some(format!("{rootfs} missing (scripts/workload-rootfs.sh)"))
-    } else {
-        tern_drivers::runc::Criu::locate(std::env::var_os("TERN_CRIU").as_deref().map(Path::new))
-            .err()
-            .map(|e| e.to_string())
-    };
-    match why {
-        None => {
-            // The test bed's hosts take their [container] from these.
-            std::env::set_var("TERN_WORKLOAD_ROOTFS", &rootfs);
-            true
-        }
-        Some(why) if std::env::var("TERN_REQUIRE_CRIU").as_deref() == Ok("1") => {
-            panic!("TERN_REQUIRE_CRIU=1 but {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED: {why}");
-            false
-        }
-    }
-}
 
 fn container() -> GuestSpec {
     GuestSpec {

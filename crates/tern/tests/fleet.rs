@@ -1350,3 +1350,73 @@ async fn a_tenant_claims_a_warm_vm_the_pool_placed_on_a_joined_host() {
     )
     .await;
 }
+
+/// A tenant's container through the control plane and its CLI: placed on
+/// a joined host (`tern vm create --kind container`), moved lazily by
+/// `tern migrate --mode postcopy`, running at the next epoch where the
+/// store says, and stopped.
+#[tokio::test]
+#[ignore = "tern up, two agents and runc containers; run by .ci/run"]
+async fn a_tenants_container_is_placed_and_moved_through_the_control_plane() {
+    if !common::containers_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ControlPlane {
+        admin, tenant, up, ..
+    } = control_plane(dir.path(), "agents", &[("TERN_POOL_SIZE", "0")]);
+    let no_labels = |_: &str| tern_proto::Labels::default();
+    let names = ["host-a", "host-b"];
+    let (_hosts, agents) =
+        joined_fleet(dir.path(), &[up.base.as_str()], &admin, &names, &no_labels).await;
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(args)
+            .args(["--api", &up.base, "--api-token", &tenant])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let made: serde_json::Value = serde_json::from_str(&cli(&[
+        "vm",
+        "create",
+        "--kind",
+        "container",
+        "--memory",
+        "64",
+    ]))
+    .unwrap();
+    let id = made["id"].as_str().unwrap().to_owned();
+    let from = made["host"].as_str().unwrap().to_owned();
+    assert_eq!(made["status"], "running", "{made}");
+    assert_runs(&agents[host_index(&from)].client(), &id, 1).await;
+
+    let to = if from == "host-a" { "host-b" } else { "host-a" };
+    let report = cli(&["migrate", &id, "--to", to, "--mode", "postcopy", "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(m["phase"], "committed", "{m}");
+    eprintln!("container {from} -> {to} (lazy): {}", m["report"]);
+    let http = reqwest::Client::new();
+    let rec = get_vm(&http, &up.base, &tenant, &id).await;
+    assert_eq!(rec["host"], to, "{rec}");
+    assert_eq!(rec["owner_epoch"], 2, "{rec}");
+    assert_runs(&agents[host_index(to)].client(), &id, 2).await;
+    let left = agents[host_index(&from)]
+        .client()
+        .vm(&id.parse().unwrap())
+        .await;
+    assert!(
+        left.as_ref()
+            .map_or(true, |v| v.status != tern_proto::GuestStatus::Running),
+        "{left:?}"
+    );
+    cli(&["vm", "stop", &id]);
+    let gone = get_vm(&http, &up.base, &tenant, &id).await;
+    assert_ne!(gone["status"], "running", "{gone}");
+}

@@ -29,8 +29,7 @@
 //!   doubt.
 
 use super::{
-    guest_err, ms, next_incoming, ContainerGuest, Dest, Source, SourceArgs, LOAD_WAIT,
-    VERIFY_WAIT,
+    guest_err, ms, next_incoming, ContainerGuest, Dest, Source, SourceArgs, LOAD_WAIT, VERIFY_WAIT,
 };
 use bytes::Bytes;
 use std::time::{Duration, Instant};
@@ -65,6 +64,8 @@ pub(super) struct Serve {
     commit: Instant,
     frozen: Instant,
     running: bool,
+    /// When the destination said `Running`.
+    ran: Option<Instant>,
     /// CRIU closed its side: every page went.
     served_all: bool,
     verdict: Option<Option<MigrateError>>,
@@ -78,6 +79,7 @@ impl Serve {
             commit,
             frozen,
             running: false,
+            ran: None,
             served_all: false,
             verdict: None,
         }
@@ -108,6 +110,9 @@ impl Serve {
                 return self.fail(s, guest, e);
             }
         }
+        // The memory moved after the container ran: post-copy, as reported.
+        s.report.postcopy = true;
+        s.report.postcopy_ms = self.ran.map_or(0.0, ms);
         let dump = self.dump.take().expect("held until the end");
         if let Err(e) = tokio::task::spawn_blocking(move || dump.finish())
             .await
@@ -163,6 +168,7 @@ impl Serve {
             Incoming::Bytes(KIND_RETURN, p) => self.request(&p).await?,
             Incoming::Msg(RelayDestMsg::Running) if !self.running => {
                 self.running = true;
+                self.ran = Some(Instant::now());
                 s.report.switchover.running_ms = ms(self.commit);
                 s.report.downtime_ms = ms(self.frozen);
                 a.progress
@@ -233,10 +239,12 @@ impl Serve {
             tracing::error!(error = %e, "the page transfer failed after the destination ran the container: it is lost");
             drop(open);
             drop(dump);
-            return Ok(Some(MigrateError::Guest(tern_migrate::GuestError(format!(
-                "the container's memory transfer failed after it ran on the destination; \
+            return Ok(Some(MigrateError::Guest(tern_migrate::GuestError(
+                format!(
+                    "the container's memory transfer failed after it ran on the destination; \
                  it cannot go on there without its pages and was ended on both hosts: {e}"
-            )))));
+                ),
+            ))));
         }
         if let Err(h) = tokio::task::block_in_place(|| guest.hold_lazy(dump, open)) {
             tracing::error!(error = %h, "holding the container after a commit in doubt");
@@ -294,9 +302,7 @@ impl<'d, 'a> Land<'d, 'a> {
             (g, r)
         }));
         let mut guest: Option<ContainerGuest> = None;
-        let res = self
-            .relay(&listener, &mut restore, &mut guest, data)
-            .await;
+        let res = self.relay(&listener, &mut restore, &mut guest, data).await;
         if let Err(e) = res {
             if let Some(mut d) = self.daemon.take() {
                 let _ = d.kill();
@@ -328,7 +334,9 @@ impl<'d, 'a> Land<'d, 'a> {
     async fn relay(
         &mut self,
         listener: &tokio::net::TcpListener,
-        restore: &mut Option<tokio::task::JoinHandle<(ContainerGuest, Result<std::process::Child, String>)>>,
+        restore: &mut Option<
+            tokio::task::JoinHandle<(ContainerGuest, Result<std::process::Child, String>)>,
+        >,
         guest: &mut Option<ContainerGuest>,
         data: &mut Receiver,
     ) -> Result<(), MigrateError> {
@@ -413,7 +421,10 @@ impl<'d, 'a> Land<'d, 'a> {
         } else if self.ran_at.is_some_and(|t| t.elapsed() > VERIFY_WAIT) {
             Some((
                 false,
-                format!("the counter stayed at {n} (the source stopped at {})", self.last_tick),
+                format!(
+                    "the counter stayed at {n} (the source stopped at {})",
+                    self.last_tick
+                ),
             ))
         } else {
             None

@@ -229,9 +229,8 @@ impl LazyDump {
         // page_server_iov {u32 cmd; u64 nr_pages; u64 vaddr; u64 dst_id}:
         // 32 bytes on x86-64, an unknown command.
         let refused = [0xffu8; 32];
-        let conn = open.or_else(|| {
-            TcpStream::connect_timeout(&self.page_server, Duration::from_secs(2)).ok()
-        });
+        let conn = open
+            .or_else(|| TcpStream::connect_timeout(&self.page_server, Duration::from_secs(2)).ok());
         if let Some(mut s) = conn {
             let _ = s.write_all(&refused);
             let mut rest = Vec::new();

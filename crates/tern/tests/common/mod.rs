@@ -298,3 +298,35 @@ pub async fn running_copies(
     }
     out
 }
+
+/// Whether containers can run here (root, a working CRIU, the workload's
+/// rootfs); sets `TERN_WORKLOAD_ROOTFS`, from which test hosts take their
+/// `[container]`. Says SKIPPED otherwise, or fails under
+/// `TERN_REQUIRE_CRIU=1` (CI).
+pub fn containers_or_skip() -> bool {
+    let rootfs = std::env::var("TERN_WORKLOAD_ROOTFS")
+        .unwrap_or_else(|_| "/var/cache/tern/workload/rootfs.tar".into());
+    let why = if !rustix::process::geteuid().is_root() {
+        Some("not root".to_string())
+    } else if !Path::new(&rootfs).exists() {
+        Some(format!("{rootfs} missing (scripts/workload-rootfs.sh)"))
+    } else {
+        tern_drivers::runc::Criu::locate(std::env::var_os("TERN_CRIU").as_deref().map(Path::new))
+            .err()
+            .map(|e| e.to_string())
+    };
+    match why {
+        None => {
+            // The test bed's hosts take their [container] from these.
+            std::env::set_var("TERN_WORKLOAD_ROOTFS", &rootfs);
+            true
+        }
+        Some(why) if std::env::var("TERN_REQUIRE_CRIU").as_deref() == Ok("1") => {
+            panic!("TERN_REQUIRE_CRIU=1 but {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}
