@@ -311,6 +311,14 @@ fn writer_spec(cgroup: &str) -> BundleSpec {
     }
 }
 
+/// A container `id` in `dir` writing across its memory, counting.
+fn writing(runc: &Runc, rootfs: &Path, dir: &Path, id: &str) -> Bundle {
+    let a = Bundle::create(dir, rootfs, &writer_spec(&format!("/tern-test/a/{id}"))).unwrap();
+    runc.run(id, &a).unwrap();
+    wait_counter(&a, 20);
+    a
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     let ok = std::process::Command::new("cp")
         .arg("-a")
@@ -338,15 +346,8 @@ fn a_lazy_checkpoint_runs_the_container_elsewhere_before_its_memory_moved() {
     };
     let dir = tempfile::tempdir().unwrap();
     let id = format!("tern-lazy-{}", std::process::id());
-    let a = Bundle::create(
-        &dir.path().join("a"),
-        &rootfs,
-        &writer_spec(&format!("/tern-test/a/{id}")),
-    )
-    .unwrap();
+    let a = writing(&runc, &rootfs, &dir.path().join("a"), &id);
     let _gone = Gone(&runc, id.clone());
-    runc.run(&id, &a).unwrap();
-    wait_counter(&a, 20);
 
     let t = Instant::now();
     let dump = runc
@@ -409,15 +410,8 @@ fn a_cancelled_lazy_checkpoint_lets_the_container_run_on() {
     };
     let dir = tempfile::tempdir().unwrap();
     let id = format!("tern-lazy-cancel-{}", std::process::id());
-    let a = Bundle::create(
-        &dir.path().join("a"),
-        &rootfs,
-        &writer_spec(&format!("/tern-test/a/{id}")),
-    )
-    .unwrap();
+    let a = writing(&runc, &rootfs, &dir.path().join("a"), &id);
     let _gone = Gone(&runc, id.clone());
-    runc.run(&id, &a).unwrap();
-    wait_counter(&a, 20);
     let dump = runc
         .checkpoint_lazy(
             &id,

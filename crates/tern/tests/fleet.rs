@@ -405,20 +405,7 @@ async fn the_control_plane_places_migrates_and_drains_vms_across_joined_hosts() 
 
     // The CLI: the scheduler picks a target for a VM of host-b, with a
     // progress bar and the report; the hosts are listed.
-    let cli = |args: &[&str], token: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(args)
-            .args(["--api", &up.base, "--api-token", token])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{args:?}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    };
+    let cli = |args: &[&str], token: &str| tern_cli(&up.base, token, args);
     let now = get_json(&http, &format!("{}/api/v1/vms", up.base), &tenant).await;
     // (Not one pinned to region=us: host-c is the only host it may use.)
     let movable = now
@@ -579,6 +566,23 @@ async fn assert_owners_run(vms: &serde_json::Value, agents: &[AgentProc]) {
         )
         .await;
     }
+}
+
+/// Runs the tern CLI against the control plane at `base` as `token`;
+/// returns what it printed, failing the test when it fails.
+fn tern_cli(base: &str, token: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .args(["--api", base, "--api-token", token])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 fn host_index(name: &str) -> usize {
@@ -1369,20 +1373,7 @@ async fn a_tenants_container_is_placed_and_moved_through_the_control_plane() {
     let names = ["host-a", "host-b"];
     let (_hosts, agents) =
         joined_fleet(dir.path(), &[up.base.as_str()], &admin, &names, &no_labels).await;
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(args)
-            .args(["--api", &up.base, "--api-token", &tenant])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{args:?}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    };
+    let cli = |args: &[&str]| tern_cli(&up.base, &tenant, args);
     let made: serde_json::Value = serde_json::from_str(&cli(&[
         "vm",
         "create",
