@@ -376,10 +376,8 @@ impl Runc {
         opts: &CheckpointOptions,
     ) -> Result<(), RuncError> {
         let mut c = self.cmd();
-        c.args(["checkpoint", "--image-path"])
-            .arg(images)
-            .arg("--work-path")
-            .arg(work);
+        c.arg("checkpoint");
+        image_paths(&mut c, images, work);
         if opts.leave_running {
             c.arg("--leave-running");
         }
@@ -404,11 +402,8 @@ impl Runc {
         let mut c = self.cmd();
         c.arg("--log").arg(bundle.log());
         c.args(["restore", "--detach", "--bundle"])
-            .arg(bundle.dir())
-            .arg("--image-path")
-            .arg(images)
-            .arg("--work-path")
-            .arg(work);
+            .arg(bundle.dir());
+        image_paths(&mut c, images, work);
         if tcp_established {
             c.arg("--tcp-established");
         }
@@ -437,6 +432,14 @@ impl Runc {
         let out = run(self.cmd().args(["delete", "--force", id]))?;
         self.check("delete", id, out).map(drop)
     }
+}
+
+/// Where a checkpoint's images go (or come from) and CRIU's logs go.
+fn image_paths(c: &mut Command, images: &Path, work: &Path) {
+    c.arg("--image-path")
+        .arg(images)
+        .arg("--work-path")
+        .arg(work);
 }
 
 /// Adds CRIU's first errors to a failure (the cause comes first; what

@@ -63,8 +63,7 @@ pub(super) struct Serve {
     pages: Option<TcpStream>,
     commit: Instant,
     frozen: Instant,
-    running: bool,
-    /// When the destination said `Running`.
+    /// When the destination said `Running` (it ran the container).
     ran: Option<Instant>,
     /// CRIU closed its side: every page went.
     served_all: bool,
@@ -78,7 +77,6 @@ impl Serve {
             pages: None,
             commit,
             frozen,
-            running: false,
             ran: None,
             served_all: false,
             verdict: None,
@@ -166,18 +164,17 @@ impl Serve {
                 }
             }
             Incoming::Bytes(KIND_RETURN, p) => self.request(&p).await?,
-            Incoming::Msg(RelayDestMsg::Running) if !self.running => {
-                self.running = true;
+            Incoming::Msg(RelayDestMsg::Running) if self.ran.is_none() => {
                 self.ran = Some(Instant::now());
                 s.report.switchover.running_ms = ms(self.commit);
                 s.report.downtime_ms = ms(self.frozen);
                 a.progress
                     .send_modify(|p| p.phase = MigrationPhase::Committed);
             }
-            Incoming::Msg(RelayDestMsg::Verified { ok, detail }) if self.running => {
+            Incoming::Msg(RelayDestMsg::Verified { ok, detail }) if self.ran.is_some() => {
                 self.verdict = Some((!ok).then_some(MigrateError::Verification(detail)));
             }
-            Incoming::Msg(RelayDestMsg::Failed { reason }) if !self.running => {
+            Incoming::Msg(RelayDestMsg::Failed { reason }) if self.ran.is_none() => {
                 // Its container never ran: ours runs on, whole.
                 s.committed = false;
                 let dump = self.dump.take().expect("held until the end");
@@ -235,7 +232,7 @@ impl Serve {
             return Err(e);
         };
         let open = self.pages.take().and_then(|c| c.into_std().ok());
-        if self.running {
+        if self.ran.is_some() {
             tracing::error!(error = %e, "the page transfer failed after the destination ran the container: it is lost");
             drop(open);
             drop(dump);

@@ -19,7 +19,7 @@
 //!   fails (`splice: Bad file descriptor`). [`ensure_pipe_size`] raises the
 //!   limit.
 
-use super::{with_log, Bundle, Runc, RuncError};
+use super::{image_paths, with_log, Bundle, Runc, RuncError};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -60,6 +60,12 @@ fn free_port() -> Result<SocketAddr, RuncError> {
         })
 }
 
+/// Kills and reaps a helper process (runc, the lazy-pages daemon).
+fn end(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A container dumped lazily: frozen here, its images written, its memory
 /// served from [`LazyDump::page_server`] until a restore took it all.
 pub struct LazyDump {
@@ -94,11 +100,8 @@ impl Runc {
         c.args(["checkpoint", "--lazy-pages", "--page-server"])
             .arg(page_server.to_string())
             .arg("--status-fd")
-            .arg(status_w.as_raw_fd().to_string())
-            .arg("--image-path")
-            .arg(images)
-            .arg("--work-path")
-            .arg(work);
+            .arg(status_w.as_raw_fd().to_string());
+        image_paths(&mut c, images, work);
         if tcp_established {
             c.arg("--tcp-established");
         }
@@ -119,7 +122,7 @@ impl Runc {
         let mut status = std::fs::File::from(status_r);
         match status.read(&mut byte) {
             Ok(1) => Ok(dump),
-            _ => Err(dump.failure("checkpoint")),
+            _ => Err(dump.failure()),
         }
     }
 
@@ -169,8 +172,7 @@ impl Runc {
                 ));
             }
             if t.elapsed() > Duration::from_secs(10) {
-                let _ = daemon.kill();
-                let _ = daemon.wait();
+                end(&mut daemon);
                 return Err(RuncError::Failed {
                     op: "lazy-pages",
                     id: id.to_string(),
@@ -182,16 +184,11 @@ impl Runc {
         let mut c = self.cmd();
         c.arg("--log").arg(bundle.log());
         c.args(["restore", "--detach", "--lazy-pages", "--bundle"])
-            .arg(bundle.dir())
-            .arg("--image-path")
-            .arg(images)
-            .arg("--work-path")
-            .arg(work)
-            .arg("--tcp-established")
-            .arg(id);
+            .arg(bundle.dir());
+        image_paths(&mut c, images, work);
+        c.arg("--tcp-established").arg(id);
         if let Err(e) = self.detached("restore", id, bundle, c) {
-            let _ = daemon.kill();
-            let _ = daemon.wait();
+            end(&mut daemon);
             return Err(with_log(e, &work.join("restore.log")));
         }
         Ok(daemon)
@@ -209,13 +206,8 @@ impl LazyDump {
     pub fn finish(mut self) -> Result<(), RuncError> {
         match self.child.wait() {
             Ok(s) if s.success() => Ok(()),
-            _ => Err(self.failure("checkpoint")),
+            _ => Err(self.failure()),
         }
-    }
-
-    /// Whether the transfer is still going.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Gives the migration up before any restore pulled a page: CRIU is
@@ -244,8 +236,7 @@ impl LazyDump {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        end(&mut self.child);
         Err(RuncError::Failed {
             op: "checkpoint",
             id: self.id.clone(),
@@ -253,12 +244,11 @@ impl LazyDump {
         })
     }
 
-    fn failure(&mut self, op: &'static str) -> RuncError {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn failure(&mut self) -> RuncError {
+        end(&mut self.child);
         with_log(
             RuncError::Failed {
-                op,
+                op: "checkpoint",
                 id: self.id.clone(),
                 stderr: "CRIU's lazy dump failed".into(),
             },
@@ -270,8 +260,7 @@ impl LazyDump {
 impl Drop for LazyDump {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            end(&mut self.child);
         }
     }
 }
