@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_drivers::checkpoint::{self, SignedCheckpoint};
 use tern_drivers::runc::LazyDump;
-use tern_migrate::protocol::{frame, msg_frame};
+use tern_migrate::protocol::msg_frame;
 use tern_migrate::relay::{
     decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_STREAM,
 };
@@ -316,9 +316,12 @@ impl Source {
         writer: tokio::task::JoinHandle<Result<(), checkpoint::CheckpointError>>,
     ) -> Result<(), MigrateError> {
         while let Some(chunk) = rx.recv().await {
-            let packed = a.compress.pack(&chunk).map_err(guest_err)?;
-            self.report.wire_bytes += packed.len() as u64;
-            data.send(frame(KIND_STREAM, &packed)).await?;
+            let packed = a
+                .compress
+                .pack_frame(KIND_STREAM, &chunk)
+                .map_err(guest_err)?;
+            self.report.wire_bytes += packed.len() as u64 - 1;
+            data.send(packed).await?;
             let wire = self.report.wire_bytes;
             a.progress.send_modify(|p| p.wire_bytes = wire);
         }
@@ -617,7 +620,7 @@ impl Dest<'_> {
                             l.bytes
                         )));
                     }
-                    if tokio::task::block_in_place(|| l.tx.send(chunk)).is_err() {
+                    if tokio::task::block_in_place(|| l.tx.send(chunk.into_owned())).is_err() {
                         // The unpacker stopped: it found something wrong.
                         let l = landing.take().expect("checked above");
                         return Err(finish(l).await.err().unwrap_or_else(|| {

@@ -447,6 +447,10 @@ async fn tern_run(
         MigrationPhase::Committed => (true, "counter continued, checksum matches".to_string()),
         s => (false, format!("{s:?}: {}", done.error.unwrap_or_default())),
     };
+    if std::env::var_os("TERN_BENCH_KEEP").is_some() {
+        // The guest processes' logs (vms/<id>/guest.log under each data dir).
+        eprintln!("kept the agents' data dirs in {}", dir.keep().display());
+    }
     Ok(Row {
         link,
         path: "tern",
@@ -536,6 +540,9 @@ pub fn run(a: QemuBenchArgs) -> anyhow::Result<()> {
                 .iter()
                 .filter(|r| r.link == link && r.path == path)
                 .collect();
+            if rs.is_empty() {
+                continue;
+            }
             let good: Vec<&&Row> = rs.iter().filter(|r| r.ok).collect();
             let n = good.len().max(1) as f64;
             let mean = |f: fn(&Row) -> f64| good.iter().map(|r| f(r)).sum::<f64>() / n;

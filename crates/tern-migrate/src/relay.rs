@@ -9,6 +9,7 @@ use crate::protocol::{split, KIND_MSG};
 use crate::MigrateError;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// Hypervisor stream bytes, source → destination.
 pub const KIND_STREAM: u8 = 20;
@@ -52,11 +53,22 @@ impl Compress {
         }
     }
 
-    /// Unpacks a chunk from the network. Bounded: it never expands past
-    /// [`CHUNK`], and malformed input is an error, never a panic.
-    pub fn unpack(self, p: &[u8]) -> Result<Vec<u8>, String> {
+    /// Packs one chunk into a whole frame of `kind`: one copy for
+    /// [`Compress::None`] (the frame), where [`Compress::pack`] then
+    /// [`frame`](crate::protocol::frame) made two.
+    pub fn pack_frame(self, kind: u8, chunk: &[u8]) -> Result<Bytes, String> {
         match self {
-            Compress::None => Ok(p.to_vec()),
+            Compress::None => Ok(crate::protocol::frame(kind, chunk)),
+            c => Ok(crate::protocol::frame(kind, &c.pack(chunk)?)),
+        }
+    }
+
+    /// Unpacks a chunk from the network. Bounded: it never expands past
+    /// [`CHUNK`], and malformed input is an error, never a panic. An
+    /// uncompressed chunk is lent, not copied.
+    pub fn unpack(self, p: &[u8]) -> Result<Cow<'_, [u8]>, String> {
+        match self {
+            Compress::None => Ok(Cow::Borrowed(p)),
             Compress::Lz4 => {
                 let claimed = p
                     .get(..4)
@@ -66,9 +78,13 @@ impl Compress {
                 if claimed > CHUNK {
                     return Err(format!("lz4 frame claims {claimed} bytes"));
                 }
-                lz4_flex::decompress_size_prepended(p).map_err(|e| format!("lz4: {e}"))
+                lz4_flex::decompress_size_prepended(p)
+                    .map(Cow::Owned)
+                    .map_err(|e| format!("lz4: {e}"))
             }
-            Compress::Zstd => zstd::bulk::decompress(p, CHUNK).map_err(|e| format!("zstd: {e}")),
+            Compress::Zstd => zstd::bulk::decompress(p, CHUNK)
+                .map(Cow::Owned)
+                .map_err(|e| format!("zstd: {e}")),
         }
     }
 }
@@ -172,6 +188,13 @@ mod tests {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
         for c in [Compress::None, Compress::Lz4, Compress::Zstd] {
             assert_eq!(c.unpack(&c.pack(&data).unwrap()).unwrap(), data, "{c:?}");
+            let f = c.pack_frame(KIND_STREAM, &data).unwrap();
+            match decode::<RelaySourceMsg>(&f).unwrap() {
+                Incoming::Bytes(KIND_STREAM, p) => {
+                    assert_eq!(c.unpack(&p).unwrap(), data, "{c:?} frame")
+                }
+                other => panic!("{c:?}: {other:?}"),
+            }
         }
         let mut bomb = ((CHUNK + 1) as u32).to_le_bytes().to_vec();
         bomb.extend_from_slice(&[0u8; 16]);

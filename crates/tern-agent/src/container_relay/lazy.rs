@@ -136,9 +136,12 @@ impl Serve {
                 data.send(msg_frame(&RelaySourceMsg::StreamEnd)).await?;
             }
             Ok(n) => {
-                let packed = a.compress.pack(&buf[..n]).map_err(guest_err)?;
-                s.report.wire_bytes += packed.len() as u64;
-                data.send(frame(KIND_STREAM, &packed)).await?;
+                let packed = a
+                    .compress
+                    .pack_frame(KIND_STREAM, &buf[..n])
+                    .map_err(guest_err)?;
+                s.report.wire_bytes += packed.len() as u64 - 1;
+                data.send(packed).await?;
                 let wire = s.report.wire_bytes;
                 a.progress.send_modify(|p| p.wire_bytes = wire);
             }

@@ -9,7 +9,7 @@ use crate::journal::Record;
 use crate::vmdir::EndedMigration;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tern_drivers::qemu::QemuSpec;
+use tern_drivers::qemu::{Launch as QemuLaunch, QemuSpec, QemuVm};
 use tern_migrate::protocol::{hello_frame, SessionHello};
 use tern_migrate::{Capacity, DestLink, MigrateError, MigrationPhase, Progress};
 use tern_proto::{GuestKind, MigrationRole};
@@ -34,13 +34,24 @@ pub(super) async fn run(p: Arc<Proc>, migration: String, source_host: String, re
         report: None,
         error: None,
     };
-    let res = match connect(&p, &migration, &source_host, &reply_to).await {
+    // A QEMU guest's destination QEMU starts while the sessions open: its
+    // launch is off the migration's path (it used to follow `Start`).
+    let (connected, qemu) = tokio::join!(
+        connect(&p, &migration, &source_host, &reply_to),
+        launch_qemu(&p)
+    );
+    let res = match connected {
         // The listener lives as long as the transfer: the source's data
         // streams come back through it after a link drop.
         Ok((data, replies, _listener)) => {
-            receive(&p, &migration, &source_host, data, replies, &ptx).await
+            receive(&p, &migration, &source_host, data, replies, &ptx, qemu).await
         }
-        Err(e) => Err((MigrateError::Setup(Box::new(e)), None)),
+        Err(e) => {
+            if let Some(Ok(vm)) = qemu {
+                vm.remove();
+            }
+            Err((MigrateError::Setup(Box::new(e)), None))
+        }
     };
     match res.map_err(|(e, g)| (e.to_string(), g)) {
         Ok(g) => {
@@ -121,6 +132,33 @@ async fn connect(
     }
 }
 
+/// This host's QEMU spec for the incoming guest, or why it has none.
+fn qemu_plan(p: &Proc) -> (QemuSpec, Option<String>) {
+    let spec = &p.launch.spec;
+    let cfg = p.cfg();
+    match crate::qemu_relay::qemu_spec(
+        spec,
+        cfg.guest_kernel.as_deref(),
+        cfg.guest_initrd.as_deref(),
+    ) {
+        Ok(q) => (q, None),
+        Err(e) => (empty_qemu_spec(spec), Some(e)),
+    }
+}
+
+/// Starts the destination QEMU of a Linux guest (paused, waiting for its
+/// stream); `None` for other guests or a host without a guest kernel.
+async fn launch_qemu(p: &Proc) -> Option<Result<QemuVm, String>> {
+    if p.launch.spec.kind != GuestKind::Linux {
+        return None;
+    }
+    let (qspec, None) = qemu_plan(p) else {
+        return None;
+    };
+    let dir = p.dir.0.join("qemu");
+    Some(QemuVm::launch(&qemu_config(p), &dir, &qspec, QemuLaunch::Incoming).await)
+}
+
 async fn receive(
     p: &Arc<Proc>,
     migration: &str,
@@ -128,6 +166,7 @@ async fn receive(
     data: Receiver,
     replies: Sender,
     progress: &watch::Sender<Progress>,
+    qemu: Option<Result<QemuVm, String>>,
 ) -> Result<Hosted, (MigrateError, Option<Hosted>)> {
     let spec = p.launch.spec.clone();
     let epoch = p.launch.epoch;
@@ -147,15 +186,7 @@ async fn receive(
         Ok(())
     };
     if spec.kind == GuestKind::Linux {
-        let qspec = crate::qemu_relay::qemu_spec(
-            &spec,
-            p.cfg().guest_kernel.as_deref(),
-            p.cfg().guest_initrd.as_deref(),
-        );
-        let (qspec, refuse) = match qspec {
-            Ok(q) => (q, None),
-            Err(e) => (empty_qemu_spec(&spec), Some(e)),
-        };
+        let (qspec, refuse) = qemu_plan(p);
         let args = crate::qemu_relay::DestArgs {
             qemu: &qemu_config(p),
             dir: p.dir.0.join("qemu"),
@@ -163,6 +194,7 @@ async fn receive(
             load: crate::hosted::load_params(&spec),
             progress: progress.clone(),
             refuse,
+            launched: qemu,
         };
         return crate::qemu_relay::destination(args, data, replies, &mut on_commit)
             .await

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 /// In-flight bytes of a QEMU guest's data session: QEMU paces itself by how
 /// fast its socket drains and picks switchover from that; a deep window
 /// would hide the link from it.
-const QEMU_WINDOW_BYTES: usize = 4 << 20;
+const QEMU_WINDOW_BYTES: usize = 2 << 20;
 
 /// The data session's window (unacknowledged bytes the source keeps for
 /// replay): 1/128 of guest RAM between 4 and 64 MiB, so the source process

@@ -34,6 +34,9 @@ pub struct DestArgs<'a> {
     pub progress: watch::Sender<Progress>,
     /// Refuse with this reason instead of receiving.
     pub refuse: Option<String>,
+    /// The QEMU launched for this migration ahead of `Start` (or why it
+    /// would not start); `None`: launch it on `Start`.
+    pub launched: Option<Result<QemuVm, String>>,
 }
 
 /// Receives a QEMU guest. Returns it running once committed and judged
@@ -45,18 +48,35 @@ pub async fn destination(
     replies: Sender,
     on_commit: CommitHook<'_>,
 ) -> Result<QemuVm, (MigrateError, Option<QemuVm>)> {
+    let early = args.launched;
+    let refused = |vm: Option<Result<QemuVm, String>>| {
+        if let Some(Ok(vm)) = vm {
+            vm.remove();
+        }
+    };
     let (mode, compress) = match read_start(&mut data).await {
         Ok(x) => x,
-        Err(e) => return Err((e, None)),
+        Err(e) => {
+            refused(early);
+            return Err((e, None));
+        }
     };
     if let Some(r) = args.refuse {
+        refused(early);
         return Err(reject(replies, r).await);
     }
     let mode: Mode = match mode.parse() {
         Ok(m) => m,
-        Err(e) => return Err(reject(replies, e).await),
+        Err(e) => {
+            refused(early);
+            return Err(reject(replies, e).await);
+        }
     };
-    let vm = match QemuVm::launch(args.qemu, &args.dir, &args.spec, Launch::Incoming).await {
+    let launched = match early {
+        Some(l) => l,
+        None => QemuVm::launch(args.qemu, &args.dir, &args.spec, Launch::Incoming).await,
+    };
+    let vm = match launched {
         Ok(vm) => vm,
         Err(e) => return Err(reject(replies, format!("cannot start QEMU here: {e}")).await),
     };
@@ -116,6 +136,7 @@ struct DestRelay<'a> {
 struct Feed {
     q: Qmp,
     to_qemu: OwnedWriteHalf,
+    mode: Mode,
     loaded: bool,
     stream_end: bool,
     /// The console's length when the guest resumed here.
@@ -132,6 +153,20 @@ struct Feed {
     /// QMP requests in a row that timed out while loading: a QEMU busy
     /// loading under load answers late, not never.
     qmp_timeouts: u32,
+}
+
+impl Feed {
+    /// How often QEMU is looked at. While the guest is paused between its
+    /// last bytes and `Loaded`, every millisecond of the wait is downtime:
+    /// look often then (and through post-copy's first pass, whose switch
+    /// comes without a stream end), rarely otherwise.
+    fn tick(&self) -> Duration {
+        match (self.loaded, self.stream_end, self.mode) {
+            (false, true, _) => Duration::from_millis(5),
+            (false, false, Mode::Postcopy | Mode::Hybrid) => Duration::from_millis(10),
+            _ => Duration::from_millis(50),
+        }
+    }
 }
 
 /// QMP timeouts in a row (each the driver's QMP timeout, 10 s) tolerated
@@ -181,6 +216,7 @@ impl DestRelay<'_> {
         let mut f = Feed {
             q,
             to_qemu,
+            mode,
             loaded: false,
             stream_end: false,
             console_from: 0,
@@ -217,15 +253,21 @@ impl DestRelay<'_> {
         data: &mut Receiver,
         on_commit: CommitHook<'_>,
     ) -> Result<(), MigrateError> {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 r = data.recv() => {
                     let (seq, frame) = r.ok_or(MigrateError::Closed("data"))??;
+                    let ended = f.stream_end;
                     self.on_data(f, &frame, on_commit).await?;
                     data.ack(seq);
+                    if f.stream_end && !ended {
+                        // The last bytes are in QEMU: see it loaded at once.
+                        next = tokio::time::Instant::now();
+                    }
                 }
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(next) => {
+                    next = tokio::time::Instant::now() + f.tick();
                     if self.on_tick(f).await? {
                         return Ok(());
                     }
@@ -403,7 +445,7 @@ async fn connect_when_there(sock: &Path) -> Result<UnixStream, MigrateError> {
                     "the destination QEMU's incoming socket: {e}"
                 )))
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
         }
     }
 }

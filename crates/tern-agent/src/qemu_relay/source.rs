@@ -3,14 +3,14 @@
 
 use super::check::Verdict;
 use super::{capabilities, qmp_err, resume_source};
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tern_drivers::qemu::load::workload_tick;
 use tern_drivers::qemu::qmp::{MigrateInfo, Qmp, QmpError};
 use tern_drivers::qemu::QemuVm;
-use tern_migrate::protocol::{frame, msg_frame};
+use tern_migrate::protocol::msg_frame;
 use tern_migrate::relay::{
     decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_RETURN, KIND_STREAM,
 };
@@ -131,7 +131,9 @@ const POSTCOPY_STALL: Duration = Duration::from_secs(30);
 impl SourceRelay<'_> {
     async fn run(&mut self) -> Result<(), MigrateError> {
         self.request().await?;
+        tracing::info!(ms = self.ms(), "the destination QEMU accepted");
         let (q, stream) = self.open_stream().await?;
+        tracing::info!(ms = self.ms(), "QEMU's stream opened");
         let mut c = self.start_pumps(q, stream);
         if self.policy.mode == Mode::Postcopy {
             // Switch as early as QEMU allows (after its first pass), or a
@@ -143,6 +145,7 @@ impl SourceRelay<'_> {
         self.report.pages_sent = c.stream_bytes / PAGE;
         self.report.wire_bytes = self.data.metrics().bytes_sent;
         tracing::info!(
+            ms = self.ms(),
             stream_bytes = c.stream_bytes,
             wire_bytes = self.report.wire_bytes,
             "QEMU stream carried"
@@ -155,6 +158,11 @@ impl SourceRelay<'_> {
             ))),
             None => unreachable!("the loop ends only once judged"),
         }
+    }
+
+    /// Milliseconds since the migration began (for the timeline in the log).
+    fn ms(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
     }
 
     /// Puts the guest where the result says it belongs.
@@ -347,6 +355,7 @@ impl SourceRelay<'_> {
                 end = c.pumped.recv(), if !c.eof => {
                     c.stream_bytes = end.ok_or(MigrateError::Closed("stream pump"))??;
                     c.eof = true;
+                    tracing::info!(ms = self.ms(), "QEMU's stream ended");
                 }
                 r = self.replies.recv(), if replies_lost.is_none() => {
                     let (seq, f) = match r.ok_or(MigrateError::Closed("reply")).and_then(|r| r.map_err(Into::into)) {
@@ -390,6 +399,7 @@ impl SourceRelay<'_> {
     /// The destination QEMU holds the whole guest: journal and send `Commit`.
     async fn commit(&mut self, c: &mut Carry) -> Result<(), MigrateError> {
         self.report.phase = MigrationPhase::Switchover;
+        tracing::info!(ms = self.ms(), "the destination QEMU holds the guest");
         let last_tick = workload_tick(&self.vm.console());
         commit_at_once(self.before_commit).map_err(MigrateError::CommitRecord)?;
         // A failed send queued nothing: `Commit` never left, so this rolls back.
@@ -419,6 +429,11 @@ impl SourceRelay<'_> {
         });
         self.report.downtime_ms = now.saturating_sub(stop) as f64 / 1e3;
         self.report.total_ms = self.t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            ms = self.ms(),
+            downtime_ms = self.report.downtime_ms,
+            "the guest runs on the destination"
+        );
         // Ownership moved: what follows is post-copy's pages (if any) and
         // the guest check.
         let phase = if self.report.postcopy {
@@ -532,11 +547,17 @@ async fn pump(
     data: &Sender,
     compress: Compress,
 ) -> Result<u64, MigrateError> {
-    let mut buf = vec![0u8; CHUNK];
+    // QEMU's bytes are read straight into the frame that carries them
+    // (behind its kind byte): uncompressed, nothing is copied in this
+    // process but by TLS. Frames split off one buffer until it is used up.
+    let mut buf = BytesMut::new();
     let mut total = 0u64;
     loop {
+        buf.clear();
+        buf.reserve(1 + CHUNK);
+        buf.put_u8(KIND_STREAM);
         let n = from_qemu
-            .read(&mut buf)
+            .read_buf(&mut (&mut buf).limit(CHUNK))
             .await
             .map_err(|e| MigrateError::Guest(GuestError(format!("QEMU's stream: {e}"))))?;
         if n == 0 {
@@ -544,8 +565,13 @@ async fn pump(
             return Ok(total);
         }
         total += n as u64;
-        let packed = compress.pack(&buf[..n]).map_err(MigrateError::Protocol)?;
-        data.send(frame(KIND_STREAM, &packed)).await?;
+        let f = match compress {
+            Compress::None => buf.split().freeze(),
+            c => c
+                .pack_frame(KIND_STREAM, &buf[1..])
+                .map_err(MigrateError::Protocol)?,
+        };
+        data.send(f).await?;
     }
 }
 

@@ -392,7 +392,7 @@ impl QemuVm {
             if Instant::now() > deadline {
                 return Err("QEMU's QMP socket did not answer within 30 s".into());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
