@@ -11,7 +11,7 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use libfuzzer_sys::fuzz_target;
 use tern_migrate::protocol::{check_runs, DestMsg, SessionHello, SourceMsg};
-use tern_migrate::relay::{decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK};
+use tern_migrate::relay::{decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, Unpacker, CHUNK};
 
 fuzz_target!(|data: &[u8]| {
     let frame = Bytes::copy_from_slice(data);
@@ -20,6 +20,14 @@ fuzz_target!(|data: &[u8]| {
         for c in [Compress::None, Compress::Lz4, Compress::Zstd] {
             if let Ok(out) = c.unpack(&p) {
                 assert!(c == Compress::None || out.len() <= CHUNK, "{c:?} expanded past CHUNK");
+            }
+            // A relayed stream's unpacker: the frame as its first and as a
+            // later frame (the state of zstd's stream carried across).
+            let mut u = Unpacker::new(c).expect("an unpacker");
+            for _ in 0..2 {
+                if let Ok(out) = u.unpack(&p) {
+                    assert!(c == Compress::None || out.len() <= CHUNK, "{c:?} stream expanded past CHUNK");
+                }
             }
         }
     }

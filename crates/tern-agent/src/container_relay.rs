@@ -44,7 +44,7 @@ use tern_drivers::checkpoint::{self, SignedCheckpoint};
 use tern_drivers::runc::LazyDump;
 use tern_migrate::protocol::msg_frame;
 use tern_migrate::relay::{
-    decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_STREAM,
+    decode, Compress, Incoming, Packer, RelayDestMsg, RelaySourceMsg, Unpacker, CHUNK, KIND_STREAM,
 };
 use tern_migrate::{
     CommitHook, CommitStep, GuestError, MigrateError, MigrationPhase, Mode, Outcome, Policy,
@@ -221,7 +221,8 @@ impl Source {
         self.committed = true;
         data.send(msg_frame(&msg)).await?;
         if let Some(dump) = self.lazy.take() {
-            let mut serve = lazy::Serve::new(dump, commit, frozen);
+            let packer = Packer::new(a.compress).map_err(guest_err)?;
+            let mut serve = lazy::Serve::new(dump, commit, frozen, packer);
             return serve.run(self, a, guest, data, replies).await;
         }
         match next_reply(replies, LOAD_WAIT, "the destination to run the container").await? {
@@ -315,11 +316,9 @@ impl Source {
         mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
         writer: tokio::task::JoinHandle<Result<(), checkpoint::CheckpointError>>,
     ) -> Result<(), MigrateError> {
+        let mut packer = Packer::new(a.compress).map_err(guest_err)?;
         while let Some(chunk) = rx.recv().await {
-            let packed = a
-                .compress
-                .pack_frame(KIND_STREAM, &chunk)
-                .map_err(guest_err)?;
+            let packed = packer.frame(KIND_STREAM, &chunk).map_err(guest_err)?;
             self.report.wire_bytes += packed.len() as u64 - 1;
             data.send(packed).await?;
             let wire = self.report.wire_bytes;
@@ -598,6 +597,7 @@ impl Dest<'_> {
         self.replies.send(msg_frame(&RelayDestMsg::Accept)).await?;
         let mut landing: Option<Landing> = None;
         let mut guest: Option<ContainerGuest> = None;
+        let mut unpacker = Unpacker::new(self.compress).map_err(MigrateError::Protocol)?;
         loop {
             let (seq, f) = data.recv().await.ok_or(MigrateError::Closed("data"))??;
             data.ack(seq);
@@ -611,7 +611,7 @@ impl Dest<'_> {
                     let l = landing.as_mut().ok_or_else(|| {
                         MigrateError::Protocol("archive bytes before its manifest".into())
                     })?;
-                    let chunk = self.compress.unpack(&p).map_err(MigrateError::Protocol)?;
+                    let chunk = unpacker.unpack(&p).map_err(MigrateError::Protocol)?;
                     let len = chunk.len() as u64;
                     l.written += len;
                     if l.written > l.bytes {
@@ -644,7 +644,8 @@ impl Dest<'_> {
                     on_commit().map_err(MigrateError::CommitRecord)?;
                     if self.lazily {
                         let last = last_tick.unwrap_or(0);
-                        return lazy::Land::new(self, last).run(g, data).await;
+                        let pages = Unpacker::new(self.compress).map_err(MigrateError::Protocol)?;
+                        return lazy::Land::new(self, last, pages).run(g, data).await;
                     }
                     tokio::task::block_in_place(|| g.restore()).map_err(guest_err)?;
                     self.args

@@ -95,7 +95,9 @@ pub fn hello_frame(h: &SessionHello) -> Bytes {
 
 /// The version of the migration handshake this build speaks.
 /// 3: the pages root is BLAKE3 over digests of 128-page groups.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: a relayed stream compressed with zstd is one zstd stream (flushed per
+/// frame, long-distance matching), no longer a zstd frame per chunk.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Why a migration is asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -89,6 +89,121 @@ impl Compress {
     }
 }
 
+/// zstd's window for a relayed stream: 64 MiB. A hypervisor's stream
+/// repeats itself far apart (the same file in the page cache and in an
+/// initramfs, a kernel's text twice): measured on a QEMU guest's 92 MB
+/// stream, chunks compressed alone came to 0.535 of it, one stream with
+/// long-distance matching over 64 MiB to 0.443 (16 MiB: 0.532). The
+/// receiver refuses a larger window, so a peer cannot make it allocate more.
+pub const ZSTD_WINDOW_LOG: u32 = 26;
+
+/// The sending half of a relayed stream's compression: zstd is one stream
+/// across chunks (flushed at each, so every frame decodes on arrival);
+/// the others pack each chunk alone.
+pub struct Packer {
+    how: Compress,
+    zstd: Option<zstd::stream::raw::Encoder<'static>>,
+}
+
+impl Packer {
+    /// A packer for `how`.
+    pub fn new(how: Compress) -> Result<Packer, String> {
+        let zstd = match how {
+            Compress::Zstd => Some(zstd_encoder().map_err(|e| format!("zstd: {e}"))?),
+            _ => None,
+        };
+        Ok(Packer { how, zstd })
+    }
+
+    /// Packs the next chunk (at most [`CHUNK`] bytes) into a whole frame of
+    /// `kind`.
+    pub fn frame(&mut self, kind: u8, chunk: &[u8]) -> Result<Bytes, String> {
+        let Some(enc) = &mut self.zstd else {
+            return self.how.pack_frame(kind, chunk);
+        };
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        let mut out = Vec::with_capacity(1 + zstd::zstd_safe::compress_bound(chunk.len()));
+        out.push(kind);
+        let mut input = InBuffer::around(chunk);
+        let err = |e: std::io::Error| format!("zstd: {e}");
+        loop {
+            if out.capacity() - out.len() < 4096 {
+                out.reserve(64 << 10);
+            }
+            let pos = out.len();
+            let mut o = OutBuffer::around_pos(&mut out, pos);
+            if input.pos() < chunk.len() {
+                enc.run(&mut input, &mut o).map_err(err)?;
+            } else if enc.flush(&mut o).map_err(err)? == 0 {
+                break;
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+fn zstd_encoder() -> std::io::Result<zstd::stream::raw::Encoder<'static>> {
+    use zstd::stream::raw::CParameter;
+    let mut e = zstd::stream::raw::Encoder::new(3)?;
+    e.set_parameter(CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
+    e.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+    Ok(e)
+}
+
+/// The receiving half of [`Packer`]. Bounded: no frame expands past
+/// [`CHUNK`], zstd's window is at most [`ZSTD_WINDOW_LOG`], and malformed
+/// input is an error, never a panic.
+pub struct Unpacker {
+    how: Compress,
+    zstd: Option<(zstd::stream::raw::Decoder<'static>, Vec<u8>)>,
+}
+
+impl Unpacker {
+    /// An unpacker for `how`.
+    pub fn new(how: Compress) -> Result<Unpacker, String> {
+        let zstd = match how {
+            Compress::Zstd => {
+                use zstd::stream::raw::DParameter;
+                let err = |e: std::io::Error| format!("zstd: {e}");
+                let mut d = zstd::stream::raw::Decoder::new().map_err(err)?;
+                d.set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG))
+                    .map_err(err)?;
+                Some((d, Vec::new()))
+            }
+            _ => None,
+        };
+        Ok(Unpacker { how, zstd })
+    }
+
+    /// Unpacks the next frame's payload (an uncompressed one is lent).
+    pub fn unpack<'a>(&'a mut self, p: &'a [u8]) -> Result<Cow<'a, [u8]>, String> {
+        let Some((dec, buf)) = &mut self.zstd else {
+            return self.how.unpack(p);
+        };
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        // One byte over CHUNK: filling it means the frame expands too far.
+        buf.resize(CHUNK + 1, 0);
+        let mut input = InBuffer::around(p);
+        let mut o = OutBuffer::around(&mut buf[..]);
+        loop {
+            let before = (input.pos(), o.pos());
+            dec.run(&mut input, &mut o)
+                .map_err(|e| format!("zstd: {e}"))?;
+            if o.pos() > CHUNK {
+                return Err(format!("a zstd frame expands past {CHUNK} bytes"));
+            }
+            if (input.pos(), o.pos()) == before {
+                break;
+            }
+        }
+        if input.pos() < p.len() {
+            return Err("a zstd frame was not all consumed".into());
+        }
+        let n = o.pos();
+        Ok(Cow::Borrowed(&buf[..n]))
+    }
+}
+
 /// Source → destination messages.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -182,6 +297,80 @@ pub fn decode<M: serde::de::DeserializeOwned>(f: &Bytes) -> Result<Incoming<M>, 
 mod tests {
     use super::*;
     use crate::protocol::{frame, msg_frame};
+
+    /// `n` pseudo-random bytes from `seed` (incompressible alone).
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_packed_stream_round_trips_and_zstd_finds_repeats_across_chunks() {
+        // Chunk 3 repeats chunk 0: alone it is noise, in one stream a match.
+        let chunks = [
+            noise(1, CHUNK),
+            noise(2, CHUNK),
+            noise(3, 1000),
+            noise(1, CHUNK),
+        ];
+        for c in [Compress::None, Compress::Lz4, Compress::Zstd] {
+            let (mut p, mut u) = (Packer::new(c).unwrap(), Unpacker::new(c).unwrap());
+            let mut sizes = Vec::new();
+            for ch in &chunks {
+                let f = p.frame(KIND_STREAM, ch).unwrap();
+                let Incoming::Bytes(KIND_STREAM, body) = decode::<RelaySourceMsg>(&f).unwrap()
+                else {
+                    panic!("{c:?}: not a stream frame")
+                };
+                assert_eq!(&u.unpack(&body).unwrap()[..], &ch[..], "{c:?}");
+                sizes.push(f.len());
+            }
+            if c == Compress::Zstd {
+                assert!(sizes[3] < CHUNK / 100, "the repeat took {} bytes", sizes[3]);
+                assert!(sizes[0] > CHUNK, "noise does not shrink");
+            }
+        }
+    }
+
+    #[test]
+    fn the_zstd_unpacker_refuses_bombs_big_windows_and_garbage() {
+        // One frame that expands past CHUNK.
+        let mut p = Packer::new(Compress::Zstd).unwrap();
+        let big = p.frame(KIND_STREAM, &vec![0u8; CHUNK * 2]).unwrap();
+        let mut u = Unpacker::new(Compress::Zstd).unwrap();
+        assert!(u.unpack(&big[1..]).is_err());
+        // A stream whose window is above ZSTD_WINDOW_LOG (streamed: a
+        // known size would shrink the window it declares).
+        let mut e = zstd::stream::raw::Encoder::new(3).unwrap();
+        e.set_parameter(zstd::stream::raw::CParameter::WindowLog(
+            ZSTD_WINDOW_LOG + 2,
+        ))
+        .unwrap();
+        let mut wide = vec![0u8; 4096];
+        let src = noise(5, 1000);
+        let mut input = zstd::stream::raw::InBuffer::around(&src[..]);
+        let mut o = zstd::stream::raw::OutBuffer::around(&mut wide[..]);
+        use zstd::stream::raw::Operation;
+        e.run(&mut input, &mut o).unwrap();
+        e.finish(&mut o, true).unwrap();
+        let n = o.pos();
+        let wide = &wide[..n];
+        assert!(Unpacker::new(Compress::Zstd)
+            .unwrap()
+            .unpack(&wide)
+            .is_err());
+        assert!(Unpacker::new(Compress::Zstd)
+            .unwrap()
+            .unpack(b"garbage")
+            .is_err());
+    }
 
     #[test]
     fn compression_round_trips_and_refuses_bombs() {

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use tern_drivers::runc::LazyDump;
 use tern_migrate::protocol::{frame, msg_frame};
 use tern_migrate::relay::{
-    decode, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_RETURN, KIND_STREAM,
+    decode, Incoming, Packer, RelayDestMsg, RelaySourceMsg, Unpacker, CHUNK, KIND_RETURN,
+    KIND_STREAM,
 };
 use tern_migrate::{MigrateError, MigrationPhase};
 use tern_transport::{Receiver, Sender};
@@ -68,11 +69,15 @@ pub(super) struct Serve {
     /// CRIU closed its side: every page went.
     served_all: bool,
     verdict: Option<Option<MigrateError>>,
+    /// The page stream's compression (a stream of its own, after the
+    /// archive's).
+    packer: Packer,
 }
 
 impl Serve {
-    pub(super) fn new(dump: LazyDump, commit: Instant, frozen: Instant) -> Self {
+    pub(super) fn new(dump: LazyDump, commit: Instant, frozen: Instant, packer: Packer) -> Self {
         Self {
+            packer,
             dump: Some(dump),
             pages: None,
             commit,
@@ -136,9 +141,9 @@ impl Serve {
                 data.send(msg_frame(&RelaySourceMsg::StreamEnd)).await?;
             }
             Ok(n) => {
-                let packed = a
-                    .compress
-                    .pack_frame(KIND_STREAM, &buf[..n])
+                let packed = self
+                    .packer
+                    .frame(KIND_STREAM, &buf[..n])
                     .map_err(guest_err)?;
                 s.report.wire_bytes += packed.len() as u64 - 1;
                 data.send(packed).await?;
@@ -268,11 +273,14 @@ pub(super) struct Land<'d, 'a> {
     daemon_done: bool,
     verified: bool,
     ran_at: Option<Instant>,
+    /// The page stream's compression.
+    unpacker: Unpacker,
 }
 
 impl<'d, 'a> Land<'d, 'a> {
-    pub(super) fn new(d: &'d Dest<'a>, last_tick: u64) -> Self {
+    pub(super) fn new(d: &'d Dest<'a>, last_tick: u64, unpacker: Unpacker) -> Self {
         Self {
+            unpacker,
             d,
             last_tick,
             conn: None,
@@ -382,7 +390,7 @@ impl<'d, 'a> Land<'d, 'a> {
     async fn on_source(&mut self, f: &Bytes) -> Result<(), MigrateError> {
         match decode::<RelaySourceMsg>(f)? {
             Incoming::Bytes(KIND_STREAM, p) => {
-                let chunk = self.d.compress.unpack(&p).map_err(MigrateError::Protocol)?;
+                let chunk = self.unpacker.unpack(&p).map_err(MigrateError::Protocol)?;
                 let len = chunk.len() as u64;
                 let c = self.conn.as_mut().ok_or_else(|| {
                     MigrateError::Protocol("pages before the daemon asked for any".into())

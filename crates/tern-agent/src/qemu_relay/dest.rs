@@ -11,7 +11,7 @@ use tern_drivers::qemu::qmp::{Qmp, QmpError};
 use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
 use tern_migrate::protocol::{frame, msg_frame};
 use tern_migrate::relay::{
-    decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, KIND_RETURN, KIND_STREAM,
+    decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, Unpacker, KIND_RETURN, KIND_STREAM,
 };
 use tern_migrate::{CommitHook, MigrateError, MigrationPhase, Mode, Progress};
 use tern_transport::{Receiver, Sender};
@@ -80,9 +80,16 @@ pub async fn destination(
         Ok(vm) => vm,
         Err(e) => return Err(reject(replies, format!("cannot start QEMU here: {e}")).await),
     };
+    let unpacker = match Unpacker::new(compress) {
+        Ok(u) => u,
+        Err(e) => {
+            vm.remove();
+            return Err(reject(replies, e).await);
+        }
+    };
     let mut relay = DestRelay {
         vm: &vm,
-        compress,
+        unpacker,
         load: args.load,
         progress: &args.progress,
         replies: &replies,
@@ -124,7 +131,8 @@ async fn reject(replies: Sender, reason: String) -> (MigrateError, Option<QemuVm
 /// One incoming QEMU migration, after its QEMU started.
 struct DestRelay<'a> {
     vm: &'a QemuVm,
-    compress: Compress,
+    /// The stream's compression (zstd keeps state across frames).
+    unpacker: Unpacker,
     load: LoadParams,
     progress: &'a watch::Sender<Progress>,
     replies: &'a Sender,
@@ -298,7 +306,7 @@ impl DestRelay<'_> {
     ) -> Result<(), MigrateError> {
         match decode::<RelaySourceMsg>(frame)? {
             Incoming::Bytes(KIND_STREAM, p) => {
-                let chunk = self.compress.unpack(&p).map_err(MigrateError::Protocol)?;
+                let chunk = self.unpacker.unpack(&p).map_err(MigrateError::Protocol)?;
                 f.to_qemu.write_all(&chunk).await.map_err(|e| {
                     MigrateError::DestinationFailed(format!("the destination QEMU's stream: {e}"))
                 })?;

@@ -12,7 +12,8 @@ use tern_drivers::qemu::qmp::{MigrateInfo, Qmp, QmpError};
 use tern_drivers::qemu::QemuVm;
 use tern_migrate::protocol::msg_frame;
 use tern_migrate::relay::{
-    decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_RETURN, KIND_STREAM,
+    decode, Compress, Incoming, Packer, RelayDestMsg, RelaySourceMsg, CHUNK, KIND_RETURN,
+    KIND_STREAM,
 };
 use tern_migrate::{
     commit_at_once, GuestError, MigrateError, MigrationPhase, Mode, Outcome, Policy, Progress,
@@ -552,6 +553,7 @@ async fn pump(
     // process but by TLS. Frames split off one buffer until it is used up.
     let mut buf = BytesMut::new();
     let mut total = 0u64;
+    let mut packer = Packer::new(compress).map_err(MigrateError::Protocol)?;
     loop {
         buf.clear();
         buf.reserve(1 + CHUNK);
@@ -567,8 +569,8 @@ async fn pump(
         total += n as u64;
         let f = match compress {
             Compress::None => buf.split().freeze(),
-            c => c
-                .pack_frame(KIND_STREAM, &buf[1..])
+            _ => packer
+                .frame(KIND_STREAM, &buf[1..])
                 .map_err(MigrateError::Protocol)?,
         };
         data.send(f).await?;

@@ -271,6 +271,11 @@ pub(super) async fn rate_task(sh: std::sync::Weak<SenderShared>) {
     // (seconds, bytes delivered, limiter rate) per tick, over the judged
     // window: one tick holds too few frames at low rates to judge by.
     let mut history: std::collections::VecDeque<(f64, f64, f64)> = Default::default();
+    // Slow start: until the first sign of congestion the rate doubles each
+    // tick, as TCP's does, instead of growing 10 %. From the 8 MiB/s start a
+    // 25 MB/s link took 1.2 s to fill at 10 % a tick (a QEMU relay over 20 ms
+    // and 200 Mbit/s averaged 64 % of the link); doubling fills it in 2 ticks.
+    let mut slow_start = true;
     loop {
         tokio::time::sleep(TICK).await;
         let Some(sh) = sh.upgrade() else { return };
@@ -327,14 +332,21 @@ pub(super) async fn rate_task(sh: std::sync::Weak<SenderShared>) {
         let next = if (stalled || heavy_queue) && delivered > 0.0 {
             hold_until = Instant::now()
                 + Duration::from_micros((srtt * 2.0) as u64).max(Duration::from_millis(200));
+            let newest = history.back().map_or(0.0, |h| h.1 / h.0.max(1e-3));
             history.clear();
-            if judged {
+            if std::mem::take(&mut slow_start) {
+                // The rate has just overshot the link: what the last tick
+                // delivered is the link (earlier ticks were still ramping).
+                (newest.max(delivered) * 0.95).min(rate)
+            } else if judged {
                 (delivered * 0.95).min(rate)
             } else {
                 // A queue seen before the window is long enough to say
                 // what gets through: step down, not to a lumpy reading.
                 rate * 0.85
             }
+        } else if backlog && slow_start {
+            rate * 2.0
         } else if backlog {
             rate * 1.1
         } else {
