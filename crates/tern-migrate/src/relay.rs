@@ -362,10 +362,7 @@ mod tests {
         e.finish(&mut o, true).unwrap();
         let n = o.pos();
         let wide = &wide[..n];
-        assert!(Unpacker::new(Compress::Zstd)
-            .unwrap()
-            .unpack(&wide)
-            .is_err());
+        assert!(Unpacker::new(Compress::Zstd).unwrap().unpack(wide).is_err());
         assert!(Unpacker::new(Compress::Zstd)
             .unwrap()
             .unpack(b"garbage")
