@@ -56,7 +56,7 @@ impl Compress {
     /// Packs one chunk into a whole frame of `kind`: one copy for
     /// [`Compress::None`] (the frame), where [`Compress::pack`] then
     /// [`frame`](crate::protocol::frame) made two.
-    pub fn pack_frame(self, kind: u8, chunk: &[u8]) -> Result<Bytes, String> {
+    fn pack_frame(self, kind: u8, chunk: &[u8]) -> Result<Bytes, String> {
         match self {
             Compress::None => Ok(crate::protocol::frame(kind, chunk)),
             c => Ok(crate::protocol::frame(kind, &c.pack(chunk)?)),

@@ -9,7 +9,7 @@ use crate::journal::Record;
 use crate::vmdir::EndedMigration;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tern_drivers::qemu::{Launch as QemuLaunch, QemuSpec, QemuVm};
+use tern_drivers::qemu::{Launch as QemuLaunch, QemuVm};
 use tern_migrate::protocol::{hello_frame, SessionHello};
 use tern_migrate::{Capacity, DestLink, MigrateError, MigrationPhase, Progress};
 use tern_proto::{GuestKind, MigrationRole};
@@ -132,31 +132,25 @@ async fn connect(
     }
 }
 
-/// This host's QEMU spec for the incoming guest, or why it has none.
-fn qemu_plan(p: &Proc) -> (QemuSpec, Option<String>) {
+/// Starts the destination QEMU of a Linux guest (paused, waiting for its
+/// stream), or says why it cannot run here; `None` for other guests.
+async fn launch_qemu(p: &Proc) -> Option<Result<QemuVm, String>> {
     let spec = &p.launch.spec;
+    if spec.kind != GuestKind::Linux {
+        return None;
+    }
     let cfg = p.cfg();
-    match crate::qemu_relay::qemu_spec(
+    let qspec = match crate::qemu_relay::qemu_spec(
         spec,
         cfg.guest_kernel.as_deref(),
         cfg.guest_initrd.as_deref(),
     ) {
-        Ok(q) => (q, None),
-        Err(e) => (empty_qemu_spec(spec), Some(e)),
-    }
-}
-
-/// Starts the destination QEMU of a Linux guest (paused, waiting for its
-/// stream); `None` for other guests or a host without a guest kernel.
-async fn launch_qemu(p: &Proc) -> Option<Result<QemuVm, String>> {
-    if p.launch.spec.kind != GuestKind::Linux {
-        return None;
-    }
-    let (qspec, None) = qemu_plan(p) else {
-        return None;
+        Ok(q) => q,
+        Err(reason) => return Some(Err(reason)),
     };
     let dir = p.dir.0.join("qemu");
-    Some(QemuVm::launch(&qemu_config(p), &dir, &qspec, QemuLaunch::Incoming).await)
+    let launched = QemuVm::launch(&qemu_config(p), &dir, &qspec, QemuLaunch::Incoming).await;
+    Some(launched.map_err(|e| format!("cannot start QEMU here: {e}")))
 }
 
 async fn receive(
@@ -186,15 +180,10 @@ async fn receive(
         Ok(())
     };
     if spec.kind == GuestKind::Linux {
-        let (qspec, refuse) = qemu_plan(p);
         let args = crate::qemu_relay::DestArgs {
-            qemu: &qemu_config(p),
-            dir: p.dir.0.join("qemu"),
-            spec: qspec,
+            vm: qemu.unwrap_or_else(|| Err("no QEMU was launched for this guest".into())),
             load: crate::hosted::load_params(&spec),
             progress: progress.clone(),
-            refuse,
-            launched: qemu,
         };
         return crate::qemu_relay::destination(args, data, replies, &mut on_commit)
             .await
@@ -232,15 +221,4 @@ async fn receive(
     )
     .await
     .map_err(|e| (e, None))
-}
-
-fn empty_qemu_spec(spec: &tern_proto::GuestSpec) -> QemuSpec {
-    QemuSpec {
-        memory_mib: spec.memory_mib,
-        vcpus: spec.vcpus,
-        kernel: Default::default(),
-        initrd: None,
-        cmdline: String::new(),
-        disks: Vec::new(),
-    }
 }

@@ -4,11 +4,11 @@
 use super::check::{self, GuestCheck};
 use super::{capabilities, console_tail, qmp_err};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tern_drivers::qemu::load::LoadParams;
 use tern_drivers::qemu::qmp::{Qmp, QmpError};
-use tern_drivers::qemu::{Launch, QemuConfig, QemuSpec, QemuVm};
+use tern_drivers::qemu::QemuVm;
 use tern_migrate::protocol::{frame, msg_frame};
 use tern_migrate::relay::{
     decode, Compress, Incoming, RelayDestMsg, RelaySourceMsg, Unpacker, KIND_RETURN, KIND_STREAM,
@@ -21,71 +21,30 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 /// What the destination side needs besides the links.
-pub struct DestArgs<'a> {
-    /// How this host runs QEMU.
-    pub qemu: &'a QemuConfig,
-    /// Where the incoming VM's directory goes.
-    pub dir: PathBuf,
-    /// The guest (its kernel and initrd are this host's).
-    pub spec: QemuSpec,
+pub struct DestArgs {
+    /// The QEMU launched for this migration (`-incoming defer`, paused)
+    /// while the sessions opened, or why this host has none: the reason
+    /// the source is told.
+    pub vm: Result<QemuVm, String>,
     /// The workload it runs (if the source says it reports one).
     pub load: LoadParams,
     /// Published as it goes.
     pub progress: watch::Sender<Progress>,
-    /// Refuse with this reason instead of receiving.
-    pub refuse: Option<String>,
-    /// The QEMU launched for this migration ahead of `Start` (or why it
-    /// would not start); `None`: launch it on `Start`.
-    pub launched: Option<Result<QemuVm, String>>,
 }
 
 /// Receives a QEMU guest. Returns it running once committed and judged
 /// well; an error carries the guest when it was committed here (a failed
 /// check leaves it running: it is the one copy).
 pub async fn destination(
-    args: DestArgs<'_>,
+    args: DestArgs,
     mut data: Receiver,
     replies: Sender,
     on_commit: CommitHook<'_>,
 ) -> Result<QemuVm, (MigrateError, Option<QemuVm>)> {
-    let early = args.launched;
-    let refused = |vm: Option<Result<QemuVm, String>>| {
-        if let Some(Ok(vm)) = vm {
-            vm.remove();
-        }
-    };
-    let (mode, compress) = match read_start(&mut data).await {
+    let (vm, mode, unpacker) = match take_start(args.vm, &mut data).await {
         Ok(x) => x,
-        Err(e) => {
-            refused(early);
-            return Err((e, None));
-        }
-    };
-    if let Some(r) = args.refuse {
-        refused(early);
-        return Err(reject(replies, r).await);
-    }
-    let mode: Mode = match mode.parse() {
-        Ok(m) => m,
-        Err(e) => {
-            refused(early);
-            return Err(reject(replies, e).await);
-        }
-    };
-    let launched = match early {
-        Some(l) => l,
-        None => QemuVm::launch(args.qemu, &args.dir, &args.spec, Launch::Incoming).await,
-    };
-    let vm = match launched {
-        Ok(vm) => vm,
-        Err(e) => return Err(reject(replies, format!("cannot start QEMU here: {e}")).await),
-    };
-    let unpacker = match Unpacker::new(compress) {
-        Ok(u) => u,
-        Err(e) => {
-            vm.remove();
-            return Err(reject(replies, e).await);
-        }
+        Err(StartRefused::Broken(e)) => return Err((e, None)),
+        Err(StartRefused::Reason(r)) => return Err(reject(replies, r).await),
     };
     let mut relay = DestRelay {
         vm: &vm,
@@ -105,6 +64,37 @@ pub async fn destination(
             vm.remove();
             Err((e, None))
         }
+    }
+}
+
+/// Why the source's `Start` is not taken.
+enum StartRefused {
+    /// No `Start` came (nothing to answer).
+    Broken(MigrateError),
+    /// Refused with this reason, said to the source.
+    Reason(String),
+}
+
+/// Reads and checks the source's `Start`; on any refusal the QEMU
+/// launched for it is removed.
+async fn take_start(
+    vm: Result<QemuVm, String>,
+    data: &mut Receiver,
+) -> Result<(QemuVm, Mode, Unpacker), StartRefused> {
+    let start = async {
+        let (mode, compress) = read_start(data).await.map_err(StartRefused::Broken)?;
+        let mode: Mode = mode.parse().map_err(StartRefused::Reason)?;
+        let unpacker = Unpacker::new(compress).map_err(StartRefused::Reason)?;
+        Ok((mode, unpacker))
+    };
+    match (vm, start.await) {
+        (Ok(vm), Ok((mode, unpacker))) => Ok((vm, mode, unpacker)),
+        (Ok(vm), Err(e)) => {
+            vm.remove();
+            Err(e)
+        }
+        (Err(_), Err(e @ StartRefused::Broken(_))) => Err(e),
+        (Err(reason), _) => Err(StartRefused::Reason(reason)),
     }
 }
 
