@@ -3,7 +3,8 @@
 //! dirtying 100 MiB/s of a 256 MiB working set (written at start, so warm;
 //! the other three quarters never written, as in most processes),
 //! (2) the same workload idle, and (3) tern-vmm's test guest at its own pace,
-//! and prints downtime, total time and bytes on the wire as a table, and
+//! and prints downtime, total time and bytes on the wire as a table, the
+//! CPU time the two guest processes spent on it, and
 //! the ETA the source agent gave at 25 % of each run's bytes against the
 //! time really left (the agents keep an ETA history, so later runs use the
 //! earlier ones).
@@ -43,6 +44,32 @@ struct Row {
     /// The ETA the source agent gave at 25 % of the bytes, and the time
     /// that was really left then, seconds.
     eta: Option<(f64, f64)>,
+    /// CPU seconds the source and the destination guest processes spent
+    /// on the migration (every thread but the workload's dirtier).
+    cpu: Option<(f64, f64)>,
+}
+
+/// CPU seconds a process's threads have run, but for its workload's
+/// `dirtier` (the guest itself): the scheduler's own count
+/// (`/proc/PID/task/TID/schedstat`, nanoseconds), not 10 ms ticks.
+fn cpu_secs(pid: i32) -> Option<f64> {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "dirtier" {
+            continue;
+        }
+        let st = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += st
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(ns as f64 / 1e9)
 }
 
 /// The first ETA given once a quarter of the migration's `wire` bytes
@@ -168,6 +195,7 @@ fn main() {
                     .expect("the source guest's process");
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let sampler = peak_rss(src_pid, stop.clone());
+                let src_cpu0 = cpu_secs(src_pid);
                 let m = ca
                     .migrate(
                         &vm.id,
@@ -201,6 +229,17 @@ fn main() {
                 };
                 let ended = Instant::now();
                 assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
+                // The source's process lingers 2 s after the commit; the
+                // destination's was started for this migration.
+                // Its directory is named for the migration until the agent
+                // adopts it.
+                let dst_pid = [format!("{}.{}", vm.id, m.id), vm.id.to_string()]
+                    .iter()
+                    .find_map(|d| tern_agent::vmdir::VmDir::new(&bed[1].data_dir, d).live_pid());
+                let cpu = src_cpu0
+                    .zip(cpu_secs(src_pid))
+                    .zip(dst_pid.and_then(cpu_secs))
+                    .map(|((s0, s1), d)| (s1 - s0, d));
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 let (rest, peak) = sampler.join().unwrap();
                 let (source_rest_mb, source_peak_mb) = (rest as f64 / 1e6, peak as f64 / 1e6);
@@ -225,6 +264,7 @@ fn main() {
                     source_peak_mb,
                     source_rest_mb,
                     eta,
+                    cpu,
                 });
                 cb.stop_vm(&vm.id).await.unwrap();
             }
@@ -277,6 +317,20 @@ fn main() {
             r.source_rest_mb,
             r.source_peak_mb - r.source_rest_mb
         );
+    }
+    println!("\nCPU the migration cost (the guest processes' threads but the workload's; the destination's since it started)");
+    for r in &rows {
+        if let Some((src, dst)) = r.cpu {
+            println!(
+                "{:<48} {:<9} source {:>5.0} ms  destination {:>5.0} ms  together {:>5.0} ms ({:.2} ms per MB on the wire)",
+                r.workload,
+                r.mode,
+                src * 1e3,
+                dst * 1e3,
+                (src + dst) * 1e3,
+                (src + dst) * 1e3 / r.wire_mb
+            );
+        }
     }
     println!("\nwhere the downtime went, ms: pause + final scan | last pages, state, manifest (of it: pages, state) | until Ready | Commit -> Running || the source's commit record (written before the pause, not in the downtime)");
     for r in &rows {
