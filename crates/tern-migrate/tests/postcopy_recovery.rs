@@ -8,7 +8,8 @@ use ed25519_dalek::SigningKey;
 use std::time::{Duration, Instant};
 use tern_migrate::engine::Mode;
 use tern_migrate::{
-    migrate_observed, receive, Capacity, DestLink, MigrationPhase, Policy, Progress, SourceLink,
+    migrate_observed, receive_observed, Capacity, DestLink, MigrationPhase, Policy, Progress,
+    SourceLink,
 };
 use tern_testkit::{LinkConfig, LinkEmulator};
 use tern_transport::{Listener, Redirector, Security, Sender, SessionConfig};
@@ -36,6 +37,8 @@ struct Bed {
     data_listener_addr: std::net::SocketAddr,
     redirect: Redirector,
     progress: watch::Receiver<Progress>,
+    /// The destination's own view.
+    dest_progress: watch::Receiver<Progress>,
     source: tokio::task::JoinHandle<tern_migrate::Outcome>,
     dest: tokio::task::JoinHandle<Result<ProcessGuest, tern_migrate::MigrateError>>,
     _listeners: (Listener, Listener),
@@ -73,8 +76,9 @@ async fn start() -> Bed {
 
     let key = SigningKey::from_bytes(&rand::random());
     let vk = key.verifying_key();
+    let (dest_tx, dest_progress) = watch::channel(Progress::default());
     let dest = tokio::spawn(async move {
-        receive(
+        receive_observed(
             DestLink {
                 data: data_rx,
                 replies: reply_tx,
@@ -85,6 +89,8 @@ async fn start() -> Bed {
                 max_memory_bytes: 1 << 30,
                 max_vcpus: 8,
             },
+            &mut || Ok(()),
+            &dest_tx,
         )
         .await
     });
@@ -118,6 +124,7 @@ async fn start() -> Bed {
         reply_link,
         redirect,
         progress,
+        dest_progress,
         source,
         dest,
         _listeners: (data_l, reply_l),
@@ -138,12 +145,17 @@ impl Bed {
             MigrationPhase::Postcopy,
             "post-copy was still running when the link failed"
         );
+        // The destination says so too, with the pages it still lacks.
+        let d = self.dest_progress.borrow().clone();
+        assert_eq!(d.phase, MigrationPhase::Postcopy, "{d:?}");
+        assert!(d.destination_ready && d.pages_remaining > 0, "{d:?}");
     }
 
     /// Waits for both ends; checks that the migration committed without a
     /// fault, that the destination verified every page (it refuses a root
     /// that differs) and that its guest runs on.
     async fn finish(self) -> tern_migrate::Report {
+        let dest_progress = self.dest_progress.clone();
         let outcome = tokio::time::timeout(Duration::from_secs(120), self.source)
             .await
             .expect("the source finished")
@@ -155,11 +167,17 @@ impl Bed {
             } => report,
             other => panic!("post-copy did not complete: {other:?}"),
         };
+        let received = dest_progress.borrow().pages_sent;
+        assert_eq!(received, report.pages_sent, "pages received = pages sent");
         let dst = tokio::time::timeout(Duration::from_secs(30), self.dest)
             .await
             .expect("the destination finished")
             .unwrap()
             .expect("the destination verified every page and runs the guest");
+        // Every stale page came; what the destination counted is what the
+        // source sent.
+        let d = dest_progress.borrow().clone();
+        assert_eq!(d.pages_remaining, 0, "{d:?}");
         let w = dst.writes();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(dst.writes() > w, "the workload runs on the destination");

@@ -218,6 +218,7 @@ async fn receive(
         &source_key,
         &capacity,
         &mut on_commit,
+        progress,
     )
     .await
     .map_err(|e| (e, None))

@@ -5,7 +5,7 @@ use super::digests::PageDigests;
 use super::pages::page_hash;
 use super::postcopy::{self, Incoming};
 use super::replies::{next, next_msg, parse_msg};
-use super::{CommitHook, DestLink, MigrateError, PAGE};
+use super::{CommitHook, DestLink, MigrateError, MigrationPhase, Progress, PAGE};
 use crate::guest::{DestinationGuest, PostcopyMemory};
 use crate::protocol::*;
 use bytes::Bytes;
@@ -13,6 +13,7 @@ use ed25519_dalek::VerifyingKey;
 use std::time::Duration;
 use tern_pagecodec::Decoder;
 use tern_transport::{Receiver, Sender};
+use tokio::sync::watch;
 
 /// Limits the destination enforces on requests.
 #[derive(Clone, Debug)]
@@ -35,16 +36,31 @@ where
     G: DestinationGuest,
     F: FnOnce(&MigrationRequest) -> Result<G, String>,
 {
-    receive_observed(link, make_guest, source_key, capacity, &mut || Ok(())).await
+    let progress = watch::channel(Progress::default()).0;
+    receive_observed(
+        link,
+        make_guest,
+        source_key,
+        capacity,
+        &mut || Ok(()),
+        &progress,
+    )
+    .await
 }
 
-/// [`receive`], calling `on_commit` when `Commit` arrives, before the guest starts.
+/// [`receive`], calling `on_commit` when `Commit` arrives, before the guest
+/// starts, and publishing where it stands on `progress`: the phase (the
+/// source's pause shows as `Switchover`, then `Postcopy` while pages still
+/// come), the round, and the pages and bytes received (`pages_sent`,
+/// `wire_bytes`; in post-copy `pages_remaining` counts down). Its caller
+/// sets the final phase.
 pub async fn receive_observed<G, F>(
     link: DestLink,
     make_guest: F,
     source_key: &VerifyingKey,
     capacity: &Capacity,
     on_commit: CommitHook<'_>,
+    progress: &watch::Sender<Progress>,
 ) -> Result<G, MigrateError>
 where
     G: DestinationGuest,
@@ -53,10 +69,11 @@ where
     let DestLink { mut data, replies } = link;
     let res = async {
         let (req, guest) = accept(&mut data, &replies, make_guest, capacity).await?;
-        let mut dest = Dest::new(&req, guest, source_key);
+        let mut dest = Dest::new(&req, guest, source_key, progress);
         dest.take_in(&mut data).await?;
         let postcopy = dest.verify_and_load()?;
         replies.send(msg_frame(&DestMsg::Ready)).await?;
+        progress.send_modify(|p| p.destination_ready = true);
         dest.guest.prepare_to_start()?;
         await_commit(&mut data).await?;
         on_commit().map_err(MigrateError::CommitRecord)?;
@@ -164,11 +181,21 @@ struct Dest<'a, G> {
     signed: Option<SignedManifest>,
     /// Frames received (the request counts).
     frames: u64,
+    progress: &'a watch::Sender<Progress>,
 }
 
 impl<'a, G: DestinationGuest> Dest<'a, G> {
-    fn new(req: &MigrationRequest, guest: G, source_key: &'a VerifyingKey) -> Self {
+    fn new(
+        req: &MigrationRequest,
+        guest: G,
+        source_key: &'a VerifyingKey,
+        progress: &'a watch::Sender<Progress>,
+    ) -> Self {
         let n_pages = req.shape.memory_bytes / PAGE as u64;
+        progress.send_modify(|p| {
+            p.phase = MigrationPhase::Precopy;
+            p.memory_bytes = req.shape.memory_bytes;
+        });
         Self {
             guest,
             migration: req.migration.clone(),
@@ -180,6 +207,7 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
             stale: None,
             signed: None,
             frames: 1,
+            progress,
         }
     }
 
@@ -194,12 +222,18 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
                 KIND_MSG => match parse_msg(&p)? {
                     // The source sends on: fold this round into the
                     // digests now, not at switchover.
-                    SourceMsg::RoundEnd { .. } => self.digests.refresh(),
+                    SourceMsg::RoundEnd { round, .. } => {
+                        self.digests.refresh();
+                        self.progress.send_modify(|p| p.round = round);
+                    }
                     SourceMsg::Postcopy { stale: runs } => {
                         let n = check_runs(&runs, n_pages).map_err(MigrateError::Protocol)?;
                         self.stale = Some((runs, n));
+                        self.switching_over();
+                        self.progress.send_modify(|p| p.pages_remaining = n);
                     }
                     SourceMsg::Manifest(m) => {
+                        self.switching_over();
                         self.signed = Some(m);
                         return Ok(());
                     }
@@ -217,10 +251,23 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
         self.decoder
             .decode_frame(p, self.guest.ram_mut()?)
             .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
+        let mut n = 0;
         for (page, bytes) in self.decoder.last_frame_pages() {
             self.digests.set(page, page_hash(bytes));
+            n += 1;
         }
+        self.progress.send_modify(|x| {
+            x.pages_sent += n;
+            x.wire_bytes += p.len() as u64;
+        });
         Ok(())
+    }
+
+    /// The source paused its guest: what is left comes now (in post-copy,
+    /// after the guest starts here).
+    fn switching_over(&self) {
+        self.progress
+            .send_modify(|p| p.phase = MigrationPhase::Switchover);
     }
 
     /// Verifies everything before the guest may run, then loads its state;
@@ -285,6 +332,7 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
             source_key: self.source_key,
             migration: &self.migration,
             frames: self.frames + 1,
+            progress: self.progress,
         };
         postcopy::serve(inc, mem.into(), &stale).await
     }

@@ -9,7 +9,7 @@ use super::eta::EtaPlan;
 use super::pages::page_hash;
 use super::replies::{next, parse_msg, poll_reply};
 use super::source::Source;
-use super::{ms_since, MigrateError, MigrationPhase, PAGE};
+use super::{ms_since, MigrateError, MigrationPhase, Progress, PAGE};
 use crate::guest::{PostcopyMemory, SourceGuest};
 use crate::protocol::*;
 use ed25519_dalek::VerifyingKey;
@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_pagecodec::Decoder;
 use tern_transport::{Receiver, Sender, RESUME_FOREVER};
+use tokio::sync::watch;
 
 /// Pages prefetched after each faulting page (the guest tends to read on).
 const PREFETCH_PAGES: u64 = 15;
@@ -243,6 +244,8 @@ pub(super) struct Incoming<'a> {
     pub migration: &'a str,
     /// Frames received so far.
     pub frames: u64,
+    /// Where the destination stands (its receiver's).
+    pub progress: &'a watch::Sender<Progress>,
 }
 
 /// Post-copy on the destination, with the guest running: a thread turns
@@ -268,6 +271,8 @@ pub(super) async fn serve(
     // Pages the source will send; any other page the guest faults on was
     // never written there (zeros) and never sent.
     let was_stale = need.clone();
+    inc.progress
+        .send_modify(|p| p.phase = MigrationPhase::Postcopy);
     let mut requested = vec![false; inc.digests.len()];
     let mut zero_filled = 0u64;
     let res: Result<(), MigrateError> = async {
@@ -344,6 +349,7 @@ impl Incoming<'_> {
                 self.decoder
                     .decode_frame_detached(p)
                     .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
+                let mut n = 0;
                 for (page, bytes) in self.decoder.last_frame_pages() {
                     let i = page as usize;
                     if !std::mem::take(&mut need[i]) {
@@ -353,7 +359,13 @@ impl Incoming<'_> {
                     }
                     mem.fill(page, bytes)?;
                     self.digests.set(page, page_hash(bytes));
+                    n += 1;
                 }
+                self.progress.send_modify(|x| {
+                    x.pages_sent += n;
+                    x.pages_remaining = x.pages_remaining.saturating_sub(n);
+                    x.wire_bytes += p.len() as u64;
+                });
                 Ok(false)
             }
             KIND_MSG => match parse_msg(p)? {

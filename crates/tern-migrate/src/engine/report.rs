@@ -11,11 +11,11 @@ pub struct Progress {
     pub phase: MigrationPhase,
     /// Pre-copy round (0 before the first).
     pub round: u32,
-    /// Pages sent so far (all rounds).
+    /// Pages sent so far (all rounds; on the destination, received).
     pub pages_sent: u64,
     /// Pages still to send in this round plus those dirtied since it began.
     pub pages_remaining: u64,
-    /// Encoded page bytes on the wire so far.
+    /// Encoded page bytes on the wire so far (sent, or received).
     pub wire_bytes: u64,
     /// Pages the guest dirtied per second in the last round.
     pub dirty_pages_per_sec: f64,
