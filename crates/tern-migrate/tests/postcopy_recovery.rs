@@ -243,3 +243,29 @@ async fn a_stalled_postcopy_is_pointed_at_a_new_address_and_completes() {
     );
     assert_eq!(report.phase, MigrationPhase::Committed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: a post-copy migration over a 4 MB/s link"]
+async fn a_postcopy_destination_dropped_mid_way_lets_its_guest_go() {
+    let mut bed = start().await;
+    bed.wait_in_postcopy(Duration::from_millis(300)).await;
+    // The destination's guest now waits on missing pages. Its task is
+    // dropped (a cancel, a runtime shutting down): dropping the guest joins
+    // its threads, and a thread waiting on a missing page must be let go.
+    bed.data_link.cut(Duration::from_secs(3600));
+    bed.reply_link.cut(Duration::from_secs(3600));
+    bed.dest.abort();
+    let t = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), &mut bed.dest).await;
+    match ended {
+        Ok(Err(e)) if e.is_cancelled() => {}
+        Ok(Err(e)) => panic!("the destination's task failed: {e}"),
+        Ok(Ok(_)) => panic!("the destination finished, though its link was cut"),
+        Err(_) => panic!("the dropped destination did not end in 10 s"),
+    }
+    eprintln!(
+        "the dropped post-copy destination let its guest go in {:?}",
+        t.elapsed()
+    );
+    bed.source.abort();
+}

@@ -261,9 +261,9 @@ pub(super) async fn serve(
     // link however long it takes (the source decides when to give up).
     inc.data.set_resume_deadline(RESUME_FOREVER);
     inc.replies.set_resume_deadline(RESUME_FOREVER);
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let (fault_tx, mut faults) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let faulter = spawn_fault_reader(mem.clone(), stop.clone(), fault_tx)?;
+    let faulter = spawn_fault_reader(mem.clone(), stop.0.clone(), fault_tx)?;
     let mut need = vec![false; inc.digests.len()];
     for &(first, n) in stale {
         need[first as usize..(first + n) as usize].fill(true);
@@ -297,7 +297,7 @@ pub(super) async fn serve(
         }
     }
     .await;
-    stop.store(true, Relaxed);
+    drop(stop);
     let _ = faulter.join();
     tracing::debug!(
         zero_filled,
@@ -306,6 +306,19 @@ pub(super) async fn serve(
     res?;
     inc.replies.send(msg_frame(&DestMsg::Done)).await?;
     Ok(())
+}
+
+/// Ends the fault reader when post-copy ends, or when its future is
+/// dropped mid-way (a cancelled task, a runtime shutting down): the reader
+/// holds the guest's post-copy memory open, and a guest thread waiting on
+/// a missing page waits until that memory closes, so a guest dropped
+/// after it would wait for ever to join its own threads.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
+    }
 }
 
 /// A thread that waits for the guest's faults on missing pages.
