@@ -230,9 +230,8 @@ fn main() {
                 let ended = Instant::now();
                 assert_eq!(done.state, MigrationPhase::Committed, "{done:?}");
                 // The source's process lingers 2 s after the commit; the
-                // destination's was started for this migration.
-                // Its directory is named for the migration until the agent
-                // adopts it.
+                // destination's was started for this migration, in a
+                // directory named for it until the agent adopts it.
                 let dst_pid = [format!("{}.{}", vm.id, m.id), vm.id.to_string()]
                     .iter()
                     .find_map(|d| tern_agent::vmdir::VmDir::new(&bed[1].data_dir, d).live_pid());

@@ -5,6 +5,7 @@ use super::digests::PageDigests;
 use super::pages::page_hash;
 use super::postcopy::{self, Incoming};
 use super::replies::{next, next_msg, parse_msg};
+use super::report::received;
 use super::{CommitHook, DestLink, MigrateError, MigrationPhase, Progress, PAGE};
 use crate::guest::{DestinationGuest, PostcopyMemory};
 use crate::protocol::*;
@@ -229,11 +230,12 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
                     SourceMsg::Postcopy { stale: runs } => {
                         let n = check_runs(&runs, n_pages).map_err(MigrateError::Protocol)?;
                         self.stale = Some((runs, n));
-                        self.switching_over();
-                        self.progress.send_modify(|p| p.pages_remaining = n);
+                        self.switching_over(n);
                     }
                     SourceMsg::Manifest(m) => {
-                        self.switching_over();
+                        if self.stale.is_none() {
+                            self.switching_over(0);
+                        }
                         self.signed = Some(m);
                         return Ok(());
                     }
@@ -256,18 +258,17 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
             self.digests.set(page, page_hash(bytes));
             n += 1;
         }
-        self.progress.send_modify(|x| {
-            x.pages_sent += n;
-            x.wire_bytes += p.len() as u64;
-        });
+        received(self.progress, n, p.len());
         Ok(())
     }
 
     /// The source paused its guest: what is left comes now (in post-copy,
-    /// after the guest starts here).
-    fn switching_over(&self) {
-        self.progress
-            .send_modify(|p| p.phase = MigrationPhase::Switchover);
+    /// its `stale` pages after the guest starts here).
+    fn switching_over(&self, stale: u64) {
+        self.progress.send_modify(|p| {
+            p.phase = MigrationPhase::Switchover;
+            p.pages_remaining = stale;
+        });
     }
 
     /// Verifies everything before the guest may run, then loads its state;

@@ -374,11 +374,7 @@ impl Incoming<'_> {
                     self.digests.set(page, page_hash(bytes));
                     n += 1;
                 }
-                self.progress.send_modify(|x| {
-                    x.pages_sent += n;
-                    x.pages_remaining = x.pages_remaining.saturating_sub(n);
-                    x.wire_bytes += p.len() as u64;
-                });
+                super::report::received(self.progress, n, p.len());
                 Ok(false)
             }
             KIND_MSG => match parse_msg(p)? {

@@ -37,6 +37,16 @@ pub struct Progress {
     pub destination_ready: bool,
 }
 
+/// The destination's count of a page frame it placed: `pages` pages in
+/// `bytes` on the wire (in post-copy, fewer still to come).
+pub(super) fn received(progress: &tokio::sync::watch::Sender<Progress>, pages: u64, bytes: usize) {
+    progress.send_modify(|x| {
+        x.pages_sent += pages;
+        x.pages_remaining = x.pages_remaining.saturating_sub(pages);
+        x.wire_bytes += bytes as u64;
+    });
+}
+
 /// One round's figures.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RoundStats {
