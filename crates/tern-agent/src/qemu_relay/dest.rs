@@ -18,7 +18,7 @@ use tern_transport::{Receiver, Sender};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// What the destination side needs besides the links.
 pub struct DestArgs {
@@ -48,13 +48,12 @@ pub async fn destination(
     };
     let mut relay = DestRelay {
         vm: &vm,
-        unpacker,
         load: args.load,
         progress: &args.progress,
         replies: &replies,
         committed: false,
     };
-    let res = relay.run(mode, &mut data, on_commit).await;
+    let res = relay.run(mode, &mut data, unpacker, on_commit).await;
     let committed = relay.committed;
     let _ = tokio::time::timeout(Duration::from_secs(5), replies.finish()).await;
     match res {
@@ -121,8 +120,6 @@ async fn reject(replies: Sender, reason: String) -> (MigrateError, Option<QemuVm
 /// One incoming QEMU migration, after its QEMU started.
 struct DestRelay<'a> {
     vm: &'a QemuVm,
-    /// The stream's compression (zstd keeps state across frames).
-    unpacker: Unpacker,
     load: LoadParams,
     progress: &'a watch::Sender<Progress>,
     replies: &'a Sender,
@@ -130,10 +127,17 @@ struct DestRelay<'a> {
     committed: bool,
 }
 
-/// The state of the receiving loop.
+/// What the pump passes to the watching loop, in stream order: every
+/// byte before it is in QEMU's socket.
+#[derive(Debug)]
+enum Control {
+    StreamEnd,
+    Commit { last_tick: Option<u64> },
+}
+
+/// The state of the watching loop.
 struct Feed {
     q: Qmp,
-    to_qemu: OwnedWriteHalf,
     mode: Mode,
     loaded: bool,
     stream_end: bool,
@@ -176,9 +180,10 @@ impl DestRelay<'_> {
         &mut self,
         mode: Mode,
         data: &mut Receiver,
+        unpacker: Unpacker,
         on_commit: CommitHook<'_>,
     ) -> Result<(), MigrateError> {
-        let res = self.receive(mode, data, on_commit).await;
+        let res = self.receive(mode, data, unpacker, on_commit).await;
         // A failed check already sent its own verdict.
         let said = matches!(res, Err(MigrateError::Verification(_)));
         if let (Err(e), false) = (&res, said) {
@@ -204,6 +209,7 @@ impl DestRelay<'_> {
         &mut self,
         mode: Mode,
         data: &mut Receiver,
+        unpacker: Unpacker,
         on_commit: CommitHook<'_>,
     ) -> Result<(), MigrateError> {
         let (q, stream) = self.open(mode).await?;
@@ -213,7 +219,6 @@ impl DestRelay<'_> {
             .send_modify(|p| p.phase = MigrationPhase::Precopy);
         let mut f = Feed {
             q,
-            to_qemu,
             mode,
             loaded: false,
             stream_end: false,
@@ -224,18 +229,23 @@ impl DestRelay<'_> {
             last_tick: Instant::now(),
             qmp_timeouts: 0,
         };
-        // QEMU's return path is carried by a future of its own, polled
-        // beside the feeding loop, never from inside it: when both waited in
-        // one loop, a write into QEMU's stream that blocked (QEMU busy
-        // answering on its return path) stopped the return path from being
-        // read, and post-copy could deadlock.
+        // Three futures polled side by side, none awaited inside another:
+        // the pump feeds QEMU's stream, the return path carries QEMU's page
+        // requests back, and the watching loop asks QEMU over QMP. When the
+        // stream was fed from the watching loop, a QMP question QEMU could
+        // not answer (its main thread loading device state, blocked on a
+        // guest page still on its way) stopped the very bytes that page was
+        // in: post-copy stalled for a QMP timeout (10 s) at a time.
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let pumping = pump(data, unpacker, to_qemu, ctl_tx);
         let return_path = carry_return_path(from_qemu, self.replies);
-        let feeding = self.feed(&mut f, data, on_commit);
-        tokio::pin!(return_path, feeding);
+        let watching = self.watch(&mut f, ctl_rx, on_commit);
+        tokio::pin!(pumping, return_path, watching);
         let mut return_open = true;
         loop {
             tokio::select! {
-                r = &mut feeding => return r,
+                r = &mut pumping => return r,
+                r = &mut watching => return r,
                 r = &mut return_path, if return_open => {
                     r?;
                     return_open = false;
@@ -244,21 +254,22 @@ impl DestRelay<'_> {
         }
     }
 
-    /// Feeds QEMU the stream and watches it until the migration is done here.
-    async fn feed(
+    /// Watches QEMU until the migration is done here, acting on the
+    /// source's messages as the pump passes them on.
+    async fn watch(
         &mut self,
         f: &mut Feed,
-        data: &mut Receiver,
+        mut ctl: mpsc::UnboundedReceiver<Control>,
         on_commit: CommitHook<'_>,
     ) -> Result<(), MigrateError> {
         let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                r = data.recv() => {
-                    let (seq, frame) = r.ok_or(MigrateError::Closed("data"))??;
+                c = ctl.recv() => {
+                    // The pump ended: its own result ends the migration.
+                    let Some(c) = c else { return std::future::pending().await };
                     let ended = f.stream_end;
-                    self.on_data(f, &frame, on_commit).await?;
-                    data.ack(seq);
+                    self.on_control(f, c, on_commit).await?;
                     if f.stream_end && !ended {
                         // The last bytes are in QEMU: see it loaded at once.
                         next = tokio::time::Instant::now();
@@ -288,21 +299,15 @@ impl DestRelay<'_> {
         Ok((q, connect_when_there(&sock).await?))
     }
 
-    async fn on_data(
+    async fn on_control(
         &mut self,
         f: &mut Feed,
-        frame: &bytes::Bytes,
+        c: Control,
         on_commit: CommitHook<'_>,
     ) -> Result<(), MigrateError> {
-        match decode::<RelaySourceMsg>(frame)? {
-            Incoming::Bytes(KIND_STREAM, p) => {
-                let chunk = self.unpacker.unpack(&p).map_err(MigrateError::Protocol)?;
-                f.to_qemu.write_all(&chunk).await.map_err(|e| {
-                    MigrateError::DestinationFailed(format!("the destination QEMU's stream: {e}"))
-                })?;
-            }
-            Incoming::Msg(RelaySourceMsg::StreamEnd) => f.stream_end = true,
-            Incoming::Msg(RelaySourceMsg::Commit { last_tick }) if f.loaded && !self.committed => {
+        match c {
+            Control::StreamEnd => f.stream_end = true,
+            Control::Commit { last_tick } if f.loaded && !self.committed => {
                 on_commit().map_err(MigrateError::CommitRecord)?;
                 self.committed = true;
                 f.console_from = self.vm.console().len();
@@ -313,9 +318,6 @@ impl DestRelay<'_> {
                 let check = check::for_guest(last_tick, self.load);
                 let patience = check.patience();
                 f.judging = Some((check, patience));
-            }
-            Incoming::Msg(RelaySourceMsg::Abort { reason }) => {
-                return Err(MigrateError::Aborted(reason))
             }
             other => return Err(MigrateError::Protocol(format!("unexpected {other:?}"))),
         }
@@ -413,6 +415,42 @@ impl DestRelay<'_> {
             self.replies.send(msg_frame(&RelayDestMsg::Loaded)).await?;
         }
         Ok(())
+    }
+}
+
+/// Feeds QEMU's incoming socket the stream, in order, and passes the
+/// source's messages on to the watching loop. A frame is acknowledged once
+/// it is in QEMU's socket (or passed on).
+async fn pump(
+    data: &mut Receiver,
+    mut unpacker: Unpacker,
+    mut to_qemu: OwnedWriteHalf,
+    ctl: mpsc::UnboundedSender<Control>,
+) -> Result<(), MigrateError> {
+    loop {
+        let (seq, frame) = data.recv().await.ok_or(MigrateError::Closed("data"))??;
+        let c = match decode::<RelaySourceMsg>(&frame)? {
+            Incoming::Bytes(KIND_STREAM, p) => {
+                let chunk = unpacker.unpack(&p).map_err(MigrateError::Protocol)?;
+                to_qemu.write_all(&chunk).await.map_err(|e| {
+                    MigrateError::DestinationFailed(format!("the destination QEMU's stream: {e}"))
+                })?;
+                None
+            }
+            Incoming::Msg(RelaySourceMsg::StreamEnd) => Some(Control::StreamEnd),
+            Incoming::Msg(RelaySourceMsg::Commit { last_tick }) => {
+                Some(Control::Commit { last_tick })
+            }
+            Incoming::Msg(RelaySourceMsg::Abort { reason }) => {
+                return Err(MigrateError::Aborted(reason))
+            }
+            other => return Err(MigrateError::Protocol(format!("unexpected {other:?}"))),
+        };
+        if let Some(c) = c {
+            // The watching loop outlives the pump; if it ended, so did this.
+            let _ = ctl.send(c);
+        }
+        data.ack(seq);
     }
 }
 
