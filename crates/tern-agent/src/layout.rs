@@ -297,10 +297,12 @@ pub fn kill_guests(data_dir: &Path) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
-    // Containers run under runc, beside their guest process: end them too.
+    // Containers run under runc, beside their guest process, and a confined
+    // QEMU outlives it (`-runas` clears its parent-death signal): end them too.
     if let Ok(list) = std::fs::read_dir(data_dir.join("vms")) {
         for d in list.flatten() {
             crate::container::reap(&d.path());
+            tern_drivers::qemu::kill_stray(&crate::vmdir::VmDir(d.path()).qemu());
         }
     }
 }

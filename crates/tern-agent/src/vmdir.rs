@@ -109,6 +109,11 @@ impl VmDir {
     pub fn pid_file(&self) -> PathBuf {
         self.0.join("pid")
     }
+    /// Where the guest's QEMU (a Linux guest's) runs: its sockets, pid
+    /// file, console, disks.
+    pub fn qemu(&self) -> PathBuf {
+        self.0.join("qemu")
+    }
     /// The process's log.
     pub fn log(&self) -> PathBuf {
         self.0.join("guest.log")

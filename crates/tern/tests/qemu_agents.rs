@@ -182,6 +182,61 @@ fn assert_confined(data_dir: &Path) {
     );
 }
 
+/// A confined QEMU does not outlive its guest process (a crash, an OOM
+/// kill): `-runas` clears its parent-death signal, so the agent that reaps
+/// the process ends it, and an agent that was down ends it at its start.
+/// Otherwise an unmanaged copy of the guest would run on beside the one
+/// healing starts.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: Linux guests under QEMU, two agent processes"]
+async fn a_confined_qemu_ends_with_its_guest_process() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(mut bed) = bed_with(0, true).await else {
+        return;
+    };
+    let data = bed.hosts[0].data_dir.clone();
+    let kill_guest = |data: &Path| {
+        let pids = tern_agent::layout::guest_pids(data);
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pids[0]).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+    };
+    let ends = |data: &Path, within: Duration| {
+        let t = Instant::now();
+        while !pids_under(data).is_empty() {
+            assert!(t.elapsed() < within, "QEMU outlived its guest process");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t.elapsed()
+    };
+    // The agent lives: it reaps the process and ends its QEMU.
+    let ca = bed.a.client().unwrap();
+    let vm = ca.create_vm(&linux()).await.unwrap();
+    assert_confined(&data);
+    kill_guest(&data);
+    let t = ends(&data, Duration::from_secs(10));
+    eprintln!("the agent ended the QEMU its killed guest process left in {t:?}");
+    let v = ca.vm(&vm.id).await.unwrap();
+    assert_ne!(v.status, GuestStatus::Running, "{v:?}");
+    // No agent: the QEMU runs on until the next agent's start.
+    let vm = ca.create_vm(&linux()).await.unwrap();
+    assert_confined(&data);
+    bed.a.release_guests();
+    bed.a.kill();
+    kill_guest(&data);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pids_under(&data).len(), 1, "the confined QEMU lived on");
+    let bin = Path::new(env!("CARGO_BIN_EXE_tern"));
+    bed.a = AgentProcess::start(bin, &bed.hosts[0], None).unwrap();
+    let t = ends(&data, Duration::from_secs(10));
+    eprintln!("the restarted agent ended the stray QEMU in {t:?}");
+    let v = bed.a.client().unwrap().vm(&vm.id).await.unwrap();
+    assert_ne!(v.status, GuestStatus::Running, "{v:?}");
+}
+
 /// A Linux guest's migration cancelled mid pre-copy (a user, or a more
 /// urgent migration preempting it) rolls back: the guest runs on where it
 /// was, counting on, and no QEMU is left on the target.

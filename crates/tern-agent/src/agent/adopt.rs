@@ -17,7 +17,7 @@ impl Agent {
             let fate = dir.records().map(|r| fold(&r)).unwrap_or_default();
             let live = dir.live_pid().is_some();
             if !live {
-                self.clean_jail(&dir);
+                clean_after_exit(&self.inner.cfg, &dir);
             }
             self.adopt_migrations(&dir, &launch, &fate, live);
             let incoming = !matches!(launch.role, LaunchRole::Boot);
@@ -40,12 +40,6 @@ impl Agent {
         for (vm, (_, _, e)) in best {
             vms.insert(vm, e);
         }
-    }
-
-    /// Removes the room and cgroups of a jailed guest process that ended
-    /// while no agent was there to reap it.
-    fn clean_jail(&self, dir: &VmDir) {
-        clean_jail(&self.inner.cfg, dir);
     }
 
     pub(super) fn adopt_migrations(
@@ -116,9 +110,18 @@ impl Agent {
     }
 }
 
-/// Removes what the jail of the guest process of `dir` left (its room, its
-/// cgroups), if the agent jails guests; call it once that process ended.
-pub(super) fn clean_jail(cfg: &AgentConfig, dir: &VmDir) {
+/// Removes what the guest process of `dir` left once it ended: a QEMU that
+/// outlived it (a confined QEMU loses its parent-death signal; healing may
+/// start the guest elsewhere, so no unmanaged copy may run on), and its
+/// jail's room and cgroups.
+pub(crate) fn clean_after_exit(cfg: &AgentConfig, dir: &VmDir) {
+    if let Some(pid) = tern_drivers::qemu::kill_stray(&dir.qemu()) {
+        tracing::warn!(pid, dir = %dir.0.display(), "ended a QEMU its guest process left behind");
+    }
+    clean_jail(cfg, dir);
+}
+
+fn clean_jail(cfg: &AgentConfig, dir: &VmDir) {
     let (Some(j), Some(name)) = (&cfg.jail, dir.0.file_name()) else {
         return;
     };

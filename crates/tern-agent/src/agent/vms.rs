@@ -46,12 +46,12 @@ impl Agent {
             .map_err(|e| {
                 AgentError::Internal(format!("cannot start {}: {e}", self.inner.exe.display()))
             })?;
-        // Reaped here while this agent lives; after it, by init (and its
-        // jail cleaned at the next agent's start).
+        // Reaped here while this agent lives; after it, by init (and what
+        // it left cleaned at the next agent's start).
         let (cfg, dir) = (self.inner.cfg.clone(), dir.clone());
         std::thread::spawn(move || {
             let _ = child.wait();
-            super::adopt::clean_jail(&cfg, &dir);
+            super::adopt::clean_after_exit(&cfg, &dir);
         });
         Ok(())
     }

@@ -148,7 +148,7 @@ async fn launch_qemu(p: &Proc) -> Option<Result<QemuVm, String>> {
         Ok(q) => q,
         Err(reason) => return Some(Err(reason)),
     };
-    let dir = p.dir.0.join("qemu");
+    let dir = p.dir.qemu();
     let launched = QemuVm::launch(&qemu_config(p), &dir, &qspec, QemuLaunch::Incoming).await;
     Some(launched.map_err(|e| format!("cannot start QEMU here: {e}")))
 }

@@ -150,13 +150,7 @@ async fn boot_linux(p: &Proc) -> Result<Hosted, String> {
         p.cfg().guest_kernel.as_deref(),
         p.cfg().guest_initrd.as_deref(),
     )?;
-    let vm = QemuVm::launch(
-        &qemu_config(p),
-        &p.dir.0.join("qemu"),
-        &qspec,
-        QemuLaunch::Boot,
-    )
-    .await?;
+    let vm = QemuVm::launch(&qemu_config(p), &p.dir.qemu(), &qspec, QemuLaunch::Boot).await?;
     vm.wait_console(Duration::from_secs(120), |c| c.contains("tern-load ready"))
         .await
         .map_err(|e| format!("the Linux guest did not come up: {e}"))?;

@@ -235,7 +235,9 @@ impl DestRelay<'_> {
         // stream was fed from the watching loop, a QMP question QEMU could
         // not answer (its main thread loading device state, blocked on a
         // guest page still on its way) stopped the very bytes that page was
-        // in: post-copy stalled for a QMP timeout (10 s) at a time.
+        // in: post-copy stalled for a QMP timeout (10 s) at a time. And a
+        // write into QEMU's stream that blocks (QEMU busy answering on its
+        // return path) never stops that return path from being read.
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let pumping = pump(data, unpacker, to_qemu, ctl_tx);
         let return_path = carry_return_path(from_qemu, self.replies);

@@ -203,6 +203,34 @@ fn pid_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The pid file a QEMU launched in `dir` writes (before it drops its
+/// privileges, so also when confined).
+pub fn pidfile(dir: &Path) -> PathBuf {
+    dir.join("qemu.pid")
+}
+
+/// Ends the QEMU launched in `dir` if it still runs: the process its pid
+/// file names, when that process's command line names the same pid file (a
+/// pid since reused by anything else is left alone). Returns its pid.
+///
+/// QEMU dies with the process that launched it (a parent-death signal),
+/// except when confined: `-runas` changes its uid, and the kernel clears
+/// the signal on that change. Whoever sees a launching process end calls
+/// this, so no unmanaged copy of a guest runs on.
+pub fn kill_stray(dir: &Path) -> Option<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let file = pidfile(dir);
+    let pid: i32 = std::fs::read_to_string(&file).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let wanted = file.as_os_str().as_bytes();
+    if !cmdline.split(|&b| b == 0).any(|arg| arg == wanted) {
+        return None;
+    }
+    let target = rustix::process::Pid::from_raw(pid)?;
+    rustix::process::kill_process(target, rustix::process::Signal::KILL).ok()?;
+    Some(pid)
+}
+
 /// QEMU processes whose command line mentions `dir` (a VM directory, or a
 /// directory holding VM directories): how tests and benchmarks find the
 /// QEMUs an agent runs, and check that none is left behind.
@@ -250,9 +278,10 @@ impl QemuVm {
     ) -> Result<QemuVm, String> {
         spec.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        for name in ["qmp.sock", "console.log", "qemu.pid"] {
+        for name in ["qmp.sock", "console.log"] {
             let _ = std::fs::remove_file(dir.join(name));
         }
+        let _ = std::fs::remove_file(pidfile(dir));
         let mut cmd = if cfg.die_with_parent {
             let mut c = Command::new("setpriv");
             c.args(["--pdeathsig", "KILL", "--"]).arg(&cfg.qemu);
@@ -293,7 +322,7 @@ impl QemuVm {
                 dir.join("qmp.sock").display()
             ))
             .arg("-pidfile")
-            .arg(dir.join("qemu.pid"));
+            .arg(pidfile(dir));
         if let Some(i) = &spec.initrd {
             cmd.arg("-initrd").arg(i);
         }
@@ -525,7 +554,7 @@ impl QemuVm {
             std::thread::sleep(Duration::from_millis(5));
         }
         let _ = std::fs::remove_file(self.dir.join("qmp.sock"));
-        let _ = std::fs::remove_file(self.dir.join("qemu.pid"));
+        let _ = std::fs::remove_file(pidfile(&self.dir));
     }
 
     /// Kills QEMU and deletes the VM's directory.
