@@ -774,3 +774,48 @@ pub mod testing {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process whose command line holds `arg` (as its `argv[0]`),
+    /// returned once that command line is readable: `spawn` returns while
+    /// exec is still setting it up.
+    fn process_naming(arg: &Path) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("sleep")
+            .arg0(arg)
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        while std::fs::read(&cmdline).unwrap().is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        child
+    }
+
+    #[test]
+    fn a_stray_is_ended_only_when_its_command_line_names_the_pid_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        // A pid reused by another process: left alone.
+        let mut unrelated = process_naming(&pidfile(other.path()));
+        std::fs::write(pidfile(dir.path()), format!("{}\n", unrelated.id())).unwrap();
+        assert_eq!(kill_stray(dir.path()), None);
+        assert!(unrelated.try_wait().unwrap().is_none(), "it was left alone");
+        unrelated.kill().unwrap();
+        unrelated.wait().unwrap();
+        // The process the pid file names, naming it back: ended.
+        let mut stray = process_naming(&pidfile(dir.path()));
+        std::fs::write(pidfile(dir.path()), format!("{}\n", stray.id())).unwrap();
+        assert_eq!(kill_stray(dir.path()), Some(stray.id() as i32));
+        let status = stray.wait().unwrap();
+        assert!(!status.success(), "killed: {status:?}");
+        // No pid file, or garbage in it: nothing to do.
+        std::fs::write(pidfile(dir.path()), "not a pid").unwrap();
+        assert_eq!(kill_stray(dir.path()), None);
+        assert_eq!(kill_stray(other.path()), None);
+    }
+}
