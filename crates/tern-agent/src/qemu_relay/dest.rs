@@ -127,14 +127,6 @@ struct DestRelay<'a> {
     committed: bool,
 }
 
-/// What the pump passes to the watching loop, in stream order: every
-/// byte before it is in QEMU's socket.
-#[derive(Debug)]
-enum Control {
-    StreamEnd,
-    Commit { last_tick: Option<u64> },
-}
-
 /// The state of the watching loop.
 struct Feed {
     q: Qmp,
@@ -261,7 +253,7 @@ impl DestRelay<'_> {
     async fn watch(
         &mut self,
         f: &mut Feed,
-        mut ctl: mpsc::UnboundedReceiver<Control>,
+        mut ctl: mpsc::UnboundedReceiver<RelaySourceMsg>,
         on_commit: CommitHook<'_>,
     ) -> Result<(), MigrateError> {
         let mut next = tokio::time::Instant::now();
@@ -304,12 +296,12 @@ impl DestRelay<'_> {
     async fn on_control(
         &mut self,
         f: &mut Feed,
-        c: Control,
+        m: RelaySourceMsg,
         on_commit: CommitHook<'_>,
     ) -> Result<(), MigrateError> {
-        match c {
-            Control::StreamEnd => f.stream_end = true,
-            Control::Commit { last_tick } if f.loaded && !self.committed => {
+        match m {
+            RelaySourceMsg::StreamEnd => f.stream_end = true,
+            RelaySourceMsg::Commit { last_tick } if f.loaded && !self.committed => {
                 on_commit().map_err(MigrateError::CommitRecord)?;
                 self.committed = true;
                 f.console_from = self.vm.console().len();
@@ -321,6 +313,7 @@ impl DestRelay<'_> {
                 let patience = check.patience();
                 f.judging = Some((check, patience));
             }
+            RelaySourceMsg::Abort { reason } => return Err(MigrateError::Aborted(reason)),
             other => return Err(MigrateError::Protocol(format!("unexpected {other:?}"))),
         }
         Ok(())
@@ -421,36 +414,29 @@ impl DestRelay<'_> {
 }
 
 /// Feeds QEMU's incoming socket the stream, in order, and passes the
-/// source's messages on to the watching loop. A frame is acknowledged once
-/// it is in QEMU's socket (or passed on).
+/// source's messages to the watching loop in stream order: every byte
+/// before a message is in QEMU's socket. A frame is acknowledged once it is
+/// in the socket (or passed on).
 async fn pump(
     data: &mut Receiver,
     mut unpacker: Unpacker,
     mut to_qemu: OwnedWriteHalf,
-    ctl: mpsc::UnboundedSender<Control>,
+    ctl: mpsc::UnboundedSender<RelaySourceMsg>,
 ) -> Result<(), MigrateError> {
     loop {
         let (seq, frame) = data.recv().await.ok_or(MigrateError::Closed("data"))??;
-        let c = match decode::<RelaySourceMsg>(&frame)? {
+        match decode::<RelaySourceMsg>(&frame)? {
             Incoming::Bytes(KIND_STREAM, p) => {
                 let chunk = unpacker.unpack(&p).map_err(MigrateError::Protocol)?;
                 to_qemu.write_all(&chunk).await.map_err(|e| {
                     MigrateError::DestinationFailed(format!("the destination QEMU's stream: {e}"))
                 })?;
-                None
             }
-            Incoming::Msg(RelaySourceMsg::StreamEnd) => Some(Control::StreamEnd),
-            Incoming::Msg(RelaySourceMsg::Commit { last_tick }) => {
-                Some(Control::Commit { last_tick })
-            }
-            Incoming::Msg(RelaySourceMsg::Abort { reason }) => {
-                return Err(MigrateError::Aborted(reason))
+            // The watching loop outlives the pump; if it ended, so did this.
+            Incoming::Msg(m) => {
+                let _ = ctl.send(m);
             }
             other => return Err(MigrateError::Protocol(format!("unexpected {other:?}"))),
-        };
-        if let Some(c) = c {
-            // The watching loop outlives the pump; if it ended, so did this.
-            let _ = ctl.send(c);
         }
         data.ack(seq);
     }
