@@ -244,6 +244,14 @@ impl DestinationGuest for Hosted {
     fn ram_mut(&mut self) -> Result<&mut [u8], GuestError> {
         both!(self, g => DestinationGuest::ram_mut(g))
     }
+    fn prefault(&mut self, first: u64, pages: u64) {
+        match self {
+            Hosted::Kvm(g) => g.prefault(first, pages),
+            Hosted::Process(g) => g.prefault(first, pages),
+            // Never filled page by page.
+            Hosted::Qemu(_) | Hosted::Container(_) => {}
+        }
+    }
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
         both!(self, g => g.load_device_state(state))
     }

@@ -74,6 +74,11 @@ pub trait PostcopyMemory: Send + Sync {
 pub trait DestinationGuest: Send {
     /// Guest RAM to fill, before it runs.
     fn ram_mut(&mut self) -> Result<&mut [u8], GuestError>;
+    /// A hint before `pages` pages from `first` are written through
+    /// `ram_mut` for the first time: back them with memory in one go
+    /// (`MADV_POPULATE_WRITE`), which costs a third less than a page fault
+    /// on each first write. Failing changes nothing but speed.
+    fn prefault(&mut self, first: u64, pages: u64);
     /// Loads device and vCPU state.
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), GuestError>;
     /// Starts the guest.

@@ -1,7 +1,7 @@
 //! The receiving side.
 
 use crate::{is_zero_page, zrle, Tag, FRAME_MAGIC, MAX_PAGES_PER_FRAME, PAGE_SIZE};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 /// Why a frame was refused. Guest memory is untouched when any of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,10 +90,92 @@ pub struct DecodeStats {
 pub struct Decoder {
     pages: u64,
     received: Vec<u64>,
+    /// Pages rebuilt (decompressed, delta-applied, copied from memory):
+    /// raw pages are read from the frame itself, saving a copy of each.
     staging: Vec<u8>,
-    staged: Vec<u64>,
-    slot_of: HashMap<u64, usize>,
+    slots_used: usize,
+    /// The last frame's pages, in frame order, and where each one's new
+    /// content is.
+    staged: Vec<(u64, Content)>,
+    /// Runs of pages (first, count) the last frame fills for the first
+    /// time with content that is not zero: what a receiver may pre-fault.
+    fresh: Vec<(u64, u64)>,
+    /// Page -> its entry in the frame being staged.
+    slot_of: FxHashMap<u64, usize>,
     zstd: zstd::bulk::Decompressor<'static>,
+}
+
+/// Where a staged page's new content is.
+#[derive(Clone, Copy, Debug)]
+enum Content {
+    /// In the frame, at this offset (a raw page).
+    Frame(usize),
+    /// In this slot of the staging buffer.
+    Slot(usize),
+    /// A zero page.
+    Zero,
+}
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// A frame validated and decoded, not yet written to guest memory: see
+/// [`Decoder::stage`]. Dropping it writes nothing and marks nothing
+/// received.
+pub struct Staged<'d, 'f> {
+    dec: &'d mut Decoder,
+    frame: &'f [u8],
+    stats: DecodeStats,
+}
+
+impl Staged<'_, '_> {
+    /// The frame's pages with their new contents, in frame order: lets a
+    /// receiver hash pages as they arrive instead of all of RAM at the end.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let (dec, frame) = (&*self.dec, self.frame);
+        dec.staged
+            .iter()
+            .map(move |&(p, c)| (p, dec.content(frame, c)))
+    }
+
+    /// Runs of pages (first, count) this frame fills for the first time
+    /// with content that is not zero: fresh memory a receiver may populate
+    /// in one call per run (`MADV_POPULATE_WRITE`) instead of taking a
+    /// page fault per page.
+    pub fn fresh_runs(&self) -> &[(u64, u64)] {
+        &self.dec.fresh
+    }
+
+    /// What the frame held.
+    pub fn stats(&self) -> &DecodeStats {
+        &self.stats
+    }
+
+    /// Writes the pages into `mem` (the memory the frame was staged
+    /// against) and marks them received. A zero page over a page that
+    /// already reads as zero is not written: in fresh RAM that read maps
+    /// the kernel's shared zero page, where the write would allocate and
+    /// clear a page of its own (first touch runs at 0.4-1.4 GB/s here).
+    pub fn commit(self, mem: &mut [u8]) -> Result<DecodeStats, DecodeError> {
+        let dec = self.dec;
+        dec.check_size(mem)?;
+        for &(page, c) in &dec.staged {
+            let new = dec.content(self.frame, c);
+            let old = &mut mem[page as usize * PAGE_SIZE..][..PAGE_SIZE];
+            if is_zero_page(new) && is_zero_page(old) {
+                continue;
+            }
+            old.copy_from_slice(new);
+        }
+        dec.mark_staged();
+        Ok(self.stats)
+    }
+
+    /// Marks the pages received without writing them: the caller placed
+    /// them itself (post-copy, where RAM is guarded by userfaultfd).
+    pub fn placed_elsewhere(self) -> DecodeStats {
+        self.dec.mark_staged();
+        self.stats
+    }
 }
 
 struct Reader<'a> {
@@ -130,8 +212,10 @@ impl Decoder {
             pages,
             received: vec![0; pages.div_ceil(64) as usize],
             staging: Vec::new(),
+            slots_used: 0,
             staged: Vec::new(),
-            slot_of: HashMap::new(),
+            fresh: Vec::new(),
+            slot_of: FxHashMap::default(),
             zstd: zstd::bulk::Decompressor::new().expect("zstd decompressor"),
         }
     }
@@ -163,6 +247,44 @@ impl Decoder {
         frame: &[u8],
         mem: &mut [u8],
     ) -> Result<DecodeStats, DecodeError> {
+        self.stage(frame, mem)?.commit(mem)
+    }
+
+    /// Validates and decodes one frame against `mem` (the bases of its
+    /// duplicates and deltas) without writing anything yet: the caller may
+    /// hash the pages and prepare memory before [`Staged::commit`].
+    pub fn stage<'d, 'f>(
+        &'d mut self,
+        frame: &'f [u8],
+        mem: &[u8],
+    ) -> Result<Staged<'d, 'f>, DecodeError> {
+        self.check_size(mem)?;
+        let stats = self.stage_entries(frame, Some(mem))?;
+        Ok(Staged {
+            dec: self,
+            frame,
+            stats,
+        })
+    }
+
+    /// Validates and decodes a frame of self-contained pages (no duplicate
+    /// or delta references to memory) without touching guest memory: the
+    /// caller places the pages itself and then calls
+    /// [`Staged::placed_elsewhere`] (post-copy, where RAM is guarded by
+    /// userfaultfd). A frame that refers to memory is refused.
+    pub fn decode_frame_detached<'d, 'f>(
+        &'d mut self,
+        frame: &'f [u8],
+    ) -> Result<Staged<'d, 'f>, DecodeError> {
+        let stats = self.stage_entries(frame, None)?;
+        Ok(Staged {
+            dec: self,
+            frame,
+            stats,
+        })
+    }
+
+    fn check_size(&self, mem: &[u8]) -> Result<(), DecodeError> {
         let want = self.pages as usize * PAGE_SIZE;
         if mem.len() != want {
             return Err(DecodeError::MemorySize {
@@ -170,33 +292,46 @@ impl Decoder {
                 want,
             });
         }
-        let stats = self.stage(frame, Some(mem))?;
-        // The frame is good: commit. A zero page over a page that already
-        // reads as zero is not written: in fresh RAM that read maps the
-        // kernel's shared zero page, where the write would allocate and
-        // clear a page of its own (first touch runs at 0.4-1.4 GB/s here,
-        // and most of a first round is zero pages).
-        for (i, &page) in self.staged.iter().enumerate() {
-            let new = &self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            let old = &mut mem[page as usize * PAGE_SIZE..][..PAGE_SIZE];
-            if is_zero_page(new) && is_zero_page(old) {
-                continue;
-            }
-            old.copy_from_slice(new);
+        Ok(())
+    }
+
+    fn content<'a>(&'a self, frame: &'a [u8], c: Content) -> &'a [u8] {
+        match c {
+            Content::Frame(at) => &frame[at..at + PAGE_SIZE],
+            Content::Slot(s) => &self.staging[s * PAGE_SIZE..(s + 1) * PAGE_SIZE],
+            Content::Zero => &ZERO_PAGE,
         }
-        Ok(stats)
     }
 
-    /// Validates and decodes a frame of self-contained pages (no duplicate
-    /// or delta references to memory) without touching guest memory: the
-    /// caller places the pages itself with [`Decoder::last_frame_pages`]
-    /// (post-copy, where RAM is guarded by userfaultfd). A frame that refers
-    /// to memory is refused.
-    pub fn decode_frame_detached(&mut self, frame: &[u8]) -> Result<DecodeStats, DecodeError> {
-        self.stage(frame, None)
+    /// A staging slot of its own for the next rebuilt page.
+    fn new_slot(&mut self) -> usize {
+        self.slots_used += 1;
+        self.slots_used - 1
     }
 
-    fn stage(&mut self, frame: &[u8], mem: Option<&[u8]>) -> Result<DecodeStats, DecodeError> {
+    fn mark_staged(&mut self) {
+        for &(page, _) in &self.staged {
+            self.received[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    /// Notes a page as filled by this frame: fresh memory not zero joins
+    /// the runs a receiver may pre-fault.
+    fn note_fresh(&mut self, page: u64, tag: Tag) {
+        if tag == Tag::Zero || has(&self.received, page) {
+            return;
+        }
+        match self.fresh.last_mut() {
+            Some((first, n)) if *first + *n == page => *n += 1,
+            _ => self.fresh.push((page, 1)),
+        }
+    }
+
+    fn stage_entries(
+        &mut self,
+        frame: &[u8],
+        mem: Option<&[u8]>,
+    ) -> Result<DecodeStats, DecodeError> {
         let mut r = Reader {
             data: frame,
             pos: 0,
@@ -213,7 +348,9 @@ impl Decoder {
             self.staging.resize(count * PAGE_SIZE, 0);
         }
         self.staged.clear();
+        self.fresh.clear();
         self.slot_of.clear();
+        self.slots_used = 0;
         let mut stats = DecodeStats::default();
 
         for entry in 0..count {
@@ -229,97 +366,106 @@ impl Decoder {
             if self.slot_of.insert(page, entry).is_some() {
                 return Err(DecodeError::RepeatedPage { entry, page });
             }
-            self.staged.push(page);
             let tag_byte = r.u8().ok_or(trunc.clone())?;
             let tag = Tag::from_byte(tag_byte).ok_or(DecodeError::BadTag {
                 entry,
                 tag: tag_byte,
             })?;
-            let (before, rest) = self.staging.split_at_mut(entry * PAGE_SIZE);
-            let slot = &mut rest[..PAGE_SIZE];
-            let bad = |reason: String| DecodeError::BadPayload {
-                entry,
-                page,
-                reason,
-            };
-            match tag {
-                Tag::Zero => slot.fill(0),
-                Tag::Raw => slot.copy_from_slice(r.take(PAGE_SIZE).ok_or(trunc)?),
-                Tag::Duplicate => {
-                    let base = r.u64().ok_or(trunc)?;
-                    if base >= self.pages {
-                        return Err(DecodeError::PageOutOfRange {
-                            entry,
-                            page: base,
-                            pages: self.pages,
-                        });
-                    }
-                    // The base may have been staged earlier in this frame.
-                    match self.slot_of.get(&base) {
-                        Some(&s) if s < entry => {
-                            slot.copy_from_slice(&before[s * PAGE_SIZE..(s + 1) * PAGE_SIZE])
-                        }
-                        Some(_) | None if has(&self.received, base) && mem.is_some() => {
-                            let mem = mem.expect("checked");
-                            slot.copy_from_slice(&mem[base as usize * PAGE_SIZE..][..PAGE_SIZE])
-                        }
-                        _ => return Err(DecodeError::NoBase { entry, page, base }),
-                    }
-                }
-                Tag::XorDelta | Tag::Lz4 | Tag::Zstd => {
-                    let len = r.u16().ok_or(trunc.clone())? as usize;
-                    let payload = r.take(len).ok_or(trunc)?;
-                    match tag {
-                        Tag::XorDelta => {
-                            let Some(mem) = mem.filter(|_| has(&self.received, page)) else {
-                                return Err(DecodeError::NoBase {
-                                    entry,
-                                    page,
-                                    base: page,
-                                });
-                            };
-                            slot.copy_from_slice(&mem[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
-                            zrle::apply(payload, slot).map_err(|e| bad(e.to_string()))?;
-                        }
-                        Tag::Lz4 => {
-                            let n = lz4_flex::block::decompress_into(payload, slot)
-                                .map_err(|e| bad(format!("lz4: {e}")))?;
-                            if n != PAGE_SIZE {
-                                return Err(bad(format!("lz4 gave {n} bytes, not a page")));
-                            }
-                        }
-                        _ => {
-                            let n = self
-                                .zstd
-                                .decompress_to_buffer(payload, slot)
-                                .map_err(|e| bad(format!("zstd: {e}")))?;
-                            if n != PAGE_SIZE {
-                                return Err(bad(format!("zstd gave {n} bytes, not a page")));
-                            }
-                        }
-                    }
-                }
-            }
+            let content = self.stage_page(&mut r, mem, entry, page, tag)?;
+            self.note_fresh(page, tag);
+            self.staged.push((page, content));
             stats.pages_by_tag[tag as usize] += 1;
         }
         if r.pos != frame.len() {
             return Err(DecodeError::TrailingBytes(frame.len() - r.pos));
         }
-        for &page in &self.staged {
-            self.received[(page / 64) as usize] |= 1 << (page % 64);
-        }
         stats.pages = count as u64;
         Ok(stats)
     }
 
-    /// The pages the last successful [`Decoder::decode_frame`] wrote, with
-    /// their new contents: lets a receiver hash pages as they arrive instead
-    /// of hashing all of RAM at switchover.
-    pub fn last_frame_pages(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        self.staged
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| (p, &self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
+    /// Decodes entry `entry` (page `page`, its tag read) and says where
+    /// its new content is.
+    fn stage_page(
+        &mut self,
+        r: &mut Reader<'_>,
+        mem: Option<&[u8]>,
+        entry: usize,
+        page: u64,
+        tag: Tag,
+    ) -> Result<Content, DecodeError> {
+        let trunc = DecodeError::Truncated { entry };
+        let bad = |reason: String| DecodeError::BadPayload {
+            entry,
+            page,
+            reason,
+        };
+        match tag {
+            Tag::Zero => Ok(Content::Zero),
+            Tag::Raw => {
+                let at = r.pos;
+                r.take(PAGE_SIZE).ok_or(trunc)?;
+                Ok(Content::Frame(at))
+            }
+            Tag::Duplicate => {
+                let base = r.u64().ok_or(trunc)?;
+                if base >= self.pages {
+                    return Err(DecodeError::PageOutOfRange {
+                        entry,
+                        page: base,
+                        pages: self.pages,
+                    });
+                }
+                // A base staged earlier in this frame: the same content.
+                match self.slot_of.get(&base) {
+                    Some(&e) if e < entry => Ok(self.staged[e].1),
+                    Some(_) | None if has(&self.received, base) && mem.is_some() => {
+                        let mem = mem.expect("checked");
+                        let s = self.new_slot();
+                        self.staging[s * PAGE_SIZE..(s + 1) * PAGE_SIZE]
+                            .copy_from_slice(&mem[base as usize * PAGE_SIZE..][..PAGE_SIZE]);
+                        Ok(Content::Slot(s))
+                    }
+                    _ => Err(DecodeError::NoBase { entry, page, base }),
+                }
+            }
+            Tag::XorDelta | Tag::Lz4 | Tag::Zstd => {
+                let len = r.u16().ok_or(trunc.clone())? as usize;
+                let payload = r.take(len).ok_or(trunc)?;
+                let received = has(&self.received, page);
+                let s = self.new_slot();
+                let slot = &mut self.staging[s * PAGE_SIZE..(s + 1) * PAGE_SIZE];
+                match tag {
+                    Tag::XorDelta => {
+                        let Some(mem) = mem.filter(|_| received) else {
+                            return Err(DecodeError::NoBase {
+                                entry,
+                                page,
+                                base: page,
+                            });
+                        };
+                        slot.copy_from_slice(&mem[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
+                        zrle::apply(payload, slot).map_err(|e| bad(e.to_string()))?;
+                    }
+                    Tag::Lz4 => {
+                        let n = lz4_flex::block::decompress_into(payload, slot)
+                            .map_err(|e| bad(format!("lz4: {e}")))?;
+                        if n != PAGE_SIZE {
+                            return Err(bad(format!("lz4 gave {n} bytes, not a page")));
+                        }
+                    }
+                    _ => {
+                        let n = self
+                            .zstd
+                            .decompress_to_buffer(payload, slot)
+                            .map_err(|e| bad(format!("zstd: {e}")))?;
+                        if n != PAGE_SIZE {
+                            return Err(bad(format!("zstd gave {n} bytes, not a page")));
+                        }
+                    }
+                }
+                Ok(Content::Slot(s))
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use crate::scan::is_zero_page;
 use crate::{zrle, Compression, Tag, FRAME_MAGIC, MAX_PAGES_PER_FRAME, PAGE_SIZE};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use xxhash_rust::xxh3::xxh3_128;
 
 /// How the encoder works. Change it between frames with [`Encoder::set_compression`].
@@ -87,7 +87,7 @@ impl XorCache {
     fn new(pages: usize) -> Self {
         Self {
             slab: vec![0; pages * PAGE_SIZE],
-            slot_of: HashMap::with_capacity(pages),
+            slot_of: HashMap::with_capacity_and_hasher(pages, Default::default()),
             owner: vec![None; pages],
             next_victim: 0,
         }
@@ -150,8 +150,8 @@ impl Encoder {
     pub fn new(cfg: EncoderConfig) -> Self {
         Self {
             cache: XorCache::new(cfg.xor_cache_pages),
-            holder_of: HashMap::new(),
-            hash_of: HashMap::new(),
+            holder_of: HashMap::default(),
+            hash_of: HashMap::default(),
             caching: true,
             scratch_delta: vec![0; PAGE_SIZE],
             scratch_comp: vec![0; zstd::zstd_safe::compress_bound(PAGE_SIZE).max(PAGE_SIZE * 2)],
@@ -187,20 +187,41 @@ impl Encoder {
         pages: impl IntoIterator<Item = (u64, &'a [u8])>,
         out: &mut Vec<u8>,
     ) -> EncodeStats {
+        self.encode(pages.into_iter().map(|(i, d)| (i, d, None)), out)
+    }
+
+    /// [`Encoder::encode_frame`] for a caller that hashed each page
+    /// already (index, content, hash): duplicates are found by that hash
+    /// instead of one the encoder computes. It must identify content as
+    /// well as a cryptographic hash does (e.g. 128 bits of its BLAKE3):
+    /// two pages with one hash are sent as one.
+    pub fn encode_frame_hashed<'a>(
+        &mut self,
+        pages: impl IntoIterator<Item = (u64, &'a [u8], u128)>,
+        out: &mut Vec<u8>,
+    ) -> EncodeStats {
+        self.encode(pages.into_iter().map(|(i, d, h)| (i, d, Some(h))), out)
+    }
+
+    fn encode<'a>(
+        &mut self,
+        pages: impl Iterator<Item = (u64, &'a [u8], Option<u128>)>,
+        out: &mut Vec<u8>,
+    ) -> EncodeStats {
         let start = out.len();
         out.extend_from_slice(&FRAME_MAGIC);
         let count_at = out.len();
         out.extend_from_slice(&0u32.to_le_bytes());
         let mut stats = EncodeStats::default();
         let mut count = 0u32;
-        for (index, data) in pages {
+        for (index, data, hash) in pages {
             assert_eq!(data.len(), PAGE_SIZE, "pages are 4 KiB");
             assert!(
                 (count as usize) < MAX_PAGES_PER_FRAME,
                 "too many pages in one frame"
             );
             let before = out.len();
-            let tag = self.encode_page(index, data, out);
+            let tag = self.encode_page(index, data, hash, out);
             stats.pages_by_tag[tag as usize] += 1;
             if matches!(tag, Tag::Lz4 | Tag::Zstd | Tag::Raw) {
                 stats.packed_in += PAGE_SIZE as u64;
@@ -232,7 +253,13 @@ impl Encoder {
         }
     }
 
-    fn encode_page(&mut self, index: u64, data: &[u8], out: &mut Vec<u8>) -> Tag {
+    fn encode_page(
+        &mut self,
+        index: u64,
+        data: &[u8],
+        hash: Option<u128>,
+        out: &mut Vec<u8>,
+    ) -> Tag {
         out.extend_from_slice(&index.to_le_bytes());
         if is_zero_page(data) {
             out.push(Tag::Zero as u8);
@@ -240,7 +267,7 @@ impl Encoder {
             self.cache.forget(index);
             return Tag::Zero;
         }
-        let hash = (self.cfg.dedup_entries > 0).then(|| xxh3_128(data));
+        let hash = (self.cfg.dedup_entries > 0).then(|| hash.unwrap_or_else(|| xxh3_128(data)));
         if let Some(h) = hash {
             if let Some(&holder) = self.holder_of.get(&h) {
                 out.push(Tag::Duplicate as u8);

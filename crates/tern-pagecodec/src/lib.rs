@@ -26,7 +26,7 @@ mod policy;
 mod scan;
 mod zrle;
 
-pub use decoder::{DecodeError, DecodeStats, Decoder};
+pub use decoder::{DecodeError, DecodeStats, Decoder, Staged};
 pub use encoder::{EncodeStats, Encoder, EncoderConfig};
 pub use policy::{AdaptivePolicy, LinkBudget};
 pub use scan::is_zero_page;

@@ -320,3 +320,79 @@ fn pages_sent_without_caching_are_no_delta_base_and_forget_an_old_one() {
     page[10] ^= 1;
     assert_eq!(send(&mut enc, &page).count(Tag::XorDelta), 1);
 }
+
+#[test]
+fn a_staged_frame_names_its_fresh_runs_and_writes_nothing_until_committed() {
+    let pages = 8;
+    let mut src = vec![0u8; pages * PAGE_SIZE];
+    for p in [0usize, 1, 3, 5] {
+        fill_random(&mut src[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], p as u64 + 1);
+    }
+    let mut enc = Encoder::new(EncoderConfig {
+        compression: Compression::None,
+        ..EncoderConfig::default()
+    });
+    let mut f = Vec::new();
+    // Page 2 is zero: left unwritten, so no run pre-faults it.
+    enc.encode_frame(
+        [0usize, 1, 2, 3, 5].map(|p| (p as u64, &src[p * PAGE_SIZE..(p + 1) * PAGE_SIZE])),
+        &mut f,
+    );
+    let mut dec = Decoder::new(pages as u64);
+    let mut dst = vec![0u8; pages * PAGE_SIZE];
+    {
+        let staged = dec.stage(&f, &dst).unwrap();
+        assert_eq!(staged.fresh_runs(), &[(0, 2), (3, 1), (5, 1)]);
+        let got: Vec<(u64, Vec<u8>)> = staged.pages().map(|(p, b)| (p, b.to_vec())).collect();
+        assert_eq!(got.len(), 5);
+        for (p, b) in got {
+            assert_eq!(b, src[p as usize * PAGE_SIZE..][..PAGE_SIZE], "page {p}");
+        }
+        // Dropped: nothing written, nothing received.
+    }
+    assert!(dst.iter().all(|&b| b == 0));
+    assert!(!dec.has(0));
+    dec.stage(&f, &dst).unwrap().commit(&mut dst).unwrap();
+    assert_eq!(dst, src);
+    assert!(dec.has(0) && dec.has(5) && !dec.has(4));
+    // Sent again: nothing is fresh any more.
+    src[7] ^= 1;
+    let mut f = Vec::new();
+    enc.encode_frame([(0u64, &src[..PAGE_SIZE])], &mut f);
+    assert!(dec.stage(&f, &dst).unwrap().fresh_runs().is_empty());
+    // Memory of another size is refused at commit too.
+    let staged = dec.stage(&f, &dst).unwrap();
+    assert!(staged.commit(&mut vec![0u8; PAGE_SIZE]).is_err());
+}
+
+#[test]
+fn a_duplicate_of_a_raw_page_in_the_same_frame_is_its_content() {
+    let mut page = vec![0u8; PAGE_SIZE];
+    fill_random(&mut page, 11);
+    let mut enc = Encoder::new(EncoderConfig::default());
+    let mut f = Vec::new();
+    let s = enc.encode_frame([(0u64, &page[..]), (2, &page[..])], &mut f);
+    assert_eq!((s.count(Tag::Raw), s.count(Tag::Duplicate)), (1, 1));
+    let mut dec = Decoder::new(3);
+    let mut dst = vec![0u8; 3 * PAGE_SIZE];
+    dec.decode_frame(&f, &mut dst).unwrap();
+    assert_eq!(dst[..PAGE_SIZE], page[..]);
+    assert_eq!(dst[2 * PAGE_SIZE..], page[..]);
+    assert!(dst[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn hashed_frames_find_duplicates_by_the_callers_hash() {
+    let mut a = vec![0u8; PAGE_SIZE];
+    let mut b = vec![0u8; PAGE_SIZE];
+    fill_random(&mut a, 21);
+    fill_random(&mut b, 22);
+    let mut enc = Encoder::new(EncoderConfig::default());
+    let mut f = Vec::new();
+    // Same content, told apart by their hashes: both sent whole...
+    let s = enc.encode_frame_hashed([(0u64, &a[..], 1u128), (1, &a[..], 2)], &mut f);
+    assert_eq!(s.count(Tag::Duplicate), 0);
+    // ...and a page with a known hash goes as a reference to its holder.
+    let s = enc.encode_frame_hashed([(2u64, &b[..], 2u128)], &mut f);
+    assert_eq!(s.count(Tag::Duplicate), 1);
+}

@@ -67,6 +67,11 @@ impl DestinationGuest for Machine {
     fn ram_mut(&mut self) -> Result<&mut [u8], GuestError> {
         Ok(Machine::ram_mut(self)?)
     }
+    fn prefault(&mut self, first: u64, pages: u64) {
+        if let Ok(ram) = Machine::ram_mut(self) {
+            crate::memory::prefault(ram, first, pages);
+        }
+    }
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
         let st: crate::state::MachineState =
             serde_json::from_slice(state).map_err(|e| GuestError(format!("device state: {e}")))?;

@@ -171,6 +171,11 @@ impl DestinationGuest for ProcessGuest {
                 GuestError("memory is in use; it can no longer be filled in bulk".into())
             })
     }
+    fn prefault(&mut self, first: u64, pages: u64) {
+        if let Ok(ram) = DestinationGuest::ram_mut(self) {
+            crate::memory::prefault(ram, first, pages);
+        }
+    }
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
         self.state =
             serde_json::from_slice(state).map_err(|e| GuestError(format!("process state: {e}")))?;

@@ -250,14 +250,20 @@ impl<'a, G: DestinationGuest> Dest<'a, G> {
 
     /// Decodes a page frame into guest RAM and rehashes its pages.
     fn land(&mut self, p: &[u8]) -> Result<(), MigrateError> {
-        self.decoder
-            .decode_frame(p, self.guest.ram_mut()?)
-            .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
+        let refused = |e| MigrateError::Verification(format!("page frame: {e}"));
+        let staged = self
+            .decoder
+            .stage(p, self.guest.ram_mut()?)
+            .map_err(refused)?;
+        for &(first, pages) in staged.fresh_runs() {
+            self.guest.prefault(first, pages);
+        }
         let mut n = 0;
-        for (page, bytes) in self.decoder.last_frame_pages() {
+        for (page, bytes) in staged.pages() {
             self.digests.set(page, page_hash(bytes));
             n += 1;
         }
+        staged.commit(self.guest.ram_mut()?).map_err(refused)?;
         received(self.progress, n, p.len());
         Ok(())
     }

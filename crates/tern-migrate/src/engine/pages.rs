@@ -25,6 +25,8 @@ pub(super) struct PageSender {
     /// Each page's BLAKE3 hash as last sent (zero pages before).
     pub(super) digests: PageDigests,
     buf: Vec<u8>,
+    /// The pages in `buf`: 128 bits of each one's BLAKE3 hash.
+    hashes: Vec<u128>,
     /// Buffers of acknowledged frames, for the next ones.
     pool: FramePool,
     /// Frames sent, all kinds (the manifest counts them).
@@ -47,6 +49,7 @@ impl PageSender {
             encoded: EncodeStats::default(),
             digests: PageDigests::new(n_pages),
             buf: Vec::new(),
+            hashes: Vec::new(),
             pool: FramePool::default(),
             frames: 0,
             pages: 0,
@@ -96,21 +99,27 @@ impl PageSender {
         tx: &Sender,
     ) -> Result<(Bytes, u64), MigrateError> {
         self.buf.resize(chunk.len() * PAGE, 0);
+        self.hashes.clear();
         for (i, &p) in chunk.iter().enumerate() {
             let slot = &mut self.buf[i * PAGE..(i + 1) * PAGE];
             guest.read(p * PAGE as u64, slot)?;
-            self.digests.set(p, page_hash(slot));
+            let hash = page_hash(slot);
+            self.digests.set(p, hash);
+            // The encoder finds duplicates by this hash: no second one.
+            let first: [u8; 16] = hash[..16].try_into().expect("16 bytes");
+            self.hashes.push(u128::from_le_bytes(first));
         }
         let mut out = self.pool.take(1 + chunk.len() * (PAGE + 64) + 64);
         out.push(KIND_PAGES);
         let compression = self.codec.next(&tx.metrics());
         self.encoder.set_compression(compression);
         let t = Instant::now();
-        let stats = self.encoder.encode_frame(
+        let stats = self.encoder.encode_frame_hashed(
             chunk
                 .iter()
+                .zip(&self.hashes)
                 .enumerate()
-                .map(|(i, &p)| (p, &self.buf[i * PAGE..(i + 1) * PAGE])),
+                .map(|(i, (&p, &h))| (p, &self.buf[i * PAGE..(i + 1) * PAGE], h)),
             &mut out,
         );
         self.codec

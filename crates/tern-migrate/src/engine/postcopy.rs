@@ -359,11 +359,12 @@ impl Incoming<'_> {
     ) -> Result<bool, MigrateError> {
         match kind {
             KIND_PAGES => {
-                self.decoder
+                let staged = self
+                    .decoder
                     .decode_frame_detached(p)
                     .map_err(|e| MigrateError::Verification(format!("page frame: {e}")))?;
                 let mut n = 0;
-                for (page, bytes) in self.decoder.last_frame_pages() {
+                for (page, bytes) in staged.pages() {
                     let i = page as usize;
                     if !std::mem::take(&mut need[i]) {
                         return Err(MigrateError::Protocol(format!(
@@ -374,6 +375,7 @@ impl Incoming<'_> {
                     self.digests.set(page, page_hash(bytes));
                     n += 1;
                 }
+                staged.placed_elsewhere();
                 super::report::received(self.progress, n, p.len());
                 Ok(false)
             }
