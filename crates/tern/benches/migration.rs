@@ -18,6 +18,7 @@
 //! `TERN_BENCH_WORKLOADS=busy,idle,guest` picks the rows;
 //! `TERN_BENCH_MODES=precopy,postcopy,hybrid` the modes).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -49,11 +50,11 @@ struct Row {
     cpu: Option<(f64, f64)>,
 }
 
-/// CPU seconds a process's threads have run, but for its workload's
-/// `dirtier` (the guest itself): the scheduler's own count
-/// (`/proc/PID/task/TID/schedstat`, nanoseconds), not 10 ms ticks.
-fn cpu_secs(pid: i32) -> Option<f64> {
-    let mut ns = 0u64;
+/// CPU nanoseconds each of a process's threads has run, but for its
+/// workload's `dirtier` (the guest itself): the scheduler's own count
+/// (`/proc/PID/task/TID/schedstat`), not 10 ms ticks.
+fn thread_cpu_ns(pid: i32) -> Option<HashMap<String, u64>> {
+    let mut by_thread = HashMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
         .flatten()
@@ -63,13 +64,27 @@ fn cpu_secs(pid: i32) -> Option<f64> {
             continue;
         }
         let st = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        ns += st
+        let ns = st
             .split_whitespace()
             .next()
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
+        by_thread.insert(t.file_name().to_string_lossy().into_owned(), ns);
     }
-    Some(ns as f64 / 1e9)
+    Some(by_thread)
+}
+
+/// CPU seconds run between two readings of [`thread_cpu_ns`], thread by
+/// thread: a thread that ended meanwhile (an idle runtime thread) must
+/// not take its earlier time out of the sum, as a plain difference of
+/// totals would (it once gave a negative figure). What such a thread ran
+/// within the window is not counted.
+fn cpu_between(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> f64 {
+    after
+        .iter()
+        .map(|(t, &ns)| ns.saturating_sub(before.get(t).copied().unwrap_or(0)))
+        .sum::<u64>() as f64
+        / 1e9
 }
 
 /// The first ETA given once a quarter of the migration's `wire` bytes
@@ -195,7 +210,7 @@ fn main() {
                     .expect("the source guest's process");
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let sampler = peak_rss(src_pid, stop.clone());
-                let src_cpu0 = cpu_secs(src_pid);
+                let src_cpu0 = thread_cpu_ns(src_pid);
                 let m = ca
                     .migrate(
                         &vm.id,
@@ -236,9 +251,9 @@ fn main() {
                     .iter()
                     .find_map(|d| tern_agent::vmdir::VmDir::new(&bed[1].data_dir, d).live_pid());
                 let cpu = src_cpu0
-                    .zip(cpu_secs(src_pid))
-                    .zip(dst_pid.and_then(cpu_secs))
-                    .map(|((s0, s1), d)| (s1 - s0, d));
+                    .zip(thread_cpu_ns(src_pid))
+                    .zip(dst_pid.and_then(thread_cpu_ns))
+                    .map(|((s0, s1), d)| (cpu_between(&s0, &s1), cpu_between(&HashMap::new(), &d)));
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 let (rest, peak) = sampler.join().unwrap();
                 let (source_rest_mb, source_peak_mb) = (rest as f64 / 1e6, peak as f64 / 1e6);
