@@ -145,11 +145,6 @@ impl Staged<'_, '_> {
         &self.dec.fresh
     }
 
-    /// What the frame held.
-    pub fn stats(&self) -> &DecodeStats {
-        &self.stats
-    }
-
     /// Writes the pages into `mem` (the memory the frame was staged
     /// against) and marks them received. A zero page over a page that
     /// already reads as zero is not written: in fresh RAM that read maps

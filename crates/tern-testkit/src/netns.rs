@@ -40,8 +40,9 @@ impl Netns {
         ok
     }
 
-    /// Quietly removes what may be left of an earlier run (ours or one
-    /// that crashed): an absent interface or namespace is no error.
+    /// Quietly removes what may be there: a namespace a crashed run left
+    /// (interface names are this call's own), or a veth end whose pair
+    /// is gone already. Absence is no error.
     fn remove_quietly(args: &[&str]) {
         let _ = std::process::Command::new(args[0])
             .args(&args[1..])
@@ -65,7 +66,6 @@ impl Netns {
             host_ends: Vec::new(),
         };
         let cidr = format!("10.{net}.0.1/24");
-        Self::remove_quietly(&["ip", "link", "del", &bridge]);
         let ok = Self::must(&["ip", "link", "add", &bridge, "type", "bridge"])
             && Self::must(&["ip", "addr", "add", &cidr, "dev", &bridge])
             && Self::must(&["ip", "link", "set", &bridge, "up"]);
@@ -83,7 +83,6 @@ impl Netns {
             let host_end = format!("tv{net}{pid}x{seq}{i}");
             let ip = format!("10.{net}.0.{}/24", i + 2);
             Self::remove_quietly(&["ip", "netns", "del", &name]);
-            Self::remove_quietly(&["ip", "link", "del", &host_end]);
             ns.names.push(name.clone());
             ns.host_ends.push(host_end.clone());
             let ok = Self::must(&["ip", "netns", "add", &name])

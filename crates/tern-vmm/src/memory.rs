@@ -123,7 +123,6 @@ pub fn populated(mem: &GuestMem) -> Option<DirtyBitmap> {
 /// alone; a kernel without `MADV_POPULATE_WRITE` (before 5.14) just leaves
 /// the faults to the writes.
 pub fn prefault(ram: &mut [u8], first: u64, pages: u64) {
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
     let page = PAGE_SIZE as usize;
     let Some(range) = usize::try_from(first)
         .ok()
@@ -136,7 +135,13 @@ pub fn prefault(ram: &mut [u8], first: u64, pages: u64) {
     let part = &mut ram[range];
     // SAFETY: `part` is memory this process owns and we hold exclusively;
     // populating it changes no byte of it (fresh pages read zero either way).
-    let rc = unsafe { libc::madvise(part.as_mut_ptr().cast(), part.len(), MADV_POPULATE_WRITE) };
+    let rc = unsafe {
+        libc::madvise(
+            part.as_mut_ptr().cast(),
+            part.len(),
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
     if rc != 0 {
         tracing::trace!(error = %std::io::Error::last_os_error(), "prefault");
     }

@@ -253,7 +253,10 @@ fn main() {
                 let cpu = src_cpu0
                     .zip(thread_cpu_ns(src_pid))
                     .zip(dst_pid.and_then(thread_cpu_ns))
-                    .map(|((s0, s1), d)| (cpu_between(&s0, &s1), cpu_between(&HashMap::new(), &d)));
+                    // The destination's process was started for this migration.
+                    .map(|((s0, s1), d)| {
+                        (cpu_between(&s0, &s1), d.values().sum::<u64>() as f64 / 1e9)
+                    });
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 let (rest, peak) = sampler.join().unwrap();
                 let (source_rest_mb, source_peak_mb) = (rest as f64 / 1e6, peak as f64 / 1e6);
